@@ -1,0 +1,83 @@
+"""engine.metrics on hand-made predictions; every expected number is worked out by hand in the comments."""
+import pytest
+
+from engine.metrics import aggregate, is_none, score, summarize
+
+
+def test_identical_up_to_whitespace_is_perfect():
+    s = score("The Licensee  shall\nindemnify.", "  The Licensee shall indemnify. ")
+    assert s == {"similarity": 100.0, "exact_match": 1.0, "f1": 1.0, "abstention": "tn"}
+
+
+def test_near_miss_missing_period():
+    # "Payment is due in 30 days" (25 chars) vs the same + "." (26): 25 chars in common -> 100 * 2*25 / 51.
+    s = score("Payment is due in 30 days", "Payment is due in 30 days.")
+    assert s["similarity"] == pytest.approx(100 * 50 / 51)
+    assert s["exact_match"] == 0.0
+    assert s["f1"] == 1.0  # punctuation is dropped before the token comparison
+    assert s["abstention"] == "tn"
+
+
+def test_near_miss_dropped_words():
+    # prediction (22 chars) is a subsequence of the answer (30 chars) -> 100 * 2*22 / 52.
+    # tokens: answer [seller shall pay all taxes] ("the" dropped), prediction [seller shall pay taxes]:
+    # 4 in common, precision 4/4, recall 4/5 -> F1 = 2 * 1 * 0.8 / 1.8 = 8/9.
+    s = score("seller shall pay taxes", "the seller shall pay all taxes")
+    assert s["similarity"] == pytest.approx(100 * 44 / 52)
+    assert s["f1"] == pytest.approx(8 / 9)
+    assert s["exact_match"] == 0.0
+
+
+def test_similarity_is_case_sensitive_but_f1_is_not():
+    # "ABC" vs "abc": no character in common -> 0; the lowercased tokens agree -> F1 1.
+    s = score("ABC", "abc")
+    assert s["similarity"] == 0.0 and s["f1"] == 1.0 and s["exact_match"] == 0.0
+
+
+def test_empty_prediction_scores_zero():
+    assert score("", "Net 30.") == {"similarity": 0.0, "exact_match": 0.0, "f1": 0.0, "abstention": "tn"}
+    assert score("   ", "")["similarity"] == 100.0  # nothing expected, nothing said
+
+
+def test_none_both_ways():
+    assert score("NONE", "NONE") == {"similarity": 100.0, "exact_match": 1.0, "f1": 1.0, "abstention": "tp"}
+    assert score("None.", "NONE")["abstention"] == "tp"
+    assert score("NONE", "The term is two years.")["abstention"] == "fp"  # abstained although the clause exists
+    assert score("The term is two years.", "NONE")["abstention"] == "fn"  # quoted something that is not there
+    assert is_none(' "none" ') and not is_none("NONE of the parties")
+
+
+def test_aggregate_by_hand():
+    rows = [
+        {"category": "Term", "source": "acord", "scores": score("x", "x")},          # sim 100, tn
+        {"category": "Term", "source": "acord", "scores": score("seller shall pay taxes",
+                                                               "the seller shall pay all taxes")},  # 84.6, tn
+        {"category": "Law", "source": "cuad", "scores": score("NONE", "NONE")},       # 100, tp
+        {"category": "Law", "source": "cuad", "scores": score("NONE", "Delaware.")},  # 0, fp
+        {"category": "Law", "source": "cuad", "scores": score("Delaware.", "NONE")},  # ratio("Delaware.","NONE")=0, fn
+    ]
+    sims = [100.0, 100 * 44 / 52, 100.0, 0.0, 0.0]
+    assert [r["scores"]["similarity"] for r in rows] == pytest.approx(sims)
+    agg = aggregate([r["scores"] for r in rows])
+    assert agg["n"] == 5
+    assert agg["avg_similarity"] == pytest.approx(sum(sims) / 5)
+    assert agg["excellent"] == pytest.approx(40.0)   # 2 of 5 above 90
+    assert agg["good"] == pytest.approx(60.0)        # 3 of 5 above 70
+    assert agg["exact_match"] == pytest.approx(40.0)  # "x" and NONE/NONE
+    assert agg["f1"] == pytest.approx(100 * (1 + 8 / 9 + 1 + 0 + 0) / 5)
+    assert agg["abstention_precision"] == pytest.approx(50.0)  # tp 1, fp 1
+    assert agg["abstention_recall"] == pytest.approx(50.0)     # tp 1, fn 1
+
+    summary = summarize(rows)
+    assert summary["overall"] == agg
+    assert set(summary["by_category"]) == {"Term", "Law"} and set(summary["by_source"]) == {"acord", "cuad"}
+    term = summary["by_category"]["Term"]
+    assert term["n"] == 2 and term["avg_similarity"] == pytest.approx((100 + 100 * 44 / 52) / 2)
+    # no NONE anywhere in "Term": precision and recall are undefined, not 0 or 100
+    assert term["abstention_precision"] is None and term["abstention_recall"] is None
+    assert summary["by_source"]["cuad"]["exact_match"] == pytest.approx(100 / 3)
+
+
+def test_aggregate_of_nothing():
+    agg = aggregate([])
+    assert agg["n"] == 0 and agg["avg_similarity"] is None
