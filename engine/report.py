@@ -1,0 +1,206 @@
+"""The human side of an evaluation: report.md with tables, and PNG plots when matplotlib is installed.
+
+Plots (optional extra `plot`): the similarity histogram with the 70 ("good") and 90 ("excellent") lines, average
+similarity per category, and the training loss curve from a run's metrics.jsonl. Without matplotlib the report is
+tables only and says so. Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from engine.metrics import AGGREGATE_KEYS
+
+LABELS = {
+    "n": "examples",
+    "avg_similarity": "avg similarity (0-100)",
+    "excellent": "excellent (sim > 90) %",
+    "good": "good (sim > 70) %",
+    "exact_match": "exact match %",
+    "f1": "token F1 %",
+    "abstention_precision": "NONE precision %",
+    "abstention_recall": "NONE recall %",
+}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fmt(value, key: str = "") -> str:
+    if value is None:
+        return "-"
+    if key == "n":
+        return str(int(value))
+    return f"{value:.1f}"
+
+
+def compare_table(before: dict, after: dict) -> str:
+    """Markdown table `metric | before | after | change` over the overall aggregates of two eval.json dicts."""
+    b, a = before.get("overall", before), after.get("overall", after)
+    lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
+    for k in AGGREGATE_KEYS:
+        x, y = b.get(k), a.get(k)
+        if k == "n":
+            change = ""
+        elif x is None or y is None:
+            change = "-"
+        else:
+            change = f"{y - x:+.1f}"
+        lines.append(f"| {LABELS[k]} | {fmt(x, k)} | {fmt(y, k)} | {change} |")
+    return "\n".join(lines) + "\n"
+
+
+def aggregate_table(groups: dict[str, dict], first: str) -> str:
+    keys = list(AGGREGATE_KEYS)
+    head = f"| {first} | " + " | ".join(LABELS[k] for k in keys) + " |"
+    rule = "|---|" + "---:|" * len(keys)
+    rows = [f"| {name} | " + " | ".join(fmt(agg.get(k), k) for k in keys) + " |" for name, agg in groups.items()]
+    return "\n".join([head, rule, *rows]) + "\n"
+
+
+def read_metrics_jsonl(path: Path) -> list[dict]:
+    """Training log rows (one JSON object per line); a torn last line from a live run is skipped."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only; never needs a display
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
+
+
+def _save(fig, plt, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def plot_similarity_hist(plt, sims: list[float], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(sims, bins=list(range(0, 105, 5)), color="#4c72b0", edgecolor="white")
+    for x, label, color in ((70, "good > 70", "#dd8452"), (90, "excellent > 90", "#55a868")):
+        ax.axvline(x, color=color, linestyle="--", label=label)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("similarity to the lawyer's clause (rapidfuzz ratio, 0-100)")
+    ax.set_ylabel("examples")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(f"Similarity, {len(sims)} examples")
+    ax.legend(loc="upper center")
+    _save(fig, plt, path)
+
+
+def plot_categories(plt, by_category: dict[str, dict], path: Path) -> None:
+    items = sorted(((c, a) for c, a in by_category.items() if a.get("avg_similarity") is not None),
+                   key=lambda ca: ca[1]["avg_similarity"])
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(items) + 1)))
+    ax.barh([f"{c[:40]} (n={a['n']})" for c, a in items], [a["avg_similarity"] for _, a in items], color="#4c72b0")
+    for x in (70, 90):
+        ax.axvline(x, color="grey", linestyle=":")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("average similarity")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title("Average similarity per category")
+    _save(fig, plt, path)
+
+
+def plot_loss(plt, rows: list[dict], path: Path) -> bool:
+    train = [(r["step"], r["loss"]) for r in rows if "step" in r and r.get("loss") is not None]
+    evals = [(r["step"], r["eval_avg_similarity"]) for r in rows
+             if "step" in r and r.get("eval_avg_similarity") is not None]
+    if not train:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*train), color="#4c72b0", label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    if evals:  # loss alone does not predict extraction quality; show the task metric beside it
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals), color="#55a868", marker="o", label="eval avg similarity")
+        ax2.set_ylabel("eval avg similarity")
+        ax2.set_ylim(0, 100)
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    ax.set_title("Training")
+    _save(fig, plt, path)
+    return True
+
+
+def write_report(result: dict, out_dir: Path, metrics_jsonl: Path | None = None,
+                 baseline: dict | None = None) -> Path:
+    """Write out_dir/report.md (+ PNGs when matplotlib is importable) for an eval.json dict; returns the md path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
+    images: list[tuple[str, str]] = []
+    rows = result.get("rows", [])
+    if plt is not None:
+        if rows:
+            plot_similarity_hist(plt, [r["scores"]["similarity"] for r in rows], out_dir / "similarity_hist.png")
+            images.append(("Similarity histogram", "similarity_hist.png"))
+        if result.get("by_category"):
+            plot_categories(plt, result["by_category"], out_dir / "categories.png")
+            images.append(("Average similarity per category", "categories.png"))
+        if metrics_jsonl is not None and plot_loss(plt, read_metrics_jsonl(metrics_jsonl), out_dir / "loss.png"):
+            images.append(("Training loss", "loss.png"))
+
+    md = ["# Evaluation report", ""]
+    for key in ("model", "adapter", "data", "split", "limit", "max_new_tokens", "seconds", "created"):
+        if result.get(key) is not None:
+            md.append(f"- **{key}**: {result[key]}")
+    md += ["", "Similarity is `rapidfuzz.fuzz.ratio` (0-100) on whitespace-normalised text; exact match is on the "
+           "same normalised text; F1 is SQuAD token F1; NONE precision/recall treat the abstention answer `NONE` "
+           "as the positive class (- = undefined, nothing to count).", "", "## Overall", "",
+           aggregate_table({"all": result["overall"]}, "")]
+    if baseline is not None:
+        md += ["## Before / after", "", f"Baseline: {baseline.get('model', '?')}"
+               f"{' + ' + str(baseline['adapter']) if baseline.get('adapter') else ''}", "",
+               compare_table(baseline, result)]
+    if images:
+        md += ["## Plots", ""] + [f"![{title}]({name})\n" for title, name in images]
+    elif plt is None:
+        md += ["_Plots skipped: matplotlib is not installed (pip install 'clauselora[plot]')._", ""]
+    md += ["## By category", "", aggregate_table(result.get("by_category", {}), "category"),
+           "## By source", "", aggregate_table(result.get("by_source", {}), "source")]
+    worst = sorted((r for r in rows if r["scores"]["similarity"] < 100), key=lambda r: r["scores"]["similarity"])[:5]
+    if worst:
+        md += ["## Lowest-similarity examples", ""]
+        for r in worst:
+            md += [f"- `{r['id']}` ({r['category']}), similarity {r['scores']['similarity']:.1f}",
+                   f"  - answer: {_short(r['answer'])}", f"  - prediction: {_short(r['prediction'])}"]
+        md.append("")
+    path = out_dir / "report.md"
+    atomic_write_text(path, "\n".join(md))
+    return path
+
+
+def _short(text: str, n: int = 200) -> str:
+    text = " ".join((text or "").split())
+    return ("`" + (text[:n] + " ..." if len(text) > n else text).replace("`", "'") + "`") if text else "_(empty)_"

@@ -1,0 +1,53 @@
+"""engine.report: report.md tables, PNGs it references, the loss curve, and the tables-only fallback."""
+import json
+import re
+
+import pytest
+
+from engine import report
+from engine.metrics import score, summarize
+
+
+def _result():
+    pairs = [("Term", "a b c", "a b c"), ("Term", "a b", "a b c"), ("Law", "NONE", "NONE"), ("Law", "x", "NONE")]
+    rows = [{"id": f"e{i}", "category": c, "source": "synthetic", "prediction": p, "answer": a, "scores": score(p, a)}
+            for i, (c, p, a) in enumerate(pairs)]
+    return {"model": "tiny", "adapter": None, "data": "synthetic", "split": "test", **summarize(rows), "rows": rows}
+
+
+def _images(md: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+
+
+def test_report_references_existing_pngs_and_loss_curve(tmp_path):
+    pytest.importorskip("matplotlib")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps({"step": s, "loss": 2.0 / s, "lr": 1e-4}) for s in range(1, 6))
+                       + "\n" + json.dumps({"step": 5, "eval_avg_similarity": 40.0}) + "\n{\"step\": 6, \"lo")
+    md_path = report.write_report(_result(), tmp_path / "out", metrics_jsonl=metrics)
+    md = md_path.read_text()
+    images = _images(md)
+    assert set(images) == {"similarity_hist.png", "categories.png", "loss.png"}
+    for name in images:
+        assert (md_path.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| Term |" in md and "| synthetic |" in md
+    assert not list(md_path.parent.glob(".*"))  # no temporary files left behind
+
+
+def test_report_without_matplotlib_is_tables_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "_pyplot", lambda: None)
+    md = report.write_report(_result(), tmp_path).read_text()
+    assert _images(md) == [] and "matplotlib is not installed" in md
+    assert "## By category" in md and not list(tmp_path.glob("*.png"))
+
+
+def test_compare_table_rows_and_changes():
+    before = {"overall": {"n": 4, "avg_similarity": 20.0, "excellent": 0.0, "good": 25.0, "exact_match": 0.0,
+                          "f1": 10.0, "abstention_precision": None, "abstention_recall": 0.0}}
+    after = {"overall": {**before["overall"], "avg_similarity": 75.5, "abstention_precision": 50.0}}
+    table = report.compare_table(before, after)
+    lines = table.strip().splitlines()
+    assert lines[0] == "| metric | before | after | change |"
+    assert "| avg similarity (0-100) | 20.0 | 75.5 | +55.5 |" in lines
+    assert "| NONE precision % | - | 50.0 | - |" in lines
+    assert "| exact match % | 0.0 | 0.0 | +0.0 |" in lines
