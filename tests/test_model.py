@@ -1,0 +1,105 @@
+"""Our Llama against transformers' LlamaForCausalLM on tiny random checkpoints (fp32, atol 1e-4)."""
+import json
+
+import pytest
+import torch
+
+from model import LlamaConfig, load_model
+from model.llama import rope_inv_freq
+from tests.conftest import save_tiny_hf, tiny_config_dict
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_logits(path, ids):
+    hf = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return hf(ids).logits
+
+
+@pytest.mark.parametrize("over", [
+    {},                                                     # GQA 4/2 + llama3 rope scaling, untied
+    {"tie_word_embeddings": True},                          # tied lm_head
+    {"rope_scaling": None, "num_key_value_heads": 4},       # plain rope, multi-head attention
+    {"num_key_value_heads": 1, "head_dim": 32},             # MQA, head_dim != hidden/heads
+])
+def test_logits_match_transformers(tmp_path, over):
+    path = save_tiny_hf(tmp_path / "m", **over)
+    ids = torch.randint(0, 320, (2, 96))  # longer than original_max_position_embeddings=64: scaling matters
+    ours = load_model(path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf_logits(path, ids), atol=1e-4, rtol=0)
+
+
+def test_sharded_checkpoint_matches_transformers(tmp_path):
+    path = save_tiny_hf(tmp_path / "m", max_shard_size="100KB")
+    assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 1
+    ids = torch.randint(0, 320, (1, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(path)(ids), hf_logits(path, ids), atol=1e-4, rtol=0)
+
+
+def test_llama3_rope_scaling_changes_long_range_frequencies(tiny_config):
+    plain = LlamaConfig.from_hf_dict(tiny_config_dict(rope_scaling=None))
+    scaled, base = rope_inv_freq(tiny_config), rope_inv_freq(plain)
+    # highest frequencies (short wavelengths) unchanged, lowest divided by the factor (32)
+    assert scaled[0] == base[0]
+    torch.testing.assert_close(scaled[-1], base[-1] / 32)
+
+
+def test_llama3_rope_matches_transformers_reference_inv_freq():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    d = tiny_config_dict(head_dim=128, rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                                         high_freq_factor=4.0, original_max_position_embeddings=8192))
+    hf_cfg = transformers.LlamaConfig(**d)
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    torch.testing.assert_close(rope_inv_freq(LlamaConfig.from_hf_dict(d)), ref.float())
+
+
+def test_packed_row_equals_samples_run_alone(tiny_hf_dir):
+    m = load_model(tiny_hf_dir)
+    a, b = torch.randint(0, 320, (1, 7)), torch.randint(0, 320, (1, 5))
+    packed = torch.cat([a, b], 1)
+    pos = torch.tensor([[*range(7), *range(5)]])
+    seg = torch.tensor([[0] * 7 + [1] * 5])
+    with torch.no_grad():
+        out = m(packed, position_ids=pos, segment_ids=seg)
+        torch.testing.assert_close(out[:, :7], m(a), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[:, 7:], m(b), atol=1e-5, rtol=0)
+        # without segment ids the second sample would see the first: different logits
+        assert not torch.allclose(m(packed, position_ids=pos)[:, 7:], m(b), atol=1e-3)
+
+
+def test_config_reads_transformers5_rope_parameters():
+    d = tiny_config_dict()
+    scaling = d.pop("rope_scaling")
+    d["rope_parameters"] = {"rope_theta": 1234.0, **scaling}
+    d.pop("rope_theta")
+    cfg = LlamaConfig.from_hf_dict(d)
+    assert cfg.rope_theta == 1234.0 and cfg.rope_scaling["factor"] == 32.0
+
+
+def test_config_roundtrip_is_readable_by_transformers(tmp_path, tiny_config):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config.to_hf_dict()))
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert hf.num_key_value_heads == 2 and hf.head_dim == 16
+    assert LlamaConfig.from_json(tmp_path / "config.json") == tiny_config
+
+
+def test_unknown_rope_type_is_rejected():
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
+        LlamaConfig.from_hf_dict(tiny_config_dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+
+
+def test_gradient_checkpointing_keeps_outputs_and_grads(tiny_hf_dir):
+    m = load_model(tiny_hf_dir).train()
+    ids = torch.randint(0, 320, (2, 16))
+    grads = []
+    for ckpt, offload in [(False, False), (True, False), (True, True)]:
+        m.zero_grad()
+        m.set_gradient_checkpointing(ckpt, offload=offload)
+        m(ids).square().mean().backward()
+        grads.append(m.model.layers[0].mlp.up_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
+    torch.testing.assert_close(grads[0], grads[2], atol=0, rtol=0)
