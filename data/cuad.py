@@ -1,0 +1,200 @@
+"""CUAD v1 (master_clauses.csv + full_contract_txt/) -> windows of contracts with one clause, or NONE.
+
+- File names: master_clauses.csv names PDFs; the .txt names differ in suffix case, accents, trailing dots,
+  apostrophes and '&'. Both sides are reduced to a key (NFKD, ASCII letters and digits, lower case); rows whose key
+  matches no file are reported in notes["unresolved_files"], never dropped silently.
+- Clause strings: '<omitted>' joins disjoint pieces; each piece is located on its own (validate.locate: exact,
+  then normalised whitespace/quotes, then rapidfuzz >= 95). Pieces of one category closer than merge_gap
+  characters are merged into one span of the contract's own text; that span is the answer.
+- Windows: each answer span sits in a window of at most max_context_chars characters that holds no other span
+  of its category; NONE examples are windows (consecutive chunks) holding no span of their category, about
+  none_ratio per positive, picked by stable hash.
+- Splits: by contract, from a stable hash of the resolved file name (80 / 10 / 10 train / valid / test), so no
+  contract is in two splits.
+"""
+import ast
+import re
+import unicodedata
+from pathlib import Path
+
+from data.example import NONE, SPLITS, DataError, Example, stable_hash
+from data.io import open_text, read_text
+from data.validate import _normalize, locate
+
+OMITTED = "<omitted>"
+DEFAULT_EXCLUDE = ("Parties",)  # a list of names repeated all through a contract: no window is truly without it
+
+
+def file_key(name: str) -> str:
+    name = re.sub(r"\.(pdf|txt)'?$", "", name.strip(), flags=re.IGNORECASE)
+    name = unicodedata.normalize("NFKD", name)
+    return re.sub(r"[^a-z0-9]+", "", name.lower())
+
+
+def contract_split(filename: str, fractions=(0.8, 0.1, 0.1)) -> str:
+    u = stable_hash("cuad-split", file_key(filename)) / 2**64
+    return "train" if u < fractions[0] else "valid" if u < fractions[0] + fractions[1] else "test"
+
+
+def read_categories(path: Path) -> dict[str, str]:
+    """{category: description} from category_descriptions.csv ("Category: X", "Description: ...")."""
+    import csv
+
+    out = {}
+    with open_text(path, "CUAD category descriptions") as f:
+        rows = csv.reader(f)
+        next(rows, None)
+        for row in rows:
+            if len(row) < 2 or not row[0].startswith("Category:"):
+                raise DataError(f"{path}:{rows.line_num}: expected 'Category: NAME','Description: TEXT'")
+            out[row[0].split(":", 1)[1].strip()] = row[1].split(":", 1)[-1].strip()
+    return out
+
+
+def _snap_start(text: str, i: int, limit: int) -> int:
+    """Move a window start forward to just after whitespace (at most up to limit), so no word is cut."""
+    if i <= 0 or text[i - 1].isspace():
+        return max(i, 0)
+    m = re.compile(r"\s").search(text, i, limit)
+    return m.end() if m else i
+
+
+def _snap_end(text: str, j: int, limit: int) -> int:
+    if j >= len(text) or text[j].isspace():
+        return min(j, len(text))
+    k = max(text.rfind(" ", limit, j), text.rfind("\n", limit, j))
+    return k if k >= limit else j
+
+
+def _merge(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    out = []
+    for s, e in sorted(spans):
+        if out and s <= out[-1][1] + gap:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float = 0.5, merge_gap: int = 200,
+         categories=None, exclude=DEFAULT_EXCLUDE, seed: int = 0, show: int = 5):
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: CUAD directory not found; pass cuad:DIR with master_clauses.csv, full_contract_txt/")
+    splits = SPLITS if split is None else (split,)
+    descriptions = read_categories(root / "category_descriptions.csv")
+    txt_dir = root / "full_contract_txt"
+    if not txt_dir.is_dir():
+        raise DataError(f"{txt_dir}: contract text directory not found")
+    files = {}
+    for p in txt_dir.iterdir():
+        if p.suffix.lower() == ".txt":
+            files.setdefault(file_key(p.name), p)
+
+    import csv
+
+    master = root / "master_clauses.csv"
+    clauses = {"total": 0, "aligned": 0, "repaired": 0, "rejected": 0, "omitted_split": 0, "pieces": 0,
+               "rejected_list": []}
+    notes = {"unresolved_files": [], "resolved_files": 0, "contracts": {s: 0 for s in SPLITS}, "clauses": clauses,
+             "too_long": 0, "split_rule": "stable hash of the contract file name: 80/10/10 train/valid/test",
+             "counts": {}}
+    positives = {s: [] for s in splits}
+    none_candidates = {s: [] for s in splits}
+    with open_text(master, "CUAD master_clauses.csv") as f:
+        rows = csv.DictReader(f)
+        if not rows.fieldnames or "Filename" not in rows.fieldnames:
+            raise DataError(f"{master}:1: no 'Filename' column; is this CUAD's master_clauses.csv?")
+        cats = [c for c in rows.fieldnames if c != "Filename" and f"{c}-Answer" in rows.fieldnames]
+        missing = [c for c in cats if c not in descriptions]
+        if missing:
+            raise DataError(f"{master}:1: categories {missing} are not in category_descriptions.csv")
+        wanted = [c for c in (categories or cats) if c not in (exclude or ())]
+        unknown = [c for c in wanted if c not in cats]
+        if unknown:
+            raise DataError(f"cuad: unknown categories {unknown}; choose from {cats}")
+        for row in rows:
+            line, fname = rows.line_num, row["Filename"]
+            path = files.get(file_key(fname))
+            if path is None:
+                notes["unresolved_files"].append(fname)
+                continue
+            notes["resolved_files"] += 1
+            s = contract_split(path.name)
+            notes["contracts"][s] += 1
+            if s not in splits:
+                continue
+            text = read_text(path, "contract text")
+            norm = None
+            stem = path.stem
+            for cat in wanted:
+                try:
+                    strings = ast.literal_eval(row[cat] or "[]")
+                    assert isinstance(strings, list) and all(isinstance(x, str) for x in strings)
+                except (ValueError, SyntaxError, AssertionError):
+                    raise DataError(f"{master}:{line}: column {cat!r} is not a Python list of strings") from None
+                spans, uncertain = [], False
+                for cl in strings:
+                    clauses["total"] += 1
+                    pieces = [p.strip() for p in cl.split(OMITTED) if p.strip()]
+                    status = "aligned" if len(pieces) == 1 else "repaired"
+                    clauses["omitted_split"] += len(pieces) > 1
+                    for piece in pieces:
+                        clauses["pieces"] += 1
+                        i = text.find(piece)
+                        if i >= 0:
+                            spans.append((i, i + len(piece)))
+                            continue
+                        norm = norm or _normalize(text)
+                        m = locate(piece, text, norm_hay=norm)
+                        if m is None:
+                            status = "rejected"
+                            continue
+                        spans.append((m.start, m.end))
+                        status = "repaired" if status != "rejected" else status
+                    if not pieces:
+                        status = "rejected"
+                    clauses[status] += 1
+                    if status == "rejected":
+                        uncertain = True
+                        if len(clauses["rejected_list"]) < show:
+                            clauses["rejected_list"].append(f"{master}:{line} {cat!r} ({path.name}): "
+                                                            f"not found in the contract: {cl[:80]!r}")
+                merged = _merge(spans, merge_gap)
+                for k, (a, b) in enumerate(merged):
+                    if b - a > max_context_chars:
+                        notes["too_long"] += 1
+                        continue
+                    lo = merged[k - 1][1] if k else 0
+                    hi = merged[k + 1][0] if k + 1 < len(merged) else len(text)
+                    budget = max_context_chars - (b - a)
+                    left = min(a - lo, budget * (stable_hash("cuad-pad", str(seed), stem, cat, str(a)) % 1000) // 1000)
+                    right = min(hi - b, budget - left)
+                    left = min(a - lo, budget - right)  # give what the right side could not use back to the left
+                    ws, we = _snap_start(text, a - left, a), _snap_end(text, b + right, b)
+                    positives[s].append(Example(id=f"cuad:{stem}:{cat}:{a}", source="cuad", category=cat, query=cat,
+                                                context=text[ws:we].strip(), answer=text[a:b], split=s))
+                if not uncertain:  # a category with an unlocated clause has no trustworthy NONE window
+                    none_candidates[s].append((stem, cat, text, merged))
+    if not notes["resolved_files"]:
+        raise DataError(f"{txt_dir}: no contract in master_clauses.csv matched a .txt file")
+    examples = []
+    for s in splits:
+        n_none = round(none_ratio * len(positives[s]))
+        # candidates: (hash, stem, cat, chunk start, chunk end); chunks are consecutive max_context_chars windows
+        cands = []
+        for stem, cat, text, merged in none_candidates[s]:
+            start = 0
+            while start < len(text):
+                end = _snap_end(text, min(len(text), start + max_context_chars), start + 1)
+                if not any(a < end and b > start for a, b in merged) and text[start:end].strip():
+                    cands.append((stable_hash("cuad-none", str(seed), stem, cat, str(start)), stem, cat, start, end))
+                start = end
+        cands.sort()
+        texts = {stem: text for stem, _, text, _ in none_candidates[s]}
+        nones = [Example(id=f"cuad:{stem}:{cat}:none@{a}", source="cuad", category=cat, query=cat,
+                         context=texts[stem][a:b].strip(), answer=NONE, split=s)
+                 for _, stem, cat, a, b in cands[:n_none]]
+        notes["counts"][s] = {"contracts": notes["contracts"][s], "clause": len(positives[s]), "none": len(nones)}
+        examples += positives[s] + nones
+    return examples, notes

@@ -1,0 +1,53 @@
+"""The Example record, the imperative prompt templates, and the one error type users see from data/."""
+import hashlib
+from dataclasses import dataclass
+
+NONE = "NONE"  # the answer when the context holds no matching clause
+SPLITS = ("train", "valid", "test")
+
+
+class DataError(Exception):
+    """Bad input a user can fix. The message is one line: where (file:line or key), what is wrong, what to do."""
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str        # stable across runs: it picks the template and seeds every deterministic choice
+    source: str    # "acord" | "cuad" | "jsonl" | "synthetic"
+    category: str  # clause category (ACORD: the query's category; CUAD: the column name)
+    query: str     # what to look for: a clause type or an attorney's query
+    context: str   # contract text or excerpt
+    answer: str    # the clause, verbatim from context, or NONE
+    split: str     # "train" | "valid" | "test"
+
+
+def stable_hash(*parts: str) -> int:
+    """A 64-bit hash that is the same in every process and Python version (unlike hash(), which is salted)."""
+    h = hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=8)
+    return int.from_bytes(h.digest(), "big")
+
+
+# Imperative, no system message, no chat pleasantries: the model is a copier, not an assistant.
+# The query is always set apart ("...: {query}") so it reads well for clause names ("Governing Law"), short
+# attorney queries ("cap on liability") and long descriptions ("A clause that states that ...").
+TEMPLATES = (
+    "Copy the exact clause from this contract that matches: {query}\n"
+    "If the contract has no such clause, answer NONE.\n\nContract:\n{context}",
+    "Contract:\n{context}\n\nClause to find: {query}\n"
+    "Copy that clause word for word from the contract above. If it is not there, answer NONE.",
+    "Find the clause in the contract below that fits this description and copy it verbatim: {query}\n"
+    "Write NONE if no clause fits.\n\n{context}",
+    "Extract, exactly as written, the contract text for: {query}\n"
+    "Reply NONE when the contract has none.\n\n---\n{context}\n---",
+    "{context}\n\nQuote verbatim the clause of this contract for: {query}\n"
+    "Answer NONE if the contract contains no such clause.",
+)
+
+
+def template_index(example_id: str) -> int:
+    return stable_hash("template", example_id) % len(TEMPLATES)
+
+
+def render_prompt(ex: Example) -> str:
+    """The user message for ex: one of TEMPLATES, picked by ex.id so training and evaluation format alike."""
+    return TEMPLATES[template_index(ex.id)].format(query=ex.query, context=ex.context)

@@ -1,0 +1,62 @@
+"""File reading shared by the loaders: every failure becomes a one-line DataError naming the file (and line)."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+from data.example import DataError
+
+csv.field_size_limit(sys.maxsize)  # CUAD cells hold whole clause lists
+
+
+def open_text(path: Path, what: str):
+    try:
+        return open(path, encoding="utf-8-sig", newline="")
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found; check the dataset directory") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read {what} ({e.strerror}); check permissions") from None
+
+
+def read_text(path: Path, what: str) -> str:
+    try:
+        with open_text(path, what) as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {what} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from None
+
+
+def read_jsonl(path: Path, what: str):
+    """Yield (line_number, object) for each non-blank line; a line that is not a JSON object is an error."""
+    with open_text(path, what) as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
+                                    "each line must be one JSON object") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+                yield n, obj
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: {what} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from None
+
+
+def read_tsv(path: Path, what: str, header: list[str] | None = None):
+    """Yield (line_number, row) of a tab-separated file read with csv (ACORD quotes ids holding double quotes)."""
+    with open_text(path, what) as f:
+        rows = csv.reader(f, delimiter="\t")
+        try:
+            first = next(rows, None)
+            if first is None:
+                raise DataError(f"{path}: {what} is empty")
+            if header is not None and [c.strip() for c in first] != header:
+                raise DataError(f"{path}:1: expected header {'<TAB>'.join(header)!r}, got {'<TAB>'.join(first)!r}")
+            for row in rows:
+                if row and any(c.strip() for c in row):
+                    yield rows.line_num, row
+        except csv.Error as e:
+            raise DataError(f"{path}:{rows.line_num}: malformed TSV ({e})") from None

@@ -1,0 +1,157 @@
+"""Alignment: every answer must be the context's own text. Locate, repair (>= 95 similarity) or reject.
+
+locate() tries, cheapest first: exact substring; the same after normalising whitespace runs, curly quotes and
+dashes; then rapidfuzz's partial alignment. Anything found by the last two is a repair: the answer becomes the
+context's own span, so the model never learns text it cannot copy.
+"""
+import dataclasses
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from rapidfuzz import fuzz
+
+from data.example import NONE, DataError, Example
+
+MIN_SCORE = 95.0
+_CHAR_MAP = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-",
+                           "\u2014": "-", "\u00a0": " ", "\u2212": "-"})
+_WS = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Match:
+    start: int
+    end: int
+    how: str       # "exact" | "normalized" | "fuzzy"
+    score: float   # 100 unless fuzzy
+
+
+def _normalize(text: str) -> tuple[str, list[int]]:
+    """text with quotes/dashes unified and whitespace runs collapsed to one space, plus for every character of
+    the result the index of the original character it came from."""
+    text = text.translate(_CHAR_MAP)
+    out, index, last = [], [], 0
+    for m in _WS.finditer(text):
+        out.append(text[last:m.start()])
+        index.extend(range(last, m.start()))
+        out.append(" ")
+        index.append(m.start())
+        last = m.end()
+    out.append(text[last:])
+    index.extend(range(last, len(text)))
+    return "".join(out), index
+
+
+def locate(needle: str, hay: str, min_score: float = MIN_SCORE, *, norm_hay=None) -> Match | None:
+    """Where needle occurs in hay (first occurrence), or None. norm_hay = _normalize(hay) may be passed in when
+    many needles are looked up in one haystack."""
+    needle = needle.strip()
+    if not needle:
+        return None
+    i = hay.find(needle)
+    if i >= 0:
+        return Match(i, i + len(needle), "exact", 100.0)
+    nh, index = norm_hay if norm_hay is not None else _normalize(hay)
+    nn = _normalize(needle)[0].strip()
+    j = nh.find(nn)
+    if j >= 0:
+        return Match(index[j], index[j + len(nn) - 1] + 1, "normalized", 100.0)
+    if len(nn) > len(nh):  # rapidfuzz would swap the strings; an answer longer than its context is not in it
+        return None
+    a = fuzz.partial_ratio_alignment(nn, nh, score_cutoff=min_score)
+    if a is None or a.dest_end - a.dest_start < 0.9 * len(nn):
+        return None
+    start, end = index[a.dest_start], index[a.dest_end - 1] + 1
+    while start < end and hay[start].isspace():
+        start += 1
+    while end > start and hay[end - 1].isspace():
+        end -= 1
+    return Match(start, end, "fuzzy", a.score)
+
+
+@dataclass
+class Report:
+    """What data.check prints; also the input to the trainer's refusal (check_rejected)."""
+    spec: str
+    examples: int = 0
+    aligned: int = 0       # answer verbatim in context (NONE answers count here too)
+    repaired: int = 0
+    rejected: int = 0
+    none: int = 0
+    rejected_list: list = field(default_factory=list)   # "where: why" for the first few
+    per_split: dict = field(default_factory=lambda: defaultdict(Counter))
+    per_category: dict = field(default_factory=lambda: defaultdict(Counter))
+    source: dict = field(default_factory=dict)          # loader notes (counts, unresolved files, clause alignment)
+
+    def rejected_fraction(self) -> float:
+        """The worse of the example-level and (CUAD) clause-string-level rejection rates."""
+        fr = self.rejected / max(1, self.examples)
+        cl = self.source.get("clauses")
+        if cl:
+            fr = max(fr, cl["rejected"] / max(1, cl["total"]))
+        return fr
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["per_split"] = {k: dict(v) for k, v in self.per_split.items()}
+        d["per_category"] = {k: dict(v) for k, v in self.per_category.items()}
+        d["rejected_fraction"] = self.rejected_fraction()
+        return d
+
+
+def validate(examples: list[Example], spec: str = "", notes: dict | None = None, min_score: float = MIN_SCORE,
+             show: int = 5) -> tuple[list[Example], Report]:
+    """Check every example; return the kept ones (repaired answers replaced by the context's own text)."""
+    notes = notes or {}
+    origins = notes.get("origins", {})
+    rep = Report(spec=spec, source={k: v for k, v in notes.items() if k != "origins"})
+    kept = []
+    for ex in examples:
+        rep.examples += 1
+        if ex.answer == NONE:
+            status = "none"
+        else:
+            m = locate(ex.answer, ex.context, min_score)
+            if m is None:
+                status = "rejected"
+            elif m.how == "exact" and m.end - m.start == len(ex.answer):
+                status = "aligned"
+            else:
+                status = "repaired"
+                ex = dataclasses.replace(ex, answer=ex.context[m.start:m.end])
+        if status == "rejected":
+            rep.rejected += 1
+            if len(rep.rejected_list) < show:
+                rep.rejected_list.append(f"{origins.get(ex.id, ex.id)}: answer not found in its context "
+                                         f"(below {min_score:g} similarity): {ex.answer[:80]!r}")
+        else:
+            kept.append(ex)
+            if status == "repaired":
+                rep.repaired += 1
+            else:
+                rep.aligned += 1
+                rep.none += status == "none"
+        rep.per_split[ex.split][status] += 1
+        rep.per_category[ex.category][status] += 1
+    return kept, rep
+
+
+def check_rejected(rep: Report, max_rejected: float = 0.01) -> None:
+    """Refuse data with more than max_rejected rejected (a fraction); one-line error naming the first one."""
+    fr = rep.rejected_fraction()
+    if fr > max_rejected:
+        first = (rep.rejected_list or rep.source.get("clauses", {}).get("rejected_list") or ["?"])[0]
+        raise DataError(f"{rep.spec}: {fr:.1%} of answers rejected (limit {max_rejected:.1%}), first: {first}; "
+                        "fix the data (python -m data.check shows all) or raise the limit (--max-rejected)")
+
+
+def load_validated(spec: str, split: str | None = None, *, max_rejected: float = 0.01, min_score: float = MIN_SCORE,
+                   **opts) -> tuple[list[Example], Report]:
+    """What the trainer calls: load, validate, repair, drop rejected; DataError if more than max_rejected."""
+    from data import load_source
+
+    examples, notes = load_source(spec, split, **opts)
+    kept, rep = validate(examples, spec, notes, min_score)
+    check_rejected(rep, max_rejected)
+    return kept, rep
