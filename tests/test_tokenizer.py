@@ -131,6 +131,14 @@ def test_smollm_splits_every_digit(smol):
                                                            smol.token_id("2"), smol.token_id("4")]
 
 
+def test_smollm_digit_split_comes_before_the_gpt2_regex(smol):
+    """llama.cpp's "smollm" splits digits first, so a whitespace run before a number stays one piece ("  " is
+    token 256, "\\n\\n" is 1116). GPT-2's regex alone (transformers' GGUF conversion) would give " " + " 12"
+    and "\\n" + "\\n12": [81, 216, 216, 33, 34] - the difference FACTS.md warns about."""
+    assert smol.encode("a  12") == [81, 256, 33, 34] == smol.encode("a") + smol.encode("  ") + [33, 34]
+    assert smol.encode("Section\n\n12.3") == smol.encode("Section") + [1116, 33, 34, 30, 35]
+
+
 def test_smollm_round_trip(smol):
     for text in (LEGAL, "a  b   c    d\n\n\n\te", smol.chat_prompt(LEGAL) + smol.chat_answer("NONE")):
         assert smol.decode(smol.encode(text), skip_special=False) == text
