@@ -1,0 +1,235 @@
+"""Atomic, pickle-free checkpoints for exact resume, and SIGTERM/SIGINT handling.
+
+Layout of OUT/checkpoints/step-N/ (written as step-N.tmp/ then renamed, so a directory named step-N is always
+complete; a kill at any moment leaves at most a *.tmp directory, removed on the next start):
+  trainable.safetensors   every trainable parameter by its model name, fp32 (exact resume)
+  adapter/                the same weights in PEFT layout (evaluate or export any checkpoint directly)
+  optimizer.safetensors   optimizer state tensors, keyed "<param index>.<name>"
+  optimizer.json          the rest of the optimizer state (param_groups, python scalars)
+  rng.safetensors         torch CPU / CUDA generator states of every rank (uint8)
+  state.json              step, loss scaler, sampler position and RNG of python/numpy per rank, run counters
+No pickle anywhere: a checkpoint from an untrusted place cannot execute code when loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine import dist
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class StopFlag:
+    """First SIGTERM/SIGINT: ask the loop to save and stop after the current step. Second: exit now.
+
+    Kaggle and Colab end sessions with SIGTERM and a grace period; Ctrl-C is SIGINT. The second signal raises
+    SystemExit wherever the main thread is; if that is inside `save`, the partial step-N.tmp is deleted on the
+    way out, so no half-written checkpoint survives and the previous complete one stays the newest.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self.count = 0
+
+    def install(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        self.signum = self.signum or signum
+        if self.count >= 2:
+            raise SystemExit(128 + signum)
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
+
+
+def ckpt_root(out) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def complete_checkpoints(out) -> list[tuple[int, Path]]:
+    root = ckpt_root(out)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest(out) -> Path | None:
+    found = complete_checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def remove_partial(out):
+    """Delete leftovers of interrupted saves (step-N.tmp, step-N.old). Rank 0 only."""
+    root = ckpt_root(out)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.endswith((".tmp", ".old")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- RNG
+def rng_state(device: torch.device) -> tuple[dict, dict]:
+    """(tensors, json) for this rank: torch CPU/CUDA generators as uint8 tensors, python/numpy as JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["torch_cuda"] = torch.cuda.get_rng_state(device)
+    v, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    js = {"python": [v, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+    return tensors, js
+
+
+def set_rng_state(tensors: dict, js: dict, device: torch.device):
+    torch.set_rng_state(tensors["torch_cpu"])
+    if device.type == "cuda" and "torch_cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["torch_cuda"], device)
+    v, internal, gauss = js["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = js["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------- optimizer
+def optimizer_to_files(sd: dict) -> tuple[dict, dict]:
+    """Split optimizer.state_dict() into safetensors-able tensors and a JSON document."""
+    tensors, state = {}, {}
+    for pid, st in sd["state"].items():
+        entry = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                key = f"{pid}.{k}"
+                tensors[key] = v.detach().cpu().contiguous()
+                entry[k] = {"tensor": key}
+            else:
+                entry[k] = {"value": v}
+        state[str(pid)] = entry
+    groups = []
+    for g in sd["param_groups"]:
+        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()})
+    return tensors, {"state": state, "param_groups": groups, "tuples": ["betas"]}
+
+
+def optimizer_from_files(tensors: dict, js: dict) -> dict:
+    state = {}
+    for pid, entry in js["state"].items():
+        state[int(pid)] = {k: (tensors[v["tensor"]] if "tensor" in v else v["value"]) for k, v in entry.items()}
+    groups = [{k: (tuple(v) if k in js["tuples"] and isinstance(v, list) else v) for k, v in g.items()}
+              for g in js["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------- save / load
+def _write_json(path: Path, obj):
+    with open(path, "w") as fh:
+        json.dump(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def trainable_state(model: torch.nn.Module) -> dict:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save(out, step: int, *, model, optimizer, precision, sampler_state, counters: dict, keep_last: int,
+         base_model: str, save_adapter=None) -> Path | None:
+    """Collective: every rank calls it (RNG and sampler states are gathered); rank 0 writes. Returns the path."""
+    d = dist.get()
+    rng_t, rng_j = rng_state(d.device)
+    gathered = dist.gather_objects({"rng_t": {k: v.tolist() for k, v in rng_t.items()}, "rng_j": rng_j,
+                                    "sampler": sampler_state})
+    # model/optimizer states are identical on every rank (DDP keeps them in lockstep); rank 0 writes them
+    final = None
+    if d.is_main:
+        root = ckpt_root(out)
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{step}"
+        tmp = root / f"step-{step}.tmp"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file(trainable_state(model), tmp / "trainable.safetensors")
+            if save_adapter is not None:
+                save_adapter(model, tmp / "adapter", base_model=base_model)
+            opt_t, opt_j = optimizer_to_files(optimizer.state_dict())
+            save_file(opt_t, tmp / "optimizer.safetensors")
+            _write_json(tmp / "optimizer.json", opt_j)
+            rng_tensors = {f"rank{r}.{k}": torch.tensor(v, dtype=torch.uint8)
+                           for r, g in enumerate(gathered) for k, v in g["rng_t"].items()}
+            save_file(rng_tensors, tmp / "rng.safetensors")
+            state = {"step": step, "world_size": d.world_size, "precision": precision.state_dict(),
+                     "rng": [g["rng_j"] for g in gathered], "sampler": [g["sampler"] for g in gathered],
+                     "counters": counters}
+            _write_json(tmp / "state.json", state)  # written last: its presence marks the content complete
+            _fsync_dir(tmp)
+            if final.exists():  # saving the same step again (resumed then stopped at once): swap, then drop
+                old = root / f"step-{step}.old"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)  # atomic: readers see no directory or a complete one
+            _fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for _, p in complete_checkpoints(out)[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load(path: Path, *, model, optimizer, precision) -> dict:
+    """Restore weights, optimizer, scaler and this rank's RNG from a checkpoint; returns state.json contents
+    (with 'sampler' reduced to this rank's entry)."""
+    d = dist.get()
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    if state["world_size"] != d.world_size:
+        raise ValueError(f"{path}: saved with {state['world_size']} processes, resuming with {d.world_size}; "
+                         "exact resume needs the same --nproc")
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    want = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != want:
+        raise ValueError(f"{path}: trainable parameters differ from this model's (different lora_r / targets?)")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    opt_t = load_file(path / "optimizer.safetensors")
+    opt_j = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(optimizer_from_files(opt_t, opt_j))
+    precision.load_state_dict(state["precision"])
+    rng_all = load_file(path / "rng.safetensors")
+    prefix = f"rank{d.rank}."
+    set_rng_state({k[len(prefix):]: v for k, v in rng_all.items() if k.startswith(prefix)},
+                  state["rng"][d.rank], d.device)
+    state["sampler"] = state["sampler"][d.rank]
+    return state

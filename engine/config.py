@@ -1,0 +1,222 @@
+"""TrainConfig: every knob of a training run, with its default and help text in one place.
+
+A run is configured by an optional TOML file (keys spelled with underscores) plus command-line overrides (the
+same names spelled with dashes: `lora_r` -> `--lora-r`). Values are type-checked, unknown keys are errors (a typo
+must never become a silently ignored setting), and the resolved config is saved beside the run as OUT/config.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A mistake the user made in a config file or on the command line; reported as one line."""
+
+
+def _f(default, help: str, choices=None):
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = _f("smollm2-135m", "base model: local HF dir, hub id, .gguf file, or smollm2-135m (embedded)")
+    data: str = _f("synthetic", "data spec: acord:DIR, cuad:DIR, jsonl:FILE or synthetic")
+    train_split: str = _f("train", "split used for training")
+    eval_split: str = _f("valid", "split used for the periodic evaluation loss")
+    max_examples: int = _f(0, "use at most this many training examples (0 = all)")
+    max_rejected: float = _f(0.01, "refuse to train when more than this fraction of examples fails validation")
+    out: str = _f("runs/demo", "output directory (config.json, metrics.jsonl, checkpoints/, adapter/)")
+    # sequence / batch
+    seq_len: int = _f(512, "maximum tokens per row (examples longer than this are truncated around the answer)")
+    pack: bool = _f(True, "pack several short examples into one row (attention stays within each example)")
+    batch_size: int = _f(2, "rows per micro-batch per process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step per process")
+    # optimisation
+    max_steps: int = _f(100, "optimizer steps to run (0 = derive from epochs)")
+    epochs: float = _f(1.0, "passes over the training data when max_steps is 0")
+    lr: float = _f(2e-4, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine schedule)")
+    warmup_steps: int = _f(10, "linear warmup steps from 0 to lr")
+    schedule: str = _f("cosine", "learning-rate decay after warmup", ["cosine", "linear", "constant"])
+    weight_decay: float = _f(0.0, "AdamW weight decay on the adapter weights")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    optimizer: str = _f("adamw", "adamw (torch) or paged_adamw_8bit (bitsandbytes, CUDA only)",
+                        ["adamw", "paged_adamw_8bit"])
+    # the model
+    quantize: str = _f("nf4", "base weights of the decoder projections: nf4 (QLoRA) or none", ["nf4", "none"])
+    double_quant: bool = _f(False, "also quantize the NF4 block scales (saves ~0.4 bit/param)")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: float = _f(32.0, "LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with rslora)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    lora_targets: list = _f(list(ALL_PROJECTIONS), "projections that get adapters (comma-separated on the CLI)")
+    use_rslora: bool = _f(False, "rank-stabilised LoRA scaling alpha/sqrt(r)")
+    checkpointing: bool = _f(False, "recompute each decoder block in backward (activation checkpointing)")
+    offload: bool = _f(False, "with checkpointing, keep the saved block inputs in CPU memory")
+    precision: str = _f("auto", "auto: fp32 on CPU, bf16 on sm>=80, fp16 + loss scaling below",
+                        ["auto", "fp32", "fp16", "bf16"])
+    device: str = _f("auto", "auto (cuda when available), cpu or cuda", ["auto", "cpu", "cuda"])
+    loss_chunk: int = _f(1024, "supervised positions per lm_head/cross-entropy chunk (bounds the logits memory)")
+    # evaluation / checkpoints / bookkeeping
+    eval_every: int = _f(0, "evaluate the loss on eval_split every N steps and at the end (0 = never)")
+    eval_batches: int = _f(16, "at most this many micro-batches per evaluation (0 = whole split)")
+    save_every: int = _f(0, "save a resumable checkpoint every N steps (0 = only on SIGTERM/SIGINT)")
+    keep_last: int = _f(2, "keep only the newest K checkpoints")
+    resume: bool = _f(False, "continue from the newest complete checkpoint in OUT/checkpoints")
+    seed: int = _f(0, "random seed (LoRA init, data order, dropout)")
+    nonfinite_patience: int = _f(8, "stop the run after this many consecutive steps with a non-finite loss")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _check(name: str, value, where: str):
+    """Return value coerced to the field's type, or raise ConfigError naming the key and where it came from."""
+    if name not in FIELDS:
+        raise ConfigError(f"{where}: unknown key {name!r} (see python -m engine.train --help)")
+    want = _TYPES[name]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }[want]
+    if not ok:
+        tname = "list of strings" if want is list else want.__name__
+        raise ConfigError(f"{where}: key {name!r} must be {tname}, got {value!r}")
+    value = float(value) if want is float else value
+    choices = FIELDS[name].metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: key {name!r} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _validate(cfg: TrainConfig) -> TrainConfig:
+    positive = ["seq_len", "batch_size", "grad_accum", "lora_r", "loss_chunk"]
+    nonneg = ["max_steps", "warmup_steps", "eval_every", "save_every", "max_examples", "eval_batches"]
+    for k in positive:
+        if getattr(cfg, k) <= 0:
+            raise ConfigError(f"config: {k} must be > 0, got {getattr(cfg, k)}")
+    for k in nonneg:
+        if getattr(cfg, k) < 0:
+            raise ConfigError(f"config: {k} must be >= 0, got {getattr(cfg, k)}")
+    if cfg.keep_last < 1:
+        raise ConfigError(f"config: keep_last must be >= 1, got {cfg.keep_last}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"config: lr must be > 0, got {cfg.lr}")
+    if cfg.max_steps == 0 and cfg.epochs <= 0:
+        raise ConfigError("config: set max_steps > 0 or epochs > 0")
+    if not 0 <= cfg.max_rejected <= 1:
+        raise ConfigError(f"config: max_rejected must be a fraction in [0, 1], got {cfg.max_rejected}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"config: lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    bad = [t for t in cfg.lora_targets if t not in ALL_PROJECTIONS]
+    if bad or not cfg.lora_targets:
+        raise ConfigError(f"config: lora_targets must be a non-empty subset of {','.join(ALL_PROJECTIONS)}, "
+                          f"got {','.join(cfg.lora_targets) or 'nothing'}")
+    if cfg.offload and not cfg.checkpointing:
+        raise ConfigError("config: offload needs checkpointing (--checkpointing --offload)")
+    return cfg
+
+
+def load_toml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    return {k: _check(k, v, str(p)) for k, v in raw.items()}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of printing usage and exiting, so errors stay one line."""
+
+    def error(self, message):
+        raise ConfigError(f"command line: {message}")
+
+
+def _cli_value(name: str):
+    want = _TYPES[name]
+
+    def conv(text: str):
+        try:
+            if want is int:
+                return int(text)
+            if want is float:
+                return float(text)
+            if want is list:
+                return [t.strip() for t in text.split(",") if t.strip()]
+            return text
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want.__name__}, got {text!r}")
+
+    conv.__name__ = want.__name__
+    return conv
+
+
+def build_parser(prog: str = "python -m engine.train") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="QLoRA fine-tuning for verbatim clause extraction. Every option is also a "
+                "TOML key (underscores); command-line values override the file.",
+                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", metavar="FILE.toml", help="TOML recipe to start from (e.g. configs/demo.toml)")
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        kw = dict(help=f.metadata["help"], dest=name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kw["help"] += f" (default: {','.join(default) if isinstance(default, list) else default})"
+        if _TYPES[name] is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+            else:
+                kw["metavar"] = {int: "N", float: "F", str: "STR", list: "A,B,..."}[_TYPES[name]]
+            p.add_argument(flag, type=_cli_value(name), **kw)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """TOML file (if --config) then CLI overrides, type-checked and validated. Raises ConfigError."""
+    ns = vars(build_parser().parse_args(argv))
+    values = {}
+    if "config" in ns:
+        values.update(load_toml(ns.pop("config")))
+    for k, v in ns.items():
+        values[k] = _check(k, v, "command line")
+    return _validate(TrainConfig(**values))
+
+
+def from_dict(d: dict, where: str = "config") -> TrainConfig:
+    return _validate(TrainConfig(**{k: _check(k, v, where) for k, v in d.items()}))
+
+
+def save(cfg: TrainConfig, path: str | os.PathLike):
+    """Write the resolved config as JSON (via a temporary file, so a crash never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)

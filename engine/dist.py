@@ -1,0 +1,145 @@
+"""Distributed plumbing in one place: process group, rank-0 printing, seeding, DDP wrapping, teardown.
+
+Works the same under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR set) and as a plain
+`python -m engine.train` (world size 1, no process group at all).
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+_STATE = Dist()
+
+
+def init(device: str = "auto") -> Dist:
+    """Join the process group torchrun set up (if any) and pick this rank's device.
+
+    gloo on CPU, nccl on CUDA. With world size 1 no process group is created, so a single-process run has no
+    distributed machinery in it at all.
+    """
+    global _STATE
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device cuda requested but torch sees no GPU (use --device cpu)")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not tdist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        kw = {"device_id": dev} if use_cuda else {}
+        tdist.init_process_group(backend=backend, rank=rank, world_size=world, **kw)
+    _STATE = Dist(rank=rank, local_rank=local, world_size=world, device=dev)
+    return _STATE
+
+
+def get() -> Dist:
+    return _STATE
+
+
+def print0(*args, **kw):
+    """print on rank 0 only (every rank printing the same line N times is noise)."""
+    if _STATE.rank == 0:
+        print(*args, **kw, flush=True)
+
+
+def seed_all(seed: int):
+    """Seed python, numpy and torch (CPU and every CUDA device) with one value."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_rank(seed: int, rank: int):
+    """Per-rank stream for things that must differ between ranks (dropout masks).
+
+    Model construction and LoRA init are seeded with the shared `seed` first (identical on every rank; DDP also
+    broadcasts rank 0's trainable weights), then each rank switches to its own stream.
+    """
+    seed_all(seed + 1000003 * (rank + 1))
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (no-op with one process). A sync point: every rank must call it."""
+    if _STATE.enabled:
+        tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if _STATE.enabled:
+        tdist.all_reduce(x, op=tdist.ReduceOp.MAX)
+    return x
+
+
+def barrier():
+    if _STATE.enabled:
+        # gloo barrier works on CPU; for nccl pass the device so it does not guess
+        kw = {"device_ids": [_STATE.local_rank]} if _STATE.device.type == "cuda" else {}
+        tdist.barrier(**kw)
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` on every rank (small python objects only: RNG states, counters)."""
+    if not _STATE.enabled:
+        return [obj]
+    out = [None] * _STATE.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """DDP over the trainable parameters only; returns the module unchanged with one process.
+
+    - Frozen base weights (NF4 buffers, embeddings, norms) are identical on every rank because every rank loads
+      them from the same file, so we tell DDP to ignore them: no multi-GB broadcast at start-up and no buckets.
+    - static_graph=True: the same adapters get gradients every step, and it lets DDP cooperate with
+      non-reentrant activation checkpointing (the recomputation fires the same autograd hooks again).
+      find_unused_parameters stays False: every adapter is used every step, and the search costs a graph walk.
+    - broadcast_buffers=False: nothing in the model has running buffers that change during training.
+    """
+    if not _STATE.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ignore = [n for n, p in module.named_parameters() if not p.requires_grad]
+    ignore += [n for n, _ in module.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(module, ignore)
+    dev_ids = [_STATE.local_rank] if _STATE.device.type == "cuda" else None
+    return DDP(module, device_ids=dev_ids, broadcast_buffers=False, find_unused_parameters=False,
+               static_graph=True, gradient_as_bucket_view=True)
+
+
+def teardown():
+    """Leave the process group; safe to call twice and after errors."""
+    if tdist.is_available() and tdist.is_initialized():
+        try:
+            tdist.destroy_process_group()
+        except Exception:  # an aborted group may refuse a clean destroy; we are exiting anyway
+            pass

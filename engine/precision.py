@@ -1,0 +1,106 @@
+"""Precision policy: fp32 on the CPU, bf16 autocast on sm >= 80, fp16 autocast + dynamic loss scaling below.
+
+The T4 (sm 75) has no bf16, and fp16 gradients of small adapters underflow without loss scaling, so on such
+GPUs the loss is multiplied by a scale that halves whenever a step overflows (that step is skipped) and grows
+back after a run of clean steps (torch.amp.GradScaler). LoRA master weights and the optimizer state stay fp32
+in every mode; autocast only changes the dtype the matmuls run in.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss stayed inf/NaN for too many consecutive steps; training stops instead of writing garbage."""
+
+
+def resolve(mode: str, device: torch.device) -> str:
+    if mode != "auto":
+        if device.type == "cpu" and mode != "fp32":
+            # CPU autocast exists but is slower than fp32 for these matmuls and fp16 on CPU has no scaler benefit
+            raise ValueError(f"precision {mode} needs a GPU; use --precision fp32 (or auto) on the CPU")
+        if mode == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError("precision bf16 needs sm >= 80 (this GPU has no bf16); use --precision fp16")
+        return mode
+    if device.type != "cuda":
+        return "fp32"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16"
+
+
+class Precision:
+    """autocast context + optional GradScaler + overflow / non-finite bookkeeping for one run."""
+
+    def __init__(self, mode: str, device: torch.device, patience: int = 8):
+        self.mode = resolve(mode, device)
+        self.device = device
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.mode]
+        # dynamic loss scaling only for fp16; bf16 has fp32's exponent range and needs none
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.mode == "fp16")
+        self.patience = patience
+        self.overflows = 0  # optimizer steps skipped because a gradient was inf/NaN
+        self.nonfinite_streak = 0
+        self.last_finite_loss = None
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """dtype for the frozen high-precision parts of the base (embeddings, norms, lm_head)."""
+        return self.dtype
+
+    def autocast(self):
+        if self.mode == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor):
+        self.scaler.scale(loss).backward()
+
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, params, max_norm: float) -> tuple[float, bool]:
+        """Unscale, clip, step. Returns (grad_norm before clipping, overflow). An overflowing step is skipped."""
+        self.scaler.unscale_(optimizer)
+        if max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params
+                                                         if p.grad is not None]))
+        norm = float(norm)  # note: a host sync, once per optimizer step
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            self.scaler.step(optimizer)  # skipped internally when inf/NaN was found while unscaling
+            self.scaler.update()
+            overflow = self.scaler.get_scale() < scale
+        else:
+            overflow = not math.isfinite(norm)
+            if not overflow:
+                optimizer.step()
+        self.overflows += int(overflow)
+        return norm, overflow
+
+    def check_loss(self, loss: float, step: int):
+        """Count consecutive non-finite losses; raise NonFiniteLoss with a report once it persists."""
+        if math.isfinite(loss):
+            self.nonfinite_streak = 0
+            self.last_finite_loss = loss
+            return
+        self.nonfinite_streak += 1
+        if self.nonfinite_streak >= self.patience:
+            scale = f", loss scale {self.scaler.get_scale():g}" if self.scaler.is_enabled() else ""
+            raise NonFiniteLoss(
+                f"loss was non-finite for {self.nonfinite_streak} consecutive steps (step {step}, precision "
+                f"{self.mode}{scale}, {self.overflows} overflow steps, last finite loss {self.last_finite_loss}); "
+                "stopping without writing the adapter. Try a lower --lr, --precision fp32/bf16, or check the data")
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "overflows": self.overflows, "nonfinite_streak": self.nonfinite_streak,
+                "last_finite_loss": self.last_finite_loss,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {}}
+
+    def load_state_dict(self, d: dict):
+        self.overflows = d["overflows"]
+        self.nonfinite_streak = d["nonfinite_streak"]
+        self.last_finite_loss = d["last_finite_loss"]
+        if self.scaler.is_enabled() and d.get("scaler"):
+            self.scaler.load_state_dict(d["scaler"])
