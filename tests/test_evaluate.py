@@ -1,0 +1,130 @@
+"""engine.evaluate end to end on a tiny random Llama with a byte-level ChatML tokenizer built here."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import save_tiny_hf
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def write_byte_tokenizer(model_dir: Path) -> Path:
+    """A 259-token byte-level BPE (no merges: one token per byte) with ChatML specials 256-258."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(SPECIALS)
+    tk.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    return model_dir
+
+
+def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
+    """HF-format tiny Llama (vocab 320 > 259 tokenizer ids) + the byte tokenizer: loads via load_model(path)."""
+    save_tiny_hf(path, seed=seed, bos_token_id=257, eos_token_id=258, pad_token_id=256)
+    return write_byte_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _examples():
+    from data.example import NONE, Example
+
+    rows = []
+    for i in range(6):
+        cat = ["Governing Law", "Term", "Audit Rights"][i % 3]
+        clause = f"Clause {i}: the party shall do thing {i}."
+        ctx = f"Preamble {i}. " + (clause if i % 2 == 0 else "Nothing relevant here.") + " Signatures."
+        rows.append(Example(id=f"t{i}", source="jsonl", category=cat, query=cat, context=ctx,
+                            answer=clause if i % 2 == 0 else NONE, split="test"))
+    return rows
+
+
+def test_eval_subset_is_deterministic_and_covers_categories():
+    from data.example import Example
+    from engine.evaluate import eval_subset
+
+    exs = [Example(id=f"e{i}", source="s", category="A" if i < 20 else ("B" if i < 22 else "C"), query="q",
+                   context="c", answer="a", split="test") for i in range(25)]
+    sub = eval_subset(exs, 6)
+    assert sub == eval_subset(list(exs), 6)  # same every time
+    assert {e.category for e in sub} == {"A", "B", "C"}  # not the first six (all "A")
+    assert sum(e.category == "B" for e in sub) == 2 and sum(e.category == "C" for e in sub) == 2
+    assert [e.id for e in sub] == sorted((e.id for e in sub), key=lambda s: int(s[1:]))  # input order kept
+    assert eval_subset(exs, None) == exs and eval_subset(exs, 99) == exs
+
+
+def test_evaluate_examples_rows_and_training_numbers(tiny_model_dir):
+    from engine.evaluate import evaluate_examples, evaluate_for_training, eval_subset
+    from model import load_model, load_tokenizer
+
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    model.train()
+    res = evaluate_examples(model, tok, _examples(), max_new_tokens=4, batch_size=4, seq_len=512)
+    assert model.training  # restored for the trainer
+    assert len(res["rows"]) == 6 and set(res["by_category"]) == {"Governing Law", "Term", "Audit Rights"}
+    for r in res["rows"]:
+        assert set(r) >= {"id", "category", "source", "prediction", "answer", "scores"}
+        assert set(r["scores"]) == {"similarity", "exact_match", "f1", "abstention"}
+        assert not r["truncated"]
+    flat = evaluate_for_training(model, tok, eval_subset(_examples(), 3), max_new_tokens=2, seq_len=512)
+    assert flat["eval_n"] == 3 and 0 <= flat["eval_avg_similarity"] <= 100 and flat["eval_seconds"] > 0
+
+
+def _write_jsonl(path: Path) -> str:
+    """A tiny dataset in the jsonl: source format (one Example's fields per line)."""
+    import dataclasses
+
+    path.write_text("".join(json.dumps(dataclasses.asdict(e)) + "\n" for e in _examples()))
+    return f"jsonl:{path}"
+
+
+def test_evaluate_cli_writes_eval_json_report_and_compare(tiny_model_dir, tmp_path, capsys):
+    from engine.evaluate import main
+    from engine.metrics import AGGREGATE_KEYS
+
+    spec = _write_jsonl(tmp_path / "tiny.jsonl")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 3.0 / s}) + "\n" for s in range(1, 4)))
+    common = ["--model", str(tiny_model_dir), "--data", spec, "--split", "test", "--max-new-tokens", "3",
+              "--seq-len", "512", "--batch-size", "4", "--quiet"]
+    assert main(common + ["--limit", "4", "--out", str(tmp_path / "before")]) == 0
+    assert main(common + ["--out", str(tmp_path / "after"), "--metrics", str(metrics),
+                          "--compare", str(tmp_path / "before" / "eval.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| metric | before | after | change |" in out and "| examples | 4 | 6 |" in out
+
+    ev = json.loads((tmp_path / "after" / "eval.json").read_text())
+    for key in ("model", "adapter", "data", "split", "limit", "seconds", "created", "metrics",
+                "overall", "by_category", "by_source", "rows"):
+        assert key in ev, key
+    assert set(ev["overall"]) == set(AGGREGATE_KEYS) and ev["overall"]["n"] == 6
+    assert set(ev["by_source"]) == {"jsonl"}
+    assert json.loads((tmp_path / "before" / "eval.json").read_text())["overall"]["n"] == 4
+
+    md = (tmp_path / "after" / "report.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert "loss.png" in images and "similarity_hist.png" in images
+    assert all((tmp_path / "after" / name).is_file() for name in images)
+    assert "## Before / after" in md
+
+
+def test_evaluate_cli_errors_are_one_line(tmp_path, capsys):
+    from engine.evaluate import main
+
+    assert main(["--data", "jsonl:" + str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "missing.jsonl" in err
+    assert main(["--data", "synthetic", "--compare", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "nope.json" in err
+    assert not (tmp_path / "o").exists()  # nothing half-written
