@@ -1,0 +1,93 @@
+"""Checkpoints: pickle-free optimizer/RNG round trips, atomic directories, keep_last, second-signal rollback."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from engine import dist
+from engine.precision import Precision
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    model[0].weight.requires_grad_(False)  # a frozen part is not saved
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.8, 0.95), foreach=False)
+    for _ in range(3):
+        model(torch.randn(4, 8)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _save(tmp_path, step, model, opt, keep_last=3):
+    dist.init("cpu")
+    return ckpt.save(tmp_path, step, model=model, optimizer=opt, precision=Precision("fp32", torch.device("cpu")),
+                     sampler_state={"pos": step}, counters={"train_seconds": 1.5}, keep_last=keep_last,
+                     base_model="tiny")
+
+
+def test_roundtrip_restores_weights_optimizer_rng_exactly(tmp_path):
+    model, opt = _setup()
+    random.seed(5)
+    np.random.seed(6)
+    torch.manual_seed(7)
+    path = _save(tmp_path, 3, model, opt)
+    expect = (random.random(), np.random.rand(), torch.rand(3))
+    assert not list(path.glob("*.pt")) and not list(path.glob("*.pkl"))  # no pickle anywhere
+    model2, opt2 = _setup(seed=1)  # different weights and moments
+    state = ckpt.load(path, model=model2, optimizer=opt2, precision=Precision("fp32", torch.device("cpu")))
+    assert (random.random(), np.random.rand()) == expect[:2] and torch.equal(torch.rand(3), expect[2])
+    assert state["step"] == 3 and state["sampler"] == {"pos": 3} and state["counters"]["train_seconds"] == 1.5
+    for a, b in zip(model.parameters(), model2.parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"] and s2["param_groups"][0]["betas"] == (0.8, 0.95)
+    for k in s1["state"]:
+        for name, v in s1["state"][k].items():
+            assert torch.equal(v, s2["state"][k][name]), name
+
+
+def test_keep_last_and_latest(tmp_path):
+    model, opt = _setup()
+    for step in (2, 4, 6):
+        _save(tmp_path, step, model, opt, keep_last=2)
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [4, 6]
+    assert ckpt.latest(tmp_path).name == "step-6"
+
+
+def test_interrupted_save_leaves_previous_checkpoint_newest(tmp_path, monkeypatch):
+    """A second SIGTERM raises SystemExit mid-save: no step-N.tmp survives and step-2 stays the newest."""
+    model, opt = _setup()
+    _save(tmp_path, 2, model, opt)
+
+    def killed(*a, **k):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(ckpt, "_write_json", killed)
+    with pytest.raises(SystemExit):
+        _save(tmp_path, 4, model, opt)
+    assert ckpt.latest(tmp_path).name == "step-2"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]
+    assert json.loads((ckpt.latest(tmp_path) / "state.json").read_text())["step"] == 2
+
+
+def test_directory_without_state_json_is_not_complete(tmp_path):
+    (tmp_path / "checkpoints" / "step-9").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-3.tmp").mkdir()
+    assert ckpt.latest(tmp_path) is None
+    ckpt.remove_partial(tmp_path)
+    assert not (tmp_path / "checkpoints" / "step-3.tmp").exists()
+
+
+def test_second_signal_raises_system_exit():
+    flag = ckpt.StopFlag()
+    flag._handle(15, None)
+    assert flag.requested
+    with pytest.raises(SystemExit):
+        flag._handle(15, None)
