@@ -1,0 +1,145 @@
+"""engine.extract: windows over a long contract, verbatim quotes with exact offsets, snapping, errors.
+
+The model's answers are scripted (a fake generate that "finds" the clause when its window holds it), so the
+tests pin the windowing, locating and printing logic; the real model path runs once on a tiny random Llama.
+"""
+import json
+import re
+
+import pytest
+
+from engine.extract import find_clause, locate, main, make_windows
+from tests.test_evaluate import make_tiny_model_dir
+
+CLAUSE = ("This Agreement shall be governed by and construed in accordance with the laws of the State of\r\n"
+          "Delaware, without regard to its conflict of laws principles.")
+
+
+def _contract() -> str:
+    filler = [f"{i}. Section {i}. The parties agree to item number {i} as described in Exhibit {i}.\r\n"
+              for i in range(1, 60)]
+    return "MASTER SERVICES AGREEMENT\r\n" + "".join(filler[:40]) + "41. Governing Law. " + CLAUSE + "\r\n" \
+        + "".join(filler[40:])
+
+
+def _byte_count(s: str) -> int:
+    return len(s.encode("utf-8"))  # the byte-level test tokenizer: one token per byte
+
+
+def _finder(reply):
+    """A fake model: for each prompt, reply(prompt_text) if the clause (up to whitespace) is in it, else NONE."""
+    norm_clause = " ".join(CLAUSE.split())
+
+    def answer(prompts):
+        return [reply(norm_clause) if norm_clause in " ".join(p.split()) else "NONE" for p in prompts]
+    return answer
+
+
+def test_windows_cover_the_text_with_overlap_and_fit():
+    text = _contract()
+    wins = make_windows(text, _byte_count, 400, overlap=0.25)
+    assert len(wins) > 5 and wins[0][0] == 0 and wins[-1][1] == len(text)
+    for (a, b), (c, d) in zip(wins, wins[1:]):
+        assert a < c < b <= d  # consecutive windows overlap and advance
+    assert all(_byte_count(text[a:b]) <= 400 for a, b in wins)
+    assert make_windows("short text", _byte_count, 400) == [(0, 10)]
+
+
+def test_verbatim_answer_gives_exact_offsets():
+    text = _contract()
+    matches, n_windows = find_clause(text, "Governing Law", _finder(lambda c: CLAUSE), _byte_count, 400)
+    assert n_windows > 5 and matches
+    m = matches[0]
+    assert (m.start, m.end) == (text.index(CLAUSE), text.index(CLAUSE) + len(CLAUSE))
+    assert text[m.start:m.end] == CLAUSE and m.verbatim and m.score == 100.0
+
+
+def test_whitespace_changed_answer_snaps_to_the_files_text():
+    text = _contract()
+    matches, _ = find_clause(text, "Governing Law", _finder(lambda c: c), _byte_count, 400)  # "\r\n" -> " "
+    m = matches[0]
+    assert text[m.start:m.end] == CLAUSE and m.score == 100.0 and not m.verbatim
+
+
+def test_non_verbatim_answer_snaps_to_best_span_with_its_score():
+    text = _contract()
+    garbled = lambda c: c.replace("construed in accordance with", "construed under").replace("Delaware", "Delawere")
+    matches, _ = find_clause(text, "Governing Law", _finder(garbled), _byte_count, 400)
+    m = matches[0]
+    assert text[m.start:m.end] == CLAUSE  # the quote is the contract's text, not the model's
+    assert 80 < m.score < 100 and not m.verbatim
+
+
+def test_locate_widens_to_word_boundaries():
+    window = "Preamble. The Supplier shall deliver the Goods within thirty days. Other terms follow."
+    s, e, score, verbatim = locate("Supplier shall deliver Goods within thirty days", window)
+    assert window[s:e] == "Supplier shall deliver the Goods within thirty days." and not verbatim
+    assert locate("   ", window) is None
+
+
+def test_nothing_found_when_every_window_says_none():
+    matches, n = find_clause(_contract(), "Non-Compete", lambda ps: ["NONE"] * len(ps), _byte_count, 400)
+    assert matches == [] and n > 1
+
+
+def test_hallucinated_answer_below_min_score_is_not_quoted():
+    made_up = lambda ps: ["Supplier shall not compete with Buyer in Ohio for five years."] * len(ps)
+    assert find_clause(_contract(), "Non-Compete", made_up, _byte_count, 400, min_score=60)[0] == []
+
+
+# ---- the command on a tiny model ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-extract") / "model")
+
+
+@pytest.fixture
+def contract_file(tmp_path):
+    p = tmp_path / "contract.txt"
+    p.write_bytes(_contract().encode("utf-8"))
+    return p
+
+
+def _fake_generate(reply):
+    finder = _finder(reply)
+    return lambda model, tok, prompts, max_new_tokens=256, temperature=0.0, batch_size=8, **kw: finder(prompts)
+
+
+def test_cli_prints_clause_with_offsets_in_the_file(tiny_model_dir, contract_file, monkeypatch, capsys):
+    import model.generate
+
+    monkeypatch.setattr(model.generate, "generate", _fake_generate(lambda c: c))
+    args = ["--model", str(tiny_model_dir), "--contract", str(contract_file), "--clause", "Governing Law",
+            "--seq-len", "900", "--max-new-tokens", "200"]
+    assert main(args + ["--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    raw = contract_file.read_bytes().decode("utf-8")
+    assert res["found"] and res["windows"] > 1
+    assert raw[res["start"]:res["end"]] == res["text"] == CLAUSE and res["score"] == 100.0
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    m = re.match(r"Governing Law clause, characters (\d+)-(\d+) of .*\(match 100\.0", out)
+    assert m and raw[int(m[1]):int(m[2])] == CLAUSE and CLAUSE in out
+
+
+def test_cli_absent_clause_prints_not_found(tiny_model_dir, contract_file, capsys):
+    # the real (random, untrained) tiny model: whatever it writes does not match the contract
+    assert main(["--model", str(tiny_model_dir), "--contract", str(contract_file), "--clause", "Non-Compete",
+                 "--seq-len", "4096", "--max-new-tokens", "4", "--min-score", "95"]) == 0
+    assert capsys.readouterr().out.strip() == "No Non-Compete clause found."
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "binary", "empty"])
+def test_cli_unreadable_contract_is_a_one_line_error(tmp_path, capsys, kind):
+    p = tmp_path / "c.txt"
+    if kind == "directory":
+        p.mkdir()
+    elif kind == "binary":
+        p.write_bytes(b"%PDF-1.4\xff\xfe\x00\x01")
+    elif kind == "empty":
+        p.write_text("  \n")
+    assert main(["--contract", str(p), "--clause", "Governing Law"]) != 0
+    cap = capsys.readouterr()
+    err = cap.err.strip()
+    assert err.startswith("error:") and "\n" not in err and str(p) in err and cap.out == ""
