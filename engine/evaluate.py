@@ -68,21 +68,25 @@ def eval_subset(examples: list, n: int | None, salt: str = "eval") -> list:
 def fit_prompt(tok, ex, prompt_budget: int):
     """(user message, its token count incl. chat template, truncated?) for ex within prompt_budget tokens.
 
-    The context is cut the way training cuts it (data.batch.fit_context: a window of the contract around
-    the answer, a deterministic window for NONE), so evaluation sees what training saw.
+    The context is cut the way training cuts it (data.batch.cut_context: a window centred on the answer, the
+    beginning of the contract for NONE, at word boundaries; then shrunk until the re-rendered prompt fits), so
+    evaluation sees what training saw. Examples must be validated (answer verbatim in context).
     """
+    from data.batch import cut_context
     from data.example import render_prompt
 
     prompt = render_prompt(ex)
     n = len(tok.encode(tok.chat_prompt(prompt)))
     if n <= prompt_budget:
         return prompt, n, False
-    from data.batch import fit_context
-
-    overhead = n - len(tok.encode(ex.context))
-    context = fit_context(tok, ex, max(16, prompt_budget - overhead))
-    prompt = render_prompt(replace(ex, context=context))
-    n = len(tok.encode(tok.chat_prompt(prompt)))
+    overhead = len(tok.encode(tok.chat_prompt(render_prompt(replace(ex, context="")))))
+    max_chars = int((prompt_budget - overhead) * len(ex.context) / max(1, n - overhead))
+    for _ in range(12):  # usually 1-2 rounds, as in data.batch.encode_example
+        prompt = render_prompt(replace(ex, context=cut_context(ex.context, ex.answer, max(1, max_chars))))
+        n = len(tok.encode(tok.chat_prompt(prompt)))
+        if n <= prompt_budget:
+            break
+        max_chars = int(max_chars * min(0.98, prompt_budget / n))
     return prompt, n, True
 
 

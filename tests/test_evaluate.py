@@ -80,6 +80,24 @@ def test_evaluate_examples_rows_and_training_numbers(tiny_model_dir):
     assert flat["eval_n"] == 3 and 0 <= flat["eval_avg_similarity"] <= 100 and flat["eval_seconds"] > 0
 
 
+def test_long_context_is_cut_around_the_answer_like_training(tiny_model_dir):
+    from data.example import NONE, Example
+    from engine.evaluate import fit_prompt
+    from model import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))  # one token per byte
+    clause = "The Supplier shall indemnify the Buyer against all third-party claims."
+    ctx = " ".join(f"Filler sentence number {i}." for i in range(60)) + " " + clause + " " + \
+        " ".join(f"More filler {i}." for i in range(60))
+    ex = Example(id="long", source="jsonl", category="Indemnity", query="Indemnity", context=ctx, answer=clause,
+                 split="test")
+    prompt, n, cut = fit_prompt(tok, ex, 400)
+    assert cut and n <= 400 and clause in prompt and n == len(tok.encode(tok.chat_prompt(prompt)))
+    prompt, n, cut = fit_prompt(tok, Example(**{**ex.__dict__, "answer": NONE}), 400)
+    assert cut and n <= 400 and "Filler sentence number 0." in prompt  # NONE keeps the beginning
+    assert fit_prompt(tok, ex, 10_000)[2] is False
+
+
 def _write_jsonl(path: Path) -> str:
     """A tiny dataset in the jsonl: source format (one Example's fields per line)."""
     import dataclasses
