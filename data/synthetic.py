@@ -1,7 +1,7 @@
 """Deterministic small contracts for the offline demo and fast tests.
 
-Each contract (about 150-400 tokens) has a preamble with parties and a date, a few boilerplate sections, and
-4-6 of the 13 clause types below in numbered sections. Every clause type has five wordings: train and valid
+Each contract (about 150-350 tokens) has a preamble with parties and a date, a few boilerplate sections, and
+3-5 of the 13 clause types below in numbered sections. Every clause type has five wordings: train and valid
 draw from the first three, test from the last two, so a test score measures copying, not memorised wording.
 Each contract gives one example asking for a clause it has, and with probability none_prob one asking for a
 clause type it lacks (answer NONE).
@@ -183,9 +183,9 @@ def _contract(rng: random.Random, split: str):
     title = rng.choice(TITLES)
     date = f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(2015, 2025)}"
     wordings = TEST_WORDINGS if split == "test" else TRAIN_WORDINGS
-    present = rng.sample(sorted(CLAUSES), rng.randint(4, 6))
+    present = rng.sample(sorted(CLAUSES), rng.randint(3, 5))
     clauses = {t: rng.choice(CLAUSES[t][wordings]).format(**slots) for t in present}
-    sections = list(clauses.values()) + rng.sample(BOILERPLATE, rng.randint(1, 2))
+    sections = list(clauses.values()) + rng.sample(BOILERPLATE, rng.randint(0, 1))
     rng.shuffle(sections)
     sections.insert(0, f"Services. {b_name} shall provide to {a_name} the services described in Exhibit A "
                        f"(the \"Services\").")
@@ -193,8 +193,7 @@ def _contract(rng: random.Random, split: str):
             f"Date\") by and between {a_full}, a {rng.choice(STATES)} company (\"{a_name}\"), and {b_full}, a "
             f"{rng.choice(STATES)} company (\"{b_name}\").\n\n"
             + "\n\n".join(f"{i}. {s}" for i, s in enumerate(sections, 1))
-            + f"\n\nIN WITNESS WHEREOF, the parties have executed this Agreement as of the Effective Date.\n\n"
-              f"{a_full}\nBy: ______________\n\n{b_full}\nBy: ______________")
+            + f"\n\nIN WITNESS WHEREOF, the parties have executed this Agreement as of the Effective Date.")
     return text, clauses
 
 

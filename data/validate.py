@@ -93,7 +93,7 @@ class Report:
         return fr
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["per_split"] = {k: dict(v) for k, v in self.per_split.items()}
         d["per_category"] = {k: dict(v) for k, v in self.per_category.items()}
         d["rejected_fraction"] = self.rejected_fraction()
@@ -137,12 +137,16 @@ def validate(examples: list[Example], spec: str = "", notes: dict | None = None,
     return kept, rep
 
 
+class RejectedError(DataError):
+    """More answers rejected than allowed."""
+
+
 def check_rejected(rep: Report, max_rejected: float = 0.01) -> None:
     """Refuse data with more than max_rejected rejected (a fraction); one-line error naming the first one."""
     fr = rep.rejected_fraction()
     if fr > max_rejected:
         first = (rep.rejected_list or rep.source.get("clauses", {}).get("rejected_list") or ["?"])[0]
-        raise DataError(f"{rep.spec}: {fr:.1%} of answers rejected (limit {max_rejected:.1%}), first: {first}; "
+        raise RejectedError(f"{rep.spec}: {fr:.1%} of answers rejected (limit {max_rejected:.1%}), first: {first}; "
                         "fix the data (python -m data.check shows all) or raise the limit (--max-rejected)")
 
 

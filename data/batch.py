@@ -1,0 +1,235 @@
+"""Examples -> token rows: chat format, prompt masking, truncation around the answer, packing, sampling.
+
+Labels follow the Hugging Face convention: labels[i] = input_ids[i] where supervised, -100 elsewhere; the loss
+shifts them (position t predicts labels[t + 1]). Only the answer and its end-of-turn token are supervised.
+
+The prompt is tokenized as one string, encode(chat_prompt(render_prompt(ex))), and the answer as
+encode(chat_answer(answer)): exactly the ids generation will see. Truncation therefore cuts the *context string*
+and re-renders the prompt, never splices token lists.
+"""
+import bisect
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from data.example import NONE, Example, render_prompt
+
+IGNORE = -100
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]
+    id: str = ""
+    truncated: bool = False   # the context was cut to fit seq_len
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    truncated: int = 0
+    skipped: list = field(default_factory=list)   # "id: why" for answers that cannot fit seq_len
+
+
+def _snap_left(text: str, i: int, limit: int) -> int:
+    """Move a cut start forward past the partial word (but not beyond limit)."""
+    if i <= 0:
+        return 0
+    if text[i - 1].isspace():
+        return i
+    j = min([k for k in (text.find(" ", i, limit), text.find("\n", i, limit)) if k >= 0], default=-1)
+    return j + 1 if j >= 0 else i
+
+
+def _snap_right(text: str, j: int, limit: int) -> int:
+    if j >= len(text) or text[j].isspace():
+        return min(j, len(text))
+    k = max(text.rfind(" ", limit, j), text.rfind("\n", limit, j))
+    return k if k >= limit else j
+
+
+def cut_context(context: str, answer: str, max_chars: int) -> str:
+    """A window of at most max_chars of context, holding the whole answer (first occurrence), cut at word
+    boundaries and centred on the answer where the context allows. NONE: the beginning of the context."""
+    if len(context) <= max_chars:
+        return context
+    if answer == NONE:
+        return context[:_snap_right(context, max_chars, 0)].rstrip()
+    a = context.find(answer)
+    assert a >= 0, "answer not in context: validate examples first (data.validate)"
+    b = a + len(answer)
+    room = max(0, max_chars - len(answer))
+    left = min(a, room // 2)
+    right = min(len(context) - b, room - left)
+    left = min(a, room - right)
+    s, e = _snap_left(context, a - left, a), _snap_right(context, b + right, b)
+    return context[s:e].strip()
+
+
+def encode_example(tok, ex: Example, seq_len: int) -> EncodedExample | None:
+    """Token ids and labels for one example, at most seq_len long; None when the answer alone cannot fit."""
+    answer_ids = tok.encode(tok.chat_answer(ex.answer))
+    budget = seq_len - len(answer_ids)          # tokens left for the whole prompt
+    prompt_ids = tok.encode(tok.chat_prompt(render_prompt(ex)))
+    truncated = False
+    if len(prompt_ids) > budget:
+        truncated = True
+        overhead = len(tok.encode(tok.chat_prompt(render_prompt(dataclasses.replace(ex, context="")))))
+        in_context = 0 if ex.answer == NONE else len(tok.encode(ex.answer))
+        if budget - overhead < in_context + 2:   # the answer must appear whole in the context, and once more as labels
+            return None
+        chars_per_token = len(ex.context) / max(1, len(prompt_ids) - overhead)
+        max_chars = int((budget - overhead) * chars_per_token)
+        for _ in range(12):  # shrink until the re-rendered prompt fits; usually 1-2 rounds
+            ctx = cut_context(ex.context, ex.answer, max_chars)
+            prompt_ids = tok.encode(tok.chat_prompt(render_prompt(dataclasses.replace(ex, context=ctx))))
+            if len(prompt_ids) <= budget:
+                break
+            max_chars = int(max_chars * min(0.98, budget / len(prompt_ids)))
+        else:
+            return None
+        assert ex.answer == NONE or ex.answer in ctx
+    return EncodedExample(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids, ex.id, truncated)
+
+
+def encode_examples(tok, examples: list[Example], seq_len: int) -> tuple[list[EncodedExample], EncodeStats]:
+    out, stats = [], EncodeStats()
+    for ex in examples:
+        stats.examples += 1
+        enc = encode_example(tok, ex, seq_len)
+        if enc is None:
+            stats.skipped.append(f"{ex.id}: answer too long for seq_len {seq_len}")
+            continue
+        stats.truncated += enc.truncated
+        out.append(enc)
+    return out, stats
+
+
+def pack(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """Best-fit decreasing: groups of indices whose lengths sum to <= seq_len. Deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []   # sorted (room left, row index)
+    for i in order:
+        n = lengths[i]
+        assert n <= seq_len, f"sample {i} is {n} tokens, longer than seq_len {seq_len}"
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+            rows[r].append(i)
+        else:
+            room, r = seq_len, len(rows)
+            rows.append([i])
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+def make_units(encoded: list[EncodedExample], seq_len: int, packed: bool) -> list[list[EncodedExample]]:
+    """Rows to batch: several samples per row when packed, else one."""
+    if not packed:
+        return [[e] for e in encoded]
+    return [[encoded[i] for i in row] for row in pack([len(e) for e in encoded], seq_len)]
+
+
+def collate(units: list[list[EncodedExample]], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Rows of samples -> input_ids, labels, position_ids, segment_ids, each (B, T) long.
+
+    Samples in a row get segment ids 0, 1, 2, ... and positions restarting at 0; padding (right) gets segment
+    id -1, position 0, label -100, so no sample attends to another or to padding.
+    """
+    T = max(sum(len(e) for e in u) for u in units)
+    T = max(T, pad_to or 0)
+    B = len(units)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    segment_ids = torch.full((B, T), -1, dtype=torch.long)
+    for b, unit in enumerate(units):
+        t = 0
+        for s, e in enumerate(unit):
+            n = len(e)
+            input_ids[b, t:t + n] = torch.tensor(e.input_ids)
+            labels[b, t:t + n] = torch.tensor(e.labels)
+            position_ids[b, t:t + n] = torch.arange(n)
+            segment_ids[b, t:t + n] = s
+            t += n
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment_ids}
+
+
+class DistributedSampler:
+    """Batches of unit indices for one rank: disjoint across ranks, deterministic, resumable mid-epoch.
+
+    Each epoch: a permutation from (seed, epoch); with group_by_length, indices are sorted by length inside
+    chunks of `group` batches so a batch holds similar lengths (less padding), and batch order is shuffled again
+    with the longest batch first (an out-of-memory shows on step one, not hours in). Batch k of the epoch goes to
+    rank k % world_size. If the batch count does not divide by world_size, drop_last drops the remainder, else
+    the first batches are repeated so every rank runs the same number of steps.
+    state_dict() = {"epoch", "offset"} (+ checks): offset counts this rank's batches already handed out.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, group_by_length: bool = False, drop_last: bool = False, group: int = 64):
+        assert 0 <= rank < world_size and batch_size > 0
+        if len(lengths) < world_size * (1 if not drop_last else batch_size):
+            raise ValueError(f"{len(lengths)} samples cannot feed {world_size} ranks at batch size {batch_size}")
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.shuffle, self.group_by_length, self.drop_last, self.group = shuffle, group_by_length, drop_last, group
+        self.epoch, self.offset = 0, 0
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of the epoch in global order (before the split across ranks)."""
+        n = len(self.lengths)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.group_by_length:
+            chunk = self.batch_size * self.group
+            order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")]
+                                    for c in np.array_split(order, max(1, -(-n // chunk)))])
+        batches = [order[i:i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+        if self.group_by_length:
+            longest = max(range(len(batches)), key=lambda k: self.lengths[batches[k]].sum())
+            rest = [batches[k] for k in rng.permutation(len(batches)) if k != longest] if self.shuffle else \
+                [b for k, b in enumerate(batches) if k != longest]
+            batches = [batches[longest]] + rest
+        return batches
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        batches = self.epoch_batches(epoch)
+        extra = len(batches) % self.world_size
+        if extra:
+            batches = batches[:-extra] if self.drop_last else batches + batches[:self.world_size - extra]
+        return batches[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        return len(self.rank_batches(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.offset = epoch, 0
+
+    def __iter__(self):
+        """Yield the rest of the current epoch from offset; the epoch advances when it is exhausted."""
+        batches = self.rank_batches(self.epoch)
+        while self.offset < len(batches):
+            self.offset += 1  # counted as handed out before the caller sees it: a checkpoint after this step resumes after it
+            yield batches[self.offset - 1]
+        self.epoch, self.offset = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "n": len(self.lengths),
+                "world_size": self.world_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for k in ("seed", "n", "world_size", "batch_size"):
+            if k in state and state[k] != mine[k]:
+                raise ValueError(f"sampler state has {k}={state[k]}, this run has {mine[k]}; resume with the same "
+                                 "data, seed, batch size and number of processes")
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])

@@ -1,0 +1,120 @@
+"""python -m data.check SPEC [--split S] [--json] [--seq-len N] [--tokenizer SRC] [--max-rejected F]
+
+Loads a dataset, checks that every answer is its context's own text (repairing near-matches, rejecting the
+rest), and prints counts per split and category, token lengths and how many examples --seq-len would truncate.
+Without --tokenizer, token counts are estimated as characters / 4 (said so in the report).
+Exit status: 0 ok, 1 more than --max-rejected rejected, 2 bad input (one line on stderr, no traceback).
+"""
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from data import NONE, DataError, load_source, render_prompt
+from data.example import Example
+from data.validate import RejectedError, Report, check_rejected, validate
+
+
+def _load_tokenizer(src: str):
+    try:
+        if src.endswith(".json"):
+            from model.tokenizer import Tokenizer
+            return Tokenizer.from_file(src)
+        from model import load_tokenizer
+        return load_tokenizer(src)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--tokenizer {src}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def token_stats(examples: list[Example], seq_len: int, tok=None) -> dict:
+    """Length of prompt + answer in tokens (or chars / 4), and how many exceed seq_len."""
+    if tok is None:
+        full = np.array([len(render_prompt(e)) + len(e.answer) + 20 for e in examples]) / 4  # +20: chat markup
+        ans = np.array([len(e.answer) for e in examples]) / 4
+        how = "estimated as characters / 4 (pass --tokenizer SRC to count)"
+    else:
+        texts = [tok.chat_prompt(render_prompt(e)) + tok.chat_answer(e.answer) for e in examples]
+        enc = getattr(tok, "encode_batch", None) or (lambda ts: [tok.encode(t) for t in ts])
+        full = np.array([len(x) for x in enc(texts)])
+        ans = np.array([len(x) for x in enc([e.answer for e in examples])])
+        how = f"counted with {getattr(tok, 'source', 'the tokenizer')}"
+    if not len(full):
+        return {"how": how, "seq_len": seq_len, "p50": 0, "p90": 0, "max": 0, "over_seq_len": 0, "answer_too_long": 0}
+    is_clause = np.array([e.answer != NONE for e in examples])
+    # the answer appears twice (in the context and as the target) plus ~60 tokens of template: beyond that, skipped
+    too_long = int(((2 * ans + 60 > seq_len) & is_clause).sum())
+    return {"how": how, "seq_len": seq_len, "p50": int(np.percentile(full, 50)), "p90": int(np.percentile(full, 90)),
+            "max": int(full.max()), "over_seq_len": int((full > seq_len).sum()), "answer_too_long": too_long}
+
+
+def format_report(rep: Report, tokens: dict, seconds: float) -> str:
+    lines = [f"data.check {rep.spec}  ({seconds:.1f} s)"]
+    src = rep.source
+    if "counts" in src:
+        lines.append("source counts: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in c.items())
+                                                   for s, c in src["counts"].items()))
+    if "resolved_files" in src:
+        lines.append(f"contract files: {src['resolved_files']} resolved, {len(src['unresolved_files'])} unresolved"
+                     + "".join(f"\n  unresolved: {f}" for f in src["unresolved_files"]))
+        lines.append(f"split rule: {src['split_rule']}")
+    cl = src.get("clauses")
+    if cl:
+        lines.append(f"clause strings: {cl['total']}  aligned {cl['aligned']}  repaired {cl['repaired']} "
+                     f"(of which '<omitted>' split into pieces: {cl['omitted_split']})  rejected {cl['rejected']}"
+                     f"  ({(cl['aligned'] + cl['repaired']) / max(1, cl['total']):.2%} usable)")
+        lines += [f"  rejected: {r}" for r in cl["rejected_list"]]
+        if src.get("too_long"):
+            lines.append(f"answer spans longer than max_context_chars (skipped): {src['too_long']}")
+    if src.get("unmatched_query_formats"):
+        lines.append(f"queries without short/medium/long wordings: {src['unmatched_query_formats']}")
+    lines.append(f"examples: {rep.examples}  aligned {rep.aligned} (NONE {rep.none})  repaired {rep.repaired}  "
+                 f"rejected {rep.rejected}")
+    lines += [f"  rejected: {r}" for r in rep.rejected_list]
+    lines.append("per split:")
+    for s, c in rep.per_split.items():
+        lines.append(f"  {s:6s} " + "  ".join(f"{k} {v}" for k, v in sorted(c.items())))
+    lines.append(f"per category ({len(rep.per_category)}):  examples / clause / NONE / repaired / rejected")
+    width = max((len(k) for k in rep.per_category), default=10)
+    for cat, c in sorted(rep.per_category.items()):
+        lines.append(f"  {cat[:60]:{min(width, 60)}s} {sum(c.values()):6d} {c['aligned']:6d} {c['none']:6d} "
+                     f"{c['repaired']:6d} {c['rejected']:6d}")
+    lines.append(f"tokens (prompt + answer, {tokens['how']}): p50 {tokens['p50']}  p90 {tokens['p90']}  "
+                 f"max {tokens['max']}")
+    lines.append(f"at --seq-len {tokens['seq_len']}: {tokens['over_seq_len']} examples would have their context "
+                 f"cut around the answer, {tokens['answer_too_long']} skipped (answer alone too long)")
+    lines.append(f"rejected fraction {rep.rejected_fraction():.2%}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data.check", description=__doc__.split("\n\n")[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec", help="acord:DIR, cuad:DIR, jsonl:FILE or synthetic")
+    ap.add_argument("--split", choices=["train", "valid", "test"], help="one split only (default: all)")
+    ap.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    ap.add_argument("--seq-len", type=int, default=2048, help="count examples over this length (default 2048)")
+    ap.add_argument("--tokenizer", help="tokenizer.json, model dir, .gguf or smollm2-135m (default: chars / 4)")
+    ap.add_argument("--max-rejected", type=float, default=0.01, help="fraction rejected that fails (default 0.01)")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        tok = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+        examples, notes = load_source(args.spec, args.split)
+        kept, rep = validate(examples, args.spec, notes)
+        tokens = token_stats(kept, args.seq_len, tok)
+        seconds = time.perf_counter() - t0
+        if args.json:
+            print(json.dumps({**rep.to_dict(), "tokens": tokens, "seconds": round(seconds, 2)}, indent=1))
+        else:
+            print(format_report(rep, tokens, seconds))
+        check_rejected(rep, args.max_rejected)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, RejectedError) else 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
