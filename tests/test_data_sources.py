@@ -1,0 +1,220 @@
+"""Sources -> Examples: ACORD and CUAD from ../shared/datasets, synthetic contracts, JSONL, prompt templates."""
+import json
+import os
+import re
+import subprocess
+import sys
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from data import NONE, DataError, Example, load_examples, load_source, render_prompt
+from data.example import TEMPLATES, template_index
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- prompts
+def test_templates_are_imperative_without_chat_words():
+    assert len(TEMPLATES) == 5
+    for t in TEMPLATES:
+        low = t.lower()
+        assert "{query}" in t and "{context}" in t and "NONE" in t
+        assert "assist" not in low and "accurately" not in low and "system" not in low and "you are" not in low
+
+
+def test_template_choice_is_stable_across_processes():
+    ids = [f"ex-{i}" for i in range(40)]
+    code = f"from data.example import template_index; print([template_index(i) for i in {ids!r}])"
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert outs == {str([template_index(i) for i in ids]) + "\n"}
+    assert len(set(template_index(i) for i in ids)) == 5  # all five in use
+
+
+def test_render_prompt_holds_query_and_whole_context():
+    ex = Example("x", "jsonl", "Governing Law", "Governing Law", "Some {braces} contract.", "NONE", "train")
+    p = render_prompt(ex)
+    assert "Governing Law" in p and "Some {braces} contract." in p
+
+
+# ---------------------------------------------------------------- ACORD
+@pytest.fixture(scope="module")
+def acord(shared_datasets):
+    return load_source(f"acord:{shared_datasets / 'acord'}")
+
+
+def test_acord_split_counts_follow_official_query_splits(acord):
+    examples, notes = acord
+    queries = {s: {e.id.split(":")[2] for e in examples if e.split == s} for s in ("train", "valid", "test")}
+    assert {s: len(q) for s, q in queries.items()} == {"train": 51, "valid": 6, "test": 57}
+    counts = Counter((e.split, e.answer == NONE) for e in examples)
+    # clauses rated >= 3 per split: train 361 (x3 wordings), valid 31, test 401
+    assert counts[("train", False)] == 361 * 3 and counts[("valid", False)] == 31 and counts[("test", False)] == 401
+    assert all(counts[(s, True)] > 0 for s in ("train", "valid", "test"))
+    assert notes["counts"]["test"]["clause"] == 401 and notes["unmatched_query_formats"] == []
+
+
+def test_acord_no_test_query_in_train(acord):
+    examples, _ = acord
+    qid = lambda e: e.id.split(":")[2]  # noqa: E731
+    train = {qid(e) for e in examples if e.split == "train"}
+    assert not train & {qid(e) for e in examples if e.split in ("test", "valid")}
+    train_queries = {e.query for e in examples if e.split == "train"}
+    assert not train_queries & {e.query for e in examples if e.split == "test"}
+
+
+def test_acord_answers_verbatim_among_k_distractors(acord):
+    examples, _ = acord
+    for e in examples:
+        assert e.answer == NONE or e.answer in e.context
+        assert e.context.count("\n\n") >= 4  # k = 4 distractors + the clause (clauses may hold blank lines too)
+    assert len({e.id for e in examples}) == len(examples)
+
+
+def test_acord_is_deterministic(shared_datasets, acord):
+    again = load_examples(f"acord:{shared_datasets / 'acord'}", "test")
+    assert again == [e for e in acord[0] if e.split == "test"]
+
+
+# ---------------------------------------------------------------- CUAD
+@pytest.fixture(scope="module")
+def cuad(shared_datasets):
+    return load_source(f"cuad:{shared_datasets / 'cuad'}")
+
+
+def test_cuad_filenames_resolve_and_unresolved_are_reported(cuad):
+    _, notes = cuad
+    assert notes["resolved_files"] == 466  # every .txt in this copy; its README says 466 of 510 contracts
+    assert sorted(n[:10] for n in notes["unresolved_files"]) == ["PLAYAHOTEL", "SightLife "]
+
+
+def test_cuad_clause_strings_aligned_or_repaired_at_least_99_percent(cuad):
+    _, notes = cuad
+    cl = notes["clauses"]
+    assert cl["aligned"] + cl["repaired"] + cl["rejected"] == cl["total"] > 9000
+    assert (cl["aligned"] + cl["repaired"]) / cl["total"] >= 0.99
+    assert len(cl["rejected_list"]) == min(5, cl["rejected"])
+
+
+def test_cuad_omitted_markers_are_split_never_in_answers(cuad):
+    examples, notes = cuad
+    assert notes["clauses"]["omitted_split"] > 600
+    assert not any("<omitted>" in e.answer for e in examples)
+    for e in examples:
+        assert e.answer == NONE or e.answer in e.context
+
+
+def test_cuad_splits_are_disjoint_by_contract_and_windows_bounded(cuad):
+    examples, notes = cuad
+    stems = {s: {e.id.split(":")[1] for e in examples if e.split == s} for s in ("train", "valid", "test")}
+    assert not (stems["train"] & stems["test"]) and not (stems["train"] & stems["valid"])
+    assert {s: notes["counts"][s]["contracts"] for s in stems} == {"train": 379, "valid": 45, "test": 42}
+    assert max(len(e.context) for e in examples) <= 4000
+    assert 0.2 < sum(e.answer == NONE for e in examples) / len(examples) < 0.5
+    assert "Parties" not in {e.category for e in examples} and len({e.category for e in examples}) == 40
+
+
+def _mini_cuad(root: Path, rows: list[tuple[str, str]], texts: dict[str, str]):
+    """A two-category CUAD copy: rows = (master filename, Governing Law cell)."""
+    (root / "full_contract_txt").mkdir(parents=True)
+    for name, text in texts.items():
+        (root / "full_contract_txt" / name).write_text(text, encoding="utf-8")
+    (root / "category_descriptions.csv").write_text(
+        "Category (incl. context and answer),Description,Answer Format,Group\n"
+        "Category: Governing Law,Description: Which law governs?,Answer Format: State,Group: -\n"
+        "Category: Parties,Description: Who signed,Answer Format: Names,Group: -\n", encoding="utf-8")
+    import csv
+
+    with open(root / "master_clauses.csv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Filename", "Parties", "Parties-Answer", "Governing Law", "Governing Law-Answer"])
+        for name, cell in rows:
+            w.writerow([name, "[]", "", cell, ""])
+
+
+def test_cuad_resolves_messy_names_and_lists_rejected_clauses(tmp_path):
+    law = "This Agreement is governed by the laws of Delaware."
+    body = "Intro words here. " * 30 + law + " More words follow. " * 30
+    texts = {unicodedata.normalize("NFD", "LECLANCHÉ S.A. - JDA.txt"): body,
+             "MACY_S,INC-EX-99.txt": body, "ASHWORTH, INC.txt": body, "Monsanto A_R AGREEMENT .txt": body}
+    rows = [("LECLANCHÉ S.A. - JDA.PDF", repr([law])),
+            ("MACY'S,INC-EX-99.pdf", repr(["governed by the laws <omitted> of Delaware."])),
+            ("ASHWORTH, INC..PDF'", repr(["This  Agreement is governed by the laws of Delaware."])),  # whitespace
+            ("Monsanto A&R AGREEMENT .PDF", repr(["A clause that appears nowhere in the contract text."])),
+            ("Missing Contract.pdf", "[]")]
+    _mini_cuad(tmp_path, rows, texts)
+    examples, notes = load_source(f"cuad:{tmp_path}", max_context_chars=400)
+    assert notes["resolved_files"] == 4 and notes["unresolved_files"] == ["Missing Contract.pdf"]
+    cl = notes["clauses"]
+    assert (cl["aligned"], cl["repaired"], cl["rejected"], cl["omitted_split"]) == (1, 2, 1, 1)
+    assert "master_clauses.csv:5" in cl["rejected_list"][0] and "appears nowhere" in cl["rejected_list"][0]
+    for e in examples:
+        assert e.answer == NONE or (e.answer in e.context and "<omitted>" not in e.answer)
+        assert len(e.context) <= 400
+
+
+def test_cuad_bad_clause_cell_names_file_and_line(tmp_path):
+    _mini_cuad(tmp_path, [("A.pdf", "['unterminated")], {"A.txt": "text"})
+    with pytest.raises(DataError, match=r"master_clauses.csv:2: column 'Governing Law'"):
+        load_source(f"cuad:{tmp_path}")
+
+
+# ---------------------------------------------------------------- synthetic
+def test_synthetic_is_deterministic_small_and_has_none():
+    ex = load_examples("synthetic")
+    assert ex == load_examples("synthetic")
+    n = Counter(e.split for e in ex)
+    assert 300 <= n["train"] <= 500 and 40 <= n["test"] <= 60 and n["valid"] > 0
+    assert len({e.category for e in ex}) >= 10
+    for s in ("train", "test"):
+        assert 0.1 < sum(e.answer == NONE for e in ex if e.split == s) / n[s] < 0.4
+    assert all(e.answer == NONE or e.answer in e.context for e in ex)
+    assert all(600 < len(e.context) < 2000 for e in ex)  # about 150-400 tokens
+
+
+def test_synthetic_train_and_test_wordings_are_disjoint():
+    from data.synthetic import CLAUSES, TEST_WORDINGS, TRAIN_WORDINGS
+
+    assert len(CLAUSES) >= 10 and all(len(w) >= 5 for w in CLAUSES.values())
+    ex = load_examples("synthetic")
+
+    def wording(e):  # which wording produced the answer: each one as a regex with its {slots} as wildcards
+        hits = [i for i, t in enumerate(CLAUSES[e.category])
+                if re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+?", re.escape(t)), e.answer)]
+        assert len(hits) == 1, (e.answer, hits)
+        return hits[0]
+    used = {s: {wording(e) for e in ex if e.split == s and e.answer != NONE} for s in ("train", "test")}
+    assert used["train"] <= set(range(5)[TRAIN_WORDINGS]) and used["test"] <= set(range(5)[TEST_WORDINGS])
+    train_answers = {e.answer for e in ex if e.split == "train"}
+    assert not train_answers & {e.answer for e in ex if e.split == "test" and e.answer != NONE}
+
+
+# ---------------------------------------------------------------- JSONL and specs
+def test_jsonl_round_trip_with_defaults(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"query": "Governing Law", "context": "Laws of Ohio apply.", "answer": "Laws of Ohio apply."})
+                 + "\n\n" + json.dumps({"id": "b", "query": "Q", "context": "c", "answer": "NONE", "split": "test"})
+                 + "\n")
+    ex, notes = load_source(f"jsonl:{p}")
+    assert [e.id for e in ex] == ["d:1", "b"] and ex[0].category == "Governing Law" and ex[1].split == "test"
+    assert notes["origins"]["b"] == f"{p}:3"
+    assert [e.id for e in load_examples(f"jsonl:{p}", "test")] == ["b"]
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("parquet:x", r"unknown data spec 'parquet:x'"), ("acord", r"unknown data spec"),
+    ("acord:/nonexistent/dir", r"/nonexistent/dir: ACORD directory not found"),
+    ("jsonl:/nonexistent/f.jsonl", r"/nonexistent/f.jsonl: JSONL data not found"),
+])
+def test_bad_specs_raise_one_line_errors(spec, match):
+    with pytest.raises(DataError, match=match) as e:
+        load_examples(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_loader_option_is_an_error():
+    with pytest.raises(DataError, match=r"unknown option\(s\) \['k'\] for synthetic"):
+        load_examples("synthetic", k=3)
