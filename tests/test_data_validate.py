@@ -1,0 +1,119 @@
+"""Alignment (locate / repair / reject), the trainer's refusal, and python -m data.check on good and bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data import NONE, DataError, Example
+from data.validate import RejectedError, check_rejected, load_validated, locate, validate
+
+REPO = Path(__file__).resolve().parents[1]
+CONTRACT = ("1. Term. This Agreement begins on the Effective Date.\n2. Governing Law. This Agreement shall be "
+            "governed by the laws of the State of New York, without regard to conflicts of law.\n3. Notices.")
+
+
+def ex(answer, context=CONTRACT, i="e"):
+    return Example(i, "jsonl", "Governing Law", "Governing Law", context, answer, "train")
+
+
+def test_locate_exact_normalized_and_fuzzy():
+    clause = "This Agreement shall be governed by the laws of the State of New York"
+    m = locate(clause, CONTRACT)
+    assert m.how == "exact" and CONTRACT[m.start:m.end] == clause
+    m = locate("This  Agreement shall be\n governed by the laws of the State of New York", CONTRACT)
+    assert m.how == "normalized" and CONTRACT[m.start:m.end] == clause
+    m = locate("This Agreement shall be governed by the law of the State of New York", CONTRACT)  # one letter off
+    assert m.how == "fuzzy" and m.score >= 95 and "governed by the laws of the State of New York" in CONTRACT[m.start:m.end]
+    assert locate("Each party shall indemnify the other against all claims.", CONTRACT) is None
+
+
+def test_validate_repairs_to_the_contexts_own_text_and_rejects_the_rest():
+    examples = [ex("This Agreement shall be governed by the laws of the State of New York", i="a"),
+                ex("This Agreement shall be governed by the laws of the State of New  York", i="b"),
+                ex("Licensee shall pay royalties of five percent.", i="c"), ex(NONE, i="d")]
+    kept, rep = validate(examples, "t", {"origins": {"c": "file.jsonl:3"}})
+    assert [e.id for e in kept] == ["a", "b", "d"]
+    assert (rep.aligned, rep.repaired, rep.rejected, rep.none) == (2, 1, 1, 1)
+    assert kept[1].answer == kept[0].answer and kept[1].answer in CONTRACT
+    assert rep.rejected_list[0].startswith("file.jsonl:3: answer not found")
+    assert rep.per_category["Governing Law"]["rejected"] == 1 and rep.per_split["train"]["repaired"] == 1
+
+
+def test_trainer_refuses_more_than_one_percent_rejected_unless_allowed():
+    examples = [ex(NONE, i=str(i)) for i in range(99)] + [ex("Not in the contract at all, not even close.", i="x")]
+    _, rep = validate(examples, "spec")
+    check_rejected(rep, 0.01)  # exactly 1%: allowed
+    _, rep = validate(examples[50:], "spec")
+    with pytest.raises(RejectedError, match=r"^spec: 2.0% of answers rejected \(limit 1.0%\), first: x: ") as e:
+        check_rejected(rep, 0.01)
+    assert "\n" not in str(e.value)
+    check_rejected(rep, 0.05)
+
+
+def _jsonl(path: Path, rows) -> str:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return f"jsonl:{path}"
+
+
+GOOD = {"query": "Governing Law", "context": CONTRACT, "answer": "governed by the laws of the State of New York"}
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([GOOD, "{not json"], r"d.jsonl:2: not valid JSON"),
+    ([GOOD, {"query": "q", "answer": "a"}], r"d.jsonl:2: missing field 'context'"),
+    ([GOOD, GOOD, {**GOOD, "answer": "  "}], r"d.jsonl:3: empty answer; write the clause copied from the context, or NONE"),
+    ([{**GOOD, "answer": "Licensee shall pay royalties of five percent."}], r"d.jsonl:1: answer not found in its context"),
+    ([GOOD, [1, 2]], r"d.jsonl:2: expected a JSON object"),
+    ([GOOD, {**GOOD, "split": "dev"}], r"d.jsonl:2: split 'dev' is not one of train, valid, test"),
+])
+def test_malformed_jsonl_gives_one_line_error_naming_file_and_line(tmp_path, rows, match):
+    spec = _jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=match) as e:
+        load_validated(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_unreadable_file_names_the_file(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"query": "q", "context": "\xff\xfe", "answer": "NONE"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl: JSONL data is not UTF-8"):
+        load_validated(f"jsonl:{p}")
+    with pytest.raises(DataError, match=r"is a directory"):
+        load_validated(f"jsonl:{tmp_path}")
+
+
+def _check(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "data.check", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_check_cli_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):
+    spec = _jsonl(tmp_path / "d.jsonl", [GOOD, "{oops"])
+    before = sorted(os.listdir(tmp_path))
+    r = _check(spec, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "d.jsonl:2: not valid JSON" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(tmp_path)) == before
+    r = _check("nonsense:spec", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown data spec") and r.stderr.count("\n") == 1
+
+
+def test_check_cli_reports_rejected_and_fails_over_the_limit(tmp_path):
+    spec = _jsonl(tmp_path / "d.jsonl", [GOOD, {**GOOD, "answer": "Royalties are five percent of net sales."}])
+    r = _check(spec, cwd=tmp_path)
+    assert r.returncode == 1 and "examples: 2  aligned 1 (NONE 0)  repaired 0  rejected 1" in r.stdout
+    assert "d.jsonl:2: answer not found" in r.stdout and r.stderr.count("\n") == 1
+    r = _check(spec, "--json", "--max-rejected", "0.6", cwd=tmp_path)
+    rep = json.loads(r.stdout)
+    assert r.returncode == 0 and rep["rejected"] == 1 and rep["tokens"]["how"].startswith("estimated")
+
+
+def test_check_cli_synthetic_report_with_tokenizer(llama3_tokenizer_json, tmp_path):
+    r = _check("synthetic", "--split", "test", "--seq-len", "256", "--tokenizer", str(llama3_tokenizer_json),
+               cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "examples: 58  aligned 58 (NONE 14)  repaired 0  rejected 0" in r.stdout
+    assert "counted with" in r.stdout and "at --seq-len 256:" in r.stdout
