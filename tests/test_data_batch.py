@@ -1,0 +1,193 @@
+"""Tokens: label mask, truncation around the answer, packing without cross-sample attention, the sampler."""
+import dataclasses
+
+import pytest
+import torch
+
+from data import NONE, Example, load_examples, render_prompt
+from data.batch import (IGNORE, DistributedSampler, EncodedExample, collate, cut_context, encode_example,
+                        encode_examples, make_units, pack)
+
+
+@pytest.fixture(scope="module")
+def llama3_tok(llama3_tokenizer_json):
+    from model.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(llama3_tokenizer_json)
+
+
+@pytest.fixture(scope="module")
+def chatml_tok(smollm_gguf):
+    from model.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(smollm_gguf)
+
+
+@pytest.fixture(params=["llama3", "chatml"])
+def tok(request):
+    return request.getfixturevalue(f"{request.param}_tok")
+
+
+def _split(enc: EncodedExample) -> int:
+    """Number of prompt tokens (the unlabelled prefix)."""
+    return next(i for i, l in enumerate(enc.labels) if l != IGNORE)
+
+
+def test_prompt_ids_are_what_generation_sees_and_labels_cover_answer_plus_eot(tok):
+    for ex in load_examples("synthetic", "valid")[:6]:
+        enc = encode_example(tok, ex, 2048)
+        n = _split(enc)
+        assert enc.input_ids[:n] == tok.encode(tok.chat_prompt(render_prompt(ex)))
+        assert enc.input_ids[n:] == tok.encode(tok.chat_answer(ex.answer))
+        assert enc.labels[:n] == [IGNORE] * n and enc.labels[n:] == enc.input_ids[n:]
+        assert enc.labels[-1] == tok.eot_id and not enc.truncated
+        assert tok.decode(enc.labels[n:], skip_special=False) == ex.answer + tok.eot_token
+
+
+def _assert_whole(tok, ex, enc, seq_len):
+    assert len(enc) <= seq_len
+    n = _split(enc)
+    assert tok.decode(enc.input_ids[n:], skip_special=False) == ex.answer + tok.eot_token
+    prompt = tok.decode(enc.input_ids[:n], skip_special=False)
+    if ex.answer != NONE:
+        assert ex.answer in prompt  # the whole clause survives in the cut context
+    # the cut prompt is a rendering of a context window, tokenized as one string
+    assert enc.input_ids[:n] == tok.encode(prompt)
+
+
+def test_truncation_cuts_context_around_the_answer_never_the_answer(llama3_tok, shared_datasets):
+    tok, seq_len = llama3_tok, 384
+    acord = load_examples(f"acord:{shared_datasets / 'acord'}", "valid")
+    cuad = load_examples(f"cuad:{shared_datasets / 'cuad'}", "test")[::12]
+    truncated = skipped = 0
+    for ex in acord + cuad:
+        enc = encode_example(tok, ex, seq_len)
+        if enc is None:  # only when the answer (twice: context + target) cannot fit
+            assert 2 * len(tok.encode(ex.answer)) + 40 > seq_len
+            skipped += 1
+            continue
+        truncated += enc.truncated
+        _assert_whole(tok, ex, enc, seq_len)
+    assert truncated > 50 and skipped < truncated
+
+
+def test_truncation_of_none_and_a_too_long_answer_is_reported(llama3_tok):
+    words = " ".join(f"word{i}" for i in range(2000))
+    none = Example("n", "jsonl", "c", "Governing Law", words, NONE, "train")
+    enc = encode_example(llama3_tok, none, 200)
+    assert enc.truncated and len(enc) <= 200 and "word0 word1" in llama3_tok.decode(enc.input_ids)
+    long = dataclasses.replace(none, id="l", answer=words[:3000])
+    ok = dataclasses.replace(none, id="ok", answer="word7 word8")
+    encoded, stats = encode_examples(llama3_tok, [none, long, ok], 200)
+    assert [e.id for e in encoded] == ["n", "ok"] and stats.truncated == 2
+    assert stats.skipped == ["l: answer too long for seq_len 200"]
+
+
+def test_cut_context_centres_the_answer_at_word_boundaries():
+    ctx = " ".join(f"w{i}" for i in range(100))
+    cut = cut_context(ctx, "w50 w51", 40)
+    assert "w50 w51" in cut and len(cut) <= 40 and cut == cut.strip()
+    assert all(w in ctx.split() for w in cut.split())
+    assert cut_context(ctx, NONE, 20).startswith("w0 w1")
+    assert cut_context(ctx, "w0", 10).startswith("w0")
+
+
+def _enc(ids, n_prompt, i=""):
+    return EncodedExample(list(ids), [IGNORE] * n_prompt + list(ids[n_prompt:]), i)
+
+
+def test_packed_row_positions_segments_and_labels_by_hand():
+    a, b, c = _enc([5, 6, 7], 1), _enc([8, 9], 1), _enc([1, 2, 3, 4], 2)
+    batch = collate([[a, b], [c]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 4, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9], [IGNORE, IGNORE, 3, 4, IGNORE]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, -1]]
+    assert all(t.dtype == torch.long for t in batch.values())
+    assert collate([[a]], pad_id=0, pad_to=6)["input_ids"].shape == (1, 6)
+
+
+def test_pack_fits_seq_len_and_places_every_sample_once():
+    lengths = [7, 3, 9, 1, 4, 4, 10, 2, 6, 5] * 5
+    rows = pack(lengths, 10)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
+    assert len(rows) == -(-sum(lengths) // 10)  # these lengths pack perfectly
+    assert rows == pack(lengths, 10)
+
+
+def test_packed_row_logits_equal_each_sample_run_alone(tiny_config):
+    from model.llama import Llama
+
+    torch.manual_seed(0)
+    model = Llama(tiny_config).eval()
+    samples = [_enc(torch.randint(3, 300, (n,)).tolist(), 2, str(n)) for n in (11, 5, 8)]
+    units = make_units(samples, 32, packed=True)
+    assert len(units) == 1 and len(units[0]) == 3
+    batch = collate(units, pad_id=0, pad_to=32)  # 24 tokens + 8 padding
+    with torch.no_grad():
+        packed = model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+        t = 0
+        for e in units[0]:
+            alone = model(torch.tensor([e.input_ids]))
+            torch.testing.assert_close(packed[0, t:t + len(e)], alone[0], rtol=1e-5, atol=1e-5)
+            t += len(e)
+
+
+# ---------------------------------------------------------------- sampler
+def _ranks(n, world, **kw):
+    return [DistributedSampler(list(range(n)), 4, rank=r, world_size=world, **kw) for r in range(world)]
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_sampler_ranks_are_disjoint_and_cover_the_epoch(group_by_length):
+    ranks = _ranks(96, 2, seed=3, group_by_length=group_by_length)
+    seen = [[i for b in s.rank_batches(0) for i in b] for s in ranks]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(96))
+    assert len(ranks[0]) == len(ranks[1]) == 12
+    assert ranks[0].rank_batches(0) != ranks[0].rank_batches(1)  # reshuffled per epoch
+
+
+def test_sampler_uneven_epoch_repeats_or_drops_to_keep_ranks_in_step():
+    ranks = _ranks(90, 4)  # 23 batches: 1 repeated so every rank runs 6 steps
+    seen = [i for s in ranks for b in s.rank_batches(0) for i in b]
+    assert {len(s) for s in ranks} == {6} and set(seen) == set(range(90))
+    ranks = _ranks(90, 4, drop_last=True)  # 22 batches: the last 2 dropped
+    seen = [i for s in ranks for b in s.rank_batches(0) for i in b]
+    assert {len(s) for s in ranks} == {5} and len(seen) == len(set(seen)) == 80
+
+
+def test_sampler_resume_at_offset_continues_the_same_order():
+    full = DistributedSampler(list(range(50)), 4, rank=1, world_size=2, seed=7)
+    order = [b for b in full]
+    assert full.state_dict()["epoch"] == 1 and full.state_dict()["offset"] == 0
+    order += [b for _, b in zip(range(3), full)]
+
+    first = DistributedSampler(list(range(50)), 4, rank=1, world_size=2, seed=7)
+    it = iter(first)
+    head = [next(it) for _ in range(4)]
+    state = first.state_dict()
+    assert (state["epoch"], state["offset"]) == (0, 4)
+    resumed = DistributedSampler(list(range(50)), 4, rank=1, world_size=2, seed=7)
+    resumed.load_state_dict(state)
+    tail = [b for b in resumed] + [b for _, b in zip(range(3), resumed)]
+    assert head + tail == order
+
+
+def test_sampler_refuses_state_from_a_different_run():
+    s = DistributedSampler(list(range(50)), 4, world_size=1)
+    with pytest.raises(ValueError, match="world_size=2, this run has 1"):
+        s.load_state_dict({**s.state_dict(), "world_size": 2})
+
+
+def test_length_grouping_reduces_padding_and_puts_the_longest_batch_first():
+    lengths = [(i * 37) % 500 + 10 for i in range(400)]
+
+    def padding(s):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in s.rank_batches(0))
+    grouped = DistributedSampler(lengths, 8, group_by_length=True)
+    plain = DistributedSampler(lengths, 8)
+    assert padding(grouped) < padding(plain) / 3
+    first = grouped.rank_batches(0)[0]
+    assert max(lengths[i] for i in first) == max(lengths)
