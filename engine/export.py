@@ -1,0 +1,276 @@
+"""Package a trained adapter for others: as is (PEFT layout) or merged into a full-precision HF checkpoint,
+with a model card, optionally pushed to the Hugging Face Hub.
+
+    python -m engine.export --model SRC --adapter DIR --out DIR [--merge] [--eval EVAL_JSON]
+                            [--push-to-hub REPO] [--private]
+
+Without --merge OUT holds adapter_config.json + adapter_model.safetensors (loadable by peft on top of the base),
+the tokenizer and README.md. With --merge OUT holds config.json, (sharded) model*.safetensors, tokenizer.json,
+tokenizer_config.json (with a chat template equal to the one we train with) and README.md: transformers'
+AutoModelForCausalLM / AutoTokenizer load it. OUT is built in a temporary sibling directory and renamed into
+place, so an interrupted export leaves nothing half-written. The Hub token comes from `hf auth login` /
+`huggingface-cli login` or HF_TOKEN and is never printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from engine.report import LABELS, fmt
+from engine.metrics import AGGREGATE_KEYS
+
+# The embedded default is a GGUF of this hub model; cards and exported adapter configs name the hub id.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DATASETS = {"acord": "theatticusproject/acord", "cuad": "theatticusproject/cuad"}
+
+# Jinja chat templates for transformers' apply_chat_template, equal to model.tokenizer.CHAT_FORMATS: no system
+# header or line (the official templates add one, which turns extraction into chat).
+CHAT_TEMPLATES = {
+    "llama3": "{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+              "'<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+              "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    "chatml": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+}
+
+
+class ExportError(Exception):
+    """A user-fixable problem; the message is the whole one-line error."""
+
+
+def hub_id_of(source: str | None) -> str:
+    return EMBEDDED_HUB_ID if source in (None, "smollm2-135m") else str(source)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+
+
+# ---- writing the files -------------------------------------------------------------------------------------
+def write_tokenizer(tok, out: Path) -> None:
+    """tokenizer.json + tokenizer_config.json (special tokens, chat template) that transformers' AutoTokenizer reads."""
+    inner = getattr(tok, "_tk", None)  # model.tokenizer.Tokenizer wraps a tokenizers.Tokenizer
+    if inner is None:
+        raise ExportError("the tokenizer cannot be saved (no tokenizers backend)")
+    inner.save(str(out / "tokenizer.json"))
+
+    def name(i):
+        return None if i is None else inner.id_to_token(i)
+
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+           "bos_token": name(tok.bos_id), "eos_token": name(tok.eot_id), "pad_token": name(tok.pad_id),
+           "model_max_length": 131072, "chat_template": CHAT_TEMPLATES[tok.chat_format]}
+    (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}, indent=2))
+
+
+def write_generation_config(tok, out: Path) -> None:
+    stops = sorted(tok.stop_ids)
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": tok.bos_id, "eos_token_id": stops if len(stops) > 1 else stops[0],
+         "pad_token_id": tok.pad_id, "do_sample": False}, indent=2))
+
+
+def copy_adapter(adapter: Path, out: Path, base_id: str) -> dict:
+    cfg = read_json(adapter / "adapter_config.json", "adapter_config.json (is --adapter a PEFT adapter directory?)")
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"{weights} not found: --adapter must hold adapter_model.safetensors")
+    cfg["base_model_name_or_path"] = base_id  # peft resolves the base from this; our alias means nothing there
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    shutil.copyfile(weights, out / "adapter_model.safetensors")
+    return cfg
+
+
+def merge_to(model_src: str, adapter: Path, out: Path, max_shard_bytes: int) -> None:
+    """Full-precision base + adapter folded in -> HF checkpoint files in out."""
+    import torch
+
+    from model import load_model
+    from model.lora import load_adapter, merge_lora, save_hf_checkpoint
+
+    model = load_model(model_src, dtype=torch.float32, device="cpu")  # never NF4: the export is full precision
+    load_adapter(model, str(adapter))
+    merged = merge_lora(model)
+    save_hf_checkpoint(merged, str(out), max_shard_bytes=max_shard_bytes)
+
+
+def model_card(*, base_id: str, merged: bool, adapter_cfg: dict, run_cfg: dict | None, evaluation: dict | None,
+               repo: str | None) -> str:
+    data = str((run_cfg or {}).get("data", "")) or None
+    kind = data.partition(":")[0] if data else None
+    tags = ["lora", "qlora", "legal", "clause-extraction", "contracts", "text-generation"]
+    # peft for an adapter (the Hub shows peft's loading snippet); a merged checkpoint is plain transformers
+    yaml = ["---", f"library_name: {'transformers' if merged else 'peft'}", f"base_model: {base_id}", "pipeline_tag: text-generation", "tags:"]
+    yaml += [f"- {t}" for t in tags]
+    if kind in DATASETS:
+        yaml += ["datasets:", f"- {DATASETS[kind]}"]
+    yaml += ["---", ""]
+    title = repo or f"{base_id.split('/')[-1]} clause extractor"
+    body = [f"# {title}", "",
+            f"A LoRA {'merged into ' if merged else 'adapter for '}[{base_id}](https://huggingface.co/{base_id}) "
+            "that copies a requested clause **verbatim** from a contract, or answers `NONE` when the contract "
+            "has no such clause. Trained with a pure-PyTorch QLoRA engine (NF4 base, LoRA adapters).", "",
+            "## Prompt", "",
+            "One user turn, no system prompt; the answer is the clause text exactly as written, or `NONE`:", "",
+            "```", "Copy the exact clause from this contract that matches: Governing Law",
+            "If the contract has no such clause, answer NONE.", "", "Contract:", "<contract text>", "```", "",
+            "## Usage", "", "```python"]
+    if merged:
+        body += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                 f'tok = AutoTokenizer.from_pretrained("{repo or "OUT"}")',
+                 f'model = AutoModelForCausalLM.from_pretrained("{repo or "OUT"}")']
+    else:
+        body += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
+                 f'model = AutoPeftModelForCausalLM.from_pretrained("{repo or "OUT"}")',
+                 f'tok = AutoTokenizer.from_pretrained("{repo or "OUT"}")']
+    body += ['msgs = [{"role": "user", "content": prompt}]',
+             "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors='pt')",
+             "print(tok.decode(model.generate(ids, max_new_tokens=512, do_sample=False)[0, ids.shape[1]:], "
+             "skip_special_tokens=True))", "```", "", "## Data", ""]
+    if data:
+        body.append(f"Training data: `{data}`.")
+    if kind in ("acord", "cuad"):
+        body.append(f"{kind.upper()} is by The Atticus Project (CC BY 4.0); attribution is required when results "
+                    "are published. Answers not verbatim in their contract were repaired or dropped by the "
+                    "validator before training.")
+    if not data:
+        body.append("Not recorded (no training run config.json was found beside the adapter).")
+    body += ["", "## Recipe", "", "| setting | value |", "|---|---|"]
+    recipe = {"LoRA r": adapter_cfg.get("r"), "LoRA alpha": adapter_cfg.get("lora_alpha"),
+              "rsLoRA": adapter_cfg.get("use_rslora"), "target modules": ", ".join(adapter_cfg.get("target_modules") or [])}
+    for key in ("quantize", "seq_len", "batch_size", "grad_accum", "lr", "max_steps", "epochs", "warmup_steps",
+                "seed", "pack"):
+        if run_cfg and run_cfg.get(key) is not None:
+            recipe[key] = run_cfg[key]
+    body += [f"| {k} | {v} |" for k, v in recipe.items() if v not in (None, "")]
+    if evaluation is not None:
+        o = evaluation.get("overall", {})
+        body += ["", "## Evaluation", "",
+                 f"`{evaluation.get('data', '?')}` split `{evaluation.get('split', '?')}`; similarity is "
+                 "rapidfuzz `fuzz.ratio` (0-100) on whitespace-normalised text.", "",
+                 "| metric | value |", "|---|---:|"]
+        body += [f"| {LABELS[k]} | {fmt(o.get(k), k)} |" for k in AGGREGATE_KEYS]
+    body += ["", "Generated by `python -m engine.export`.", ""]
+    return "\n".join(yaml + body)
+
+
+def build(args) -> Path:
+    """Write the export into a temporary sibling of OUT, then rename it into place; returns OUT."""
+    adapter = Path(args.adapter)
+    if not adapter.is_dir():
+        raise ExportError(f"{adapter}: adapter directory not found (a training run writes OUT/adapter/)")
+    adapter_cfg = read_json(adapter / "adapter_config.json",
+                            "adapter_config.json (is --adapter a PEFT adapter directory?)")
+    model_src = args.model or adapter_cfg.get("base_model_name_or_path") or "smollm2-135m"
+    base_id = hub_id_of(model_src)
+    run_cfg_path = adapter.parent / "config.json"
+    run_cfg = read_json(run_cfg_path, "run config") if run_cfg_path.is_file() else None
+    evaluation = read_json(Path(args.eval), "eval.json") if args.eval else None
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ExportError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    from model import load_tokenizer
+
+    tok = load_tokenizer(model_src)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        if args.merge:
+            merge_to(model_src, adapter, tmp, int(args.max_shard_gb * 1e9))
+            write_generation_config(tok, tmp)
+        else:
+            adapter_cfg = copy_adapter(adapter, tmp, base_id)
+        write_tokenizer(tok, tmp)
+        (tmp / "README.md").write_text(model_card(base_id=base_id, merged=args.merge, adapter_cfg=adapter_cfg,
+                                                  run_cfg=run_cfg, evaluation=evaluation, repo=args.push_to_hub))
+        if out.exists():  # --overwrite: swap the finished export in, then drop the old one
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---- the Hub -----------------------------------------------------------------------------------------------
+def push(folder: Path, repo: str, private: bool) -> str:
+    """create_repo + upload_folder; returns the repo URL. Every failure is a one-line ExportError."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ExportError(f"cannot push to {repo}: HF_HUB_OFFLINE is set; the export is in {folder}, "
+                          "push it later without HF_HUB_OFFLINE")
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    token = huggingface_hub.get_token()  # HF_TOKEN or the stored login; never printed
+    if not token:
+        raise ExportError("no Hugging Face token: run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN")
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo, private=private, repo_type="model", exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
+                          commit_message="Upload clause-extraction model (engine.export)")
+    except Exception as e:  # network, auth, permissions: huggingface_hub raises many types
+        msg = " ".join(str(e).split()).replace(token, "***")[:300] or type(e).__name__
+        if isinstance(e, (ConnectionError, OSError)) or "connect" in msg.lower() or "offline" in msg.lower():
+            raise ExportError(f"cannot reach the Hugging Face Hub to push {repo} ({type(e).__name__}); "
+                              f"the export is in {folder}, push it later") from None
+        raise ExportError(f"push to {repo} failed: {type(e).__name__}: {msg}") from None
+    return str(getattr(url, "url", url) or f"https://huggingface.co/{repo}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m engine.export", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default=None,
+                    help="base model (HF dir, hub id, .gguf or smollm2-135m); default: the adapter's base")
+    ap.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory (a training run's adapter/)")
+    ap.add_argument("--out", required=True, help="output directory (must be new or empty, see --overwrite)")
+    ap.add_argument("--merge", action="store_true", help="fold the adapter in: a full-precision HF checkpoint")
+    ap.add_argument("--eval", default=None, metavar="EVAL_JSON", help="engine.evaluate output for the card's table")
+    ap.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload OUT to this Hub repo (org/name)")
+    ap.add_argument("--private", action="store_true", help="create the Hub repo private")
+    ap.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard with --merge")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.push_to_hub and "/" not in args.push_to_hub.strip("/"):
+            raise ExportError(f"--push-to-hub {args.push_to_hub!r}: give the repo as owner/name")
+        if args.max_shard_gb <= 0:
+            raise ExportError("--max-shard-gb must be positive")
+        out = build(args)
+        print(f"wrote {'merged checkpoint' if args.merge else 'adapter'} to {out}")
+        if args.push_to_hub:
+            print(f"pushed to {push(out, args.push_to_hub, args.private)}")
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as e:  # user-facing boundary: one line; CLAUSELORA_DEBUG=1 shows the traceback
+        if os.environ.get("CLAUSELORA_DEBUG"):
+            raise
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
