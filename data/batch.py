@@ -218,7 +218,8 @@ class DistributedSampler:
         """Yield the rest of the current epoch from offset; the epoch advances when it is exhausted."""
         batches = self.rank_batches(self.epoch)
         while self.offset < len(batches):
-            self.offset += 1  # counted as handed out before the caller sees it: a checkpoint after this step resumes after it
+            # counted before the caller gets the batch: a checkpoint taken after this step resumes after it
+            self.offset += 1
             yield batches[self.offset - 1]
         self.epoch, self.offset = self.epoch + 1, 0
 

@@ -13,6 +13,7 @@
   contract is in two splits.
 """
 import ast
+import csv
 import re
 import unicodedata
 from pathlib import Path
@@ -38,8 +39,6 @@ def contract_split(filename: str, fractions=(0.8, 0.1, 0.1)) -> str:
 
 def read_categories(path: Path) -> dict[str, str]:
     """{category: description} from category_descriptions.csv ("Category: X", "Description: ...")."""
-    import csv
-
     out = {}
     with open_text(path, "CUAD category descriptions") as f:
         rows = csv.reader(f)
@@ -77,7 +76,9 @@ def _merge(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
 
 
 def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float = 0.5, merge_gap: int = 200,
-         categories=None, exclude=DEFAULT_EXCLUDE, seed: int = 0, show: int = 5):
+         categories=None, exclude=DEFAULT_EXCLUDE, with_description: bool = False, seed: int = 0, show: int = 5):
+    """(examples, notes). The query is the category name ("Governing Law"), or with_description=True the name
+    followed by its description from category_descriptions.csv."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: CUAD directory not found; pass cuad:DIR with master_clauses.csv, full_contract_txt/")
@@ -90,8 +91,6 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
     for p in txt_dir.iterdir():
         if p.suffix.lower() == ".txt":
             files.setdefault(file_key(p.name), p)
-
-    import csv
 
     master = root / "master_clauses.csv"
     clauses = {"total": 0, "aligned": 0, "repaired": 0, "rejected": 0, "omitted_split": 0, "pieces": 0,
@@ -113,6 +112,7 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
         unknown = [c for c in wanted if c not in cats]
         if unknown:
             raise DataError(f"cuad: unknown categories {unknown}; choose from {cats}")
+        query = {c: f"{c} ({descriptions[c]})" if with_description else c for c in cats}
         for row in rows:
             line, fname = rows.line_num, row["Filename"]
             path = files.get(file_key(fname))
@@ -172,8 +172,9 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
                     right = min(hi - b, budget - left)
                     left = min(a - lo, budget - right)  # give what the right side could not use back to the left
                     ws, we = _snap_start(text, a - left, a), _snap_end(text, b + right, b)
-                    positives[s].append(Example(id=f"cuad:{stem}:{cat}:{a}", source="cuad", category=cat, query=cat,
-                                                context=text[ws:we].strip(), answer=text[a:b], split=s))
+                    positives[s].append(Example(id=f"cuad:{stem}:{cat}:{a}", source="cuad", category=cat,
+                                                query=query[cat], context=text[ws:we].strip(), answer=text[a:b],
+                                                split=s))
                 if not uncertain:  # a category with an unlocated clause has no trustworthy NONE window
                     none_candidates[s].append((stem, cat, text, merged))
     if not notes["resolved_files"]:
@@ -192,7 +193,7 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
                 start = end
         cands.sort()
         texts = {stem: text for stem, _, text, _ in none_candidates[s]}
-        nones = [Example(id=f"cuad:{stem}:{cat}:none@{a}", source="cuad", category=cat, query=cat,
+        nones = [Example(id=f"cuad:{stem}:{cat}:none@{a}", source="cuad", category=cat, query=query[cat],
                          context=texts[stem][a:b].strip(), answer=NONE, split=s)
                  for _, stem, cat, a, b in cands[:n_none]]
         notes["counts"][s] = {"contracts": notes["contracts"][s], "clause": len(positives[s]), "none": len(nones)}

@@ -39,7 +39,8 @@ CLAUSES = {
         "{B} shall hold in strict confidence, and shall not use except to perform this Agreement, any confidential "
         "information received from {A}.",
         "The receiving party shall protect the disclosing party's Confidential Information using at least the same "
-        "degree of care it uses to protect its own confidential information, and in no event less than reasonable care.",
+        "degree of care it uses to protect its own confidential information, and in no event less than reasonable "
+        "care.",
         "Neither party will reveal the other party's non-public business or technical information to anyone other "
         "than its employees who need to know it for this Agreement.",
         "All non-public information exchanged under this Agreement shall be treated as secret by the recipient for "

@@ -195,7 +195,8 @@ def test_synthetic_train_and_test_wordings_are_disjoint():
 # ---------------------------------------------------------------- JSONL and specs
 def test_jsonl_round_trip_with_defaults(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps({"query": "Governing Law", "context": "Laws of Ohio apply.", "answer": "Laws of Ohio apply."})
+    law = "Laws of Ohio apply."
+    p.write_text(json.dumps({"query": "Governing Law", "context": law, "answer": law})
                  + "\n\n" + json.dumps({"id": "b", "query": "Q", "context": "c", "answer": "NONE", "split": "test"})
                  + "\n")
     ex, notes = load_source(f"jsonl:{p}")

@@ -26,7 +26,8 @@ def test_locate_exact_normalized_and_fuzzy():
     m = locate("This  Agreement shall be\n governed by the laws of the State of New York", CONTRACT)
     assert m.how == "normalized" and CONTRACT[m.start:m.end] == clause
     m = locate("This Agreement shall be governed by the law of the State of New York", CONTRACT)  # one letter off
-    assert m.how == "fuzzy" and m.score >= 95 and "governed by the laws of the State of New York" in CONTRACT[m.start:m.end]
+    assert m.how == "fuzzy" and m.score >= 95
+    assert "governed by the laws of the State of New York" in CONTRACT[m.start:m.end]
     assert locate("Each party shall indemnify the other against all claims.", CONTRACT) is None
 
 
@@ -64,8 +65,8 @@ GOOD = {"query": "Governing Law", "context": CONTRACT, "answer": "governed by th
 @pytest.mark.parametrize("rows,match", [
     ([GOOD, "{not json"], r"d.jsonl:2: not valid JSON"),
     ([GOOD, {"query": "q", "answer": "a"}], r"d.jsonl:2: missing field 'context'"),
-    ([GOOD, GOOD, {**GOOD, "answer": "  "}], r"d.jsonl:3: empty answer; write the clause copied from the context, or NONE"),
-    ([{**GOOD, "answer": "Licensee shall pay royalties of five percent."}], r"d.jsonl:1: answer not found in its context"),
+    ([GOOD, GOOD, {**GOOD, "answer": "  "}], r"d.jsonl:3: empty answer; write the clause copied from the context"),
+    ([{**GOOD, "answer": "Licensee shall pay royalties of 5%."}], r"d.jsonl:1: answer not found in its context"),
     ([GOOD, [1, 2]], r"d.jsonl:2: expected a JSON object"),
     ([GOOD, {**GOOD, "split": "dev"}], r"d.jsonl:2: split 'dev' is not one of train, valid, test"),
 ])
