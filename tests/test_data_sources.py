@@ -66,6 +66,21 @@ def test_acord_no_test_query_in_train(acord):
     assert not train_queries & {e.query for e in examples if e.split == "test"}
 
 
+def test_acord_reads_csv_quoted_query_ids(acord):
+    examples, _ = acord
+    assert '"as is" clause with carveouts' in {e.query for e in examples if e.split == "train"}
+
+
+def test_acord_bad_line_names_file_and_line(tmp_path):
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "a", "text": "x"}\n{"_id": "b", "text": \n')
+    with pytest.raises(DataError, match=r"corpus.jsonl:2: not valid JSON") as e:
+        load_examples(f"acord:{tmp_path}")
+    assert "\n" not in str(e.value)
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "a", "text": "x"}\n')
+    with pytest.raises(DataError, match=r"queries.jsonl: ACORD queries not found"):
+        load_examples(f"acord:{tmp_path}")
+
+
 def test_acord_answers_verbatim_among_k_distractors(acord):
     examples, _ = acord
     for e in examples:
