@@ -50,17 +50,29 @@ def read_categories(path: Path) -> dict[str, str]:
     return out
 
 
-def _snap_start(text: str, i: int, limit: int) -> int:
-    """Move a window start forward to just after whitespace (at most up to limit), so no word is cut."""
-    if i <= 0 or text[i - 1].isspace():
-        return max(i, 0)
+def _snap_start(text: str, i: int, limit: int, reach: int = 400) -> int:
+    """Move a window start forward (at most to limit) to a line start within reach, else past the cut word."""
+    i = max(i, 0)
+    if i == 0 or text[i - 1] == "\n":
+        return i
+    nl = text.find("\n", i, min(limit, i + reach))
+    if nl >= 0:
+        return nl + 1
+    if text[i - 1].isspace():
+        return i
     m = re.compile(r"\s").search(text, i, limit)
     return m.end() if m else i
 
 
-def _snap_end(text: str, j: int, limit: int) -> int:
-    if j >= len(text) or text[j].isspace():
+def _snap_end(text: str, j: int, limit: int, reach: int = 400) -> int:
+    """Move a window end back (not below limit) to a line end within reach, else to the end of a whole word."""
+    if j >= len(text) or text[j] == "\n":
         return min(j, len(text))
+    nl = text.rfind("\n", max(limit, j - reach), j)
+    if nl >= limit and nl > 0:
+        return nl
+    if text[j].isspace():
+        return j
     k = max(text.rfind(" ", limit, j), text.rfind("\n", limit, j))
     return k if k >= limit else j
 
