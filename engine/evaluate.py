@@ -104,9 +104,8 @@ class Progress:
             return
         dt = time.perf_counter() - self.t0
         rate = done / dt if dt > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        line = (f"{self.label} {done}/{self.total} examples | {rate:.2f} ex/s | {dt:.0f}s elapsed | "
-                f"ETA {eta:.0f}s")
+        eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "?"
+        line = f"{self.label} {done}/{self.total} examples | {rate:.2f} ex/s | {dt:.0f}s elapsed | ETA {eta}"
         end = "" if self.tty and done < self.total else "\n"
         print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)
 
@@ -127,6 +126,7 @@ def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 256, 
     order = sorted(range(len(examples)), key=lambda i: -fitted[i][1])  # similar lengths share a batch
     predictions = [""] * len(examples)
     bar = Progress(len(examples), enabled=progress)
+    bar.update(0)  # the first batch holds the longest prompts: say something before it starts
     was_training = model.training
     model.eval()
     try:
@@ -164,6 +164,13 @@ def evaluate_for_training(model, tok, subset: list, *, max_new_tokens: int = 128
 
 
 # ---- the command -------------------------------------------------------------------------------------------
+class CliParser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (the default prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _base_of_adapter(adapter: str) -> str | None:
     cfg = Path(adapter) / "adapter_config.json"
     try:
@@ -218,7 +225,7 @@ def read_eval_json(path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m engine.evaluate", description=__doc__.split("\n\n")[0],
+    ap = CliParser(prog="python -m engine.evaluate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default=None,
                     help="HF dir, hub id, .gguf or smollm2-135m; default: the adapter's base, else smollm2-135m")

@@ -21,8 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.report import LABELS, fmt
+from engine.evaluate import CliParser
 from engine.metrics import AGGREGATE_KEYS
+from engine.report import LABELS, fmt
 
 # The embedded default is a GGUF of this hub model; cards and exported adapter configs name the hub id.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -235,7 +236,7 @@ def push(folder: Path, repo: str, private: bool) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m engine.export", description=__doc__.split("\n\n")[0],
+    ap = CliParser(prog="python -m engine.export", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default=None,
                     help="base model (HF dir, hub id, .gguf or smollm2-135m); default: the adapter's base")

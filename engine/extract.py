@@ -21,6 +21,7 @@ from pathlib import Path
 
 from rapidfuzz import fuzz
 
+from engine.evaluate import CliParser
 from engine.metrics import is_none, normalize_ws
 
 _WS = re.compile(r"\s+")
@@ -170,7 +171,7 @@ def find_clause(text: str, clause: str, answer_fn, count_tokens, max_context_tok
 
 # ---- the command -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m engine.extract", description=__doc__.split("\n\n")[0],
+    ap = CliParser(prog="python -m engine.extract", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default=None,
                     help="HF dir, hub id, .gguf or smollm2-135m; default: the adapter's base, else smollm2-135m")
