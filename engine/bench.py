@@ -1,0 +1,345 @@
+"""Side-by-side training-step benchmark: our engine against the stack users would otherwise pick
+(transformers + peft + bitsandbytes), same shapes, same data, same device, alternating runs.
+
+    python -m engine.bench --model-config smollm2-135m --seq-len 1024 --batch-size 2 --steps 3 --device cpu --vs hf
+    python -m engine.bench --model-config llama-3.2-3b --seq-len 2048 --batch-size 2 --device cuda --vs hf
+
+Both sides: NF4 base weights (blocksize 64), LoRA r on all seven projections (alpha 2r, no dropout), non-reentrant
+activation checkpointing, completion-only labels (the last --answer-frac of each row), AdamW on the adapters,
+fp32 on the CPU / bf16 autocast on sm >= 80 (fp16 below). Random weights: speed and memory depend on shapes only.
+
+ours: engine/memory.build_model (what load_model builds: meta device, projections quantized as they are
+      assigned) + model/lora.apply_lora + engine/train.forward_backward (CausalLMLoss: logits only at the
+      supervised positions, chunked CE) + Precision.clip_and_step.
+hf:   transformers LlamaForCausalLM from a random checkpoint saved once in the parent, loaded with
+      BitsAndBytesConfig(load_in_4bit, nf4) (bitsandbytes >= 0.46 runs its 4-bit layers on the CPU, so the same
+      recipe works on both devices), peft.prepare_model_for_kbit_training (non-reentrant checkpointing) +
+      get_peft_model; loss = model(input_ids, labels=labels).loss (full [B, T, V] logits, HF's way).
+
+Each run is its own subprocess (`--child ours|hf`), so the peak resident set size (resource.getrusage maxrss)
+belongs to one implementation; runs alternate ours, hf, ours, hf ... and the reported figures are medians over
+the runs (tokens/s: median over all timed steps). transformers and peft are imported only in the hf child:
+they are the `bench` extra, never an engine dependency.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from engine.memory import DTYPES, PROJECTIONS, Setup, build_model, fmt, random_batch, resolve_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's resident-set high-water mark (VmHWM) so the training phase can be measured apart
+    from setup. Linux only; returns False where /proc/self/clear_refs is not writable."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def compute_dtype(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
+
+# --------------------------------------------------------------------------------------------- the children
+def run_ours(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_frac: float, log) -> dict:
+    from engine.config import TrainConfig
+    from engine.loss import CausalLMLoss
+    from engine.precision import Precision
+    from engine.train import forward_backward, make_optimizer
+
+    prec = Precision(s.dtype, device)
+    model = build_model(cfg, s, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    tc = TrainConfig(lr=2e-4, optimizer="adamw", checkpointing=True, lora_r=s.lora_r, loss_chunk=s.loss_chunk)
+    opt = make_optimizer(tc, params, device)
+    loss_model = CausalLMLoss(model, s.loss_chunk)
+    ids, labels = random_batch(cfg, s, device, answer_frac=answer_frac)
+    batch = {"input_ids": ids, "labels": labels}
+
+    def step():
+        loss, _ = forward_backward(loss_model, [batch], prec, 1)
+        prec.clip_and_step(opt, params, 1.0)
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return _time_steps(step, device, steps, warmup, log)
+
+
+def _hf_config(cfg):
+    import transformers
+
+    d = cfg.to_hf_dict()
+    d.pop("extra", None)
+    return transformers.LlamaConfig(**d)
+
+
+def save_hf_checkpoint(cfg, path: Path, dtype: torch.dtype, device: str = "cpu") -> Path:
+    """A random transformers Llama at cfg's shapes, saved once as the HF side's base checkpoint (the parent
+    does this, so neither child pays for random init)."""
+    import transformers
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = transformers.LlamaForCausalLM(_hf_config(cfg)).to(dtype)
+    hf.save_pretrained(path, safe_serialization=True)
+    del hf
+    return path
+
+
+def run_hf(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_frac: float, ckpt: Path,
+           log) -> dict:
+    import transformers
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    dtype = DTYPES[s.dtype]
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                        bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=s.double_quant)
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        ckpt, quantization_config=q, device_map={"": str(device) if device.type == "cpu" else device.index or 0},
+        dtype=dtype, attn_implementation="sdpa")
+    # casts norms/embeddings to fp32 (as every QLoRA recipe does) and turns on non-reentrant checkpointing
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=2 * s.lora_r, lora_dropout=0.0,
+                                             target_modules=list(s.lora_targets), bias="none",
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, foreach=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ids, labels = random_batch(cfg, s, device, answer_frac=answer_frac)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=ids, labels=labels).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return _time_steps(step, device, steps, warmup, log)
+
+
+def _time_steps(step, device: torch.device, steps: int, warmup: int, log) -> dict:
+    setup_rss = _peak_rss_bytes()
+    hwm_reset = _reset_hwm()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        static = torch.cuda.memory_allocated(device)
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        losses.append(float(step()))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        log(f"  {'warmup' if i < warmup else 'step'} {i}: {dt:.2f} s, loss {losses[-1]:.3f}")
+        if i >= warmup:
+            times.append(dt)
+    out = {"step_seconds": times, "losses": losses, "peak_rss_bytes": _peak_rss_bytes(),
+           "setup_peak_rss_bytes": setup_rss, "train_peak_rss_bytes": _hwm_bytes() if hwm_reset else None}
+    if device.type == "cuda":
+        out.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
+                   peak_reserved_bytes=torch.cuda.max_memory_reserved(device), static_allocated_bytes=static)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the parent
+def _child_cmd(args, which: str, out: Path, ckpt: Path | None) -> list[str]:
+    cmd = [sys.executable, "-m", "engine.bench", "--child", which, "--child-out", str(out),
+           "--model-config", args.model_config, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+           "--lora-r", str(args.lora_r), "--answer-frac", str(args.answer_frac), "--loss-chunk", str(args.loss_chunk)]
+    if ckpt is not None:
+        cmd += ["--hf-checkpoint", str(ckpt)]
+    return cmd
+
+
+def _summary(runs: list[dict], device: torch.device) -> dict:
+    times = [t for r in runs for t in r["step_seconds"]]
+    out = {"runs": len(runs), "median_step_seconds": statistics.median(times),
+           "peak_rss_bytes": int(statistics.median(r["peak_rss_bytes"] for r in runs))}
+    train = [r["train_peak_rss_bytes"] for r in runs if r.get("train_peak_rss_bytes")]
+    if train:
+        out["train_peak_rss_bytes"] = int(statistics.median(train))
+    if device.type == "cuda":
+        out["peak_allocated_bytes"] = int(statistics.median(r["peak_allocated_bytes"] for r in runs))
+        out["peak_reserved_bytes"] = int(statistics.median(r["peak_reserved_bytes"] for r in runs))
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or "cpu"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                name = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+
+
+def parent(args) -> dict:
+    device = torch.device(args.device)
+    cfg = resolve_config(args.model_config)  # fail early on a bad --model-config
+    tokens = args.seq_len * args.batch_size
+    impls = ["ours"] + (["hf"] if args.vs == "hf" else [])
+    results: dict[str, list] = {k: [] for k in impls}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        ckpt = None
+        if "hf" in impls:
+            ckpt = Path(tmp) / "hf-random"
+            print(f"saving a random HF checkpoint at {cfg.num_hidden_layers}×{cfg.hidden_size} shapes ...",
+                  flush=True)
+            save_hf_checkpoint(cfg, ckpt, DTYPES[compute_dtype(device)],
+                               device="cuda" if device.type == "cuda" else "cpu")
+        for rnd in range(args.rounds):
+            order = impls if rnd % 2 == 0 else impls[::-1]  # alternate who goes first (thermal, page cache)
+            for which in order:
+                out = Path(tmp) / f"{which}-{rnd}.json"
+                print(f"round {rnd + 1}/{args.rounds}: {which}", flush=True)
+                proc = subprocess.run(_child_cmd(args, which, out, ckpt), cwd=REPO,
+                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                if proc.returncode != 0 or not out.exists():
+                    raise RuntimeError(f"the {which} run failed (exit {proc.returncode}); see its output above")
+                results[which].append(json.loads(out.read_text()))
+    summary = {k: _summary(v, device) for k, v in results.items()}
+    for v in summary.values():
+        v["tokens_per_s"] = tokens / v["median_step_seconds"]
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_name(device),
+              "command": "python -m engine.bench " + " ".join(args.argv), "model_config": args.model_config,
+              "seq_len": args.seq_len, "batch_size": args.batch_size, "lora_r": args.lora_r,
+              "answer_frac": args.answer_frac, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+              "torch": torch.__version__, "results": summary, "raw": results}
+    if "hf" in summary:
+        o, h = summary["ours"], summary["hf"]
+        report["ratios"] = {"tokens_per_s": o["tokens_per_s"] / h["tokens_per_s"],
+                            "peak_rss": o["peak_rss_bytes"] / h["peak_rss_bytes"]}
+        if "train_peak_rss_bytes" in o and "train_peak_rss_bytes" in h:
+            report["ratios"]["train_peak_rss"] = o["train_peak_rss_bytes"] / h["train_peak_rss_bytes"]
+        if device.type == "cuda":
+            report["ratios"]["peak_allocated"] = o["peak_allocated_bytes"] / h["peak_allocated_bytes"]
+    return report
+
+
+def format_report(rep: dict) -> str:
+    res = rep["results"]
+    cuda = "peak_allocated_bytes" in res["ours"]
+    head = f"{'':<6} {'tokens/s':>10} {'step s':>8} {'peak RSS':>11} {'train RSS':>11}"
+    head += f" {'peak alloc':>11} {'reserved':>11}" if cuda else ""
+    lines = [f"{rep['date']} | {rep['device']} | {rep['model_config']} seq {rep['seq_len']} batch "
+             f"{rep['batch_size']} | LoRA r{rep['lora_r']} NF4 | {rep['rounds']} rounds × {rep['steps']} steps",
+             head]
+    for k, v in res.items():
+        line = (f"{k:<6} {v['tokens_per_s']:>10.1f} {v['median_step_seconds']:>8.2f} {fmt(v['peak_rss_bytes']):>11} "
+                f"{fmt(v['train_peak_rss_bytes']) if v.get('train_peak_rss_bytes') else '-':>11}")
+        if cuda:
+            line += f" {fmt(v['peak_allocated_bytes']):>11} {fmt(v['peak_reserved_bytes']):>11}"
+        lines.append(line)
+    for k, v in rep.get("ratios", {}).items():
+        lines.append(f"ours/hf {k}: {v:.2f}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-config", default="smollm2-135m",
+                   help="shapes: smollm2-135m, llama-3.2-3b, a config.json, an HF dir, a .gguf or a hub id")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per run before the timed ones")
+    p.add_argument("--rounds", type=int, default=2, help="runs per implementation, alternating")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vs", choices=["hf", "none"], default="hf", help="reference to compare against")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--loss-chunk", type=int, default=1024, help="our loss chunk (rows per lm_head/CE chunk)")
+    p.add_argument("--answer-frac", type=float, default=0.125,
+                   help="fraction of each row that is supervised answer (completion-only labels)")
+    p.add_argument("--json", metavar="OUT", help="also write the full report (all step times) here")
+    p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    p.add_argument("--hf-checkpoint", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no GPU visible to torch; use --device cpu")
+        if args.seq_len < 2 or args.batch_size < 1 or args.steps < 1 or args.rounds < 1:
+            raise ValueError("--seq-len must be >= 2, --batch-size, --steps and --rounds >= 1")
+        if not 0 < args.answer_frac <= 1:
+            raise ValueError("--answer-frac must be in (0, 1]")
+        if args.child:
+            device = torch.device(args.device)
+            cfg = resolve_config(args.model_config)
+            s = Setup(seq_len=args.seq_len, batch_size=args.batch_size, lora_r=args.lora_r, lora_targets=PROJECTIONS,
+                      checkpointing=True, dtype=compute_dtype(device), loss_chunk=args.loss_chunk,
+                      device=device.type)
+
+            def log(msg):
+                print(f"[{args.child}] {msg}", flush=True)
+
+            if args.child == "ours":
+                res = run_ours(cfg, s, device, args.steps, args.warmup, args.answer_frac, log)
+            else:
+                res = run_hf(cfg, s, device, args.steps, args.warmup, args.answer_frac, Path(args.hf_checkpoint), log)
+            res["setup"] = asdict(s)
+            Path(args.child_out).write_text(json.dumps(res))
+            return 0
+        rep = parent(args)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"engine.bench: error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(rep))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
