@@ -1,5 +1,6 @@
-"""NF4 4-bit weights (QLoRA): a readable torch reference for quantize/dequantize, bitsandbytes' kernels as the
-fast path on CUDA, and `Linear4bit`, the frozen 4-bit layer that takes an nn.Linear's place in the model.
+"""NF4 4-bit weights (QLoRA): a readable torch reference for quantize/dequantize, bitsandbytes' dequantize
+kernels as the fast path (CUDA, and the CPU where they are equal and faster), and `Linear4bit`, the frozen
+4-bit layer that takes an nn.Linear's place in the model.
 
 Layout (byte-identical to `bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")`):
 the weight is flattened row-major and cut into blocks of `blocksize` values; each block keeps its absmax
@@ -68,7 +69,7 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
     absmax = blocks.abs().amax(dim=1)
     # bnb multiplies by the reciprocal (not a division): the last bit differs, and so may a code.
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
-    q = torch.bucketize(scaled, NF4_MIDPOINTS.to(w.device)).to(torch.uint8).reshape(-1)
+    q = torch.bucketize(scaled, NF4_MIDPOINTS.to(w.device), out_int32=True).to(torch.uint8).reshape(-1)
     del blocks, scaled
     packed = (q[0::2] << 4) | q[1::2]  # first element in the high nibble
     return packed, absmax
@@ -225,12 +226,14 @@ class Linear4bit(nn.Module):
         """-> [out, in] in dtype (default compute_dtype); a fresh tensor of out*in*itemsize bytes."""
         dtype = dtype or self.compute_dtype
         # bitsandbytes' kernels on CUDA; on the CPU too, where they are bit-identical to nf4_dequantize and
-        # faster. Best of 5-20 runs on this 2-core AVX-512 box (2026-11-25), /tmp timing script, dequantize:
+        # faster. Min over 5-20 calls of nf4_dequantize vs bnb.functional.dequantize_4bit on randn weights,
+        # 2-core AVX-512 CI box, 2026-11-25:
         #   576x1536   fp32: ours 0.62 ms, bnb 0.11 ms    bf16: ours 0.73 ms, bnb 0.09 ms
         #   3072x8192  fp32: ours 167 ms,  bnb 64 ms      bf16: ours 269 ms,  bnb 48 ms
         # bnb's CPU kernel walks blocks row by row, so it disagrees with its own quantize_4bit layout when a
         # row is not a whole number of blocks (checked: 128x96): those shapes take the reference path.
-        if self.weight.is_cuda or self.in_features % self.blocksize == 0:
+        dev = self.weight.device.type
+        if dev == "cuda" or (dev == "cpu" and self.in_features % self.blocksize == 0):
             return _bnb_dequantize(self, dtype)
         return nf4_dequantize(self.weight, self.absmax_values(), self.shape, self.blocksize, dtype)
 

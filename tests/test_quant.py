@@ -190,3 +190,15 @@ def test_linear4bit_compute_dtype_bf16():
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     ref = F.linear(x, nf4_dequantize(*nf4_quantize(w), (128, 64), dtype=torch.bfloat16))
     assert torch.equal(layer(x), ref)
+
+
+def test_linear4bit_follows_autocast():
+    w = torch.randn(128, 64)
+    layer = Linear4bit.from_weight(w)  # compute_dtype float32, overridden by autocast
+    x = torch.randn(3, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.linear(x.detach().bfloat16(), layer.dequantize(torch.bfloat16)))
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0
