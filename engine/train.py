@@ -1,0 +1,344 @@
+"""QLoRA fine-tuning, one flat loop: `python -m engine.train [--config FILE.toml] [--key value ...]`.
+
+Under torchrun every process runs this same file (`./launch.sh --nproc 2 ...`); alone it is world size 1.
+Read `train` top to bottom: setup (config, data, model, optimizer, resume), then the step loop, then the
+adapter. Distributed plumbing lives in engine/dist.py, precision in engine/precision.py, the loss in
+engine/loss.py, checkpoints in engine/checkpoint.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine import checkpoint as ckpt
+from engine import config as config_mod
+from engine import dist
+from engine.config import ConfigError, TrainConfig
+from engine.dist import print0
+from engine.loss import CausalLMLoss, backward_scale, supervised_tokens
+from engine.precision import NonFiniteLoss, Precision
+
+
+# ---------------------------------------------------------------- small pieces the loop uses
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to cfg.lr, then decay to lr*min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    lo = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "linear":
+        return cfg.lr - (cfg.lr - lo) * progress
+    return lo + (cfg.lr - lo) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(cfg: TrainConfig, params: list, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "paged_adamw_8bit":
+        if device.type != "cuda":
+            raise ConfigError("config: optimizer paged_adamw_8bit needs CUDA; use --optimizer adamw on the CPU")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                        weight_decay=cfg.weight_decay)
+    # foreach=False: the same per-parameter kernels whatever the parameter list, so a resumed run matches bit
+    # for bit; for a few MB of adapters the fused/foreach speedup is negligible.
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                             foreach=False)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: max_memory_allocated of this rank. CPU: the process's peak resident set size (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def forward_backward(loss_model, micro_batches: list[dict], prec: Precision, world_size: int) -> tuple[float, int]:
+    """Accumulate the gradient of one optimizer step; returns (mean loss over the step, supervised tokens).
+
+    The supervised-token count of the whole step (all micro-batches, all ranks) is known before any backward,
+    so each micro-batch's summed loss is scaled by world_size / n_global (see loss.backward_scale): gradients
+    do not depend on how the tokens are split into micro-batches or ranks. DDP all-reduces gradients only on the
+    last micro-batch (no_sync on the others), once per optimizer step.
+    """
+    n_local = sum(supervised_tokens(b["labels"]) for b in micro_batches)
+    n_global = int(dist.all_reduce_sum(torch.tensor([n_local], dtype=torch.float64))[0])
+    scale = backward_scale(n_global, world_size)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for i, b in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or world_size == 1 else loss_model.no_sync()
+        with sync:
+            with prec.autocast():
+                part = loss_model(b["input_ids"], b["labels"], position_ids=b.get("position_ids"),
+                                  segment_ids=b.get("segment_ids"))
+            prec.backward(part * scale)
+        loss_sum += part.detach().double().cpu()  # note: a host sync per micro-batch; negligible next to a step
+        del part  # the graph is already freed by backward; drop the last reference before the next forward
+    total = float(dist.all_reduce_sum(loss_sum.reshape(1))[0])
+    return total / max(n_global, 1), n_global
+
+
+@torch.no_grad()
+def evaluate_loss(loss_model, batches, prec: Precision) -> float:
+    """Mean next-token loss over the supervised tokens of `batches` (this rank's share), all ranks together."""
+    was_training = loss_model.training
+    loss_model.eval()
+    acc = torch.zeros(2, dtype=torch.float64)
+    for b in batches:
+        with prec.autocast():
+            acc[0] += float(loss_model(b["input_ids"], b["labels"], position_ids=b.get("position_ids"),
+                                       segment_ids=b.get("segment_ids")))
+        acc[1] += supervised_tokens(b["labels"])
+    dist.all_reduce_sum(acc)
+    loss_model.train(was_training)
+    return float(acc[0] / acc[1]) if acc[1] > 0 else float("nan")
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Batches:
+    """Examples -> packed rows -> this rank's micro-batches, endlessly (epoch after epoch), resumable.
+
+    Rows are built identically on every rank (deterministic packing of all examples); the sampler then hands
+    global batch k to rank k % world_size, so the rows of a step do not depend on the number of processes.
+    """
+
+    def __init__(self, tok, examples, cfg: TrainConfig, d: dist.Dist, shuffle: bool):
+        from data.batch import DistributedSampler, encode_examples, make_units
+
+        encoded, stats = encode_examples(tok, examples, cfg.seq_len)
+        if not encoded:
+            raise ValueError(f"{cfg.data}: no example fits --seq-len {cfg.seq_len} (first: {stats.skipped[0]})")
+        self.stats = stats
+        self.units = make_units(encoded, cfg.seq_len, cfg.pack)
+        self.pad_id = tok.pad_id
+        self.sampler = DistributedSampler([sum(len(e) for e in u) for u in self.units], cfg.batch_size,
+                                          rank=d.rank, world_size=d.world_size, seed=cfg.seed, shuffle=shuffle,
+                                          group_by_length=not cfg.pack)
+        self._it = iter(self.sampler)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.units)
+
+    def _collate(self, idx: list[int]) -> dict:
+        from data.batch import collate
+
+        b = collate([self.units[i] for i in idx], self.pad_id)
+        b["num_tokens"] = int((b["segment_ids"] >= 0).sum())  # real tokens, padding excluded
+        return b
+
+    def next_batch(self) -> dict:
+        while True:
+            try:
+                return self._collate(next(self._it))
+            except StopIteration:  # epoch done; the sampler has moved to the next one
+                self._it = iter(self.sampler)
+
+    def first(self, n: int) -> list[dict]:
+        """This rank's first n batches in fixed order (evaluation); n = 0: all of them."""
+        batches = self.sampler.rank_batches(0)
+        return [self._collate(idx) for idx in (batches[:n] if n else batches)]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.sampler.load_state_dict(state)
+        self._it = iter(self.sampler)
+
+
+# ---------------------------------------------------------------- the run
+def train(cfg: TrainConfig) -> dict:
+    """Run one training job; returns a summary dict (final loss, eval loss, steps, paths)."""
+    from data.validate import load_validated
+    from model import load_model, load_tokenizer
+    from model.lora import apply_lora, lora_report, save_adapter
+
+    d = dist.init(cfg.device)
+    stop = ckpt.StopFlag().install()
+    out = Path(cfg.out)
+    prec = Precision(cfg.precision, d.device, cfg.nonfinite_patience)
+    if not cfg.resume and ckpt.complete_checkpoints(out):
+        raise ConfigError(f"{out}/checkpoints holds an earlier run; pass --resume to continue it or pick another --out")
+    resume_from = ckpt.latest(out) if cfg.resume else None
+
+    # ---- data first: a bad dataset must fail before minutes of model loading, and before OUT is touched
+    t_setup = time.perf_counter()
+    tok = load_tokenizer(cfg.model)
+    train_ex, rep = load_validated(cfg.data, cfg.train_split, max_rejected=cfg.max_rejected)
+    if cfg.max_examples:
+        train_ex = train_ex[:cfg.max_examples]
+    if not train_ex:
+        raise ValueError(f"{cfg.data}: no training examples in split {cfg.train_split!r}")
+    batcher = Batches(tok, train_ex, cfg, d, shuffle=True)
+    eval_batches = []
+    if cfg.eval_every:
+        eval_ex, _ = load_validated(cfg.data, cfg.eval_split, max_rejected=cfg.max_rejected)
+        if not eval_ex:
+            raise ValueError(f"{cfg.data}: no examples in eval split {cfg.eval_split!r} (set --eval-every 0)")
+        eval_batches = Batches(tok, eval_ex, cfg, d, shuffle=False).first(cfg.eval_batches)
+    rows_per_step = cfg.batch_size * cfg.grad_accum * d.world_size
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * batcher.num_rows / rows_per_step))
+    print0(f"data: {len(train_ex)} train examples from {cfg.data} ({rep.rejected} rejected, {rep.repaired} "
+           f"repaired, {batcher.stats.truncated} truncated, {len(batcher.stats.skipped)} too long) -> {batcher.num_rows} rows of <= {cfg.seq_len} tokens; {total} steps x {rows_per_step} rows")
+
+    # ---- model: shared seed so the LoRA init is identical on every rank, then a per-rank stream (dropout)
+    dist.seed_all(cfg.seed)
+    model = load_model(cfg.model, dtype=prec.param_dtype, device=d.device,
+                       quantize=None if cfg.quantize == "none" else cfg.quantize, double_quant=cfg.double_quant)
+    apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=tuple(cfg.lora_targets),
+               use_rslora=cfg.use_rslora)
+    model.to(d.device)
+    model.set_gradient_checkpointing(cfg.checkpointing, offload=cfg.offload)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params), "adapters must be fp32 master weights"
+    loss_model = dist.wrap_ddp(CausalLMLoss(model, cfg.loss_chunk))
+    opt = make_optimizer(cfg, params, d.device)
+    print0(lora_report(model))
+    print0(f"setup {time.perf_counter() - t_setup:.1f}s | {d.world_size} process(es) on {d.device} | "
+           f"precision {prec.mode} | checkpointing {'on' if cfg.checkpointing else 'off'}")
+
+    # ---- OUT: only now that data and model are known to be good
+    start_step, counters = 0, {"train_seconds": 0.0}
+    metrics_path = out / "metrics.jsonl"
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial(out)
+        config_mod.save(cfg, out / "config.json")
+    dist.barrier()
+    if resume_from is not None:
+        state = ckpt.load(resume_from, model=model, optimizer=opt, precision=prec)
+        start_step, counters = state["step"], state["counters"]
+        batcher.load_state_dict(state["sampler"])
+        print0(f"resumed from {resume_from} at step {start_step}")
+        if d.is_main and metrics_path.exists():  # drop lines of steps after the checkpoint: they are redone
+            keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
+            metrics_path.write_text("".join(k + "\n" for k in keep))
+    elif cfg.resume:
+        print0(f"--resume: no checkpoint in {out}/checkpoints, starting from step 0")
+    if resume_from is None and d.is_main:
+        metrics_path.write_text("")
+    dist.seed_rank(cfg.seed, d.rank) if resume_from is None else None  # resumed RNG came from the checkpoint
+    metrics = open(metrics_path, "a") if d.is_main else None
+
+    def save_checkpoint(step):
+        return ckpt.save(out, step, model=model, optimizer=opt, precision=prec,
+                         sampler_state=batcher.state_dict(), counters=counters, keep_last=cfg.keep_last,
+                         base_model=cfg.model, save_adapter=save_adapter)
+
+    # ---- the loop
+    eval_loss = None
+    if cfg.eval_every and start_step == 0:
+        eval_loss = evaluate_loss(loss_model, [_to(b, d.device) for b in eval_batches], prec)
+        print0(f"eval loss before training: {eval_loss:.4f}")
+        if metrics:
+            metrics.write(json.dumps({"step": 0, "eval_loss": eval_loss}) + "\n")
+            metrics.flush()
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
+    step, loss, stopped = start_step, float("nan"), False
+    while step < total:
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg, total)
+        micro = [_to(batcher.next_batch(), d.device) for _ in range(cfg.grad_accum)]
+        tokens = torch.tensor([float(sum(int(b["num_tokens"]) for b in micro))], dtype=torch.float64)
+        loss, n_sup = forward_backward(loss_model, micro, prec, d.world_size)
+        del micro
+        prec.check_loss(loss, step + 1)
+        grad_norm, overflow = prec.clip_and_step(opt, params, cfg.grad_clip)
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        # one small all-reduce: global token count + "did any rank get SIGTERM/SIGINT" (all must stop together)
+        sync = dist.all_reduce_sum(torch.cat([tokens, torch.tensor([float(stop.requested)], dtype=torch.float64)]))
+        tokens, stop_now = int(sync[0]), bool(sync[1] > 0)
+        if d.device.type == "cuda":
+            torch.cuda.synchronize(d.device)  # honest step time for tokens/s
+        dt = time.perf_counter() - t0
+        counters["train_seconds"] += dt
+        row = {"step": step, "loss": loss, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
+               "tokens": tokens, "supervised_tokens": n_sup, "tokens_per_s": tokens / dt,
+               "peak_mem_bytes": peak_memory_bytes(d.device), "overflow": overflow}
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+            eval_loss = evaluate_loss(loss_model, [_to(b, d.device) for b in eval_batches], prec)
+            row["eval_loss"] = eval_loss
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+        eta = counters["train_seconds"] / (step - start_step) * (total - step)
+        print0(f"step {step}/{total} | loss {loss:.4f} | lr {row['lr']:.2e} | {row['tokens_per_s']:.0f} tok/s | "
+               f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB | eta {_fmt_time(eta)}"
+               + (f" | eval {eval_loss:.4f}" if "eval_loss" in row else "")
+               + (f" | overflow (skipped, {prec.overflows} so far)" if overflow else ""))
+        if stop_now:
+            path = save_checkpoint(step)
+            print0(f"stopped by signal after step {step}; checkpoint {path}; continue with --resume")
+            stopped = True
+            break
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            save_checkpoint(step)
+    if metrics:
+        metrics.close()
+
+    # ---- the adapter (PEFT layout), only after a complete run
+    if not stopped and d.is_main:
+        save_adapter(model, out / "adapter", base_model=cfg.model)  # atomic: written aside, then renamed
+        print0(f"wrote {out / 'adapter'} | {step} steps in {_fmt_time(counters['train_seconds'])}")
+    if not stopped and cfg.save_every:
+        save_checkpoint(step)  # the final state, so a later --resume with a larger --max-steps continues
+    dist.barrier()
+    return {"step": step, "loss": loss, "eval_loss": eval_loss, "stopped": stopped, "signal": stop.signum,
+            "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = config_mod.parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    code = 0
+    try:
+        result = train(cfg)
+        if result["stopped"]:
+            code = 128 + result["signal"]
+    except (KeyboardInterrupt, SystemExit) as e:  # a second signal: the save in progress was rolled back
+        print(f"error: interrupted; the last complete checkpoint in {cfg.out}/checkpoints is intact", file=sys.stderr)
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
+    except Exception as e:  # the user-facing boundary: one line; CLAUSELORA_DEBUG=1 shows the traceback
+        if os.environ.get("CLAUSELORA_DEBUG"):
+            raise
+        where = f"[rank {dist.get().rank}] " if dist.get().world_size > 1 else ""
+        if isinstance(e, NonFiniteLoss | ConfigError | ValueError | OSError) or type(e).__name__ == "DataError":
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        else:
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (CLAUSELORA_DEBUG=1 for details)"
+        print(f"error: {where}{msg}", file=sys.stderr)
+        code = 1
+    finally:
+        dist.teardown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The training loop end to end on a tiny random Llama (CPU): it learns, writes its outputs, refuses bad input.
+
+The tiny run directory holds an HF-format random Llama (tests/conftest.py save_tiny_hf, vocab 320) and a
+byte-level tokenizer.json (256 bytes + ChatML specials = 259 ids), so no real tokenizer or download is needed.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import TrainConfig
+from tests.conftest import REPO, save_tiny_hf
+
+CONTRACTS = [
+    ("Governing Law", "This Agreement is governed by the laws of Ohio.", "Seller ships goods. Buyer pays in 30 days. "),
+    ("Confidentiality", "Each party keeps the other's secrets.", "Buyer pays in 30 days. Notices go by mail. "),
+    ("Termination", "Either party may end this on 10 days notice.", "Seller ships goods. Notices go by mail. "),
+    ("Assignment", "Neither party may assign this Agreement.", "Buyer pays in 30 days. Seller ships goods. "),
+    ("Warranty", "Seller warrants the goods for one year.", "Notices go by mail. Buyer pays in 30 days. "),
+    ("Audit", "Buyer may audit Seller's records yearly.", "Seller ships goods. Buyer pays in 30 days. "),
+    ("Insurance", "Seller keeps liability insurance of $1M.", "Notices go by mail. Seller ships goods. "),
+    ("Non-Compete", "Seller shall not compete for two years.", "Buyer pays in 30 days. Notices go by mail. "),
+]
+
+
+def write_tiny_tokenizer(path: Path) -> Path:
+    """Byte-level BPE without merges: every byte is a token; ChatML specials on top."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    tk.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    return path
+
+
+def tiny_model_dir(path: Path, seed: int = 0) -> Path:
+    # initializer_range 0.2 (HF default 0.02): with the frozen random lm_head at 0.02 the logits cannot leave
+    # +-1.3, so no adapter could fit anything; 0.2 gives the tiny model a usable output range.
+    save_tiny_hf(path, seed=seed, initializer_range=0.2)
+    return write_tiny_tokenizer(path)
+
+
+def tiny_jsonl(path: Path, n: int = 8, n_valid: int = 2, bad: int = 0) -> Path:
+    lines = []
+    for i in range(n + n_valid):
+        cat, clause, filler = CONTRACTS[i % len(CONTRACTS)]
+        context = f"{filler}{clause} Signed in {2000 + i}."
+        answer = clause if i >= bad else "A clause that is nowhere in the contract at all."
+        lines.append({"id": f"c{i}", "query": cat, "context": context, "answer": answer,
+                      "split": "train" if i < n else "valid"})
+    path.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    return path
+
+
+def tiny_cfg(tmp_path: Path, **over) -> TrainConfig:
+    """A tiny but complete recipe: NF4 base, LoRA on all projections, packing off, 384-token rows."""
+    model = tmp_path / "tiny" if (tmp_path / "tiny").is_dir() else tiny_model_dir(tmp_path / "tiny")
+    data = tmp_path / "data.jsonl" if (tmp_path / "data.jsonl").is_file() else tiny_jsonl(tmp_path / "data.jsonl")
+    kw = dict(model=str(model), data=f"jsonl:{data}", out=str(tmp_path / "run"), seq_len=384, pack=False,
+              batch_size=2, grad_accum=2, max_steps=6, lr=1e-2, warmup_steps=1, lora_r=8, lora_alpha=16.0,
+              quantize="nf4", device="cpu", seed=0)
+    kw.update(over)
+    return TrainConfig(**kw)
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines() if ln]
+
+
+def run_train(args: list[str], env_extra=None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "engine.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def cfg_args(cfg: TrainConfig) -> list[str]:
+    """The command-line spelling of a TrainConfig (what a user would type)."""
+    out = []
+    for k, v in cfg.to_dict().items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            out += [flag, ",".join(v) if isinstance(v, list) else str(v)]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy 2-core runner oversubscription makes them 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+def test_tiny_model_overfits_a_handful_of_examples(tmp_path):
+    """4 examples, one batch of all 4 per step, 40 steps: the answer loss falls from ~7 to below 1.0."""
+    from engine.train import train
+
+    cfg = tiny_cfg(tmp_path, max_steps=40, lr=3e-2, warmup_steps=2, batch_size=4, grad_accum=1, max_examples=4,
+                   lora_r=16, lora_alpha=32.0, eval_every=20)
+    res = train(cfg)
+    rows = read_metrics(cfg.out)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 40 and losses[0] > 4.0
+    assert sum(losses[-5:]) / 5 < 1.0, losses
+    assert res["eval_loss"] < rows[0]["eval_loss"]  # step-0 line: evaluation before training
+
+
+def test_run_writes_config_metrics_and_peft_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    from engine.train import train
+
+    cfg = tiny_cfg(tmp_path, max_steps=3)
+    train(cfg)
+    out = Path(cfg.out)
+    assert TrainConfig(**json.loads((out / "config.json").read_text())) == cfg
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_bytes", "overflow"} <= set(r)
+        assert r["tokens"] > 0 and r["peak_mem_bytes"] > 0
+    acfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert acfg["r"] == 8 and acfg["peft_type"] == "LORA"
+    keys = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert len(keys) == 2 * 2 * 7 and all(k.startswith("base_model.model.") for k in keys)
+    assert not (out / "checkpoints").exists()  # save_every 0: no checkpoints unless signalled
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    from engine.train import lr_at
+
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1, max_steps=14)
+    lrs = [lr_at(s, cfg, 14) for s in range(14)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert abs(lr_at(14, cfg, 14) - 0.1) < 1e-12 and abs(lrs[9] - 0.55) < 1e-12  # halfway: (1 + 0.1) / 2
+
+
+def test_too_many_rejected_examples_is_refused_and_nothing_is_written(tmp_path):
+    tiny_jsonl(tmp_path / "data.jsonl", bad=1)  # 1 of 8 train answers is not in its context: 12.5% > 1%
+    cfg = tiny_cfg(tmp_path)
+    r = run_train(cfg_args(cfg))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "rejected" in r.stderr, r.stderr
+    assert not Path(cfg.out).exists()
+    r = run_train(cfg_args(cfg) + ["--max-rejected", "0.2", "--max-steps", "1"])
+    assert r.returncode == 0, r.stderr
+
+
+def test_bad_model_path_is_one_line_error(tmp_path):
+    cfg = tiny_cfg(tmp_path, model=str(tmp_path / "nope"))
+    r = run_train(cfg_args(cfg))
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "nope" in r.stderr, r.stderr
+    assert not Path(cfg.out).exists()
+
+
+def test_persistent_nonfinite_loss_stops_with_a_report():
+    from engine.precision import NonFiniteLoss, Precision
+
+    prec = Precision("fp32", torch.device("cpu"), patience=3)
+    prec.check_loss(1.5, 1)
+    prec.check_loss(float("nan"), 2)
+    prec.check_loss(float("inf"), 3)
+    with pytest.raises(NonFiniteLoss, match="3 consecutive steps.*last finite loss 1.5"):
+        prec.check_loss(float("nan"), 4)
+
+
+def test_nonfinite_gradient_skips_the_step_and_counts_an_overflow():
+    from engine.precision import Precision
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    prec = Precision("fp32", torch.device("cpu"))
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])
+    norm, overflow = prec.clip_and_step(opt, [p], 1.0)
+    assert overflow and prec.overflows == 1 and torch.equal(p.detach(), torch.ones(3))
