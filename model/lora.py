@@ -4,13 +4,14 @@ full-precision export in HF's checkpoint format.
 y = base(x) + (dropout(x) @ A^T @ B^T) * scaling,  A [r, in] Kaiming-uniform, B [out, r] zeros (so training
 starts at the base model), scaling = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023).
 
-How a LoRA layer takes an nn.Linear's place: `LoRALinear` / `LoRALinear4bit` are subclasses of the base
-class (nn.Linear / Linear4bit) with the LoRA mixin first in the MRO. The swap builds one of them around the
-*same* tensors (parameters and buffers re-registered under the same names, plain attributes copied), so
+How a LoRA layer takes an nn.Linear's place: `LoRALinearDense` / `LoRALinear4bit` subclass the base class
+(nn.Linear / Linear4bit) with the LoRA mixin `LoRALinear` first in the MRO. The swap builds one of them
+around the *same* tensors (parameters and buffers re-registered under the same names, plain attributes
+copied), so
   - the state-dict keys are the base's keys unchanged (`...q_proj.weight`, plus `absmax` for NF4), with
     `lora_A.weight` / `lora_B.weight` beside them: PEFT's file is our lora_state_dict under a fixed prefix;
   - the base computation is the base class's own forward (`super().forward`), not a copy of it, and there is
-    no `.base_layer` wrapper to unwrap (STYLE.md: no wrappers that move keys).
+    no `.base_layer` child to unwrap (PEFT's way, which moves every key; STYLE.md).
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ class _Adapter(nn.Linear):
         return super()._apply(_keep_dtype(fn, {id(self.weight)}), recurse)
 
 
-class LoRALayer:
-    """The LoRA half of LoRALinear / LoRALinear4bit (a mixin: the base half is nn.Linear or Linear4bit)."""
+class LoRALinear:
+    """The LoRA half of a LoRA layer, a mixin: the concrete classes are LoRALinearDense (nn.Linear base) and
+    LoRALinear4bit (Linear4bit base), so `isinstance(m, LoRALinear)` finds every LoRA layer."""
 
     def init_lora(self, r: int, alpha: float, dropout: float, use_rslora: bool):
         device = self.weight.device
@@ -77,20 +79,20 @@ class LoRALayer:
         return f"{super().extra_repr()}, lora r={self.r}, alpha={self.lora_alpha}, scaling={self.scaling:g}"
 
 
-class LoRALinear(LoRALayer, nn.Linear):
+class LoRALinearDense(LoRALinear, nn.Linear):
     pass
 
 
-class LoRALinear4bit(LoRALayer, Linear4bit):
+class LoRALinear4bit(LoRALinear, Linear4bit):
     pass
 
 
 def lora_layer(base: nn.Linear | Linear4bit, r: int = 16, alpha: float = 32.0, dropout: float = 0.0,
-               use_rslora: bool = False) -> LoRALayer:
+               use_rslora: bool = False) -> LoRALinear:
     """A LoRA layer holding `base`'s own tensors (not copies) and attributes; `base` itself is not kept."""
-    if isinstance(base, LoRALayer):
+    if isinstance(base, LoRALinear):
         raise ValueError("lora_layer: the layer already has LoRA adapters")
-    cls = LoRALinear4bit if isinstance(base, Linear4bit) else LoRALinear
+    cls = LoRALinear4bit if isinstance(base, Linear4bit) else LoRALinearDense
     assert type(base) in (nn.Linear, Linear4bit), f"LoRA targets nn.Linear or Linear4bit, not {type(base).__name__}"
     layer = cls.__new__(cls)
     nn.Module.__init__(layer)
@@ -105,8 +107,8 @@ def lora_layer(base: nn.Linear | Linear4bit, r: int = 16, alpha: float = 32.0, d
     return layer
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, dropout: float = 0.0, targets=TARGETS,
@@ -179,7 +181,7 @@ def lora_report(model: nn.Module) -> str:
 def _atomic_dir(path: Path):
     """Yield a temporary sibling directory; on success it replaces `path` as a whole (a reader never sees a
     half-written adapter or checkpoint), on error it is removed and `path` is untouched."""
-    path = Path(path)
+    path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -224,7 +226,8 @@ def save_adapter(model: nn.Module, dir, base_model: str | None = None) -> Path:
 
 UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "fan_in_fan_out": (False, None),
                "modules_to_save": (None, []), "layers_to_transform": (None,), "rank_pattern": ({}, None),
-               "alpha_pattern": ({}, None)}
+               "alpha_pattern": ({}, None), "lora_bias": (False, None), "target_parameters": (None, []),
+               "layer_replication": (None,), "exclude_modules": (None, [])}
 
 
 def load_adapter(model: nn.Module, dir) -> nn.Module:
@@ -295,7 +298,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.float32):
     dequantized; plain nn.Linear layers only. The input model is left as it was."""
     from .llama import Llama
 
-    special = {name: m for name, m in model.named_modules() if isinstance(m, (LoRALayer, Linear4bit))}
+    special = {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, Linear4bit))}
     sd = {}
     for key, value in model.state_dict().items():
         module = key.rpartition(".")[0]
@@ -303,7 +306,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.float32):
             continue
         sd[key] = value.to(dtype)
     for name, m in special.items():
-        if isinstance(m, LoRALayer):
+        if isinstance(m, LoRALinear):
             sd[f"{name}.weight"] = m.merged_weight(dtype)
         else:
             sd[f"{name}.weight"] = m.dequantize(torch.float32).to(dtype)
@@ -325,7 +328,7 @@ def save_hf_checkpoint(model: nn.Module, dir, max_shard_bytes: int = 2 * 1024**3
     model-0000i-of-0000N.safetensors with model.safetensors.index.json when larger than max_shard_bytes."""
     from safetensors.torch import save_file
 
-    if any(isinstance(m, (LoRALayer, Linear4bit)) for m in model.modules()):
+    if any(isinstance(m, (LoRALinear, Linear4bit)) for m in model.modules()):
         raise ValueError("save_hf_checkpoint: the model has LoRA or 4-bit layers; export merge_lora(model)")
     sd = model.state_dict()
     if model.config.tie_word_embeddings:

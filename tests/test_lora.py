@@ -10,7 +10,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from model import load_model
-from model.lora import (LoRALayer, apply_lora, load_adapter, lora_layer, lora_report, lora_state_dict, merge_lora,
+from model.lora import (LoRALinear, apply_lora, load_adapter, lora_layer, lora_report, lora_state_dict, merge_lora,
                         save_adapter, save_hf_checkpoint)
 from model.quant import Linear4bit
 from tests.conftest import save_tiny_hf
@@ -217,7 +217,7 @@ def test_merged_model_equals_base_plus_adapter(hf_dir, quantize):
     model = apply_lora(load_model(hf_dir, quantize=quantize), r=4, alpha=8)
     randomize_adapters(model)
     merged = merge_lora(model)
-    assert not any(isinstance(m, (LoRALayer, Linear4bit)) for m in merged.modules())
+    assert not any(isinstance(m, (LoRALinear, Linear4bit)) for m in merged.modules())
     assert all(type(m.model.layers[0].self_attn.q_proj) is nn.Linear for m in [merged])
     x = ids(seed=4)
     torch.testing.assert_close(our_logits(merged, x), our_logits(model, x), rtol=0, atol=1e-5)
