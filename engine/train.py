@@ -68,6 +68,19 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _log_ledger(model, cfg: TrainConfig, prec: Precision):
+    """The predicted memory breakdown for this run's shapes (engine/memory.py). Informational: a failure here
+    is reported in one line and never stops training."""
+    try:
+        from engine.memory import log_ledger
+
+        log_ledger(model, log=print0, seq_len=cfg.seq_len, batch_size=cfg.batch_size, dtype=prec.mode,
+                   checkpointing=cfg.checkpointing, offload=cfg.offload, optimizer=cfg.optimizer,
+                   loss_chunk=cfg.loss_chunk, packed=cfg.pack, device=next(model.parameters()).device.type)
+    except Exception as e:  # noqa: BLE001 (a ledger bug must not cost a training run)
+        print0(f"warning: memory ledger unavailable ({type(e).__name__}: {e})")
+
+
 def forward_backward(loss_model, micro_batches: list[dict], prec: Precision, world_size: int) -> tuple[float, int]:
     """Accumulate the gradient of one optimizer step; returns (mean loss over the step, supervised tokens).
 
@@ -198,8 +211,9 @@ def train(cfg: TrainConfig) -> dict:
         eval_batches = Batches(tok, eval_ex, cfg, d, shuffle=False).first(cfg.eval_batches)
     rows_per_step = cfg.batch_size * cfg.grad_accum * d.world_size
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * batcher.num_rows / rows_per_step))
-    print0(f"data: {len(train_ex)} train examples from {cfg.data} ({rep.rejected} rejected, {rep.repaired} "
-           f"repaired, {batcher.stats.truncated} truncated, {len(batcher.stats.skipped)} too long) -> {batcher.num_rows} rows of <= {cfg.seq_len} tokens; {total} steps x {rows_per_step} rows")
+    print0(f"data: {len(train_ex)} train examples from {cfg.data} ({rep.rejected} rejected, {rep.repaired} repaired, "
+           f"{batcher.stats.truncated} truncated, {len(batcher.stats.skipped)} too long for --seq-len) -> "
+           f"{batcher.num_rows} rows of <= {cfg.seq_len} tokens; {total} steps x {rows_per_step} rows")
 
     # ---- model: shared seed so the LoRA init is identical on every rank, then a per-rank stream (dropout)
     dist.seed_all(cfg.seed)
@@ -215,6 +229,8 @@ def train(cfg: TrainConfig) -> dict:
     loss_model = dist.wrap_ddp(CausalLMLoss(model, cfg.loss_chunk))
     opt = make_optimizer(cfg, params, d.device)
     print0(lora_report(model))
+    if d.is_main:
+        _log_ledger(model, cfg, prec)
     print0(f"setup {time.perf_counter() - t_setup:.1f}s | {d.world_size} process(es) on {d.device} | "
            f"precision {prec.mode} | checkpointing {'on' if cfg.checkpointing else 'off'}")
 
@@ -238,7 +254,8 @@ def train(cfg: TrainConfig) -> dict:
         print0(f"--resume: no checkpoint in {out}/checkpoints, starting from step 0")
     if resume_from is None and d.is_main:
         metrics_path.write_text("")
-    dist.seed_rank(cfg.seed, d.rank) if resume_from is None else None  # resumed RNG came from the checkpoint
+    if resume_from is None:  # a resumed run got its RNG states back from the checkpoint instead
+        dist.seed_rank(cfg.seed, d.rank)
     metrics = open(metrics_path, "a") if d.is_main else None
 
     def save_checkpoint(step):
@@ -290,7 +307,7 @@ def train(cfg: TrainConfig) -> dict:
                f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB | eta {_fmt_time(eta)}"
                + (f" | eval {eval_loss:.4f}" if "eval_loss" in row else "")
                + (f" | overflow (skipped, {prec.overflows} so far)" if overflow else ""))
-        if stop_now:
+        if stop_now and step < total:  # (a signal during the last step just lets the run finish)
             path = save_checkpoint(step)
             print0(f"stopped by signal after step {step}; checkpoint {path}; continue with --resume")
             stopped = True
