@@ -65,16 +65,19 @@ def eval_subset(examples: list, n: int | None, salt: str = "eval") -> list:
     return [examples[i] for i in sorted(picked)]
 
 
-def fit_prompt(tok, ex, prompt_budget: int):
-    """(user message, its token count incl. chat template, truncated?) for ex within prompt_budget tokens.
+def fit_prompt(tok, ex, seq_len: int):
+    """(user message, its token count incl. chat template, truncated?) for ex, as training would cut it.
 
-    The context is cut the way training cuts it (data.batch.cut_context: a window centred on the answer, the
-    beginning of the contract for NONE, at word boundaries; then shrunk until the re-rendered prompt fits), so
-    evaluation sees what training saw. Examples must be validated (answer verbatim in context).
+    data.batch.encode_example gives the prompt seq_len minus the answer's tokens and cuts the *context* to a
+    window centred on the answer (the beginning of the contract for NONE), at word boundaries, shrinking until
+    the re-rendered prompt fits. Doing the same here means evaluation shows the model the very window it was
+    trained on; the answer's length (never its text) sets the budget. Examples must be validated (answer
+    verbatim in context). Generation gets its own budget (max_new_tokens) on top.
     """
     from data.batch import cut_context
     from data.example import render_prompt
 
+    prompt_budget = seq_len - len(tok.encode(tok.chat_answer(ex.answer)))
     prompt = render_prompt(ex)
     n = len(tok.encode(tok.chat_prompt(prompt)))
     if n <= prompt_budget:
@@ -114,15 +117,12 @@ def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 256, 
                       seq_len: int = 2048, progress: bool = False) -> dict:
     """Generate greedily for every example and score it -> {"overall", "by_category", "by_source", "rows"}.
 
-    seq_len is the whole budget (prompt + answer): prompts are cut to seq_len - max_new_tokens tokens.
+    seq_len is the training row budget (prompt + answer, see fit_prompt); generation may add max_new_tokens.
     The model is put in eval mode for the call and restored after (the trainer calls this mid-run).
     """
     from model.generate import generate
 
-    if seq_len - max_new_tokens < 64:
-        raise ValueError(f"--seq-len {seq_len} leaves {seq_len - max_new_tokens} prompt tokens after "
-                         f"--max-new-tokens {max_new_tokens}; raise --seq-len or lower --max-new-tokens")
-    fitted = [fit_prompt(tok, ex, seq_len - max_new_tokens) for ex in examples]
+    fitted = [fit_prompt(tok, ex, seq_len) for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: -fitted[i][1])  # similar lengths share a batch
     predictions = [""] * len(examples)
     bar = Progress(len(examples), enabled=progress)
@@ -182,6 +182,17 @@ def _base_of_adapter(adapter: str) -> str | None:
         raise ValueError(f"{cfg}: malformed JSON at line {e.lineno} ({e.msg})") from None
 
 
+def _run_seq_len(adapter: str | None) -> int | None:
+    """seq_len of the training run that wrote adapter/ (its resolved config.json sits beside it), if any."""
+    if not adapter:
+        return None
+    try:
+        v = json.loads((Path(adapter).parent / "config.json").read_text(encoding="utf-8")).get("seq_len")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return v if isinstance(v, int) and v > 0 else None
+
+
 def _device_and_dtype(device: str):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -236,11 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate N examples, a deterministic category-balanced subset (default: all)")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per answer")
-    ap.add_argument("--seq-len", type=int, default=2048,
-                    help="prompt + answer budget in tokens; longer contexts are cut as in training")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="row budget (prompt + answer) in tokens; longer contexts are cut around the answer as "
+                         "in training (default: the adapter's training run seq_len, else 2048)")
     ap.add_argument("--quantize", choices=("none", "nf4"), default="none",
                     help="load the base in NF4 (as QLoRA trained it) or full precision")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's choice). On a machine shared with other jobs "
+                         "use 1: two OpenMP threads waiting on a busy core make each decode step ~100x slower")
     ap.add_argument("--metrics", default=None, help="a training run's metrics.jsonl: adds the loss curve")
     ap.add_argument("--compare", default=None, metavar="BASELINE_EVAL_JSON",
                     help="eval.json of a baseline run: prints metric | before | after | change")
@@ -250,12 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    for name in ("limit", "batch_size", "max_new_tokens", "seq_len"):
+    for name in ("limit", "batch_size", "max_new_tokens", "seq_len", "threads"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     if args.metrics and not Path(args.metrics).is_file():
         raise FileNotFoundError(f"{args.metrics}: metrics.jsonl not found (a training run writes OUT/metrics.jsonl)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.seq_len is None:
+        args.seq_len = _run_seq_len(args.adapter) or 2048
     baseline = read_eval_json(args.compare) if args.compare else None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -289,7 +308,7 @@ def run(args) -> dict:
         "model": model_src, "adapter": args.adapter, "data": args.data, "split": args.split,
         "limit": args.limit, "n_available": len(examples), "n_rejected": rep.rejected, "seq_len": args.seq_len,
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "quantize": args.quantize,
-        "device": str(next(model.parameters()).device), "seconds": round(seconds, 2),
+        "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(), "seconds": round(seconds, 2),
         "examples_per_s": round(len(subset) / seconds, 3) if seconds > 0 else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "baseline": args.compare, "metrics": METRIC_NOTES, **res,

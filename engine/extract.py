@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop answers whose best span in the contract matches worse than this (0-100)")
     ap.add_argument("--quantize", choices=("none", "nf4"), default="none", help="load the base in NF4 or full")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (1 on a busy shared machine)")
     return ap
 
 
@@ -195,7 +196,13 @@ def run(args) -> dict:
         raise ValueError(f"--overlap {args.overlap}: use a fraction in [0, 0.9)")
     if not args.clause.strip():
         raise ValueError("--clause is empty; name a clause type, e.g. --clause 'Governing Law'")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
     text = read_contract(args.contract)  # before loading the model: a bad path fails in a second
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from engine.evaluate import load_for_eval
     from model.generate import generate
 

@@ -91,8 +91,14 @@ def test_long_context_is_cut_around_the_answer_like_training(tiny_model_dir):
         " ".join(f"More filler {i}." for i in range(60))
     ex = Example(id="long", source="jsonl", category="Indemnity", query="Indemnity", context=ctx, answer=clause,
                  split="test")
-    prompt, n, cut = fit_prompt(tok, ex, 400)
-    assert cut and n <= 400 and clause in prompt and n == len(tok.encode(tok.chat_prompt(prompt)))
+    prompt, n, cut = fit_prompt(tok, ex, 400)  # 400 = the training row: prompt + answer + end of turn
+    assert cut and n + len(tok.encode(tok.chat_answer(clause))) <= 400
+    assert clause in prompt and n == len(tok.encode(tok.chat_prompt(prompt)))
+    # the very prompt training builds for this example (data.batch.encode_example)
+    from data.batch import encode_example
+
+    enc = encode_example(tok, ex, 400)
+    assert enc.truncated and enc.input_ids[:n] == tok.encode(tok.chat_prompt(prompt))
     prompt, n, cut = fit_prompt(tok, Example(**{**ex.__dict__, "answer": NONE}), 400)
     assert cut and n <= 400 and "Filler sentence number 0." in prompt  # NONE keeps the beginning
     assert fit_prompt(tok, ex, 10_000)[2] is False
