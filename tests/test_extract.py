@@ -143,3 +143,17 @@ def test_cli_unreadable_contract_is_a_one_line_error(tmp_path, capsys, kind):
     cap = capsys.readouterr()
     err = cap.err.strip()
     assert err.startswith("error:") and "\n" not in err and str(p) in err and cap.out == ""
+
+
+@pytest.mark.parametrize("module", ["engine.evaluate", "engine.extract", "engine.export"])
+def test_cli_help_and_usage_errors(module, capsys):
+    import importlib
+
+    cli = importlib.import_module(module)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0 and "usage: python -m " + module in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main([])  # required arguments missing
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error:") and "\n" not in err
