@@ -16,8 +16,8 @@ hf:   transformers LlamaForCausalLM from a random checkpoint saved once in the p
       recipe works on both devices), peft.prepare_model_for_kbit_training (non-reentrant checkpointing) +
       get_peft_model; loss = model(input_ids, labels=labels).loss (full [B, T, V] logits, HF's way).
 
-Each run is its own subprocess (`--child ours|hf`), so the peak resident set size (resource.getrusage maxrss)
-belongs to one implementation; runs alternate ours, hf, ours, hf ... and the reported figures are medians over
+Each run is its own subprocess (`--child ours|hf`), so the peak resident set size belongs to one
+implementation (VmHWM of the child's own address space; see _time_steps for why not ru_maxrss alone); runs alternate ours, hf, ours, hf ... and the reported figures are medians over
 the runs (tokens/s: median over all timed steps). transformers and peft are imported only in the hf child:
 they are the `bench` extra, never an engine dependency.
 """
@@ -74,28 +74,28 @@ def compute_dtype(device: torch.device) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the children
-def run_ours(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_frac: float, log) -> dict:
-    from engine.config import TrainConfig
-    from engine.loss import CausalLMLoss
-    from engine.precision import Precision
-    from engine.train import forward_backward, make_optimizer
+def run_ours(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_frac: float, log,
+             cpu_dequant: str = "torch") -> dict:
+    from engine.memory import trainer_step
 
-    prec = Precision(s.dtype, device)
+    if cpu_dequant == "bnb":
+        use_bnb_cpu_dequant()
     model = build_model(cfg, s, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    tc = TrainConfig(lr=2e-4, optimizer="adamw", checkpointing=True, lora_r=s.lora_r, loss_chunk=s.loss_chunk)
-    opt = make_optimizer(tc, params, device)
-    loss_model = CausalLMLoss(model, s.loss_chunk)
     ids, labels = random_batch(cfg, s, device, answer_frac=answer_frac)
-    batch = {"input_ids": ids, "labels": labels}
-
-    def step():
-        loss, _ = forward_backward(loss_model, [batch], prec, 1)
-        prec.clip_and_step(opt, params, 1.0)
-        opt.zero_grad(set_to_none=True)
-        return loss
-
+    step = trainer_step(model, s, device, {"input_ids": ids, "labels": labels})
     return _time_steps(step, device, steps, warmup, log)
+
+
+def use_bnb_cpu_dequant():
+    """Experiment (--ours-cpu-dequant bnb): route Linear4bit.dequantize on the CPU through bitsandbytes' C++
+    kernel, as model/quant.py already does on CUDA (same bytes, bit-identical output), to measure what the
+    torch reference dequantiser costs per step."""
+    from model import quant
+
+    def dequantize(self, dtype=None):
+        return quant._bnb_dequantize(self, dtype or self.compute_dtype)
+
+    quant.Linear4bit.dequantize = dequantize
 
 
 def _hf_config(cfg):
@@ -158,7 +158,10 @@ def run_hf(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_
 
 
 def _time_steps(step, device: torch.device, steps: int, warmup: int, log) -> dict:
-    setup_rss = _peak_rss_bytes()
+    # Peak RSS from the kernel's per-address-space high-water mark (VmHWM): exec starts it afresh, whereas
+    # getrusage's ru_maxrss carries over the parent's peak from before the fork (Linux keeps the larger of
+    # the two across exec), which would charge the bench parent's memory to the child.
+    setup_hwm = _hwm_bytes()
     hwm_reset = _reset_hwm()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -174,8 +177,11 @@ def _time_steps(step, device: torch.device, steps: int, warmup: int, log) -> dic
         log(f"  {'warmup' if i < warmup else 'step'} {i}: {dt:.2f} s, loss {losses[-1]:.3f}")
         if i >= warmup:
             times.append(dt)
-    out = {"step_seconds": times, "losses": losses, "peak_rss_bytes": _peak_rss_bytes(),
-           "setup_peak_rss_bytes": setup_rss, "train_peak_rss_bytes": _hwm_bytes() if hwm_reset else None}
+    train_hwm = _hwm_bytes() if hwm_reset else None
+    peaks = [b for b in (setup_hwm, train_hwm) if b]
+    out = {"step_seconds": times, "losses": losses,
+           "peak_rss_bytes": max(peaks) if peaks else _peak_rss_bytes(),
+           "ru_maxrss_bytes": _peak_rss_bytes(), "setup_peak_rss_bytes": setup_hwm, "train_peak_rss_bytes": train_hwm}
     if device.type == "cuda":
         out.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
                    peak_reserved_bytes=torch.cuda.max_memory_reserved(device), static_allocated_bytes=static)
@@ -187,7 +193,8 @@ def _child_cmd(args, which: str, out: Path, ckpt: Path | None) -> list[str]:
     cmd = [sys.executable, "-m", "engine.bench", "--child", which, "--child-out", str(out),
            "--model-config", args.model_config, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-           "--lora-r", str(args.lora_r), "--answer-frac", str(args.answer_frac), "--loss-chunk", str(args.loss_chunk)]
+           "--lora-r", str(args.lora_r), "--answer-frac", str(args.answer_frac), "--loss-chunk", str(args.loss_chunk),
+           "--ours-cpu-dequant", args.ours_cpu_dequant]
     if ckpt is not None:
         cmd += ["--hf-checkpoint", str(ckpt)]
     return cmd
@@ -249,7 +256,7 @@ def parent(args) -> dict:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_name(device),
               "command": "python -m engine.bench " + " ".join(args.argv), "model_config": args.model_config,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lora_r": args.lora_r,
-              "answer_frac": args.answer_frac, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+              "answer_frac": args.answer_frac, "ours_cpu_dequant": args.ours_cpu_dequant, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
               "torch": torch.__version__, "results": summary, "raw": results}
     if "hf" in summary:
         o, h = summary["ours"], summary["hf"]
@@ -296,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-chunk", type=int, default=1024, help="our loss chunk (rows per lm_head/CE chunk)")
     p.add_argument("--answer-frac", type=float, default=0.125,
                    help="fraction of each row that is supervised answer (completion-only labels)")
+    p.add_argument("--ours-cpu-dequant", choices=["torch", "bnb"], default="torch",
+                   help="experiment: NF4 dequantisation on the CPU by model/quant.py's torch reference (as shipped) "
+                        "or by bitsandbytes' kernel")
     p.add_argument("--json", metavar="OUT", help="also write the full report (all step times) here")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -325,7 +335,7 @@ def main(argv=None) -> int:
                 print(f"[{args.child}] {msg}", flush=True)
 
             if args.child == "ours":
-                res = run_ours(cfg, s, device, args.steps, args.warmup, args.answer_frac, log)
+                res = run_ours(cfg, s, device, args.steps, args.warmup, args.answer_frac, log, args.ours_cpu_dequant)
             else:
                 res = run_hf(cfg, s, device, args.steps, args.warmup, args.answer_frac, Path(args.hf_checkpoint), log)
             res["setup"] = asdict(s)

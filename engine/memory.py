@@ -592,49 +592,57 @@ def packed_segments(s: Setup) -> torch.Tensor:
     return seg
 
 
-def measure_cuda(cfg, s: Setup, steps: int = 3, log=print) -> dict:
-    """Real training steps at real shapes on the GPU (random weights, quantized on the GPU): the trainer's
-    step (engine/train.py's train_step when present, else the same calls: autocast, CausalLMLoss, backward,
-    clip, AdamW), returning peak allocated/reserved and the static bytes as measured."""
+def trainer_step(model, s: Setup, device, batch: dict):
+    """One optimizer step exactly as engine/train.py runs it (CausalLMLoss, forward_backward with its loss
+    scaling, Precision's autocast / clip / step, the trainer's optimizer), as a closure -> loss."""
+    from engine.config import TrainConfig
     from engine.loss import CausalLMLoss
+    from engine.precision import Precision
+    from engine.train import forward_backward, make_optimizer
 
+    device = torch.device(device)
+    prec = Precision(s.dtype, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    tc = TrainConfig(optimizer=s.optimizer, lora_r=s.lora_r, loss_chunk=s.loss_chunk)
+    opt = make_optimizer(tc, params, device)
+    loss_model = CausalLMLoss(model, s.loss_chunk)
+
+    def step() -> float:
+        loss, _ = forward_backward(loss_model, [batch], prec, 1)
+        prec.clip_and_step(opt, params, tc.grad_clip)
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def measure_cuda(cfg, s: Setup, steps: int = 3, log=print) -> dict:
+    """Real training steps at real shapes on the GPU: random weights quantized on the GPU, the trainer's own
+    step (trainer_step). Returns peak allocated/reserved and the resident bytes as measured."""
     dev = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()
     model = build_model(cfg, s, dev)
     torch.cuda.synchronize()
-    static_model = torch.cuda.memory_allocated()
     got = module_bytes(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, s.optimizer)
-    lossmod = CausalLMLoss(model, chunk=s.loss_chunk)
+    got["total static"] = torch.cuda.memory_allocated()  # weights + adapters; grads/optimizer come with step 1
     ids, labels = random_batch(cfg, s, dev)
-    dtype = DTYPES[s.dtype]
+    seg = packed_segments(s).to(dev) if s.packed else None
+    batch = {"input_ids": ids, "labels": labels}
+    if seg is not None:
+        batch["segment_ids"] = seg
+    step = trainer_step(model, s, dev, batch)
     times = []
-    for step in range(steps):
+    for i in range(steps):
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            loss = lossmod(ids, labels)
-        (loss / max(1, s.rows)).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        log(f"step {step}: loss {loss.item() / max(1, s.rows):.3f}, {times[-1] * 1000:.0f} ms, "
+        log(f"step {i}: loss {loss:.3f}, {times[-1] * 1000:.0f} ms, "
             f"peak allocated {fmt(torch.cuda.max_memory_allocated())}")
-    got["total static"] = static_model
     got["peak allocated"] = torch.cuda.max_memory_allocated()
     got["peak reserved"] = torch.cuda.max_memory_reserved()
     got["step seconds"] = sorted(times)[len(times) // 2]
     return got
-
-
-def make_optimizer(params, name: str, lr: float = 2e-4):
-    if name == "paged_adamw_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW8bit(params, lr=lr)
-    return torch.optim.AdamW(params, lr=lr, fused=params[0].is_cuda if params else None)
 
 
 # ------------------------------------------------------------------------------------------ trainer hook
