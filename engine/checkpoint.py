@@ -42,9 +42,13 @@ class StopFlag:
         self.count = 0
 
     def install(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
+
+    def uninstall(self):
+        for s, h in getattr(self, "_previous", {}).items():
+            signal.signal(s, h)
+        self._previous = {}
 
     def _handle(self, signum, frame):
         self.count += 1

@@ -1,7 +1,7 @@
 """QLoRA fine-tuning, one flat loop: `python -m engine.train [--config FILE.toml] [--key value ...]`.
 
 Under torchrun every process runs this same file (`./launch.sh --nproc 2 ...`); alone it is world size 1.
-Read `train` top to bottom: setup (config, data, model, optimizer, resume), then the step loop, then the
+Read `_train` top to bottom: setup (config, data, model, optimizer, resume), then the step loop, then the
 adapter. Distributed plumbing lives in engine/dist.py, precision in engine/precision.py, the loss in
 engine/loss.py, checkpoints in engine/checkpoint.py.
 """
@@ -123,6 +123,14 @@ def evaluate_loss(loss_model, batches, prec: Precision) -> float:
     return float(acc[0] / acc[1]) if acc[1] > 0 else float("nan")
 
 
+def _step_of(line: str) -> float:
+    """Step of a metrics.jsonl line; a torn last line (killed mid-write) counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -181,18 +189,31 @@ class Batches:
 
 # ---------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> dict:
-    """Run one training job; returns a summary dict (final loss, eval loss, steps, paths)."""
+    """Run one training job; returns a summary dict (final loss, eval loss, steps, stopped, out).
+
+    SIGTERM/SIGINT handlers are ours for the duration of the run (first signal: checkpoint and stop after the
+    current step; second: exit at once) and the previous ones come back afterwards.
+    """
+    stop = ckpt.StopFlag().install()
+    try:
+        return _train(cfg, stop)
+    finally:
+        stop.uninstall()
+
+
+def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
     from data.validate import load_validated
     from model import load_model, load_tokenizer
     from model.lora import apply_lora, lora_report, save_adapter
 
     d = dist.init(cfg.device)
-    stop = ckpt.StopFlag().install()
     out = Path(cfg.out)
     prec = Precision(cfg.precision, d.device, cfg.nonfinite_patience)
-    if not cfg.resume and ckpt.complete_checkpoints(out):
+    # torchrun --max-restarts: a restarted worker group continues from the newest checkpoint by itself
+    resume = cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if not resume and ckpt.complete_checkpoints(out):
         raise ConfigError(f"{out}/checkpoints holds an earlier run; pass --resume to continue it or pick another --out")
-    resume_from = ckpt.latest(out) if cfg.resume else None
+    resume_from = ckpt.latest(out) if resume else None
 
     # ---- data first: a bad dataset must fail before minutes of model loading, and before OUT is touched
     t_setup = time.perf_counter()
@@ -248,9 +269,9 @@ def train(cfg: TrainConfig) -> dict:
         batcher.load_state_dict(state["sampler"])
         print0(f"resumed from {resume_from} at step {start_step}")
         if d.is_main and metrics_path.exists():  # drop lines of steps after the checkpoint: they are redone
-            keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
+            keep = [ln for ln in metrics_path.read_text().splitlines() if _step_of(ln) <= start_step]
             metrics_path.write_text("".join(k + "\n" for k in keep))
-    elif cfg.resume:
+    elif resume:
         print0(f"--resume: no checkpoint in {out}/checkpoints, starting from step 0")
     if resume_from is None and d.is_main:
         metrics_path.write_text("")

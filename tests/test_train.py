@@ -186,3 +186,22 @@ def test_nonfinite_gradient_skips_the_step_and_counts_an_overflow():
     p.grad = torch.tensor([1.0, float("inf"), 0.0])
     norm, overflow = prec.clip_and_step(opt, [p], 1.0)
     assert overflow and prec.overflows == 1 and torch.equal(p.detach(), torch.ones(3))
+
+
+def test_fp16_loss_scaler_overflow_is_detected_and_the_step_skipped():
+    """The fp16 path's bookkeeping, exercised with a CPU GradScaler: an inf gradient halves the scale, the
+    optimizer step is skipped and counted; a clean step then goes through."""
+    from engine.precision import Precision
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    prec = Precision("fp32", torch.device("cpu"))
+    prec.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    prec.backward((p * torch.tensor([1.0, float("inf"), 1.0])).sum())
+    norm, overflow = prec.clip_and_step(opt, [p], 1.0)
+    assert overflow and prec.overflows == 1 and prec.scaler.get_scale() == 2.0**15
+    assert torch.equal(p.detach(), torch.ones(3))
+    opt.zero_grad()
+    prec.backward(p.sum())
+    norm, overflow = prec.clip_and_step(opt, [p], 1.0)
+    assert not overflow and abs(norm - 3 ** 0.5) < 1e-5 and not torch.equal(p.detach(), torch.ones(3))
