@@ -70,7 +70,7 @@ def write_tokenizer(tok, out: Path) -> None:
 
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
            "bos_token": name(tok.bos_id), "eos_token": name(tok.eot_id), "pad_token": name(tok.pad_id),
-           "model_max_length": 131072, "chat_template": CHAT_TEMPLATES[tok.chat_format]}
+           "chat_template": CHAT_TEMPLATES[tok.chat_format]}
     (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}, indent=2))
 
 

@@ -146,14 +146,17 @@ def locate(generated: str, window: str) -> tuple[int, int, float, bool] | None:
 
 
 def find_clause(text: str, clause: str, answer_fn, count_tokens, max_context_tokens: int, *,
-                overlap: float = 0.25, min_score: float = 60.0) -> tuple[list[Match], int]:
-    """All distinct matches (best first) and the number of windows. answer_fn(list of user messages) -> answers."""
+                overlap: float = 0.25, min_score: float = 60.0, log: list | None = None) -> tuple[list[Match], int]:
+    """All distinct matches (best first) and the number of windows. answer_fn(list of user messages) -> answers.
+    log, when given, receives one dict per window: its offsets and what the model answered there."""
     from data.example import Example, render_prompt
 
     windows = make_windows(text, count_tokens, max_context_tokens, overlap)
     prompts = [render_prompt(Example(id=f"extract:{clause}", source="extract", category=clause, query=clause,
                                      context=text[a:b], answer="", split="test")) for a, b in windows]
     answers = answer_fn(prompts)
+    if log is not None:
+        log.extend({"start": a, "end": b, "answer": ans} for (a, b), ans in zip(windows, answers))
     found: list[Match] = []
     for w, ((a, b), ans) in enumerate(zip(windows, answers)):
         if is_none(ans):
@@ -217,15 +220,16 @@ def run(args) -> dict:
     if budget < 64:
         raise ValueError(f"--seq-len {args.seq_len} leaves {budget} context tokens per window after the prompt "
                          f"and --max-new-tokens {args.max_new_tokens}; raise --seq-len")
+    per_window: list[dict] = []
     matches, n_windows = find_clause(
         text, args.clause,
         lambda prompts: generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=0.0,
                                  batch_size=args.batch_size),
-        lambda s: len(tok.encode(s)), budget, overlap=args.overlap, min_score=args.min_score)
+        lambda s: len(tok.encode(s)), budget, overlap=args.overlap, min_score=args.min_score, log=per_window)
     best = matches[0] if matches else None
     result = {"contract": str(args.contract), "clause": args.clause, "found": best is not None,
               "windows": n_windows, **(best.as_dict(text) if best else {}),
-              "matches": [m.as_dict(text) for m in matches]}
+              "matches": [m.as_dict(text) for m in matches], "per_window": per_window}
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     elif best is None:
