@@ -311,7 +311,7 @@ def run(args) -> dict:
         "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(), "seconds": round(seconds, 2),
         "examples_per_s": round(len(subset) / seconds, 3) if seconds > 0 else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "baseline": args.compare, "metrics": METRIC_NOTES, **res,
+        "baseline": args.compare, "metrics_jsonl": args.metrics, "definitions": METRIC_NOTES, **res,
     }
     out.mkdir(parents=True, exist_ok=True)
     write_report(result, out, metrics_jsonl=args.metrics, baseline=baseline)

@@ -128,7 +128,7 @@ def test_evaluate_cli_writes_eval_json_report_and_compare(tiny_model_dir, tmp_pa
     assert "| metric | before | after | change |" in out and "| examples | 4 | 6 |" in out
 
     ev = json.loads((tmp_path / "after" / "eval.json").read_text())
-    for key in ("model", "adapter", "data", "split", "limit", "seconds", "created", "metrics",
+    for key in ("model", "adapter", "data", "split", "limit", "seconds", "created", "definitions",
                 "overall", "by_category", "by_source", "rows"):
         assert key in ev, key
     assert set(ev["overall"]) == set(AGGREGATE_KEYS) and ev["overall"]["n"] == 6
