@@ -276,6 +276,9 @@ def run(args) -> dict:
     if args.seq_len is None:
         args.seq_len = _run_seq_len(args.adapter) or 2048
     baseline = read_eval_json(args.compare) if args.compare else None
+    if baseline is not None and baseline.get("seq_len") not in (None, args.seq_len):
+        print(f"note: the baseline was evaluated with --seq-len {baseline['seq_len']}, this run uses "
+              f"{args.seq_len}: contexts are cut differently; pass the same --seq-len to both", file=sys.stderr)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
