@@ -32,6 +32,7 @@ def test_report_references_existing_pngs_and_loss_curve(tmp_path):
         assert (md_path.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| Term |" in md and "| synthetic |" in md
     assert not list(md_path.parent.glob(".*"))  # no temporary files left behind
+    assert md_path.stat().st_mode & 0o044 == (md_path.parent / "loss.png").stat().st_mode & 0o044
 
 
 def test_report_without_matplotlib_is_tables_only(tmp_path, monkeypatch):
