@@ -195,6 +195,9 @@ def build(args) -> Path:
         write_tokenizer(tok, tmp)
         (tmp / "README.md").write_text(model_card(base_id=base_id, merged=args.merge, adapter_cfg=adapter_cfg,
                                                   run_cfg=run_cfg, evaluation=evaluation, repo=args.push_to_hub))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; OUT gets what mkdir would give it
         if out.exists():  # --overwrite: swap the finished export in, then drop the old one
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
