@@ -167,19 +167,22 @@ def _time_steps(step, device: torch.device, steps: int, warmup: int, log) -> dic
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         static = torch.cuda.memory_allocated(device)
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(float(step()))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        log(f"  {'warmup' if i < warmup else 'step'} {i}: {dt:.2f} s, loss {losses[-1]:.3f}")
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        log(f"  {'warmup' if i < warmup else 'step'} {i}: {dt:.2f} s ({dc:.2f} CPU s), loss {losses[-1]:.3f}")
         if i >= warmup:
             times.append(dt)
+            cpu_times.append(dc)
     train_hwm = _hwm_bytes() if hwm_reset else None
     peaks = [b for b in (setup_hwm, train_hwm) if b]
-    out = {"step_seconds": times, "losses": losses,
+    # CPU seconds (all threads of this process): on a shared machine wall time depends on the neighbours'
+    # load, CPU time much less so; both are reported.
+    out = {"step_seconds": times, "step_cpu_seconds": cpu_times, "losses": losses,
            "peak_rss_bytes": max(peaks) if peaks else _peak_rss_bytes(),
            "ru_maxrss_bytes": _peak_rss_bytes(), "setup_peak_rss_bytes": setup_hwm, "train_peak_rss_bytes": train_hwm}
     if device.type == "cuda":
@@ -202,7 +205,9 @@ def _child_cmd(args, which: str, out: Path, ckpt: Path | None) -> list[str]:
 
 def _summary(runs: list[dict], device: torch.device) -> dict:
     times = [t for r in runs for t in r["step_seconds"]]
+    cpu = [t for r in runs for t in r.get("step_cpu_seconds", [])]
     out = {"runs": len(runs), "median_step_seconds": statistics.median(times),
+           "median_step_cpu_seconds": statistics.median(cpu) if cpu else None,
            "peak_rss_bytes": int(statistics.median(r["peak_rss_bytes"] for r in runs))}
     train = [r["train_peak_rss_bytes"] for r in runs if r.get("train_peak_rss_bytes")]
     if train:
@@ -223,7 +228,10 @@ def device_name(device: torch.device) -> str:
                 name = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{name}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = f", load average {os.getloadavg()[0]:.1f} at the end"
+    return f"{name}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads{load}"
 
 
 def parent(args) -> dict:
@@ -253,6 +261,7 @@ def parent(args) -> dict:
     summary = {k: _summary(v, device) for k, v in results.items()}
     for v in summary.values():
         v["tokens_per_s"] = tokens / v["median_step_seconds"]
+        v["tokens_per_cpu_s"] = tokens / v["median_step_cpu_seconds"] if v["median_step_cpu_seconds"] else None
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_name(device),
               "command": "python -m engine.bench " + " ".join(args.argv), "model_config": args.model_config,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lora_r": args.lora_r,
@@ -261,6 +270,8 @@ def parent(args) -> dict:
     if "hf" in summary:
         o, h = summary["ours"], summary["hf"]
         report["ratios"] = {"tokens_per_s": o["tokens_per_s"] / h["tokens_per_s"],
+                            "tokens_per_cpu_s": (o["tokens_per_cpu_s"] / h["tokens_per_cpu_s"]
+                                                 if o["tokens_per_cpu_s"] and h["tokens_per_cpu_s"] else None),
                             "peak_rss": o["peak_rss_bytes"] / h["peak_rss_bytes"]}
         if "train_peak_rss_bytes" in o and "train_peak_rss_bytes" in h:
             report["ratios"]["train_peak_rss"] = o["train_peak_rss_bytes"] / h["train_peak_rss_bytes"]
@@ -272,19 +283,22 @@ def parent(args) -> dict:
 def format_report(rep: dict) -> str:
     res = rep["results"]
     cuda = "peak_allocated_bytes" in res["ours"]
-    head = f"{'':<6} {'tokens/s':>10} {'step s':>8} {'peak RSS':>11} {'train RSS':>11}"
+    head = f"{'':<6} {'tokens/s':>10} {'step s':>8} {'tok/CPU-s':>10} {'peak RSS':>11} {'train RSS':>11}"
     head += f" {'peak alloc':>11} {'reserved':>11}" if cuda else ""
     lines = [f"{rep['date']} | {rep['device']} | {rep['model_config']} seq {rep['seq_len']} batch "
              f"{rep['batch_size']} | LoRA r{rep['lora_r']} NF4 | {rep['rounds']} rounds × {rep['steps']} steps",
              head]
     for k, v in res.items():
-        line = (f"{k:<6} {v['tokens_per_s']:>10.1f} {v['median_step_seconds']:>8.2f} {fmt(v['peak_rss_bytes']):>11} "
+        tpc = f"{v['tokens_per_cpu_s']:.1f}" if v.get("tokens_per_cpu_s") else "-"
+        line = (f"{k:<6} {v['tokens_per_s']:>10.1f} {v['median_step_seconds']:>8.2f} {tpc:>10} "
+                f"{fmt(v['peak_rss_bytes']):>11} "
                 f"{fmt(v['train_peak_rss_bytes']) if v.get('train_peak_rss_bytes') else '-':>11}")
         if cuda:
             line += f" {fmt(v['peak_allocated_bytes']):>11} {fmt(v['peak_reserved_bytes']):>11}"
         lines.append(line)
     for k, v in rep.get("ratios", {}).items():
-        lines.append(f"ours/hf {k}: {v:.2f}")
+        if v is not None:
+            lines.append(f"ours/hf {k}: {v:.2f}")
     return "\n".join(lines)
 
 
