@@ -122,7 +122,8 @@ def model_card(*, base_id: str, merged: bool, adapter_cfg: dict, run_cfg: dict |
     kind = data.partition(":")[0] if data else None
     tags = ["lora", "qlora", "legal", "clause-extraction", "contracts", "text-generation"]
     # peft for an adapter (the Hub shows peft's loading snippet); a merged checkpoint is plain transformers
-    yaml = ["---", f"library_name: {'transformers' if merged else 'peft'}", f"base_model: {base_id}", "pipeline_tag: text-generation", "tags:"]
+    yaml = ["---", f"library_name: {'transformers' if merged else 'peft'}", f"base_model: {base_id}",
+            "pipeline_tag: text-generation", "tags:"]
     yaml += [f"- {t}" for t in tags]
     if kind in DATASETS:
         yaml += ["datasets:", f"- {DATASETS[kind]}"]
@@ -160,7 +161,8 @@ def model_card(*, base_id: str, merged: bool, adapter_cfg: dict, run_cfg: dict |
         body.append("Not recorded (no training run config.json was found beside the adapter).")
     body += ["", "## Recipe", "", "| setting | value |", "|---|---|"]
     recipe = {"LoRA r": adapter_cfg.get("r"), "LoRA alpha": adapter_cfg.get("lora_alpha"),
-              "rsLoRA": adapter_cfg.get("use_rslora"), "target modules": ", ".join(adapter_cfg.get("target_modules") or [])}
+              "rsLoRA": adapter_cfg.get("use_rslora"),
+              "target modules": ", ".join(adapter_cfg.get("target_modules") or [])}
     for key in ("quantize", "seq_len", "batch_size", "grad_accum", "lr", "max_steps", "epochs", "warmup_steps",
                 "seed", "pack"):
         if run_cfg and run_cfg.get(key) is not None:

@@ -79,8 +79,9 @@ def make_windows(text: str, count_tokens, max_tokens: int, overlap: float = 0.25
     while True:
         end = min(len(text), start + chars)
         while True:
-            if end < len(text):
-                cut = max(text.rfind(" ", start + (end - start) // 2, end), text.rfind("\n", start + (end - start) // 2, end))
+            if end < len(text):  # end after the last space / newline of the window's second half
+                half = start + (end - start) // 2
+                cut = max(text.rfind(" ", half, end), text.rfind("\n", half, end))
                 end = cut + 1 if cut > start else end
             if count_tokens(text[start:end]) <= max_tokens or end - start <= 8:
                 break
