@@ -701,6 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--supervised", type=int, default=None,
                    help="supervised positions per micro-batch (default: all, the worst case)")
     p.add_argument("--packed", action="store_true", help="packed rows (SDPA gets a boolean mask)")
+    p.add_argument("--sdpa", choices=["auto", "flash", "efficient", "math"], default="auto",
+                   help="SDPA kernel to assume (auto: what model/llama.py's call gets; on a T4 GQA runs on math)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="device the prediction is for")
     p.add_argument("--measure", action="store_true",
                    help="also measure: real steps at these shapes on CUDA, or resident and saved bytes on the CPU")
@@ -728,7 +730,7 @@ def main(argv=None) -> int:
         s = Setup(seq_len=args.seq_len, batch_size=args.batch_size, lora_r=args.lora_r, lora_targets=targets,
                   checkpointing=args.checkpointing, offload=args.offload, dtype=dtype, optimizer=args.optimizer,
                   quantize=args.quantize, double_quant=args.double_quant, loss_chunk=args.loss_chunk,
-                  supervised=args.supervised, packed=args.packed, device=device)
+                  supervised=args.supervised, packed=args.packed, sdpa=args.sdpa, device=device)
         led = predict(cfg, s)
         measured = None
         if args.measure:
