@@ -68,13 +68,13 @@ if len(ev) >= 2:
           f"train loss (mean of {k} steps) {sum(tr[:k]) / k:.4f} -> {sum(tr[-k:]) / k:.4f}")
 PYEOF
   if "$PY" -c "import engine.evaluate" 2>/dev/null; then
-    limit=${DEMO_EVAL_LIMIT:-16}
+    limit=${DEMO_EVAL_LIMIT:-16}  # both runs cut contexts as training did (demo.toml seq_len 384)
     echo "== evaluation on $limit held-out synthetic contracts (test split, unseen clause wordings): base model"
     "$PY" -m engine.evaluate --model smollm2-135m --data synthetic --split test --limit "$limit" \
-      --max-new-tokens 64 --out "$out/eval-before" --quiet
+      --max-new-tokens 64 --seq-len 384 --out "$out/eval-before" --quiet
     echo "== the same with the fine-tuned adapter"
     "$PY" -m engine.evaluate --model smollm2-135m --adapter "$out/adapter" --data synthetic --split test \
-      --limit "$limit" --max-new-tokens 64 --out "$out/eval" --quiet \
+      --limit "$limit" --max-new-tokens 64 --seq-len 384 --out "$out/eval" --quiet \
       --compare "$out/eval-before/eval.json" --metrics "$out/metrics.jsonl"
     echo "== report: $out/eval/report.md"
   fi

@@ -57,10 +57,21 @@ def make_optimizer(cfg: TrainConfig, params: list, device: torch.device) -> torc
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: max_memory_allocated of this rank. CPU: the process's peak resident set size (Linux: KiB)."""
+    """CUDA: max_memory_allocated of this rank. CPU: this process's peak resident set size.
+
+    Linux: VmHWM from /proc/self/status (getrusage's ru_maxrss can carry a parent's larger peak over a
+    fork + exec); elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def _fmt_time(s: float) -> str:
