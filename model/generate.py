@@ -46,10 +46,13 @@ def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, stop_i
     for _ in range(max_new_tokens):
         pos = (mask[:, :n].cumsum(-1) - 1).clamp(min=0)
         if use_cache:
-            logits = model(step_ids, position_ids=pos[:, n - step_ids.shape[1]:], attention_mask=mask[:, :n],
-                           cache=cache)[:, -1]
+            h = model.hidden(step_ids, position_ids=pos[:, n - step_ids.shape[1]:], attention_mask=mask[:, :n],
+                             cache=cache)
         else:  # the reference path: recompute the whole sequence every step
-            logits = model(seq, position_ids=pos, attention_mask=mask[:, :n])[:, -1]
+            h = model.hidden(seq, position_ids=pos, attention_mask=mask[:, :n])
+        # lm_head on the last position only: prefill logits for every prompt token would be (B, L, vocab)
+        # fp32, e.g. 8 x 2048 x 128256 x 4 B = 8.4 GB for Llama 3.
+        logits = model.lm_head(h[:, -1]).float()  # (B, vocab)
         nxt = _pick(logits, temperature, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         for i in (~done).nonzero().flatten().tolist():
