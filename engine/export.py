@@ -60,13 +60,10 @@ def read_json(path: Path, what: str) -> dict:
 # ---- writing the files -------------------------------------------------------------------------------------
 def write_tokenizer(tok, out: Path) -> None:
     """tokenizer.json + tokenizer_config.json (special tokens, chat template) that transformers' AutoTokenizer reads."""
-    inner = getattr(tok, "_tk", None)  # model.tokenizer.Tokenizer wraps a tokenizers.Tokenizer
-    if inner is None:
-        raise ExportError("the tokenizer cannot be saved (no tokenizers backend)")
-    inner.save(str(out / "tokenizer.json"))
+    tok.save(out / "tokenizer.json")
 
     def name(i):
-        return None if i is None else inner.id_to_token(i)
+        return None if i is None else tok.decode([i], skip_special=False)
 
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
            "bos_token": name(tok.bos_id), "eos_token": name(tok.eot_id), "pad_token": name(tok.pad_id),
