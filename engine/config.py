@@ -76,6 +76,8 @@ class TrainConfig:
     # evaluation / checkpoints / bookkeeping
     eval_every: int = _f(0, "evaluate the loss on eval_split every N steps and at the end (0 = never)")
     eval_batches: int = _f(16, "at most this many micro-batches per evaluation (0 = whole split)")
+    eval_generate: int = _f(0, "at each evaluation also generate answers for a fixed, category-balanced subset of "
+                            "N eval_split examples on rank 0 and log similarity/EM/F1 (0 = off)")
     save_every: int = _f(0, "save a resumable checkpoint every N steps (0 = only on SIGTERM/SIGINT)")
     keep_last: int = _f(2, "keep only the newest K checkpoints")
     resume: bool = _f(False, "continue from the newest complete checkpoint in OUT/checkpoints")
@@ -114,7 +116,8 @@ def _check(name: str, value, where: str):
 
 def _validate(cfg: TrainConfig) -> TrainConfig:
     positive = ["seq_len", "batch_size", "grad_accum", "lora_r", "loss_chunk"]
-    nonneg = ["max_steps", "warmup_steps", "eval_every", "save_every", "max_examples", "eval_batches"]
+    nonneg = ["max_steps", "warmup_steps", "eval_every", "save_every", "max_examples", "eval_batches",
+              "eval_generate"]
     for k in positive:
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"config: {k} must be > 0, got {getattr(cfg, k)}")
@@ -135,6 +138,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if bad or not cfg.lora_targets:
         raise ConfigError(f"config: lora_targets must be a non-empty subset of {','.join(ALL_PROJECTIONS)}, "
                           f"got {','.join(cfg.lora_targets) or 'nothing'}")
+    if cfg.eval_generate and not cfg.eval_every:
+        raise ConfigError("config: eval_generate needs eval_every > 0 (it runs at each evaluation)")
     if cfg.offload and not cfg.checkpointing:
         raise ConfigError("config: offload needs checkpointing (--checkpointing --offload)")
     return cfg

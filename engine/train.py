@@ -23,6 +23,7 @@ from engine import config as config_mod
 from engine import dist
 from engine.config import ConfigError, TrainConfig
 from engine.dist import print0
+from engine.evaluate import eval_subset, evaluate_for_training
 from engine.loss import CausalLMLoss, backward_scale, supervised_tokens
 from engine.precision import NonFiniteLoss, Precision
 
@@ -235,12 +236,14 @@ def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
     if not train_ex:
         raise ValueError(f"{cfg.data}: no training examples in split {cfg.train_split!r}")
     batcher = Batches(tok, train_ex, cfg, d, shuffle=True)
-    eval_batches = []
+    eval_batches, gen_subset = [], []
     if cfg.eval_every:
         eval_ex, _ = load_validated(cfg.data, cfg.eval_split, max_rejected=cfg.max_rejected)
         if not eval_ex:
             raise ValueError(f"{cfg.data}: no examples in eval split {cfg.eval_split!r} (set --eval-every 0)")
         eval_batches = Batches(tok, eval_ex, cfg, d, shuffle=False).first(cfg.eval_batches)
+        # task metrics, not just loss (loss does not predict extraction quality): a fixed subset, rank 0 only
+        gen_subset = eval_subset(eval_ex, cfg.eval_generate) if cfg.eval_generate and d.is_main else []
     rows_per_step = cfg.batch_size * cfg.grad_accum * d.world_size
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * batcher.num_rows / rows_per_step))
     print0(f"data: {len(train_ex)} train examples from {cfg.data} ({rep.rejected} rejected, {rep.repaired} repaired, "
@@ -290,6 +293,16 @@ def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
         dist.seed_rank(cfg.seed, d.rank)
     metrics = open(metrics_path, "a") if d.is_main else None
 
+    def generation_eval() -> dict:
+        """eval_avg_similarity, eval_exact_match, ... on gen_subset (rank 0; other ranks wait at the next collective)."""
+        if not gen_subset:
+            return {}
+        model.eval()  # no dropout, no checkpointing; KV-cache greedy decoding
+        with prec.autocast():
+            res = evaluate_for_training(model, tok, gen_subset, seq_len=cfg.seq_len)
+        model.train()
+        return res
+
     def save_checkpoint(step):
         return ckpt.save(out, step, model=model, optimizer=opt, precision=prec,
                          sampler_state=batcher.state_dict(), counters=counters, keep_last=cfg.keep_last,
@@ -299,9 +312,11 @@ def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
     eval_loss = None
     if cfg.eval_every and start_step == 0:
         eval_loss = evaluate_loss(loss_model, [_to(b, d.device) for b in eval_batches], prec)
-        print0(f"eval loss before training: {eval_loss:.4f}")
+        gen = generation_eval()
+        print0(f"eval loss before training: {eval_loss:.4f}"
+               + (f" | similarity {gen['eval_avg_similarity']:.1f}" if gen else ""))
         if metrics:
-            metrics.write(json.dumps({"step": 0, "eval_loss": eval_loss}) + "\n")
+            metrics.write(json.dumps({"step": 0, "eval_loss": eval_loss, **gen}) + "\n")
             metrics.flush()
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
@@ -331,6 +346,7 @@ def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
             eval_loss = evaluate_loss(loss_model, [_to(b, d.device) for b in eval_batches], prec)
             row["eval_loss"] = eval_loss
+            row.update(generation_eval())
         if metrics:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
@@ -338,6 +354,7 @@ def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
         print0(f"step {step}/{total} | loss {loss:.4f} | lr {row['lr']:.2e} | {row['tokens_per_s']:.0f} tok/s | "
                f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB | eta {_fmt_time(eta)}"
                + (f" | eval {eval_loss:.4f}" if "eval_loss" in row else "")
+               + (f" | similarity {row['eval_avg_similarity']:.1f}" if "eval_avg_similarity" in row else "")
                + (f" | overflow (skipped, {prec.overflows} so far)" if overflow else ""))
         if stop_now and step < total:  # (a signal during the last step just lets the run finish)
             path = save_checkpoint(step)

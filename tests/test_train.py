@@ -205,3 +205,22 @@ def test_fp16_loss_scaler_overflow_is_detected_and_the_step_skipped():
     prec.backward(p.sum())
     norm, overflow = prec.clip_and_step(opt, [p], 1.0)
     assert not overflow and abs(norm - 3 ** 0.5) < 1e-5 and not torch.equal(p.detach(), torch.ones(3))
+
+
+def test_generation_eval_logs_task_metrics_on_a_fixed_subset(tmp_path):
+    """eval_generate: extraction scores (not just loss) at step 0 and at each evaluation, same examples each time."""
+    from engine.train import train
+
+    cfg = tiny_cfg(tmp_path, max_steps=2, eval_every=2, eval_generate=2)
+    train(cfg)
+    rows = [r for r in read_metrics(cfg.out) if "eval_loss" in r]
+    assert [r["step"] for r in rows] == [0, 2]
+    for r in rows:
+        assert r["eval_n"] == 2 and 0 <= r["eval_avg_similarity"] <= 100 and "eval_exact_match" in r
+
+
+def test_generation_eval_needs_eval_every():
+    from engine.config import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match="eval_generate needs eval_every"):
+        parse_args(["--eval-generate", "2", "--eval-every", "0"])
