@@ -69,6 +69,16 @@ class KVCache:
         return self.k[layer][:, :, :self.pos + t], self.v[layer][:, :, :self.pos + t]
 
 
+def _sdpa_gqa_ok(q, mask) -> bool:
+    """Whether SDPA can take grouped k/v without falling back to its O(T^2)-memory math kernel: on the CPU
+    (its flash kernel handles GQA) and on CUDA with flash attention (sm >= 80), in both cases without a mask."""
+    if mask is not None:
+        return False
+    if q.device.type == "cuda":
+        return torch.cuda.get_device_capability(q.device)[0] >= 8
+    return True
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -89,11 +99,18 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, T_past + T, hd)
-        # GQA: SDPA broadcasts the n_kv heads over their n_heads/n_kv query heads without copying them.
+        gqa = self.n_kv != self.n_heads
+        if gqa and not _sdpa_gqa_ok(q, mask):
+            # Only the flash kernels take grouped k/v; with a mask (packed rows, padding) or on GPUs without
+            # flash attention (T4, sm 75) SDPA would fall back to the math kernel, which stores the whole
+            # (B, n, T, T) attention matrix. Copying k/v to every query head keeps the memory-efficient kernel.
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)  # (B, n_kv, S, hd) -> (B, n, S, hd)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            gqa = False
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, n, T, hd) -> (B, T, n*hd)
         return self.o_proj(y)
 
