@@ -74,28 +74,13 @@ def compute_dtype(device: torch.device) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the children
-def run_ours(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_frac: float, log,
-             cpu_dequant: str = "torch") -> dict:
+def run_ours(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_frac: float, log) -> dict:
     from engine.memory import trainer_step
 
-    if cpu_dequant == "bnb":
-        use_bnb_cpu_dequant()
     model = build_model(cfg, s, device)
     ids, labels = random_batch(cfg, s, device, answer_frac=answer_frac)
     step = trainer_step(model, s, device, {"input_ids": ids, "labels": labels})
     return _time_steps(step, device, steps, warmup, log)
-
-
-def use_bnb_cpu_dequant():
-    """Experiment (--ours-cpu-dequant bnb): route Linear4bit.dequantize on the CPU through bitsandbytes' C++
-    kernel, as model/quant.py already does on CUDA (same bytes, bit-identical output), to measure what the
-    torch reference dequantiser costs per step."""
-    from model import quant
-
-    def dequantize(self, dtype=None):
-        return quant._bnb_dequantize(self, dtype or self.compute_dtype)
-
-    quant.Linear4bit.dequantize = dequantize
 
 
 def _hf_config(cfg):
@@ -196,8 +181,7 @@ def _child_cmd(args, which: str, out: Path, ckpt: Path | None) -> list[str]:
     cmd = [sys.executable, "-m", "engine.bench", "--child", which, "--child-out", str(out),
            "--model-config", args.model_config, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-           "--lora-r", str(args.lora_r), "--answer-frac", str(args.answer_frac), "--loss-chunk", str(args.loss_chunk),
-           "--ours-cpu-dequant", args.ours_cpu_dequant]
+           "--lora-r", str(args.lora_r), "--answer-frac", str(args.answer_frac), "--loss-chunk", str(args.loss_chunk)]
     if ckpt is not None:
         cmd += ["--hf-checkpoint", str(ckpt)]
     return cmd
@@ -265,7 +249,7 @@ def parent(args) -> dict:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_name(device),
               "command": "python -m engine.bench " + " ".join(args.argv), "model_config": args.model_config,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lora_r": args.lora_r,
-              "answer_frac": args.answer_frac, "ours_cpu_dequant": args.ours_cpu_dequant, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+              "answer_frac": args.answer_frac, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
               "torch": torch.__version__, "results": summary, "raw": results}
     if "hf" in summary:
         o, h = summary["ours"], summary["hf"]
@@ -317,9 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-chunk", type=int, default=1024, help="our loss chunk (rows per lm_head/CE chunk)")
     p.add_argument("--answer-frac", type=float, default=0.125,
                    help="fraction of each row that is supervised answer (completion-only labels)")
-    p.add_argument("--ours-cpu-dequant", choices=["torch", "bnb"], default="torch",
-                   help="experiment: NF4 dequantisation on the CPU by model/quant.py's torch reference (as shipped) "
-                        "or by bitsandbytes' kernel")
     p.add_argument("--json", metavar="OUT", help="also write the full report (all step times) here")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -349,7 +330,7 @@ def main(argv=None) -> int:
                 print(f"[{args.child}] {msg}", flush=True)
 
             if args.child == "ours":
-                res = run_ours(cfg, s, device, args.steps, args.warmup, args.answer_frac, log, args.ours_cpu_dequant)
+                res = run_ours(cfg, s, device, args.steps, args.warmup, args.answer_frac, log)
             else:
                 res = run_hf(cfg, s, device, args.steps, args.warmup, args.answer_frac, Path(args.hf_checkpoint), log)
             res["setup"] = asdict(s)

@@ -227,16 +227,18 @@ def optimizer_note(s: Setup) -> str:
 
 # ------------------------------------------------------------------------------------- saved activations
 def sdpa_kernel(cfg, s: Setup) -> str:
-    """Which SDPA kernel model/llama.py's call gets. It passes enable_gqa=True whenever kv heads < heads; only
-    the flash kernel implements GQA, and flash takes no mask and needs sm >= 80. So on CUDA: packed rows (a
-    boolean mask) with GQA fall back to the math kernel, which materialises (B, heads, T, T) scores. The CPU
-    build has a flash kernel that accepts masks."""
+    """Which SDPA kernel model/llama.py's call gets. With a mask (packed rows) it copies k/v to every head and
+    SDPA takes the memory-efficient kernel on CUDA (the CPU build's flash kernel accepts masks); without one,
+    grouped k/v go to the flash kernel (assumed sm >= 80 here: on a T4 llama.py also copies k/v, and the
+    efficient kernel saves the same tensors plus those copies)."""
     if s.sdpa != "auto":
         return s.sdpa
-    gqa = cfg.num_key_value_heads != cfg.num_attention_heads
-    if s.device == "cuda" and s.packed:
-        return "math" if gqa else "efficient"
-    return "flash"
+    return "efficient" if s.device == "cuda" and s.packed else "flash"
+
+
+def kv_expanded(cfg, s: Setup) -> bool:
+    """llama.py copies k/v to all heads whenever there is a mask (packed rows) and kv heads < heads."""
+    return s.packed and cfg.num_key_value_heads != cfg.num_attention_heads
 
 
 def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
@@ -253,8 +255,10 @@ def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
         ("input_layernorm: input in fp32", n * H * 4),  # x.float() is a copy in bf16/fp16, the block input in fp32
         ("input_layernorm: rsqrt", n * 4),
         ("q after RoPE", n * nh * hd * c),
-        ("k after RoPE", n * nkv * hd * c),
-        ("v", n * nkv * hd * c),
+        ("k after RoPE" + (", copied to all heads" if kv_expanded(cfg, s) else ""),
+         n * (nh if kv_expanded(cfg, s) else nkv) * hd * c),
+        ("v" + (", copied to all heads" if kv_expanded(cfg, s) else ""),
+         n * (nh if kv_expanded(cfg, s) else nkv) * hd * c),
         ("SDPA output", n * nh * hd * c),
     ]
     if kernel == "math":

@@ -104,10 +104,12 @@ def test_checkpointing_keeps_one_block_input_per_layer_and_offload_moves_them_to
     assert host.peak < on.peak
 
 
-def test_packed_gqa_rows_on_cuda_are_flagged_as_the_math_kernel():
+def test_packed_gqa_rows_on_cuda_use_the_efficient_kernel_with_kv_copied_to_all_heads():
     cfg = resolve_config("llama-3.2-3b")
     rows = dict(memory.block_saved(cfg, Setup(seq_len=1024, batch_size=1, packed=True)))
-    assert rows["SDPA math kernel: attention probabilities"] == 24 * 1024 * 1024 * 2
+    assert not any("math kernel" in k for k in rows)  # no (B, heads, T, T) probabilities
+    assert rows["k after RoPE, copied to all heads"] == 1024 * 24 * 128 * 2
+    assert rows["SDPA additive mask (packed rows)"] == 1024 * 1024 * 2
 
 
 def test_cli_prints_the_3b_ledger_without_downloading(capsys):
