@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import replace
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from engine.cli import CliParser, run_command
 from engine.metrics import score, summarize
 from engine.report import atomic_write_text, compare_table, write_report
 
@@ -164,13 +164,6 @@ def evaluate_for_training(model, tok, subset: list, *, max_new_tokens: int = 128
 
 
 # ---- the command -------------------------------------------------------------------------------------------
-class CliParser(argparse.ArgumentParser):
-    """argparse with a one-line usage error (the default prints the whole usage block first)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def _base_of_adapter(adapter: str) -> str | None:
     cfg = Path(adapter) / "adapter_config.json"
     try:
@@ -331,19 +324,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except Exception as e:  # user-facing boundary: one line; CLAUSELORA_DEBUG=1 shows the traceback
-        if os.environ.get("CLAUSELORA_DEBUG"):
-            raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.evaluate import CliParser
+from engine.cli import CliParser, run_command
 from engine.metrics import AGGREGATE_KEYS
 from engine.report import LABELS, fmt
 
@@ -265,26 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def run(args) -> None:
+    if args.push_to_hub and "/" not in args.push_to_hub.strip("/"):
+        raise ExportError(f"--push-to-hub {args.push_to_hub!r}: give the repo as owner/name")
+    if args.max_shard_gb <= 0:
+        raise ExportError("--max-shard-gb must be positive")
+    out = build(args)
+    print(f"wrote {'merged checkpoint' if args.merge else 'adapter'} to {out}")
+    if args.push_to_hub:
+        print(f"pushed to {push(out, args.push_to_hub, args.private)}")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.push_to_hub and "/" not in args.push_to_hub.strip("/"):
-            raise ExportError(f"--push-to-hub {args.push_to_hub!r}: give the repo as owner/name")
-        if args.max_shard_gb <= 0:
-            raise ExportError("--max-shard-gb must be positive")
-        out = build(args)
-        print(f"wrote {'merged checkpoint' if args.merge else 'adapter'} to {out}")
-        if args.push_to_hub:
-            print(f"pushed to {push(out, args.push_to_hub, args.private)}")
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except Exception as e:  # user-facing boundary: one line; CLAUSELORA_DEBUG=1 shows the traceback
-        if os.environ.get("CLAUSELORA_DEBUG"):
-            raise
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

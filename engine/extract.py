@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from rapidfuzz import fuzz
 
-from engine.evaluate import CliParser
+from engine.cli import CliParser, run_command
 from engine.metrics import is_none, normalize_ws
 
 _WS = re.compile(r"\s+")
@@ -248,18 +247,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # user-facing boundary: one line; CLAUSELORA_DEBUG=1 shows the traceback
-        if os.environ.get("CLAUSELORA_DEBUG"):
-            raise
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""The user-facing boundary shared by the engine's commands: one-line usage errors and one-line failures."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (the default prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def run_command(fn, *args) -> int:
+    """fn(*args) -> 0; any exception -> one line on stderr and exit status 1 (130 on Ctrl-C).
+    CLAUSELORA_DEBUG=1 shows the traceback instead."""
+    try:
+        fn(*args)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("CLAUSELORA_DEBUG"):
+            raise
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 1
+    return 0
