@@ -194,7 +194,7 @@ def _contract(rng: random.Random, split: str):
             f"Date\") by and between {a_full}, a {rng.choice(STATES)} company (\"{a_name}\"), and {b_full}, a "
             f"{rng.choice(STATES)} company (\"{b_name}\").\n\n"
             + "\n\n".join(f"{i}. {s}" for i, s in enumerate(sections, 1))
-            + f"\n\nIN WITNESS WHEREOF, the parties have executed this Agreement as of the Effective Date.")
+            + "\n\nIN WITNESS WHEREOF, the parties have executed this Agreement as of the Effective Date.")
     return text, clauses
 
 
