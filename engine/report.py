@@ -116,7 +116,7 @@ def plot_similarity_hist(plt, sims: list[float], path: Path) -> None:
     for x, label, color in ((70, "good > 70", "#dd8452"), (90, "excellent > 90", "#55a868")):
         ax.axvline(x, color=color, linestyle="--", label=label)
     ax.set_xlim(0, 100)
-    ax.set_xlabel("similarity to the lawyer's clause (rapidfuzz ratio, 0-100)")
+    ax.set_xlabel("similarity to the reference clause (rapidfuzz ratio, 0-100)")
     ax.set_ylabel("examples")
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"Similarity, {len(sims)} examples")
