@@ -44,6 +44,22 @@ def llama3_tokenizer_json() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def llama3_tok(llama3_tokenizer_json):
+    """Our Tokenizer over the real Llama 3.2 tokenizer.json (llama3 chat format). Do not mutate it."""
+    from model.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(llama3_tokenizer_json)
+
+
+@pytest.fixture(scope="session")
+def chatml_tok(smollm_gguf):
+    """Our Tokenizer rebuilt from the embedded SmolLM2 GGUF (chatml chat format). Do not mutate it."""
+    from model.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(smollm_gguf)
+
+
 def tiny_config_dict(**over) -> dict:
     """An HF-style config.json dict for a tiny Llama: GQA (4 heads, 2 kv heads), llama3 rope scaling."""
     d = dict(

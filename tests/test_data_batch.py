@@ -9,20 +9,6 @@ from data.batch import (IGNORE, DistributedSampler, EncodedExample, collate, cut
                         encode_examples, make_units, pack)
 
 
-@pytest.fixture(scope="module")
-def llama3_tok(llama3_tokenizer_json):
-    from model.tokenizer import Tokenizer
-
-    return Tokenizer.from_file(llama3_tokenizer_json)
-
-
-@pytest.fixture(scope="module")
-def chatml_tok(smollm_gguf):
-    from model.tokenizer import Tokenizer
-
-    return Tokenizer.from_gguf(smollm_gguf)
-
-
 @pytest.fixture(params=["llama3", "chatml"])
 def tok(request):
     return request.getfixturevalue(f"{request.param}_tok")
