@@ -20,6 +20,12 @@ Each run is its own subprocess (`--child ours|hf`), so the peak resident set siz
 implementation (VmHWM of the child's own address space; see _time_steps for why not ru_maxrss alone); runs alternate ours, hf, ours, hf ... and the reported figures are medians over
 the runs (tokens/s: median over all timed steps). transformers and peft are imported only in the hf child:
 they are the `bench` extra, never an engine dependency.
+
+CPU allocator (--allocator): the engine turns on PyTorch's THP_MEM_ALLOC_ENABLE (see engine/__init__.py), which
+changes the peak resident set a lot and speed little. `same` (the default) gives both children the engine's
+setting, so the memory ratio compares the implementations and nothing else; `default` turns it off on both
+sides (glibc malloc as it comes); `ours-only` gives the HF child PyTorch's default, as a user of that stack
+would run it. Each child gets the variable explicitly; the report records which.
 """
 from __future__ import annotations
 
@@ -177,6 +183,18 @@ def _time_steps(step, device: torch.device, steps: int, warmup: int, log) -> dic
 
 
 # ------------------------------------------------------------------------------------------------ the parent
+ALLOCATOR_CHOICES = ("same", "default", "ours-only")
+
+
+def child_env(allocator: str, which: str) -> dict:
+    """The allocator variable each child runs with (engine/__init__.py's policy, or PyTorch's default)."""
+    from engine import CPU_ALLOCATOR_ENV
+
+    assert allocator in ALLOCATOR_CHOICES, allocator
+    on = allocator == "same" or (allocator == "ours-only" and which == "ours")
+    return {CPU_ALLOCATOR_ENV: "1" if on else "0"}
+
+
 def _child_cmd(args, which: str, out: Path, ckpt: Path | None) -> list[str]:
     cmd = [sys.executable, "-m", "engine.bench", "--child", which, "--child-out", str(out),
            "--model-config", args.model_config, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
@@ -238,7 +256,8 @@ def parent(args) -> dict:
                 out = Path(tmp) / f"{which}-{rnd}.json"
                 print(f"round {rnd + 1}/{args.rounds}: {which}", flush=True)
                 proc = subprocess.run(_child_cmd(args, which, out, ckpt), cwd=REPO,
-                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
+                                           **child_env(args.allocator, which)})
                 if proc.returncode != 0 or not out.exists():
                     raise RuntimeError(f"the {which} run failed (exit {proc.returncode}); see its output above")
                 results[which].append(json.loads(out.read_text()))
@@ -249,7 +268,8 @@ def parent(args) -> dict:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_name(device),
               "command": "python -m engine.bench " + " ".join(args.argv), "model_config": args.model_config,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lora_r": args.lora_r,
-              "answer_frac": args.answer_frac, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+              "answer_frac": args.answer_frac, "allocator": {k: child_env(args.allocator, k) for k in impls},
+              "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
               "torch": torch.__version__, "results": summary, "raw": results}
     if "hf" in summary:
         o, h = summary["ours"], summary["hf"]
@@ -271,6 +291,8 @@ def format_report(rep: dict) -> str:
     head += f" {'peak alloc':>11} {'reserved':>11}" if cuda else ""
     lines = [f"{rep['date']} | {rep['device']} | {rep['model_config']} seq {rep['seq_len']} batch "
              f"{rep['batch_size']} | LoRA r{rep['lora_r']} NF4 | {rep['rounds']} rounds × {rep['steps']} steps",
+             "CPU allocator: " + ", ".join(f"{k} {' '.join(f'{e}={v}' for e, v in env.items())}"
+                                          for k, env in rep.get("allocator", {}).items()),
              head]
     for k, v in res.items():
         tpc = f"{v['tokens_per_cpu_s']:.1f}" if v.get("tokens_per_cpu_s") else "-"
@@ -301,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-chunk", type=int, default=1024, help="our loss chunk (rows per lm_head/CE chunk)")
     p.add_argument("--answer-frac", type=float, default=0.125,
                    help="fraction of each row that is supervised answer (completion-only labels)")
+    p.add_argument("--allocator", choices=ALLOCATOR_CHOICES, default="same",
+                   help="CPU allocator setting per side: same (both use the engine's THP_MEM_ALLOC_ENABLE=1), "
+                        "default (both PyTorch's default), ours-only (the HF side as its users run it)")
     p.add_argument("--json", metavar="OUT", help="also write the full report (all step times) here")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -334,6 +359,8 @@ def main(argv=None) -> int:
             else:
                 res = run_hf(cfg, s, device, args.steps, args.warmup, args.answer_frac, Path(args.hf_checkpoint), log)
             res["setup"] = asdict(s)
+            from engine import CPU_ALLOCATOR_ENV
+            res["allocator_env"] = os.environ.get(CPU_ALLOCATOR_ENV)  # what this child really ran with
             Path(args.child_out).write_text(json.dumps(res))
             return 0
         rep = parent(args)

@@ -21,7 +21,8 @@ def test_bench_against_hf_runs_end_to_end_on_cpu(tiny_json, tmp_path, capsys):
     pytest.importorskip("peft")
     out = tmp_path / "bench.json"
     rc = bench.main(["--model-config", str(tiny_json), "--seq-len", "32", "--batch-size", "2", "--steps", "1",
-                     "--warmup", "0", "--rounds", "1", "--device", "cpu", "--vs", "hf", "--json", str(out)])
+                     "--warmup", "0", "--rounds", "1", "--device", "cpu", "--vs", "hf", "--json", str(out),
+                     "--allocator", "ours-only"])
     assert rc == 0
     rep = json.loads(out.read_text())
     for side in ("ours", "hf"):
@@ -29,7 +30,10 @@ def test_bench_against_hf_runs_end_to_end_on_cpu(tiny_json, tmp_path, capsys):
         assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
         assert len(rep["raw"][side][0]["losses"]) == 1
     assert set(rep["ratios"]) >= {"tokens_per_s", "peak_rss"}
-    assert "ours/hf tokens_per_s" in capsys.readouterr().out
+    # ours-only: the engine's CPU allocator setting on our side, PyTorch's default on the HF side
+    assert rep["raw"]["ours"][0]["allocator_env"] == "1" and rep["raw"]["hf"][0]["allocator_env"] == "0"
+    text = capsys.readouterr().out
+    assert "ours/hf tokens_per_s" in text and "CPU allocator: ours THP_MEM_ALLOC_ENABLE=1, hf THP_MEM_ALLOC_ENABLE=0" in text
 
 
 def test_both_sides_start_from_the_same_loss_scale(tiny_json, tmp_path):
@@ -39,6 +43,7 @@ def test_both_sides_start_from_the_same_loss_scale(tiny_json, tmp_path):
                        "--warmup", "0", "--rounds", "1", "--device", "cpu", "--vs", "none", "--json", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert "hf" not in rep["results"]
+    assert rep["raw"]["ours"][0]["allocator_env"] == "1"  # --allocator same: the engine's setting
     loss = rep["raw"]["ours"][0]["losses"][0]
     assert abs(loss - __import__("math").log(320)) < 0.5
 
