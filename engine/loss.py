@@ -1,19 +1,24 @@
-"""Memory-lean causal-LM loss: logits only where labels exist, in checkpointed chunks, fp32 cross-entropy.
+"""Memory-lean causal-LM loss: logits only where labels exist, in chunks, never kept, fp32 cross-entropy.
 
 The naive loss builds logits [B, T, V]: for Llama 3 (V = 128256) at B=2, T=2048 that is 525M floats, 2.1 GB in
 fp32 plus the same again for its gradient, more than the whole 4-bit 3B model. Completion-only training
 supervises only the answer tokens (typically a few percent of T), so we gather those hidden states first and
-apply lm_head to them alone, `chunk` rows at a time. Each chunk runs under non-reentrant checkpointing, so
-autograd keeps only the chunk's hidden rows and recomputes its logits in backward: the logits memory is bounded
-by chunk x V (1024 x 128256 x 4 B = 525 MB at the default; lower --loss-chunk on small GPUs) no matter how many
-tokens are supervised. The price is one extra lm_head matmul over the supervised rows in backward.
+apply lm_head to them alone, `chunk` rows at a time.
+
+LinearCrossEntropy is one autograd function for lm_head + cross-entropy. Forward keeps, per supervised row, only
+its hidden state and one number, the log-sum-exp of its logits; backward recomputes each chunk's logits and turns
+them into their own gradient in place (softmax minus one-hot, times the incoming gradient), so the only large
+tensor alive is one chunk's fp32 logits (chunk x V x 4 bytes, plus a compute-dtype copy under bf16/fp16:
+1024 x 128256 x 6 B = 752 MiB at the default chunk). Autograd through F.cross_entropy would hold the logits, the
+fp32 copy, log-softmax and two fp32 gradients at once (14 bytes per logit in bf16, 16 in fp32). The price is the
+same as checkpointing the chunk: one extra lm_head matmul over the supervised rows in backward. The idea is the
+one of fused linear cross-entropy kernels (Liger Kernel; Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary
+Language Models"), written here in plain torch ops.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 
@@ -23,17 +28,73 @@ def supervised_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
-def _ce_chunk(lm_head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(h).float()  # (n, H) -> (n, V), upcast: CE in fp16 loses the small probabilities
-    return F.cross_entropy(logits, y, reduction="sum")
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ weight.T, y_i) over rows of h, in fp32, `chunk` rows at a time, without keeping logits.
+
+    h: (N, H), weight: (V, H) (lm_head's, no bias), y: (N,) class ids; dtype: the matmul dtype (the autocast
+    dtype, or the weight's). Matmuls run in `dtype` and the softmax in fp32, as autocast would run lm_head and a
+    fp32 cross-entropy; the weight gradient is computed only when the weight is trainable (a frozen base in
+    QLoRA, so normally never).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, y, chunk: int, dtype: torch.dtype):
+        assert h.dim() == 2 and y.shape == h.shape[:1] and weight.shape[1] == h.shape[1], (h.shape, weight.shape)
+        w = weight.to(dtype)  # no copy when lm_head is already in the compute dtype
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.shape[0], chunk):
+                logits = (h[i:i + chunk].to(dtype) @ w.T).float()  # (c, V) fp32
+                target = logits.gather(1, y[i:i + chunk, None]).squeeze(1)
+                m = logits.amax(1)
+                # log-sum-exp in place (torch.logsumexp would allocate a second (c, V) buffer)
+                lse[i:i + chunk] = m + logits.sub_(m[:, None]).exp_().sum(1).log()
+                total += (lse[i:i + chunk] - target).sum()
+                del logits
+        ctx.save_for_backward(h, weight, y, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, y, lse = ctx.saved_tensors
+        chunk, dtype = ctx.chunk, ctx.dtype
+        w = weight.to(dtype)
+        gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        g = grad.float()
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.shape[0], chunk):
+                hc = h[i:i + chunk].to(dtype)
+                p = (hc @ w.T).float()  # (c, V) recomputed logits -> softmax -> d loss / d logits, all in place
+                p.sub_(lse[i:i + chunk, None]).exp_()
+                p[torch.arange(p.shape[0], device=p.device), y[i:i + chunk]] -= 1.0
+                p.mul_(g)
+                gp = p.to(dtype)  # the matmuls in the compute dtype, as autograd under autocast would run them
+                del p
+                if gh is not None:
+                    gh[i:i + chunk] = gp @ w
+                if gw is not None:
+                    gw += (gp.T @ hc).float()
+                del gp
+        return gh, (gw.to(weight.dtype) if gw is not None else None), None, None, None
+
+
+def matmul_dtype(device: torch.device, weight: torch.Tensor) -> torch.dtype:
+    """What nn.Linear would multiply in here: the autocast dtype when autocast is on, else the weight's."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weight.dtype
 
 
 def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk: int = 1024) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over supervised positions, as an fp32 scalar.
 
     hidden: (B, T, H) final-normed hidden states; labels: (B, T) with IGNORE where there is nothing to learn.
-    Position t predicts labels[t + 1] (the usual causal shift).
+    Position t predicts labels[t + 1] (the usual causal shift). lm_head must be a plain bias-free nn.Linear.
     """
+    assert type(lm_head) is nn.Linear and lm_head.bias is None, type(lm_head)
     y = labels[:, 1:]  # (B, T-1)
     mask = y != IGNORE
     h = hidden[:, :-1][mask]  # (B, T-1, H) -> (N, H): only supervised rows, a copy of N x H
@@ -41,11 +102,7 @@ def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Modul
     if y.numel() == 0:
         # keep the graph connected so DDP's gradient hooks still fire on a rank with nothing supervised
         return hidden.float().sum() * 0.0
-    total = None
-    for i in range(0, y.numel(), chunk):
-        part = checkpoint(_ce_chunk, lm_head, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
-        total = part if total is None else total + part
-    return total
+    return LinearCrossEntropy.apply(h, lm_head.weight, y, chunk, matmul_dtype(h.device, lm_head.weight))
 
 
 class CausalLMLoss(nn.Module):

@@ -313,7 +313,7 @@ def model_saved(cfg, s: Setup) -> list[tuple[str, int]]:
         out.append(("attention mask (bool, packed rows)", s.batch_size * s.seq_len * s.seq_len))
     out += [("final norm: input in fp32 + rsqrt", n * H * 4 + n * 4),
             ("supervised hidden rows (loss input)", s.rows * H * c),
-            ("label mask and targets", s.batch_size * (s.seq_len - 1) + 8 * s.rows)]
+            ("label mask, targets, log-sum-exp", s.batch_size * (s.seq_len - 1) + 8 * s.rows + 4 * s.rows)]
     return out
 
 
@@ -335,10 +335,11 @@ def dequant_transient(cfg, s: Setup) -> int:
 
 
 def loss_transient(cfg, s: Setup) -> int:
-    """engine/loss.py recomputes each chunk in backward: logits (chunk, V) in compute dtype, .float() copy,
-    log_softmax output and its gradient in fp32, and the gradient of the fp32 logits: c + 3·4 bytes each."""
+    """engine/loss.py's LinearCrossEntropy holds one chunk's logits at a time, in fp32 (4 bytes each), plus,
+    under bf16/fp16, the compute-dtype matmul output (forward, backward) or the compute-dtype gradient (backward)
+    beside it: 4 + c bytes per logit (4 in fp32)."""
     rows = min(s.loss_chunk, s.rows)
-    return rows * cfg.vocab_size * (s.cbytes + 12)
+    return rows * cfg.vocab_size * (4 + (s.cbytes if s.cbytes != 4 else 0))
 
 
 def predict(cfg, s: Setup) -> Ledger:
@@ -370,7 +371,7 @@ def predict(cfg, s: Setup) -> Ledger:
             block_t, f"{'recompute ' + fmt(recompute) + ' + ' if s.checkpointing else ''}working grads "
             f"{fmt(block_backward_working(cfg, s))} + dequantised weight {fmt(dequant_transient(cfg, s))}")
     led.add("transient", f"loss chunk ({min(s.loss_chunk, s.rows)} rows × {cfg.vocab_size} vocab)", loss_t,
-            "logits in compute dtype + fp32 copy, log-softmax, 2 fp32 grads")
+            "fp32 logits, turned into their gradient in place" + ("" if s.cbytes == 4 else f" + a {s.dtype} copy"))
     static = led.total("static")
     saved = led.total("saved")
     led.transient_name = "block backward" if block_t >= loss_t else "loss chunk"

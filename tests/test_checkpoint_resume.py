@@ -80,7 +80,7 @@ def test_sigterm_then_resume_is_identical_to_straight_run(straight):
     assert not (Path(cfg.out) / "adapter").exists()  # the adapter is written only by a finished run
     r = run_train(cfg_args(cfg) + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resumed from" in r.stdout and f"at step {stopped_at}" in r.stdout
+    assert "resumed from" in r.stdout and f"at step {stopped_at}" in r.stdout
     _same_as_straight(ref, cfg)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine import memory
-from engine.memory import (BUILTIN, Setup, build_model, measure_cpu, module_bytes, predict, predicted_module_bytes,
+from engine.memory import (Setup, build_model, measure_cpu, module_bytes, predict, predicted_module_bytes,
                            resolve_config)
 
 from .conftest import tiny_config_dict
