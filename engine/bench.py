@@ -73,6 +73,28 @@ def _hwm_bytes() -> int | None:
     return None
 
 
+def _glibc_heap() -> dict | None:
+    """glibc's own account (mallinfo2, glibc >= 2.33): heap_bytes, the arena space it holds from the OS;
+    heap_free_bytes, how much of that is free (kept, not returned); mmapped_bytes, blocks mapped one by one.
+    Shows how much of the resident set is allocator retention rather than live tensors. None without glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    fn.restype = MallInfo2
+    m = fn()
+    return {"heap_bytes": m.arena, "heap_free_bytes": m.fordblks, "mmapped_bytes": m.hblkhd}
+
+
 def compute_dtype(device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"
@@ -170,12 +192,14 @@ def _time_steps(step, device: torch.device, steps: int, warmup: int, log) -> dic
             times.append(dt)
             cpu_times.append(dc)
     train_hwm = _hwm_bytes() if hwm_reset else None
+    heap = _glibc_heap() if device.type == "cpu" else None  # after the last step: what glibc keeps between steps
     peaks = [b for b in (setup_hwm, train_hwm) if b]
     # CPU seconds (all threads of this process): on a shared machine wall time depends on the neighbours'
     # load, CPU time much less so; both are reported.
     out = {"step_seconds": times, "step_cpu_seconds": cpu_times, "losses": losses,
            "peak_rss_bytes": max(peaks) if peaks else _peak_rss_bytes(),
-           "ru_maxrss_bytes": _peak_rss_bytes(), "setup_peak_rss_bytes": setup_hwm, "train_peak_rss_bytes": train_hwm}
+           "ru_maxrss_bytes": _peak_rss_bytes(), "setup_peak_rss_bytes": setup_hwm, "train_peak_rss_bytes": train_hwm,
+           "glibc_heap": heap}
     if device.type == "cuda":
         out.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
                    peak_reserved_bytes=torch.cuda.max_memory_reserved(device), static_allocated_bytes=static)
@@ -211,6 +235,9 @@ def _summary(runs: list[dict], device: torch.device) -> dict:
     out = {"runs": len(runs), "median_step_seconds": statistics.median(times),
            "median_step_cpu_seconds": statistics.median(cpu) if cpu else None,
            "peak_rss_bytes": int(statistics.median(r["peak_rss_bytes"] for r in runs))}
+    heaps = [r["glibc_heap"] for r in runs if r.get("glibc_heap")]
+    if heaps:
+        out["glibc_heap"] = {k: int(statistics.median(h[k] for h in heaps)) for k in heaps[0]}
     train = [r["train_peak_rss_bytes"] for r in runs if r.get("train_peak_rss_bytes")]
     if train:
         out["train_peak_rss_bytes"] = int(statistics.median(train))
@@ -287,7 +314,9 @@ def parent(args) -> dict:
 def format_report(rep: dict) -> str:
     res = rep["results"]
     cuda = "peak_allocated_bytes" in res["ours"]
+    heap = all("glibc_heap" in v for v in res.values())
     head = f"{'':<6} {'tokens/s':>10} {'step s':>8} {'tok/CPU-s':>10} {'peak RSS':>11} {'train RSS':>11}"
+    head += f" {'heap':>11} {'heap free':>11}" if heap else ""
     head += f" {'peak alloc':>11} {'reserved':>11}" if cuda else ""
     lines = [f"{rep['date']} | {rep['device']} | {rep['model_config']} seq {rep['seq_len']} batch "
              f"{rep['batch_size']} | LoRA r{rep['lora_r']} NF4 | {rep['rounds']} rounds × {rep['steps']} steps",
@@ -299,6 +328,8 @@ def format_report(rep: dict) -> str:
         line = (f"{k:<6} {v['tokens_per_s']:>10.1f} {v['median_step_seconds']:>8.2f} {tpc:>10} "
                 f"{fmt(v['peak_rss_bytes']):>11} "
                 f"{fmt(v['train_peak_rss_bytes']) if v.get('train_peak_rss_bytes') else '-':>11}")
+        if heap:
+            line += f" {fmt(v['glibc_heap']['heap_bytes']):>11} {fmt(v['glibc_heap']['heap_free_bytes']):>11}"
         if cuda:
             line += f" {fmt(v['peak_allocated_bytes']):>11} {fmt(v['peak_reserved_bytes']):>11}"
         lines.append(line)

@@ -30,6 +30,9 @@ def test_bench_against_hf_runs_end_to_end_on_cpu(tiny_json, tmp_path, capsys):
         assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
         assert len(rep["raw"][side][0]["losses"]) == 1
     assert set(rep["ratios"]) >= {"tokens_per_s", "peak_rss"}
+    if bench._glibc_heap() is not None:  # glibc's heap account, read in each child after its last step
+        heap = rep["results"]["ours"]["glibc_heap"]
+        assert 0 <= heap["heap_free_bytes"] <= heap["heap_bytes"]
     # ours-only: the engine's CPU allocator setting on our side, PyTorch's default on the HF side
     assert rep["raw"]["ours"][0]["allocator_env"] == "1" and rep["raw"]["hf"][0]["allocator_env"] == "0"
     text = capsys.readouterr().out
