@@ -244,7 +244,7 @@ def kv_expanded(cfg, s: Setup) -> bool:
 def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
     """What autograd keeps for one decoder block (model/llama.py Block) without checkpointing, tensor by tensor.
     n = B*T tokens, c = compute dtype bytes. Frozen Linear4bit/nn.Linear save no input (no weight gradient);
-    LoRA's A saves its input, B its rank-r input; SiLU and the gate*up product save their operands.
+    LoRA's A saves its input, B its rank-r input; SwiGLU (_SiluMul) keeps gate and up.
     (The first block's input_layernorm saves nothing: its input, the frozen embedding, needs no gradient.)"""
     n, c, H, I = s.tokens, s.cbytes, cfg.hidden_size, cfg.intermediate_size
     nh, nkv, hd, r = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, s.lora_r
@@ -252,7 +252,7 @@ def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
     T = set(s.lora_targets) if r > 0 else set()
     kernel = sdpa_kernel(cfg, s)
     out = [
-        ("input_layernorm: input in fp32", n * H * 4),  # x.float() is a copy in bf16/fp16, the block input in fp32
+        ("input_layernorm: input (the block input)", n * H * c),  # model/llama.py _RMSNormFn keeps x as it is
         ("input_layernorm: rsqrt", n * 4),
         ("q after RoPE", n * nh * hd * c),
         ("k after RoPE" + (", copied to all heads" if kv_expanded(cfg, s) else ""),
@@ -273,11 +273,10 @@ def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
         # SDPA turns the boolean mask into an additive one per call; the fused kernel keeps it for backward
         out.append(("SDPA additive mask (packed rows)", B * T_ * T_ * c))
     out += [
-        ("post_attention_layernorm: input in fp32", n * H * 4),
+        ("post_attention_layernorm: input", n * H * c),
         ("post_attention_layernorm: rsqrt", n * 4),
         ("gate_proj output", n * I * c),
-        ("up_proj output", n * I * c),
-        ("silu(gate) output", n * I * c),
+        ("up_proj output", n * I * c),  # _SiluMul keeps gate and up only, not silu(gate)
     ]
     if T & {"q_proj", "k_proj", "v_proj"}:
         out.append(("LoRA input: attention norm output", n * H * c))
@@ -302,7 +301,7 @@ def first_block_discount(cfg, s: Setup) -> int:
     input_layernorm saves nothing, and neither do the q/k/v adapters' A matmuls their weight copies."""
     qkv = [t for t in ("q_proj", "k_proj", "v_proj") if t in s.lora_targets] if s.lora_r > 0 else []
     casts = len(qkv) * s.lora_r * cfg.hidden_size * s.cbytes if s.cbytes != 4 else 0
-    return s.tokens * cfg.hidden_size * 4 + s.tokens * 4 + casts
+    return s.tokens * cfg.hidden_size * s.cbytes + s.tokens * 4 + casts
 
 
 def model_saved(cfg, s: Setup) -> list[tuple[str, int]]:
@@ -311,7 +310,7 @@ def model_saved(cfg, s: Setup) -> list[tuple[str, int]]:
     out = [("RoPE cos and sin", 2 * n * hd * c)]
     if s.packed and s.checkpointing:  # a checkpoint input; without checkpointing only the per-block copies stay
         out.append(("attention mask (bool, packed rows)", s.batch_size * s.seq_len * s.seq_len))
-    out += [("final norm: input in fp32 + rsqrt", n * H * 4 + n * 4),
+    out += [("final norm: input + rsqrt", n * H * c + n * 4),
             ("supervised hidden rows (loss input)", s.rows * H * c),
             ("label mask, targets, log-sum-exp", s.batch_size * (s.seq_len - 1) + 8 * s.rows + 4 * s.rows)]
     return out
@@ -363,7 +362,7 @@ def predict(cfg, s: Setup) -> Ledger:
                 "see block_saved(): norms fp32, q/k/v, SDPA out, 3× MLP [n, I], LoRA inputs")
         led.add("saved", "(with checkpointing it would be)", 0, f"{fmt(ckpt_in)} block inputs")
     # transients: the largest one bounds the peak (they do not overlap: loss backward finishes before blocks)
-    recompute = (full_block - (n * H * 4 if c == 4 else 0)) if s.checkpointing else 0  # fp32: norm input = block input
+    recompute = (full_block - n * H * c) if s.checkpointing else 0  # the norm's saved input is the block input
     offload_back = n * H * c if s.offload else 0  # the block input brought back for its recompute
     block_t = recompute + offload_back + block_backward_working(cfg, s) + dequant_transient(cfg, s)
     loss_t = loss_transient(cfg, s) + s.rows * H * c  # plus the gradient of the supervised hidden rows

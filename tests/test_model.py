@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import LlamaConfig, load_model
 from model.llama import rope_inv_freq
@@ -103,3 +104,66 @@ def test_gradient_checkpointing_keeps_outputs_and_grads(tiny_hf_dir):
         grads.append(m.model.layers[0].mlp.up_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
     torch.testing.assert_close(grads[0], grads[2], atol=0, rtol=0)
+
+
+# ------------------------------------------------------------- hand-written backwards for RMSNorm and SwiGLU
+def _plain_silu_mul(gate, up):
+    return F.silu(gate) * up
+
+
+def test_silu_mul_backward_passes_gradcheck():
+    from model.llama import _SiluMul
+
+    torch.manual_seed(0)
+    gate = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SiluMul.apply, (gate, up))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_swiglu_match_autograd_through_the_plain_ops(dtype):
+    """Same forward bits as the plain ops; gradients equal autograd's up to the rounding of the dtype."""
+    from model.llama import RMSNorm, _SiluMul
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-5).to(dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = (torch.randn(2, 7, 64) * 3).to(dtype).requires_grad_()
+    g = torch.randn(2, 7, 64).to(dtype)
+    y = norm(x)
+    y_ref = norm._plain(x)
+    assert torch.equal(y, y_ref)
+    gx, gw = torch.autograd.grad(y, (x, norm.weight), g)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, norm.weight), g)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gx, gx_ref, **tol)
+    torch.testing.assert_close(gw, gw_ref, **tol)
+
+    gate = torch.randn(2, 7, 96).to(dtype).requires_grad_()
+    up = torch.randn(2, 7, 96).to(dtype).requires_grad_()
+    h = torch.randn(2, 7, 96).to(dtype)
+    out, out_ref = _SiluMul.apply(gate, up), _plain_silu_mul(gate, up)
+    assert torch.equal(out, out_ref)
+    got = torch.autograd.grad(out, (gate, up), h)
+    ref = torch.autograd.grad(out_ref, (gate, up), h)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_norm_and_swiglu_save_less_than_autograd_would():
+    """What the hand-written backwards are for: under bf16, RMSNorm keeps x in bf16 (not its fp32 copy) and
+    SwiGLU keeps gate and up only (not silu(gate))."""
+    from engine.memory import saved_tensor_bytes
+    from model.llama import RMSNorm, _SiluMul
+
+    norm = RMSNorm(64, 1e-5).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    _, ours = saved_tensor_bytes(lambda: norm(x), exclude=[norm.weight])
+    _, plain = saved_tensor_bytes(lambda: norm._plain(x), exclude=[norm.weight])
+    assert ours["cpu"] == 4 * 64 * 2 + 4 * 4  # x in bf16 + one fp32 rsqrt per row
+    assert plain["cpu"] == 4 * 64 * 4 + 4 * 4  # x.float() + rsqrt
+    gate = torch.randn(4, 96, dtype=torch.bfloat16, requires_grad=True)
+    up = torch.randn(4, 96, dtype=torch.bfloat16, requires_grad=True)
+    _, ours = saved_tensor_bytes(lambda: _SiluMul.apply(gate, up))
+    _, plain = saved_tensor_bytes(lambda: _plain_silu_mul(gate, up))
+    assert ours["cpu"] == 2 * 4 * 96 * 2 and plain["cpu"] == 3 * 4 * 96 * 2
