@@ -102,10 +102,16 @@ def compute_dtype(device: torch.device) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the children
-def run_ours(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_frac: float, log) -> dict:
+def run_ours(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_frac: float, log,
+             compile_blocks: bool = False) -> dict:
     from engine.memory import trainer_step
 
     model = build_model(cfg, s, device)
+    if compile_blocks:
+        # An experiment, not an engine feature: torch.compile each decoder block (TorchInductor) to see whether
+        # it earns a place in the trainer. Compilation happens in the warmup step(s).
+        for layer in model.model.layers:
+            layer.compile()
     ids, labels = random_batch(cfg, s, device, answer_frac=answer_frac)
     step = trainer_step(model, s, device, {"input_ids": ids, "labels": labels})
     return _time_steps(step, device, steps, warmup, log)
@@ -224,6 +230,8 @@ def _child_cmd(args, which: str, out: Path, ckpt: Path | None) -> list[str]:
            "--model-config", args.model_config, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
            "--lora-r", str(args.lora_r), "--answer-frac", str(args.answer_frac), "--loss-chunk", str(args.loss_chunk)]
+    if args.compile and which == "ours":
+        cmd.append("--compile")
     if ckpt is not None:
         cmd += ["--hf-checkpoint", str(ckpt)]
     return cmd
@@ -295,7 +303,7 @@ def parent(args) -> dict:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_name(device),
               "command": "python -m engine.bench " + " ".join(args.argv), "model_config": args.model_config,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lora_r": args.lora_r,
-              "answer_frac": args.answer_frac, "allocator": {k: child_env(args.allocator, k) for k in impls},
+              "answer_frac": args.answer_frac, "compile_ours": args.compile, "allocator": {k: child_env(args.allocator, k) for k in impls},
               "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
               "torch": torch.__version__, "results": summary, "raw": results}
     if "hf" in summary:
@@ -319,7 +327,8 @@ def format_report(rep: dict) -> str:
     head += f" {'heap':>11} {'heap free':>11}" if heap else ""
     head += f" {'peak alloc':>11} {'reserved':>11}" if cuda else ""
     lines = [f"{rep['date']} | {rep['device']} | {rep['model_config']} seq {rep['seq_len']} batch "
-             f"{rep['batch_size']} | LoRA r{rep['lora_r']} NF4 | {rep['rounds']} rounds × {rep['steps']} steps",
+             f"{rep['batch_size']} | LoRA r{rep['lora_r']} NF4 | {rep['rounds']} rounds × {rep['steps']} steps"
+             + (" | ours: torch.compile per block" if rep.get("compile_ours") else ""),
              "CPU allocator: " + ", ".join(f"{k} {' '.join(f'{e}={v}' for e, v in env.items())}"
                                           for k, env in rep.get("allocator", {}).items()),
              head]
@@ -357,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocator", choices=ALLOCATOR_CHOICES, default="same",
                    help="CPU allocator setting per side: same (both use the engine's THP_MEM_ALLOC_ENABLE=1), "
                         "default (both PyTorch's default), ours-only (the HF side as its users run it)")
+    p.add_argument("--compile", action="store_true",
+                   help="experiment: torch.compile each of our decoder blocks (not an engine feature; see BENCHMARKS.md)")
     p.add_argument("--json", metavar="OUT", help="also write the full report (all step times) here")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -386,7 +397,7 @@ def main(argv=None) -> int:
                 print(f"[{args.child}] {msg}", flush=True)
 
             if args.child == "ours":
-                res = run_ours(cfg, s, device, args.steps, args.warmup, args.answer_frac, log)
+                res = run_ours(cfg, s, device, args.steps, args.warmup, args.answer_frac, log, args.compile)
             else:
                 res = run_hf(cfg, s, device, args.steps, args.warmup, args.answer_frac, Path(args.hf_checkpoint), log)
             res["setup"] = asdict(s)

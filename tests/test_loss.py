@@ -93,18 +93,19 @@ def test_logits_exist_only_for_labelled_positions_and_one_chunk_at_a_time():
         assert all(len(s) == 2 and s[0] <= 8 for s in seen)
 
 
-def test_autocast_bf16_equals_autograd_through_the_same_casts():
-    """Under bf16 autocast the fused loss runs lm_head in bf16 and the softmax in fp32, like the unfused
-    lm_head(h).float() + F.cross_entropy; loss and gradients agree to bf16 rounding."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_equals_autograd_through_the_same_casts(dtype):
+    """Under bf16/fp16 autocast (fp16: the T4's) the fused loss runs lm_head in that dtype and the softmax in
+    fp32, like the unfused lm_head(h).float() + F.cross_entropy; loss and gradients agree to its rounding."""
     torch.manual_seed(0)
     h = torch.randn(37, 32, requires_grad=True)
     head = torch.nn.Linear(32, 320, bias=False)
     y = torch.randint(0, 320, (37,))
     labels = torch.cat([torch.full((1,), -100), y])[None]  # position t predicts labels[t + 1]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         ref = F.cross_entropy(head(h).float(), y, reduction="sum")
     gh_ref, gw_ref = torch.autograd.grad(ref, (h, head.weight))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         ours = chunked_ce_sum(torch.cat([h, h[:1]])[None], labels, head, chunk=10)
     gh, gw = torch.autograd.grad(ours, (h, head.weight))
     assert ours.dtype == torch.float32
