@@ -207,7 +207,9 @@ def lora_params(cfg, s: Setup) -> int:
 
 def optimizer_bytes(cfg, s: Setup) -> int:
     if s.optimizer == "adamw":
-        return 8 * lora_params(cfg, s)  # exp_avg + exp_avg_sq, fp32 (torch AdamW; plus a 4-byte step per tensor)
+        # torch AdamW: exp_avg + exp_avg_sq in fp32 per weight, and a 4-byte fp32 `step` per tensor (A and B)
+        n_tensors = 2 * cfg.num_hidden_layers * len(set(s.lora_targets)) if s.lora_r > 0 else 0
+        return 8 * lora_params(cfg, s) + 4 * n_tensors
     # bitsandbytes PagedAdamW8bit: two uint8 states + one fp32 absmax per 256 values each, for tensors of at
     # least 4096 values (smaller ones stay 32-bit). Paged: under memory pressure the driver may evict it to host.
     total = 0
@@ -421,7 +423,7 @@ def format_table(led: Ledger, measured: dict | None = None, title: str = "") -> 
             lines.append(f"-- {group}" + {"static": " (resident)", "saved": " (forward → backward)",
                                           "transient": " (largest one counts)",
                                           "outside": " (nvidia-smi only)"}[group])
-        m = measured.get(r.name)
+        m = measured.get(r.name, measured.get(r.name.split(" (")[0]))  # "embeddings (tied lm_head)" -> "embeddings"
         where = " [host]" if r.where == "host" else ""
         lines.append(f"{r.name:<{w}} {fmt(r.bytes):>11} {fmt(m) if m is not None else '':>11}  {r.note}{where}")
     lines.append("-" * (w + 40))
@@ -484,6 +486,50 @@ def module_bytes(model: torch.nn.Module) -> dict:
             else:
                 out["high-precision weights"] += b
     return out
+
+
+def resident_rows(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Resident bytes measured on the real model, keyed by the ledger's static row names (each storage once):
+    the model's parameters and buffers by module type, the LoRA gradients when backward has run, and the
+    optimizer's state when it has stepped."""
+    from model.quant import Linear4bit
+
+    seen: set = set()
+
+    def nbytes(t) -> int:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.device.type == "meta":
+            return 0
+        seen.add(ptr)
+        return t.untyped_storage().nbytes()
+
+    out: dict = {}
+
+    def add(row, b):
+        out[row] = out.get(row, 0) + b
+
+    for name, mod in model.named_modules():
+        for pname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if isinstance(mod, Linear4bit):
+                row = "quantized weights: packed NF4" if pname == "weight" else "quantized weights: quant state"
+            elif isinstance(t, torch.nn.Parameter) and t.requires_grad:
+                row = "LoRA parameters"
+            elif isinstance(mod, torch.nn.Embedding):
+                row = "embeddings"
+            elif name.endswith("lm_head"):
+                row = "lm_head"  # untied; a tied head shares the embedding's storage and counts there
+            elif "norm" in name.split(".")[-1]:
+                row = "norms"
+            else:
+                row = "projection weights (not quantized)"
+            add(row, nbytes(t))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:
+        out["LoRA gradients"] = sum(nbytes(g) for g in grads)
+    if optimizer is not None and optimizer.state:
+        out["optimizer state"] = sum(nbytes(t) for st in optimizer.state.values() for t in st.values()
+                                     if torch.is_tensor(t))
+    return {k: v for k, v in out.items() if v}
 
 
 def predicted_module_bytes(led: Ledger) -> dict:
@@ -580,12 +626,21 @@ def measure_cpu(cfg, s: Setup) -> dict:
             return chunked_ce_sum(h, labels, model.lm_head, s.loss_chunk)
 
     loss, saved = saved_tensor_bytes(fwd, exclude=resident)
+    opt = None
     if loss.requires_grad:
         loss.backward()
+        from engine.config import TrainConfig
+        from engine.train import make_optimizer
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(TrainConfig(optimizer=s.optimizer), params, torch.device("cpu"))
+        opt.step()  # creates the optimizer state the ledger counts
     got = module_bytes(model)
+    rows = resident_rows(model, opt)
+    got.update(rows)
     got["total saved"] = saved.get("cpu", 0)
-    got["total static"] = sum(got.values()) - got["total saved"]
-    got["LoRA gradients"] = sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
+    got["total static"] = sum(rows.values())
+    got.setdefault("LoRA gradients", 0)
     return got
 
 
@@ -675,10 +730,7 @@ def log_ledger(model, log=print, **setup_kw) -> Ledger:
     resident bytes actually held by the model. setup_kw as for setup_from_model. Returns the ledger."""
     s = setup_from_model(model, **setup_kw)
     led = predict(model.config, s)
-    measured = module_bytes(model)
-    pred = predicted_module_bytes(led)
-    measured = {("embeddings" if k == "high-precision weights" else k): v for k, v in measured.items()
-                if k != "high-precision weights" or v != pred["high-precision weights"]}
+    measured = resident_rows(model)  # at setup: weights and adapters (grads and optimizer state come with step 1)
     log(format_table(led, measured, title="memory ledger: " + describe(model.config, s)))
     return led
 

@@ -48,7 +48,7 @@ def test_weight_bytes_of_the_3b_model_are_what_nf4_costs():
     assert rows["quantized weights: quant state"] == 4 * n_proj // 64
     assert rows["embeddings (tied lm_head)"] == 128256 * 3072 * 2
     assert rows["LoRA parameters"] == 4 * 28 * 16 * (2 * 6144 + 2 * 4096 + 3 * 11264)
-    assert rows["optimizer state"] == 2 * rows["LoRA parameters"]
+    assert rows["optimizer state"] == 2 * rows["LoRA parameters"] + 4 * 28 * 7 * 2  # + AdamW's fp32 step per tensor
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -56,6 +56,20 @@ def test_resident_bytes_of_an_nf4_lora_model_match_the_prediction_exactly(tiny, 
     s = Setup(seq_len=32, batch_size=2, lora_r=8, dtype="fp32", device="cpu", double_quant=double_quant)
     model = build_model(tiny, s)
     assert module_bytes(model) == predicted_module_bytes(predict(tiny, s))
+
+
+@pytest.mark.parametrize("quantize,double_quant", [("nf4", False), ("nf4", True), ("none", False)])
+def test_every_static_row_after_a_real_step_matches_the_prediction_exactly(tiny, quantize, double_quant):
+    """Weights by kind, LoRA parameters, their gradients after backward and AdamW's state after a real step."""
+    s = Setup(seq_len=32, batch_size=2, lora_r=8, dtype="fp32", device="cpu", quantize=quantize,
+              double_quant=double_quant, supervised=20)
+    got = measure_cpu(tiny, s)
+    led = predict(tiny, s)
+    static = [r for r in led.rows if r.group == "static"]
+    assert {"LoRA gradients", "optimizer state"} <= {r.name for r in static}
+    for r in static:
+        assert got.get(r.name, got.get(r.name.split(" (")[0], 0)) == r.bytes, r.name
+    assert got["total static"] == led.total("static")
 
 
 def test_resident_bytes_of_a_loaded_quantized_lora_model_match_exactly(tiny_hf_dir):
