@@ -361,7 +361,7 @@ def predict(cfg, s: Setup) -> Ledger:
         led.add("saved", "(without checkpointing it would be)", 0, f"{L}×{fmt(full_block)} = {fmt(L * full_block)}")
     else:
         led.add("saved", f"all blocks' saved tensors ({L}×{fmt(full_block)})", L * full_block - first,
-                "see block_saved(): norms fp32, q/k/v, SDPA out, 3× MLP [n, I], LoRA inputs")
+                "see block_saved(): norm inputs, q/k/v, SDPA out, gate and up [n, I], LoRA inputs")
         led.add("saved", "(with checkpointing it would be)", 0, f"{fmt(ckpt_in)} block inputs")
     # transients: the largest one bounds the peak (they do not overlap: loss backward finishes before blocks)
     recompute = (full_block - n * H * c) if s.checkpointing else 0  # the norm's saved input is the block input

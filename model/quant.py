@@ -10,9 +10,15 @@ absmax minus its mean, blockwise (256) against bnb's signed dynamic 8-bit map.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# bitsandbytes' CPU backend logs a warning at import when the optional `kernels` package (a faster CPU 4-bit
+# matmul, which we never call: we use only bnb's dequantize kernel) is missing. Quiet that one logger only.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # The 16 NormalFloat-4 code values: quantiles of N(0, 1) rescaled to [-1, 1], with an exact zero
 # (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", Sec. 3 and Appendix E; the float32
