@@ -668,10 +668,12 @@ def trainer_step(model, s: Setup, device, batch: dict):
 
     def step() -> float:
         loss, _ = forward_backward(loss_model, [batch], prec, 1)
+        step.grad_bytes = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
         prec.clip_and_step(opt, params, tc.grad_clip)
         opt.zero_grad(set_to_none=True)
         return loss
 
+    step.optimizer, step.grad_bytes = opt, 0  # for measure_cuda's per-row figures
     return step
 
 
@@ -683,7 +685,6 @@ def measure_cuda(cfg, s: Setup, steps: int = 3, log=print) -> dict:
     model = build_model(cfg, s, dev)
     torch.cuda.synchronize()
     got = module_bytes(model)
-    got["total static"] = torch.cuda.memory_allocated()  # weights + adapters; grads/optimizer come with step 1
     ids, labels = random_batch(cfg, s, dev)
     seg = packed_segments(s).to(dev) if s.packed else None
     batch = {"input_ids": ids, "labels": labels}
@@ -698,6 +699,10 @@ def measure_cuda(cfg, s: Setup, steps: int = 3, log=print) -> dict:
         times.append(time.perf_counter() - t0)
         log(f"step {i}: loss {loss:.3f}, {times[-1] * 1000:.0f} ms, "
             f"peak allocated {fmt(torch.cuda.max_memory_allocated())}")
+    rows = resident_rows(model, step.optimizer)  # weights, adapters and optimizer state, by ledger row
+    rows["LoRA gradients"] = step.grad_bytes  # as they were between backward and the optimizer step
+    got.update(rows)
+    got["total static"] = sum(rows.values())
     got["peak allocated"] = torch.cuda.max_memory_allocated()
     got["peak reserved"] = torch.cuda.max_memory_reserved()
     got["step seconds"] = sorted(times)[len(times) // 2]

@@ -6,7 +6,7 @@ import torch
 
 from engine import memory
 from engine.memory import (Setup, build_model, measure_cpu, module_bytes, predict, predicted_module_bytes,
-                           resolve_config)
+                           random_batch, resolve_config)
 
 from .conftest import tiny_config_dict
 
@@ -180,3 +180,19 @@ def test_random_batch_labels_only_the_answer_tail(tiny):
     assert ids.shape == labels.shape == (2, 40)
     assert int((labels != -100).sum()) == 20 and bool((labels[:, :30] == -100).all())
     assert torch.equal(labels[:, 30:], ids[:, 30:])
+
+
+def test_the_rows_measure_cuda_reports_come_out_exact_from_a_real_trainer_step_on_the_cpu(tiny):
+    """measure_cuda reads resident_rows(model, step.optimizer) and step.grad_bytes after the trainer's own step;
+    the same calls on the CPU give the ledger's static total to the byte."""
+    from engine.memory import resident_rows, trainer_step
+
+    s = Setup(seq_len=32, batch_size=2, lora_r=8, dtype="fp32", device="cpu", supervised=20)
+    model = build_model(tiny, s, "cpu")
+    ids, labels = random_batch(tiny, s, "cpu")
+    step = trainer_step(model, s, "cpu", {"input_ids": ids, "labels": labels})
+    step()
+    rows = resident_rows(model, step.optimizer)
+    rows["LoRA gradients"] = step.grad_bytes
+    assert step.grad_bytes > 0 and rows["optimizer state"] > 0
+    assert sum(rows.values()) == predict(tiny, s).total("static")
