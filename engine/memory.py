@@ -466,26 +466,15 @@ def saved_tensor_bytes(fn, exclude=()) -> tuple[object, dict]:
 
 
 def module_bytes(model: torch.nn.Module) -> dict:
-    """Resident bytes by ledger row, read from the model's actual parameters and buffers (each storage once)."""
-    from model.quant import Linear4bit
+    """Resident parameter/buffer bytes in four groups (resident_rows with the high-precision rows summed)."""
+    rows = resident_rows(model)
+    hp = sum(rows.get(k, 0) for k in HIGH_PRECISION_ROWS)
+    return {"quantized weights: packed NF4": rows.get("quantized weights: packed NF4", 0),
+            "quantized weights: quant state": rows.get("quantized weights: quant state", 0),
+            "LoRA parameters": rows.get("LoRA parameters", 0), "high-precision weights": hp}
 
-    seen = set()
-    out = {"quantized weights: packed NF4": 0, "quantized weights: quant state": 0, "LoRA parameters": 0,
-           "high-precision weights": 0}
-    for mod in model.modules():
-        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in seen or t.device.type == "meta":
-                continue
-            seen.add(ptr)
-            b = t.untyped_storage().nbytes()
-            if isinstance(mod, Linear4bit):
-                out["quantized weights: packed NF4" if name == "weight" else "quantized weights: quant state"] += b
-            elif isinstance(t, torch.nn.Parameter) and t.requires_grad:
-                out["LoRA parameters"] += b
-            else:
-                out["high-precision weights"] += b
-    return out
+
+HIGH_PRECISION_ROWS = ("embeddings", "lm_head", "norms", "projection weights (not quantized)")
 
 
 def resident_rows(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
@@ -535,7 +524,7 @@ def resident_rows(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
 def predicted_module_bytes(led: Ledger) -> dict:
     """The ledger's static rows in module_bytes()'s keys."""
     get = {r.name: r.bytes for r in led.rows}
-    hp = sum(b for k, b in get.items() if k.startswith(("embeddings", "lm_head", "norms", "projection weights")))
+    hp = sum(b for k, b in get.items() if k.split(" (")[0] in HIGH_PRECISION_ROWS or k in HIGH_PRECISION_ROWS)
     return {"quantized weights: packed NF4": get.get("quantized weights: packed NF4", 0),
             "quantized weights: quant state": get.get("quantized weights: quant state", 0),
             "LoRA parameters": get["LoRA parameters"], "high-precision weights": hp}
