@@ -7,10 +7,22 @@ import sys
 
 
 class CliParser(argparse.ArgumentParser):
-    """argparse with a one-line usage error (the default prints the whole usage block first)."""
+    """argparse with a one-line usage error (the default prints the whole usage block first) and defaults shown
+    in --help."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kw)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def add_model_args(self, adapter_required: bool = False):
+        """--model and --adapter, as evaluate, extract and export take them."""
+        base = "the adapter's base" + ("" if adapter_required else ", else smollm2-135m")
+        self.add_argument("--model", default=None, help=f"HF dir, hub id, .gguf or smollm2-135m; default: {base}")
+        self.add_argument("--adapter", required=adapter_required, default=None,
+                          help="PEFT LoRA adapter directory (a training run's adapter/)")
 
 
 def run_command(fn, *args) -> int:

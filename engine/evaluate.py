@@ -229,11 +229,8 @@ def read_eval_json(path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = CliParser(prog="python -m engine.evaluate", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", default=None,
-                    help="HF dir, hub id, .gguf or smollm2-135m; default: the adapter's base, else smollm2-135m")
-    ap.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (a training run's adapter/)")
+    ap = CliParser(prog="python -m engine.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_model_args(adapter_required=False)
     ap.add_argument("--data", required=True, help="acord:DIR, cuad:DIR, jsonl:FILE or synthetic")
     ap.add_argument("--split", default="test", help="train, valid or test")
     ap.add_argument("--limit", type=int, default=None,

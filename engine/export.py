@@ -250,11 +250,8 @@ def push(folder: Path, repo: str, private: bool) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = CliParser(prog="python -m engine.export", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", default=None,
-                    help="base model (HF dir, hub id, .gguf or smollm2-135m); default: the adapter's base")
-    ap.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory (a training run's adapter/)")
+    ap = CliParser(prog="python -m engine.export", description=__doc__.split("\n\n")[0])
+    ap.add_model_args(adapter_required=True)
     ap.add_argument("--out", required=True, help="output directory (must be new or empty, see --overwrite)")
     ap.add_argument("--merge", action="store_true", help="fold the adapter in: a full-precision HF checkpoint")
     ap.add_argument("--eval", default=None, metavar="EVAL_JSON", help="engine.evaluate output for the card's table")

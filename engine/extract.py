@@ -174,11 +174,8 @@ def find_clause(text: str, clause: str, answer_fn, count_tokens, max_context_tok
 
 # ---- the command -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = CliParser(prog="python -m engine.extract", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", default=None,
-                    help="HF dir, hub id, .gguf or smollm2-135m; default: the adapter's base, else smollm2-135m")
-    ap.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (a training run's adapter/)")
+    ap = CliParser(prog="python -m engine.extract", description=__doc__.split("\n\n")[0])
+    ap.add_model_args(adapter_required=False)
     ap.add_argument("--contract", required=True, help="plain-text (UTF-8) contract file")
     ap.add_argument("--clause", required=True, help='clause type or query, e.g. "Governing Law"')
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
