@@ -9,14 +9,17 @@ and re-renders the prompt, never splices token lists.
 """
 import bisect
 import dataclasses
+import random
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from data.example import NONE, Example, render_prompt
+from data.example import NONE, Example, render_prompt, stable_hash
 
 IGNORE = -100
+_PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")  # a blank line, and the whitespace around it
 
 
 @dataclass
@@ -54,40 +57,97 @@ def _snap_right(text: str, j: int, limit: int) -> int:
     return k if k >= limit else j
 
 
-def cut_context(context: str, answer: str, max_chars: int) -> str:
-    """A window of at most max_chars of context, holding the whole answer (first occurrence), cut at word
-    boundaries and centred on the answer where the context allows. NONE: the beginning of the context."""
+def _blocks(text: str) -> list[tuple[int, int]]:
+    """[start, end) of the paragraphs of text: runs separated by a blank line ("\n\n" or more)."""
+    out, i = [], 0
+    for m in _PARAGRAPH.finditer(text):
+        if m.start() > i:
+            out.append((i, m.start()))
+        i = m.end()
+    if i < len(text):
+        out.append((i, len(text)))
+    return out
+
+
+def cut_context(context: str, answer: str, max_chars: int, key: str = "") -> str:
+    """At most max_chars of context, holding the whole answer, cut so that nothing marks where the answer is.
+
+    Whole paragraphs first: the answer's paragraph(s) stay, the others are dropped in a random order (seeded by
+    `key`, the example id) until the rest fits; the order of what stays is kept. For ACORD this drops whole
+    distractor clauses and leaves the clause at a random place among the others. Only when the answer's own
+    paragraph(s) are still too long is a character window taken, with the answer at a uniformly random offset in
+    it (not centred: a model must not learn "the answer is in the middle"), cut at word boundaries. NONE: the same
+    with no paragraph protected. Answers must be validated (verbatim in context) first.
+    """
     if len(context) <= max_chars:
         return context
+    rng = random.Random(stable_hash("cut", key))
+    blocks = _blocks(context)
+    a = b = -1
+    if answer != NONE:
+        a = context.find(answer)
+        assert a >= 0, "answer not in context: validate examples first (data.validate)"
+        b = a + len(answer)
+    keep = [i for i, (s, e) in enumerate(blocks) if s < b and e > a]
+    others = [i for i in range(len(blocks)) if i not in keep]
+    rng.shuffle(others)
+    chosen = set(range(len(blocks)))
+    size = sum(e - s for s, e in blocks) + 2 * (len(blocks) - 1)
+    while size > max_chars and others and len(chosen) > 1:
+        i = others.pop()
+        chosen.discard(i)
+        size -= blocks[i][1] - blocks[i][0] + 2
+    parts, prev = [], None
+    for i in sorted(chosen):   # neighbours keep the text between them (an answer may span paragraphs)
+        s, e = blocks[i]
+        if prev is not None:
+            parts.append(context[blocks[prev][1]:s] if prev == i - 1 else "\n\n")
+        parts.append(context[s:e])
+        prev = i
+    text = "".join(parts)
+    if len(text) <= max_chars:
+        return text
+    # one paragraph (or the answer's own) is longer than the budget: a window with the answer at a random offset
     if answer == NONE:
-        return context[:_snap_right(context, max_chars, 0)].rstrip()
-    a = context.find(answer)
-    assert a >= 0, "answer not in context: validate examples first (data.validate)"
+        s = rng.randint(0, len(text) - max_chars)
+        e = s + max_chars
+        s, e = _snap_left(text, s, e), _snap_right(text, e, s)
+        return text[s:e].strip()
+    a = text.find(answer)
     b = a + len(answer)
     room = max(0, max_chars - len(answer))
-    left = min(a, room // 2)
-    right = min(len(context) - b, room - left)
-    left = min(a, room - right)
-    s, e = _snap_left(context, a - left, a), _snap_right(context, b + right, b)
-    return context[s:e].strip()
+    lo, hi = max(0, room - (len(text) - b)), min(a, room)   # chars kept left of the answer
+    left = rng.randint(lo, hi) if hi >= lo else min(a, room)
+    s = a - left
+    e = min(len(text), b + room - left)
+    s, e = _snap_left(text, s, a), _snap_right(text, e, b)
+    return text[s:e].strip()
 
 
-def encode_example(tok, ex: Example, seq_len: int) -> EncodedExample | None:
-    """Token ids and labels for one example, at most seq_len long; None when the answer alone cannot fit."""
+def encode_example(tok, ex: Example, seq_len: int, min_target: int = 16) -> EncodedExample | None:
+    """Token ids and labels for one example, at most seq_len long; None when the answer alone cannot fit.
+
+    A context too long for the row is cut by cut_context (whole paragraphs dropped at random, never marking where
+    the answer is). An answer too long to appear both in the context and, whole, as the target keeps its whole
+    text in the context and supervises only its first tokens (at least min_target, no end of turn): the choice of
+    the clause happens at its start, and long clauses are exactly the ones a model must not learn to avoid.
+    """
     answer_ids = tok.encode(tok.chat_answer(ex.answer))
-    budget = seq_len - len(answer_ids)          # tokens left for the whole prompt
     prompt_ids = tok.encode(tok.chat_prompt(render_prompt(ex)))
     truncated = False
-    if len(prompt_ids) > budget:
+    if len(prompt_ids) + len(answer_ids) > seq_len:
         truncated = True
         overhead = len(tok.encode(tok.chat_prompt(render_prompt(dataclasses.replace(ex, context="")))))
-        in_context = 0 if ex.answer == NONE else len(tok.encode(ex.answer))
-        if budget - overhead < in_context + 2:   # the answer must appear whole in the context, and once more as labels
-            return None
+        in_context = 0 if ex.answer == NONE else len(tok.encode(ex.answer)) + 2
+        if overhead + in_context + min(min_target, len(answer_ids)) > seq_len:
+            return None   # the answer cannot even appear whole in the context beside a few target tokens
+        # the target gets what is left once the context holds the answer, at most all of it
+        answer_ids = answer_ids[:max(min(min_target, len(answer_ids)), seq_len - overhead - in_context)]
+        budget = seq_len - len(answer_ids)          # tokens left for the whole prompt
         chars_per_token = len(ex.context) / max(1, len(prompt_ids) - overhead)
         max_chars = int((budget - overhead) * chars_per_token)
         for _ in range(12):  # shrink until the re-rendered prompt fits; usually 1-2 rounds
-            ctx = cut_context(ex.context, ex.answer, max_chars)
+            ctx = cut_context(ex.context, ex.answer, max_chars, ex.id)
             prompt_ids = tok.encode(tok.chat_prompt(render_prompt(dataclasses.replace(ex, context=ctx))))
             if len(prompt_ids) <= budget:
                 break
@@ -138,11 +198,34 @@ def make_units(encoded: list[EncodedExample], seq_len: int, packed: bool) -> lis
     return [[encoded[i] for i in row] for row in pack([len(e) for e in encoded], seq_len)]
 
 
-def collate(units: list[list[EncodedExample]], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
-    """Rows of samples -> input_ids, labels, position_ids, segment_ids, each (B, T) long.
+WEIGHTINGS = ("token", "example")
+
+
+def answer_weights(n: int, weighting: str) -> torch.Tensor:
+    """Loss weight of each of an example's n supervised tokens (answer + end of turn).
+
+    "token": 1 each; a step's loss is the mean over its tokens, so a 300-token clause outweighs a 2-token NONE
+    150 to 1, and the one token that chooses the clause is 1/300 of its row (while NONE's choice is 1/2 of its).
+    "example": each example weighs 1 in total, spread as 1/(1+t) along the answer and normalised: the first tokens,
+    where the model picks a clause or NONE, carry a comparable share whatever the answer's length (the first
+    token: 67% of a NONE, 16% of a 300-token clause; the first four: 33% of it) and the copy that follows
+    still counts.
+    """
+    assert weighting in WEIGHTINGS, weighting
+    if weighting == "token":
+        return torch.ones(n)
+    w = 1.0 / torch.arange(1, n + 1, dtype=torch.float64)
+    return (w / w.sum()).float()
+
+
+def collate(units: list[list[EncodedExample]], pad_id: int, pad_to: int | None = None,
+            weighting: str = "token") -> dict[str, torch.Tensor]:
+    """Rows of samples -> input_ids, labels, position_ids, segment_ids, each (B, T) long (+ loss_weights).
 
     Samples in a row get segment ids 0, 1, 2, ... and positions restarting at 0; padding (right) gets segment
-    id -1, position 0, label -100, so no sample attends to another or to padding.
+    id -1, position 0, label -100, so no sample attends to another or to padding. With weighting "example" the
+    batch also holds loss_weights (B, T) float32, aligned with labels (see answer_weights); "token" leaves it out
+    (every supervised token weighs 1).
     """
     T = max(sum(len(e) for e in u) for u in units)
     T = max(T, pad_to or 0)
@@ -151,6 +234,7 @@ def collate(units: list[list[EncodedExample]], pad_id: int, pad_to: int | None =
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((B, T), dtype=torch.long)
     segment_ids = torch.full((B, T), -1, dtype=torch.long)
+    weights = torch.zeros((B, T), dtype=torch.float32) if weighting != "token" else None
     for b, unit in enumerate(units):
         t = 0
         for s, e in enumerate(unit):
@@ -159,8 +243,14 @@ def collate(units: list[list[EncodedExample]], pad_id: int, pad_to: int | None =
             labels[b, t:t + n] = torch.tensor(e.labels)
             position_ids[b, t:t + n] = torch.arange(n)
             segment_ids[b, t:t + n] = s
+            if weights is not None:
+                sup = [i for i, y in enumerate(e.labels) if y != IGNORE]
+                weights[b, [t + i for i in sup]] = answer_weights(len(sup), weighting)
             t += n
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment_ids}
+    out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment_ids}
+    if weights is not None:
+        out["loss_weights"] = weights
+    return out
 
 
 class DistributedSampler:

@@ -41,12 +41,16 @@ def token_stats(examples: list[Example], seq_len: int, tok=None) -> dict:
         ans = np.array([len(x) for x in enc([e.answer for e in examples])])
         how = f"counted with {getattr(tok, 'source', 'the tokenizer')}"
     if not len(full):
-        return {"how": how, "seq_len": seq_len, "p50": 0, "p90": 0, "max": 0, "over_seq_len": 0, "answer_too_long": 0}
+        return {"how": how, "seq_len": seq_len, "p50": 0, "p90": 0, "max": 0, "over_seq_len": 0, "answer_too_long": 0,
+                "answer_target_cut": 0}
     is_clause = np.array([e.answer != NONE for e in examples])
-    # the answer appears twice (in the context and as the target) plus ~60 tokens of template: beyond that, skipped
-    too_long = int(((2 * ans + 60 > seq_len) & is_clause).sum())
+    # data.batch.encode_example: the answer must fit whole in the context plus >= 16 target tokens and ~60 tokens
+    # of template, else the example is skipped; if it fits in the context but not twice, only its start is the target
+    skipped = int(((ans + 16 + 60 > seq_len) & is_clause).sum())
+    partial = int(((2 * ans + 60 > seq_len) & (ans + 16 + 60 <= seq_len) & is_clause).sum())
     return {"how": how, "seq_len": seq_len, "p50": int(np.percentile(full, 50)), "p90": int(np.percentile(full, 90)),
-            "max": int(full.max()), "over_seq_len": int((full > seq_len).sum()), "answer_too_long": too_long}
+            "max": int(full.max()), "over_seq_len": int((full > seq_len).sum()), "answer_too_long": skipped,
+            "answer_target_cut": partial}
 
 
 def format_report(rep: Report, tokens: dict, seconds: float) -> str:
@@ -65,6 +69,9 @@ def format_report(rep: Report, tokens: dict, seconds: float) -> str:
                      f"(of which '<omitted>' split into pieces: {cl['omitted_split']})  rejected {cl['rejected']}"
                      f"  ({(cl['aligned'] + cl['repaired']) / max(1, cl['total']):.2%} usable)")
         lines += [f"  rejected: {r}" for r in cl["rejected_list"]]
+        for cat, info in src.get("left_out", {}).items():
+            lines.append(f"left out of training: {cat!r} ({info['clause_strings']} clause strings, validated above): "
+                         f"{info['why']}")
         if src.get("too_long"):
             lines.append(f"answer spans longer than max_context_chars (skipped): {src['too_long']}")
     if src.get("unmatched_query_formats"):
@@ -83,7 +90,11 @@ def format_report(rep: Report, tokens: dict, seconds: float) -> str:
     lines.append(f"tokens (prompt + answer, {tokens['how']}): p50 {tokens['p50']}  p90 {tokens['p90']}  "
                  f"max {tokens['max']}")
     lines.append(f"at --seq-len {tokens['seq_len']}: {tokens['over_seq_len']} examples would have their context "
-                 f"cut around the answer, {tokens['answer_too_long']} skipped (answer alone too long)")
+                 "shortened (whole paragraphs dropped at random, never the answer), "
+                 f"{tokens['answer_target_cut']} long clauses supervised on their first tokens only (the clause fits "
+                 "in the context but not twice), "
+                 f"{tokens['answer_too_long']} skipped (the clause plus 16 target tokens and the template exceed "
+                 "--seq-len)")
     lines.append(f"rejected fraction {rep.rejected_fraction():.2%}")
     return "\n".join(lines)
 

@@ -38,8 +38,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, y, chunk: int, dtype: torch.dtype):
+    def forward(ctx, h, weight, y, chunk: int, dtype: torch.dtype, row_weight=None):
         assert h.dim() == 2 and y.shape == h.shape[:1] and weight.shape[1] == h.shape[1], (h.shape, weight.shape)
+        assert row_weight is None or row_weight.shape == y.shape
         w = weight.to(dtype)  # no copy when lm_head is already in the compute dtype
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -50,15 +51,16 @@ class LinearCrossEntropy(torch.autograd.Function):
                 m = logits.amax(1)
                 # log-sum-exp in place (torch.logsumexp would allocate a second (c, V) buffer)
                 lse[i:i + chunk] = m + logits.sub_(m[:, None]).exp_().sum(1).log()
-                total += (lse[i:i + chunk] - target).sum()
+                ce = lse[i:i + chunk] - target
+                total += (ce * row_weight[i:i + chunk] if row_weight is not None else ce).sum()
                 del logits
-        ctx.save_for_backward(h, weight, y, lse)
+        ctx.save_for_backward(h, weight, y, lse, row_weight)
         ctx.chunk, ctx.dtype = chunk, dtype
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        h, weight, y, lse = ctx.saved_tensors
+        h, weight, y, lse, row_weight = ctx.saved_tensors
         chunk, dtype = ctx.chunk, ctx.dtype
         w = weight.to(dtype)
         gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
@@ -70,7 +72,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 p = (hc @ w.T).float()  # (c, V) recomputed logits -> softmax -> d loss / d logits, all in place
                 p.sub_(lse[i:i + chunk, None]).exp_()
                 p[torch.arange(p.shape[0], device=p.device), y[i:i + chunk]] -= 1.0
-                p.mul_(g)
+                p.mul_(g if row_weight is None else g * row_weight[i:i + chunk, None])
                 gp = p.to(dtype)  # the matmuls in the compute dtype, as autograd under autocast would run them
                 del p
                 if gh is not None:
@@ -78,7 +80,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if gw is not None:
                     gw += (gp.T @ hc).float()
                 del gp
-        return gh, (gw.to(weight.dtype) if gw is not None else None), None, None, None
+        return gh, (gw.to(weight.dtype) if gw is not None else None), None, None, None, None
 
 
 def matmul_dtype(device: torch.device, weight: torch.Tensor) -> torch.dtype:
@@ -88,11 +90,21 @@ def matmul_dtype(device: torch.device, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk: int = 1024) -> torch.Tensor:
+def supervised_weight(labels: torch.Tensor, loss_weights: torch.Tensor | None) -> float:
+    """What a batch's summed loss is divided by: its supervised tokens, or the sum of its loss weights."""
+    if loss_weights is None:
+        return float(supervised_tokens(labels))
+    return float(loss_weights[:, 1:][labels[:, 1:] != IGNORE].double().sum())
+
+
+def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk: int = 1024,
+                   loss_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over supervised positions, as an fp32 scalar.
 
     hidden: (B, T, H) final-normed hidden states; labels: (B, T) with IGNORE where there is nothing to learn.
     Position t predicts labels[t + 1] (the usual causal shift). lm_head must be a plain bias-free nn.Linear.
+    loss_weights (B, T) float, aligned with labels: each supervised token's cross-entropy is multiplied by it
+    (data.batch.answer_weights; None = weight 1 for every token).
     """
     assert type(lm_head) is nn.Linear and lm_head.bias is None, type(lm_head)
     y = labels[:, 1:]  # (B, T-1)
@@ -102,7 +114,8 @@ def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Modul
     if y.numel() == 0:
         # keep the graph connected so DDP's gradient hooks still fire on a rank with nothing supervised
         return hidden.float().sum() * 0.0
-    return LinearCrossEntropy.apply(h, lm_head.weight, y, chunk, matmul_dtype(h.device, lm_head.weight))
+    w = loss_weights[:, 1:][mask].float() if loss_weights is not None else None  # (N,)
+    return LinearCrossEntropy.apply(h, lm_head.weight, y, chunk, matmul_dtype(h.device, lm_head.weight), w)
 
 
 class CausalLMLoss(nn.Module):
@@ -113,12 +126,12 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.chunk = chunk
 
-    def forward(self, input_ids, labels, position_ids=None, segment_ids=None) -> torch.Tensor:
+    def forward(self, input_ids, labels, position_ids=None, segment_ids=None, loss_weights=None) -> torch.Tensor:
         hidden = self.model.hidden(input_ids, position_ids=position_ids, segment_ids=segment_ids)  # (B, T, H)
-        return chunked_ce_sum(hidden, labels, self.model.lm_head, self.chunk)
+        return chunked_ce_sum(hidden, labels, self.model.lm_head, self.chunk, loss_weights)
 
 
-def backward_scale(n_tokens_global: int, world_size: int) -> float:
+def backward_scale(n_tokens_global: float, world_size: int) -> float:
     """Factor that turns a micro-batch's summed loss into its share of the step's mean loss, for backward.
 
     We want the gradient of  sum_over_ranks_and_micro_batches(loss_sum) / n_tokens_global,  where

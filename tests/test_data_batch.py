@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from data import NONE, Example, load_examples, render_prompt
-from data.batch import (IGNORE, DistributedSampler, EncodedExample, collate, cut_context, encode_example,
-                        encode_examples, make_units, pack)
+from data.batch import (IGNORE, DistributedSampler, EncodedExample, answer_weights, collate, cut_context,
+                        encode_example, encode_examples, make_units, pack)
 
 
 @pytest.fixture(params=["llama3", "chatml"])
@@ -33,7 +33,10 @@ def test_prompt_ids_are_what_generation_sees_and_labels_cover_answer_plus_eot(to
 def _assert_whole(tok, ex, enc, seq_len):
     assert len(enc) <= seq_len
     n = _split(enc)
-    assert tok.decode(enc.input_ids[n:], skip_special=False) == ex.answer + tok.eot_token
+    target = tok.encode(tok.chat_answer(ex.answer))
+    assert enc.input_ids[n:] == target[:len(enc) - n]  # the target is the answer's first tokens, or all of it
+    if len(enc) - n < len(target):  # a long clause: its start is supervised, never less than 16 tokens
+        assert len(enc) - n >= 16 and 2 * len(target) > seq_len - 60
     prompt = tok.decode(enc.input_ids[:n], skip_special=False)
     if ex.answer != NONE:
         assert ex.answer in prompt  # the whole clause survives in the cut context
@@ -41,27 +44,28 @@ def _assert_whole(tok, ex, enc, seq_len):
     assert enc.input_ids[:n] == tok.encode(prompt)
 
 
-def test_truncation_cuts_context_around_the_answer_never_the_answer(llama3_tok, shared_datasets):
+def test_truncation_cuts_context_never_the_answer_and_keeps_long_clauses(llama3_tok, shared_datasets):
     tok, seq_len = llama3_tok, 384
     acord = load_examples(f"acord:{shared_datasets / 'acord'}", "valid")
     cuad = load_examples(f"cuad:{shared_datasets / 'cuad'}", "test")[::12]
-    truncated = skipped = 0
+    truncated = skipped = partial = 0
     for ex in acord + cuad:
         enc = encode_example(tok, ex, seq_len)
-        if enc is None:  # only when the answer (twice: context + target) cannot fit
-            assert 2 * len(tok.encode(ex.answer)) + 40 > seq_len
+        if enc is None:  # only when the answer cannot even appear whole in the context beside 16 target tokens
+            assert len(tok.encode(ex.answer)) + 16 + 30 > seq_len
             skipped += 1
             continue
         truncated += enc.truncated
+        partial += len(enc) - _split(enc) < len(tok.encode(tok.chat_answer(ex.answer)))
         _assert_whole(tok, ex, enc, seq_len)
-    assert truncated > 50 and skipped < truncated
+    assert truncated > 50 and skipped < truncated and partial > 0
 
 
 def test_truncation_of_none_and_a_too_long_answer_is_reported(llama3_tok):
     words = " ".join(f"word{i}" for i in range(2000))
     none = Example("n", "jsonl", "c", "Governing Law", words, NONE, "train")
     enc = encode_example(llama3_tok, none, 200)
-    assert enc.truncated and len(enc) <= 200 and "word0 word1" in llama3_tok.decode(enc.input_ids)
+    assert enc.truncated and len(enc) <= 200 and " word" in llama3_tok.decode(enc.input_ids)
     long = dataclasses.replace(none, id="l", answer=words[:3000])
     ok = dataclasses.replace(none, id="ok", answer="word7 word8")
     encoded, stats = encode_examples(llama3_tok, [none, long, ok], 200)
@@ -69,13 +73,53 @@ def test_truncation_of_none_and_a_too_long_answer_is_reported(llama3_tok):
     assert stats.skipped == ["l: answer too long for seq_len 200"]
 
 
-def test_cut_context_centres_the_answer_at_word_boundaries():
-    ctx = " ".join(f"w{i}" for i in range(100))
-    cut = cut_context(ctx, "w50 w51", 40)
-    assert "w50 w51" in cut and len(cut) <= 40 and cut == cut.strip()
-    assert all(w in ctx.split() for w in cut.split())
-    assert cut_context(ctx, NONE, 20).startswith("w0 w1")
-    assert cut_context(ctx, "w0", 10).startswith("w0")
+def _paragraphs(n=6, words=30):
+    return [f"Clause {i}: " + " ".join(f"w{i}_{j}" for j in range(words)) for i in range(n)]
+
+
+def test_cut_context_drops_whole_paragraphs_and_leaves_the_answer_anywhere():
+    paras = _paragraphs()
+    ctx = "\n\n".join(paras)
+    where = []
+    for key in range(60):
+        cut = cut_context(ctx, paras[3], 600, key=str(key))
+        kept = cut.split("\n\n")
+        assert len(cut) <= 600 and paras[3] in kept
+        assert all(p in paras for p in kept) and kept == sorted(kept, key=paras.index)  # whole, in order
+        where.append(kept.index(paras[3]))
+    # not centred, not fixed: the clause is first, in the middle and last among what is kept
+    assert {0, 1, 2} <= set(where)
+    assert cut_context(ctx, paras[3], 600, key="a") == cut_context(ctx, paras[3], 600, key="a")  # deterministic
+
+
+def test_cut_context_window_puts_a_long_answer_at_a_random_offset():
+    ctx = " ".join(f"w{i}" for i in range(300))
+    offsets = set()
+    for key in range(40):
+        cut = cut_context(ctx, "w150 w151", 60, key=str(key))
+        assert "w150 w151" in cut and len(cut) <= 60 and cut == cut.strip()
+        assert all(w in ctx.split() for w in cut.split())  # cut at word boundaries
+        offsets.add(cut.index("w150") // 10)
+    assert len(offsets) >= 4  # the answer's place in the window varies (centring it told the model where to look)
+    starts = {cut_context(ctx, NONE, 60, key=str(k)).split()[0] for k in range(20)}
+    assert len(starts) > 5  # NONE windows come from anywhere, not only the beginning
+
+
+def test_answer_weights_give_every_example_weight_one_front_loaded():
+    assert answer_weights(5, "token").tolist() == [1.0] * 5
+    for n in (2, 50, 300):
+        w = answer_weights(n, "example")
+        assert abs(float(w.sum()) - 1) < 1e-6 and all(w[i] > w[i + 1] for i in range(n - 1))
+    assert float(answer_weights(2, "example")[0]) > 0.6 and float(answer_weights(300, "example")[:4].sum()) > 0.3
+
+
+def test_collate_with_example_weighting_weights_each_sample_to_one():
+    a, b = _enc([5, 6, 7, 8], 1), _enc([9, 10, 11], 2)
+    batch = collate([[a, b]], pad_id=0, weighting="example")
+    w, labels = batch["loss_weights"], batch["labels"]
+    assert w.shape == labels.shape and float(w[labels == IGNORE].abs().sum()) == 0
+    assert abs(float(w[0, :4].sum()) - 1) < 1e-6 and abs(float(w[0, 4:].sum()) - 1) < 1e-6
+    assert "loss_weights" not in collate([[a, b]], pad_id=0)
 
 
 def _enc(ids, n_prompt, i=""):

@@ -124,9 +124,11 @@ head = torch.nn.Linear(H, V, bias=False).requires_grad_(False)  # frozen, as the
 hidden = torch.randn(1, N + 1, H, requires_grad=True)
 labels = torch.randint(0, V, (1, N + 1))
 def hwm():
-    return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")).split()[1]) * 1024
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return int(next(ln for ln in lines if ln.startswith("VmHWM")).split()[1]) * 1024
 def rss():
-    return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS")).split()[1]) * 1024
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return int(next(ln for ln in lines if ln.startswith("VmRSS")).split()[1]) * 1024
 base = rss()
 Path("/proc/self/clear_refs").write_text("5")
 chunked_ce_sum(hidden, labels, head, chunk).backward()
@@ -160,6 +162,52 @@ def test_gradient_independent_of_micro_batch_split(split):
     micro = [{"input_ids": ids[i * bs:(i + 1) * bs], "labels": labels[i * bs:(i + 1) * bs]} for i in range(n_micro)]
     loss, n = forward_backward(CausalLMLoss(model, chunk=7), micro, Precision("fp32", torch.device("cpu")), 1)
     assert n == supervised_tokens(labels)
+    assert abs(loss - float(ref.detach())) < 1e-5
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _weights(labels, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(labels.shape, generator=g) * (labels != -100)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+def test_weighted_loss_and_grad_equal_weighted_full_logits_reference(chunk):
+    model = _tiny()
+    ids, labels = _rows()
+    w = _weights(labels)
+    logits = model(ids)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                         ignore_index=-100, reduction="none")
+    ref = (ce * w[:, 1:].reshape(-1)).sum()
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ours = chunked_ce_sum(model.hidden(ids), labels, model.lm_head, chunk=chunk, loss_weights=w)
+    ours.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("split", [(1, 4), (4, 1)])
+def test_weighted_step_is_normalised_by_the_sum_of_weights(split):
+    """With loss_weights the step's loss is sum(w * CE) / sum(w) over all micro-batches, whatever the split."""
+    n_micro, bs = split
+    ids, labels = _rows(4)
+    w = _weights(labels)
+    ref_model = _tiny()
+    logits = ref_model(ids)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                         ignore_index=-100, reduction="none")
+    ref = (ce * w[:, 1:].reshape(-1)).sum() / w[:, 1:][labels[:, 1:] != -100].sum()
+    ref.backward()
+    model = _tiny()
+    micro = [{"input_ids": ids[i * bs:(i + 1) * bs], "labels": labels[i * bs:(i + 1) * bs],
+              "loss_weights": w[i * bs:(i + 1) * bs]} for i in range(n_micro)]
+    loss, n = forward_backward(CausalLMLoss(model, chunk=7), micro, Precision("fp32", torch.device("cpu")), 1)
+    assert n == supervised_tokens(labels)  # the token count stays a token count (metrics), weights normalise
     assert abs(loss - float(ref.detach())) < 1e-5
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
