@@ -5,7 +5,10 @@
 from __future__ import annotations
 
 import argparse
+import bisect
+import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -68,6 +71,184 @@ def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, stop_i
     return out
 
 
+# ---- one answer, copied from its context --------------------------------------------------------------------
+NONE_BYTES = b"NONE"
+
+
+@dataclass
+class Answer:
+    """One decoded answer. start/end: character offsets of `text` in the context when it is a verbatim slice of
+    it (always, in constrained mode, unless the answer is NONE), else None."""
+    text: str
+    start: int | None
+    end: int | None
+    logprob: float      # mean log-probability of the chosen tokens, the stop token included (model's own softmax)
+    tokens: int         # tokens generated, the stop token excluded
+    steps: int          # forward passes after the prompt (copy-ahead verifies several tokens per pass)
+
+
+class SpanTracker:
+    """Where the bytes generated so far occur in the context, decided on text (bytes), not on token ids.
+
+    A clause tokenises differently alone than inside the contract (a leading space, a merge across its first
+    character), so the constraint is on the decoded bytes: a token is allowed when the bytes generated so far plus
+    the token's bytes still occur somewhere in the context, or are still a prefix of NONE. Stopping is allowed
+    once the generation is non-blank and ends on a character boundary, or is exactly NONE.
+    constrained=False tracks the same positions (for copy-ahead drafts and offsets) but allows every token.
+    """
+
+    def __init__(self, context: str, token_bytes: list, stop_ids, constrained: bool):
+        self.text, self.ctx = context, context.encode("utf-8")
+        self.tb, self.stop_ids, self.constrained = token_bytes, set(stop_ids), constrained
+        # byte offset -> character offset, -1 inside a multi-byte character
+        self.char_at = [-1] * (len(self.ctx) + 1)
+        b = 0
+        for c, ch in enumerate(context):
+            self.char_at[b] = c
+            b += len(ch.encode("utf-8"))
+        self.char_at[len(self.ctx)] = len(context)
+        self.gen = b""
+        self.pos: list[int] | None = None   # byte offsets where gen occurs; None = nothing generated yet
+        self.none_alive = True
+
+    def _continues(self, b: bytes) -> bool:
+        if self.pos is None:
+            return b in self.ctx
+        n = len(self.gen)
+        return any(self.ctx.startswith(b, p + n) for p in self.pos)
+
+    def can_stop(self) -> bool:
+        if self.none_alive and self.gen == NONE_BYTES:
+            return True
+        return bool(self.pos) and bool(self.gen.strip()) and self.char_at[self.pos[0] + len(self.gen)] >= 0
+
+    def allowed(self, tid: int) -> bool:
+        if not self.constrained:
+            return True
+        if tid in self.stop_ids:
+            return self.can_stop()
+        b = self.tb[tid] if tid < len(self.tb) else None
+        if not b:
+            return False
+        if self.none_alive and NONE_BYTES.startswith(self.gen + b):
+            return True
+        return self._continues(b)
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The highest-scoring allowed token of a (V,) logits row."""
+        if not self.constrained:
+            return int(logits.argmax())
+        k = min(64, logits.shape[0])
+        for tid in torch.topk(logits, k).indices.tolist():
+            if self.allowed(tid):
+                return tid
+        for tid in torch.argsort(logits, descending=True)[k:].tolist():  # rare: the model wants to leave the text
+            if self.allowed(tid):
+                return tid
+        raise AssertionError("no allowed token: a stop token is always allowed after a copied piece")
+
+    def advance(self, tid: int) -> None:
+        b = self.tb[tid] if tid < len(self.tb) and self.tb[tid] is not None else b""
+        self.none_alive = self.none_alive and NONE_BYTES.startswith(self.gen + b)
+        if self.pos is None:
+            self.pos, i = [], self.ctx.find(b)
+            while i >= 0 and b:
+                self.pos.append(i)
+                i = self.ctx.find(b, i + 1)
+        else:
+            n = len(self.gen)
+            self.pos = [p for p in self.pos if self.ctx.startswith(b, p + n)]
+        self.gen += b
+
+    def next_char(self) -> int | None:
+        """Character offset in the context right after the generation's first occurrence, if on a boundary."""
+        if not self.pos:
+            return None
+        c = self.char_at[self.pos[0] + len(self.gen)]
+        return c if c >= 0 else None
+
+    def answer(self) -> tuple[str, int | None, int | None]:
+        """(text, start, end): NONE, a stripped slice of the context with its offsets, or free text."""
+        if self.none_alive and self.gen == NONE_BYTES:
+            return "NONE", None, None
+        if self.pos:
+            s, e = self.pos[0], self.pos[0] + len(self.gen)
+            while self.char_at[e] < 0:   # stopped mid-character (max_new_tokens): drop the partial character
+                e -= 1
+            cs, ce = self.char_at[s], self.char_at[e]
+            piece = self.text[cs:ce]
+            lead = len(piece) - len(piece.lstrip())
+            cs, ce = cs + lead, cs + len(piece.rstrip())
+            if ce > cs:
+                return self.text[cs:ce], cs, ce
+        return self.gen.decode("utf-8", errors="replace").strip(), None, None
+
+
+def _draft(tracker: SpanTracker, ctx_tokens, tokenizer, n: int) -> list[int]:
+    """Up to n tokens that would continue the copy: the context's own tokens when the copy sits on one of their
+    boundaries (the way the model saw the text), else a fresh tokenisation of what follows."""
+    c = tracker.next_char()
+    if c is None or n <= 0:
+        return []
+    ids, starts = ctx_tokens
+    k = bisect.bisect_left(starts, c)
+    if k < len(starts) and starts[k] == c:
+        return ids[k:k + n]
+    return tokenizer.encode(tracker.text[c:c + 8 * n])[:n]
+
+
+@torch.no_grad()
+def decode_span(model, tokenizer, prompt: str, context: str, *, max_new_tokens: int = 1024,
+                constrained: bool = True, lookahead: int = 16) -> Answer:
+    """Greedy answer to one chat prompt whose answer should be a verbatim piece of `context` (or NONE).
+
+    constrained=True: every token must keep the answer a substring of the context, decided on the text (see
+    SpanTracker), so the result is always an exact slice with its offsets, or NONE. constrained=False: plain
+    greedy decoding. Both copy ahead: when the answer so far sits in the context, the next `lookahead` context
+    tokens are fed in one forward pass and kept as long as they are what greedy decoding picks anyway
+    (prompt-lookup decoding: same output as one token per pass, several times fewer passes while copying).
+    """
+    device = model.lm_head.weight.device
+    prompt_ids = tokenizer.encode(tokenizer.chat_prompt(prompt))
+    enc = tokenizer._tk.encode(context, add_special_tokens=False)
+    ctx_tokens = (enc.ids, [o[0] for o in enc.offsets])
+    tracker = SpanTracker(context, tokenizer.token_bytes, tokenizer.stop_ids, constrained)
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens + lookahead + 1,
+                    model.model.embed_tokens.weight.dtype, device)
+    h = model.hidden(torch.tensor([prompt_ids], device=device), cache=cache)
+    logits = model.lm_head(h[0, -1]).float()  # (V,)
+    logps, n_out, steps = [], 0, 0
+    while True:
+        tid = tracker.choose(logits)
+        logps.append(float(torch.log_softmax(logits, -1)[tid]))
+        if tid in tracker.stop_ids:
+            break
+        tracker.advance(tid)
+        n_out += 1
+        if n_out >= max_new_tokens:
+            break
+        draft = _draft(tracker, ctx_tokens, tokenizer, min(lookahead, max_new_tokens - n_out))
+        feed = [tid] + draft
+        pos0 = cache.pos
+        h = model.hidden(torch.tensor([feed], device=device), cache=cache)
+        steps += 1
+        lg = model.lm_head(h[0]).float()  # (len(feed), V): lg[i] follows feed[i]
+        accepted = 0
+        for i, d in enumerate(draft):
+            if tracker.choose(lg[i]) != d:
+                break
+            logps.append(float(torch.log_softmax(lg[i], -1)[d]))
+            tracker.advance(d)
+            accepted += 1
+        n_out += accepted
+        cache.pos = pos0 + 1 + accepted  # keys/values of rejected draft tokens are overwritten next pass
+        logits = lg[accepted]
+        if n_out >= max_new_tokens:
+            break
+    text, start, end = tracker.answer()
+    return Answer(text, start, end, sum(logps) / len(logps), n_out, steps)
+
+
 def generate(model, tokenizer, prompts: list[str], max_new_tokens=256, temperature=0.0, top_p=1.0,
              batch_size=8, seed=None) -> list[str]:
     """User messages -> assistant answers (chat format of the tokenizer, no system prompt)."""
@@ -88,14 +269,32 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens=256, temperatu
     return answers
 
 
+def cpu_threads(requested: int | None = None) -> int:
+    """Set torch's CPU threads: the requested number, else the cores this process may use minus the machine's
+    1-minute load average (at least 1). OpenMP threads that wait for a busy core stall each other: on a shared
+    2-core machine a decode step ran ~100x slower with 2 threads than with 1, so the default leaves busy cores
+    alone. Returns the number set."""
+    if requested is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+        requested = max(1, min(cores, cores - busy))
+    torch.set_num_threads(requested)
+    return requested
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF dir, hub id, .gguf or smollm2-135m (default)")
     ap.add_argument("--adapter", default=None, help="a PEFT-layout LoRA adapter directory")
     ap.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per answer (default: 128)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default: the cores this process may use minus the 1-minute load average)")
     args = ap.parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature < 0 or (args.threads is not None and args.threads < 1):
+        ap.error("--max-new-tokens and --threads must be positive, --temperature >= 0")
+    cpu_threads(args.threads)
     from . import load_model, load_tokenizer
 
     try:

@@ -7,6 +7,7 @@ generation feeds the model are the same ids by construction.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -231,6 +232,29 @@ class Tokenizer:
     def chat_answer(self, answer: str) -> str:
         """The answer plus the end-of-turn marker: what the training labels cover."""
         return answer + self.eot_token
+
+    @functools.cached_property
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each token id stands for (None for special and added tokens), for decoding decided on text.
+
+        Byte-level BPE writes every byte as one printable character (GPT-2's table: printable Latin-1 bytes stand
+        for themselves, the other 68 bytes for the characters 256 + n in order); this undoes it per token.
+        """
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                     *range(ord("\u00ae"), ord("\u00ff") + 1)]
+        char_to_byte = {chr(b): b for b in printable}
+        others = [b for b in range(256) if b not in char_to_byte.values()]
+        char_to_byte.update({chr(256 + n): b for n, b in enumerate(others)})
+        out: list[bytes | None] = [None] * self.vocab_size
+        added = set(self._tk.get_added_tokens_decoder())
+        for text, i in self._tk.get_vocab(with_added_tokens=True).items():
+            if i in added or i >= len(out):
+                continue
+            try:
+                out[i] = bytes(char_to_byte[c] for c in text)
+            except KeyError:   # not a byte-level token (some added token without the flag): never generated
+                out[i] = None
+        return out
 
     def save(self, path) -> None:
         """Write a Hugging Face tokenizer.json (e.g. beside an exported checkpoint of the GGUF model)."""

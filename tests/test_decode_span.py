@@ -1,0 +1,82 @@
+"""Span decoding: constrained answers are exact slices of their context (decided on text, not token ids), and
+copy-ahead (prompt-lookup) decoding gives exactly what one token per pass gives."""
+import pytest
+import torch
+
+from model import Llama, LlamaConfig
+from model.generate import SpanTracker, decode_span, generate
+from tests.conftest import tiny_config_dict
+
+CONTEXTS = [
+    "1. Term. This Agreement lasts two (2) years.\n\n2. Governing Law. This Agreement is governed by the laws of "
+    "the State of New York.\n\n3. Notices. All notices shall be in writing.",
+    "Section 9 — “Assignment”: neither party may assign this Agreement without the other’s consent; "
+    "any assignment in breach is void. Größe, café, naïve: ünïcode throughout.",
+]
+
+
+def _prompt(context, query="Governing Law"):
+    return f"Copy the exact clause from this contract that matches: {query}\nIf the contract has no such clause, " \
+           f"answer NONE.\n\nContract:\n{context}"
+
+
+@pytest.fixture(scope="module")
+def random_chatml(chatml_tok):
+    """A tiny random Llama over SmolLM2's real vocabulary: it wants to write anything at all."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig.from_hf_dict(tiny_config_dict(vocab_size=chatml_tok.vocab_size))
+    return Llama(cfg).eval(), chatml_tok
+
+
+@pytest.mark.parametrize("max_new_tokens", [3, 40])
+def test_constrained_answers_of_a_random_model_are_exact_slices(random_chatml, max_new_tokens):
+    model, tok = random_chatml
+    for ctx in CONTEXTS:
+        for query in ("Governing Law", "Assignment", "Notices"):
+            ans = decode_span(model, tok, _prompt(ctx, query), ctx, max_new_tokens=max_new_tokens)
+            assert ans.text == "NONE" or (ans.start is not None and ctx[ans.start:ans.end] == ans.text)
+            assert ans.text == ans.text.strip() and ans.tokens <= max_new_tokens
+    free = decode_span(model, tok, _prompt(CONTEXTS[0]), CONTEXTS[0], max_new_tokens=20, constrained=False)
+    assert free.text not in CONTEXTS[0] and free.start is None  # unconstrained, the random model writes anything
+
+
+def test_tracker_decides_on_text_not_on_token_ids(chatml_tok):
+    tok, ctx = chatml_tok, CONTEXTS[0]
+    clause = "Governing Law. This Agreement is governed by the laws of the State of New York."
+    alone = tok.encode(clause)  # the clause tokenised on its own: its first token has no leading space
+    in_ctx = tok.encode(ctx)
+    assert not any(in_ctx[i:i + len(alone)] == alone for i in range(len(in_ctx)))  # not a run of context ids
+    tr = SpanTracker(ctx, tok.token_bytes, tok.stop_ids, constrained=True)
+    assert not tr.allowed(tok.eot_id)  # nothing copied yet: no stop
+    for t in alone:
+        assert tr.allowed(t)
+        tr.advance(t)
+    assert tr.allowed(tok.eot_id)
+    assert not tr.allowed(tok.encode(" Delaware")[0])  # does not continue the text
+    text, start, end = tr.answer()
+    assert text == clause and ctx[start:end] == clause
+    none = SpanTracker(ctx, tok.token_bytes, tok.stop_ids, constrained=True)
+    for t in tok.encode("NONE"):
+        assert none.allowed(t)
+        none.advance(t)
+    assert none.allowed(tok.eot_id) and none.answer() == ("NONE", None, None)
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_copy_ahead_gives_what_one_token_per_pass_gives(smollm, constrained):
+    model, tok = smollm
+    for ctx in CONTEXTS:
+        one = decode_span(model, tok, _prompt(ctx), ctx, max_new_tokens=60, constrained=constrained, lookahead=0)
+        ahead = decode_span(model, tok, _prompt(ctx), ctx, max_new_tokens=60, constrained=constrained)
+        assert (ahead.text, ahead.start, ahead.end, ahead.tokens) == (one.text, one.start, one.end, one.tokens)
+        assert abs(ahead.logprob - one.logprob) < 1e-3
+        assert ahead.steps <= one.steps
+    copy = decode_span(model, tok, _prompt(CONTEXTS[0]), CONTEXTS[0], max_new_tokens=60)
+    assert copy.steps * 3 < copy.tokens  # a copy of the context takes several tokens per forward pass
+
+
+def test_free_span_decoding_equals_plain_greedy_generation(smollm):
+    model, tok = smollm
+    ctx = CONTEXTS[0]
+    ans = decode_span(model, tok, _prompt(ctx), ctx, max_new_tokens=48, constrained=False)
+    assert ans.text == generate(model, tok, [_prompt(ctx)], max_new_tokens=48)[0]
