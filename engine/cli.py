@@ -6,12 +6,22 @@ import os
 import sys
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Append "(default: X)" to a flag's help unless the help already names its default or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class CliParser(argparse.ArgumentParser):
     """argparse with a one-line usage error (the default prints the whole usage block first) and defaults shown
-    in --help."""
+    in --help once."""
 
     def __init__(self, *args, **kw):
-        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kw.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kw)
 
     def error(self, message):
@@ -23,6 +33,17 @@ class CliParser(argparse.ArgumentParser):
         self.add_argument("--model", default=None, help=f"HF dir, hub id, .gguf or smollm2-135m; default: {base}")
         self.add_argument("--adapter", required=adapter_required, default=None,
                           help="PEFT LoRA adapter directory (a training run's adapter/)")
+
+
+THREADS_HELP = ("CPU threads for torch (default: the cores this process may use minus the 1-minute load average, "
+                "at least 1: OpenMP threads that wait for busy cores make each step many times slower)")
+
+
+def set_threads(requested: int | None) -> int:
+    """torch's CPU threads: the requested number, else a safe default (model.generate.cpu_threads)."""
+    from model.generate import cpu_threads
+
+    return cpu_threads(requested)
 
 
 def run_command(fn, *args) -> int:

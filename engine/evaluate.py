@@ -21,9 +21,15 @@ from pathlib import Path
 
 import torch
 
-from engine.cli import CliParser, run_command
-from engine.metrics import score, summarize
-from engine.report import atomic_write_text, compare_table, write_report
+from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
+from data.example import render_prompt
+from data.text import make_windows
+from engine.metrics import KINDS, is_none, score, summarize
+from model.generate import decode_span
+
+DECODES = ("constrained", "free")
+DEFAULT_SEQ_LEN = 8192  # tokens per window when the model reads more (Llama 3.2: 131,072; memory grows with it)
+from engine.report import _pyplot, atomic_write_text, compare_table, write_report
 
 METRIC_NOTES = {
     "similarity": "rapidfuzz.fuzz.ratio (0-100) on whitespace-normalised text (case-sensitive)",
@@ -65,40 +71,54 @@ def eval_subset(examples: list, n: int | None, salt: str = "eval") -> list:
     return [examples[i] for i in sorted(picked)]
 
 
-def fit_prompt(tok, ex, seq_len: int):
-    """(user message, its token count incl. chat template, truncated?) for ex, as training would cut it.
+def prompt_windows(tok, ex, budget: int) -> list[tuple[int, int]]:
+    """[start, end) character windows of ex.context whose prompts each fit `budget` tokens (chat template
+    included), built from the query and the context alone: the gold answer never shapes what the model is shown.
 
-    data.batch.encode_example gives the prompt seq_len minus the answer's tokens and cuts the *context* to a
-    window centred on the answer (the beginning of the contract for NONE), at word boundaries, shrinking until
-    the re-rendered prompt fits. Doing the same here means evaluation shows the model the very window it was
-    trained on; the answer's length (never its text) sets the budget. Examples must be validated (answer
-    verbatim in context). Generation gets its own budget (max_new_tokens) on top.
+    One window, the whole context, whenever it fits (SmolLM2 reads 8,192 tokens: every ACORD context fits whole).
+    Otherwise overlapping windows cut at whitespace (engine.extract.make_windows, as for a long contract); the
+    answers of all windows are combined by answer_example.
     """
-    from data.batch import cut_context
-    from data.example import render_prompt
+    if len(tok.encode(tok.chat_prompt(render_prompt(ex)))) <= budget:
+        return [(0, len(ex.context))]
+    overhead = len(tok.encode(tok.chat_prompt(render_prompt(replace(ex, context=""))))) + 8  # + edge merges
+    if budget - overhead < 64:
+        raise ValueError(f"a prompt budget of {budget} tokens leaves {budget - overhead} for the contract; raise "
+                         "--seq-len or lower --max-new-tokens")
+    return make_windows(ex.context, lambda text: len(tok.encode(text)), budget - overhead)
 
-    prompt_budget = seq_len - len(tok.encode(tok.chat_answer(ex.answer)))
-    prompt = render_prompt(ex)
-    n = len(tok.encode(tok.chat_prompt(prompt)))
-    if n <= prompt_budget:
-        return prompt, n, False
-    overhead = len(tok.encode(tok.chat_prompt(render_prompt(replace(ex, context="")))))
-    max_chars = int((prompt_budget - overhead) * len(ex.context) / max(1, n - overhead))
-    for _ in range(12):  # usually 1-2 rounds, as in data.batch.encode_example
-        prompt = render_prompt(replace(ex, context=cut_context(ex.context, ex.answer, max(1, max_chars))))
-        n = len(tok.encode(tok.chat_prompt(prompt)))
-        if n <= prompt_budget:
-            break
-        max_chars = int(max_chars * min(0.98, prompt_budget / n))
-    return prompt, n, True
+
+def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, constrained: bool) -> dict:
+    """Answer one example from its query and context alone: each window decoded greedily (decode_span); when
+    several windows quote something, the quote with the highest mean log-probability wins; all NONE -> NONE.
+    Returns prediction, start/end (character offsets into ex.context, None for NONE or a free-text answer),
+    logprob, windows, prompt_tokens (of the first window) and tokens generated."""
+    windows = prompt_windows(tok, ex, seq_len - max_new_tokens)
+    best, n_prompt, n_tokens = None, None, 0
+    for a, b in windows:
+        prompt = render_prompt(replace(ex, context=ex.context[a:b]))
+        n_prompt = n_prompt or len(tok.encode(tok.chat_prompt(prompt)))
+        ans = decode_span(model, tok, prompt, ex.context[a:b], max_new_tokens=max_new_tokens,
+                          constrained=constrained)
+        n_tokens += ans.tokens
+        quoted = not is_none(ans.text)
+        key = (quoted, ans.logprob)  # any quote beats NONE; among quotes, the model's most confident
+        if best is None or key > best[0]:
+            best = (key, ans, a)
+    _, ans, a = best
+    start = None if ans.start is None else a + ans.start
+    end = None if ans.end is None else a + ans.end
+    return {"prediction": ans.text, "start": start, "end": end, "logprob": round(ans.logprob, 4),
+            "windows": len(windows), "prompt_tokens": n_prompt, "tokens": n_tokens}
 
 
 # ---- running the model -------------------------------------------------------------------------------------
 class Progress:
     """One status line: done/total, examples/s, ETA. Rewritten in place on a terminal, a line per update otherwise."""
 
-    def __init__(self, total: int, label: str = "eval", stream=sys.stderr, enabled: bool = True):
-        self.total, self.label, self.stream, self.enabled = total, label, stream, enabled
+    def __init__(self, total: int, label: str = "eval", stream=None, enabled: bool = True, unit: str = "examples"):
+        stream = sys.stderr if stream is None else stream
+        self.total, self.label, self.stream, self.enabled, self.unit = total, label, stream, enabled, unit
         self.t0 = time.perf_counter()
         self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
 
@@ -108,57 +128,52 @@ class Progress:
         dt = time.perf_counter() - self.t0
         rate = done / dt if dt > 0 else 0.0
         eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "?"
-        line = f"{self.label} {done}/{self.total} examples | {rate:.2f} ex/s | {dt:.0f}s elapsed | ETA {eta}"
+        line = f"{self.label} {done}/{self.total} {self.unit} | {rate:.2f}/s | {dt:.0f}s elapsed | ETA {eta}"
         end = "" if self.tty and done < self.total else "\n"
         print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)
 
 
-def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 256, batch_size: int = 8,
-                      seq_len: int = 2048, progress: bool = False) -> dict:
-    """Generate greedily for every example and score it -> {"overall", "by_category", "by_source", "rows"}.
+def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 1024, seq_len: int = 8192,
+                      decode: str = "constrained", progress: bool = False) -> dict:
+    """Answer every example (answer_example) and score it -> {"overall", "clause", "none", "by_category",
+    "by_source", "rows"}.
 
-    seq_len is the training row budget (prompt + answer, see fit_prompt); generation may add max_new_tokens.
+    seq_len: tokens the model reads per window, prompt + answer; a prompt gets seq_len - max_new_tokens.
+    decode: "constrained" (every answer a verbatim slice of its context, or NONE) or "free" (plain greedy).
     The model is put in eval mode for the call and restored after (the trainer calls this mid-run).
     """
-    from model.generate import generate
-
-    fitted = [fit_prompt(tok, ex, seq_len) for ex in examples]
-    order = sorted(range(len(examples)), key=lambda i: -fitted[i][1])  # similar lengths share a batch
-    predictions = [""] * len(examples)
+    assert decode in DECODES, decode
+    rows = []
     bar = Progress(len(examples), enabled=progress)
-    bar.update(0)  # the first batch holds the longest prompts: say something before it starts
+    bar.update(0)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for s in range(0, len(order), batch_size):
-                chunk = order[s:s + batch_size]
-                outs = generate(model, tok, [fitted[i][0] for i in chunk], max_new_tokens=max_new_tokens,
-                                temperature=0.0, batch_size=batch_size)
-                for i, text in zip(chunk, outs):
-                    predictions[i] = text
-                bar.update(min(s + batch_size, len(order)))
+            for i, ex in enumerate(examples):
+                r = answer_example(model, tok, ex, seq_len=seq_len, max_new_tokens=max_new_tokens,
+                                   constrained=decode == "constrained")
+                rows.append({"id": ex.id, "category": ex.category, "source": ex.source, "query": ex.query,
+                             "answer": ex.answer, **r, "scores": score(r["prediction"], ex.answer, ex.context)})
+                bar.update(i + 1)
     finally:
         model.train(was_training)
-    rows = []
-    for ex, (_, n_tok, cut), pred in zip(examples, fitted, predictions):
-        rows.append({"id": ex.id, "category": ex.category, "source": ex.source, "query": ex.query,
-                     "prediction": pred, "answer": ex.answer, "prompt_tokens": n_tok, "truncated": cut,
-                     "scores": score(pred, ex.answer)})
     return {**summarize(rows), "rows": rows}
 
 
-def evaluate_for_training(model, tok, subset: list, *, max_new_tokens: int = 128, batch_size: int = 8,
-                          seq_len: int = 2048) -> dict:
-    """Flat numbers for one metrics.jsonl line: eval_n, eval_avg_similarity, eval_exact_match, ... eval_seconds.
+def evaluate_for_training(model, tok, subset: list, *, max_new_tokens: int = 1024, seq_len: int = 8192) -> dict:
+    """Flat numbers for one metrics.jsonl line: eval_n, eval_avg_similarity, ... over all examples, then
+    eval_clause_* and eval_none_* for the two kinds apart (a collapse to NONE shows as eval_clause_predicted_none
+    rising), eval_seconds. Constrained decoding, as engine.evaluate's default.
 
     Call on rank 0 with the unwrapped model and a subset chosen once with eval_subset (so every eval of a run
     scores the same examples). report.plot_loss draws eval_avg_similarity beside the loss.
     """
     t0 = time.perf_counter()
-    res = evaluate_examples(model, tok, subset, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            seq_len=seq_len)
+    res = evaluate_examples(model, tok, subset, max_new_tokens=max_new_tokens, seq_len=seq_len)
     out = {f"eval_{k}": v for k, v in res["overall"].items()}
+    for kind_ in KINDS:
+        out.update({f"eval_{kind_}_{k}": v for k, v in res[kind_].items()})
     out["eval_seconds"] = time.perf_counter() - t0
     return out
 
@@ -173,17 +188,6 @@ def _base_of_adapter(adapter: str) -> str | None:
                                 "(the adapter/ folder of a training run)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg}: malformed JSON at line {e.lineno} ({e.msg})") from None
-
-
-def _run_seq_len(adapter: str | None) -> int | None:
-    """seq_len of the training run that wrote adapter/ (its resolved config.json sits beside it), if any."""
-    if not adapter:
-        return None
-    try:
-        v = json.loads((Path(adapter).parent / "config.json").read_text(encoding="utf-8")).get("seq_len")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return v if isinstance(v, int) and v > 0 else None
 
 
 def _device_and_dtype(device: str):
@@ -228,6 +232,19 @@ def read_eval_json(path) -> dict:
     return d
 
 
+def headline(result: dict, seconds: float | None = None) -> str:
+    """Two lines, clause examples and NONE examples apart (a NONE-only model must not look good)."""
+    c, n = result["clause"], result["none"]
+    f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    took = f" in {seconds:.0f}s" if seconds is not None else ""
+    return (f"{result['overall']['n']} examples{took} ({result.get('decode', 'constrained')} decoding)\n"
+            f"  clause examples ({c['n']}): avg similarity {f(c['avg_similarity'])}, >90 {f(c['excellent'])}%, "
+            f">70 {f(c['good'])}%, exact match {f(c['exact_match'])}%, F1 {f(c['f1'])}%, "
+            f"wrongly NONE {f(c['predicted_none'])}%, verbatim {f(c['verbatim'])}%\n"
+            f"  NONE examples ({n['n']}): answered NONE {f(n['predicted_none'])}% | NONE precision "
+            f"{f(result['overall']['abstention_precision'])}%, recall {f(result['overall']['abstention_recall'])}%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = CliParser(prog="python -m engine.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_model_args(adapter_required=False)
@@ -235,17 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--split", default="test", help="train, valid or test")
     ap.add_argument("--limit", type=int, default=None,
                     help="evaluate N examples, a deterministic category-balanced subset (default: all)")
-    ap.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    ap.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per answer")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="accepted for compatibility; examples are decoded one at a time (copy-ahead decoding "
+                         "verifies up to 16 tokens per forward pass instead)")
+    ap.add_argument("--decode", choices=DECODES, default="constrained",
+                    help="constrained: every answer is a verbatim slice of its context (or NONE), decided on the "
+                         "text; free: plain greedy decoding")
+    ap.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per answer")
     ap.add_argument("--seq-len", type=int, default=None,
-                    help="row budget (prompt + answer) in tokens; longer contexts are cut around the answer as "
-                         "in training (default: the adapter's training run seq_len, else 2048)")
+                    help="tokens the model reads per window, prompt + answer; a context whose prompt does not fit "
+                         "is read in overlapping windows, never cut with the help of the answer (default: the "
+                         f"model's context length, at most {DEFAULT_SEQ_LEN})")
     ap.add_argument("--quantize", choices=("none", "nf4"), default="none",
                     help="load the base in NF4 (as QLoRA trained it) or full precision")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for torch (default: torch's choice). On a machine shared with other jobs "
-                         "use 1: two OpenMP threads waiting on a busy core make each decode step ~100x slower")
+    ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     ap.add_argument("--metrics", default=None, help="a training run's metrics.jsonl: adds the loss curve")
     ap.add_argument("--compare", default=None, metavar="BASELINE_EVAL_JSON",
                     help="eval.json of a baseline run: prints metric | before | after | change")
@@ -261,14 +282,11 @@ def run(args) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     if args.metrics and not Path(args.metrics).is_file():
         raise FileNotFoundError(f"{args.metrics}: metrics.jsonl not found (a training run writes OUT/metrics.jsonl)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.seq_len is None:
-        args.seq_len = _run_seq_len(args.adapter) or 2048
+    set_threads(args.threads)
+    if args.seq_len is not None and args.seq_len <= args.max_new_tokens + 64:
+        raise ValueError(f"--seq-len {args.seq_len} leaves no room for a prompt beside --max-new-tokens "
+                         f"{args.max_new_tokens}; raise --seq-len or lower --max-new-tokens")
     baseline = read_eval_json(args.compare) if args.compare else None
-    if baseline is not None and baseline.get("seq_len") not in (None, args.seq_len):
-        print(f"note: the baseline was evaluated with --seq-len {baseline['seq_len']}, this run uses "
-              f"{args.seq_len}: contexts are cut differently; pass the same --seq-len to both", file=sys.stderr)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
@@ -289,18 +307,23 @@ def run(args) -> dict:
     model, tok, model_src = load_for_eval(args.model, args.adapter, device=args.device,
                                           quantize=None if args.quantize == "none" else args.quantize)
     load_s = time.perf_counter() - t0
+    if args.seq_len is None:
+        args.seq_len = min(model.config.max_position_embeddings, DEFAULT_SEQ_LEN)
+    if baseline is not None and baseline.get("seq_len") not in (None, args.seq_len):
+        print(f"note: the baseline read windows of {baseline['seq_len']} tokens, this run {args.seq_len}; "
+              "pass the same --seq-len to both for a like-for-like comparison", file=sys.stderr)
     if not args.quiet:
         print(f"evaluating {len(subset)} of {len(examples)} {args.split} examples from {args.data} "
               f"with {model_src}{' + ' + args.adapter if args.adapter else ''} (loaded in {load_s:.1f}s)",
               file=sys.stderr, flush=True)
     t1 = time.perf_counter()
-    res = evaluate_examples(model, tok, subset, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            seq_len=args.seq_len, progress=not args.quiet)
+    res = evaluate_examples(model, tok, subset, max_new_tokens=args.max_new_tokens, seq_len=args.seq_len,
+                            decode=args.decode, progress=not args.quiet)
     seconds = time.perf_counter() - t1
     result = {
         "model": model_src, "adapter": args.adapter, "data": args.data, "split": args.split,
         "limit": args.limit, "n_available": len(examples), "n_rejected": rep.rejected, "seq_len": args.seq_len,
-        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "quantize": args.quantize,
+        "max_new_tokens": args.max_new_tokens, "decode": args.decode, "quantize": args.quantize,
         "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
         "seconds": round(seconds, 2),
         "examples_per_s": round(len(subset) / seconds, 3) if seconds > 0 else None,
@@ -309,11 +332,11 @@ def run(args) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     write_report(result, out, metrics_jsonl=args.metrics, baseline=baseline)
+    if _pyplot() is None:
+        print("note: report.md has tables only: matplotlib is not installed (pip install -e '.[plot]')",
+              file=sys.stderr)
     atomic_write_text(out / "eval.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    o = result["overall"]
-    print(f"{o['n']} examples in {seconds:.0f}s: avg similarity {o['avg_similarity']:.1f}, "
-          f"excellent {o['excellent']:.1f}%, good {o['good']:.1f}%, exact match {o['exact_match']:.1f}%, "
-          f"F1 {o['f1']:.1f}%")
+    print(headline(result, seconds))
     if baseline is not None:
         print(compare_table(baseline, result), end="")
     print(f"wrote {out / 'eval.json'} and {out / 'report.md'}")

@@ -18,26 +18,33 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rapidfuzz import fuzz
 
-from engine.cli import CliParser, run_command
+from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
+from data.example import Example, render_prompt
+from data.text import make_windows
+from engine.evaluate import Progress, load_for_eval
 from engine.metrics import is_none, normalize_ws
+from model.generate import decode_span, generate
 
-_WS = re.compile(r"\s+")
 
 
 @dataclass
 class Match:
     start: int          # character offsets into the contract text: text[start:end] is the quote
     end: int
-    score: float        # fuzz.ratio of the whitespace-normalised generation and quote, 0-100
+    score: float        # copy score: fuzz.ratio of the whitespace-normalised generation and the quote, 0-100.
+    #                     It says how exactly the model copied text, not whether that text is the right clause.
     verbatim: bool      # the generation occurs in the contract character for character
     generated: str      # what the model wrote
     window: int         # index of the window that produced it
+    logprob: float | None = None  # the model's mean log-probability of its answer (its confidence)
 
     def as_dict(self, text: str) -> dict:
         return {"start": self.start, "end": self.end, "text": text[self.start:self.end], "score": self.score,
-                "verbatim": self.verbatim, "generated": self.generated, "window": self.window}
+                "copy_score": self.score, "verbatim": self.verbatim, "logprob": self.logprob,
+                "generated": self.generated, "window": self.window}
 
 
 def read_contract(path) -> str:
@@ -62,35 +69,6 @@ def read_contract(path) -> str:
     if not text.strip():
         raise ValueError(f"{p}: the contract file is empty")
     return text
-
-
-# ---- windows -----------------------------------------------------------------------------------------------
-def make_windows(text: str, count_tokens, max_tokens: int, overlap: float = 0.25) -> list[tuple[int, int]]:
-    """Cover text with [start, end) windows of at most max_tokens tokens each (count_tokens(str) -> int),
-    consecutive windows sharing about `overlap` of their length, cut at whitespace where possible. A clause
-    shorter than the overlap is therefore whole in at least one window."""
-    assert 0 <= overlap < 0.9 and max_tokens > 0
-    n_tok = count_tokens(text)
-    if n_tok <= max_tokens:
-        return [(0, len(text))]
-    chars = max(32, int(max_tokens * len(text) / n_tok * 0.95))  # chars per window from the average token size
-    windows, start = [], 0
-    while True:
-        end = min(len(text), start + chars)
-        while True:
-            if end < len(text):  # end after the last space / newline of the window's second half
-                half = start + (end - start) // 2
-                cut = max(text.rfind(" ", half, end), text.rfind("\n", half, end))
-                end = cut + 1 if cut > start else end
-            if count_tokens(text[start:end]) <= max_tokens or end - start <= 8:
-                break
-            end = start + int((end - start) * 0.9)
-        windows.append((start, end))
-        if end >= len(text):
-            return windows
-        nxt = max(start + 1, end - int((end - start) * overlap))
-        m = _WS.search(text, nxt, end)  # start the next window at a word
-        start = m.end() if m and m.end() < end else nxt
 
 
 # ---- snapping a generation onto the contract ---------------------------------------------------------------
@@ -147,24 +125,31 @@ def locate(generated: str, window: str) -> tuple[int, int, float, bool] | None:
 
 def find_clause(text: str, clause: str, answer_fn, count_tokens, max_context_tokens: int, *,
                 overlap: float = 0.25, min_score: float = 60.0, log: list | None = None) -> tuple[list[Match], int]:
-    """All distinct matches (best first) and the number of windows. answer_fn(list of user messages) -> answers.
-    log, when given, receives one dict per window: its offsets and what the model answered there."""
-    from data.example import Example, render_prompt
+    """All distinct matches (best first) and the number of windows.
 
+    answer_fn(user messages, window texts) -> one answer per window: a string (free text, located in the window
+    by `locate`) or a model.generate.Answer whose start/end already give its slice of the window (constrained
+    decoding: copy score 100 by construction). log, when given, receives one dict per window: its offsets and
+    what the model answered there."""
     windows = make_windows(text, count_tokens, max_context_tokens, overlap)
     prompts = [render_prompt(Example(id=f"extract:{clause}", source="extract", category=clause, query=clause,
                                      context=text[a:b], answer="", split="test")) for a, b in windows]
-    answers = answer_fn(prompts)
+    answers = answer_fn(prompts, [text[a:b] for a, b in windows])
     if log is not None:
-        log.extend({"start": a, "end": b, "answer": ans} for (a, b), ans in zip(windows, answers))
+        log.extend({"start": a, "end": b, "answer": getattr(ans, "text", ans)} for (a, b), ans in zip(windows, answers))
     found: list[Match] = []
     for w, ((a, b), ans) in enumerate(zip(windows, answers)):
-        if is_none(ans):
+        generated = getattr(ans, "text", ans)
+        if is_none(generated):
             continue
-        loc = locate(ans, text[a:b])
+        if getattr(ans, "start", None) is not None:
+            found.append(Match(a + ans.start, a + ans.end, 100.0, True, generated, w, ans.logprob))
+            continue
+        loc = locate(generated, text[a:b])
         if loc is not None and loc[2] >= min_score:
-            found.append(Match(a + loc[0], a + loc[1], loc[2], loc[3], ans, w))
-    found.sort(key=lambda m: (-m.score, not m.verbatim, m.start))
+            found.append(Match(a + loc[0], a + loc[1], loc[2], loc[3], generated, w, getattr(ans, "logprob", None)))
+    # best first: the closest copy, then the model's most confident quote (mean log-probability), then the earliest
+    found.sort(key=lambda m: (-m.score, not m.verbatim, -(m.logprob if m.logprob is not None else -1e9), m.start))
     distinct: list[Match] = []
     for m in found:  # overlapping windows find the same clause twice: keep the best of each span
         if all(m.end <= d.start or m.start >= d.end for d in distinct):
@@ -182,12 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq-len", type=int, default=2048, help="tokens per window: prompt + answer")
     ap.add_argument("--max-new-tokens", type=int, default=384, help="generation budget per window")
     ap.add_argument("--overlap", type=float, default=0.25, help="fraction of a window shared with the next")
-    ap.add_argument("--batch-size", type=int, default=4, help="windows decoded together")
+    ap.add_argument("--batch-size", type=int, default=4, help="windows decoded together (--decode free)")
+    ap.add_argument("--decode", choices=("constrained", "free"), default="constrained",
+                    help="constrained: every answer is a verbatim slice of the contract (or NONE), decided on the "
+                         "text; free: plain greedy decoding, the answer snapped to its closest span")
     ap.add_argument("--min-score", type=float, default=60.0,
-                    help="drop answers whose best span in the contract matches worse than this (0-100)")
+                    help="--decode free: drop answers whose closest span of the contract has a copy score (how "
+                         "exactly the text was copied, 0-100) below this")
+    ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--quantize", choices=("none", "nf4"), default="none", help="load the base in NF4 or full")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (1 on a busy shared machine)")
+    ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return ap
 
 
@@ -196,20 +186,18 @@ def run(args) -> dict:
         raise ValueError(f"--overlap {args.overlap}: use a fraction in [0, 0.9)")
     if not args.clause.strip():
         raise ValueError("--clause is empty; name a clause type, e.g. --clause 'Governing Law'")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+    for name in ("threads", "batch_size", "max_new_tokens", "seq_len"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if not 0 <= args.min_score <= 100:
+        raise ValueError(f"--min-score must be within 0-100, got {args.min_score}")
     text = read_contract(args.contract)  # before loading the model: a bad path fails in a second
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    from engine.evaluate import load_for_eval
-    from model.generate import generate
-
+    set_threads(args.threads)
     model, tok, _ = load_for_eval(args.model, args.adapter, device=args.device,
                                   quantize=None if args.quantize == "none" else args.quantize)
-    from data.example import Example, render_prompt
-
+    if args.adapter and not args.json:
+        print(f"adapter {args.adapter}: {adapter_provenance(args.adapter)}", file=sys.stderr)
     empty = render_prompt(Example(id=f"extract:{args.clause}", source="extract", category=args.clause,
                                   query=args.clause, context="", answer="", split="test"))
     overhead = len(tok.encode(tok.chat_prompt(empty))) + 8  # + a margin for merges across the context's edges
@@ -218,11 +206,25 @@ def run(args) -> dict:
         raise ValueError(f"--seq-len {args.seq_len} leaves {budget} context tokens per window after the prompt "
                          f"and --max-new-tokens {args.max_new_tokens}; raise --seq-len")
     per_window: list[dict] = []
-    matches, n_windows = find_clause(
-        text, args.clause,
-        lambda prompts: generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                 batch_size=args.batch_size),
-        lambda s: len(tok.encode(s)), budget, overlap=args.overlap, min_score=args.min_score, log=per_window)
+
+    def answer_fn(prompts, contexts):
+        bar = Progress(len(prompts), label="reading", enabled=not args.quiet, unit="windows")
+        bar.update(0)
+        out = []
+        with torch.inference_mode():
+            if args.decode == "free":
+                for s in range(0, len(prompts), args.batch_size):
+                    out += generate(model, tok, prompts[s:s + args.batch_size], max_new_tokens=args.max_new_tokens,
+                                    temperature=0.0, batch_size=args.batch_size)
+                    bar.update(len(out))
+                return out
+            for prompt, ctx in zip(prompts, contexts):
+                out.append(decode_span(model, tok, prompt, ctx, max_new_tokens=args.max_new_tokens))
+                bar.update(len(out))
+        return out
+
+    matches, n_windows = find_clause(text, args.clause, answer_fn, lambda s: len(tok.encode(s)), budget,
+                                     overlap=args.overlap, min_score=args.min_score, log=per_window)
     best = matches[0] if matches else None
     result = {"contract": str(args.contract), "clause": args.clause, "found": best is not None,
               "windows": n_windows, **(best.as_dict(text) if best else {}),
@@ -236,11 +238,26 @@ def run(args) -> dict:
             "verbatim up to whitespace" if best.score == 100 else
             "not verbatim: showing the closest span of the contract")
         print(f"{args.clause} clause, characters {best.start}-{best.end} of {args.contract} "
-              f"(match {best.score:.1f}, {how}):")
+              f"(copy score {best.score:.1f}, {how}; the copy score says how exactly the text was copied, not "
+              "whether it is the right clause):")
         print(text[best.start:best.end])
         if len(matches) > 1:
             print(f"({len(matches) - 1} more match(es): --json lists them)", file=sys.stderr)
     return result
+
+
+def adapter_provenance(adapter) -> str:
+    """What an adapter was trained on, from the run's config.json beside it (or its run two levels up for a
+    checkpoint's adapter): "trained on DATA, N steps, seq_len L", or a note that nothing says."""
+    for cfg in (Path(adapter).parent / "config.json", Path(adapter).parent.parent.parent / "config.json"):
+        try:
+            c = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(c, dict) and "data" in c:
+            return (f"trained on {c['data']} (split {c.get('train_split', 'train')}), {c.get('max_steps', '?')} "
+                    f"steps, seq_len {c.get('seq_len', '?')}")
+    return "no training config found beside it; what it was trained on is unknown"
 
 
 def main(argv=None) -> int:

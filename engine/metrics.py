@@ -14,7 +14,9 @@ Per example (`score`):
 
 Aggregates (`aggregate`): similarity averages 0-100; excellent / good / exact_match / f1 as percentages 0-100
 (excellent = share with similarity > 90, good = share > 70); abstention precision = tp / (tp + fp) and recall =
-tp / (tp + fn) as percentages, None when the denominator is 0 (nothing to measure, not a perfect score).
+tp / (tp + fn) as percentages, None when the denominator is 0 (nothing to measure, not a perfect score);
+predicted_none = share of examples answered NONE (on clause examples: wrongly; on NONE examples: rightly);
+verbatim = share of quoted (non-NONE) predictions that are exact substrings of their context.
 """
 from __future__ import annotations
 
@@ -31,8 +33,11 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 # Keys of `aggregate`, in the order tables show them (higher is better for every one but n).
-AGGREGATE_KEYS = ("n", "avg_similarity", "excellent", "good", "exact_match", "f1",
+AGGREGATE_KEYS = ("n", "avg_similarity", "excellent", "good", "exact_match", "f1", "predicted_none", "verbatim",
                   "abstention_precision", "abstention_recall")
+# The two kinds of example, always reported apart: a clause to copy, or NONE to answer. A headline over both
+# hides a model that answers NONE to everything behind its NONE examples.
+KINDS = ("clause", "none")
 
 
 def normalize_ws(text: str) -> str:
@@ -77,14 +82,22 @@ def abstention(prediction: str, answer: str) -> str:
     return {(True, True): "tp", (False, True): "fp", (True, False): "fn", (False, False): "tn"}[(gold, pred)]
 
 
-def score(prediction: str, answer: str) -> dict:
-    """All per-example scores for one prediction."""
+def score(prediction: str, answer: str, context: str | None = None) -> dict:
+    """All per-example scores for one prediction. With the context, "verbatim" says whether a quoted (non-NONE)
+    prediction is an exact substring of it (None for a NONE prediction, or without context)."""
+    quoted = not is_none(prediction)
     return {
         "similarity": similarity(prediction, answer),
         "exact_match": exact_match(prediction, answer),
         "f1": token_f1(prediction, answer),
         "abstention": abstention(prediction, answer),
+        "verbatim": (bool(prediction.strip()) and prediction in context) if quoted and context is not None else None,
     }
+
+
+def kind(answer: str) -> str:
+    """"none" for an example whose gold answer is NONE, else "clause"."""
+    return "none" if is_none(answer) else "clause"
 
 
 def aggregate(scores: list[dict]) -> dict:
@@ -96,6 +109,7 @@ def aggregate(scores: list[dict]) -> dict:
     outcomes = Counter(s["abstention"] for s in scores)
     tp, fp, fn = outcomes["tp"], outcomes["fp"], outcomes["fn"]
     pct = lambda num, den: (100.0 * num / den) if den else None  # noqa: E731
+    verb = [s["verbatim"] for s in scores if s.get("verbatim") is not None]
     return {
         "n": n,
         "avg_similarity": sum(sims) / n,
@@ -103,14 +117,19 @@ def aggregate(scores: list[dict]) -> dict:
         "good": pct(sum(x > 70 for x in sims), n),
         "exact_match": pct(sum(s["exact_match"] for s in scores), n),
         "f1": pct(sum(s["f1"] for s in scores), n),
+        "predicted_none": pct(tp + fp, n),
+        "verbatim": pct(sum(verb), len(verb)),
         "abstention_precision": pct(tp, tp + fp),
         "abstention_recall": pct(tp, tp + fn),
     }
 
 
 def summarize(rows: list[dict]) -> dict:
-    """rows carry "category", "source" and "scores" -> {"overall", "by_category", "by_source"} aggregates."""
+    """rows carry "answer", "category", "source" and "scores" -> {"overall", "clause", "none", "by_category",
+    "by_source"} aggregates; "clause" and "none" split the rows by their gold answer (see KINDS)."""
     out = {"overall": aggregate([r["scores"] for r in rows]), "by_category": {}, "by_source": {}}
+    for k in KINDS:
+        out[k] = aggregate([r["scores"] for r in rows if kind(r["answer"]) == k])
     for key, field in (("by_category", "category"), ("by_source", "source")):
         groups: dict[str, list[dict]] = {}
         for r in rows:

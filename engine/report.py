@@ -11,7 +11,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from engine.metrics import AGGREGATE_KEYS
+from engine.metrics import AGGREGATE_KEYS, KINDS, is_none
+
+PLOTS_SKIPPED = "_Plots skipped: matplotlib is not installed (pip install -e '.[plot]')._"
 
 LABELS = {
     "n": "examples",
@@ -20,6 +22,8 @@ LABELS = {
     "good": "good (sim > 70) %",
     "exact_match": "exact match %",
     "f1": "token F1 %",
+    "predicted_none": "answered NONE %",
+    "verbatim": "verbatim quotes %",
     "abstention_precision": "NONE precision %",
     "abstention_recall": "NONE recall %",
 }
@@ -53,9 +57,19 @@ def fmt(value, key: str = "") -> str:
 
 
 def compare_table(before: dict, after: dict) -> str:
-    """Markdown table `metric | before | after | change` over the overall aggregates of two eval.json dicts."""
-    b, a = before.get("overall", before), after.get("overall", after)
-    lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
+    """Markdown table `examples | metric | before | after | change` of two eval.json dicts: clause examples and
+    NONE examples apart (KINDS), then all together; an aggregate dict alone counts as "all"."""
+    lines = ["| examples | metric | before | after | change |", "|---|---|---:|---:|---:|"]
+    for group in (*KINDS, "overall"):
+        if group != "overall" and (group not in before or group not in after):
+            continue
+        lines += _compare_rows(before.get(group, before), after.get(group, after),
+                               "all" if group == "overall" else group)
+    return "\n".join(lines) + "\n"
+
+
+def _compare_rows(b: dict, a: dict, label: str) -> list[str]:
+    lines = []
     for k in AGGREGATE_KEYS:
         x, y = b.get(k), a.get(k)
         if k == "n":
@@ -64,8 +78,8 @@ def compare_table(before: dict, after: dict) -> str:
             change = "-"
         else:
             change = f"{y - x:+.1f}"
-        lines.append(f"| {LABELS[k]} | {fmt(x, k)} | {fmt(y, k)} | {change} |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {label} | {LABELS[k]} | {fmt(x, k)} | {fmt(y, k)} | {change} |")
+    return lines
 
 
 def aggregate_table(groups: dict[str, dict], first: str) -> str:
@@ -110,51 +124,72 @@ def _save(fig, plt, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def plot_similarity_hist(plt, sims: list[float], path: Path) -> None:
+def plot_similarity_hist(plt, sims: list[float], path: Path, before: list[float] | None = None) -> None:
+    """Similarity of the clause examples (NONE examples are reported apart), with the baseline's beside it."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(sims, bins=list(range(0, 105, 5)), color="#4c72b0", edgecolor="white")
+    bins = list(range(0, 105, 5))
+    if before:
+        ax.hist(before, bins=bins, color="#c44e52", alpha=0.45, edgecolor="white", label=f"before (n={len(before)})")
+    ax.hist(sims, bins=bins, color="#4c72b0", alpha=0.75 if before else 1.0, edgecolor="white",
+            label=f"{'after' if before else 'this run'} (n={len(sims)})")
     for x, label, color in ((70, "good > 70", "#dd8452"), (90, "excellent > 90", "#55a868")):
         ax.axvline(x, color=color, linestyle="--", label=label)
     ax.set_xlim(0, 100)
     ax.set_xlabel("similarity to the reference clause (rapidfuzz ratio, 0-100)")
-    ax.set_ylabel("examples")
+    ax.set_ylabel("clause examples")
     ax.yaxis.get_major_locator().set_params(integer=True)
-    ax.set_title(f"Similarity, {len(sims)} examples")
-    ax.legend(loc="upper center")
+    ax.set_title("Similarity on clause examples")
+    ax.legend(loc="upper center", fontsize=8)
     _save(fig, plt, path)
 
 
-def plot_categories(plt, by_category: dict[str, dict], path: Path) -> None:
+def plot_categories(plt, by_category: dict[str, dict], path: Path, before: dict | None = None) -> None:
+    """Average similarity per category; with a baseline, its bars beside this run's."""
     items = sorted(((c, a) for c, a in by_category.items() if a.get("avg_similarity") is not None),
                    key=lambda ca: ca[1]["avg_similarity"])
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(items) + 1)))
-    ax.barh([f"{c[:40]} (n={a['n']})" for c, a in items], [a["avg_similarity"] for _, a in items], color="#4c72b0")
+    fig, ax = plt.subplots(figsize=(7, max(2.5, (0.42 if before else 0.28) * len(items) + 1)))
+    ys = list(range(len(items)))
+    h = 0.4 if before else 0.8
+    if before:
+        ax.barh([y - h / 2 for y in ys], [(before.get(c) or {}).get("avg_similarity") or 0 for c, _ in items],
+                height=h, color="#c44e52", alpha=0.6, label="before")
+    ax.barh([y + (h / 2 if before else 0) for y in ys], [a["avg_similarity"] for _, a in items], height=h,
+            color="#4c72b0", label="after" if before else None)
+    ax.set_yticks(ys, [f"{c[:40]} (n={a['n']})" for c, a in items])
     for x in (70, 90):
         ax.axvline(x, color="grey", linestyle=":")
     ax.set_xlim(0, 100)
     ax.set_xlabel("average similarity")
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title("Average similarity per category")
+    if before:
+        ax.legend(loc="lower right", fontsize=8)
     _save(fig, plt, path)
 
 
 def plot_loss(plt, rows: list[dict], path: Path) -> bool:
+    """Training loss, the validation loss on the same axis, and the task metric (clause similarity) beside."""
     train = [(r["step"], r["loss"]) for r in rows if "step" in r and r.get("loss") is not None]
-    evals = [(r["step"], r["eval_avg_similarity"]) for r in rows
-             if "step" in r and r.get("eval_avg_similarity") is not None]
+    val = [(r["step"], r["eval_loss"]) for r in rows if "step" in r and r.get("eval_loss") is not None]
+    sim_key = "eval_clause_avg_similarity" if any("eval_clause_avg_similarity" in r for r in rows) \
+        else "eval_avg_similarity"
+    evals = [(r["step"], r[sim_key]) for r in rows if "step" in r and r.get(sim_key) is not None]
     if not train:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(*zip(*train), color="#4c72b0", label="train loss")
+    if val:
+        ax.plot(*zip(*val), color="#c44e52", marker="s", label="validation loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     if evals:  # loss alone does not predict extraction quality; show the task metric beside it
         ax2 = ax.twinx()
-        ax2.plot(*zip(*evals), color="#55a868", marker="o", label="eval avg similarity")
-        ax2.set_ylabel("eval avg similarity")
+        ax2.plot(*zip(*evals), color="#55a868", marker="o",
+                 label="eval clause similarity" if "clause" in sim_key else "eval avg similarity")
+        ax2.set_ylabel("eval similarity")
         ax2.set_ylim(0, 100)
-        ax2.legend(loc="upper right")
-    ax.legend(loc="upper left")
+        ax2.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Training")
     _save(fig, plt, path)
     return True
@@ -169,23 +204,34 @@ def write_report(result: dict, out_dir: Path, metrics_jsonl: Path | None = None,
     images: list[tuple[str, str]] = []
     rows = result.get("rows", [])
     if plt is not None:
-        if rows:
-            plot_similarity_hist(plt, [r["scores"]["similarity"] for r in rows], out_dir / "similarity_hist.png")
-            images.append(("Similarity histogram", "similarity_hist.png"))
+        clause_sims = lambda res: [r["scores"]["similarity"] for r in res.get("rows", [])  # noqa: E731
+                                   if not is_none(r["answer"])]
+        if clause_sims(result):
+            plot_similarity_hist(plt, clause_sims(result), out_dir / "similarity_hist.png",
+                                 before=clause_sims(baseline) if baseline else None)
+            images.append(("Similarity on clause examples" + (", before and after" if baseline else ""),
+                           "similarity_hist.png"))
         if result.get("by_category"):
-            plot_categories(plt, result["by_category"], out_dir / "categories.png")
+            plot_categories(plt, result["by_category"], out_dir / "categories.png",
+                            before=baseline.get("by_category") if baseline else None)
             images.append(("Average similarity per category", "categories.png"))
         if metrics_jsonl is not None and plot_loss(plt, read_metrics_jsonl(metrics_jsonl), out_dir / "loss.png"):
-            images.append(("Training loss", "loss.png"))
+            images.append(("Training and validation loss", "loss.png"))
 
     md = ["# Evaluation report", ""]
-    for key in ("model", "adapter", "data", "split", "limit", "max_new_tokens", "seconds", "created"):
+    for key in ("model", "adapter", "data", "split", "limit", "decode", "seq_len", "max_new_tokens", "seconds",
+                "created"):
         if result.get(key) is not None:
             md.append(f"- **{key}**: {result[key]}")
+    if result.get("quantize") is not None:
+        md.append("- **base weights**: " + ("NF4 (4-bit, as QLoRA trains)" if result["quantize"] == "nf4"
+                                            else "full precision (the checkpoint's weights, dequantized to fp32/bf16)"))
     md += ["", "Similarity is `rapidfuzz.fuzz.ratio` (0-100) on whitespace-normalised text; exact match is on the "
            "same normalised text; F1 is SQuAD token F1; NONE precision/recall treat the abstention answer `NONE` "
            "as the positive class (- = undefined, nothing to count).", "", "## Overall", "",
-           aggregate_table({"all": result["overall"]}, "")]
+           "Clause examples (the gold answer is a clause) and NONE examples (the gold answer is NONE) are "
+           "reported apart: on clause examples `answered NONE` is a miss, on NONE examples it is the right answer.",
+           "", aggregate_table({**{k: result[k] for k in KINDS if k in result}, "all": result["overall"]}, "")]
     if baseline is not None:
         md += ["## Before / after", "", f"Baseline: {baseline.get('model', '?')}"
                f"{' + ' + str(baseline['adapter']) if baseline.get('adapter') else ''}", "",
@@ -193,7 +239,7 @@ def write_report(result: dict, out_dir: Path, metrics_jsonl: Path | None = None,
     if images:
         md += ["## Plots", ""] + [f"![{title}]({name})\n" for title, name in images]
     elif plt is None:
-        md += ["_Plots skipped: matplotlib is not installed (pip install 'clauselora[plot]')._", ""]
+        md += [PLOTS_SKIPPED, ""]
     md += ["## By category", "", aggregate_table(result.get("by_category", {}), "category"),
            "## By source", "", aggregate_table(result.get("by_source", {}), "source")]
     worst = sorted((r for r in rows if r["scores"]["similarity"] < 100), key=lambda r: r["scores"]["similarity"])[:5]

@@ -6,7 +6,7 @@ from engine.metrics import aggregate, is_none, score, summarize
 
 def test_identical_up_to_whitespace_is_perfect():
     s = score("The Licensee  shall\nindemnify.", "  The Licensee shall indemnify. ")
-    assert s == {"similarity": 100.0, "exact_match": 1.0, "f1": 1.0, "abstention": "tn"}
+    assert s == {"similarity": 100.0, "exact_match": 1.0, "f1": 1.0, "abstention": "tn", "verbatim": None}
 
 
 def test_near_miss_missing_period():
@@ -35,12 +35,14 @@ def test_similarity_is_case_sensitive_but_f1_is_not():
 
 
 def test_empty_prediction_scores_zero():
-    assert score("", "Net 30.") == {"similarity": 0.0, "exact_match": 0.0, "f1": 0.0, "abstention": "tn"}
+    assert score("", "Net 30.") == {"similarity": 0.0, "exact_match": 0.0, "f1": 0.0, "abstention": "tn",
+                                    "verbatim": None}
     assert score("   ", "")["similarity"] == 100.0  # nothing expected, nothing said
 
 
 def test_none_both_ways():
-    assert score("NONE", "NONE") == {"similarity": 100.0, "exact_match": 1.0, "f1": 1.0, "abstention": "tp"}
+    assert score("NONE", "NONE") == {"similarity": 100.0, "exact_match": 1.0, "f1": 1.0, "abstention": "tp",
+                                     "verbatim": None}
     assert score("None.", "NONE")["abstention"] == "tp"
     assert score("NONE", "The term is two years.")["abstention"] == "fp"  # abstained although the clause exists
     assert score("The term is two years.", "NONE")["abstention"] == "fn"  # quoted something that is not there
@@ -48,14 +50,12 @@ def test_none_both_ways():
 
 
 def test_aggregate_by_hand():
-    rows = [
-        {"category": "Term", "source": "acord", "scores": score("x", "x")},          # sim 100, tn
-        {"category": "Term", "source": "acord", "scores": score("seller shall pay taxes",
-                                                               "the seller shall pay all taxes")},  # 84.6, tn
-        {"category": "Law", "source": "cuad", "scores": score("NONE", "NONE")},       # 100, tp
-        {"category": "Law", "source": "cuad", "scores": score("NONE", "Delaware.")},  # 0, fp
-        {"category": "Law", "source": "cuad", "scores": score("Delaware.", "NONE")},  # ratio("Delaware.","NONE")=0, fn
-    ]
+    pairs = [("Term", "acord", "x", "x"),                                            # sim 100, tn
+             ("Term", "acord", "seller shall pay taxes", "the seller shall pay all taxes"),  # 84.6, tn
+             ("Law", "cuad", "NONE", "NONE"),                                       # 100, tp
+             ("Law", "cuad", "NONE", "Delaware."),                                  # 0, fp
+             ("Law", "cuad", "Delaware.", "NONE")]                                  # ratio("Delaware.","NONE")=0, fn
+    rows = [{"category": c, "source": s, "answer": a, "scores": score(p, a)} for c, s, p, a in pairs]
     sims = [100.0, 100 * 44 / 52, 100.0, 0.0, 0.0]
     assert [r["scores"]["similarity"] for r in rows] == pytest.approx(sims)
     agg = aggregate([r["scores"] for r in rows])
@@ -68,8 +68,16 @@ def test_aggregate_by_hand():
     assert agg["abstention_precision"] == pytest.approx(50.0)  # tp 1, fp 1
     assert agg["abstention_recall"] == pytest.approx(50.0)     # tp 1, fn 1
 
+    assert agg["predicted_none"] == pytest.approx(40.0)        # NONE/NONE and NONE/Delaware
+    assert agg["verbatim"] is None                             # no context given: nothing to check
+
     summary = summarize(rows)
     assert summary["overall"] == agg
+    # clause examples (gold is a clause) and NONE examples apart: the NONE on "Delaware." is a miss of a clause
+    clause, none = summary["clause"], summary["none"]
+    assert clause["n"] == 3 and clause["predicted_none"] == pytest.approx(100 / 3)
+    assert clause["avg_similarity"] == pytest.approx((100 + 100 * 44 / 52 + 0) / 3)
+    assert none["n"] == 2 and none["predicted_none"] == pytest.approx(50.0) and none["abstention_recall"] == 50.0
     assert set(summary["by_category"]) == {"Term", "Law"} and set(summary["by_source"]) == {"acord", "cuad"}
     term = summary["by_category"]["Term"]
     assert term["n"] == 2 and term["avg_similarity"] == pytest.approx((100 + 100 * 44 / 52) / 2)
@@ -81,3 +89,13 @@ def test_aggregate_by_hand():
 def test_aggregate_of_nothing():
     agg = aggregate([])
     assert agg["n"] == 0 and agg["avg_similarity"] is None
+
+
+def test_verbatim_is_checked_against_the_context_for_quotes_only():
+    ctx = "1. Term. The term is two years.\n\n2. Law. Delaware law governs."
+    assert score("The term is two years.", "x", ctx)["verbatim"] is True
+    assert score("The term is 2 years.", "x", ctx)["verbatim"] is False
+    assert score("NONE", "x", ctx)["verbatim"] is None
+    agg = aggregate([score("Delaware law governs.", "x", ctx), score("Delaware governs.", "x", ctx),
+                     score("NONE", "x", ctx)])
+    assert agg["verbatim"] == pytest.approx(50.0)  # of the two quotes, one is an exact substring

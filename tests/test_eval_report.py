@@ -48,7 +48,17 @@ def test_compare_table_rows_and_changes():
     after = {"overall": {**before["overall"], "avg_similarity": 75.5, "abstention_precision": 50.0}}
     table = report.compare_table(before, after)
     lines = table.strip().splitlines()
-    assert lines[0] == "| metric | before | after | change |"
-    assert "| avg similarity (0-100) | 20.0 | 75.5 | +55.5 |" in lines
-    assert "| NONE precision % | - | 50.0 | - |" in lines
-    assert "| exact match % | 0.0 | 0.0 | +0.0 |" in lines
+    assert lines[0] == "| examples | metric | before | after | change |"
+    assert "| all | avg similarity (0-100) | 20.0 | 75.5 | +55.5 |" in lines
+    assert "| all | NONE precision % | - | 50.0 | - |" in lines
+    assert "| all | exact match % | 0.0 | 0.0 | +0.0 |" in lines
+
+
+def test_compare_table_and_report_show_clause_and_none_examples_apart(tmp_path, monkeypatch):
+    res = _result()
+    table = report.compare_table(res, res)
+    assert "| clause | avg similarity (0-100) | 87.5 | 87.5 | +0.0 |" in table  # 100 and 75 ("a b" of "a b c")
+    assert "| none | answered NONE % | 50.0 | 50.0 | +0.0 |" in table          # NONE and "x" for NONE
+    monkeypatch.setattr(report, "_pyplot", lambda: None)
+    md = report.write_report(res, tmp_path).read_text()
+    assert "| clause |" in md and "| none |" in md and "| all |" in md

@@ -69,39 +69,54 @@ def test_evaluate_examples_rows_and_training_numbers(tiny_model_dir):
 
     model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
     model.train()
-    res = evaluate_examples(model, tok, _examples(), max_new_tokens=4, batch_size=4, seq_len=512)
+    exs = _examples()
+    res = evaluate_examples(model, tok, exs, max_new_tokens=4, seq_len=512)
     assert model.training  # restored for the trainer
     assert len(res["rows"]) == 6 and set(res["by_category"]) == {"Governing Law", "Term", "Audit Rights"}
-    for r in res["rows"]:
-        assert set(r) >= {"id", "category", "source", "prediction", "answer", "scores"}
-        assert set(r["scores"]) == {"similarity", "exact_match", "f1", "abstention"}
-        assert not r["truncated"]
-    flat = evaluate_for_training(model, tok, eval_subset(_examples(), 3), max_new_tokens=2, seq_len=512)
+    assert res["clause"]["n"] == 3 and res["none"]["n"] == 3  # the two kinds apart
+    for r, ex in zip(res["rows"], exs):
+        assert set(r) >= {"id", "category", "source", "prediction", "answer", "scores", "start", "end", "windows"}
+        assert set(r["scores"]) == {"similarity", "exact_match", "f1", "abstention", "verbatim"}
+        # constrained decoding (the default): NONE or an exact slice of the context, with its offsets
+        assert r["prediction"] == "NONE" or ex.context[r["start"]:r["end"]] == r["prediction"]
+        assert r["windows"] == 1
+    assert res["overall"]["verbatim"] in (None, 100.0)
+    flat = evaluate_for_training(model, tok, eval_subset(exs, 3), max_new_tokens=2, seq_len=512)
     assert flat["eval_n"] == 3 and 0 <= flat["eval_avg_similarity"] <= 100 and flat["eval_seconds"] > 0
+    assert "eval_clause_avg_similarity" in flat and "eval_none_predicted_none" in flat
 
 
-def test_long_context_is_cut_around_the_answer_like_training(tiny_model_dir):
-    from data.example import NONE, Example
-    from engine.evaluate import fit_prompt
-    from model import load_tokenizer
+def _long_example(answer=None):
+    from data.example import Example
 
-    tok = load_tokenizer(str(tiny_model_dir))  # one token per byte
     clause = "The Supplier shall indemnify the Buyer against all third-party claims."
     ctx = " ".join(f"Filler sentence number {i}." for i in range(60)) + " " + clause + " " + \
         " ".join(f"More filler {i}." for i in range(60))
-    ex = Example(id="long", source="jsonl", category="Indemnity", query="Indemnity", context=ctx, answer=clause,
-                 split="test")
-    prompt, n, cut = fit_prompt(tok, ex, 400)  # 400 = the training row: prompt + answer + end of turn
-    assert cut and n + len(tok.encode(tok.chat_answer(clause))) <= 400
-    assert clause in prompt and n == len(tok.encode(tok.chat_prompt(prompt)))
-    # the very prompt training builds for this example (data.batch.encode_example)
-    from data.batch import encode_example
+    return Example(id="long", source="jsonl", category="Indemnity", query="Indemnity", context=ctx,
+                   answer=clause if answer is None else answer, split="test")
 
-    enc = encode_example(tok, ex, 400)
-    assert enc.truncated and enc.input_ids[:n] == tok.encode(tok.chat_prompt(prompt))
-    prompt, n, cut = fit_prompt(tok, Example(**{**ex.__dict__, "answer": NONE}), 400)
-    assert cut and n <= 400 and "Filler sentence number 0." in prompt  # NONE keeps the beginning
-    assert fit_prompt(tok, ex, 10_000)[2] is False
+
+def test_long_context_is_read_in_windows_that_never_depend_on_the_answer(tiny_model_dir):
+    from data.example import NONE, render_prompt
+    from engine.evaluate import evaluate_examples, prompt_windows
+    from model import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))  # one token per byte
+    ex = _long_example()
+    windows = prompt_windows(tok, ex, 600)
+    assert len(windows) > 2 and windows[0][0] == 0 and windows[-1][1] == len(ex.context)
+    assert all(windows[i][0] < windows[i + 1][0] < windows[i][1] for i in range(len(windows) - 1))  # overlapping
+    for a, b in windows:
+        prompt = render_prompt(ex.__class__(**{**ex.__dict__, "context": ex.context[a:b]}))
+        assert len(tok.encode(tok.chat_prompt(prompt))) <= 600
+    # the gold answer plays no part: a NONE answer or another clause gives the very same windows
+    assert prompt_windows(tok, _long_example(NONE), 600) == windows
+    assert prompt_windows(tok, _long_example("More filler 3."), 600) == windows
+    assert prompt_windows(tok, ex, 100_000) == [(0, len(ex.context))]
+    model = load_model(str(tiny_model_dir))
+    row = evaluate_examples(model, tok, [ex], max_new_tokens=8, seq_len=608)["rows"][0]
+    assert row["windows"] == len(windows)
+    assert row["prediction"] == "NONE" or ex.context[row["start"]:row["end"]] == row["prediction"]
 
 
 def _write_jsonl(path: Path) -> str:
@@ -125,11 +140,12 @@ def test_evaluate_cli_writes_eval_json_report_and_compare(tiny_model_dir, tmp_pa
     assert main(common + ["--out", str(tmp_path / "after"), "--metrics", str(metrics),
                           "--compare", str(tmp_path / "before" / "eval.json")]) == 0
     out = capsys.readouterr().out
-    assert "| metric | before | after | change |" in out and "| examples | 4 | 6 |" in out
+    assert "| examples | metric | before | after | change |" in out and "| all | examples | 4 | 6 |" in out
+    assert "clause examples (3)" in out and "NONE examples (3)" in out  # the headline, two kinds apart
 
     ev = json.loads((tmp_path / "after" / "eval.json").read_text())
     for key in ("model", "adapter", "data", "split", "limit", "seconds", "created", "definitions",
-                "overall", "by_category", "by_source", "rows"):
+                "overall", "clause", "none", "by_category", "by_source", "rows"):
         assert key in ev, key
     assert set(ev["overall"]) == set(AGGREGATE_KEYS) and ev["overall"]["n"] == 6
     assert set(ev["by_source"]) == {"jsonl"}

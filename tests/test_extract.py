@@ -30,7 +30,7 @@ def _finder(reply):
     """A fake model: for each prompt, reply(prompt_text) if the clause (up to whitespace) is in it, else NONE."""
     norm_clause = " ".join(CLAUSE.split())
 
-    def answer(prompts):
+    def answer(prompts, contexts=None):
         return [reply(norm_clause) if norm_clause in " ".join(p.split()) else "NONE" for p in prompts]
     return answer
 
@@ -78,12 +78,12 @@ def test_locate_widens_to_word_boundaries():
 
 
 def test_nothing_found_when_every_window_says_none():
-    matches, n = find_clause(_contract(), "Non-Compete", lambda ps: ["NONE"] * len(ps), _byte_count, 400)
+    matches, n = find_clause(_contract(), "Non-Compete", lambda ps, ctxs: ["NONE"] * len(ps), _byte_count, 400)
     assert matches == [] and n > 1
 
 
 def test_hallucinated_answer_below_min_score_is_not_quoted():
-    made_up = lambda ps: ["Supplier shall not compete with Buyer in Ohio for five years."] * len(ps)
+    made_up = lambda ps, ctxs: ["Supplier shall not compete with Buyer in Ohio for five years."] * len(ps)
     assert find_clause(_contract(), "Non-Compete", made_up, _byte_count, 400, min_score=60)[0] == []
 
 
@@ -106,11 +106,11 @@ def _fake_generate(reply):
 
 
 def test_cli_prints_clause_with_offsets_in_the_file(tiny_model_dir, contract_file, monkeypatch, capsys):
-    import model.generate
+    import engine.extract
 
-    monkeypatch.setattr(model.generate, "generate", _fake_generate(lambda c: c))
+    monkeypatch.setattr(engine.extract, "generate", _fake_generate(lambda c: c))
     args = ["--model", str(tiny_model_dir), "--contract", str(contract_file), "--clause", "Governing Law",
-            "--seq-len", "900", "--max-new-tokens", "200"]
+            "--seq-len", "900", "--max-new-tokens", "200", "--decode", "free", "--quiet"]
     assert main(args + ["--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     raw = contract_file.read_bytes().decode("utf-8")
@@ -119,15 +119,35 @@ def test_cli_prints_clause_with_offsets_in_the_file(tiny_model_dir, contract_fil
 
     assert main(args) == 0
     out = capsys.readouterr().out
-    m = re.match(r"Governing Law clause, characters (\d+)-(\d+) of .*\(match 100\.0", out)
+    m = re.match(r"Governing Law clause, characters (\d+)-(\d+) of .*\(copy score 100\.0", out)
     assert m and raw[int(m[1]):int(m[2])] == CLAUSE and CLAUSE in out
 
 
 def test_cli_absent_clause_prints_not_found(tiny_model_dir, contract_file, capsys):
     # the real (random, untrained) tiny model: whatever it writes does not match the contract
     assert main(["--model", str(tiny_model_dir), "--contract", str(contract_file), "--clause", "Non-Compete",
-                 "--seq-len", "4096", "--max-new-tokens", "4", "--min-score", "95"]) == 0
+                 "--seq-len", "4096", "--max-new-tokens", "4", "--min-score", "95", "--decode", "free"]) == 0
     assert capsys.readouterr().out.strip() == "No Non-Compete clause found."
+
+
+def test_cli_constrained_quotes_are_slices_of_the_file_with_progress(tiny_model_dir, contract_file, capsys):
+    # the random tiny model under constrained decoding: whatever it picks is the file's own text, with offsets
+    assert main(["--model", str(tiny_model_dir), "--contract", str(contract_file), "--clause", "Governing Law",
+                 "--seq-len", "900", "--max-new-tokens", "6", "--json"]) == 0
+    captured = capsys.readouterr()
+    res = json.loads(captured.out)
+    raw = contract_file.read_bytes().decode("utf-8")
+    assert re.search(r"reading \d+/\d+ windows", captured.err)  # progress over the windows, on stderr
+    for m in res["matches"]:
+        assert raw[m["start"]:m["end"]] == m["text"] and m["verbatim"] and m["copy_score"] == 100.0
+
+
+@pytest.mark.parametrize("flag", [["--batch-size", "0"], ["--max-new-tokens", "-5"], ["--min-score", "120"]])
+def test_cli_bad_numbers_are_refused_before_loading(tmp_path, contract_file, capsys, flag):
+    assert main(["--model", str(tmp_path / "no-such-model"), "--contract", str(contract_file),
+                 "--clause", "Governing Law"] + flag) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and flag[0] in err and "no-such-model" not in err
 
 
 @pytest.mark.parametrize("kind", ["missing", "directory", "binary", "empty"])
