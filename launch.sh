@@ -37,8 +37,18 @@ fi
 if [[ $demo -eq 1 ]]; then
   out=runs/demo
   echo "== demo: fine-tune SmolLM2-135M (NF4 + LoRA r16) on synthetic contracts with $nproc processes -> $out"
-  rm -rf "$out"  # the demo's own directory: every demo run starts fresh
   args=(--config configs/demo.toml --out "$out")
+  if [[ -e "$out" ]]; then
+    # the demo replaces only an earlier demo (its config.json says so); anything else there is the user's
+    if "$PY" -c "import json, sys; c = json.load(open(sys.argv[1])); sys.exit(0 if c.get('data') == 'synthetic' \
+        and c.get('out') == sys.argv[2] else 1)" "$out/config.json" "$out" 2>/dev/null; then
+      echo "== replacing the previous demo run in $out"
+      args+=(--overwrite)
+    else
+      echo "error: $out exists and is not an earlier demo run; move it away or delete it, then run ./launch.sh again" >&2
+      exit 2
+    fi
+  fi
 fi
 
 # Check the configuration once, in one process, before torchrun starts N of them: a typo then gives one
@@ -53,8 +63,31 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
   export OMP_NUM_THREADS=$(( $("$PY" -c "import os; print(len(os.sched_getaffinity(0)))") / nproc ))
   [[ $OMP_NUM_THREADS -lt 1 ]] && export OMP_NUM_THREADS=1
 fi
+# Signals (Kaggle/Colab/Slurm end a job with SIGTERM; Ctrl-C is SIGINT) go to the training processes
+# themselves: each finishes its step, the ranks write one checkpoint together and exit 128+signal. torchrun
+# would instead give its workers a fixed grace period and then kill them. This script returns only once
+# every worker has exited, with their status, so the checkpoint exists when it does.
 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" --max-restarts "$restarts" \
-  -m engine.train "${args[@]}"
+  -m engine.train "${args[@]}" &
+runner=$!
+signalled=0
+forward() {
+  signalled=$1
+  pkill "-$2" -P "$runner" 2>/dev/null || true  # torchrun's children: the workers
+}
+trap 'forward 143 TERM' TERM
+trap 'forward 130 INT' INT
+rc=0
+while true; do
+  wait "$runner" && rc=0 || rc=$?
+  kill -0 "$runner" 2>/dev/null || break  # wait returned because of a trapped signal: keep waiting
+done
+trap - TERM INT
+if [[ $signalled -ne 0 ]]; then
+  echo "== stopped by signal: the workers wrote a checkpoint in their --out/checkpoints; continue with --resume" >&2
+  exit "$signalled"
+fi
+[[ $rc -eq 0 ]] || exit "$rc"
 
 if [[ $demo -eq 1 ]]; then
   "$PY" - "$out/metrics.jsonl" <<'PYEOF'
@@ -68,13 +101,13 @@ if len(ev) >= 2:
           f"train loss (mean of {k} steps) {sum(tr[:k]) / k:.4f} -> {sum(tr[-k:]) / k:.4f}")
 PYEOF
   if "$PY" -c "import engine.evaluate" 2>/dev/null; then
-    limit=${DEMO_EVAL_LIMIT:-16}  # both runs cut contexts as training did (demo.toml seq_len 384)
+    limit=${DEMO_EVAL_LIMIT:-16}  # whole contracts, prompts built without the answer, constrained decoding
     echo "== evaluation on $limit held-out synthetic contracts (test split, unseen clause wordings): base model"
     "$PY" -m engine.evaluate --model smollm2-135m --data synthetic --split test --limit "$limit" \
-      --max-new-tokens 64 --seq-len 384 --out "$out/eval-before" --quiet
+      --max-new-tokens 128 --out "$out/eval-before" --quiet --threads "$OMP_NUM_THREADS"
     echo "== the same with the fine-tuned adapter"
     "$PY" -m engine.evaluate --model smollm2-135m --adapter "$out/adapter" --data synthetic --split test \
-      --limit "$limit" --max-new-tokens 64 --seq-len 384 --out "$out/eval" --quiet \
+      --limit "$limit" --max-new-tokens 128 --out "$out/eval" --quiet --threads "$OMP_NUM_THREADS" \
       --compare "$out/eval-before/eval.json" --metrics "$out/metrics.jsonl"
     echo "== report: $out/eval/report.md"
   fi

@@ -24,6 +24,7 @@ from data.validate import _normalize, locate
 
 OMITTED = "<omitted>"
 DEFAULT_EXCLUDE = ("Parties",)  # a list of names repeated all through a contract: no window is truly without it
+LEFT_OUT_WHY = {"Parties": "party names run through the whole contract, so no window would truly answer NONE"}
 
 
 def file_key(name: str) -> str:
@@ -109,7 +110,7 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
                "rejected_list": []}
     notes = {"unresolved_files": [], "resolved_files": 0, "contracts": {s: 0 for s in SPLITS}, "clauses": clauses,
              "too_long": 0, "split_rule": "stable hash of the contract file name: 80/10/10 train/valid/test",
-             "counts": {}}
+             "counts": {}, "left_out": {}}
     positives = {s: [] for s in splits}
     none_candidates = {s: [] for s in splits}
     with open_text(master, "CUAD master_clauses.csv") as f:
@@ -120,10 +121,16 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
         missing = [c for c in cats if c not in descriptions]
         if missing:
             raise DataError(f"{master}:1: categories {missing} are not in category_descriptions.csv")
-        wanted = [c for c in (categories or cats) if c not in (exclude or ())]
-        unknown = [c for c in wanted if c not in cats]
+        asked = list(categories or cats)
+        unknown = [c for c in asked if c not in cats]
         if unknown:
             raise DataError(f"cuad: unknown categories {unknown}; choose from {cats}")
+        wanted = [c for c in asked if c not in (exclude or ())]
+        # every clause string is validated, the left-out categories' too; only examples are not built for them
+        validated = asked
+        for c in asked:
+            if c not in wanted:
+                notes["left_out"][c] = {"clause_strings": 0, "why": LEFT_OUT_WHY.get(c, "excluded by the caller")}
         query = {c: f"{c} ({descriptions[c]})" if with_description else c for c in cats}
         for row in rows:
             line, fname = rows.line_num, row["Filename"]
@@ -139,7 +146,7 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
             text = read_text(path, "contract text")
             norm = None
             stem = path.stem
-            for cat in wanted:
+            for cat in validated:
                 try:
                     strings = ast.literal_eval(row[cat] or "[]")
                     assert isinstance(strings, list) and all(isinstance(x, str) for x in strings)
@@ -172,6 +179,9 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
                         if len(clauses["rejected_list"]) < show:
                             clauses["rejected_list"].append(f"{master}:{line} {cat!r} ({path.name}): "
                                                             f"not found in the contract: {cl[:80]!r}")
+                if cat not in wanted:  # validated and counted above; no examples
+                    notes["left_out"][cat]["clause_strings"] += len(strings)
+                    continue
                 merged = _merge(spans, merge_gap)
                 for k, (a, b) in enumerate(merged):
                     if b - a > max_context_chars:

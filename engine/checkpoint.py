@@ -83,7 +83,10 @@ def latest(out) -> Path | None:
 
 
 def remove_partial(out):
-    """Delete leftovers of interrupted saves (step-N.tmp, step-N.old). Rank 0 only."""
+    """Delete leftovers of interrupted saves (step-N.tmp, step-N.old, and the adapter's own .adapter.tmp-*
+    directories beside OUT/adapter). Rank 0 only."""
+    for p in Path(out).glob(".adapter.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
     root = ckpt_root(out)
     if root.is_dir():
         for p in root.iterdir():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import tomllib
 import typing
@@ -40,9 +41,10 @@ class TrainConfig:
     eval_split: str = _f("valid", "split used for the periodic evaluation loss")
     max_examples: int = _f(0, "use at most this many training examples (0 = all)")
     max_rejected: float = _f(0.01, "refuse to train when more than this fraction of examples fails validation")
-    out: str = _f("runs/demo", "output directory (config.json, metrics.jsonl, checkpoints/, adapter/)")
+    out: str = _f("runs/train", "output directory (config.json, metrics.jsonl, checkpoints/, adapter/)")
     # sequence / batch
-    seq_len: int = _f(512, "maximum tokens per row (examples longer than this are truncated around the answer)")
+    seq_len: int = _f(512, "maximum tokens per row (a longer context loses whole paragraphs at random, never the "
+                      "answer; an answer too long to fit whole supervises only its first tokens)")
     pack: bool = _f(True, "pack several short examples into one row (attention stays within each example)")
     batch_size: int = _f(2, "rows per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step per process")
@@ -72,6 +74,10 @@ class TrainConfig:
     precision: str = _f("auto", "auto: fp32 on CPU, bf16 on sm>=80, fp16 + loss scaling below",
                         ["auto", "fp32", "fp16", "bf16"])
     device: str = _f("auto", "auto (cuda when available), cpu or cuda", ["auto", "cpu", "cuda"])
+    loss_weighting: str = _f("token", "token: every answer token weighs 1 (a step's loss is the token mean); example: "
+                             "every example weighs 1, spread 1/(1+t) along its answer so the first tokens, where "
+                             "the clause or NONE is chosen, count as much in a long clause as in NONE",
+                             ["token", "example"])
     loss_chunk: int = _f(1024, "supervised positions per lm_head/cross-entropy chunk (bounds the logits memory)")
     # evaluation / checkpoints / bookkeeping
     eval_every: int = _f(0, "evaluate the loss on eval_split every N steps and at the end (0 = never)")
@@ -81,6 +87,8 @@ class TrainConfig:
     save_every: int = _f(0, "save a resumable checkpoint every N steps (0 = only on SIGTERM/SIGINT)")
     keep_last: int = _f(2, "keep only the newest K checkpoints")
     resume: bool = _f(False, "continue from the newest complete checkpoint in OUT/checkpoints")
+    overwrite: bool = _f(False, "replace an earlier run in OUT (its adapter, metrics, config and checkpoints); "
+                         "without it (or --resume) a run refuses an OUT that holds one")
     seed: int = _f(0, "random seed (LoRA init, data order, dropout)")
     nonfinite_patience: int = _f(8, "stop the run after this many consecutive steps with a non-finite loss")
 
@@ -114,7 +122,27 @@ def _check(name: str, value, where: str):
     return value
 
 
+# (low, high, low included, high included) for every numeric field: checked before anything loads
+_RANGES = {
+    "lr": (0, 1, False, True), "min_lr_ratio": (0, 1, True, True), "weight_decay": (0, 10, True, True),
+    "beta1": (0, 1, True, False), "beta2": (0, 1, True, False), "grad_clip": (0, float("inf"), True, False),
+    "lora_alpha": (0, float("inf"), False, False), "lora_dropout": (0, 1, True, False),
+    "max_rejected": (0, 1, True, True), "epochs": (0, float("inf"), True, False),
+    "nonfinite_patience": (1, float("inf"), True, False),
+}
+
+
+def _check_range(cfg: TrainConfig) -> None:
+    for k, (lo, hi, lo_in, hi_in) in _RANGES.items():
+        v = getattr(cfg, k)
+        ok = math.isfinite(v) and (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
+        if not ok:
+            left, right = "[" if lo_in else "(", "]" if hi_in else ")"
+            raise ConfigError(f"config: {k} must be a finite number in {left}{lo}, {hi}{right}, got {v}")
+
+
 def _validate(cfg: TrainConfig) -> TrainConfig:
+    _check_range(cfg)
     positive = ["seq_len", "batch_size", "grad_accum", "lora_r", "loss_chunk"]
     nonneg = ["max_steps", "warmup_steps", "eval_every", "save_every", "max_examples", "eval_batches",
               "eval_generate"]
@@ -126,20 +154,16 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"config: {k} must be >= 0, got {getattr(cfg, k)}")
     if cfg.keep_last < 1:
         raise ConfigError(f"config: keep_last must be >= 1, got {cfg.keep_last}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"config: lr must be > 0, got {cfg.lr}")
     if cfg.max_steps == 0 and cfg.epochs <= 0:
         raise ConfigError("config: set max_steps > 0 or epochs > 0")
-    if not 0 <= cfg.max_rejected <= 1:
-        raise ConfigError(f"config: max_rejected must be a fraction in [0, 1], got {cfg.max_rejected}")
-    if not 0 <= cfg.lora_dropout < 1:
-        raise ConfigError(f"config: lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     bad = [t for t in cfg.lora_targets if t not in ALL_PROJECTIONS]
     if bad or not cfg.lora_targets:
         raise ConfigError(f"config: lora_targets must be a non-empty subset of {','.join(ALL_PROJECTIONS)}, "
                           f"got {','.join(cfg.lora_targets) or 'nothing'}")
     if cfg.eval_generate and not cfg.eval_every:
         raise ConfigError("config: eval_generate needs eval_every > 0 (it runs at each evaluation)")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("config: resume and overwrite contradict each other; pass one of them")
     if cfg.offload and not cfg.checkpointing:
         raise ConfigError("config: offload needs checkpointing (--checkpointing --offload)")
     return cfg
@@ -152,6 +176,12 @@ def load_toml(path: str | os.PathLike) -> dict:
             raw = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory; pass a TOML file such as configs/demo.toml") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config ({e.strerror or type(e).__name__})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
     return {k: _check(k, v, str(p)) for k, v in raw.items()}

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -196,7 +197,12 @@ def build(args) -> Path:
     from model import load_tokenizer
 
     tok = load_tokenizer(model_src)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by an export killed with SIGKILL
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    # SIGTERM's default action ends the process without unwinding: turn it into SystemExit so the temporary
+    # export (a full-size checkpoint with --merge: ~12 GB for a 3B model) is removed below
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         if args.merge:
             merge_to(model_src, adapter, tmp, int(args.max_shard_gb * 1e9))
@@ -220,7 +226,13 @@ def build(args) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return out
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 # ---- the Hub -----------------------------------------------------------------------------------------------

@@ -18,14 +18,18 @@ from pathlib import Path
 
 import torch
 
+from data.validate import load_validated
 from engine import checkpoint as ckpt
 from engine import config as config_mod
 from engine import dist
 from engine.config import ConfigError, TrainConfig
 from engine.dist import print0
-from engine.evaluate import eval_subset, evaluate_for_training
-from engine.loss import CausalLMLoss, backward_scale, supervised_tokens
+from engine.evaluate import DEFAULT_SEQ_LEN, eval_subset, evaluate_for_training
+from engine.loss import CausalLMLoss, backward_scale, supervised_tokens, supervised_weight
 from engine.precision import NonFiniteLoss, Precision
+from engine.rundir import RunDir
+from model import load_model, load_tokenizer
+from model.lora import apply_lora, lora_report, save_adapter
 
 
 # ---------------------------------------------------------------- small pieces the loop uses
@@ -102,8 +106,10 @@ def forward_backward(loss_model, micro_batches: list[dict], prec: Precision, wor
     last micro-batch (no_sync on the others), once per optimizer step.
     """
     n_local = sum(supervised_tokens(b["labels"]) for b in micro_batches)
-    n_global = int(dist.all_reduce_sum(torch.tensor([n_local], dtype=torch.float64))[0])
-    scale = backward_scale(n_global, world_size)
+    w_local = sum(supervised_weight(b["labels"], b.get("loss_weights")) for b in micro_batches)
+    n_global, w_global = dist.all_reduce_sum(torch.tensor([n_local, w_local], dtype=torch.float64)).tolist()
+    n_global = int(n_global)
+    scale = backward_scale(w_global, world_size)  # w_global = n_global unless the batches carry loss_weights
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i, b in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -111,12 +117,12 @@ def forward_backward(loss_model, micro_batches: list[dict], prec: Precision, wor
         with sync:
             with prec.autocast():
                 part = loss_model(b["input_ids"], b["labels"], position_ids=b.get("position_ids"),
-                                  segment_ids=b.get("segment_ids"))
+                                  segment_ids=b.get("segment_ids"), loss_weights=b.get("loss_weights"))
             prec.backward(part * scale)
         loss_sum += part.detach().double().cpu()  # note: a host sync per micro-batch; negligible next to a step
         del part  # the graph is already freed by backward; drop the last reference before the next forward
     total = float(dist.all_reduce_sum(loss_sum.reshape(1))[0])
-    return total / max(n_global, 1), n_global
+    return total / max(w_global, 1e-12), n_global
 
 
 @torch.no_grad()
@@ -128,8 +134,8 @@ def evaluate_loss(loss_model, batches, prec: Precision) -> float:
     for b in batches:
         with prec.autocast():
             acc[0] += float(loss_model(b["input_ids"], b["labels"], position_ids=b.get("position_ids"),
-                                       segment_ids=b.get("segment_ids")))
-        acc[1] += supervised_tokens(b["labels"])
+                                       segment_ids=b.get("segment_ids"), loss_weights=b.get("loss_weights")))
+        acc[1] += supervised_weight(b["labels"], b.get("loss_weights"))
     dist.all_reduce_sum(acc)
     loss_model.train(was_training)
     return float(acc[0] / acc[1]) if acc[1] > 0 else float("nan")
@@ -141,6 +147,13 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def json_line(row: dict) -> str:
+    """One strict-JSON line for metrics.jsonl: a non-finite number (a diverged loss) is written as null, never
+    as the NaN/Infinity that json.dumps allows and other JSON readers reject."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -162,7 +175,7 @@ class Batches:
             raise ValueError(f"{cfg.data}: no example fits --seq-len {cfg.seq_len} (first: {stats.skipped[0]})")
         self.stats = stats
         self.units = make_units(encoded, cfg.seq_len, cfg.pack)
-        self.pad_id = tok.pad_id
+        self.pad_id, self.weighting = tok.pad_id, cfg.loss_weighting
         self.sampler = DistributedSampler([sum(len(e) for e in u) for u in self.units], cfg.batch_size,
                                           rank=d.rank, world_size=d.world_size, seed=cfg.seed, shuffle=shuffle,
                                           group_by_length=not cfg.pack)
@@ -175,7 +188,7 @@ class Batches:
     def _collate(self, idx: list[int]) -> dict:
         from data.batch import collate
 
-        b = collate([self.units[i] for i in idx], self.pad_id)
+        b = collate([self.units[i] for i in idx], self.pad_id, weighting=self.weighting)
         b["num_tokens"] = int((b["segment_ids"] >= 0).sum())  # real tokens, padding excluded
         return b
 
@@ -214,18 +227,24 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
-    from data.validate import load_validated
-    from model import load_model, load_tokenizer
-    from model.lora import apply_lora, lora_report, save_adapter
-
     d = dist.init(cfg.device)
     out = Path(cfg.out)
-    prec = Precision(cfg.precision, d.device, cfg.nonfinite_patience)
     # torchrun --max-restarts: a restarted worker group continues from the newest checkpoint by itself
     resume = cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if not resume and ckpt.complete_checkpoints(out):
-        raise ConfigError(f"{out}/checkpoints holds an earlier run; pass --resume to continue it or pick another --out")
+    guard = RunDir(out)
+    if d.is_main:
+        guard.lock()  # one writer per run directory, held until this process ends
+    try:
+        return _run(cfg, stop, d, out, guard, resume)
+    except BaseException:
+        guard.abandon()  # a start that failed before writing anything leaves no empty OUT behind
+        raise
+
+
+def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: RunDir, resume: bool) -> dict:
+    guard.check_start(cfg, resume)  # before anything is loaded or written: a refused start leaves OUT as it was
     resume_from = ckpt.latest(out) if resume else None
+    prec = Precision(cfg.precision, d.device, cfg.nonfinite_patience)
 
     # ---- data first: a bad dataset must fail before minutes of model loading, and before OUT is touched
     t_setup = time.perf_counter()
@@ -274,6 +293,8 @@ def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
     metrics_path = out / "metrics.jsonl"
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite:
+            guard.clear_for_overwrite()
         ckpt.remove_partial(out)
         config_mod.save(cfg, out / "config.json")
     dist.barrier()
@@ -294,12 +315,14 @@ def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
     metrics = open(metrics_path, "a") if d.is_main else None
 
     def generation_eval() -> dict:
-        """eval_avg_similarity, eval_exact_match, ... on gen_subset (rank 0; other ranks wait at the next collective)."""
+        """eval_* numbers on gen_subset, clause and NONE examples apart (rank 0; other ranks wait at the next
+        collective)."""
         if not gen_subset:
             return {}
         model.eval()  # no dropout, no checkpointing; KV-cache greedy decoding
         with prec.autocast():
-            res = evaluate_for_training(model, tok, gen_subset, seq_len=cfg.seq_len)
+            res = evaluate_for_training(model, tok, gen_subset,
+                                        seq_len=min(model.config.max_position_embeddings, DEFAULT_SEQ_LEN))
         model.train()
         return res
 
@@ -316,7 +339,7 @@ def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
         print0(f"eval loss before training: {eval_loss:.4f}"
                + (f" | similarity {gen['eval_avg_similarity']:.1f}" if gen else ""))
         if metrics:
-            metrics.write(json.dumps({"step": 0, "eval_loss": eval_loss, **gen}) + "\n")
+            metrics.write(json_line({"step": 0, "eval_loss": eval_loss, **gen}))
             metrics.flush()
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
@@ -348,7 +371,7 @@ def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
             row["eval_loss"] = eval_loss
             row.update(generation_eval())
         if metrics:
-            metrics.write(json.dumps(row) + "\n")
+            metrics.write(json_line(row))
             metrics.flush()
         eta = counters["train_seconds"] / (step - start_step) * (total - step)
         print0(f"step {step}/{total} | loss {loss:.4f} | lr {row['lr']:.2e} | {row['tokens_per_s']:.0f} tok/s | "
@@ -400,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (CLAUSELORA_DEBUG=1 for details)"
         print(f"error: {where}{msg}", file=sys.stderr)
-        code = 1
+        code = 2 if isinstance(e, ConfigError) else 1  # a usage error, as argparse reports them
     finally:
         dist.teardown()
     return code

@@ -129,7 +129,13 @@ def _hf_tensors(path: Path):
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e}); re-download the checkpoint") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: weight_map must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
+        root = path.resolve()
+        for name in files:  # a shard name must not lead out of the model directory ("../x", "/etc/x", links)
+            if Path(name).is_absolute() or root not in (root / name).resolve().parents:
+                raise ValueError(f"{index}: shard {name!r} is outside the model directory; refusing to read it")
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:

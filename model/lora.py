@@ -184,6 +184,9 @@ def _atomic_dir(path: Path):
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700: give the directory what mkdir would (others may read it)
     try:
         yield tmp
         old = None
@@ -230,6 +233,25 @@ UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "fan_in_fan_ou
                "layer_replication": (None,), "exclude_modules": (None, [])}
 
 
+def _check_rank_against_weights(weights_path: Path, r: int) -> None:
+    """The rank in adapter_config.json must be the rank of the stored lora_A matrices (read from the header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            for key in f.keys():
+                if key.endswith("lora_A.weight"):
+                    stored = f.get_slice(key).get_shape()[0]
+                    if stored != r:
+                        raise ValueError(f"{weights_path.parent / ADAPTER_CONFIG}: r={r}, but {key} in "
+                                         f"{weights_path.name} has rank {stored}; the config and weights disagree")
+                    return
+    except ValueError:
+        raise
+    except Exception as e:  # SafetensorError and OSError: an unreadable file
+        raise ValueError(f"{weights_path}: unreadable safetensors file ({type(e).__name__})") from None
+
+
 def load_adapter(model: nn.Module, dir) -> nn.Module:
     """Read a PEFT LoRA adapter (ours or PEFT's) into `model`, applying LoRA first from adapter_config.json
     when the model has none. Every key and shape is checked; errors name the file and key."""
@@ -242,9 +264,13 @@ def load_adapter(model: nn.Module, dir) -> nn.Module:
             raise FileNotFoundError(f"{p}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
                                     f"{ADAPTER_WEIGHTS} (PEFT layout, as save_adapter writes it)")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{cfg_path}: not UTF-8 text (byte {e.start}); an adapter_config.json is JSON") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        raise ValueError(f"{cfg_path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: must hold a JSON object, got a {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
     for key, allowed in UNSUPPORTED.items():
@@ -253,9 +279,15 @@ def load_adapter(model: nn.Module, dir) -> nn.Module:
     targets = cfg.get("target_modules")
     if not isinstance(targets, list) or not targets:
         raise ValueError(f"{cfg_path}: target_modules must be a list of module names, got {targets!r}")
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"{cfg_path}: r must be a positive integer (the LoRA rank), got {r!r}")
     alpha, use_rslora = cfg.get("lora_alpha", 8), bool(cfg.get("use_rslora", False))
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise ValueError(f"{cfg_path}: lora_alpha must be a positive number, got {alpha!r}")
+    _check_rank_against_weights(weights_path, r)  # before allocating: a wrong r must not try to allocate GBs
     if not getattr(model, "lora_config", None):
-        apply_lora(model, r=int(cfg["r"]), alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
+        apply_lora(model, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
                    targets=targets, use_rslora=use_rslora)
     else:  # keep the model's adapters, take this file's scaling
         for layer in lora_layers(model).values():

@@ -234,3 +234,13 @@ def test_bad_specs_raise_one_line_errors(spec, match):
 def test_unknown_loader_option_is_an_error():
     with pytest.raises(DataError, match=r"unknown option\(s\) \['k'\] for synthetic"):
         load_examples("synthetic", k=3)
+
+
+def test_cuad_left_out_category_is_validated_and_said_so(cuad, shared_datasets):
+    examples, notes = cuad
+    parties = notes["left_out"]["Parties"]
+    assert parties["clause_strings"] > 1000 and "NONE" in parties["why"]  # counted in clauses.total above
+    assert not any(e.category == "Parties" for e in examples)  # but no examples are built from them
+    r = subprocess.run([sys.executable, "-m", "data.check", f"cuad:{shared_datasets / 'cuad'}", "--split", "test"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "left out of training: 'Parties'" in r.stdout

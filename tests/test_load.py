@@ -132,3 +132,11 @@ def test_nf4_load_quantizes_block_projections_only(tiny_hf_dir):
         a, b = m(ids), ref(ids)
     # 4-bit weights: close to the full-precision model, not equal to it
     assert 0 < (a - b).abs().max() < 0.1 * b.abs().max() + 0.05
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_shard_names_leading_out_of_the_model_directory_are_refused(tiny_hf_dir, shard):
+    (tiny_hf_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"model.norm.weight": shard}}))
+    with pytest.raises(ValueError, match="outside the model directory"):
+        load_model(tiny_hf_dir)

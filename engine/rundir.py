@@ -1,0 +1,96 @@
+"""The run directory is the user's: one writer at a time, never replaced silently, checked before it is touched.
+
+    guard = RunDir(out)            # rank 0 of a run
+    guard.lock()                   # exclusive flock on OUT/.lock; a second run on the same OUT is refused
+    guard.check_start(cfg)         # an earlier run there needs --resume or --overwrite; a resume must match it
+
+Everything here raises ConfigError (one line, exit 2) before data or model load and before any file in OUT is
+written, so a refused start leaves OUT exactly as it was.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+from engine.config import ConfigError, TrainConfig
+
+# What marks a directory as holding a run (written by engine.train).
+RUN_FILES = ("config.json", "metrics.jsonl", "adapter", "checkpoints")
+# Settings a resumed run may change: how long it runs and how it reports and saves, never what it computes.
+RESUMABLE = {"max_steps", "epochs", "out", "resume", "overwrite", "save_every", "keep_last", "eval_every",
+             "eval_batches", "eval_generate", "nonfinite_patience", "device"}
+
+
+class RunDir:
+    def __init__(self, out):
+        self.out = Path(out)
+        self._fd = None
+
+    def lock(self) -> "RunDir":
+        """Hold an exclusive lock on OUT/.lock for the life of the process (the kernel drops it at exit, also on
+        kill -9). The file keeps the holder's pid, only to name it in the refusal."""
+        self.created = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"{self.out} is in use by another run (pid {holder}, lock {path}); wait for it to "
+                              "finish or pick another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def abandon(self) -> None:
+        """A run that failed before writing anything: remove OUT again if this run created it and it holds only the
+        lock, so a refused start leaves no trace."""
+        if self._fd is None or not getattr(self, "created", False):
+            return
+        try:
+            if {p.name for p in self.out.iterdir()} == {".lock"}:
+                (self.out / ".lock").unlink()
+                self.out.rmdir()
+        except OSError:
+            pass
+
+    def holds_run(self) -> list[str]:
+        """Names of the run files present in OUT (empty: nothing of a run there)."""
+        return [n for n in RUN_FILES if (self.out / n).exists()]
+
+    def check_start(self, cfg: TrainConfig, resume: bool) -> None:
+        """Refuse to start over an earlier run unless asked (--resume continues it, --overwrite replaces it), and
+        refuse a resume whose settings differ from the saved run in anything but RESUMABLE keys."""
+        found = self.holds_run()
+        if found and not (resume or cfg.overwrite):
+            raise ConfigError(f"{self.out} holds an earlier run ({', '.join(found)}); pass --resume to continue "
+                              "it, --overwrite to replace it, or pick another --out")
+        saved_path = self.out / "config.json"
+        if resume and saved_path.is_file():
+            try:
+                saved = json.loads(saved_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{saved_path}: unreadable ({type(e).__name__}); the run cannot be resumed "
+                                  "safely; use --overwrite or another --out") from None
+            mine = cfg.to_dict()
+            diff = [k for k in mine if k not in RESUMABLE and k in saved and saved[k] != mine[k]]
+            if diff:
+                what = ", ".join(f"{k} (saved {saved[k]!r}, now {mine[k]!r})" for k in diff)
+                raise ConfigError(f"--resume: {what} differ from the run in {self.out}; resume with its settings "
+                                  "(they are in that config.json) or start a new --out")
+
+    def clear_for_overwrite(self) -> None:
+        """--overwrite: remove the earlier run's files (only those engine.train writes), so nothing of it mixes
+        with the new run."""
+        for name in RUN_FILES:
+            p = self.out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()

@@ -1,0 +1,135 @@
+"""The run directory is the user's: no silent replacement, a refused resume changes nothing, one writer at a time,
+bad numbers refused before loading, strict JSON in metrics.jsonl, and the launcher passes signals on."""
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from engine.config import ConfigError, parse_args
+from engine.rundir import RunDir
+from engine.train import json_line
+from tests.conftest import REPO
+from tests.test_train import cfg_args, read_metrics, run_train, tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rundir")
+    cfg = tiny_cfg(tmp, out=str(tmp / "done"), max_steps=2)
+    r = run_train(cfg_args(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return tmp, cfg
+
+
+def _snapshot(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+            and p.name != ".lock"}
+
+
+def test_a_finished_run_is_never_replaced_silently(finished):
+    tmp, cfg = finished
+    out = Path(cfg.out)
+    assert (out / "adapter").is_dir() and not (out / "checkpoints").exists()  # save_every 0: no checkpoints
+    before = _snapshot(out)
+    r = run_train(cfg_args(cfg))
+    assert r.returncode == 2 and "holds an earlier run" in r.stderr and "--overwrite" in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    assert _snapshot(out) == before  # nothing touched
+
+
+def test_overwrite_replaces_the_earlier_run(finished):
+    tmp, cfg = finished
+    out = tmp / "replaced"
+    first = tiny_cfg(tmp, out=str(out), max_steps=3, save_every=1)
+    assert run_train(cfg_args(first)).returncode == 0
+    assert (out / "checkpoints").is_dir()
+    second = tiny_cfg(tmp, out=str(out), max_steps=2)
+    r = run_train(cfg_args(second) + ["--overwrite"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2]
+    assert not (out / "checkpoints").exists()  # the old run's checkpoints went with it
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 2
+
+
+@pytest.mark.parametrize("change", [["--seq-len", "256"], ["--lora-r", "4"], ["--lr", "0.5"],
+                                    ["--batch-size", "1"]])
+def test_a_refused_resume_changes_nothing_and_names_the_keys(finished, change):
+    tmp, cfg = finished
+    out = Path(cfg.out)
+    before = _snapshot(out)
+    r = run_train(cfg_args(cfg) + ["--resume"] + change)
+    key = change[0][2:].replace("-", "_")
+    assert r.returncode == 2 and f"{key} (saved" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert _snapshot(out) == before  # config.json above all: evaluate and export read it
+
+
+def test_a_second_writer_is_refused_naming_the_holder(finished):
+    tmp, cfg = finished
+    out = tmp / "locked"
+    guard = RunDir(out).lock()  # this test process holds the run directory
+    r = run_train(cfg_args(tiny_cfg(tmp, out=str(out), max_steps=1)))
+    assert r.returncode == 2 and f"pid {os.getpid()}" in r.stderr and "in use by another run" in r.stderr
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.json").exists()
+    os.close(guard._fd)  # released: the same command now runs
+    assert run_train(cfg_args(tiny_cfg(tmp, out=str(out), max_steps=1))).returncode == 0
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--lr", "nan"), ("--min-lr-ratio", "-5"),
+                                        ("--beta1", "1.5"), ("--beta2", "1"), ("--weight-decay", "-0.1"),
+                                        ("--grad-clip", "-1"), ("--nonfinite-patience", "0"),
+                                        ("--lora-alpha", "0"), ("--epochs", "inf")])
+def test_every_bad_number_is_refused_before_anything_loads(flag, value):
+    with pytest.raises(ConfigError) as e:
+        parse_args([flag, value, "--model", "/nonexistent"])
+    msg = str(e.value)
+    assert msg.startswith("config: " + flag[2:].replace("-", "_") + " must") and value.rstrip("0") in msg
+
+
+def test_metrics_lines_are_strict_json():
+    line = json_line({"step": 3, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-4})
+    d = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert d == {"step": 3, "loss": None, "grad_norm": None, "lr": 1e-4} and line.endswith("\n")
+    assert not math.isnan(d["lr"])
+
+
+def _launch(args, tmp):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": os.environ.get("PYTHON", "python")}
+    return subprocess.Popen(["./launch.sh", "--nproc", "2", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_sigterm_to_the_launcher_checkpoints_and_resumes_byte_identical(finished):
+    tmp, _ = finished
+    common = dict(max_steps=8, batch_size=1, grad_accum=1, lr=5e-3, lora_dropout=0.1)
+    straight = tiny_cfg(tmp, out=str(tmp / "launch-straight"), **common)
+    p = _launch(cfg_args(straight), tmp)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+
+    cfg = tiny_cfg(tmp, out=str(tmp / "launch-stopped"), **common)
+    p = _launch(cfg_args(cfg), tmp)
+    metrics = Path(cfg.out) / "metrics.jsonl"
+    t0 = time.monotonic()
+    while not (metrics.exists() and '"step": 2' in metrics.read_text()):
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        assert time.monotonic() - t0 < 240
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)  # to launch.sh only, as a job scheduler sends it
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 143, err[-3000:]
+    steps = sorted(int(d.name.split("-")[1]) for d in (Path(cfg.out) / "checkpoints").iterdir()
+                   if d.name.startswith("step-") and (d / "state.json").is_file())
+    assert steps and steps[-1] < 8  # the checkpoint existed when launch.sh returned
+    p = _launch(cfg_args(cfg) + ["--resume"], tmp)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    a = Path(straight.out) / "adapter" / "adapter_model.safetensors"
+    b = Path(cfg.out) / "adapter" / "adapter_model.safetensors"
+    assert a.read_bytes() == b.read_bytes()
+    assert load_file(a).keys() == load_file(b).keys()
