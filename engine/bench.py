@@ -17,7 +17,8 @@ hf:   transformers LlamaForCausalLM from a random checkpoint saved once in the p
       get_peft_model; loss = model(input_ids, labels=labels).loss (full [B, T, V] logits, HF's way).
 
 Each run is its own subprocess (`--child ours|hf`), so the peak resident set size belongs to one
-implementation (VmHWM of the child's own address space; see _time_steps for why not ru_maxrss alone); runs alternate ours, hf, ours, hf ... and the reported figures are medians over
+implementation (VmHWM of the child's own address space; see _time_steps for why not ru_maxrss alone); runs
+alternate ours, hf, ours, hf ... and the reported figures are medians over
 the runs (tokens/s: median over all timed steps). transformers and peft are imported only in the hf child:
 they are the `bench` extra, never an engine dependency.
 
@@ -303,7 +304,8 @@ def parent(args) -> dict:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_name(device),
               "command": "python -m engine.bench " + " ".join(args.argv), "model_config": args.model_config,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lora_r": args.lora_r,
-              "answer_frac": args.answer_frac, "compile_ours": args.compile, "allocator": {k: child_env(args.allocator, k) for k in impls},
+              "answer_frac": args.answer_frac, "compile_ours": args.compile,
+              "allocator": {k: child_env(args.allocator, k) for k in impls},
               "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
               "torch": torch.__version__, "results": summary, "raw": results}
     if "hf" in summary:
@@ -367,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU allocator setting per side: same (both use the engine's THP_MEM_ALLOC_ENABLE=1), "
                         "default (both PyTorch's default), ours-only (the HF side as its users run it)")
     p.add_argument("--compile", action="store_true",
-                   help="experiment: torch.compile each of our decoder blocks (not an engine feature; see BENCHMARKS.md)")
+                   help="experiment: torch.compile each of our decoder blocks (not an engine feature; see "
+                        "BENCHMARKS.md)")
     p.add_argument("--json", metavar="OUT", help="also write the full report (all step times) here")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)

@@ -89,7 +89,8 @@ class LlamaConfig:
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); re-download the checkpoint") from None
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); re-download the "
+                             "checkpoint") from None
         return cls.from_hf_dict(d)
 
     @classmethod

@@ -1,5 +1,6 @@
 """engine/__init__.py's CPU allocator policy: THP_MEM_ALLOC_ENABLE=1 unless the user set it, and PyTorch really
-acts on it (c10 then places allocations of 2 MiB and more at page boundaries and advises huge pages for them). Fresh interpreters: c10 reads the variable
+acts on it (c10 then places allocations of 2 MiB and more at page boundaries and advises huge pages for them).
+Fresh interpreters: c10 reads the variable
 once, at its first allocation, so it cannot be observed in this pytest process (torch is imported already)."""
 import os
 import subprocess

@@ -1,6 +1,7 @@
 """2-process gloo DDP (torchrun, as launch.sh runs it) = 1 process with the same global batch.
 
-1 process: batch 2 x accumulation 2; 2 processes: batch 2 x accumulation 1 each, with activation checkpointing. The sampler hands global batch
+1 process: batch 2 x accumulation 2; 2 processes: batch 2 x accumulation 1 each, with activation checkpointing.
+The sampler hands global batch
 k to rank k % world_size, so every optimizer step sees the same 4 rows either way, and the loss is normalised by
 the step's global supervised-token count, so the gradients agree up to fp32 summation order (gloo all-reduce vs
 local accumulation). Tolerance: loss curve rtol 1e-4, adapter weights atol 1e-5 after 6 AdamW steps at lr 1e-2
