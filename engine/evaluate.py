@@ -27,7 +27,7 @@ from data.text import make_windows
 from engine.metrics import KINDS, is_none, score, summarize
 from model.generate import decode_span
 
-DECODES = ("constrained", "free")
+DECODES = ("constrained", "rank", "free")
 DEFAULT_SEQ_LEN = 8192  # tokens per window when the model reads more (Llama 3.2: 131,072; memory grows with it)
 from engine.report import _pyplot, atomic_write_text, compare_table, write_report
 
@@ -88,7 +88,7 @@ def prompt_windows(tok, ex, budget: int) -> list[tuple[int, int]]:
     return make_windows(ex.context, lambda text: len(tok.encode(text)), budget - overhead)
 
 
-def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, constrained: bool) -> dict:
+def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, decode: str = "constrained") -> dict:
     """Answer one example from its query and context alone: each window decoded greedily (decode_span); when
     several windows quote something, the quote with the highest mean log-probability wins; all NONE -> NONE.
     Returns prediction, start/end (character offsets into ex.context, None for NONE or a free-text answer),
@@ -99,7 +99,7 @@ def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, constra
         prompt = render_prompt(replace(ex, context=ex.context[a:b]))
         n_prompt = n_prompt or len(tok.encode(tok.chat_prompt(prompt)))
         ans = decode_span(model, tok, prompt, ex.context[a:b], max_new_tokens=max_new_tokens,
-                          constrained=constrained)
+                          constrained=decode != "free", rank=decode == "rank")
         n_tokens += ans.tokens
         quoted = not is_none(ans.text)
         key = (quoted, ans.logprob)  # any quote beats NONE; among quotes, the model's most confident
@@ -139,7 +139,8 @@ def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 1024,
     "by_source", "rows"}.
 
     seq_len: tokens the model reads per window, prompt + answer; a prompt gets seq_len - max_new_tokens.
-    decode: "constrained" (every answer a verbatim slice of its context, or NONE) or "free" (plain greedy).
+    decode: "constrained" (every answer a verbatim slice of its context, or NONE), "rank" (constrained, the start
+    chosen among paragraph starts and NONE by the log-probability of their first tokens) or "free" (plain greedy).
     The model is put in eval mode for the call and restored after (the trainer calls this mid-run).
     """
     assert decode in DECODES, decode
@@ -151,8 +152,7 @@ def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 1024,
     try:
         with torch.inference_mode():
             for i, ex in enumerate(examples):
-                r = answer_example(model, tok, ex, seq_len=seq_len, max_new_tokens=max_new_tokens,
-                                   constrained=decode == "constrained")
+                r = answer_example(model, tok, ex, seq_len=seq_len, max_new_tokens=max_new_tokens, decode=decode)
                 rows.append({"id": ex.id, "category": ex.category, "source": ex.source, "query": ex.query,
                              "answer": ex.answer, **r, "scores": score(r["prediction"], ex.answer, ex.context)})
                 bar.update(i + 1)
@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "verifies up to 16 tokens per forward pass instead)")
     ap.add_argument("--decode", choices=DECODES, default="constrained",
                     help="constrained: every answer is a verbatim slice of its context (or NONE), decided on the "
-                         "text; free: plain greedy decoding")
+                         "text; rank: constrained, starting at the paragraph (or NONE) whose first 16 tokens the model "
+                         "finds likeliest; free: plain greedy decoding")
     ap.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per answer")
     ap.add_argument("--seq-len", type=int, default=None,
                     help="tokens the model reads per window, prompt + answer; a context whose prompt does not fit "

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -197,9 +199,64 @@ def _draft(tracker: SpanTracker, ctx_tokens, tokenizer, n: int) -> list[int]:
     return tokenizer.encode(tracker.text[c:c + 8 * n])[:n]
 
 
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
+
+
+def candidate_starts(context: str) -> list[int]:
+    """Character offsets where an answer may start when ranking: the start of every paragraph (text after a blank
+    line; ACORD's clauses, a contract's sections)."""
+    starts = [0] + [m.end() for m in _PARAGRAPH_BREAK.finditer(context)]
+    starts = [s + (len(context[s:]) - len(context[s:].lstrip())) for s in starts]
+    return sorted({s for s in starts if s < len(context)})
+
+
+def _rank_start(model, tokenizer, cache: KVCache, logits: torch.Tensor, context: str, n_tokens: int,
+                chunk: int = 8) -> tuple[list[int], list[float]]:
+    """Where the answer starts, given the prompt in `cache`: (token ids to force, their log-probabilities).
+
+    Two decisions, as the model itself would weigh them. NONE or a quote: the probability of NONE's first token
+    against the total probability of the first tokens that start a paragraph. Which paragraph: the one whose
+    first n_tokens tokens (running on into the next paragraph if it is shorter) have the highest summed
+    log-probability; greedy decoding would commit to the first token alone, and many clauses begin alike ("1.",
+    "The", "Section"). The prompt's keys/values are shared by all candidates: one forward pass over
+    candidates x n_tokens tokens."""
+    none = tokenizer.encode(tokenizer.chat_answer("NONE"))
+    cands = set()
+    for s in candidate_starts(context):
+        ids = tokenizer.encode(context[s:s + 12 * n_tokens])[:n_tokens]
+        if ids:
+            cands.add(tuple(ids))
+    cands = sorted(cands)
+    lp0 = torch.log_softmax(logits, -1)  # the first token of every candidate follows the prompt
+    firsts = sorted({c[0] for c in cands} - {none[0]})
+    quote_mass = float(torch.logsumexp(lp0[firsts], 0)) if firsts else -math.inf
+    if float(lp0[none[0]]) > quote_mass:
+        return none, [float(lp0[none[0]])]  # (the log-probability of the decision; NONE's end is forced)
+    best = None
+    device, pos = logits.device, cache.pos
+    for c0 in range(0, len(cands), chunk):
+        group = cands[c0:c0 + chunk]
+        n, L = len(group), max(len(c) for c in group)
+        shared = KVCache(model.config, n, pos + L, cache.k[0].dtype, device)
+        for layer in range(len(cache.k)):  # (1, n_kv, pos, hd) -> (n, n_kv, pos, hd)
+            shared.k[layer][:, :, :pos] = cache.k[layer][:, :, :pos]
+            shared.v[layer][:, :, :pos] = cache.v[layer][:, :, :pos]
+        shared.pos = pos
+        ids = torch.full((n, L), tokenizer.pad_id, dtype=torch.long, device=device)
+        for i, c in enumerate(group):  # right padding: the pads come after every scored position
+            ids[i, :len(c)] = torch.tensor(c, device=device)
+        lp = torch.log_softmax(model.lm_head(model.hidden(ids, cache=shared)).float(), -1)  # (n, L, V)
+        for i, c in enumerate(group):
+            per = [float(lp0[c[0]])] + [float(lp[i, j - 1, c[j]]) for j in range(1, len(c))]
+            if best is None or sum(per) > sum(best[1]):
+                best = (list(c), per)
+        del shared, lp
+    return best
+
+
 @torch.no_grad()
 def decode_span(model, tokenizer, prompt: str, context: str, *, max_new_tokens: int = 1024,
-                constrained: bool = True, lookahead: int = 16) -> Answer:
+                constrained: bool = True, lookahead: int = 16, rank: bool = False, rank_tokens: int = 16) -> Answer:
     """Greedy answer to one chat prompt whose answer should be a verbatim piece of `context` (or NONE).
 
     constrained=True: every token must keep the answer a substring of the context, decided on the text (see
@@ -207,18 +264,35 @@ def decode_span(model, tokenizer, prompt: str, context: str, *, max_new_tokens: 
     greedy decoding. Both copy ahead: when the answer so far sits in the context, the next `lookahead` context
     tokens are fed in one forward pass and kept as long as they are what greedy decoding picks anyway
     (prompt-lookup decoding: same output as one token per pass, several times fewer passes while copying).
+    rank=True (constrained too): the start is not a greedy first token but the best of every paragraph's first
+    `rank_tokens` tokens and NONE, by summed log-probability (_rank_start); decoding goes on from there.
     """
     device = model.lm_head.weight.device
     prompt_ids = tokenizer.encode(tokenizer.chat_prompt(prompt))
     enc = tokenizer._tk.encode(context, add_special_tokens=False)
     ctx_tokens = (enc.ids, [o[0] for o in enc.offsets])
-    tracker = SpanTracker(context, tokenizer.token_bytes, tokenizer.stop_ids, constrained)
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens + lookahead + 1,
+    tracker = SpanTracker(context, tokenizer.token_bytes, tokenizer.stop_ids, constrained or rank)
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens + max(lookahead, rank_tokens) + 1,
                     model.model.embed_tokens.weight.dtype, device)
     h = model.hidden(torch.tensor([prompt_ids], device=device), cache=cache)
     logits = model.lm_head(h[0, -1]).float()  # (V,)
     logps, n_out, steps = [], 0, 0
-    while True:
+    if rank:  # start where the ranking says, then decode on from there
+        forced, forced_lp = _rank_start(model, tokenizer, cache, logits, context, rank_tokens)
+        steps += 1
+        logps += forced_lp
+        if forced[-1] in tracker.stop_ids:  # NONE won
+            for t in forced[:-1]:
+                tracker.advance(t)
+            return Answer(*tracker.answer(), sum(logps) / len(logps), len(forced) - 1, steps)
+        forced = forced[:max_new_tokens]
+        for t in forced:
+            tracker.advance(t)
+        n_out = len(forced)
+        h = model.hidden(torch.tensor([forced], device=device), cache=cache)
+        steps += 1
+        logits = model.lm_head(h[0, -1]).float()
+    while n_out < max_new_tokens:
         tid = tracker.choose(logits)
         logps.append(float(torch.log_softmax(logits, -1)[tid]))
         if tid in tracker.stop_ids:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import Llama, LlamaConfig
-from model.generate import SpanTracker, decode_span, generate
+from model.generate import SpanTracker, candidate_starts, decode_span, generate
 from tests.conftest import tiny_config_dict
 
 CONTEXTS = [
@@ -28,12 +28,12 @@ def random_chatml(chatml_tok):
     return Llama(cfg).eval(), chatml_tok
 
 
-@pytest.mark.parametrize("max_new_tokens", [3, 40])
-def test_constrained_answers_of_a_random_model_are_exact_slices(random_chatml, max_new_tokens):
+@pytest.mark.parametrize("max_new_tokens,rank", [(3, False), (40, False), (3, True), (40, True)])
+def test_constrained_answers_of_a_random_model_are_exact_slices(random_chatml, max_new_tokens, rank):
     model, tok = random_chatml
     for ctx in CONTEXTS:
         for query in ("Governing Law", "Assignment", "Notices"):
-            ans = decode_span(model, tok, _prompt(ctx, query), ctx, max_new_tokens=max_new_tokens)
+            ans = decode_span(model, tok, _prompt(ctx, query), ctx, max_new_tokens=max_new_tokens, rank=rank)
             assert ans.text == "NONE" or (ans.start is not None and ctx[ans.start:ans.end] == ans.text)
             assert ans.text == ans.text.strip() and ans.tokens <= max_new_tokens
     free = decode_span(model, tok, _prompt(CONTEXTS[0]), CONTEXTS[0], max_new_tokens=20, constrained=False)
@@ -80,3 +80,18 @@ def test_free_span_decoding_equals_plain_greedy_generation(smollm):
     ctx = CONTEXTS[0]
     ans = decode_span(model, tok, _prompt(ctx), ctx, max_new_tokens=48, constrained=False)
     assert ans.text == generate(model, tok, [_prompt(ctx)], max_new_tokens=48)[0]
+
+
+def test_rank_candidates_are_paragraph_starts():
+    ctx = CONTEXTS[0]
+    assert [ctx[s:s + 3] for s in candidate_starts(ctx)] == ["1. ", "2. ", "3. "]
+    assert candidate_starts("  lead\n \n\n  next") == [2, 12]
+
+
+def test_rank_starts_where_the_model_finds_a_paragraph_likeliest(smollm):
+    """SmolLM2 asked for the Governing Law clause: greedy commits to a first token, ranking weighs each
+    paragraph's first 16 tokens; the answer is a slice starting at a paragraph (or NONE)."""
+    model, tok = smollm
+    ctx = CONTEXTS[0]
+    ans = decode_span(model, tok, _prompt(ctx), ctx, max_new_tokens=40, rank=True)
+    assert ans.text == "NONE" or (ans.start in candidate_starts(ctx) and ctx[ans.start:ans.end] == ans.text)
