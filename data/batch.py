@@ -28,6 +28,7 @@ class EncodedExample:
     labels: list[int]
     id: str = ""
     truncated: bool = False   # the context was cut to fit seq_len
+    target_cut: bool = False  # only the answer's first tokens are the target (no end of turn)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -155,7 +156,9 @@ def encode_example(tok, ex: Example, seq_len: int, min_target: int = 16) -> Enco
         else:
             return None
         assert ex.answer == NONE or ex.answer in ctx
-    return EncodedExample(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids, ex.id, truncated)
+    target_cut = len(answer_ids) < len(tok.encode(tok.chat_answer(ex.answer)))
+    return EncodedExample(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids, ex.id, truncated,
+                          target_cut)
 
 
 def encode_examples(tok, examples: list[Example], seq_len: int) -> tuple[list[EncodedExample], EncodeStats]:
@@ -201,20 +204,24 @@ def make_units(encoded: list[EncodedExample], seq_len: int, packed: bool) -> lis
 WEIGHTINGS = ("token", "example")
 
 
-def answer_weights(n: int, weighting: str) -> torch.Tensor:
+def answer_weights(n: int, weighting: str, ends: bool = True) -> torch.Tensor:
     """Loss weight of each of an example's n supervised tokens (answer + end of turn).
 
     "token": 1 each; a step's loss is the mean over its tokens, so a 300-token clause outweighs a 2-token NONE
-    150 to 1, and the one token that chooses the clause is 1/300 of its row (while NONE's choice is 1/2 of its).
-    "example": each example weighs 1 in total, spread as 1/(1+t) along the answer and normalised: the first tokens,
-    where the model picks a clause or NONE, carry a comparable share whatever the answer's length (the first
-    token: 67% of a NONE, 16% of a 300-token clause; the first four: 33% of it) and the copy that follows
-    still counts.
+    150 to 1, and within a clause the two decisions that matter, where to start (which clause, or NONE) and
+    where to stop, are 2 tokens of 300, drowned by the copy in between.
+    "example": each example weighs 1 in total, spread as 1/(1+t) + 1/(n-t): heaviest at the first tokens (the
+    choice) and at the last (the end of turn, the stop), light in the middle (copying, easy once started). A
+    2-token NONE puts half on NONE and half on its end; a 300-token clause 8% on its first token, 16% on its
+    first four, the same on its last four. ends=False (a target cut short, no end of turn): 1/(1+t) alone.
+    Measured on ACORD (BENCHMARKS.md): with 1/(1+t) alone the model learned where clauses start but not where
+    they end, and copied on into the next clause.
     """
     assert weighting in WEIGHTINGS, weighting
     if weighting == "token":
         return torch.ones(n)
-    w = 1.0 / torch.arange(1, n + 1, dtype=torch.float64)
+    t = torch.arange(n, dtype=torch.float64)
+    w = 1.0 / (1 + t) + (1.0 / (n - t) if ends else 0.0)
     return (w / w.sum()).float()
 
 
@@ -245,7 +252,7 @@ def collate(units: list[list[EncodedExample]], pad_id: int, pad_to: int | None =
             segment_ids[b, t:t + n] = s
             if weights is not None:
                 sup = [i for i, y in enumerate(e.labels) if y != IGNORE]
-                weights[b, [t + i for i in sup]] = answer_weights(len(sup), weighting)
+                weights[b, [t + i for i in sup]] = answer_weights(len(sup), weighting, ends=not e.target_cut)
             t += n
     out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment_ids}
     if weights is not None:

@@ -75,8 +75,8 @@ class TrainConfig:
                         ["auto", "fp32", "fp16", "bf16"])
     device: str = _f("auto", "auto (cuda when available), cpu or cuda", ["auto", "cpu", "cuda"])
     loss_weighting: str = _f("token", "token: every answer token weighs 1 (a step's loss is the token mean); example: "
-                             "every example weighs 1, spread 1/(1+t) along its answer so the first tokens, where "
-                             "the clause or NONE is chosen, count as much in a long clause as in NONE",
+                             "every example weighs 1, most at its first tokens (which clause, or NONE) and its "
+                             "last (where to stop), least in the copy between (data.batch.answer_weights)",
                              ["token", "example"])
     loss_chunk: int = _f(1024, "supervised positions per lm_head/cross-entropy chunk (bounds the logits memory)")
     # evaluation / checkpoints / bookkeeping

@@ -161,16 +161,18 @@ def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 1024,
     return {**summarize(rows), "rows": rows}
 
 
-def evaluate_for_training(model, tok, subset: list, *, max_new_tokens: int = 1024, seq_len: int = 8192) -> dict:
+def evaluate_for_training(model, tok, subset: list, *, max_new_tokens: int = 256, seq_len: int = 8192,
+                          decode: str = "rank") -> dict:
     """Flat numbers for one metrics.jsonl line: eval_n, eval_avg_similarity, ... over all examples, then
     eval_clause_* and eval_none_* for the two kinds apart (a collapse to NONE shows as eval_clause_predicted_none
-    rising), eval_seconds. Constrained decoding, as engine.evaluate's default.
+    rising), eval_seconds. Rank decoding, answers capped at max_new_tokens (an early warning, not the headline:
+    engine.evaluate gives that).
 
     Call on rank 0 with the unwrapped model and a subset chosen once with eval_subset (so every eval of a run
     scores the same examples). report.plot_loss draws eval_avg_similarity beside the loss.
     """
     t0 = time.perf_counter()
-    res = evaluate_examples(model, tok, subset, max_new_tokens=max_new_tokens, seq_len=seq_len)
+    res = evaluate_examples(model, tok, subset, max_new_tokens=max_new_tokens, seq_len=seq_len, decode=decode)
     out = {f"eval_{k}": v for k, v in res["overall"].items()}
     for kind_ in KINDS:
         out.update({f"eval_{kind_}_{k}": v for k, v in res[kind_].items()})

@@ -105,12 +105,18 @@ def test_cut_context_window_puts_a_long_answer_at_a_random_offset():
     assert len(starts) > 5  # NONE windows come from anywhere, not only the beginning
 
 
-def test_answer_weights_give_every_example_weight_one_front_loaded():
+def test_answer_weights_give_every_example_weight_one_heaviest_at_start_and_stop():
     assert answer_weights(5, "token").tolist() == [1.0] * 5
     for n in (2, 50, 300):
         w = answer_weights(n, "example")
-        assert abs(float(w.sum()) - 1) < 1e-6 and all(w[i] > w[i + 1] for i in range(n - 1))
-    assert float(answer_weights(2, "example")[0]) > 0.6 and float(answer_weights(300, "example")[:4].sum()) > 0.3
+        assert abs(float(w.sum()) - 1) < 1e-6
+        assert torch.allclose(w, w.flip(0))  # the start (the choice) and the stop weigh alike
+        assert float(w[0]) == float(w.max()) and float(w[n // 2]) == float(w.min())
+    assert answer_weights(2, "example").tolist() == [0.5, 0.5]  # NONE and its end of turn
+    long = answer_weights(300, "example")
+    assert float(long[:4].sum()) > 0.15 and float(long[0]) > 0.07
+    cut = answer_weights(50, "example", ends=False)  # a target cut short has no stop to learn
+    assert all(cut[i] > cut[i + 1] for i in range(49)) and abs(float(cut.sum()) - 1) < 1e-6
 
 
 def test_collate_with_example_weighting_weights_each_sample_to_one():
