@@ -51,11 +51,9 @@ if [[ $demo -eq 1 ]]; then
   fi
 fi
 
-# Check the configuration once, in one process, before torchrun starts N of them: a typo then gives one
-# line of error instead of N copies wrapped in torchrun's failure report.
-"$PY" -c "import sys; from engine.config import parse_args, ConfigError
-try: parse_args(sys.argv[1:])
-except ConfigError as e: sys.exit(f'error: {e}')" "${args[@]}"
+# Check the configuration, the run directory and the training data once, in one process, before torchrun starts
+# N of them: a mistake then gives one line of error instead of N copies wrapped in torchrun's failure report.
+"$PY" -c "import sys; from engine.train import preflight; sys.exit(preflight(sys.argv[1:]))" "${args[@]}"
 
 # --standalone: a private rendezvous on a free local port (several runs can share a machine).
 # OMP_NUM_THREADS: torchrun would set 1 per process; on the CPU give each process its share of the cores.

@@ -18,12 +18,25 @@ def open_text(path: Path, what: str):
         raise DataError(f"{path}: cannot read {what} ({e.strerror}); check permissions") from None
 
 
+def not_utf8(path: Path, what: str) -> DataError:
+    """The error for a file that is not UTF-8, naming the first bad line (the decoder only knows a buffer
+    offset)."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(f"{path}:{n}: {what} is not UTF-8 (byte {e.start + 1} of the line); "
+                                 "re-save it as UTF-8")
+    return DataError(f"{path}: {what} is not UTF-8; re-save it as UTF-8")
+
+
 def read_text(path: Path, what: str) -> str:
     try:
         with open_text(path, what) as f:
             return f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: {what} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path, what) from None
 
 
 def read_jsonl(path: Path, what: str):
@@ -41,8 +54,8 @@ def read_jsonl(path: Path, what: str):
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
                 yield n, obj
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: {what} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from None
+        except UnicodeDecodeError:
+            raise not_utf8(path, what) from None
 
 
 def read_tsv(path: Path, what: str, header: list[str] | None = None):
@@ -60,3 +73,5 @@ def read_tsv(path: Path, what: str, header: list[str] | None = None):
                     yield rows.line_num, row
         except csv.Error as e:
             raise DataError(f"{path}:{rows.line_num}: malformed TSV ({e})") from None
+        except UnicodeDecodeError:
+            raise not_utf8(path, what) from None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from data.example import DataError
 from data.validate import load_validated
 from engine import checkpoint as ckpt
 from engine import config as config_mod
@@ -400,6 +401,23 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
             "out": str(out)}
 
 
+def preflight(argv: list[str]) -> int:
+    """What ./launch.sh runs once, in one process, before torchrun starts N of them: the config, the run
+    directory and the training data are checked here, so a mistake is one line of error instead of N copies
+    inside torchrun's failure report. 0 when all is well, else 2 (usage) or 1 (data), after one line."""
+    try:
+        cfg = config_mod.parse_args(argv)
+        RunDir(cfg.out).check_start(cfg, cfg.resume)
+        load_validated(cfg.data, cfg.train_split, max_rejected=cfg.max_rejected)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, ValueError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_mod.parse_args(argv)
@@ -418,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("CLAUSELORA_DEBUG"):
             raise
         where = f"[rank {dist.get().rank}] " if dist.get().world_size > 1 else ""
-        if isinstance(e, NonFiniteLoss | ConfigError | ValueError | OSError) or type(e).__name__ == "DataError":
+        if isinstance(e, NonFiniteLoss | ConfigError | ValueError | OSError | DataError):
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         else:
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (CLAUSELORA_DEBUG=1 for details)"

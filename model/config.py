@@ -28,7 +28,21 @@ class LlamaConfig:
     extra: dict = field(default_factory=dict, repr=False)  # unrecognised HF keys, written back unchanged
 
     def __post_init__(self):
-        assert self.num_attention_heads % self.num_key_value_heads == 0, "heads must be a multiple of kv heads"
+        # user input (a config.json): checked with errors, not asserts, which python -O would remove
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"config.json: {k} must be a positive integer, got {v!r}")
+        for k in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise ValueError(f"config.json: {k} must be a positive number, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"config.json: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"config.json: rope_scaling must be an object, got {self.rope_scaling!r}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ROPE_TYPES:
@@ -62,18 +76,22 @@ class LlamaConfig:
         scaling = d.get("rope_scaling")
         if scaling is None and rp and rp.get("rope_type", "default") != "default":
             scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-        if scaling is not None:
+        if isinstance(scaling, dict):
             scaling = dict(scaling)
             if "rope_type" not in scaling and "type" in scaling:
                 scaling["rope_type"] = scaling["type"]
         heads = d["num_attention_heads"]
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+            raise ValueError(f"config.json: num_attention_heads must be a positive integer, got {heads!r}")
+        if not isinstance(d["hidden_size"], int) or isinstance(d["hidden_size"], bool):
+            raise ValueError(f"config.json: hidden_size must be a positive integer, got {d['hidden_size']!r}")
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta), rope_scaling=scaling,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, rope_scaling=scaling,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),

@@ -79,9 +79,10 @@ def test_malformed_jsonl_gives_one_line_error_naming_file_and_line(tmp_path, row
 
 def test_unreadable_file_names_the_file(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_bytes(b'{"query": "q", "context": "\xff\xfe", "answer": "NONE"}\n')
-    with pytest.raises(DataError, match=r"d.jsonl: JSONL data is not UTF-8"):
-        load_validated(f"jsonl:{p}")
+    p.write_bytes(b'{"query": "q", "context": "ok", "answer": "NONE"}\n' * 3000
+                  + b'{"query": "q", "context": "\xff\xfe", "answer": "NONE"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:3001: JSONL data is not UTF-8 \(byte 28 of the line\)"):
+        load_validated(f"jsonl:{p}")  # the line, not an offset into some read buffer
     with pytest.raises(DataError, match=r"is a directory"):
         load_validated(f"jsonl:{tmp_path}")
 

@@ -140,3 +140,14 @@ def test_shard_names_leading_out_of_the_model_directory_are_refused(tiny_hf_dir,
         json.dumps({"metadata": {}, "weight_map": {"model.norm.weight": shard}}))
     with pytest.raises(ValueError, match="outside the model directory"):
         load_model(tiny_hf_dir)
+
+
+@pytest.mark.parametrize("change", [{"num_key_value_heads": 3}, {"hidden_size": "64"}, {"num_hidden_layers": 0},
+                                    {"rms_norm_eps": "tiny"}, {"rope_scaling": [1, 2]}])
+def test_inconsistent_or_mistyped_config_json_is_a_one_line_error(tiny_hf_dir, change):
+    cfg = json.loads((tiny_hf_dir / "config.json").read_text())
+    cfg.update(change)
+    (tiny_hf_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json") as e:
+        load_model(tiny_hf_dir)
+    assert "\n" not in str(e.value) and next(iter(change)) in str(e.value)

@@ -186,6 +186,26 @@ def test_load_adapter_shape_mismatch_is_a_one_line_error_naming_the_key(hf_dir, 
         load_adapter(model, tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.pop("r"), "r must be a positive integer"),
+    (lambda c: c.update(r="4"), "r must be a positive integer"),
+    (lambda c: c.update(r=1 << 30), "has rank 4"),  # refused from the header, before allocating anything
+    (lambda c: c.update(lora_alpha=None), "lora_alpha must be a positive number"),
+])
+def test_bad_adapter_config_is_a_one_line_error_before_allocating(hf_dir, tmp_path, edit, match):
+    save_adapter(apply_lora(load_model(hf_dir), r=4), tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match) as e:
+        load_adapter(load_model(hf_dir), tmp_path / "a")
+    assert "\n" not in str(e.value) and "adapter_config.json" in str(e.value)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        load_adapter(load_model(hf_dir), tmp_path / "a")
+
+
 # ---------------------------------------------------------------- NF4 + LoRA
 
 

@@ -133,3 +133,12 @@ def test_sigterm_to_the_launcher_checkpoints_and_resumes_byte_identical(finished
     b = Path(cfg.out) / "adapter" / "adapter_model.safetensors"
     assert a.read_bytes() == b.read_bytes()
     assert load_file(a).keys() == load_file(b).keys()
+
+
+@pytest.mark.parametrize("bad", [["--data", "jsonl:/nonexistent/data.jsonl"], ["--lr", "-1"]])
+def test_launcher_reports_a_bad_setting_once_before_torchrun(tmp_path, bad):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": os.environ.get("PYTHON", "python")}
+    r = subprocess.run(["./launch.sh", "--nproc", "2", "--out", str(tmp_path / "o"), *bad], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:"), r.stderr
+    assert "torch.distributed" not in r.stderr and not (tmp_path / "o").exists()
