@@ -308,9 +308,6 @@ class DistributedSampler:
     def __len__(self) -> int:
         return len(self.rank_batches(0))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.offset = epoch, 0
-
     def __iter__(self):
         """Yield the rest of the current epoch from offset; the epoch advances when it is exhausted."""
         batches = self.rank_batches(self.epoch)

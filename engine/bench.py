@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from engine.memory import DTYPES, PROJECTIONS, Setup, build_model, fmt, random_batch, resolve_config
+from model.load import EMBEDDED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -352,7 +353,7 @@ def format_report(rep: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-config", default="smollm2-135m",
+    p.add_argument("--model-config", default=EMBEDDED,
                    help="shapes: smollm2-135m, llama-3.2-3b, a config.json, an HF dir, a .gguf or a hub id")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=2)

@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.load import EMBEDDED
+
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -35,7 +37,7 @@ def _f(default, help: str, choices=None):
 @dataclass
 class TrainConfig:
     # what to train on
-    model: str = _f("smollm2-135m", "base model: local HF dir, hub id, .gguf file, or smollm2-135m (embedded)")
+    model: str = _f(EMBEDDED, "base model: local HF dir, hub id, .gguf file, or smollm2-135m (embedded)")
     data: str = _f("synthetic", "data spec: acord:DIR, cuad:DIR, jsonl:FILE or synthetic")
     train_split: str = _f("train", "split used for training")
     eval_split: str = _f("valid", "split used for the periodic evaluation loss")
@@ -243,10 +245,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for k, v in ns.items():
         values[k] = _check(k, v, "command line")
     return _validate(TrainConfig(**values))
-
-
-def from_dict(d: dict, where: str = "config") -> TrainConfig:
-    return _validate(TrainConfig(**{k: _check(k, v, where) for k, v in d.items()}))
 
 
 def save(cfg: TrainConfig, path: str | os.PathLike):

@@ -92,12 +92,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    if _STATE.enabled:
-        tdist.all_reduce(x, op=tdist.ReduceOp.MAX)
-    return x
-
-
 def barrier():
     if _STATE.enabled:
         # gloo barrier works on CPU; for nccl pass the device so it does not guess

@@ -30,6 +30,7 @@ from model.generate import decode_span
 DECODES = ("constrained", "rank", "free")
 DEFAULT_SEQ_LEN = 8192  # tokens per window when the model reads more (Llama 3.2: 131,072; memory grows with it)
 from engine.report import _pyplot, atomic_write_text, compare_table, write_report
+from model.load import EMBEDDED
 
 METRIC_NOTES = {
     "similarity": "rapidfuzz.fuzz.ratio (0-100) on whitespace-normalised text (case-sensitive)",
@@ -216,7 +217,7 @@ def load_for_eval(model_src: str | None, adapter: str | None, *, device: str = "
 
         _base_of_adapter(adapter)  # a clear error for a wrong directory before load_adapter's own
         load_adapter(model, adapter)
-    return model, tok, model_src or "smollm2-135m"
+    return model, tok, model_src or EMBEDDED
 
 
 def read_eval_json(path) -> dict:

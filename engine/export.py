@@ -25,6 +25,7 @@ from pathlib import Path
 from engine.cli import CliParser, run_command
 from engine.metrics import AGGREGATE_KEYS
 from engine.report import LABELS, fmt
+from model.load import EMBEDDED
 
 # The embedded default is a GGUF of this hub model; cards and exported adapter configs name the hub id.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -46,7 +47,7 @@ class ExportError(Exception):
 
 
 def hub_id_of(source: str | None) -> str:
-    return EMBEDDED_HUB_ID if source in (None, "smollm2-135m") else str(source)
+    return EMBEDDED_HUB_ID if source in (None, EMBEDDED) else str(source)
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -184,7 +185,7 @@ def build(args) -> Path:
         raise ExportError(f"{adapter}: adapter directory not found (a training run writes OUT/adapter/)")
     adapter_cfg = read_json(adapter / "adapter_config.json",
                             "adapter_config.json (is --adapter a PEFT adapter directory?)")
-    model_src = args.model or adapter_cfg.get("base_model_name_or_path") or "smollm2-135m"
+    model_src = args.model or adapter_cfg.get("base_model_name_or_path") or EMBEDDED
     base_id = hub_id_of(model_src)
     run_cfg_path = adapter.parent / "config.json"
     run_cfg = read_json(run_cfg_path, "run config") if run_cfg_path.is_file() else None

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from model.load import EMBEDDED
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GiB = 1024 ** 3
@@ -44,7 +46,7 @@ BUILTIN = {
         eos_token_id=[128001, 128008, 128009],
         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192)),
-    "smollm2-135m": dict(
+    EMBEDDED: dict(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
         max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2),
@@ -733,7 +735,7 @@ def log_ledger(model, log=print, **setup_kw) -> Ledger:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.memory",
                                 description="Predict (and optionally measure) the memory of a QLoRA training step.")
-    p.add_argument("--model", default="smollm2-135m",
+    p.add_argument("--model", default=EMBEDDED,
                    help=f"config source: {', '.join(BUILTIN)}, a config.json, an HF dir, a .gguf or a hub id")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per row")
     p.add_argument("--batch-size", type=int, required=True, help="rows per micro-batch")
