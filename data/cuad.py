@@ -23,6 +23,19 @@ from data.io import open_text, read_text
 from data.validate import _normalize, locate
 
 OMITTED = "<omitted>"
+# CUAD v1's 41 categories, in category_descriptions.csv's order (engine.extract --clause all asks for each).
+CATEGORIES = (
+    "Document Name", "Parties", "Agreement Date", "Effective Date", "Expiration Date", "Renewal Term",
+    "Notice Period to Terminate Renewal", "Governing Law", "Most Favored Nation", "Non-Compete", "Exclusivity",
+    "No-Solicit of Customers", "Competitive Restriction Exception", "No-Solicit of Employees", "Non-Disparagement",
+    "Termination for Convenience", "Rofr/Rofo/Rofn", "Change of Control", "Anti-Assignment",
+    "Revenue/Profit Sharing", "Price Restrictions", "Minimum Commitment", "Volume Restriction",
+    "IP Ownership Assignment", "Joint IP Ownership", "License Grant", "Non-Transferable License",
+    "Affiliate License-Licensor", "Affiliate License-Licensee", "Unlimited/All-You-Can-Eat-License",
+    "Irrevocable or Perpetual License", "Source Code Escrow", "Post-Termination Services", "Audit Rights",
+    "Uncapped Liability", "Cap on Liability", "Liquidated Damages", "Warranty Duration", "Insurance",
+    "Covenant Not to Sue", "Third Party Beneficiary",
+)
 DEFAULT_EXCLUDE = ("Parties",)  # a list of names repeated all through a contract: no window is truly without it
 LEFT_OUT_WHY = {"Parties": "party names run through the whole contract, so no window would truly answer NONE"}
 

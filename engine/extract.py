@@ -22,11 +22,14 @@ import torch
 from rapidfuzz import fuzz
 
 from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
-from data.example import Example, render_prompt
+from data.cuad import CATEGORIES, DEFAULT_EXCLUDE
+from data.example import TEMPLATES, Example, render_prompt
 from data.text import make_windows
 from engine.evaluate import Progress, load_for_eval
 from engine.metrics import is_none, normalize_ws
-from model.generate import decode_span, generate
+from model.generate import decode_span, decode_spans, generate
+
+ALL_CATEGORIES = tuple(c for c in CATEGORIES if c not in DEFAULT_EXCLUDE)
 
 
 
@@ -148,13 +151,40 @@ def find_clause(text: str, clause: str, answer_fn, count_tokens, max_context_tok
         loc = locate(generated, text[a:b])
         if loc is not None and loc[2] >= min_score:
             found.append(Match(a + loc[0], a + loc[1], loc[2], loc[3], generated, w, getattr(ans, "logprob", None)))
-    # best first: the closest copy, then the model's most confident quote (mean log-probability), then the earliest
-    found.sort(key=lambda m: (-m.score, not m.verbatim, -(m.logprob if m.logprob is not None else -1e9), m.start))
-    distinct: list[Match] = []
-    for m in found:  # overlapping windows find the same clause twice: keep the best of each span
-        if all(m.end <= d.start or m.start >= d.end for d in distinct):
-            distinct.append(m)
-    return distinct, len(windows)
+    return distinct(found), len(windows)
+
+
+def distinct(found: list[Match]) -> list[Match]:
+    """Best first (closest copy, then the model's most confident, then earliest); overlapping windows find one
+    clause twice: keep the best of each span."""
+    found = sorted(found, key=lambda m: (-m.score, not m.verbatim,
+                                         -(m.logprob if m.logprob is not None else -1e9), m.start))
+    out: list[Match] = []
+    for m in found:
+        if all(m.end <= d.start or m.start >= d.end for d in out):
+            out.append(m)
+    return out
+
+
+ALL_TEMPLATE = TEMPLATES[1]  # the contract first: every clause type's prompt then shares the contract's keys/values
+
+
+def find_all(text: str, categories, model, tok, max_context_tokens: int, *, max_new_tokens: int, rank: bool,
+             overlap: float = 0.25, progress=None) -> tuple[dict[str, list[Match]], int]:
+    """Every category over one contract in one pass over its windows: per window, one prefill of the contract
+    shared by all categories' prompts (model.generate.decode_spans), constrained answers. Returns
+    ({category: distinct matches, best first}, number of windows)."""
+    windows = make_windows(text, lambda t: len(tok.encode(t)), max_context_tokens, overlap)
+    found: dict[str, list[Match]] = {c: [] for c in categories}
+    for w, (a, b) in enumerate(windows):
+        prompts = [ALL_TEMPLATE.format(query=c, context=text[a:b]) for c in categories]
+        done = w * len(categories)
+        answers = decode_spans(model, tok, prompts, text[a:b], max_new_tokens=max_new_tokens, rank=rank,
+                               progress=(lambda i: progress(done + i)) if progress else None)
+        for c, ans in zip(categories, answers):
+            if ans.start is not None and not is_none(ans.text):
+                found[c].append(Match(a + ans.start, a + ans.end, 100.0, True, ans.text, w, ans.logprob))
+    return {c: distinct(m) for c, m in found.items()}, len(windows)
 
 
 # ---- the command -------------------------------------------------------------------------------------------
@@ -162,15 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap = CliParser(prog="python -m engine.extract", description=__doc__.split("\n\n")[0])
     ap.add_model_args(adapter_required=False)
     ap.add_argument("--contract", required=True, help="plain-text (UTF-8) contract file")
-    ap.add_argument("--clause", required=True, help='clause type or query, e.g. "Governing Law"')
+    ap.add_argument("--clause", required=True,
+                    help='clause type or query, e.g. "Governing Law"; "all": every CUAD category but Parties, '
+                         "one pass over the contract's windows, a table (or --json)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--seq-len", type=int, default=2048, help="tokens per window: prompt + answer")
     ap.add_argument("--max-new-tokens", type=int, default=384, help="generation budget per window")
     ap.add_argument("--overlap", type=float, default=0.25, help="fraction of a window shared with the next")
     ap.add_argument("--batch-size", type=int, default=4, help="windows decoded together (--decode free)")
-    ap.add_argument("--decode", choices=("constrained", "free"), default="constrained",
+    ap.add_argument("--decode", choices=("constrained", "rank", "free"), default="constrained",
                     help="constrained: every answer is a verbatim slice of the contract (or NONE), decided on the "
-                         "text; free: plain greedy decoding, the answer snapped to its closest span")
+                         "text; rank: constrained, starting at the paragraph the model finds likeliest; free: plain "
+                         "greedy decoding, the answer snapped to its closest span (not with --clause all)")
     ap.add_argument("--min-score", type=float, default=60.0,
                     help="--decode free: drop answers whose closest span of the contract has a copy score (how "
                          "exactly the text was copied, 0-100) below this")
@@ -192,19 +225,27 @@ def run(args) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     if not 0 <= args.min_score <= 100:
         raise ValueError(f"--min-score must be within 0-100, got {args.min_score}")
+    every = args.clause.strip().lower() == "all"
+    if every and args.decode == "free":
+        raise ValueError("--clause all needs --decode constrained or rank (answers located by construction)")
     text = read_contract(args.contract)  # before loading the model: a bad path fails in a second
     set_threads(args.threads)
     model, tok, _ = load_for_eval(args.model, args.adapter, device=args.device,
                                   quantize=None if args.quantize == "none" else args.quantize)
     if args.adapter and not args.json:
         print(f"adapter {args.adapter}: {adapter_provenance(args.adapter)}", file=sys.stderr)
-    empty = render_prompt(Example(id=f"extract:{args.clause}", source="extract", category=args.clause,
-                                  query=args.clause, context="", answer="", split="test"))
+    longest = max(ALL_CATEGORIES, key=len) if every else args.clause
+    empty = render_prompt(Example(id=f"extract:{longest}", source="extract", category=longest,
+                                  query=longest, context="", answer="", split="test"))
+    if every:
+        empty = ALL_TEMPLATE.format(query=longest, context="")
     overhead = len(tok.encode(tok.chat_prompt(empty))) + 8  # + a margin for merges across the context's edges
     budget = args.seq_len - args.max_new_tokens - overhead
     if budget < 64:
         raise ValueError(f"--seq-len {args.seq_len} leaves {budget} context tokens per window after the prompt "
                          f"and --max-new-tokens {args.max_new_tokens}; raise --seq-len")
+    if every:
+        return _run_all(args, text, model, tok, budget)
     per_window: list[dict] = []
 
     def answer_fn(prompts, contexts):
@@ -219,7 +260,8 @@ def run(args) -> dict:
                     bar.update(len(out))
                 return out
             for prompt, ctx in zip(prompts, contexts):
-                out.append(decode_span(model, tok, prompt, ctx, max_new_tokens=args.max_new_tokens))
+                out.append(decode_span(model, tok, prompt, ctx, max_new_tokens=args.max_new_tokens,
+                                       rank=args.decode == "rank"))
                 bar.update(len(out))
         return out
 
@@ -243,6 +285,35 @@ def run(args) -> dict:
         print(text[best.start:best.end])
         if len(matches) > 1:
             print(f"({len(matches) - 1} more match(es): --json lists them)", file=sys.stderr)
+    return result
+
+
+def _run_all(args, text: str, model, tok, budget: int) -> dict:
+    """--clause all: every category, a table (category, found, offsets, first words) or one JSON object."""
+    n_windows = len(make_windows(text, lambda t: len(tok.encode(t)), budget, args.overlap))
+    bar = Progress(n_windows * len(ALL_CATEGORIES), label="reading", enabled=not args.quiet,
+                   unit="window x clause type answers")
+    bar.update(0)
+    with torch.inference_mode():
+        found, n_windows = find_all(text, ALL_CATEGORIES, model, tok, budget, max_new_tokens=args.max_new_tokens,
+                                    rank=args.decode == "rank", overlap=args.overlap, progress=bar.update)
+    clauses = {c: {"found": bool(m), **(m[0].as_dict(text) if m else {}), "matches": len(m)}
+               for c, m in found.items()}
+    result = {"contract": str(args.contract), "clause": "all", "windows": n_windows, "clauses": clauses}
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return result
+    width = max(len(c) for c in ALL_CATEGORIES)
+    print(f"{'category':{width}s}  found  characters       first words")
+    for c, r in clauses.items():
+        if r["found"]:
+            words = " ".join(r["text"].split()[:10])
+            print(f"{c:{width}s}  yes    {r['start']:>7d}-{r['end']:<7d}  {words[:70]}")
+        else:
+            print(f"{c:{width}s}  no")
+    print(f"{sum(r['found'] for r in clauses.values())} of {len(clauses)} clause types found in {n_windows} "
+          "window(s); quotes are verbatim slices of the file (--json for the full text and offsets)",
+          file=sys.stderr)
     return result
 
 

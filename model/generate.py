@@ -267,15 +267,46 @@ def decode_span(model, tokenizer, prompt: str, context: str, *, max_new_tokens: 
     rank=True (constrained too): the start is not a greedy first token but the best of every paragraph's first
     `rank_tokens` tokens and NONE, by summed log-probability (_rank_start); decoding goes on from there.
     """
+    return decode_spans(model, tokenizer, [prompt], context, max_new_tokens=max_new_tokens, constrained=constrained,
+                        lookahead=lookahead, rank=rank, rank_tokens=rank_tokens)[0]
+
+
+@torch.no_grad()
+def decode_spans(model, tokenizer, prompts: list[str], context: str, *, max_new_tokens: int = 1024,
+                 constrained: bool = True, lookahead: int = 16, rank: bool = False, rank_tokens: int = 16,
+                 progress=None) -> list[Answer]:
+    """decode_span for several prompts over one context (e.g. every clause type for one contract window): the
+    keys/values of the prompts' common token prefix (the chat header and the contract, when the template puts
+    the contract first) are computed once and shared; each prompt then costs only its own tokens and its answer.
+    progress(i) is called after each answer."""
     device = model.lm_head.weight.device
-    prompt_ids = tokenizer.encode(tokenizer.chat_prompt(prompt))
+    ids = [tokenizer.encode(tokenizer.chat_prompt(p)) for p in prompts]
+    shared = min(len(x) for x in ids) - 1  # every prompt keeps at least one token of its own (for its logits)
+    for x in ids[1:]:
+        shared = next((i for i in range(shared) if x[i] != ids[0][i]), shared)
     enc = tokenizer._tk.encode(context, add_special_tokens=False)
     ctx_tokens = (enc.ids, [o[0] for o in enc.offsets])
-    tracker = SpanTracker(context, tokenizer.token_bytes, tokenizer.stop_ids, constrained or rank)
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens + max(lookahead, rank_tokens) + 1,
+    cache = KVCache(model.config, 1, max(len(x) for x in ids) + max_new_tokens + max(lookahead, rank_tokens) + 1,
                     model.model.embed_tokens.weight.dtype, device)
-    h = model.hidden(torch.tensor([prompt_ids], device=device), cache=cache)
-    logits = model.lm_head(h[0, -1]).float()  # (V,)
+    if shared:
+        model.hidden(torch.tensor([ids[0][:shared]], device=device), cache=cache)
+    answers = []
+    for i, x in enumerate(ids):
+        cache.pos = shared  # what the previous prompt wrote after the shared prefix is overwritten
+        h = model.hidden(torch.tensor([x[shared:]], device=device), cache=cache)
+        logits = model.lm_head(h[0, -1]).float()  # (V,)
+        tracker = SpanTracker(context, tokenizer.token_bytes, tokenizer.stop_ids, constrained or rank)
+        answers.append(_answer(model, tokenizer, cache, logits, tracker, ctx_tokens, context,
+                               max_new_tokens=max_new_tokens, lookahead=lookahead, rank=rank, rank_tokens=rank_tokens))
+        if progress is not None:
+            progress(i + 1)
+    return answers
+
+
+def _answer(model, tokenizer, cache, logits, tracker, ctx_tokens, context, *, max_new_tokens, lookahead, rank,
+            rank_tokens) -> Answer:
+    """Decode one answer from the next-token logits of a prompt already in `cache`."""
+    device = logits.device
     logps, n_out, steps = [], 0, 0
     if rank:  # start where the ranking says, then decode on from there
         forced, forced_lp = _rank_start(model, tokenizer, cache, logits, context, rank_tokens)

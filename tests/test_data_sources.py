@@ -244,3 +244,9 @@ def test_cuad_left_out_category_is_validated_and_said_so(cuad, shared_datasets):
     r = subprocess.run([sys.executable, "-m", "data.check", f"cuad:{shared_datasets / 'cuad'}", "--split", "test"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "left out of training: 'Parties'" in r.stdout
+
+
+def test_cuad_category_list_is_the_datasets_own(shared_datasets):
+    from data.cuad import CATEGORIES, read_categories
+
+    assert list(CATEGORIES) == list(read_categories(shared_datasets / "cuad" / "category_descriptions.csv"))

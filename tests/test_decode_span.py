@@ -95,3 +95,17 @@ def test_rank_starts_where_the_model_finds_a_paragraph_likeliest(smollm):
     ctx = CONTEXTS[0]
     ans = decode_span(model, tok, _prompt(ctx), ctx, max_new_tokens=40, rank=True)
     assert ans.text == "NONE" or (ans.start in candidate_starts(ctx) and ctx[ans.start:ans.end] == ans.text)
+
+
+@pytest.mark.parametrize("rank", [False, True])
+def test_shared_prefix_decoding_gives_what_each_prompt_alone_gives(random_chatml, rank):
+    from data.example import TEMPLATES
+    from model.generate import decode_spans
+
+    model, tok = random_chatml
+    ctx = CONTEXTS[1]
+    prompts = [TEMPLATES[1].format(query=q, context=ctx) for q in ("Assignment", "Governing Law", "Audit Rights")]
+    together = decode_spans(model, tok, prompts, ctx, max_new_tokens=12, rank=rank)
+    alone = [decode_span(model, tok, p, ctx, max_new_tokens=12, rank=rank) for p in prompts]
+    assert [(a.text, a.start, a.end) for a in together] == [(a.text, a.start, a.end) for a in alone]
+    assert all(abs(a.logprob - b.logprob) < 1e-3 for a, b in zip(together, alone))
