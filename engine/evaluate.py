@@ -155,7 +155,8 @@ def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 1024,
             for i, ex in enumerate(examples):
                 r = answer_example(model, tok, ex, seq_len=seq_len, max_new_tokens=max_new_tokens, decode=decode)
                 rows.append({"id": ex.id, "category": ex.category, "source": ex.source, "query": ex.query,
-                             "answer": ex.answer, **r, "scores": score(r["prediction"], ex.answer, ex.context)})
+                             "answer": ex.answer, **r,
+                             "scores": score(r["prediction"], ex.answer, ex.context, r["start"])})
                 bar.update(i + 1)
     finally:
         model.train(was_training)
@@ -242,7 +243,8 @@ def headline(result: dict, seconds: float | None = None) -> str:
     took = f" in {seconds:.0f}s" if seconds is not None else ""
     return (f"{result['overall']['n']} examples{took} ({result.get('decode', 'constrained')} decoding)\n"
             f"  clause examples ({c['n']}): avg similarity {f(c['avg_similarity'])}, >90 {f(c['excellent'])}%, "
-            f">70 {f(c['good'])}%, exact match {f(c['exact_match'])}%, F1 {f(c['f1'])}%, "
+            f">70 {f(c['good'])}%, exact match {f(c['exact_match'])}%, F1 {f(c['f1'])}%, right start "
+            f"{f(c['right_start'])}%, "
             f"wrongly NONE {f(c['predicted_none'])}%, verbatim {f(c['verbatim'])}%\n"
             f"  NONE examples ({n['n']}): answered NONE {f(n['predicted_none'])}% | NONE precision "
             f"{f(result['overall']['abstention_precision'])}%, recall {f(result['overall']['abstention_recall'])}%")

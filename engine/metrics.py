@@ -16,7 +16,8 @@ Aggregates (`aggregate`): similarity averages 0-100; excellent / good / exact_ma
 (excellent = share with similarity > 90, good = share > 70); abstention precision = tp / (tp + fp) and recall =
 tp / (tp + fn) as percentages, None when the denominator is 0 (nothing to measure, not a perfect score);
 predicted_none = share of examples answered NONE (on clause examples: wrongly; on NONE examples: rightly);
-verbatim = share of quoted (non-NONE) predictions that are exact substrings of their context.
+verbatim = share of quoted (non-NONE) predictions that are exact substrings of their context; right_start = share
+of clause examples whose prediction starts at the gold clause (the choice, apart from where the copy stopped).
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 # Keys of `aggregate`, in the order tables show them (higher is better for every one but n).
-AGGREGATE_KEYS = ("n", "avg_similarity", "excellent", "good", "exact_match", "f1", "predicted_none", "verbatim",
-                  "abstention_precision", "abstention_recall")
+AGGREGATE_KEYS = ("n", "avg_similarity", "excellent", "good", "exact_match", "f1", "right_start", "predicted_none",
+                  "verbatim", "abstention_precision", "abstention_recall")
 # The two kinds of example, always reported apart: a clause to copy, or NONE to answer. A headline over both
 # hides a model that answers NONE to everything behind its NONE examples.
 KINDS = ("clause", "none")
@@ -82,11 +83,20 @@ def abstention(prediction: str, answer: str) -> str:
     return {(True, True): "tp", (False, True): "fp", (True, False): "fn", (False, False): "tn"}[(gold, pred)]
 
 
-def score(prediction: str, answer: str, context: str | None = None) -> dict:
+def score(prediction: str, answer: str, context: str | None = None, start: int | None = None) -> dict:
     """All per-example scores for one prediction. With the context, "verbatim" says whether a quoted (non-NONE)
-    prediction is an exact substring of it (None for a NONE prediction, or without context)."""
+    prediction is an exact substring of it (None for a NONE prediction, or without context), and "right_start"
+    whether a clause example's prediction starts where the gold clause starts: the model chose the right clause,
+    however well it then stopped (start: the prediction's offset in the context when the decoder knows it)."""
     quoted = not is_none(prediction)
+    right = None
+    if context is not None and not is_none(answer):
+        gold = context.find(answer.strip())
+        if start is None and quoted and prediction.strip():
+            start = context.find(prediction.strip())
+        right = quoted and start is not None and start >= 0 and start == gold
     return {
+        "right_start": right,
         "similarity": similarity(prediction, answer),
         "exact_match": exact_match(prediction, answer),
         "f1": token_f1(prediction, answer),
@@ -110,6 +120,7 @@ def aggregate(scores: list[dict]) -> dict:
     tp, fp, fn = outcomes["tp"], outcomes["fp"], outcomes["fn"]
     pct = lambda num, den: (100.0 * num / den) if den else None  # noqa: E731
     verb = [s["verbatim"] for s in scores if s.get("verbatim") is not None]
+    starts = [s["right_start"] for s in scores if s.get("right_start") is not None]
     return {
         "n": n,
         "avg_similarity": sum(sims) / n,
@@ -117,6 +128,7 @@ def aggregate(scores: list[dict]) -> dict:
         "good": pct(sum(x > 70 for x in sims), n),
         "exact_match": pct(sum(s["exact_match"] for s in scores), n),
         "f1": pct(sum(s["f1"] for s in scores), n),
+        "right_start": pct(sum(starts), len(starts)),
         "predicted_none": pct(tp + fp, n),
         "verbatim": pct(sum(verb), len(verb)),
         "abstention_precision": pct(tp, tp + fp),

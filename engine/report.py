@@ -22,6 +22,7 @@ LABELS = {
     "good": "good (sim > 70) %",
     "exact_match": "exact match %",
     "f1": "token F1 %",
+    "right_start": "right clause start %",
     "predicted_none": "answered NONE %",
     "verbatim": "verbatim quotes %",
     "abstention_precision": "NONE precision %",

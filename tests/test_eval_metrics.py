@@ -6,7 +6,8 @@ from engine.metrics import aggregate, is_none, score, summarize
 
 def test_identical_up_to_whitespace_is_perfect():
     s = score("The Licensee  shall\nindemnify.", "  The Licensee shall indemnify. ")
-    assert s == {"similarity": 100.0, "exact_match": 1.0, "f1": 1.0, "abstention": "tn", "verbatim": None}
+    assert s == {"similarity": 100.0, "exact_match": 1.0, "f1": 1.0, "abstention": "tn", "verbatim": None,
+                 "right_start": None}
 
 
 def test_near_miss_missing_period():
@@ -36,13 +37,13 @@ def test_similarity_is_case_sensitive_but_f1_is_not():
 
 def test_empty_prediction_scores_zero():
     assert score("", "Net 30.") == {"similarity": 0.0, "exact_match": 0.0, "f1": 0.0, "abstention": "tn",
-                                    "verbatim": None}
+                                    "verbatim": None, "right_start": None}
     assert score("   ", "")["similarity"] == 100.0  # nothing expected, nothing said
 
 
 def test_none_both_ways():
     assert score("NONE", "NONE") == {"similarity": 100.0, "exact_match": 1.0, "f1": 1.0, "abstention": "tp",
-                                     "verbatim": None}
+                                     "verbatim": None, "right_start": None}
     assert score("None.", "NONE")["abstention"] == "tp"
     assert score("NONE", "The term is two years.")["abstention"] == "fp"  # abstained although the clause exists
     assert score("The term is two years.", "NONE")["abstention"] == "fn"  # quoted something that is not there
@@ -99,3 +100,15 @@ def test_verbatim_is_checked_against_the_context_for_quotes_only():
     agg = aggregate([score("Delaware law governs.", "x", ctx), score("Delaware governs.", "x", ctx),
                      score("NONE", "x", ctx)])
     assert agg["verbatim"] == pytest.approx(50.0)  # of the two quotes, one is an exact substring
+
+
+def test_right_start_separates_the_choice_from_the_stop():
+    ctx = "1. Term. The term is two years.\n\n2. Law. Delaware law governs this Agreement."
+    gold = "2. Law. Delaware law governs this Agreement."
+    assert score("2. Law. Delaware law", gold, ctx)["right_start"] is True        # right clause, stopped early
+    assert score(ctx, gold, ctx)["right_start"] is False                          # started at the wrong clause
+    assert score("NONE", gold, ctx)["right_start"] is False                       # a clause example answered NONE
+    assert score("NONE", "NONE", ctx)["right_start"] is None                      # nothing to start on
+    assert score("Law.", gold, ctx, start=ctx.index("2. Law") + 3)["right_start"] is False  # offset from decoder
+    agg = aggregate([score("2. Law.", gold, ctx), score(ctx, gold, ctx), score("NONE", "NONE", ctx)])
+    assert agg["right_start"] == pytest.approx(50.0)

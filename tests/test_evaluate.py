@@ -76,7 +76,7 @@ def test_evaluate_examples_rows_and_training_numbers(tiny_model_dir):
     assert res["clause"]["n"] == 3 and res["none"]["n"] == 3  # the two kinds apart
     for r, ex in zip(res["rows"], exs):
         assert set(r) >= {"id", "category", "source", "prediction", "answer", "scores", "start", "end", "windows"}
-        assert set(r["scores"]) == {"similarity", "exact_match", "f1", "abstention", "verbatim"}
+        assert set(r["scores"]) == {"similarity", "exact_match", "f1", "abstention", "verbatim", "right_start"}
         # constrained decoding (the default): NONE or an exact slice of the context, with its offsets
         assert r["prediction"] == "NONE" or ex.context[r["start"]:r["end"]] == r["prediction"]
         assert r["windows"] == 1
