@@ -328,3 +328,53 @@ class DistributedSampler:
                 raise ValueError(f"sampler state has {k}={state[k]}, this run has {mine[k]}; resume with the same "
                                  "data, seed, batch size and number of processes")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+class Batches:
+    """Examples -> packed rows -> this rank's micro-batches, endlessly (epoch after epoch), resumable.
+
+    Rows are built identically on every rank (deterministic packing of all examples); the sampler then hands
+    global batch k to rank k % world_size, so the rows of a step do not depend on the number of processes.
+    Plain values in, plain tensors out: the training loop owns the devices and the config.
+    """
+
+    def __init__(self, tok, examples, *, seq_len: int, pack: bool, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, weighting: str = "token"):
+        encoded, stats = encode_examples(tok, examples, seq_len)
+        if not encoded:
+            raise ValueError(f"no example fits --seq-len {seq_len} (first: {stats.skipped[0]})")
+        self.stats = stats
+        self.units = make_units(encoded, seq_len, pack)
+        self.pad_id, self.weighting = tok.pad_id, weighting
+        self.sampler = DistributedSampler([sum(len(e) for e in u) for u in self.units], batch_size, rank=rank,
+                                          world_size=world_size, seed=seed, shuffle=shuffle,
+                                          group_by_length=not pack)
+        self._it = iter(self.sampler)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.units)
+
+    def _collate(self, idx: list[int]) -> dict:
+        b = collate([self.units[i] for i in idx], self.pad_id, weighting=self.weighting)
+        b["num_tokens"] = int((b["segment_ids"] >= 0).sum())  # real tokens, padding excluded
+        return b
+
+    def next_batch(self) -> dict:
+        while True:
+            try:
+                return self._collate(next(self._it))
+            except StopIteration:  # epoch done; the sampler has moved to the next one
+                self._it = iter(self.sampler)
+
+    def first(self, n: int) -> list[dict]:
+        """This rank's first n batches in fixed order (evaluation); n = 0: all of them."""
+        batches = self.sampler.rank_batches(0)
+        return [self._collate(idx) for idx in (batches[:n] if n else batches)]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.sampler.load_state_dict(state)
+        self._it = iter(self.sampler)

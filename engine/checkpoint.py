@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import dist
+from model.lora import share_like_umask
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -195,6 +196,7 @@ def save(out, step: int, *, model, optimizer, precision, sampler_state, counters
                      "rng": [g["rng_j"] for g in gathered], "sampler": [g["sampler"] for g in gathered],
                      "counters": counters}
             _write_json(tmp / "state.json", state)  # written last: its presence marks the content complete
+            share_like_umask(tmp)
             _fsync_dir(tmp)
             if final.exists():  # saving the same step again (resumed then stopped at once): swap, then drop
                 old = root / f"step-{step}.old"

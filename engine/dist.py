@@ -116,7 +116,7 @@ def wrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
     - static_graph=True: the same adapters get gradients every step, and it lets DDP cooperate with
       non-reentrant activation checkpointing (the recomputation fires the same autograd hooks again).
       find_unused_parameters stays False: every adapter is used every step, and the search costs a graph walk.
-    - broadcast_buffers=False: nothing in the model has running buffers that change during training.
+    - no buffer sync (forward_sync_buffers / broadcast_buffers False): no buffer changes during training.
     """
     if not _STATE.enabled:
         return module
@@ -126,8 +126,14 @@ def wrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
     ignore += [n for n, _ in module.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(module, ignore)
     dev_ids = [_STATE.local_rank] if _STATE.device.type == "cuda" else None
-    return DDP(module, device_ids=dev_ids, broadcast_buffers=False, find_unused_parameters=False,
-               static_graph=True, gradient_as_bucket_view=True)
+    # torch >= 2.13 renames broadcast_buffers (and warns, once per rank, on the old name); every buffer is in the
+    # ignore list above, so neither spelling syncs anything
+    import inspect
+
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else {"broadcast_buffers": False}
+    return DDP(module, device_ids=dev_ids, find_unused_parameters=False, static_graph=True,
+               gradient_as_bucket_view=True, **no_sync)
 
 
 def teardown():

@@ -26,6 +26,7 @@ from engine.cli import CliParser, run_command
 from engine.metrics import AGGREGATE_KEYS
 from engine.report import LABELS, fmt
 from model.load import EMBEDDED
+from model.lora import share_like_umask
 
 # The embedded default is a GGUF of this hub model; cards and exported adapter configs name the hub id.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -213,9 +214,7 @@ def build(args) -> Path:
         write_tokenizer(tok, tmp)
         (tmp / "README.md").write_text(model_card(base_id=base_id, merged=args.merge, adapter_cfg=adapter_cfg,
                                                   run_cfg=run_cfg, evaluation=evaluation, repo=args.push_to_hub))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; OUT gets what mkdir would give it
+        share_like_umask(tmp)  # mkdtemp makes 0700, safetensors 0600: OUT gets what mkdir/open would give it
         if out.exists():  # --overwrite: swap the finished export in, then drop the old one
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

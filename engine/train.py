@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from data.batch import Batches
 from data.example import DataError
 from data.validate import load_validated
 from engine import checkpoint as ckpt
@@ -161,58 +162,6 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-class Batches:
-    """Examples -> packed rows -> this rank's micro-batches, endlessly (epoch after epoch), resumable.
-
-    Rows are built identically on every rank (deterministic packing of all examples); the sampler then hands
-    global batch k to rank k % world_size, so the rows of a step do not depend on the number of processes.
-    """
-
-    def __init__(self, tok, examples, cfg: TrainConfig, d: dist.Dist, shuffle: bool):
-        from data.batch import DistributedSampler, encode_examples, make_units
-
-        encoded, stats = encode_examples(tok, examples, cfg.seq_len)
-        if not encoded:
-            raise ValueError(f"{cfg.data}: no example fits --seq-len {cfg.seq_len} (first: {stats.skipped[0]})")
-        self.stats = stats
-        self.units = make_units(encoded, cfg.seq_len, cfg.pack)
-        self.pad_id, self.weighting = tok.pad_id, cfg.loss_weighting
-        self.sampler = DistributedSampler([sum(len(e) for e in u) for u in self.units], cfg.batch_size,
-                                          rank=d.rank, world_size=d.world_size, seed=cfg.seed, shuffle=shuffle,
-                                          group_by_length=not cfg.pack)
-        self._it = iter(self.sampler)
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.units)
-
-    def _collate(self, idx: list[int]) -> dict:
-        from data.batch import collate
-
-        b = collate([self.units[i] for i in idx], self.pad_id, weighting=self.weighting)
-        b["num_tokens"] = int((b["segment_ids"] >= 0).sum())  # real tokens, padding excluded
-        return b
-
-    def next_batch(self) -> dict:
-        while True:
-            try:
-                return self._collate(next(self._it))
-            except StopIteration:  # epoch done; the sampler has moved to the next one
-                self._it = iter(self.sampler)
-
-    def first(self, n: int) -> list[dict]:
-        """This rank's first n batches in fixed order (evaluation); n = 0: all of them."""
-        batches = self.sampler.rank_batches(0)
-        return [self._collate(idx) for idx in (batches[:n] if n else batches)]
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict):
-        self.sampler.load_state_dict(state)
-        self._it = iter(self.sampler)
-
-
 # ---------------------------------------------------------------- the run
 def train(cfg: TrainConfig) -> dict:
     """Run one training job; returns a summary dict (final loss, eval loss, steps, stopped, out).
@@ -255,13 +204,18 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
         train_ex = train_ex[:cfg.max_examples]
     if not train_ex:
         raise ValueError(f"{cfg.data}: no training examples in split {cfg.train_split!r}")
-    batcher = Batches(tok, train_ex, cfg, d, shuffle=True)
+    batching = dict(seq_len=cfg.seq_len, pack=cfg.pack, batch_size=cfg.batch_size, rank=d.rank,
+                    world_size=d.world_size, seed=cfg.seed, weighting=cfg.loss_weighting)
+    try:
+        batcher = Batches(tok, train_ex, shuffle=True, **batching)
+    except ValueError as e:
+        raise ValueError(f"{cfg.data}: {e}") from None
     eval_batches, gen_subset = [], []
     if cfg.eval_every:
         eval_ex, _ = load_validated(cfg.data, cfg.eval_split, max_rejected=cfg.max_rejected)
         if not eval_ex:
             raise ValueError(f"{cfg.data}: no examples in eval split {cfg.eval_split!r} (set --eval-every 0)")
-        eval_batches = Batches(tok, eval_ex, cfg, d, shuffle=False).first(cfg.eval_batches)
+        eval_batches = Batches(tok, eval_ex, shuffle=False, **batching).first(cfg.eval_batches)
         # task metrics, not just loss (loss does not predict extraction quality): a fixed subset, rank 0 only
         gen_subset = eval_subset(eval_ex, cfg.eval_generate) if cfg.eval_generate and d.is_main else []
     rows_per_step = cfg.batch_size * cfg.grad_accum * d.world_size
@@ -328,9 +282,12 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
         return res
 
     def save_checkpoint(step):
-        return ckpt.save(out, step, model=model, optimizer=opt, precision=prec,
+        t = time.perf_counter()
+        path = ckpt.save(out, step, model=model, optimizer=opt, precision=prec,
                          sampler_state=batcher.state_dict(), counters=counters, keep_last=cfg.keep_last,
                          base_model=cfg.model, save_adapter=save_adapter)
+        print0(f"checkpoint {path} ({time.perf_counter() - t:.1f}s)")
+        return path
 
     # ---- the loop
     eval_loss = None

@@ -177,6 +177,17 @@ def lora_report(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
+def share_like_umask(root: Path) -> None:
+    """Give root and everything under it the permissions a plain open()/mkdir() would (0666/0777 minus the
+    umask): mkdtemp makes directories 0700 and safetensors writes its files 0600, which would keep an adapter,
+    a checkpoint or an export from the other users a shared machine's umask lets read it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for p in Path(root).rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def _atomic_dir(path: Path):
     """Yield a temporary sibling directory; on success it replaces `path` as a whole (a reader never sees a
@@ -184,11 +195,9 @@ def _atomic_dir(path: Path):
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700: give the directory what mkdir would (others may read it)
     try:
         yield tmp
+        share_like_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 -> what the umask allows
         old = None
         if path.exists():
             old = path.parent / f"{tmp.name}.old"

@@ -49,6 +49,11 @@ def test_overwrite_replaces_the_earlier_run(finished):
     first = tiny_cfg(tmp, out=str(out), max_steps=3, save_every=1)
     assert run_train(cfg_args(first)).returncode == 0
     assert (out / "checkpoints").is_dir()
+    mask = os.umask(0)
+    os.umask(mask)
+    step = out / "checkpoints" / "step-3"
+    for p in [step, step / "adapter", *step.rglob("*")]:  # checkpoints are shared like any file, not 0600/0700
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~mask, p
     second = tiny_cfg(tmp, out=str(out), max_steps=2)
     r = run_train(cfg_args(second) + ["--overwrite"])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -142,3 +147,12 @@ def test_launcher_reports_a_bad_setting_once_before_torchrun(tmp_path, bad):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:"), r.stderr
     assert "torch.distributed" not in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_adapters_get_the_umask_permissions_not_private_ones(finished):
+    _, cfg = finished
+    mask = os.umask(0)
+    os.umask(mask)
+    adapter = Path(cfg.out) / "adapter"
+    assert adapter.stat().st_mode & 0o777 == 0o777 & ~mask  # mkdtemp would have made it 0700
+    assert (adapter / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # safetensors: 0600
