@@ -98,9 +98,9 @@ def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, decode:
     best, n_prompt, n_tokens = None, None, 0
     for a, b in windows:
         prompt = render_prompt(replace(ex, context=ex.context[a:b]))
-        n_prompt = n_prompt or len(tok.encode(tok.chat_prompt(prompt)))
         ans = decode_span(model, tok, prompt, ex.context[a:b], max_new_tokens=max_new_tokens,
                           constrained=decode != "free", rank=decode == "rank")
+        n_prompt = n_prompt or ans.prompt_tokens
         n_tokens += ans.tokens
         quoted = not is_none(ans.text)
         key = (quoted, ans.logprob)  # any quote beats NONE; among quotes, the model's most confident

@@ -87,6 +87,7 @@ class Answer:
     logprob: float      # mean log-probability of the chosen tokens, the stop token included (model's own softmax)
     tokens: int         # tokens generated, the stop token excluded
     steps: int          # forward passes after the prompt (copy-ahead verifies several tokens per pass)
+    prompt_tokens: int = 0  # the prompt's length in tokens, chat template included
 
 
 class SpanTracker:
@@ -298,6 +299,7 @@ def decode_spans(model, tokenizer, prompts: list[str], context: str, *, max_new_
         tracker = SpanTracker(context, tokenizer.token_bytes, tokenizer.stop_ids, constrained or rank)
         answers.append(_answer(model, tokenizer, cache, logits, tracker, ctx_tokens, context,
                                max_new_tokens=max_new_tokens, lookahead=lookahead, rank=rank, rank_tokens=rank_tokens))
+        answers[-1].prompt_tokens = len(x)
         if progress is not None:
             progress(i + 1)
     return answers

@@ -64,6 +64,7 @@ def test_eval_subset_is_deterministic_and_covers_categories():
 
 
 def test_evaluate_examples_rows_and_training_numbers(tiny_model_dir):
+    from data.example import render_prompt
     from engine.evaluate import evaluate_examples, evaluate_for_training, eval_subset
     from model import load_model, load_tokenizer
 
@@ -80,6 +81,7 @@ def test_evaluate_examples_rows_and_training_numbers(tiny_model_dir):
         # constrained decoding (the default): NONE or an exact slice of the context, with its offsets
         assert r["prediction"] == "NONE" or ex.context[r["start"]:r["end"]] == r["prediction"]
         assert r["windows"] == 1
+        assert r["prompt_tokens"] == len(tok.encode(tok.chat_prompt(render_prompt(ex))))
     assert res["overall"]["verbatim"] in (None, 100.0)
     flat = evaluate_for_training(model, tok, eval_subset(exs, 3), max_new_tokens=2, seq_len=512)
     assert flat["eval_n"] == 3 and 0 <= flat["eval_avg_similarity"] <= 100 and flat["eval_seconds"] > 0
