@@ -9,17 +9,15 @@ and re-renders the prompt, never splices token lists.
 """
 import bisect
 import dataclasses
-import random
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from data.example import NONE, Example, render_prompt, stable_hash
+from data.example import NONE, Example, render_prompt
+from data.text import cut_context
 
 IGNORE = -100
-_PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")  # a blank line, and the whitespace around it
 
 
 @dataclass
@@ -41,97 +39,14 @@ class EncodeStats:
     skipped: list = field(default_factory=list)   # "id: why" for answers that cannot fit seq_len
 
 
-def _snap_left(text: str, i: int, limit: int) -> int:
-    """Move a cut start forward past the partial word (but not beyond limit)."""
-    if i <= 0:
-        return 0
-    if text[i - 1].isspace():
-        return i
-    j = min([k for k in (text.find(" ", i, limit), text.find("\n", i, limit)) if k >= 0], default=-1)
-    return j + 1 if j >= 0 else i
-
-
-def _snap_right(text: str, j: int, limit: int) -> int:
-    if j >= len(text) or text[j].isspace():
-        return min(j, len(text))
-    k = max(text.rfind(" ", limit, j), text.rfind("\n", limit, j))
-    return k if k >= limit else j
-
-
-def _blocks(text: str) -> list[tuple[int, int]]:
-    """[start, end) of the paragraphs of text: runs separated by a blank line ("\n\n" or more)."""
-    out, i = [], 0
-    for m in _PARAGRAPH.finditer(text):
-        if m.start() > i:
-            out.append((i, m.start()))
-        i = m.end()
-    if i < len(text):
-        out.append((i, len(text)))
-    return out
-
-
-def cut_context(context: str, answer: str, max_chars: int, key: str = "") -> str:
-    """At most max_chars of context, holding the whole answer, cut so that nothing marks where the answer is.
-
-    Whole paragraphs first: the answer's paragraph(s) stay, the others are dropped in a random order (seeded by
-    `key`, the example id) until the rest fits; the order of what stays is kept. For ACORD this drops whole
-    distractor clauses and leaves the clause at a random place among the others. Only when the answer's own
-    paragraph(s) are still too long is a character window taken, with the answer at a uniformly random offset in
-    it (not centred: a model must not learn "the answer is in the middle"), cut at word boundaries. NONE: the same
-    with no paragraph protected. Answers must be validated (verbatim in context) first.
-    """
-    if len(context) <= max_chars:
-        return context
-    rng = random.Random(stable_hash("cut", key))
-    blocks = _blocks(context)
-    a = b = -1
-    if answer != NONE:
-        a = context.find(answer)
-        assert a >= 0, "answer not in context: validate examples first (data.validate)"
-        b = a + len(answer)
-    keep = [i for i, (s, e) in enumerate(blocks) if s < b and e > a]
-    others = [i for i in range(len(blocks)) if i not in keep]
-    rng.shuffle(others)
-    chosen = set(range(len(blocks)))
-    size = sum(e - s for s, e in blocks) + 2 * (len(blocks) - 1)
-    while size > max_chars and others and len(chosen) > 1:
-        i = others.pop()
-        chosen.discard(i)
-        size -= blocks[i][1] - blocks[i][0] + 2
-    parts, prev = [], None
-    for i in sorted(chosen):   # neighbours keep the text between them (an answer may span paragraphs)
-        s, e = blocks[i]
-        if prev is not None:
-            parts.append(context[blocks[prev][1]:s] if prev == i - 1 else "\n\n")
-        parts.append(context[s:e])
-        prev = i
-    text = "".join(parts)
-    if len(text) <= max_chars:
-        return text
-    # one paragraph (or the answer's own) is longer than the budget: a window with the answer at a random offset
-    if answer == NONE:
-        s = rng.randint(0, len(text) - max_chars)
-        e = s + max_chars
-        s, e = _snap_left(text, s, e), _snap_right(text, e, s)
-        return text[s:e].strip()
-    a = text.find(answer)
-    b = a + len(answer)
-    room = max(0, max_chars - len(answer))
-    lo, hi = max(0, room - (len(text) - b)), min(a, room)   # chars kept left of the answer
-    left = rng.randint(lo, hi) if hi >= lo else min(a, room)
-    s = a - left
-    e = min(len(text), b + room - left)
-    s, e = _snap_left(text, s, a), _snap_right(text, e, b)
-    return text[s:e].strip()
-
-
 def encode_example(tok, ex: Example, seq_len: int, min_target: int = 16) -> EncodedExample | None:
     """Token ids and labels for one example, at most seq_len long; None when the answer alone cannot fit.
 
-    A context too long for the row is cut by cut_context (whole paragraphs dropped at random, never marking where
-    the answer is). An answer too long to appear both in the context and, whole, as the target keeps its whole
-    text in the context and supervises only its first tokens (at least min_target, no end of turn): the choice of
-    the clause happens at its start, and long clauses are exactly the ones a model must not learn to avoid.
+    A context too long for the row is cut by data.text.cut_context (whole paragraphs dropped at random, never
+    marking where the answer is). An answer too long to appear both in the context and, whole, as the target
+    keeps its whole text in the context and supervises only its first tokens (at least min_target, no end of
+    turn): the choice of the clause happens at its start, and long clauses are exactly the ones a model must not
+    learn to avoid.
     """
     answer_ids = tok.encode(tok.chat_answer(ex.answer))
     prompt_ids = tok.encode(tok.chat_prompt(render_prompt(ex)))

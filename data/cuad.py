@@ -3,7 +3,7 @@
 - File names: master_clauses.csv names PDFs; the .txt names differ in suffix case, accents, trailing dots,
   apostrophes and '&'. Both sides are reduced to a key (NFKD, ASCII letters and digits, lower case); rows whose key
   matches no file are reported in notes["unresolved_files"], never dropped silently.
-- Clause strings: '<omitted>' joins disjoint pieces; each piece is located on its own (validate.locate: exact,
+- Clause strings: '<omitted>' joins disjoint pieces; each piece is located on its own (data.text.locate: exact,
   then normalised whitespace/quotes, then rapidfuzz >= 95). Pieces of one category closer than merge_gap
   characters are merged into one span of the contract's own text; that span is the answer.
 - Windows: each answer span sits in a window of at most max_context_chars characters that holds no other span
@@ -20,9 +20,10 @@ from pathlib import Path
 
 from data.example import NONE, SPLITS, DataError, Example, stable_hash
 from data.io import open_text, read_text
-from data.validate import _normalize, locate
+from data.text import locate, normalize, snap_end, snap_start
 
 OMITTED = "<omitted>"
+LINE_REACH = 400  # characters a window edge may move to fall at a line break instead of a word break
 # CUAD v1's 41 categories, in category_descriptions.csv's order (engine.extract --clause all asks for each).
 CATEGORIES = (
     "Document Name", "Parties", "Agreement Date", "Effective Date", "Expiration Date", "Renewal Term",
@@ -62,33 +63,6 @@ def read_categories(path: Path) -> dict[str, str]:
                 raise DataError(f"{path}:{rows.line_num}: expected 'Category: NAME','Description: TEXT'")
             out[row[0].split(":", 1)[1].strip()] = row[1].split(":", 1)[-1].strip()
     return out
-
-
-def _snap_start(text: str, i: int, limit: int, reach: int = 400) -> int:
-    """Move a window start forward (at most to limit) to a line start within reach, else past the cut word."""
-    i = max(i, 0)
-    if i == 0 or text[i - 1] == "\n":
-        return i
-    nl = text.find("\n", i, min(limit, i + reach))
-    if nl >= 0:
-        return nl + 1
-    if text[i - 1].isspace():
-        return i
-    m = re.compile(r"\s").search(text, i, limit)
-    return m.end() if m else i
-
-
-def _snap_end(text: str, j: int, limit: int, reach: int = 400) -> int:
-    """Move a window end back (not below limit) to a line end within reach, else to the end of a whole word."""
-    if j >= len(text) or text[j] == "\n":
-        return min(j, len(text))
-    nl = text.rfind("\n", max(limit, j - reach), j)
-    if nl >= limit and nl > 0:
-        return nl
-    if text[j].isspace():
-        return j
-    k = max(text.rfind(" ", limit, j), text.rfind("\n", limit, j))
-    return k if k >= limit else j
 
 
 def _merge(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
@@ -177,7 +151,7 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
                         if i >= 0:
                             spans.append((i, i + len(piece)))
                             continue
-                        norm = norm or _normalize(text)
+                        norm = norm or normalize(text)
                         m = locate(piece, text, norm_hay=norm)
                         if m is None:
                             status = "rejected"
@@ -206,7 +180,9 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
                     left = min(a - lo, budget * (stable_hash("cuad-pad", str(seed), stem, cat, str(a)) % 1000) // 1000)
                     right = min(hi - b, budget - left)
                     left = min(a - lo, budget - right)  # give what the right side could not use back to the left
-                    ws, we = _snap_start(text, a - left, a), _snap_end(text, b + right, b)
+                    # window edges at a line break when one is near, else between words
+                    ws = snap_start(text, a - left, a, line_reach=LINE_REACH, any_space=True)
+                    we = snap_end(text, b + right, b, line_reach=LINE_REACH)
                     positives[s].append(Example(id=f"cuad:{stem}:{cat}:{a}", source="cuad", category=cat,
                                                 query=query[cat], context=text[ws:we].strip(), answer=text[a:b],
                                                 split=s))
@@ -222,7 +198,7 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
         for stem, cat, text, merged in none_candidates[s]:
             start = 0
             while start < len(text):
-                end = _snap_end(text, min(len(text), start + max_context_chars), start + 1)
+                end = snap_end(text, min(len(text), start + max_context_chars), start + 1, line_reach=LINE_REACH)
                 if not any(a < end and b > start for a, b in merged) and text[start:end].strip():
                     cands.append((stable_hash("cuad-none", str(seed), stem, cat, str(start)), stem, cat, start, end))
                 start = end

@@ -1,73 +1,15 @@
 """Alignment: every answer must be the context's own text. Locate, repair (>= 95 similarity) or reject.
 
-locate() tries, cheapest first: exact substring; the same after normalising whitespace runs, curly quotes and
-dashes; then rapidfuzz's partial alignment. Anything found by the last two is a repair: the answer becomes the
-context's own span, so the model never learns text it cannot copy.
+data.text.locate tries, cheapest first: exact substring; the same after normalising whitespace runs, curly
+quotes and dashes; then rapidfuzz's partial alignment. Anything found by the last two is a repair: the answer
+becomes the context's own span, so the model never learns text it cannot copy.
 """
 import dataclasses
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from rapidfuzz import fuzz
-
 from data.example import NONE, DataError, Example
-
-MIN_SCORE = 95.0
-_CHAR_MAP = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-",
-                           "\u2014": "-", "\u00a0": " ", "\u2212": "-"})
-_WS = re.compile(r"\s+")
-
-
-@dataclass(frozen=True)
-class Match:
-    start: int
-    end: int
-    how: str       # "exact" | "normalized" | "fuzzy"
-    score: float   # 100 unless fuzzy
-
-
-def _normalize(text: str) -> tuple[str, list[int]]:
-    """text with quotes/dashes unified and whitespace runs collapsed to one space, plus for every character of
-    the result the index of the original character it came from."""
-    text = text.translate(_CHAR_MAP)
-    out, index, last = [], [], 0
-    for m in _WS.finditer(text):
-        out.append(text[last:m.start()])
-        index.extend(range(last, m.start()))
-        out.append(" ")
-        index.append(m.start())
-        last = m.end()
-    out.append(text[last:])
-    index.extend(range(last, len(text)))
-    return "".join(out), index
-
-
-def locate(needle: str, hay: str, min_score: float = MIN_SCORE, *, norm_hay=None) -> Match | None:
-    """Where needle occurs in hay (first occurrence), or None. norm_hay = _normalize(hay) may be passed in when
-    many needles are looked up in one haystack."""
-    needle = needle.strip()
-    if not needle:
-        return None
-    i = hay.find(needle)
-    if i >= 0:
-        return Match(i, i + len(needle), "exact", 100.0)
-    nh, index = norm_hay if norm_hay is not None else _normalize(hay)
-    nn = _normalize(needle)[0].strip()
-    j = nh.find(nn)
-    if j >= 0:
-        return Match(index[j], index[j + len(nn) - 1] + 1, "normalized", 100.0)
-    if len(nn) > len(nh):  # rapidfuzz would swap the strings; an answer longer than its context is not in it
-        return None
-    a = fuzz.partial_ratio_alignment(nn, nh, score_cutoff=min_score)
-    if a is None or a.dest_end - a.dest_start < 0.9 * len(nn):
-        return None
-    start, end = index[a.dest_start], index[a.dest_end - 1] + 1
-    while start < end and hay[start].isspace():
-        start += 1
-    while end > start and hay[end - 1].isspace():
-        end -= 1
-    return Match(start, end, "fuzzy", a.score)
+from data.text import MIN_SCORE, locate
 
 
 @dataclass

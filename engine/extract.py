@@ -13,33 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rapidfuzz import fuzz
 
 from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from data.cuad import CATEGORIES, DEFAULT_EXCLUDE
 from data.example import TEMPLATES, Example, render_prompt
-from data.text import make_windows
+from data.text import Match, locate, make_windows
 from engine.evaluate import Progress, load_for_eval
-from engine.metrics import is_none, normalize_ws
+from engine.metrics import is_none
 from model.generate import decode_span, decode_spans, generate
 
 ALL_CATEGORIES = tuple(c for c in CATEGORIES if c not in DEFAULT_EXCLUDE)
 
 
 
-@dataclass
-class Match:
-    start: int          # character offsets into the contract text: text[start:end] is the quote
-    end: int
-    score: float        # copy score: fuzz.ratio of the whitespace-normalised generation and the quote, 0-100.
-    #                     It says how exactly the model copied text, not whether that text is the right clause.
-    verbatim: bool      # the generation occurs in the contract character for character
+@dataclass(frozen=True)
+class Quote(Match):
+    """A clause found in the contract: where (start, end: text[start:end] is the quote), how closely the model
+    copied it (score: fuzz.ratio of the whitespace-normalised generation and the quote, 0-100; how/verbatim:
+    "exact" when the generation occurs in the contract character for character), and where it came from. The
+    score says how exactly the model copied text, not whether that text is the right clause."""
     generated: str      # what the model wrote
     window: int         # index of the window that produced it
     logprob: float | None = None  # the model's mean log-probability of its answer (its confidence)
@@ -74,92 +71,41 @@ def read_contract(path) -> str:
     return text
 
 
-# ---- snapping a generation onto the contract ---------------------------------------------------------------
-def _normalize_with_map(text: str) -> tuple[str, list[int]]:
-    """Whitespace-normalised text (runs -> one space, ends stripped) and, per output char, its index in text."""
-    out, idx = [], []
-    for m in re.finditer(r"\S+", text):
-        if out:
-            out.append(" ")
-            idx.append(m.start() - 1)
-        out.append(m.group())
-        idx.extend(range(m.start(), m.end()))
-    return "".join(out), idx
-
-
-def _word_bounds(norm: str) -> tuple[list[int], list[int]]:
-    starts = [m.start() for m in re.finditer(r"\S+", norm)]
-    ends = [m.end() for m in re.finditer(r"\S+", norm)]
-    return starts, ends
-
-
-def locate(generated: str, window: str) -> tuple[int, int, float, bool] | None:
-    """(start, end, score, verbatim) of the span of window that best matches the generation, offsets into window."""
-    if not generated.strip():
-        return None
-    i = window.find(generated.strip())
-    if i >= 0:
-        return i, i + len(generated.strip()), 100.0, True
-    pred = normalize_ws(generated)
-    norm, idx = _normalize_with_map(window)
-    if not norm:
-        return None
-    j = norm.find(pred)
-    if j >= 0:  # verbatim up to whitespace
-        return idx[j], idx[j + len(pred) - 1] + 1, 100.0, False
-    al = fuzz.partial_ratio_alignment(pred, norm)
-    s, e = al.dest_start, al.dest_end
-    # the alignment span has the generation's length and may cut words: try nearby word boundaries
-    starts, ends = _word_bounds(norm)
-    si = max((k for k, w in enumerate(starts) if w <= s), default=0)
-    ei = min((k for k, w in enumerate(ends) if w >= e), default=len(ends) - 1)
-    best = None
-    for a in starts[max(0, si - 3): si + 4]:
-        for b in ends[max(0, ei - 3): ei + 4]:
-            if b > a:
-                r = fuzz.ratio(pred, norm[a:b])
-                if best is None or r > best[0]:
-                    best = (r, a, b)
-    if best is None:
-        return None
-    r, a, b = best
-    return idx[a], idx[b - 1] + 1, float(r), False
-
-
 def find_clause(text: str, clause: str, answer_fn, count_tokens, max_context_tokens: int, *,
-                overlap: float = 0.25, min_score: float = 60.0, log: list | None = None) -> tuple[list[Match], int]:
+                overlap: float = 0.25, min_score: float = 60.0, log: list | None = None) -> tuple[list[Quote], int]:
     """All distinct matches (best first) and the number of windows.
 
     answer_fn(user messages, window texts) -> one answer per window: a string (free text, located in the window
-    by `locate`) or a model.generate.Answer whose start/end already give its slice of the window (constrained
-    decoding: copy score 100 by construction). log, when given, receives one dict per window: its offsets and
-    what the model answered there."""
+    by data.text.locate: exact, up to whitespace, else the closest run of whole words) or a model.generate.Answer
+    whose start/end already give its slice of the window (constrained decoding: copy score 100 by construction).
+    log, when given, receives one dict per window: its offsets and what the model answered there."""
     windows = make_windows(text, count_tokens, max_context_tokens, overlap)
     prompts = [render_prompt(Example(id=f"extract:{clause}", source="extract", category=clause, query=clause,
                                      context=text[a:b], answer="", split="test")) for a, b in windows]
     answers = answer_fn(prompts, [text[a:b] for a, b in windows])
     if log is not None:
         log.extend({"start": a, "end": b, "answer": getattr(ans, "text", ans)} for (a, b), ans in zip(windows, answers))
-    found: list[Match] = []
+    found: list[Quote] = []
     for w, ((a, b), ans) in enumerate(zip(windows, answers)):
         generated = getattr(ans, "text", ans)
         if is_none(generated):
             continue
         if getattr(ans, "start", None) is not None:
-            found.append(Match(a + ans.start, a + ans.end, 100.0, True, generated, w, ans.logprob))
+            found.append(Quote(a + ans.start, a + ans.end, "exact", 100.0, generated, w, ans.logprob))
             continue
-        loc = locate(generated, text[a:b])
-        if loc is not None and loc[2] >= min_score:
-            found.append(Match(a + loc[0], a + loc[1], loc[2], loc[3], generated, w, getattr(ans, "logprob", None)))
+        # no cutoff inside locate: min_score is judged here, on every kind of match alike
+        m = locate(generated, text[a:b], 0.0, fold=False, words=True)
+        if m is not None and m.score >= min_score:
+            found.append(Quote(a + m.start, a + m.end, m.how, m.score, generated, w, getattr(ans, "logprob", None)))
     return distinct(found), len(windows)
 
 
-def distinct(found: list[Match]) -> list[Match]:
+def distinct(found: list[Quote]) -> list[Quote]:
     """Best first (closest copy, then the model's most confident, then earliest); overlapping windows find one
     clause twice: keep the best of each span."""
     found = sorted(found, key=lambda m: (-m.score, not m.verbatim,
                                          -(m.logprob if m.logprob is not None else -1e9), m.start))
-    out: list[Match] = []
+    out: list[Quote] = []
     for m in found:
         if all(m.end <= d.start or m.start >= d.end for d in out):
             out.append(m)
@@ -170,12 +116,12 @@ ALL_TEMPLATE = TEMPLATES[1]  # the contract first: every clause type's prompt th
 
 
 def find_all(text: str, categories, model, tok, max_context_tokens: int, *, max_new_tokens: int, rank: bool,
-             overlap: float = 0.25, progress=None) -> tuple[dict[str, list[Match]], int]:
+             overlap: float = 0.25, progress=None) -> tuple[dict[str, list[Quote]], int]:
     """Every category over one contract in one pass over its windows: per window, one prefill of the contract
     shared by all categories' prompts (model.generate.decode_spans), constrained answers. Returns
     ({category: distinct matches, best first}, number of windows)."""
     windows = make_windows(text, lambda t: len(tok.encode(t)), max_context_tokens, overlap)
-    found: dict[str, list[Match]] = {c: [] for c in categories}
+    found: dict[str, list[Quote]] = {c: [] for c in categories}
     for w, (a, b) in enumerate(windows):
         prompts = [ALL_TEMPLATE.format(query=c, context=text[a:b]) for c in categories]
         done = w * len(categories)
@@ -183,8 +129,48 @@ def find_all(text: str, categories, model, tok, max_context_tokens: int, *, max_
                                progress=(lambda i: progress(done + i)) if progress else None)
         for c, ans in zip(categories, answers):
             if ans.start is not None and not is_none(ans.text):
-                found[c].append(Match(a + ans.start, a + ans.end, 100.0, True, ans.text, w, ans.logprob))
+                found[c].append(Quote(a + ans.start, a + ans.end, "exact", 100.0, ans.text, w, ans.logprob))
     return {c: distinct(m) for c, m in found.items()}, len(windows)
+
+
+def window_budget(tok, clause: str, seq_len: int, max_new_tokens: int) -> int:
+    """Contract tokens per window: seq_len less the answer budget and the longest prompt around the context
+    (clause "all": the longest category's shared-contract prompt). ValueError when fewer than 64 remain."""
+    every = clause.strip().lower() == "all"
+    longest = max(ALL_CATEGORIES, key=len) if every else clause
+    empty = render_prompt(Example(id=f"extract:{longest}", source="extract", category=longest,
+                                  query=longest, context="", answer="", split="test"))
+    if every:
+        empty = ALL_TEMPLATE.format(query=longest, context="")
+    overhead = len(tok.encode(tok.chat_prompt(empty))) + 8  # + a margin for merges across the context's edges
+    budget = seq_len - max_new_tokens - overhead
+    if budget < 64:
+        raise ValueError(f"--seq-len {seq_len} leaves {budget} context tokens per window after the prompt "
+                         f"and --max-new-tokens {max_new_tokens}; raise --seq-len")
+    return budget
+
+
+def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: int = 384, batch_size: int = 4,
+                    quiet: bool = True):
+    """find_clause's answer_fn for a loaded model: constrained/rank answers are slices of each window, decoded
+    one window at a time; free answers are greedy text, batch_size windows at a time."""
+    def answer_fn(prompts, contexts):
+        bar = Progress(len(prompts), label="reading", enabled=not quiet, unit="windows")
+        bar.update(0)
+        out = []
+        with torch.inference_mode():
+            if decode == "free":
+                for s in range(0, len(prompts), batch_size):
+                    out += generate(model, tok, prompts[s:s + batch_size], max_new_tokens=max_new_tokens,
+                                    temperature=0.0, batch_size=batch_size)
+                    bar.update(len(out))
+                return out
+            for prompt, ctx in zip(prompts, contexts):
+                out.append(decode_span(model, tok, prompt, ctx, max_new_tokens=max_new_tokens,
+                                       rank=decode == "rank"))
+                bar.update(len(out))
+        return out
+    return answer_fn
 
 
 # ---- the command -------------------------------------------------------------------------------------------
@@ -234,37 +220,12 @@ def run(args) -> dict:
                                   quantize=None if args.quantize == "none" else args.quantize)
     if args.adapter and not args.json:
         print(f"adapter {args.adapter}: {adapter_provenance(args.adapter)}", file=sys.stderr)
-    longest = max(ALL_CATEGORIES, key=len) if every else args.clause
-    empty = render_prompt(Example(id=f"extract:{longest}", source="extract", category=longest,
-                                  query=longest, context="", answer="", split="test"))
-    if every:
-        empty = ALL_TEMPLATE.format(query=longest, context="")
-    overhead = len(tok.encode(tok.chat_prompt(empty))) + 8  # + a margin for merges across the context's edges
-    budget = args.seq_len - args.max_new_tokens - overhead
-    if budget < 64:
-        raise ValueError(f"--seq-len {args.seq_len} leaves {budget} context tokens per window after the prompt "
-                         f"and --max-new-tokens {args.max_new_tokens}; raise --seq-len")
+    budget = window_budget(tok, args.clause, args.seq_len, args.max_new_tokens)
     if every:
         return _run_all(args, text, model, tok, budget)
     per_window: list[dict] = []
-
-    def answer_fn(prompts, contexts):
-        bar = Progress(len(prompts), label="reading", enabled=not args.quiet, unit="windows")
-        bar.update(0)
-        out = []
-        with torch.inference_mode():
-            if args.decode == "free":
-                for s in range(0, len(prompts), args.batch_size):
-                    out += generate(model, tok, prompts[s:s + args.batch_size], max_new_tokens=args.max_new_tokens,
-                                    temperature=0.0, batch_size=args.batch_size)
-                    bar.update(len(out))
-                return out
-            for prompt, ctx in zip(prompts, contexts):
-                out.append(decode_span(model, tok, prompt, ctx, max_new_tokens=args.max_new_tokens,
-                                       rank=args.decode == "rank"))
-                bar.update(len(out))
-        return out
-
+    answer_fn = window_answerer(model, tok, decode=args.decode, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, quiet=args.quiet)
     matches, n_windows = find_clause(text, args.clause, answer_fn, lambda s: len(tok.encode(s)), budget,
                                      overlap=args.overlap, min_score=args.min_score, log=per_window)
     best = matches[0] if matches else None

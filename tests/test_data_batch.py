@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from data import NONE, Example, load_examples, render_prompt
-from data.batch import (IGNORE, DistributedSampler, EncodedExample, answer_weights, collate, cut_context,
-                        encode_example, encode_examples, make_units, pack)
+from data.batch import (IGNORE, DistributedSampler, EncodedExample, answer_weights, collate, encode_example,
+                        encode_examples, make_units, pack)
 
 
 @pytest.fixture(params=["llama3", "chatml"])
@@ -71,38 +71,6 @@ def test_truncation_of_none_and_a_too_long_answer_is_reported(llama3_tok):
     encoded, stats = encode_examples(llama3_tok, [none, long, ok], 200)
     assert [e.id for e in encoded] == ["n", "ok"] and stats.truncated == 2
     assert stats.skipped == ["l: answer too long for seq_len 200"]
-
-
-def _paragraphs(n=6, words=30):
-    return [f"Clause {i}: " + " ".join(f"w{i}_{j}" for j in range(words)) for i in range(n)]
-
-
-def test_cut_context_drops_whole_paragraphs_and_leaves_the_answer_anywhere():
-    paras = _paragraphs()
-    ctx = "\n\n".join(paras)
-    where = []
-    for key in range(60):
-        cut = cut_context(ctx, paras[3], 600, key=str(key))
-        kept = cut.split("\n\n")
-        assert len(cut) <= 600 and paras[3] in kept
-        assert all(p in paras for p in kept) and kept == sorted(kept, key=paras.index)  # whole, in order
-        where.append(kept.index(paras[3]))
-    # not centred, not fixed: the clause is first, in the middle and last among what is kept
-    assert {0, 1, 2} <= set(where)
-    assert cut_context(ctx, paras[3], 600, key="a") == cut_context(ctx, paras[3], 600, key="a")  # deterministic
-
-
-def test_cut_context_window_puts_a_long_answer_at_a_random_offset():
-    ctx = " ".join(f"w{i}" for i in range(300))
-    offsets = set()
-    for key in range(40):
-        cut = cut_context(ctx, "w150 w151", 60, key=str(key))
-        assert "w150 w151" in cut and len(cut) <= 60 and cut == cut.strip()
-        assert all(w in ctx.split() for w in cut.split())  # cut at word boundaries
-        offsets.add(cut.index("w150") // 10)
-    assert len(offsets) >= 4  # the answer's place in the window varies (centring it told the model where to look)
-    starts = {cut_context(ctx, NONE, 60, key=str(k)).split()[0] for k in range(20)}
-    assert len(starts) > 5  # NONE windows come from anywhere, not only the beginning
 
 
 def test_answer_weights_give_every_example_weight_one_heaviest_at_start_and_stop():

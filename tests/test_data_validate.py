@@ -1,4 +1,5 @@
-"""Alignment (locate / repair / reject), the trainer's refusal, and python -m data.check on good and bad input."""
+"""Alignment (repair / reject; locate itself: tests/test_text.py), the trainer's refusal, and python -m data.check
+on good and bad input."""
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data import NONE, DataError, Example
-from data.validate import RejectedError, check_rejected, load_validated, locate, validate
+from data.validate import RejectedError, check_rejected, load_validated, validate
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRACT = ("1. Term. This Agreement begins on the Effective Date.\n2. Governing Law. This Agreement shall be "
@@ -17,18 +18,6 @@ CONTRACT = ("1. Term. This Agreement begins on the Effective Date.\n2. Governing
 
 def ex(answer, context=CONTRACT, i="e"):
     return Example(i, "jsonl", "Governing Law", "Governing Law", context, answer, "train")
-
-
-def test_locate_exact_normalized_and_fuzzy():
-    clause = "This Agreement shall be governed by the laws of the State of New York"
-    m = locate(clause, CONTRACT)
-    assert m.how == "exact" and CONTRACT[m.start:m.end] == clause
-    m = locate("This  Agreement shall be\n governed by the laws of the State of New York", CONTRACT)
-    assert m.how == "normalized" and CONTRACT[m.start:m.end] == clause
-    m = locate("This Agreement shall be governed by the law of the State of New York", CONTRACT)  # one letter off
-    assert m.how == "fuzzy" and m.score >= 95
-    assert "governed by the laws of the State of New York" in CONTRACT[m.start:m.end]
-    assert locate("Each party shall indemnify the other against all claims.", CONTRACT) is None
 
 
 def test_validate_repairs_to_the_contexts_own_text_and_rejects_the_rest():

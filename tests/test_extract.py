@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from engine.extract import find_clause, locate, main, make_windows
+from data.text import make_windows
+from engine.extract import find_clause, main
 from tests.test_evaluate import make_tiny_model_dir
 
 CLAUSE = ("This Agreement shall be governed by and construed in accordance with the laws of the State of\r\n"
@@ -68,13 +69,6 @@ def test_non_verbatim_answer_snaps_to_best_span_with_its_score():
     m = matches[0]
     assert text[m.start:m.end] == CLAUSE  # the quote is the contract's text, not the model's
     assert 80 < m.score < 100 and not m.verbatim
-
-
-def test_locate_widens_to_word_boundaries():
-    window = "Preamble. The Supplier shall deliver the Goods within thirty days. Other terms follow."
-    s, e, score, verbatim = locate("Supplier shall deliver Goods within thirty days", window)
-    assert window[s:e] == "Supplier shall deliver the Goods within thirty days." and not verbatim
-    assert locate("   ", window) is None
 
 
 def test_nothing_found_when_every_window_says_none():
