@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import dist
-from model.lora import share_like_umask
+from model.files import atomic_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -84,7 +84,7 @@ def latest(out) -> Path | None:
 
 
 def remove_partial(out):
-    """Delete leftovers of interrupted saves (step-N.tmp, step-N.old, and the adapter's own .adapter.tmp-*
+    """Delete leftovers of interrupted saves (step-N.tmp, step-N.tmp.old, and the adapter's own .adapter.tmp-*
     directories beside OUT/adapter). Rank 0 only."""
     for p in Path(out).glob(".adapter.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
@@ -154,14 +154,6 @@ def _write_json(path: Path, obj):
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def trainable_state(model: torch.nn.Module) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -176,13 +168,10 @@ def save(out, step: int, *, model, optimizer, precision, sampler_state, counters
     # model/optimizer states are identical on every rank (DDP keeps them in lockstep); rank 0 writes them
     final = None
     if d.is_main:
-        root = ckpt_root(out)
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{step}"
-        tmp = root / f"step-{step}.tmp"
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+        final = ckpt_root(out) / f"step-{step}"
+        # a fixed temporary name (remove_partial finds it), fsync'd before and after the rename; saving the same
+        # step again (resumed then stopped at once) moves the old step-N aside, swaps, then drops it
+        with atomic_dir(final, tmp_name=f"step-{step}.tmp", fsync=True) as tmp:
             save_file(trainable_state(model), tmp / "trainable.safetensors")
             if save_adapter is not None:
                 save_adapter(model, tmp / "adapter", base_model=base_model)
@@ -196,19 +185,6 @@ def save(out, step: int, *, model, optimizer, precision, sampler_state, counters
                      "rng": [g["rng_j"] for g in gathered], "sampler": [g["sampler"] for g in gathered],
                      "counters": counters}
             _write_json(tmp / "state.json", state)  # written last: its presence marks the content complete
-            share_like_umask(tmp)
-            _fsync_dir(tmp)
-            if final.exists():  # saving the same step again (resumed then stopped at once): swap, then drop
-                old = root / f"step-{step}.old"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)  # atomic: readers see no directory or a complete one
-            _fsync_dir(root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         for _, p in complete_checkpoints(out)[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)
     dist.barrier()

@@ -16,9 +16,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.files import atomic_write_text
+from engine.loss import LOSS_CHUNK
 from model.load import EMBEDDED
+from model.lora import TARGETS
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_PROJECTIONS = list(TARGETS)  # model.lora.TARGETS: the one list of projections
 
 
 class ConfigError(ValueError):
@@ -80,7 +83,7 @@ class TrainConfig:
                              "every example weighs 1, most at its first tokens (which clause, or NONE) and its "
                              "last (where to stop), least in the copy between (data.batch.answer_weights)",
                              ["token", "example"])
-    loss_chunk: int = _f(1024, "supervised positions per lm_head/cross-entropy chunk (bounds the logits memory)")
+    loss_chunk: int = _f(LOSS_CHUNK, "supervised positions per lm_head/cross-entropy chunk (bounds the logits memory)")
     # evaluation / checkpoints / bookkeeping
     eval_every: int = _f(0, "evaluate the loss on eval_split every N steps and at the end (0 = never)")
     eval_batches: int = _f(16, "at most this many micro-batches per evaluation (0 = whole split)")
@@ -249,7 +252,4 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def save(cfg: TrainConfig, path: str | os.PathLike):
     """Write the resolved config as JSON (via a temporary file, so a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2) + "\n")

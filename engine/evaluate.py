@@ -25,11 +25,13 @@ from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from data.example import render_prompt
 from data.text import make_windows
 from engine.metrics import KINDS, is_none, score, summarize
+from engine.precision import auto_mode, dtype_of
 from model.generate import decode_span
 
 DECODES = ("constrained", "rank", "free")
 DEFAULT_SEQ_LEN = 8192  # tokens per window when the model reads more (Llama 3.2: 131,072; memory grows with it)
-from engine.report import _pyplot, atomic_write_text, compare_table, write_report
+from engine.report import _pyplot, compare_table, write_report
+from model.files import atomic_write_text
 from model.load import EMBEDDED
 
 METRIC_NOTES = {
@@ -200,7 +202,7 @@ def _device_and_dtype(device: str):
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError("--device cuda requested but no CUDA device is visible; use --device cpu")
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return device, dtype_of(auto_mode(torch.device(device)))  # the trainer's choice (engine/precision.py)
     return device, torch.float32
 
 
@@ -214,7 +216,7 @@ def load_for_eval(model_src: str | None, adapter: str | None, *, device: str = "
     model = load_model(model_src, dtype=dtype, device=device, quantize=quantize)
     tok = load_tokenizer(model_src)
     if adapter:
-        from model.lora import load_adapter
+        from model.adapter import load_adapter
 
         _base_of_adapter(adapter)  # a clear error for a wrong directory before load_adapter's own
         load_adapter(model, adapter)

@@ -19,14 +19,13 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 from engine.cli import CliParser, run_command
 from engine.metrics import AGGREGATE_KEYS
 from engine.report import LABELS, fmt
 from model.load import EMBEDDED
-from model.lora import share_like_umask
+from model.files import atomic_dir
 
 # The embedded default is a GGUF of this hub model; cards and exported adapter configs name the hub id.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -96,8 +95,9 @@ def merge_to(model_src: str, adapter: Path, out: Path, max_shard_bytes: int) -> 
     """Full-precision base + adapter folded in -> HF checkpoint files in out."""
     import torch
 
-    from model import load_model
-    from model.lora import load_adapter, merge_lora, save_hf_checkpoint
+    from model import load_adapter, load_model
+    from model.hf_checkpoint import save_hf_checkpoint
+    from model.lora import merge_lora
 
     model = load_model(model_src, dtype=torch.float32, device="cpu")  # never NF4: the export is full precision
     load_adapter(model, str(adapter))
@@ -199,33 +199,24 @@ def build(args) -> Path:
     from model import load_tokenizer
 
     tok = load_tokenizer(model_src)
-    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # left by an export killed with SIGKILL
+    # left by an export killed with SIGKILL: atomic_dir's temporaries and the old OUT it was swapping out
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     # SIGTERM's default action ends the process without unwinding: turn it into SystemExit so the temporary
-    # export (a full-size checkpoint with --merge: ~12 GB for a 3B model) is removed below
+    # export (a full-size checkpoint with --merge: ~12 GB for a 3B model) is removed on the way out
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        if args.merge:
-            merge_to(model_src, adapter, tmp, int(args.max_shard_gb * 1e9))
-            write_generation_config(tok, tmp)
-        else:
-            adapter_cfg = copy_adapter(adapter, tmp, base_id)
-        write_tokenizer(tok, tmp)
-        (tmp / "README.md").write_text(model_card(base_id=base_id, merged=args.merge, adapter_cfg=adapter_cfg,
-                                                  run_cfg=run_cfg, evaluation=evaluation, repo=args.push_to_hub))
-        share_like_umask(tmp)  # mkdtemp makes 0700, safetensors 0600: OUT gets what mkdir/open would give it
-        if out.exists():  # --overwrite: swap the finished export in, then drop the old one
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # --overwrite: the finished export is swapped in, then the old one dropped (model/files.atomic_dir)
+        with atomic_dir(out) as tmp:
+            if args.merge:
+                merge_to(model_src, adapter, tmp, int(args.max_shard_gb * 1e9))
+                write_generation_config(tok, tmp)
+            else:
+                adapter_cfg = copy_adapter(adapter, tmp, base_id)
+            write_tokenizer(tok, tmp)
+            (tmp / "README.md").write_text(model_card(base_id=base_id, merged=args.merge, adapter_cfg=adapter_cfg,
+                                                      run_cfg=run_cfg, evaluation=evaluation,
+                                                      repo=args.push_to_hub))
     finally:
         signal.signal(signal.SIGTERM, previous)
     return out

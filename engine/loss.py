@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 IGNORE = -100
+LOSS_CHUNK = 1024  # supervised rows per lm_head/cross-entropy chunk: 1024 x V fp32 logits alive at a time
 
 
 def supervised_tokens(labels: torch.Tensor) -> int:
@@ -97,7 +98,7 @@ def supervised_weight(labels: torch.Tensor, loss_weights: torch.Tensor | None) -
     return float(loss_weights[:, 1:][labels[:, 1:] != IGNORE].double().sum())
 
 
-def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk: int = 1024,
+def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk: int = LOSS_CHUNK,
                    loss_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over supervised positions, as an fp32 scalar.
 
@@ -121,7 +122,7 @@ def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Modul
 class CausalLMLoss(nn.Module):
     """model -> summed loss, as one module so DDP's forward (and its gradient hooks) wraps the whole step."""
 
-    def __init__(self, model: nn.Module, chunk: int = 1024):
+    def __init__(self, model: nn.Module, chunk: int = LOSS_CHUNK):
         super().__init__()
         self.model = model
         self.chunk = chunk

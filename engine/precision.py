@@ -17,7 +17,24 @@ class NonFiniteLoss(RuntimeError):
     """The loss stayed inf/NaN for too many consecutive steps; training stops instead of writing garbage."""
 
 
+MODES = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def auto_mode(device: torch.device | str) -> str:
+    """What "auto" means on `device`: fp32 on the CPU, bf16 on sm >= 80, fp16 below. A CUDA device this
+    process cannot see (the memory ledger predicting for another machine) is taken to be sm >= 80."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "fp32"
+    if not torch.cuda.is_available():
+        return "bf16"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "bf16" if major >= 8 else "fp16"
+
+
 def resolve(mode: str, device: torch.device) -> str:
+    """A training run's precision: "auto" resolved for the device, an explicit mode checked against it."""
     if mode != "auto":
         if device.type == "cpu" and mode != "fp32":
             # CPU autocast exists but is slower than fp32 for these matmuls and fp16 on CPU has no scaler benefit
@@ -25,10 +42,12 @@ def resolve(mode: str, device: torch.device) -> str:
         if mode == "bf16" and not torch.cuda.is_bf16_supported():
             raise ValueError("precision bf16 needs sm >= 80 (this GPU has no bf16); use --precision fp16")
         return mode
-    if device.type != "cuda":
-        return "fp32"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "bf16" if major >= 8 else "fp16"
+    return auto_mode(device)
+
+
+def dtype_of(mode: str) -> torch.dtype:
+    """A resolved precision name -> its torch dtype (the autocast dtype; fp32 means no autocast)."""
+    return DTYPES[mode]
 
 
 class Precision:
@@ -37,7 +56,7 @@ class Precision:
     def __init__(self, mode: str, device: torch.device, patience: int = 8):
         self.mode = resolve(mode, device)
         self.device = device
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.mode]
+        self.dtype = dtype_of(self.mode)
         # dynamic loss scaling only for fp16; bf16 has fp32's exponent range and needs none
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.mode == "fp16")
         self.patience = patience

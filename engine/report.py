@@ -3,15 +3,19 @@
 Plots (optional extra `plot`): the similarity histogram with the 70 ("good") and 90 ("excellent") lines, average
 similarity per category, and the training loss curve from a run's metrics.jsonl. Without matplotlib the report is
 tables only and says so. Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+
+Also the parameter summary training prints at setup (lora_report): trainable / frozen / quantized counts and bytes.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from engine.metrics import AGGREGATE_KEYS, KINDS, is_none
+from model.files import atomic_file, atomic_write_text
+from model.llama import Llama
+from model.lora import lora_layers
+from model.quant import Linear4bit
 
 PLOTS_SKIPPED = "_Plots skipped: matplotlib is not installed (pip install -e '.[plot]')._"
 
@@ -28,25 +32,6 @@ LABELS = {
     "abstention_precision": "NONE precision %",
     "abstention_recall": "NONE recall %",
 }
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def fmt(value, key: str = "") -> str:
@@ -116,13 +101,11 @@ def _pyplot():
 
 
 def _save(fig, plt, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")  # the temporary's name ends in .tmp
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def plot_similarity_hist(plt, sims: list[float], path: Path, before: list[float] | None = None) -> None:
@@ -258,3 +241,39 @@ def write_report(result: dict, out_dir: Path, metrics_jsonl: Path | None = None,
 def _short(text: str, n: int = 200) -> str:
     text = " ".join((text or "").split())
     return ("`" + (text[:n] + " ..." if len(text) > n else text).replace("`", "'") + "`") if text else "_(empty)_"
+
+
+# ---- the parameter summary training prints ------------------------------------------------------------------
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+
+
+def lora_report(model: Llama) -> str:
+    """Trainable / frozen / quantized parameter counts and bytes. Counts come from requires_grad and module
+    types, not from model.training, so a model in eval() still reports its adapters."""
+    trainable = frozen = trainable_bytes = frozen_bytes = 0
+    for p in model.parameters():  # tied weights are yielded once
+        if p.requires_grad:
+            trainable, trainable_bytes = trainable + p.numel(), trainable_bytes + p.numel() * p.element_size()
+        else:
+            frozen, frozen_bytes = frozen + p.numel(), frozen_bytes + p.numel() * p.element_size()
+    q_layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    q_weights = sum(m.in_features * m.out_features for m in q_layers)
+    q_packed = sum(m.weight.numel() for m in q_layers)
+    q_held = sum(m.nbytes() for m in q_layers)
+    total = trainable + frozen + q_weights
+    cfg = model.lora_config
+    lines = []
+    if cfg:
+        lines.append(f"LoRA r={cfg['r']} alpha={cfg['lora_alpha']} rslora={cfg['use_rslora']} on "
+                     f"{len(lora_layers(model))} layers ({', '.join(cfg['target_modules'])})")
+    lines.append(f"trainable  {trainable:>13,} params  {_fmt_bytes(trainable_bytes):>12}  "
+                 f"({100 * trainable / max(total, 1):.3f}% of {total:,})")
+    lines.append(f"frozen     {frozen:>13,} params  {_fmt_bytes(frozen_bytes):>12}  (high precision: "
+                 "embeddings, norms, lm_head, unquantized linears)")
+    if q_layers:
+        fp16 = 2 * q_weights
+        lines.append(f"quantized  {q_weights:>13,} weights {_fmt_bytes(q_held):>12}  in {len(q_layers)} NF4 layers "
+                     f"(packed {_fmt_bytes(q_packed)} + state {_fmt_bytes(q_held - q_packed)}); "
+                     f"fp16 would be {_fmt_bytes(fp16)}, ratio {q_held / fp16:.3f}")
+    return "\n".join(lines)

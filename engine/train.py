@@ -7,13 +7,13 @@ engine/loss.py, checkpoints in engine/checkpoint.py.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,42 +27,16 @@ from engine import dist
 from engine.config import ConfigError, TrainConfig
 from engine.dist import print0
 from engine.evaluate import DEFAULT_SEQ_LEN, eval_subset, evaluate_for_training
-from engine.loss import CausalLMLoss, backward_scale, supervised_tokens, supervised_weight
+from engine.loss import CausalLMLoss, supervised_weight
+from engine.memory import log_ledger
 from engine.precision import NonFiniteLoss, Precision
+from engine.report import lora_report
 from engine.rundir import RunDir
-from model import load_model, load_tokenizer
-from model.lora import apply_lora, lora_report, save_adapter
+from engine.step import TrainStep, lr_at, make_optimizer, prepare_model
+from model import load_model, load_tokenizer, save_adapter
 
 
 # ---------------------------------------------------------------- small pieces the loop uses
-def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup to cfg.lr, then decay to lr*min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    span = max(1, total - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    lo = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "linear":
-        return cfg.lr - (cfg.lr - lo) * progress
-    return lo + (cfg.lr - lo) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(cfg: TrainConfig, params: list, device: torch.device) -> torch.optim.Optimizer:
-    if cfg.optimizer == "paged_adamw_8bit":
-        if device.type != "cuda":
-            raise ConfigError("config: optimizer paged_adamw_8bit needs CUDA; use --optimizer adamw on the CPU")
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                        weight_decay=cfg.weight_decay)
-    # foreach=False: the same per-parameter kernels whatever the parameter list, so a resumed run matches bit
-    # for bit; for a few MB of adapters the fused/foreach speedup is negligible.
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                             foreach=False)
-
-
 def peak_memory_bytes(device: torch.device) -> int:
     """CUDA: max_memory_allocated of this rank. CPU: this process's peak resident set size.
 
@@ -90,41 +64,9 @@ def _log_ledger(model, cfg: TrainConfig, prec: Precision):
     """The predicted memory breakdown for this run's shapes (engine/memory.py). Informational: a failure here
     is reported in one line and never stops training."""
     try:
-        from engine.memory import log_ledger
-
-        log_ledger(model, log=print0, seq_len=cfg.seq_len, batch_size=cfg.batch_size, dtype=prec.mode,
-                   checkpointing=cfg.checkpointing, offload=cfg.offload, optimizer=cfg.optimizer,
-                   loss_chunk=cfg.loss_chunk, packed=cfg.pack, device=next(model.parameters()).device.type)
+        log_ledger(model, cfg, prec.mode, next(model.parameters()).device.type, log=print0)
     except Exception as e:  # noqa: BLE001 (a ledger bug must not cost a training run)
         print0(f"warning: memory ledger unavailable ({type(e).__name__}: {e})")
-
-
-def forward_backward(loss_model, micro_batches: list[dict], prec: Precision, world_size: int) -> tuple[float, int]:
-    """Accumulate the gradient of one optimizer step; returns (mean loss over the step, supervised tokens).
-
-    The supervised-token count of the whole step (all micro-batches, all ranks) is known before any backward,
-    so each micro-batch's summed loss is scaled by world_size / n_global (see loss.backward_scale): gradients
-    do not depend on how the tokens are split into micro-batches or ranks. DDP all-reduces gradients only on the
-    last micro-batch (no_sync on the others), once per optimizer step.
-    """
-    n_local = sum(supervised_tokens(b["labels"]) for b in micro_batches)
-    w_local = sum(supervised_weight(b["labels"], b.get("loss_weights")) for b in micro_batches)
-    n_global, w_global = dist.all_reduce_sum(torch.tensor([n_local, w_local], dtype=torch.float64)).tolist()
-    n_global = int(n_global)
-    scale = backward_scale(w_global, world_size)  # w_global = n_global unless the batches carry loss_weights
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    for i, b in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or world_size == 1 else loss_model.no_sync()
-        with sync:
-            with prec.autocast():
-                part = loss_model(b["input_ids"], b["labels"], position_ids=b.get("position_ids"),
-                                  segment_ids=b.get("segment_ids"), loss_weights=b.get("loss_weights"))
-            prec.backward(part * scale)
-        loss_sum += part.detach().double().cpu()  # note: a host sync per micro-batch; negligible next to a step
-        del part  # the graph is already freed by backward; drop the last reference before the next forward
-    total = float(dist.all_reduce_sum(loss_sum.reshape(1))[0])
-    return total / max(w_global, 1e-12), n_global
 
 
 @torch.no_grad()
@@ -191,13 +133,49 @@ def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
         raise
 
 
-def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: RunDir, resume: bool) -> dict:
-    guard.check_start(cfg, resume)  # before anything is loaded or written: a refused start leaves OUT as it was
-    resume_from = ckpt.latest(out) if resume else None
-    prec = Precision(cfg.precision, d.device, cfg.nonfinite_patience)
+@dataclass
+class _Run:
+    """What the loop works with, built once by _setup_data and _setup_model (plain fields, no closures)."""
+    cfg: TrainConfig
+    d: dist.Dist
+    out: Path
+    prec: Precision
+    tok: object
+    batcher: Batches
+    eval_batches: list
+    gen_subset: list  # examples for the generation metrics (rank 0 only)
+    total: int  # optimizer steps of the whole run
+    model: torch.nn.Module | None = None
+    loss_model: torch.nn.Module | None = None
+    opt: torch.optim.Optimizer | None = None
+    step: TrainStep | None = None
+    counters: dict = field(default_factory=lambda: {"train_seconds": 0.0})
 
-    # ---- data first: a bad dataset must fail before minutes of model loading, and before OUT is touched
-    t_setup = time.perf_counter()
+    def evaluate(self) -> tuple[float, dict]:
+        """(eval loss, eval_* generation numbers): the loss on every rank, generation on rank 0 (the other
+        ranks wait at the next collective), clause and NONE examples apart."""
+        loss = evaluate_loss(self.loss_model, [_to(b, self.d.device) for b in self.eval_batches], self.prec)
+        if not self.gen_subset:
+            return loss, {}
+        self.model.eval()  # no dropout, no checkpointing; KV-cache greedy decoding
+        with self.prec.autocast():
+            gen = evaluate_for_training(self.model, self.tok, self.gen_subset,
+                                        seq_len=min(self.model.config.max_position_embeddings, DEFAULT_SEQ_LEN))
+        self.model.train()
+        return loss, gen
+
+    def save_checkpoint(self, step: int) -> Path:
+        t = time.perf_counter()
+        path = ckpt.save(self.out, step, model=self.model, optimizer=self.opt, precision=self.prec,
+                         sampler_state=self.batcher.state_dict(), counters=self.counters,
+                         keep_last=self.cfg.keep_last, base_model=self.cfg.model, save_adapter=save_adapter)
+        print0(f"checkpoint {path} ({time.perf_counter() - t:.1f}s)")
+        return path
+
+
+def _setup_data(cfg: TrainConfig, d: dist.Dist, out: Path, prec: Precision) -> _Run:
+    """Tokenizer, validated examples, batches: first, so a bad dataset fails before minutes of model loading
+    and before OUT is touched."""
     tok = load_tokenizer(cfg.model)
     train_ex, rep = load_validated(cfg.data, cfg.train_split, max_rejected=cfg.max_rejected)
     if cfg.max_examples:
@@ -223,29 +201,33 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
     print0(f"data: {len(train_ex)} train examples from {cfg.data} ({rep.rejected} rejected, {rep.repaired} repaired, "
            f"{batcher.stats.truncated} truncated, {len(batcher.stats.skipped)} too long for --seq-len) -> "
            f"{batcher.num_rows} rows of <= {cfg.seq_len} tokens; {total} steps x {rows_per_step} rows")
+    return _Run(cfg, d, out, prec, tok, batcher, eval_batches, gen_subset, total)
 
-    # ---- model: shared seed so the LoRA init is identical on every rank, then a per-rank stream (dropout)
+
+def _setup_model(r: _Run) -> None:
+    """The model, its adapters, the optimizer and the step. A shared seed makes the LoRA init identical on every
+    rank; the per-rank stream (dropout) comes after resuming."""
+    cfg, d = r.cfg, r.d
     dist.seed_all(cfg.seed)
-    model = load_model(cfg.model, dtype=prec.param_dtype, device=d.device,
-                       quantize=None if cfg.quantize == "none" else cfg.quantize, double_quant=cfg.double_quant)
-    apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=tuple(cfg.lora_targets),
-               use_rslora=cfg.use_rslora)
-    model.to(d.device)
-    model.set_gradient_checkpointing(cfg.checkpointing, offload=cfg.offload)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    r.model = load_model(cfg.model, dtype=r.prec.param_dtype, device=d.device,
+                         quantize=None if cfg.quantize == "none" else cfg.quantize, double_quant=cfg.double_quant)
+    prepare_model(r.model, cfg, d.device)
+    params = [p for p in r.model.parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.float32 for p in params), "adapters must be fp32 master weights"
-    loss_model = dist.wrap_ddp(CausalLMLoss(model, cfg.loss_chunk))
-    opt = make_optimizer(cfg, params, d.device)
-    print0(lora_report(model))
+    r.loss_model = dist.wrap_ddp(CausalLMLoss(r.model, cfg.loss_chunk))
+    r.opt = make_optimizer(cfg, params, d.device)
+    r.step = TrainStep(r.loss_model, params, r.opt, r.prec, grad_clip=cfg.grad_clip, world_size=d.world_size)
+    print0(lora_report(r.model))
     if d.is_main:
-        _log_ledger(model, cfg, prec)
-    print0(f"setup {time.perf_counter() - t_setup:.1f}s | {d.world_size} process(es) on {d.device} | "
-           f"precision {prec.mode} | checkpointing {'on' if cfg.checkpointing else 'off'}")
+        _log_ledger(r.model, cfg, r.prec)
 
-    # ---- OUT: only now that data and model are known to be good
-    start_step, counters = 0, {"train_seconds": 0.0}
-    metrics_path = out / "metrics.jsonl"
+
+def _start_out(r: _Run, guard: RunDir, resume: bool, resume_from: Path | None):
+    """OUT, only now that data and model are known to be good; the resume policy: continue from the newest
+    complete checkpoint (dropping metrics lines of the steps it redoes) or start a fresh metrics file.
+    -> (start step, the open metrics file on rank 0 or None)."""
+    cfg, d, out = r.cfg, r.d, r.out
+    start_step, metrics_path = 0, out / "metrics.jsonl"
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite:
@@ -254,9 +236,9 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
         config_mod.save(cfg, out / "config.json")
     dist.barrier()
     if resume_from is not None:
-        state = ckpt.load(resume_from, model=model, optimizer=opt, precision=prec)
-        start_step, counters = state["step"], state["counters"]
-        batcher.load_state_dict(state["sampler"])
+        state = ckpt.load(resume_from, model=r.model, optimizer=r.opt, precision=r.prec)
+        start_step, r.counters = state["step"], state["counters"]
+        r.batcher.load_state_dict(state["sampler"])
         print0(f"resumed from {resume_from} at step {start_step}")
         if d.is_main and metrics_path.exists():  # drop lines of steps after the checkpoint: they are redone
             keep = [ln for ln in metrics_path.read_text().splitlines() if _step_of(ln) <= start_step]
@@ -267,52 +249,51 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
         metrics_path.write_text("")
     if resume_from is None:  # a resumed run got its RNG states back from the checkpoint instead
         dist.seed_rank(cfg.seed, d.rank)
-    metrics = open(metrics_path, "a") if d.is_main else None
+    return start_step, (open(metrics_path, "a") if d.is_main else None)
 
-    def generation_eval() -> dict:
-        """eval_* numbers on gen_subset, clause and NONE examples apart (rank 0; other ranks wait at the next
-        collective)."""
-        if not gen_subset:
-            return {}
-        model.eval()  # no dropout, no checkpointing; KV-cache greedy decoding
-        with prec.autocast():
-            res = evaluate_for_training(model, tok, gen_subset,
-                                        seq_len=min(model.config.max_position_embeddings, DEFAULT_SEQ_LEN))
-        model.train()
-        return res
 
-    def save_checkpoint(step):
-        t = time.perf_counter()
-        path = ckpt.save(out, step, model=model, optimizer=opt, precision=prec,
-                         sampler_state=batcher.state_dict(), counters=counters, keep_last=cfg.keep_last,
-                         base_model=cfg.model, save_adapter=save_adapter)
-        print0(f"checkpoint {path} ({time.perf_counter() - t:.1f}s)")
-        return path
+def _log_line(row: dict, total: int, eta: float, prec: Precision) -> str:
+    return (f"step {row['step']}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+            f"{row['tokens_per_s']:.0f} tok/s | peak {row['peak_mem_bytes'] / 2**30:.2f} GiB | eta {_fmt_time(eta)}"
+            + (f" | eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
+            + (f" | similarity {row['eval_avg_similarity']:.1f}" if "eval_avg_similarity" in row else "")
+            + (f" | overflow (skipped, {prec.overflows} so far)" if row["overflow"] else ""))
+
+
+def _write(metrics, row: dict):
+    if metrics:
+        metrics.write(json_line(row))
+        metrics.flush()
+
+
+def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: RunDir, resume: bool) -> dict:
+    guard.check_start(cfg, resume)  # before anything is loaded or written: a refused start leaves OUT as it was
+    resume_from = ckpt.latest(out) if resume else None
+    prec = Precision(cfg.precision, d.device, cfg.nonfinite_patience)
+    t_setup = time.perf_counter()
+    r = _setup_data(cfg, d, out, prec)
+    _setup_model(r)
+    print0(f"setup {time.perf_counter() - t_setup:.1f}s | {d.world_size} process(es) on {d.device} | "
+           f"precision {prec.mode} | checkpointing {'on' if cfg.checkpointing else 'off'}")
+    start_step, metrics = _start_out(r, guard, resume, resume_from)
 
     # ---- the loop
     eval_loss = None
     if cfg.eval_every and start_step == 0:
-        eval_loss = evaluate_loss(loss_model, [_to(b, d.device) for b in eval_batches], prec)
-        gen = generation_eval()
+        eval_loss, gen = r.evaluate()
         print0(f"eval loss before training: {eval_loss:.4f}"
                + (f" | similarity {gen['eval_avg_similarity']:.1f}" if gen else ""))
-        if metrics:
-            metrics.write(json_line({"step": 0, "eval_loss": eval_loss, **gen}))
-            metrics.flush()
+        _write(metrics, {"step": 0, "eval_loss": eval_loss, **gen})
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
     step, loss, stopped = start_step, float("nan"), False
-    while step < total:
+    while step < r.total:
         t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg, total)
-        micro = [_to(batcher.next_batch(), d.device) for _ in range(cfg.grad_accum)]
+        micro = [_to(r.batcher.next_batch(), d.device) for _ in range(cfg.grad_accum)]
         tokens = torch.tensor([float(sum(int(b["num_tokens"]) for b in micro))], dtype=torch.float64)
-        loss, n_sup = forward_backward(loss_model, micro, prec, d.world_size)
+        res = r.step(micro, step, lr_at(step, cfg, r.total))
         del micro
-        prec.check_loss(loss, step + 1)
-        grad_norm, overflow = prec.clip_and_step(opt, params, cfg.grad_clip)
-        opt.zero_grad(set_to_none=True)
+        loss = res.loss
         step += 1
         # one small all-reduce: global token count + "did any rank get SIGTERM/SIGINT" (all must stop together)
         sync = dist.all_reduce_sum(torch.cat([tokens, torch.tensor([float(stop.requested)], dtype=torch.float64)]))
@@ -320,39 +301,31 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
         if d.device.type == "cuda":
             torch.cuda.synchronize(d.device)  # honest step time for tokens/s
         dt = time.perf_counter() - t0
-        counters["train_seconds"] += dt
-        row = {"step": step, "loss": loss, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
-               "tokens": tokens, "supervised_tokens": n_sup, "tokens_per_s": tokens / dt,
-               "peak_mem_bytes": peak_memory_bytes(d.device), "overflow": overflow}
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-            eval_loss = evaluate_loss(loss_model, [_to(b, d.device) for b in eval_batches], prec)
-            row["eval_loss"] = eval_loss
-            row.update(generation_eval())
-        if metrics:
-            metrics.write(json_line(row))
-            metrics.flush()
-        eta = counters["train_seconds"] / (step - start_step) * (total - step)
-        print0(f"step {step}/{total} | loss {loss:.4f} | lr {row['lr']:.2e} | {row['tokens_per_s']:.0f} tok/s | "
-               f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB | eta {_fmt_time(eta)}"
-               + (f" | eval {eval_loss:.4f}" if "eval_loss" in row else "")
-               + (f" | similarity {row['eval_avg_similarity']:.1f}" if "eval_avg_similarity" in row else "")
-               + (f" | overflow (skipped, {prec.overflows} so far)" if overflow else ""))
-        if stop_now and step < total:  # (a signal during the last step just lets the run finish)
-            path = save_checkpoint(step)
+        r.counters["train_seconds"] += dt
+        row = {"step": step, "loss": loss, "lr": r.opt.param_groups[0]["lr"], "grad_norm": res.grad_norm,
+               "tokens": tokens, "supervised_tokens": res.supervised_tokens, "tokens_per_s": tokens / dt,
+               "peak_mem_bytes": peak_memory_bytes(d.device), "overflow": res.overflow}
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == r.total):
+            eval_loss, gen = r.evaluate()
+            row.update(eval_loss=eval_loss, **gen)
+        _write(metrics, row)
+        print0(_log_line(row, r.total, r.counters["train_seconds"] / (step - start_step) * (r.total - step), prec))
+        if stop_now and step < r.total:  # (a signal during the last step just lets the run finish)
+            path = r.save_checkpoint(step)
             print0(f"stopped by signal after step {step}; checkpoint {path}; continue with --resume")
             stopped = True
             break
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save_checkpoint(step)
+        if cfg.save_every and step % cfg.save_every == 0 and step < r.total:
+            r.save_checkpoint(step)
     if metrics:
         metrics.close()
 
     # ---- the adapter (PEFT layout), only after a complete run
     if not stopped and d.is_main:
-        save_adapter(model, out / "adapter", base_model=cfg.model)  # atomic: written aside, then renamed
-        print0(f"wrote {out / 'adapter'} | {step} steps in {_fmt_time(counters['train_seconds'])}")
+        save_adapter(r.model, out / "adapter", base_model=cfg.model)  # atomic: written aside, then renamed
+        print0(f"wrote {out / 'adapter'} | {step} steps in {_fmt_time(r.counters['train_seconds'])}")
     if not stopped and cfg.save_every:
-        save_checkpoint(step)  # the final state, so a later --resume with a larger --max-steps continues
+        r.save_checkpoint(step)  # the final state, so a later --resume with a larger --max-steps continues
     dist.barrier()
     return {"step": step, "loss": loss, "eval_loss": eval_loss, "stopped": stopped, "signal": stop.signum,
             "out": str(out)}

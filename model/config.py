@@ -6,6 +6,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROPE_TYPES = ("default", "llama3")
+EMBEDDED = "smollm2-135m"  # the default model: SmolLM2-135M-Instruct, shipped as a GGUF file (model/load.py)
+
+# Shapes known without a download, as HF config.json dicts (FACTS.md: Llama 3.2 3B Instruct config.json;
+# SmolLM2-135M GGUF metadata). load_config takes these names; so do the ledger and the benchmark.
+PRESETS = {
+    "llama-3.2-3b": dict(
+        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+        max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192)),
+    EMBEDDED: dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+}
 
 
 @dataclass

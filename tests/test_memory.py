@@ -1,12 +1,15 @@
-"""engine/memory.py: the ledger's resident bytes are exact, its saved-activation list matches what autograd keeps."""
+"""engine/ledger.py + engine/memory.py: the ledger's resident bytes are exact, its saved-activation list matches
+what autograd keeps."""
 import json
 
 import pytest
 import torch
 
-from engine import memory
-from engine.memory import (Setup, build_model, measure_cpu, module_bytes, predict, predicted_module_bytes,
-                           random_batch, resolve_config)
+from engine import ledger, memory
+from engine.config import TrainConfig
+from engine.ledger import Setup, predict, predicted_module_bytes
+from engine.memory import measure_cpu, module_bytes, random_batch, resident_rows, trainer_step, training_model
+from model.load import load_config
 
 from .conftest import tiny_config_dict
 
@@ -20,28 +23,8 @@ def tiny(tiny_config):
     return tiny_config
 
 
-def test_builtin_llama_3_2_3b_shapes_are_the_released_config():
-    cfg = resolve_config("llama-3.2-3b")
-    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (3072, 8192, 28)
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size) == (24, 8, 128, 128256)
-    assert cfg.tie_word_embeddings and cfg.rope_scaling["factor"] == 32.0
-
-
-def test_gguf_metadata_gives_the_builtin_smollm2_shapes(smollm_gguf):
-    got, want = resolve_config(str(smollm_gguf)), resolve_config("smollm2-135m")
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "tie_word_embeddings")
-    assert {k: getattr(got, k) for k in keys} == {k: getattr(want, k) for k in keys}
-
-
-def test_config_json_file_and_hf_dir_are_read_without_weights(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(tiny_config_dict()))
-    assert resolve_config(str(tmp_path / "config.json")).hidden_size == 64
-    assert resolve_config(str(tmp_path)).num_hidden_layers == 2
-
-
 def test_weight_bytes_of_the_3b_model_are_what_nf4_costs():
-    led = predict(resolve_config("llama-3.2-3b"), Setup(seq_len=2048, batch_size=2))
+    led = predict(load_config("llama-3.2-3b"), Setup(seq_len=2048, batch_size=2))
     rows = {r.name: r.bytes for r in led.rows}
     n_proj = 28 * (2 * 3072 * 3072 + 2 * 1024 * 3072 + 3 * 3072 * 8192)
     assert rows["quantized weights: packed NF4"] == n_proj // 2
@@ -53,15 +36,15 @@ def test_weight_bytes_of_the_3b_model_are_what_nf4_costs():
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_resident_bytes_of_an_nf4_lora_model_match_the_prediction_exactly(tiny, double_quant):
-    s = Setup(seq_len=32, batch_size=2, lora_r=8, dtype="fp32", device="cpu", double_quant=double_quant)
-    model = build_model(tiny, s)
+    s = Setup(seq_len=32, batch_size=2, lora_r=8, precision="fp32", device="cpu", double_quant=double_quant)
+    model = training_model(tiny, s)
     assert module_bytes(model) == predicted_module_bytes(predict(tiny, s))
 
 
 @pytest.mark.parametrize("quantize,double_quant", [("nf4", False), ("nf4", True), ("none", False)])
 def test_every_static_row_after_a_real_step_matches_the_prediction_exactly(tiny, quantize, double_quant):
     """Weights by kind, LoRA parameters, their gradients after backward and AdamW's state after a real step."""
-    s = Setup(seq_len=32, batch_size=2, lora_r=8, dtype="fp32", device="cpu", quantize=quantize,
+    s = Setup(seq_len=32, batch_size=2, lora_r=8, precision="fp32", device="cpu", quantize=quantize,
               double_quant=double_quant, supervised=20)
     got = measure_cpu(tiny, s)
     led = predict(tiny, s)
@@ -78,14 +61,14 @@ def test_resident_bytes_of_a_loaded_quantized_lora_model_match_exactly(tiny_hf_d
 
     model = load_model(str(tiny_hf_dir), quantize="nf4")
     apply_lora(model, r=4, targets=("q_proj", "v_proj", "down_proj"))
-    s = memory.setup_from_model(model, seq_len=16, batch_size=1, dtype="fp32", checkpointing=True, offload=False,
-                                device="cpu")
+    run = TrainConfig(seq_len=16, batch_size=1, checkpointing=True, offload=False)
+    s = Setup.from_config(run, precision="fp32", device="cpu", model=model)
     assert s.lora_r == 4 and set(s.lora_targets) == {"q_proj", "v_proj", "down_proj"}
     assert module_bytes(model) == predicted_module_bytes(predict(model.config, s))
 
 
 def test_resident_bytes_without_quantization_match_exactly(tiny):
-    s = Setup(seq_len=32, batch_size=2, lora_r=4, dtype="fp32", device="cpu", quantize="none")
+    s = Setup(seq_len=32, batch_size=2, lora_r=4, precision="fp32", device="cpu", quantize="none")
     pred = predicted_module_bytes(predict(tiny, s))
     from model.llama import Llama
     from model.lora import apply_lora
@@ -98,8 +81,8 @@ def test_resident_bytes_without_quantization_match_exactly(tiny):
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_saved_activation_prediction_matches_saved_tensor_hooks(tiny, checkpointing, packed, dtype):
-    s = Setup(seq_len=48, batch_size=2, lora_r=8, checkpointing=checkpointing, dtype=dtype, device="cpu",
-              loss_chunk=16, packed=packed, supervised=40)
+    s = Setup(seq_len=48, batch_size=2, lora_r=8, checkpointing=checkpointing, precision=dtype, device="cpu",
+              loss_chunk=16, pack=packed, supervised=40)
     got = measure_cpu(tiny, s)
     want = predict(tiny, s).total("saved")
     assert abs(want - got["total saved"]) <= SAVED_TOLERANCE * got["total saved"], (want, got["total saved"])
@@ -108,7 +91,7 @@ def test_saved_activation_prediction_matches_saved_tensor_hooks(tiny, checkpoint
 
 
 def test_checkpointing_keeps_one_block_input_per_layer_and_offload_moves_them_to_host():
-    cfg = resolve_config("llama-3.2-3b")
+    cfg = load_config("llama-3.2-3b")
     on = predict(cfg, Setup(seq_len=2048, batch_size=2))
     off = predict(cfg, Setup(seq_len=2048, batch_size=2, checkpointing=False))
     host = predict(cfg, Setup(seq_len=2048, batch_size=2, offload=True))
@@ -119,8 +102,8 @@ def test_checkpointing_keeps_one_block_input_per_layer_and_offload_moves_them_to
 
 
 def test_packed_gqa_rows_on_cuda_use_the_efficient_kernel_with_kv_copied_to_all_heads():
-    cfg = resolve_config("llama-3.2-3b")
-    rows = dict(memory.block_saved(cfg, Setup(seq_len=1024, batch_size=1, packed=True)))
+    cfg = load_config("llama-3.2-3b")
+    rows = dict(ledger.block_saved(cfg, Setup(seq_len=1024, batch_size=1, pack=True)))
     assert not any("math kernel" in k for k in rows)  # no (B, heads, T, T) probabilities
     assert rows["k after RoPE, copied to all heads"] == 1024 * 24 * 128 * 2
     assert rows["SDPA additive mask (packed rows)"] == 1024 * 1024 * 2
@@ -135,7 +118,7 @@ def test_cli_prints_the_3b_ledger_without_downloading(capsys):
 def test_cli_json(capsys):
     assert memory.main(["--model", "smollm2-135m", "--seq-len", "512", "--batch-size", "1", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["ledger"]["predicted_peak_bytes"] > 0 and d["setup"]["dtype"] == "bf16"
+    assert d["ledger"]["predicted_peak_bytes"] > 0 and d["setup"]["precision"] == "bf16"
 
 
 def test_cli_measure_on_cpu_shows_measured_bytes(tmp_path, capsys):
@@ -166,11 +149,11 @@ def test_cli_hub_id_offline_is_a_one_line_error(monkeypatch, capsys):
 
 
 def test_log_ledger_reports_the_built_model(tiny):
-    s = Setup(seq_len=32, batch_size=2, lora_r=8, dtype="fp32", device="cpu")
-    model = build_model(tiny, s)
+    s = Setup(seq_len=32, batch_size=2, lora_r=8, precision="fp32", device="cpu")
+    model = training_model(tiny, s)
     lines = []
-    led = memory.log_ledger(model, log=lines.append, seq_len=32, batch_size=2, dtype="fp32", checkpointing=True,
-                            offload=False, device="cpu")
+    run = TrainConfig(seq_len=32, batch_size=2, checkpointing=True, offload=False)
+    led = memory.log_ledger(model, run, "fp32", "cpu", log=lines.append)
     assert led.peak > 0 and "PREDICTED PEAK" in lines[0] and "LoRA parameters" in lines[0]
 
 
@@ -185,14 +168,43 @@ def test_random_batch_labels_only_the_answer_tail(tiny):
 def test_the_rows_measure_cuda_reports_come_out_exact_from_a_real_trainer_step_on_the_cpu(tiny):
     """measure_cuda reads resident_rows(model, step.optimizer) and step.grad_bytes after the trainer's own step;
     the same calls on the CPU give the ledger's static total to the byte."""
-    from engine.memory import resident_rows, trainer_step
-
-    s = Setup(seq_len=32, batch_size=2, lora_r=8, dtype="fp32", device="cpu", supervised=20)
-    model = build_model(tiny, s, "cpu")
+    s = Setup(seq_len=32, batch_size=2, lora_r=8, precision="fp32", device="cpu", supervised=20)
+    model = training_model(tiny, s, "cpu")
     ids, labels = random_batch(tiny, s, "cpu")
-    step = trainer_step(model, s, "cpu", {"input_ids": ids, "labels": labels})
-    step()
+    step = trainer_step(model, s, "cpu")
+    step([{"input_ids": ids, "labels": labels}], 0)
     rows = resident_rows(model, step.optimizer)
     rows["LoRA gradients"] = step.grad_bytes
     assert step.grad_bytes > 0 and rows["optimizer state"] > 0
     assert sum(rows.values()) == predict(tiny, s).total("static")
+
+
+def test_old_flag_spellings_still_work_with_a_one_line_notice(capsys):
+    args = ["--model", "smollm2-135m", "--seq-len", "64", "--batch-size", "1", "--json"]
+    assert memory.main(args + ["--pack", "--precision", "fp16"]) == 0
+    new = json.loads(capsys.readouterr().out)
+    assert memory.main(args + ["--packed", "--dtype", "fp16"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == new and new["setup"]["pack"] and new["setup"]["precision"] == "fp16"
+    assert "--packed is deprecated, use --pack" in err and "--dtype is deprecated, use --precision" in err
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_the_other_checkpointing_choice_row_shows_its_bytes_but_is_not_added_up(checkpointing):
+    cfg = load_config("llama-3.2-3b")
+    s = Setup(seq_len=1024, batch_size=1, checkpointing=checkpointing)
+    led = predict(cfg, s)
+    other = next(r for r in led.rows if r.name.startswith(("(without", "(with ")))
+    assert other.bytes > 0 and other.where == "none"
+    assert led.total("saved") == sum(r.bytes for r in led.rows if r.group == "saved" and r.where == "device")
+    assert f"{ledger.fmt(other.bytes):>11}" in ledger.format_table(led)
+
+
+def test_the_dequantisation_transient_is_what_model_quant_says():
+    from model.quant import dequant_path
+
+    cfg = load_config("llama-3.2-3b")
+    for device in ("cpu", "cuda"):
+        s = Setup(seq_len=64, batch_size=1, device=device, double_quant=True)
+        want = dequant_path((8192, 3072), 64, device, torch.bfloat16, True).transient_bytes
+        assert ledger.dequant_transient(cfg, s) == want

@@ -167,3 +167,33 @@ def test_norm_and_swiglu_save_less_than_autograd_would():
     _, ours = saved_tensor_bytes(lambda: _SiluMul.apply(gate, up))
     _, plain = saved_tensor_bytes(lambda: _plain_silu_mul(gate, up))
     assert ours["cpu"] == 2 * 4 * 96 * 2 and plain["cpu"] == 3 * 4 * 96 * 2
+
+
+@pytest.mark.parametrize("device,capability,masked,kernel,expand", [
+    ("cpu", None, False, "flash", False),  # the CPU flash kernel takes grouped k/v
+    ("cpu", None, True, "flash", True),  # ... but not with a mask
+    ("cuda", (8, 0), False, "flash", False),
+    ("cuda", (8, 0), True, "efficient", True),
+    ("cuda", (7, 5), False, "efficient", True),  # T4: no flash attention, so never math: k/v copied
+])
+def test_attention_path_states_the_sdpa_dispatch(device, capability, masked, kernel, expand):
+    from model.llama import attention_path
+
+    path = attention_path(24, 8, device, masked=masked, capability=capability)
+    assert (path.kernel, path.expand_kv, path.masked) == (kernel, expand, masked)
+    assert not attention_path(8, 8, device, masked=masked, capability=capability).expand_kv  # no GQA, no copy
+
+
+def test_attention_forward_copies_kv_exactly_when_attention_path_says_so(tiny_config, monkeypatch):
+    import model.llama as llama
+
+    calls = []
+    real = llama.attention_path
+    monkeypatch.setattr(llama, "attention_path", lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
+    model = llama.Llama(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (1, 12))
+    with torch.no_grad():
+        model.hidden(ids)
+        model.hidden(ids, segment_ids=torch.tensor([[1] * 6 + [2] * 6]))
+    n = tiny_config.num_hidden_layers
+    assert [c.expand_kv for c in calls] == [False] * n + [True] * n

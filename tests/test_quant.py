@@ -202,3 +202,26 @@ def test_linear4bit_follows_autocast():
     assert torch.equal(y, F.linear(x.detach().bfloat16(), layer.dequantize(torch.bfloat16)))
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape,device,kernel", [((192, 128), "cpu", "bitsandbytes"), ((128, 96), "cpu", "torch"),
+                                                 ((128, 96), "cuda", "bitsandbytes")])
+def test_dequant_path_states_which_kernel_dequantize_runs(shape, device, kernel, monkeypatch):
+    import model.quant as quant
+
+    assert quant.dequant_path(shape, 64, device, torch.float32).kernel == kernel
+    if device == "cpu":  # and Linear4bit.dequantize follows it
+        used = []
+        monkeypatch.setattr(quant, "_bnb_dequantize", lambda layer, dtype: used.append("bitsandbytes"))
+        monkeypatch.setattr(quant, "nf4_dequantize", lambda *a: used.append("torch"))
+        quant.Linear4bit.from_weight(torch.randn(shape)).dequantize()
+        assert used == [kernel]
+
+
+def test_dequant_path_transient_bytes_cover_what_dequantize_allocates():
+    from model.quant import dequant_path
+
+    assert dequant_path((128, 96), 64, "cpu", torch.float32).transient_bytes == 128 * 96 * 8
+    assert dequant_path((128, 96), 64, "cpu", torch.bfloat16).transient_bytes == 128 * 96 * 10
+    assert dequant_path((192, 128), 64, "cuda", torch.bfloat16).transient_bytes == 192 * 128 * 2
+    assert dequant_path((192, 128), 64, "cuda", torch.bfloat16, True).transient_bytes == 192 * 128 * 2 + 4 * 384

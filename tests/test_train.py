@@ -139,7 +139,7 @@ def test_run_writes_config_metrics_and_peft_adapter(tmp_path):
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
-    from engine.train import lr_at
+    from engine.step import lr_at
 
     cfg = TrainConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1, max_steps=14)
     lrs = [lr_at(s, cfg, 14) for s in range(14)]

@@ -1,0 +1,426 @@
+"""The memory ledger's arithmetic: where every byte of a QLoRA training step goes, predicted from shapes alone
+(no tensor is allocated here; engine/memory.py measures beside it and holds the CLI).
+
+The prediction mirrors the code, not a rule of thumb: `block_saved` lists, tensor by tensor, what autograd
+keeps for one decoder block of model/llama.py with model/quant.py's Linear4bit (it saves only its input, never
+the dequantised weight) and model/lora.py's adapters (their input and the rank-r intermediate), and
+tests/test_memory.py checks that list against saved-tensor hooks on a real forward. The attention and
+dequantisation paths are the model's own rules (model.llama.attention_path, model.quant.dequant_path).
+Parameter and buffer bytes are exact (same formulas as the Linear4bit buffers). The backward working set and
+the CUDA context/allocator slack are stated assumptions; `--measure` on a GPU shows how far off they are.
+
+Memory on a GPU, as torch.cuda.max_memory_allocated sees it:
+  static     quantized weights + high-precision weights + LoRA params + their grads + optimizer state
+  saved      what autograd keeps between forward and backward (checkpointing: one [B, T, H] per block)
+  transient  the largest short-lived working set: a recomputed block and its gradients, or a loss chunk
+peak = static + saved + max(transients). nvidia-smi additionally shows the CUDA context and the caching
+allocator's reserve (reserved - allocated), listed below the peak.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from engine.config import TrainConfig
+from engine.loss import LOSS_CHUNK
+from engine.precision import dtype_of
+from model.llama import AttentionPath, attention_path
+from model.lora import TARGETS
+from model.quant import Linear4bit, dequant_path
+
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+
+# Assumptions that cannot be derived from shapes (state them, measure them with --measure on a GPU).
+CUDA_CONTEXT_BYTES = 400 * MiB  # CUDA 12 context + cuBLAS workspace with lazy module loading; outside the allocator
+ALLOCATOR_SLACK = 0.10  # reserved ≈ 1.10 × peak allocated for a steady training loop (block sizes, fragmentation)
+
+
+# ------------------------------------------------------------------------------------------------- the setup
+@dataclass
+class Setup:
+    """The knobs the ledger needs, named as in TrainConfig; `from_config` builds it from a run's config."""
+    seq_len: int
+    batch_size: int
+    lora_r: int = 16
+    lora_targets: tuple = TARGETS
+    checkpointing: bool = True
+    offload: bool = False
+    precision: str = "bf16"  # resolved: compute dtype (autocast) and dtype of the high-precision base weights
+    optimizer: str = "adamw"
+    quantize: str = "nf4"
+    double_quant: bool = False
+    blocksize: int = 64
+    loss_chunk: int = LOSS_CHUNK
+    supervised: int | None = None  # supervised positions per micro-batch; None = worst case B*(T-1)
+    pack: bool = False  # packed rows pass a (B, 1, T, T) boolean mask to SDPA instead of is_causal
+    sdpa: str = "auto"  # auto | flash | efficient | math: the SDPA kernel (auto: model.llama.attention_path's)
+    device: str = "cuda"
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, *, precision: str, device: str, model=None, **kw) -> "Setup":
+        """The ledger's view of a run: cfg's knobs, `precision` already resolved (engine.precision). With a
+        built `model`, quantization and LoRA settings are read off it, so the ledger describes what was built.
+        kw: supervised, sdpa."""
+        s = cls(seq_len=cfg.seq_len, batch_size=cfg.batch_size, lora_r=cfg.lora_r,
+                lora_targets=tuple(cfg.lora_targets), checkpointing=cfg.checkpointing, offload=cfg.offload,
+                precision=precision, optimizer=cfg.optimizer, quantize=cfg.quantize, double_quant=cfg.double_quant,
+                loss_chunk=cfg.loss_chunk, pack=cfg.pack, device=device, **kw)
+        return s if model is None else dataclasses.replace(s, **built_settings(model))
+
+    def to_config(self) -> TrainConfig:
+        """A TrainConfig with these knobs, for building and stepping the model the trainer would (LoRA alpha
+        2r, no dropout: neither changes a byte)."""
+        return TrainConfig(seq_len=self.seq_len, batch_size=self.batch_size, lora_r=self.lora_r,
+                           lora_alpha=2.0 * self.lora_r, lora_targets=list(self.lora_targets),
+                           checkpointing=self.checkpointing, offload=self.offload, precision=self.precision,
+                           optimizer=self.optimizer, quantize=self.quantize, double_quant=self.double_quant,
+                           loss_chunk=self.loss_chunk, pack=self.pack)
+
+    @property
+    def cbytes(self) -> int:
+        return torch.finfo(dtype_of(self.precision)).bits // 8
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.batch_size
+
+    @property
+    def rows(self) -> int:
+        n = self.batch_size * (self.seq_len - 1) if self.supervised is None else self.supervised
+        return max(0, n)
+
+
+@dataclass
+class Row:
+    group: str  # static | saved | transient | outside
+    name: str
+    bytes: int
+    note: str = ""
+    where: str = "device"  # device | host | none (the other checkpointing choice: shown, never added up)
+
+
+@dataclass
+class Ledger:
+    rows: list[Row] = field(default_factory=list)
+    peak: int = 0
+    peak_other: int = 0  # peak with the other checkpointing choice, for comparison
+    transient_name: str = ""
+
+    def add(self, *a, **kw):
+        self.rows.append(Row(*a, **kw))
+
+    def total(self, group: str, where: str = "device") -> int:
+        return sum(r.bytes for r in self.rows if r.group == group and r.where == where)
+
+    def to_dict(self) -> dict:
+        return {"rows": [asdict(r) for r in self.rows], "predicted_peak_bytes": self.peak,
+                "predicted_peak_other_bytes": self.peak_other, "transient": self.transient_name}
+
+
+# ------------------------------------------------------------------------------------------ static bytes
+def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """projection name -> (out_features, in_features) for one decoder block."""
+    H, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return {"q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, q),
+            "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+
+
+def nf4_bytes(out_f: int, in_f: int, blocksize: int = 64, double_quant: bool = False) -> tuple[int, int]:
+    """(packed bytes, quant-state bytes) of one model.quant.Linear4bit: packed uint8 numel/2; absmax float32 per
+    block, or with double quantisation uint8 per block + float32 per 256 blocks + a float32 offset."""
+    n = out_f * in_f
+    blocks = n // blocksize
+    state = blocks + 4 * math.ceil(blocks / 256) + 4 if double_quant else 4 * blocks
+    return n // 2, state
+
+
+def static_rows(cfg, s: Setup, led: Ledger):
+    L, H, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    c = s.cbytes
+    shapes = linear_shapes(cfg)
+    if s.quantize == "nf4":
+        packed = state = 0
+        for o, i in shapes.values():
+            p, q = nf4_bytes(o, i, s.blocksize, s.double_quant)
+            packed, state = packed + p, state + q
+        led.add("static", "quantized weights: packed NF4", L * packed, f"{L}×7 projections, 0.5 byte/weight")
+        led.add("static", "quantized weights: quant state", L * state,
+                "absmax uint8 + fp32/256 (double quant)" if s.double_quant else "absmax fp32 per 64 weights")
+    else:
+        n = sum(o * i for o, i in shapes.values())
+        led.add("static", "projection weights (not quantized)", L * n * c, f"{s.precision}")
+    emb = V * H * c
+    led.add("static", "embeddings" + (" (tied lm_head)" if cfg.tie_word_embeddings else ""), emb,
+            f"{V}×{H} {s.precision}")
+    if not cfg.tie_word_embeddings:
+        led.add("static", "lm_head", emb, f"{V}×{H} {s.precision}")
+    led.add("static", "norms", (2 * L + 1) * H * c, f"{2 * L + 1}×{H} {s.precision}")
+    n_lora = lora_params(cfg, s)
+    led.add("static", "LoRA parameters", 4 * n_lora, f"{n_lora:,} fp32 master weights, r={s.lora_r}")
+    led.add("static", "LoRA gradients", 4 * n_lora, "fp32, alive through backward and the step")
+    led.add("static", "optimizer state", optimizer_bytes(cfg, s), optimizer_note(s))
+
+
+def lora_params(cfg, s: Setup) -> int:
+    if s.lora_r <= 0:
+        return 0
+    shapes = linear_shapes(cfg)
+    return cfg.num_hidden_layers * sum(s.lora_r * (o + i) for t, (o, i) in shapes.items() if t in s.lora_targets)
+
+
+def optimizer_bytes(cfg, s: Setup) -> int:
+    if s.optimizer == "adamw":
+        # torch AdamW: exp_avg + exp_avg_sq in fp32 per weight, and a 4-byte fp32 `step` per tensor (A and B)
+        n_tensors = 2 * cfg.num_hidden_layers * len(set(s.lora_targets)) if s.lora_r > 0 else 0
+        return 8 * lora_params(cfg, s) + 4 * n_tensors
+    # bitsandbytes PagedAdamW8bit: two uint8 states + one fp32 absmax per 256 values each, for tensors of at
+    # least 4096 values (smaller ones stay 32-bit). Paged: under memory pressure the driver may evict it to host.
+    total = 0
+    shapes = linear_shapes(cfg)
+    for t, (o, i) in shapes.items():
+        if t not in s.lora_targets:
+            continue
+        for n in (s.lora_r * i, s.lora_r * o):
+            total += 2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n
+    return cfg.num_hidden_layers * total
+
+
+def optimizer_note(s: Setup) -> str:
+    return ("AdamW: 2 fp32 moments per LoRA weight" if s.optimizer == "adamw"
+            else "paged AdamW 8-bit: 2 uint8 moments + fp32 absmax/256 (paged: may spill to host)")
+
+
+def attention(cfg, s: Setup) -> AttentionPath:
+    """The SDPA path model/llama.py's Attention takes for these shapes (packed rows pass a mask), with the
+    kernel replaced by --sdpa when one is forced."""
+    path = attention_path(cfg.num_attention_heads, cfg.num_key_value_heads, s.device, masked=s.pack)
+    return path if s.sdpa == "auto" else dataclasses.replace(path, kernel=s.sdpa)
+
+
+def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
+    """What autograd keeps for one decoder block (model/llama.py Block) without checkpointing, tensor by tensor.
+    n = B*T tokens, c = compute dtype bytes. Frozen Linear4bit/nn.Linear save no input (no weight gradient);
+    LoRA's A saves its input, B its rank-r input; SwiGLU (_SiluMul) keeps gate and up.
+    (The first block's input_layernorm saves nothing: its input, the frozen embedding, needs no gradient.)"""
+    n, c, H, I = s.tokens, s.cbytes, cfg.hidden_size, cfg.intermediate_size
+    nh, nkv, hd, r = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, s.lora_r
+    B, T_ = s.batch_size, s.seq_len
+    T = set(s.lora_targets) if r > 0 else set()
+    path = attention(cfg, s)
+    kernel, expanded = path.kernel, path.expand_kv
+    out = [
+        ("input_layernorm: input (the block input)", n * H * c),  # model/llama.py _RMSNormFn keeps x as it is
+        ("input_layernorm: rsqrt", n * 4),
+        ("q after RoPE", n * nh * hd * c),
+        ("k after RoPE" + (", copied to all heads" if expanded else ""), n * (nh if expanded else nkv) * hd * c),
+        ("v" + (", copied to all heads" if expanded else ""), n * (nh if expanded else nkv) * hd * c),
+        ("SDPA output", n * nh * hd * c),
+    ]
+    if kernel == "math":
+        # scores, softmax, dropout-free: the softmax output (B, nh, T, T) is kept for both matmuls' backward;
+        # GQA's k and v are expanded to all heads first (copies)
+        out.append(("SDPA math kernel: attention probabilities", B * nh * T_ * T_ * c))
+        if nkv != nh:
+            out.append(("SDPA math kernel: k, v expanded to all heads", 2 * n * nh * hd * c))
+    else:
+        out.append(("SDPA logsumexp (fp32)", n * nh * 4))
+    if kernel != "math" and s.pack:
+        # SDPA turns the boolean mask into an additive one per call; the fused kernel keeps it for backward
+        out.append(("SDPA additive mask (packed rows)", B * T_ * T_ * c))
+    out += [
+        ("post_attention_layernorm: input", n * H * c),
+        ("post_attention_layernorm: rsqrt", n * 4),
+        ("gate_proj output", n * I * c),
+        ("up_proj output", n * I * c),  # _SiluMul keeps gate and up only, not silu(gate)
+    ]
+    if T & {"q_proj", "k_proj", "v_proj"}:
+        out.append(("LoRA input: attention norm output", n * H * c))
+    if "o_proj" in T and kernel == "math":
+        # fused kernels return (B, T, heads, hd)-contiguous output: the transpose+reshape is then a view of it
+        out.append(("LoRA input: attention output", n * nh * hd * c))
+    if T & {"gate_proj", "up_proj"}:
+        out.append(("LoRA input: MLP norm output", n * H * c))
+    if "down_proj" in T:
+        out.append(("LoRA input: silu(gate)*up", n * I * c))
+    if T:
+        out.append((f"LoRA rank-{r} intermediates ×{len(T)}", len(T) * n * r * c))
+        if c != 4:  # the fp32 master weights are cast to the compute dtype for the matmul, and that copy is kept
+            shapes = linear_shapes(cfg)
+            out.append(("LoRA weights cast to compute dtype",
+                        sum(r * (o + i) for t, (o, i) in shapes.items() if t in T) * c))
+    return out
+
+
+def first_block_discount(cfg, s: Setup) -> int:
+    """Bytes the first block saves less than the others: its input (the frozen embedding) needs no gradient, so
+    input_layernorm saves nothing, and neither do the q/k/v adapters' A matmuls their weight copies."""
+    qkv = [t for t in ("q_proj", "k_proj", "v_proj") if t in s.lora_targets] if s.lora_r > 0 else []
+    casts = len(qkv) * s.lora_r * cfg.hidden_size * s.cbytes if s.cbytes != 4 else 0
+    return s.tokens * cfg.hidden_size * s.cbytes + s.tokens * 4 + casts
+
+
+def model_saved(cfg, s: Setup) -> list[tuple[str, int]]:
+    """Saved tensors shared by all blocks or outside them (kept whether or not blocks are checkpointed)."""
+    n, c, H, hd = s.tokens, s.cbytes, cfg.hidden_size, cfg.head_dim
+    out = [("RoPE cos and sin", 2 * n * hd * c)]
+    if s.pack and s.checkpointing:  # a checkpoint input; without checkpointing only the per-block copies stay
+        out.append(("attention mask (bool, packed rows)", s.batch_size * s.seq_len * s.seq_len))
+    out += [("final norm: input + rsqrt", n * H * c + n * 4),
+            ("supervised hidden rows (loss input)", s.rows * H * c),
+            ("label mask, targets, log-sum-exp", s.batch_size * (s.seq_len - 1) + 8 * s.rows + 4 * s.rows)]
+    return out
+
+
+def block_backward_working(cfg, s: Setup) -> int:
+    """Gradients alive while one block runs backward, an estimate: the MLP's input/output gradients
+    (3 × n·I: d(silu·up), d(up), d(gate)) and 3 × n·H (residual grad, the norm's fp32 grad) in compute dtype."""
+    n, c = s.tokens, s.cbytes
+    return 3 * n * cfg.intermediate_size * c + 3 * n * cfg.hidden_size * c
+
+
+def dequant_transient(cfg, s: Setup) -> int:
+    """The largest dequantisation working set (one weight at a time: Linear4bit frees it after its matmul), as
+    model.quant.dequant_path states it for this device, dtype and shape."""
+    if s.quantize != "nf4":
+        return 0
+    return max(dequant_path(oi, s.blocksize, s.device, dtype_of(s.precision), s.double_quant).transient_bytes
+               for oi in linear_shapes(cfg).values())
+
+
+def loss_transient(cfg, s: Setup) -> int:
+    """engine/loss.py's LinearCrossEntropy holds one chunk's logits at a time, in fp32 (4 bytes each), plus,
+    under bf16/fp16, the compute-dtype matmul output (forward, backward) or the compute-dtype gradient (backward)
+    beside it: 4 + c bytes per logit (4 in fp32)."""
+    rows = min(s.loss_chunk, s.rows)
+    return rows * cfg.vocab_size * (4 + (s.cbytes if s.cbytes != 4 else 0))
+
+
+def predict(cfg, s: Setup) -> Ledger:
+    led = Ledger()
+    static_rows(cfg, s, led)
+    L, n, c, H = cfg.num_hidden_layers, s.tokens, s.cbytes, cfg.hidden_size
+    per_block = block_saved(cfg, s)
+    full_block = sum(b for _, b in per_block)
+    first = first_block_discount(cfg, s)
+    for name, b in model_saved(cfg, s):
+        led.add("saved", name, b)
+    ckpt_in = L * n * H * c
+    if s.checkpointing:
+        led.add("saved", "block inputs (checkpointing)", 0 if s.offload else ckpt_in,
+                f"{L}×[{s.batch_size},{s.seq_len},{H}] {s.precision}" + (" → host (offload)" if s.offload else ""))
+        if s.offload:
+            led.add("saved", "block inputs on host (offload)", ckpt_in, "CPU RAM, not GPU", where="host")
+        led.add("saved", "(without checkpointing it would be)", L * full_block - first, f"{L}×{fmt(full_block)}, "
+                "first block less", where="none")
+    else:
+        led.add("saved", f"all blocks' saved tensors ({L}×{fmt(full_block)})", L * full_block - first,
+                "see block_saved(): norm inputs, q/k/v, SDPA out, gate and up [n, I], LoRA inputs")
+        led.add("saved", "(with checkpointing it would be)", ckpt_in, "block inputs", where="none")
+    # transients: the largest one bounds the peak (they do not overlap: loss backward finishes before blocks)
+    recompute = (full_block - n * H * c) if s.checkpointing else 0  # the norm's saved input is the block input
+    offload_back = n * H * c if s.offload else 0  # the block input brought back for its recompute
+    block_t = recompute + offload_back + block_backward_working(cfg, s) + dequant_transient(cfg, s)
+    loss_t = loss_transient(cfg, s) + s.rows * H * c  # plus the gradient of the supervised hidden rows
+    led.add("transient", "block backward" + (" (recomputed block + grads)" if s.checkpointing else " (grads)"),
+            block_t, f"{'recompute ' + fmt(recompute) + ' + ' if s.checkpointing else ''}working grads "
+            f"{fmt(block_backward_working(cfg, s))} + dequantised weight {fmt(dequant_transient(cfg, s))}")
+    led.add("transient", f"loss chunk ({min(s.loss_chunk, s.rows)} rows × {cfg.vocab_size} vocab)", loss_t,
+            "fp32 logits, turned into their gradient in place" + ("" if s.cbytes == 4 else f" + a {s.precision} copy"))
+    static = led.total("static")
+    saved = led.total("saved")
+    led.transient_name = "block backward" if block_t >= loss_t else "loss chunk"
+    led.peak = static + saved + max(block_t, loss_t)
+    # the other checkpointing choice, for the comparison line
+    if s.checkpointing:
+        other_saved = saved - (0 if s.offload else ckpt_in) + L * full_block - first
+        led.peak_other = static + other_saved + max(block_backward_working(cfg, s) + dequant_transient(cfg, s), loss_t)
+    else:
+        other_saved = saved - (L * full_block - first) + ckpt_in
+        led.peak_other = static + other_saved + max(block_t + full_block - (n * H * 4 if c == 4 else 0), loss_t)
+    if s.device == "cuda":
+        led.add("outside", "CUDA context (not in max_memory_allocated)", CUDA_CONTEXT_BYTES, "assumption")
+        led.add("outside", "allocator slack (reserved − allocated)", int(ALLOCATOR_SLACK * led.peak),
+                f"assumption: {ALLOCATOR_SLACK:.0%} of peak")
+    return led
+
+
+def fmt(b: int | float) -> str:
+    if abs(b) >= GiB:
+        return f"{b / GiB:.2f} GiB"
+    if abs(b) >= MiB:
+        return f"{b / MiB:.1f} MiB"
+    if abs(b) >= 1024:
+        return f"{b / 1024:.1f} KiB"
+    return f"{int(b)} B"
+
+
+def describe(cfg, s: Setup) -> str:
+    return (f"L={cfg.num_hidden_layers} H={cfg.hidden_size} I={cfg.intermediate_size} heads={cfg.num_attention_heads}"
+            f"/{cfg.num_key_value_heads} V={cfg.vocab_size} | B={s.batch_size} T={s.seq_len} {s.precision} "
+            f"{s.quantize}{'+dq' if s.double_quant else ''} LoRA r={s.lora_r} on {len(s.lora_targets)} projections, "
+            f"{'checkpointing' if s.checkpointing else 'no checkpointing'}{' + offload' if s.offload else ''}, "
+            f"{s.optimizer}, loss chunk {s.loss_chunk}, {s.rows} supervised rows, "
+            f"{'packed' if s.pack else 'causal'} attention, device {s.device}")
+
+
+def format_table(led: Ledger, measured: dict | None = None, title: str = "") -> str:
+    """The ledger as a text table; `measured` maps a row name (or 'peak allocated', ...) to bytes."""
+    measured = measured or {}
+    w = max(len(r.name) for r in led.rows) + 2
+    lines = [title] if title else []
+    lines.append(f"{'component':<{w}} {'predicted':>11} {'measured':>11}  note")
+    group = None
+    for r in led.rows:
+        if r.group != group:
+            group = r.group
+            lines.append(f"-- {group}" + {"static": " (resident)", "saved": " (forward → backward)",
+                                          "transient": " (largest one counts)",
+                                          "outside": " (nvidia-smi only)"}[group])
+        m = measured.get(r.name, measured.get(r.name.split(" (")[0]))  # "embeddings (tied lm_head)" -> "embeddings"
+        where = " [host]" if r.where == "host" else ""
+        lines.append(f"{r.name:<{w}} {fmt(r.bytes):>11} {fmt(m) if m is not None else '':>11}  {r.note}{where}")
+    lines.append("-" * (w + 40))
+    for key, val in (("static", led.total("static")), ("saved", led.total("saved"))):
+        m = measured.get(f"total {key}")
+        lines.append(f"{'total ' + key:<{w}} {fmt(val):>11} {fmt(m) if m is not None else '':>11}")
+    m = measured.get("peak allocated")
+    lines.append(f"{'PREDICTED PEAK (allocated)':<{w}} {fmt(led.peak):>11} {fmt(m) if m is not None else '':>11}"
+                 f"  static + saved + {led.transient_name}")
+    if "peak reserved" in measured:
+        lines.append(f"{'peak reserved':<{w}} {fmt(led.peak * (1 + ALLOCATOR_SLACK)):>11} "
+                     f"{fmt(measured['peak reserved']):>11}")
+    lines.append(f"{'peak with the other checkpointing choice':<{w}} {fmt(led.peak_other):>11}")
+    if any(r.group == "outside" for r in led.rows):
+        lines.append(f"{'peak as nvidia-smi would show it':<{w}} "
+                     f"{fmt(led.peak + led.total('outside')):>11}")
+    return "\n".join(lines)
+
+
+HIGH_PRECISION_ROWS = ("embeddings", "lm_head", "norms", "projection weights (not quantized)")
+
+
+def predicted_module_bytes(led: Ledger) -> dict:
+    """The ledger's static rows in module_bytes()'s keys."""
+    get = {r.name: r.bytes for r in led.rows}
+    hp = sum(b for k, b in get.items() if k.split(" (")[0] in HIGH_PRECISION_ROWS or k in HIGH_PRECISION_ROWS)
+    return {"quantized weights: packed NF4": get.get("quantized weights: packed NF4", 0),
+            "quantized weights: quant state": get.get("quantized weights: quant state", 0),
+            "LoRA parameters": get["LoRA parameters"], "high-precision weights": hp}
+
+
+def built_settings(model) -> dict:
+    """Quantization and LoRA settings as built into `model` (Setup field -> value)."""
+    quant = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    targets, r = set(), 0
+    for name, mod in model.named_modules():
+        a = getattr(mod, "lora_A", None)
+        if a is not None and hasattr(a, "weight"):
+            targets.add(name.split(".")[-1])
+            r = a.weight.shape[0]
+    return dict(lora_r=r, lora_targets=tuple(sorted(targets)), quantize="nf4" if quant else "none",
+                double_quant=bool(quant and quant[0].double_quant), blocksize=quant[0].blocksize if quant else 64)

@@ -1,0 +1,126 @@
+"""One training step, the same one for the trainer, the memory ledger's measurements and the benchmark: the
+learning-rate schedule, the optimizer, forward/backward with loss scaling and token normalisation, then clip and
+step. `TrainStep` holds its state in plain attributes (optimizer, precision, the last step's gradient bytes), so a
+caller that measures a step reads them off the object instead of off a closure."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine import dist
+from engine.config import ConfigError, TrainConfig
+from engine.loss import backward_scale, supervised_tokens, supervised_weight
+from engine.precision import Precision
+from model.lora import apply_lora
+
+
+def prepare_model(model, cfg: TrainConfig, device):
+    """A loaded model as the trainer trains it: LoRA adapters (every other weight frozen; lora_r 0, which only
+    the memory ledger asks for, freezes everything), on `device`, checkpointing as configured, train mode."""
+    if cfg.lora_r > 0:
+        apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                   targets=tuple(cfg.lora_targets), use_rslora=cfg.use_rslora)
+    else:
+        model.requires_grad_(False)
+    model.to(device)
+    model.set_gradient_checkpointing(cfg.checkpointing, offload=cfg.offload)
+    return model.train()
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to cfg.lr, then decay to lr*min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    lo = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "linear":
+        return cfg.lr - (cfg.lr - lo) * progress
+    return lo + (cfg.lr - lo) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(cfg: TrainConfig, params: list, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "paged_adamw_8bit":
+        if device.type != "cuda":
+            raise ConfigError("config: optimizer paged_adamw_8bit needs CUDA; use --optimizer adamw on the CPU")
+        import bitsandbytes as bnb  # CUDA-only optimizer: importing bitsandbytes' optim costs a second elsewhere
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                        weight_decay=cfg.weight_decay)
+    # foreach=False: the same per-parameter kernels whatever the parameter list, so a resumed run matches bit
+    # for bit; for a few MB of adapters the fused/foreach speedup is negligible.
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                             foreach=False)
+
+
+def forward_backward(loss_model, micro_batches: list[dict], prec: Precision, world_size: int) -> tuple[float, int]:
+    """Accumulate the gradient of one optimizer step; returns (mean loss over the step, supervised tokens).
+
+    The supervised-token count of the whole step (all micro-batches, all ranks) is known before any backward,
+    so each micro-batch's summed loss is scaled by world_size / n_global (see loss.backward_scale): gradients
+    do not depend on how the tokens are split into micro-batches or ranks. DDP all-reduces gradients only on the
+    last micro-batch (no_sync on the others), once per optimizer step.
+    """
+    n_local = sum(supervised_tokens(b["labels"]) for b in micro_batches)
+    w_local = sum(supervised_weight(b["labels"], b.get("loss_weights")) for b in micro_batches)
+    n_global, w_global = dist.all_reduce_sum(torch.tensor([n_local, w_local], dtype=torch.float64)).tolist()
+    n_global = int(n_global)
+    scale = backward_scale(w_global, world_size)  # w_global = n_global unless the batches carry loss_weights
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for i, b in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or world_size == 1 else loss_model.no_sync()
+        with sync:
+            with prec.autocast():
+                part = loss_model(b["input_ids"], b["labels"], position_ids=b.get("position_ids"),
+                                  segment_ids=b.get("segment_ids"), loss_weights=b.get("loss_weights"))
+            prec.backward(part * scale)
+        loss_sum += part.detach().double().cpu()  # note: a host sync per micro-batch; negligible next to a step
+        del part  # the graph is already freed by backward; drop the last reference before the next forward
+    total = float(dist.all_reduce_sum(loss_sum.reshape(1))[0])
+    return total / max(w_global, 1e-12), n_global
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss over the step's supervised tokens (weights), all ranks
+    supervised_tokens: int
+    grad_norm: float  # before clipping
+    overflow: bool  # the optimizer step was skipped (inf/NaN gradient)
+
+
+class TrainStep:
+    """One optimizer step: set the learning rate, accumulate gradients over the micro-batches, check the loss,
+    unscale + clip + step, clear the gradients. `grad_bytes` is what the gradients held between backward and
+    the step (the ledger's "LoRA gradients" row, read by engine/memory.py after a step)."""
+
+    def __init__(self, loss_model, params: list, optimizer: torch.optim.Optimizer, prec: Precision, *,
+                 grad_clip: float, world_size: int = 1):
+        self.loss_model, self.params, self.optimizer, self.prec = loss_model, params, optimizer, prec
+        self.grad_clip, self.world_size = grad_clip, world_size
+        self.grad_bytes = 0
+
+    @classmethod
+    def for_config(cls, cfg: TrainConfig, loss_model, prec: Precision, device: torch.device,
+                   world_size: int = 1) -> "TrainStep":
+        """The trainer's step for `cfg`: an optimizer (make_optimizer) over loss_model's trainable parameters."""
+        params = [p for p in loss_model.parameters() if p.requires_grad]
+        return cls(loss_model, params, make_optimizer(cfg, params, device), prec, grad_clip=cfg.grad_clip,
+                   world_size=world_size)
+
+    def __call__(self, micro_batches: list[dict], step: int, lr: float | None = None) -> StepResult:
+        """Optimizer step number `step` (0-based) over micro_batches; lr None keeps the optimizer's own."""
+        if lr is not None:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+        loss, n_sup = forward_backward(self.loss_model, micro_batches, self.prec, self.world_size)
+        self.prec.check_loss(loss, step + 1)
+        self.grad_bytes = sum(p.grad.untyped_storage().nbytes() for p in self.params if p.grad is not None)
+        grad_norm, overflow = self.prec.clip_and_step(self.optimizer, self.params, self.grad_clip)
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, n_sup, grad_norm, overflow)

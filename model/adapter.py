@@ -1,0 +1,154 @@
+"""LoRA adapters on disk, in PEFT's layout (DESIGN.md): adapter_config.json + adapter_model.safetensors holding
+only `base_model.model.<module path>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]. What PEFT, vLLM and
+our load_adapter read; vLLM rejects any other key.
+
+Our state-dict keys equal the HF module paths (model/lora.py keeps them through the swap), so a file key is our
+lora_state_dict key under PEFT's fixed prefix, with no remapping table.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .files import atomic_dir
+from .llama import Llama
+from .lora import apply_lora, lora_layers, lora_state_dict
+
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (the LM)
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+# adapter_config.json fields that change what the weights mean; we load plain LoRA only, so any value other
+# than these (PEFT's "off" values) is refused rather than silently ignored
+UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "fan_in_fan_out": (False, None),
+               "modules_to_save": (None, []), "layers_to_transform": (None,), "rank_pattern": ({}, None),
+               "alpha_pattern": ({}, None), "lora_bias": (False, None), "target_parameters": (None, []),
+               "layer_replication": (None,), "exclude_modules": (None, [])}
+
+
+def save_adapter(model: Llama, dir, base_model: str | None = None) -> Path:
+    """Write `dir` in PEFT's layout, atomically (a reader never sees a half-written adapter). base_model
+    (default: where the model was loaded from) becomes base_model_name_or_path."""
+    cfg = model.lora_config
+    if not cfg:
+        raise ValueError("save_adapter: the model has no LoRA adapters (call apply_lora or load_adapter first)")
+    alpha = cfg["lora_alpha"]
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model if base_model is not None else model.source,
+        "r": cfg["r"], "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": cfg["lora_dropout"], "target_modules": list(cfg["target_modules"]),
+        "use_rslora": cfg["use_rslora"], "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    }
+    tensors = {PEFT_PREFIX + k: v.float().contiguous() for k, v in lora_state_dict(model).items()}
+    with atomic_dir(dir) as tmp:
+        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(dir)
+
+
+def load_adapter(model: Llama, dir) -> Llama:
+    """Read a PEFT LoRA adapter (ours or PEFT's) into `model`, applying LoRA first from adapter_config.json
+    when the model has none. Every key and shape is checked; errors name the file and key."""
+    dir = Path(dir)
+    cfg_path, weights_path = dir / ADAPTER_CONFIG, dir / ADAPTER_WEIGHTS
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
+                                    f"{ADAPTER_WEIGHTS} (PEFT layout, as save_adapter writes it)")
+    cfg = _read_config(cfg_path)
+    r, alpha, use_rslora = cfg["r"], cfg.get("lora_alpha", 8), bool(cfg.get("use_rslora", False))
+    _check_rank_against_weights(weights_path, r)  # before allocating: a wrong r must not try to allocate GBs
+    if not model.lora_config:
+        apply_lora(model, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
+                   targets=cfg["target_modules"], use_rslora=use_rslora)
+    else:  # keep the model's adapters, take this file's scaling
+        for layer in lora_layers(model).values():
+            layer.set_scaling(alpha, use_rslora)
+        model.lora_config.update(lora_alpha=alpha, use_rslora=use_rslora)
+    ours = lora_state_dict(model)
+    loaded = _read_weights(weights_path, ours, model.lora_config["target_modules"])
+    missing = sorted(set(ours) - set(loaded))
+    if missing:
+        raise ValueError(f"{weights_path}: missing key {PEFT_PREFIX + missing[0]!r} ({len(missing)} missing); "
+                         "the adapter does not cover this model's LoRA layers")
+    with torch.no_grad():
+        for name, t in loaded.items():
+            ours[name].copy_(t)
+    return model
+
+
+def _read_config(cfg_path: Path) -> dict:
+    """adapter_config.json, checked: a plain LoRA with target_modules, a positive integer r and a positive
+    lora_alpha (PEFT's default 8 when absent)."""
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{cfg_path}: not UTF-8 text (byte {e.start}); an adapter_config.json is JSON") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: must hold a JSON object, got a {type(cfg).__name__}")
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
+    for key, allowed in UNSUPPORTED.items():
+        if key in cfg and cfg[key] not in allowed:
+            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported (plain LoRA only)")
+    targets = cfg.get("target_modules")
+    if not isinstance(targets, list) or not targets:
+        raise ValueError(f"{cfg_path}: target_modules must be a list of module names, got {targets!r}")
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"{cfg_path}: r must be a positive integer (the LoRA rank), got {r!r}")
+    alpha = cfg.get("lora_alpha", 8)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise ValueError(f"{cfg_path}: lora_alpha must be a positive number, got {alpha!r}")
+    return cfg
+
+
+def _check_rank_against_weights(weights_path: Path, r: int) -> None:
+    """The rank in adapter_config.json must be the rank of the stored lora_A matrices (read from the header)."""
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            for key in f.keys():
+                if key.endswith("lora_A.weight"):
+                    stored = f.get_slice(key).get_shape()[0]
+                    if stored != r:
+                        raise ValueError(f"{weights_path.parent / ADAPTER_CONFIG}: r={r}, but {key} in "
+                                         f"{weights_path.name} has rank {stored}; the config and weights disagree")
+                    return
+    except ValueError:
+        raise
+    except Exception as e:  # SafetensorError and OSError: an unreadable file
+        raise ValueError(f"{weights_path}: unreadable safetensors file ({type(e).__name__})") from None
+
+
+def _read_weights(weights_path: Path, ours: dict[str, torch.Tensor], targets: list[str]) -> dict[str, torch.Tensor]:
+    """{our key: tensor} for every key of the file, each one of ours with our shape; errors name the key."""
+    loaded = {}
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            for key in f.keys():
+                name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else None
+                if name not in ours:
+                    raise ValueError(f"{weights_path}: unexpected key {key!r} (expected "
+                                     f"{PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight for this model's "
+                                     f"{', '.join(targets)})")
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(ours[name].shape):
+                    raise ValueError(f"{weights_path}: {key} has shape {tuple(t.shape)}, the model expects "
+                                     f"{tuple(ours[name].shape)}; the adapter was trained for another base "
+                                     "model or rank")
+                loaded[name] = t
+    except OSError as e:
+        raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from None
+    return loaded

@@ -1,0 +1,118 @@
+"""Adapters in PEFT's on-disk layout, both ways: ours load in PEFT with equal logits, PEFT's load into ours, and
+every malformed file is a one-line error naming the file and key."""
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from model import apply_lora, load_adapter, load_model, save_adapter
+from model.lora import lora_state_dict
+from tests.conftest import save_tiny_hf
+from tests.test_lora import hf_logits, ids, our_logits, randomize_adapters
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return save_tiny_hf(tmp_path_factory.mktemp("tiny") / "hf", seed=0)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_our_adapter_loads_in_peft_with_equal_logits(hf_dir, tmp_path, use_rslora):
+    ours = apply_lora(load_model(hf_dir), r=4, alpha=8, use_rslora=use_rslora)
+    randomize_adapters(ours)
+    save_adapter(ours, tmp_path / "adapter", base_model=str(hf_dir))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    x = ids()
+    torch.testing.assert_close(our_logits(ours, x), hf_logits(peft_model, x), rtol=0, atol=1e-4)
+    # the adapter is not a no-op: the logits moved away from the base model's
+    assert (our_logits(load_model(hf_dir), x) - our_logits(ours, x)).abs().max() > 1e-2
+
+
+def test_peft_adapter_loads_into_ours_with_equal_logits(hf_dir, tmp_path):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                          task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(hf, cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ours = load_adapter(load_model(hf_dir), tmp_path / "adapter")  # applies LoRA from adapter_config.json
+    assert sorted(ours.lora_config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    assert ours.lora_config["r"] == 8 and len(lora_state_dict(ours)) == 2 * 3 * 2
+    x = ids(seed=3)
+    torch.testing.assert_close(our_logits(ours, x), hf_logits(peft_model.eval(), x), rtol=0, atol=1e-4)
+
+
+def test_adapter_files_hold_only_lora_weights_in_peft_layout(hf_dir, tmp_path):
+    model = apply_lora(load_model(hf_dir), r=4, alpha=8, dropout=0.05)
+    save_adapter(model, tmp_path / "a", base_model="org/base")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    with safe_open(tmp_path / "a" / "adapter_model.safetensors", framework="pt") as f:
+        keys = list(f.keys())
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+    pattern = re.compile(r"base_model\.model\.model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.lora_[AB]\.weight")
+    assert keys and all(pattern.fullmatch(k) for k in keys)
+    assert len(keys) == 2 * 7 * 2  # 2 layers x 7 projections x (A, B)
+    assert shapes["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"] == (4, 128)
+    assert shapes["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"] == (64, 4)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["bias"] == "none"
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (4, 8, 0.05)
+    assert sorted(cfg["target_modules"]) == sorted(ALL)
+    assert cfg["base_model_name_or_path"] == "org/base" and cfg["use_rslora"] is False
+    assert cfg["fan_in_fan_out"] is False and cfg["inference_mode"] is True
+    peft.LoraConfig.from_pretrained(tmp_path / "a")  # PEFT accepts every field
+
+
+def test_saving_again_replaces_the_adapter_directory(hf_dir, tmp_path):
+    model = apply_lora(load_model(hf_dir), r=4, targets=["q_proj"])
+    save_adapter(model, tmp_path / "a")
+    randomize_adapters(model, seed=5)
+    save_adapter(model, tmp_path / "a")
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary directories left behind
+    again = load_adapter(load_model(hf_dir), tmp_path / "a")
+    for k, v in lora_state_dict(model).items():
+        assert torch.equal(lora_state_dict(again)[k], v)
+
+
+def test_load_adapter_shape_mismatch_is_a_one_line_error_naming_the_key(hf_dir, tmp_path):
+    save_adapter(apply_lora(load_model(hf_dir), r=4), tmp_path / "a")
+    model = apply_lora(load_model(hf_dir), r=8)
+    with pytest.raises(ValueError) as e:
+        load_adapter(model, tmp_path / "a")
+    msg = str(e.value)
+    assert "\n" not in msg and "adapter_model.safetensors" in msg
+    assert re.search(r"base_model\.model\.model\.layers\.\d+\.\w+\.\w+_proj\.lora_[AB]\.weight has shape", msg)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json: not found"):
+        load_adapter(model, tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.pop("r"), "r must be a positive integer"),
+    (lambda c: c.update(r="4"), "r must be a positive integer"),
+    (lambda c: c.update(r=1 << 30), "has rank 4"),  # refused from the header, before allocating anything
+    (lambda c: c.update(lora_alpha=None), "lora_alpha must be a positive number"),
+])
+def test_bad_adapter_config_is_a_one_line_error_before_allocating(hf_dir, tmp_path, edit, match):
+    save_adapter(apply_lora(load_model(hf_dir), r=4), tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match) as e:
+        load_adapter(load_model(hf_dir), tmp_path / "a")
+    assert "\n" not in str(e.value) and "adapter_config.json" in str(e.value)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        load_adapter(load_model(hf_dir), tmp_path / "a")
