@@ -23,7 +23,8 @@ from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from data.cuad import CATEGORIES, DEFAULT_EXCLUDE
 from data.example import TEMPLATES, Example, render_prompt
 from data.text import Match, locate, make_windows
-from engine.evaluate import Progress, load_for_eval
+from engine.evaluate import PRECISION_HELP, Progress, load_for_eval
+from engine.precision import INFERENCE_MODES
 from engine.metrics import is_none
 from model.generate import decode_span, decode_spans, generate
 
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--quantize", choices=("none", "nf4"), default="none", help="load the base in NF4 or full")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    ap.add_argument("--precision", choices=INFERENCE_MODES, default="auto", help=PRECISION_HELP)
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return ap
 
@@ -216,7 +218,7 @@ def run(args) -> dict:
         raise ValueError("--clause all needs --decode constrained or rank (answers located by construction)")
     text = read_contract(args.contract)  # before loading the model: a bad path fails in a second
     set_threads(args.threads)
-    model, tok, _ = load_for_eval(args.model, args.adapter, device=args.device,
+    model, tok, _ = load_for_eval(args.model, args.adapter, device=args.device, precision=args.precision,
                                   quantize=None if args.quantize == "none" else args.quantize)
     if args.adapter and not args.json:
         print(f"adapter {args.adapter}: {adapter_provenance(args.adapter)}", file=sys.stderr)

@@ -36,13 +36,41 @@ def auto_mode(device: torch.device | str) -> str:
 def resolve(mode: str, device: torch.device) -> str:
     """A training run's precision: "auto" resolved for the device, an explicit mode checked against it."""
     if mode != "auto":
-        if device.type == "cpu" and mode != "fp32":
-            # CPU autocast exists but is slower than fp32 for these matmuls and fp16 on CPU has no scaler benefit
-            raise ValueError(f"precision {mode} needs a GPU; use --precision fp32 (or auto) on the CPU")
-        if mode == "bf16" and not torch.cuda.is_bf16_supported():
+        if device.type == "cpu" and mode != "fp32" and not (mode == "bf16" and cpu_bf16_native()):
+            # fp16 on the CPU gains nothing; bf16 autocast is slower than fp32 unless the CPU multiplies bf16 natively
+            raise ValueError(f"precision {mode} needs a GPU (or, for bf16, a CPU with AMX / AVX-512 BF16); "
+                             "use --precision fp32 (or auto) on this CPU")
+        if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("precision bf16 needs sm >= 80 (this GPU has no bf16); use --precision fp16")
         return mode
     return auto_mode(device)
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX-512 BF16). There, answering in bf16 is
+    several times faster than fp32: SmolLM2-135M reads a 1,600-token prompt in 1.89 s instead of 5.29 s on one
+    thread of this machine's Xeon (AMX), 2026-11-30. Elsewhere bf16 is emulated and slower than fp32."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's own feature probes
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+INFERENCE_MODES = ("auto", "fp32", "bf16", "fp16")
+
+
+def inference_dtype(mode: str, device: torch.device | str) -> torch.dtype:
+    """The dtype a model is loaded in to answer (evaluate, extract, demo). "auto": what training uses on a GPU
+    (bf16 on sm >= 80, fp16 below); on the CPU bf16 where the CPU multiplies it natively, fp32 otherwise.
+    Training's "auto" on the CPU stays fp32 (resolve); a recipe may ask for bf16 where the CPU has it."""
+    device = torch.device(device)
+    if mode == "auto":
+        if device.type == "cuda":
+            return dtype_of(auto_mode(device))
+        return torch.bfloat16 if cpu_bf16_native() else torch.float32
+    if mode == "fp16" and device.type == "cpu":
+        raise ValueError("--precision fp16 needs a GPU; use auto, fp32 or bf16 on the CPU")
+    if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--precision bf16 needs sm >= 80 (this GPU has no bf16); use fp16")
+    return DTYPES[mode]
 
 
 def dtype_of(mode: str) -> torch.dtype:

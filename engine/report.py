@@ -209,7 +209,8 @@ def write_report(result: dict, out_dir: Path, metrics_jsonl: Path | None = None,
             md.append(f"- **{key}**: {result[key]}")
     if result.get("quantize") is not None:
         md.append("- **base weights**: " + ("NF4 (4-bit, as QLoRA trains)" if result["quantize"] == "nf4"
-                                            else "full precision (the checkpoint's weights, dequantized to fp32/bf16)"))
+                                            else "full precision (the checkpoint's weights, dequantized to fp32/bf16)")
+                  + (f", answering in {result['dtype']}" if result.get("dtype") else ""))
     md += ["", "Similarity is `rapidfuzz.fuzz.ratio` (0-100) on whitespace-normalised text; exact match is on the "
            "same normalised text; F1 is SQuAD token F1; NONE precision/recall treat the abstention answer `NONE` "
            "as the positive class (- = undefined, nothing to count).", "", "## Overall", "",

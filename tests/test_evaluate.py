@@ -138,7 +138,7 @@ def test_evaluate_cli_writes_eval_json_report_and_compare(tiny_model_dir, tmp_pa
     metrics.write_text("".join(json.dumps({"step": s, "loss": 3.0 / s}) + "\n" for s in range(1, 4)))
     common = ["--model", str(tiny_model_dir), "--data", spec, "--split", "test", "--max-new-tokens", "3",
               "--seq-len", "512", "--batch-size", "4", "--quiet"]
-    assert main(common + ["--limit", "4", "--out", str(tmp_path / "before")]) == 0
+    assert main(common + ["--limit", "4", "--precision", "fp32", "--out", str(tmp_path / "before")]) == 0
     assert main(common + ["--out", str(tmp_path / "after"), "--metrics", str(metrics),
                           "--compare", str(tmp_path / "before" / "eval.json")]) == 0
     out = capsys.readouterr().out
@@ -151,7 +151,9 @@ def test_evaluate_cli_writes_eval_json_report_and_compare(tiny_model_dir, tmp_pa
         assert key in ev, key
     assert set(ev["overall"]) == set(AGGREGATE_KEYS) and ev["overall"]["n"] == 6
     assert set(ev["by_source"]) == {"jsonl"}
-    assert json.loads((tmp_path / "before" / "eval.json").read_text())["overall"]["n"] == 4
+    before = json.loads((tmp_path / "before" / "eval.json").read_text())
+    assert before["overall"]["n"] == 4 and before["dtype"] == "float32"  # --precision fp32 honoured and recorded
+    assert "answering in float32" in (tmp_path / "before" / "report.md").read_text()
 
     md = (tmp_path / "after" / "report.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)

@@ -1,0 +1,51 @@
+"""engine/precision.py: which dtype a run trains and answers in, decided from the device and the CPU's features."""
+import pytest
+import torch
+
+from engine import precision as P
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_answering_on_the_cpu_uses_bf16_only_where_the_cpu_multiplies_it(monkeypatch, native):
+    monkeypatch.setattr(P, "cpu_bf16_native", lambda: native)
+    assert P.inference_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert P.inference_dtype("fp32", "cpu") == torch.float32
+    assert P.inference_dtype("bf16", "cpu") == torch.bfloat16  # asked for: allowed (slow where emulated)
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        P.inference_dtype("fp16", "cpu")
+
+
+def test_training_auto_stays_fp32_on_the_cpu_and_bf16_needs_native_support(monkeypatch):
+    monkeypatch.setattr(P, "cpu_bf16_native", lambda: True)
+    cpu = torch.device("cpu")
+    assert P.resolve("auto", cpu) == "fp32"  # pinned loss curves and resume tests stay fp32
+    assert P.resolve("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="needs a GPU"):
+        P.resolve("fp16", cpu)
+    monkeypatch.setattr(P, "cpu_bf16_native", lambda: False)
+    with pytest.raises(ValueError, match="AMX"):
+        P.resolve("bf16", cpu)
+
+
+def test_cpu_feature_probe_answers_a_bool():
+    assert P.cpu_bf16_native() in (True, False)
+
+
+@pytest.mark.skipif(not P.cpu_bf16_native(), reason="this CPU has no native bf16 (AMX / AVX-512 BF16)")
+def test_bf16_training_step_on_the_cpu_tracks_fp32(tiny_config):
+    """One LoRA step under CPU bf16 autocast: a finite loss within bf16 rounding of the fp32 loss."""
+    from model.llama import Llama
+    from model.lora import apply_lora
+
+    torch.manual_seed(0)
+    model = apply_lora(Llama(tiny_config), r=4)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 24))
+    losses = {}
+    for mode in ("fp32", "bf16"):
+        prec = P.Precision(mode, torch.device("cpu"))
+        with prec.autocast():
+            logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        assert torch.isfinite(loss)
+        losses[mode] = loss.item() if not loss.requires_grad else float(loss.detach())
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
