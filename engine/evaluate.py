@@ -30,7 +30,7 @@ from model.generate import decode_span
 
 DECODES = ("constrained", "rank", "free")
 DEFAULT_SEQ_LEN = 8192  # tokens per window when the model reads more (Llama 3.2: 131,072; memory grows with it)
-from engine.report import _pyplot, compare_table, write_report
+from engine.report import _pyplot, clause_similarities, compare_table, text_histogram, write_report
 from model.files import atomic_write_text
 from model.load import EMBEDDED
 
@@ -352,6 +352,9 @@ def run(args) -> dict:
     print(headline(result, seconds))
     if baseline is not None:
         print(compare_table(baseline, result), end="")
+        if result["clause"]["n"]:
+            print("\nsimilarity on clause examples, before and after\n"
+                  + text_histogram(clause_similarities(result), clause_similarities(baseline)), end="")
     print(f"wrote {out / 'eval.json'} and {out / 'report.md'}")
     return result
 

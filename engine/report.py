@@ -108,6 +108,30 @@ def _save(fig, plt, path: Path) -> None:
         plt.close(fig)
 
 
+def clause_similarities(result: dict) -> list[float]:
+    """Similarity of every clause example (gold answer not NONE) in an eval.json dict."""
+    return [r["scores"]["similarity"] for r in result.get("rows", []) if not is_none(r["answer"])]
+
+
+def text_histogram(sims: list[float], before: list[float] | None = None, step: int = 10, width: int = 24) -> str:
+    """The similarity histogram in plain text, for a terminal or a README: one line per `step`-wide bin, a bar
+    of full blocks scaled to the largest count, and the count; the baseline's column beside it when given."""
+    def counts(xs):
+        c = [0] * (100 // step)
+        for x in xs:
+            c[min(int(x // step), len(c) - 1)] += 1  # 100 falls in the last bin
+        return c
+
+    cols = [("before", counts(before)), ("after", counts(sims))] if before is not None else [("clause", counts(sims))]
+    top = max(max(c) for _, c in cols) or 1
+    bar = lambda n: ("█" * round(width * n / top) or ("▏" if n else "")) + f" {n}"  # noqa: E731
+    lines = ["similarity  " + "".join(f"{name:<{width + 6}}" for name, _ in cols).rstrip()]
+    for i in range(100 // step):
+        label = f"{i * step:>3}-{(i + 1) * step:<3}"
+        lines.append(f"{label}     " + "".join(f"{bar(c[i]):<{width + 6}}" for _, c in cols).rstrip())
+    return "\n".join(lines) + "\n"
+
+
 def plot_similarity_hist(plt, sims: list[float], path: Path, before: list[float] | None = None) -> None:
     """Similarity of the clause examples (NONE examples are reported apart), with the baseline's beside it."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -188,8 +212,7 @@ def write_report(result: dict, out_dir: Path, metrics_jsonl: Path | None = None,
     images: list[tuple[str, str]] = []
     rows = result.get("rows", [])
     if plt is not None:
-        clause_sims = lambda res: [r["scores"]["similarity"] for r in res.get("rows", [])  # noqa: E731
-                                   if not is_none(r["answer"])]
+        clause_sims = clause_similarities
         if clause_sims(result):
             plot_similarity_hist(plt, clause_sims(result), out_dir / "similarity_hist.png",
                                  before=clause_sims(baseline) if baseline else None)
@@ -220,7 +243,8 @@ def write_report(result: dict, out_dir: Path, metrics_jsonl: Path | None = None,
     if baseline is not None:
         md += ["## Before / after", "", f"Baseline: {baseline.get('model', '?')}"
                f"{' + ' + str(baseline['adapter']) if baseline.get('adapter') else ''}", "",
-               compare_table(baseline, result)]
+               compare_table(baseline, result), "Similarity on clause examples, before and after:", "",
+               "```", text_histogram(clause_similarities(result), clause_similarities(baseline)) + "```", ""]
     if images:
         md += ["## Plots", ""] + [f"![{title}]({name})\n" for title, name in images]
     elif plt is None:

@@ -62,3 +62,15 @@ def test_compare_table_and_report_show_clause_and_none_examples_apart(tmp_path, 
     monkeypatch.setattr(report, "_pyplot", lambda: None)
     md = report.write_report(res, tmp_path).read_text()
     assert "| clause |" in md and "| none |" in md and "| all |" in md
+
+
+def test_text_histogram_counts_each_bin_and_puts_100_in_the_last():
+    from engine.report import text_histogram
+
+    out = text_histogram([100.0, 95.0, 90.0, 89.9, 0.0], before=[10.0, 10.0], step=10, width=4)
+    lines = out.splitlines()
+    assert lines[0].split() == ["similarity", "before", "after"] and len(lines) == 11
+    counts = {ln.split()[0]: [int(t) for t in ln.split()[1:] if t.isdigit()] for ln in lines[1:]}
+    assert counts["90-100"] == [0, 3] and counts["80-90"] == [0, 1] and counts["0-10"] == [0, 1]
+    assert counts["10-20"] == [2, 0]
+    assert "████ 3" in out  # the largest count gets the full width

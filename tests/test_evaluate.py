@@ -144,6 +144,7 @@ def test_evaluate_cli_writes_eval_json_report_and_compare(tiny_model_dir, tmp_pa
     out = capsys.readouterr().out
     assert "| examples | metric | before | after | change |" in out and "| all | examples | 4 | 6 |" in out
     assert "clause examples (3)" in out and "NONE examples (3)" in out  # the headline, two kinds apart
+    assert "similarity on clause examples, before and after" in out and "90-100" in out  # the text histogram
 
     ev = json.loads((tmp_path / "after" / "eval.json").read_text())
     for key in ("model", "adapter", "data", "split", "limit", "seconds", "created", "definitions",
