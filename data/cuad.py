@@ -75,23 +75,128 @@ def _merge(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
     return out
 
 
-def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float = 0.5, merge_gap: int = 200,
-         categories=None, exclude=DEFAULT_EXCLUDE, with_description: bool = False, seed: int = 0, show: int = 5):
-    """(examples, notes). The query is the category name ("Governing Law"), or with_description=True the name
-    followed by its description from category_descriptions.csv."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: CUAD directory not found; pass cuad:DIR with master_clauses.csv, full_contract_txt/")
-    splits = SPLITS if split is None else (split,)
-    descriptions = read_categories(root / "category_descriptions.csv")
-    txt_dir = root / "full_contract_txt"
+def _columns(rows, master: Path, descriptions: dict, categories, exclude, notes: dict) -> tuple[list, list, list]:
+    """(every category column, the ones asked for, the ones that become examples) from the CSV header."""
+    if not rows.fieldnames or "Filename" not in rows.fieldnames:
+        raise DataError(f"{master}:1: no 'Filename' column; is this CUAD's master_clauses.csv?")
+    cats = [c for c in rows.fieldnames if c != "Filename" and f"{c}-Answer" in rows.fieldnames]
+    missing = [c for c in cats if c not in descriptions]
+    if missing:
+        raise DataError(f"{master}:1: categories {missing} are not in category_descriptions.csv")
+    asked = list(categories or cats)
+    unknown = [c for c in asked if c not in cats]
+    if unknown:
+        raise DataError(f"cuad: unknown categories {unknown}; choose from {cats}")
+    wanted = [c for c in asked if c not in (exclude or ())]
+    for c in asked:
+        if c not in wanted:
+            notes["left_out"][c] = {"clause_strings": 0, "why": LEFT_OUT_WHY.get(c, "excluded by the caller")}
+    return cats, asked, wanted
+
+
+def _cell_strings(row: dict, cat: str, where: str) -> list[str]:
+    try:
+        strings = ast.literal_eval(row[cat] or "[]")
+        assert isinstance(strings, list) and all(isinstance(x, str) for x in strings)
+    except (ValueError, SyntaxError, AssertionError):
+        raise DataError(f"{where}: column {cat!r} is not a Python list of strings") from None
+    return strings
+
+
+def _spans(strings: list[str], text: str, norm: dict, clauses: dict, where: str, show: int) -> tuple[list, bool]:
+    """Where one cell's clause strings sit in the contract: (spans, whether any string was not found). Each string
+    is counted as aligned, repaired (found after splitting at <omitted> or by locate) or rejected. norm caches
+    the contract's normalised text across the row's cells."""
+    spans, uncertain = [], False
+    for cl in strings:
+        clauses["total"] += 1
+        pieces = [p.strip() for p in cl.split(OMITTED) if p.strip()]
+        status = "aligned" if len(pieces) == 1 else "repaired"
+        clauses["omitted_split"] += len(pieces) > 1
+        for piece in pieces:
+            clauses["pieces"] += 1
+            i = text.find(piece)
+            if i >= 0:
+                spans.append((i, i + len(piece)))
+                continue
+            if "text" not in norm:
+                norm["text"] = normalize(text)
+            m = locate(piece, text, norm_hay=norm["text"])
+            if m is None:
+                status = "rejected"
+                continue
+            spans.append((m.start, m.end))
+            status = "repaired" if status != "rejected" else status
+        if not pieces:
+            status = "rejected"
+        clauses[status] += 1
+        if status == "rejected":
+            uncertain = True
+            if len(clauses["rejected_list"]) < show:
+                clauses["rejected_list"].append(f"{where}: not found in the contract: {cl[:80]!r}")
+    return spans, uncertain
+
+
+def _clause_windows(text: str, merged: list, key: tuple, max_context_chars: int, notes: dict) -> list:
+    """(answer start, end, window start, end) for each merged clause span: the clause with a seeded share of
+    the room left on each side (never into a neighbouring span), edges snapped to a line break or a word."""
+    out = []
+    for k, (a, b) in enumerate(merged):
+        if b - a > max_context_chars:
+            notes["too_long"] += 1
+            continue
+        lo = merged[k - 1][1] if k else 0
+        hi = merged[k + 1][0] if k + 1 < len(merged) else len(text)
+        budget = max_context_chars - (b - a)
+        left = min(a - lo, budget * (stable_hash("cuad-pad", *key, str(a)) % 1000) // 1000)
+        right = min(hi - b, budget - left)
+        left = min(a - lo, budget - right)  # give what the right side could not use back to the left
+        ws = snap_start(text, a - left, a, line_reach=LINE_REACH, any_space=True)
+        we = snap_end(text, b + right, b, line_reach=LINE_REACH)
+        out.append((a, b, ws, we))
+    return out
+
+
+def _none_examples(candidates: list, n: int, query: dict, split: str, seed: int, max_context_chars: int) -> list:
+    """n NONE examples: consecutive max_context_chars chunks of contracts that overlap no clause of the category,
+    picked by a seeded hash. candidates: (stem, category, text, merged clause spans) per contract and category."""
+    chunks = []  # (hash, stem, cat, chunk start, chunk end)
+    for stem, cat, text, merged in candidates:
+        start = 0
+        while start < len(text):
+            end = snap_end(text, min(len(text), start + max_context_chars), start + 1, line_reach=LINE_REACH)
+            if not any(a < end and b > start for a, b in merged) and text[start:end].strip():
+                chunks.append((stable_hash("cuad-none", str(seed), stem, cat, str(start)), stem, cat, start, end))
+            start = end
+    chunks.sort()
+    texts = {stem: text for stem, _, text, _ in candidates}
+    return [Example(id=f"cuad:{stem}:{cat}:none@{a}", source="cuad", category=cat, query=query[cat],
+                    context=texts[stem][a:b].strip(), answer=NONE, split=split)
+            for _, stem, cat, a, b in chunks[:n]]
+
+
+def _contract_files(txt_dir: Path) -> dict:
     if not txt_dir.is_dir():
         raise DataError(f"{txt_dir}: contract text directory not found")
     files = {}
     for p in txt_dir.iterdir():
         if p.suffix.lower() == ".txt":
             files.setdefault(file_key(p.name), p)
+    return files
 
+
+def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float = 0.5, merge_gap: int = 200,
+         categories=None, exclude=DEFAULT_EXCLUDE, with_description: bool = False, seed: int = 0, show: int = 5):
+    """(examples, notes). The query is the category name ("Governing Law"), or with_description=True the name
+    followed by its description from category_descriptions.csv. Every clause string is validated, the left-out
+    categories' too; examples are built only for the categories asked for and not excluded."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: CUAD directory not found; pass cuad:DIR with master_clauses.csv, full_contract_txt/")
+    splits = SPLITS if split is None else (split,)
+    descriptions = read_categories(root / "category_descriptions.csv")
+    txt_dir = root / "full_contract_txt"
+    files = _contract_files(txt_dir)
     master = root / "master_clauses.csv"
     clauses = {"total": 0, "aligned": 0, "repaired": 0, "rejected": 0, "omitted_split": 0, "pieces": 0,
                "rejected_list": []}
@@ -102,22 +207,7 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
     none_candidates = {s: [] for s in splits}
     with open_text(master, "CUAD master_clauses.csv") as f:
         rows = csv.DictReader(f)
-        if not rows.fieldnames or "Filename" not in rows.fieldnames:
-            raise DataError(f"{master}:1: no 'Filename' column; is this CUAD's master_clauses.csv?")
-        cats = [c for c in rows.fieldnames if c != "Filename" and f"{c}-Answer" in rows.fieldnames]
-        missing = [c for c in cats if c not in descriptions]
-        if missing:
-            raise DataError(f"{master}:1: categories {missing} are not in category_descriptions.csv")
-        asked = list(categories or cats)
-        unknown = [c for c in asked if c not in cats]
-        if unknown:
-            raise DataError(f"cuad: unknown categories {unknown}; choose from {cats}")
-        wanted = [c for c in asked if c not in (exclude or ())]
-        # every clause string is validated, the left-out categories' too; only examples are not built for them
-        validated = asked
-        for c in asked:
-            if c not in wanted:
-                notes["left_out"][c] = {"clause_strings": 0, "why": LEFT_OUT_WHY.get(c, "excluded by the caller")}
+        cats, asked, wanted = _columns(rows, master, descriptions, categories, exclude, notes)
         query = {c: f"{c} ({descriptions[c]})" if with_description else c for c in cats}
         for row in rows:
             line, fname = rows.line_num, row["Filename"]
@@ -130,59 +220,15 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
             notes["contracts"][s] += 1
             if s not in splits:
                 continue
-            text = read_text(path, "contract text")
-            norm = None
-            stem = path.stem
-            for cat in validated:
-                try:
-                    strings = ast.literal_eval(row[cat] or "[]")
-                    assert isinstance(strings, list) and all(isinstance(x, str) for x in strings)
-                except (ValueError, SyntaxError, AssertionError):
-                    raise DataError(f"{master}:{line}: column {cat!r} is not a Python list of strings") from None
-                spans, uncertain = [], False
-                for cl in strings:
-                    clauses["total"] += 1
-                    pieces = [p.strip() for p in cl.split(OMITTED) if p.strip()]
-                    status = "aligned" if len(pieces) == 1 else "repaired"
-                    clauses["omitted_split"] += len(pieces) > 1
-                    for piece in pieces:
-                        clauses["pieces"] += 1
-                        i = text.find(piece)
-                        if i >= 0:
-                            spans.append((i, i + len(piece)))
-                            continue
-                        norm = norm or normalize(text)
-                        m = locate(piece, text, norm_hay=norm)
-                        if m is None:
-                            status = "rejected"
-                            continue
-                        spans.append((m.start, m.end))
-                        status = "repaired" if status != "rejected" else status
-                    if not pieces:
-                        status = "rejected"
-                    clauses[status] += 1
-                    if status == "rejected":
-                        uncertain = True
-                        if len(clauses["rejected_list"]) < show:
-                            clauses["rejected_list"].append(f"{master}:{line} {cat!r} ({path.name}): "
-                                                            f"not found in the contract: {cl[:80]!r}")
+            text, norm, stem = read_text(path, "contract text"), {}, path.stem
+            for cat in asked:
+                strings = _cell_strings(row, cat, f"{master}:{line}")
+                spans, uncertain = _spans(strings, text, norm, clauses, f"{master}:{line} {cat!r} ({path.name})", show)
                 if cat not in wanted:  # validated and counted above; no examples
                     notes["left_out"][cat]["clause_strings"] += len(strings)
                     continue
                 merged = _merge(spans, merge_gap)
-                for k, (a, b) in enumerate(merged):
-                    if b - a > max_context_chars:
-                        notes["too_long"] += 1
-                        continue
-                    lo = merged[k - 1][1] if k else 0
-                    hi = merged[k + 1][0] if k + 1 < len(merged) else len(text)
-                    budget = max_context_chars - (b - a)
-                    left = min(a - lo, budget * (stable_hash("cuad-pad", str(seed), stem, cat, str(a)) % 1000) // 1000)
-                    right = min(hi - b, budget - left)
-                    left = min(a - lo, budget - right)  # give what the right side could not use back to the left
-                    # window edges at a line break when one is near, else between words
-                    ws = snap_start(text, a - left, a, line_reach=LINE_REACH, any_space=True)
-                    we = snap_end(text, b + right, b, line_reach=LINE_REACH)
+                for a, b, ws, we in _clause_windows(text, merged, (str(seed), stem, cat), max_context_chars, notes):
                     positives[s].append(Example(id=f"cuad:{stem}:{cat}:{a}", source="cuad", category=cat,
                                                 query=query[cat], context=text[ws:we].strip(), answer=text[a:b],
                                                 split=s))
@@ -192,21 +238,8 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
         raise DataError(f"{txt_dir}: no contract in master_clauses.csv matched a .txt file")
     examples = []
     for s in splits:
-        n_none = round(none_ratio * len(positives[s]))
-        # candidates: (hash, stem, cat, chunk start, chunk end); chunks are consecutive max_context_chars windows
-        cands = []
-        for stem, cat, text, merged in none_candidates[s]:
-            start = 0
-            while start < len(text):
-                end = snap_end(text, min(len(text), start + max_context_chars), start + 1, line_reach=LINE_REACH)
-                if not any(a < end and b > start for a, b in merged) and text[start:end].strip():
-                    cands.append((stable_hash("cuad-none", str(seed), stem, cat, str(start)), stem, cat, start, end))
-                start = end
-        cands.sort()
-        texts = {stem: text for stem, _, text, _ in none_candidates[s]}
-        nones = [Example(id=f"cuad:{stem}:{cat}:none@{a}", source="cuad", category=cat, query=query[cat],
-                         context=texts[stem][a:b].strip(), answer=NONE, split=s)
-                 for _, stem, cat, a, b in cands[:n_none]]
+        nones = _none_examples(none_candidates[s], round(none_ratio * len(positives[s])), query, s, seed,
+                               max_context_chars)
         notes["counts"][s] = {"contracts": notes["contracts"][s], "clause": len(positives[s]), "none": len(nones)}
         examples += positives[s] + nones
     return examples, notes

@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from model.generate import cpu_threads
+
 
 class _DefaultsFormatter(argparse.HelpFormatter):
     """Append "(default: X)" to a flag's help unless the help already names its default or there is none."""
@@ -41,8 +43,6 @@ THREADS_HELP = ("CPU threads for torch (default: the cores this process may use 
 
 def set_threads(requested: int | None) -> int:
     """torch's CPU threads: the requested number, else a safe default (model.generate.cpu_threads)."""
-    from model.generate import cpu_threads
-
     return cpu_threads(requested)
 
 

@@ -5,6 +5,7 @@ Works the same under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR se
 """
 from __future__ import annotations
 
+import inspect
 import os
 import random
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -120,16 +122,12 @@ def wrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
     """
     if not _STATE.enabled:
         return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ignore = [n for n, p in module.named_parameters() if not p.requires_grad]
     ignore += [n for n, _ in module.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(module, ignore)
     dev_ids = [_STATE.local_rank] if _STATE.device.type == "cuda" else None
     # torch >= 2.13 renames broadcast_buffers (and warns, once per rank, on the old name); every buffer is in the
     # ignore list above, so neither spelling syncs anything
-    import inspect
-
     no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
         else {"broadcast_buffers": False}
     return DDP(module, device_ids=dev_ids, find_unused_parameters=False, static_graph=True,

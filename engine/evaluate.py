@@ -21,18 +21,21 @@ from pathlib import Path
 
 import torch
 
-from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
-from data.example import render_prompt
+from data import load_source
+from data.example import render_prompt, stable_hash
 from data.text import make_windows
+from data.validate import validate
+from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from engine.metrics import KINDS, is_none, score, summarize
 from engine.precision import INFERENCE_MODES, inference_dtype
+from engine.report import _pyplot, clause_similarities, compare_table, text_histogram, write_report
+from model import load_adapter, load_model, load_tokenizer
+from model.files import atomic_write_text
 from model.generate import decode_span
+from model.load import EMBEDDED
 
 DECODES = ("constrained", "rank", "free")
 DEFAULT_SEQ_LEN = 8192  # tokens per window when the model reads more (Llama 3.2: 131,072; memory grows with it)
-from engine.report import _pyplot, clause_similarities, compare_table, text_histogram, write_report
-from model.files import atomic_write_text
-from model.load import EMBEDDED
 
 METRIC_NOTES = {
     "similarity": "rapidfuzz.fuzz.ratio (0-100) on whitespace-normalised text (case-sensitive)",
@@ -52,8 +55,6 @@ def eval_subset(examples: list, n: int | None, salt: str = "eval") -> list:
     categories take turns in a hashed order, so n smaller than the number of categories is not "the
     alphabetically first ones". The result keeps the input order. n None or >= len -> everything.
     """
-    from data.example import stable_hash
-
     if n is None or n >= len(examples):
         return list(examples)
     groups: dict[str, list[int]] = {}
@@ -211,16 +212,12 @@ def _device_and_dtype(device: str, precision: str = "auto"):
 def load_for_eval(model_src: str | None, adapter: str | None, *, device: str = "auto", quantize=None,
                   precision: str = "auto"):
     """(model, tokenizer, resolved model source). Without --model, an adapter's base model is used."""
-    from model import load_model, load_tokenizer
-
     if model_src is None and adapter:
         model_src = _base_of_adapter(adapter)
     device, dtype = _device_and_dtype(device, precision)
     model = load_model(model_src, dtype=dtype, device=device, quantize=quantize)
     tok = load_tokenizer(model_src)
     if adapter:
-        from model.adapter import load_adapter
-
         _base_of_adapter(adapter)  # a clear error for a wrong directory before load_adapter's own
         load_adapter(model, adapter)
     return model, tok, model_src or EMBEDDED
@@ -302,9 +299,6 @@ def run(args) -> dict:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-
-    from data import load_source
-    from data.validate import validate
 
     # the same checked examples training sees: answers repaired to the context's own text, unfindable ones dropped
     loaded, notes = load_source(args.data, args.split)

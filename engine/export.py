@@ -21,11 +21,16 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
+
 from engine.cli import CliParser, run_command
 from engine.metrics import AGGREGATE_KEYS
 from engine.report import LABELS, fmt
-from model.load import EMBEDDED
+from model import load_adapter, load_model, load_tokenizer
 from model.files import atomic_dir
+from model.hf_checkpoint import save_hf_checkpoint
+from model.load import EMBEDDED
+from model.lora import merge_lora
 
 # The embedded default is a GGUF of this hub model; cards and exported adapter configs name the hub id.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -93,12 +98,6 @@ def copy_adapter(adapter: Path, out: Path, base_id: str) -> dict:
 
 def merge_to(model_src: str, adapter: Path, out: Path, max_shard_bytes: int) -> None:
     """Full-precision base + adapter folded in -> HF checkpoint files in out."""
-    import torch
-
-    from model import load_adapter, load_model
-    from model.hf_checkpoint import save_hf_checkpoint
-    from model.lora import merge_lora
-
     model = load_model(model_src, dtype=torch.float32, device="cpu")  # never NF4: the export is full precision
     load_adapter(model, str(adapter))
     merged = merge_lora(model)
@@ -195,8 +194,6 @@ def build(args) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ExportError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    from model import load_tokenizer
 
     tok = load_tokenizer(model_src)
     # left by an export killed with SIGKILL: atomic_dir's temporaries and the old OUT it was swapping out
