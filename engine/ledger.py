@@ -56,7 +56,8 @@ class Setup:
     blocksize: int = 64
     loss_chunk: int = LOSS_CHUNK
     supervised: int | None = None  # supervised positions per micro-batch; None = worst case B*(T-1)
-    pack: bool = False  # packed rows pass a (B, 1, T, T) boolean mask to SDPA instead of is_causal
+    pack: bool = False  # packed rows: one is_causal SDPA call per segment (model.llama.attention_path's rule)
+    pack_mask: bool = False  # packed rows forced onto the (B, 1, T, T) boolean mask (Llama.segment_attention=False)
     sdpa: str = "auto"  # auto | flash | efficient | math: the SDPA kernel (auto: model.llama.attention_path's)
     device: str = "cuda"
 
@@ -196,9 +197,10 @@ def optimizer_note(s: Setup) -> str:
 
 
 def attention(cfg, s: Setup) -> AttentionPath:
-    """The SDPA path model/llama.py's Attention takes for these shapes (packed rows pass a mask), with the
-    kernel replaced by --sdpa when one is forced."""
-    path = attention_path(cfg.num_attention_heads, cfg.num_key_value_heads, s.device, masked=s.pack)
+    """The SDPA path model/llama.py's Attention takes for these shapes (packed rows: per segment, or the mask
+    when forced), with the kernel replaced by --sdpa when one is forced."""
+    path = attention_path(cfg.num_attention_heads, cfg.num_key_value_heads, s.device, packed=s.pack,
+                          masked=s.pack and s.pack_mask)
     return path if s.sdpa == "auto" else dataclasses.replace(path, kernel=s.sdpa)
 
 
@@ -229,7 +231,7 @@ def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
             out.append(("SDPA math kernel: k, v expanded to all heads", 2 * n * nh * hd * c))
     else:
         out.append(("SDPA logsumexp (fp32)", n * nh * 4))
-    if kernel != "math" and s.pack:
+    if kernel != "math" and path.masked:
         # SDPA turns the boolean mask into an additive one per call; the fused kernel keeps it for backward
         out.append(("SDPA additive mask (packed rows)", B * T_ * T_ * c))
     out += [
@@ -240,8 +242,9 @@ def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
     ]
     if T & {"q_proj", "k_proj", "v_proj"}:
         out.append(("LoRA input: attention norm output", n * H * c))
-    if "o_proj" in T and kernel == "math":
-        # fused kernels return (B, T, heads, hd)-contiguous output: the transpose+reshape is then a view of it
+    if "o_proj" in T and (kernel == "math" or path.segmented):
+        # fused kernels return (B, T, heads, hd)-contiguous output: the transpose+reshape is then a view of it;
+        # the segment path concatenates its per-segment outputs, a new tensor
         out.append(("LoRA input: attention output", n * nh * hd * c))
     if T & {"gate_proj", "up_proj"}:
         out.append(("LoRA input: MLP norm output", n * H * c))
@@ -268,7 +271,7 @@ def model_saved(cfg, s: Setup) -> list[tuple[str, int]]:
     """Saved tensors shared by all blocks or outside them (kept whether or not blocks are checkpointed)."""
     n, c, H, hd = s.tokens, s.cbytes, cfg.hidden_size, cfg.head_dim
     out = [("RoPE cos and sin", 2 * n * hd * c)]
-    if s.pack and s.checkpointing:  # a checkpoint input; without checkpointing only the per-block copies stay
+    if attention(cfg, s).masked and s.checkpointing:  # a checkpoint input; else only the per-block copies stay
         out.append(("attention mask (bool, packed rows)", s.batch_size * s.seq_len * s.seq_len))
     out += [("final norm: input + rsqrt", n * H * c + n * 4),
             ("supervised hidden rows (loss input)", s.rows * H * c),
@@ -365,7 +368,12 @@ def describe(cfg, s: Setup) -> str:
             f"{s.quantize}{'+dq' if s.double_quant else ''} LoRA r={s.lora_r} on {len(s.lora_targets)} projections, "
             f"{'checkpointing' if s.checkpointing else 'no checkpointing'}{' + offload' if s.offload else ''}, "
             f"{s.optimizer}, loss chunk {s.loss_chunk}, {s.rows} supervised rows, "
-            f"{'packed' if s.pack else 'causal'} attention, device {s.device}")
+            f"{attention_name(cfg, s)} attention, device {s.device}")
+
+
+def attention_name(cfg, s: Setup) -> str:
+    path = attention(cfg, s)
+    return "packed (mask)" if path.masked else "packed (per segment)" if path.segmented else "causal"
 
 
 def format_table(led: Ledger, measured: dict | None = None, title: str = "") -> str:

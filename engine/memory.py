@@ -3,6 +3,7 @@
     python -m engine.memory --model llama-3.2-3b --seq-len 2048 --batch-size 2
     python -m engine.memory --model path/to/config.json --seq-len 32768 --batch-size 1 --offload
     python -m engine.memory --model smollm2-135m --seq-len 256 --batch-size 2 --measure   # runs real steps
+    python -m engine.memory --model llama-3.2-3b --seq-len 2048 --batch-size 1 --budget 15GiB   # what fits
 
 The flags are engine.train's for the same knobs. `--measure` builds the model the trainer would train
 (model.load.load_model with init="random", then engine.step.prepare_model) and runs the trainer's own step
@@ -14,14 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, replace
+from fractions import Fraction
 
 import torch
 
 from engine.config import FIELDS, TrainConfig
-from engine.ledger import HIGH_PRECISION_ROWS, Ledger, Setup, describe, fmt, format_table, predict
+from engine.budget import fit, fit_grid, on_card
+from engine.ledger import ALLOCATOR_SLACK, HIGH_PRECISION_ROWS, Ledger, Setup, describe, fmt, format_table, predict
 from engine.loss import CausalLMLoss, chunked_ce_sum
 from engine.precision import MODES, Precision, auto_mode, dtype_of
 from engine.step import TrainStep, make_optimizer, prepare_model
@@ -224,6 +228,64 @@ def log_ledger(model, cfg: TrainConfig, precision: str, device: str, log=print) 
     return led
 
 
+# ------------------------------------------------------------------------------------------------ budget
+SIZE_FORMS = "e.g. 15GiB, 16GB, 15.5GiB, 800MiB or a byte count"
+SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+              "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '15GiB' (powers of 1024), '16GB' (powers of 1000: what card vendors print), '15.5GiB', '800MiB'
+    or a plain count; units case-insensitive. ValueError naming --budget otherwise."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text)
+    unit = SIZE_UNITS.get(m.group(2).lower()) if m else None
+    size = int(Fraction(m.group(1)) * unit) if unit else 0  # Fraction: 15.5GiB is exact, no float rounding
+    if size < 1:
+        raise ValueError(f"--budget: {text!r} is not a memory size ({SIZE_FORMS})")
+    return size
+
+
+def budget_answers(cfg, s: Setup, budget: int) -> dict:
+    """--budget's answers: for seq_len (at s's batch size) and batch_size (at s's sequence length), the largest
+    value that fits (None when none does) with the bytes at it and at the next step up, so the margin shows."""
+    out = {}
+    for what in ("seq_len", "batch_size"):
+        step, top = fit_grid(cfg, what)
+        value = fit(cfg, s, budget, what)
+        first = value or step  # nothing fits: show what the smallest step needs
+        nxt = first + step if value is not None and first + step <= top else None
+        at = [budget_point(cfg, replace(s, **{what: v}), budget, what) if v else None for v in (first, nxt)]
+        out[what] = {"value": value, "step": step, "limit": top, "at": at[0], "next": at[1]}
+    return out
+
+
+def budget_point(cfg, s: Setup, budget: int, what: str) -> dict:
+    led = predict(cfg, s)
+    return {what: getattr(s, what), "peak_allocated_bytes": led.peak, "on_card_bytes": on_card(led),
+            "fits": on_card(led) <= budget}
+
+
+def format_budget(answers: dict, s: Setup, budget: int, title: str) -> str:
+    compared = (f"peak allocated + CUDA context + {ALLOCATOR_SLACK:.0%} allocator slack (what nvidia-smi would show)"
+                if s.device == "cuda" else "peak allocated (no CUDA context or allocator slack off CUDA)")
+    lines = [title, f"budget {fmt(budget)} ({budget:,} bytes), compared with the predicted {compared}"]
+    for what, label, fixed in (("seq_len", "longest sequence at batch", s.batch_size),
+                               ("batch_size", "largest batch at sequence", s.seq_len)):
+        a = answers[what]
+        unit = "tokens" if what == "seq_len" else "rows"
+        head = f"{label} {fixed}: " + (f"{a['value']} {unit}" if a["value"] else "none fits")
+        lines.append(head + (f" (steps of {a['step']}, model limit {a['limit']})" if what == "seq_len" else ""))
+        for p in (a["at"], a["next"]):
+            if p is not None:
+                margin = budget - p["on_card_bytes"]
+                lines.append(f"  {what.split('_')[0]} {p[what]:>6}: peak allocated {fmt(p['peak_allocated_bytes'])}"
+                             f", on the card {fmt(p['on_card_bytes'])} "
+                             + (f"({fmt(margin)} to spare)" if margin >= 0 else f"(over by {fmt(-margin)})"))
+        if a["value"] and a["next"] is None:
+            lines.append(f"  (the next step would pass the {'model' if what == 'seq_len' else 'search'} limit)")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 class _Deprecated(argparse.Action):
     """An old spelling of a flag: works as the new one for one release, with a one-line notice on stderr."""
@@ -275,15 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--supervised", type=int, default=None,
                    help="supervised positions per micro-batch (default: all, the worst case)")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=False,
-                   help="packed rows (SDPA gets a boolean mask)")
+                   help="packed rows (one causal SDPA call per example, no (T, T) mask: model.llama.attention_path)")
     deprecated_alias(p, "--packed", "--pack", "pack", nargs=0, const=True)
     p.add_argument("--sdpa", choices=["auto", "flash", "efficient", "math"], default="auto",
-                   help="SDPA kernel to assume (auto: model.llama.attention_path's choice; GPUs before sm 80 and "
-                        "packed rows get k/v copied to every head and the memory-efficient kernel, never math)")
+                   help="SDPA kernel to assume (auto: model.llama.attention_path's choice: GPUs before sm 80 and "
+                        "masked rows get k/v copied to every head and the memory-efficient kernel, never math)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="device the prediction is for")
     p.add_argument("--measure", action="store_true",
                    help="also measure: real steps at these shapes on CUDA, or resident and saved bytes on the CPU")
     p.add_argument("--steps", type=int, default=3, help="steps for --measure on CUDA")
+    p.add_argument("--budget", metavar="SIZE",
+                   help=f"GPU memory to fit in ({SIZE_FORMS}): prints the longest sequence at --batch-size and the "
+                        "largest batch at --seq-len whose predicted peak + CUDA context + allocator slack fits")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p
 
@@ -310,10 +375,28 @@ def _setup(args) -> tuple[object, Setup]:
     return load_config(args.model), s
 
 
+def print_budget(args, cfg, s: Setup) -> int:
+    """--budget: the fitted sequence and batch instead of the ledger table. ValueError for a bad size."""
+    if args.measure:
+        raise ValueError("--budget predicts only; to confirm its answer, run --measure at that --seq-len and "
+                         "--batch-size")
+    budget = parse_size(args.budget)
+    answers = budget_answers(cfg, s, budget)
+    if args.json:
+        print(json.dumps({"model": args.model, "setup": asdict(s), "budget_bytes": budget,
+                          "compared": "on_card_bytes: predicted peak allocated + CUDA context + slack (cuda)",
+                          **answers}, indent=1))
+    else:
+        print(format_budget(answers, s, budget, f"memory budget for {args.model}: {describe(cfg, s)}"))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg, s = _setup(args)
+        if args.budget is not None:
+            return print_budget(args, cfg, s)
         led = predict(cfg, s)
         measured = None
         if args.measure:

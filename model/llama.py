@@ -109,27 +109,69 @@ class KVCache:
 @dataclass(frozen=True)
 class AttentionPath:
     """How one Attention call runs SDPA: which kernel it gets, whether k/v are copied to every query head
-    first, and whether a boolean mask is passed (else is_causal)."""
+    first, whether a boolean mask is passed, and whether packed rows run one causal call per segment."""
     kernel: str  # "flash" | "efficient" (memory-efficient) | "math"
     expand_kv: bool
     masked: bool
+    segmented: bool = False
 
 
-def attention_path(n_heads: int, n_kv: int, device, masked: bool, capability: tuple[int, int] | None = None
-                   ) -> AttentionPath:
-    """The dispatch rule of Attention.forward, stated once (engine/ledger.py predicts memory from it too).
+def attention_path(n_heads: int, n_kv: int, device, *, packed: bool = False, masked: bool = False,
+                   capability: tuple[int, int] | None = None) -> AttentionPath:
+    """The dispatch rule of Llama.hidden and Attention.forward, stated once (engine/ledger.py predicts memory
+    from it too). `packed`: the rows carry segment ids (several examples per row). `masked`: a boolean mask is
+    needed anyway: left padding in batched generation, a KV cache, segment ids that recur within a row, or
+    Llama.segment_attention switched off.
+    Packed rows without such a reason take the segment path: one is_causal SDPA call per run of equal segment
+    id (padding is a run of its own), so no (B, 1, T, T) mask exists and SDPA keeps its fused kernels; it is
+    exact, the same attention as the mask. Otherwise packed rows pass the mask.
     Only the flash kernels take grouped k/v: on the CPU (its flash kernel also accepts a mask, but then not
-    grouped k/v) and on CUDA from sm 80, in both cases without a mask. Elsewhere, with a mask (packed rows,
-    padding) or on GPUs without flash attention (T4, sm 75), SDPA would fall back to its math kernel, which
-    stores the whole (B, n, T, T) attention matrix, so k/v are copied to every head and SDPA takes the
-    memory-efficient kernel (on CUDA) or stays on flash (CPU). `capability` defaults to the device's own, or
-    sm 80 for a CUDA device this process cannot see (a prediction for another machine)."""
+    grouped k/v) and on CUDA from sm 80, in both cases without a mask. Elsewhere, with a mask or on GPUs
+    without flash attention (T4, sm 75), SDPA would fall back to its math kernel, which stores the whole
+    (B, n, T, T) attention matrix, so k/v are copied to every head and SDPA takes the memory-efficient kernel
+    (on CUDA) or stays on flash (CPU). `capability` defaults to the device's own, or sm 80 for a CUDA device
+    this process cannot see (a prediction for another machine)."""
     dev = torch.device(device)
     if dev.type == "cuda" and capability is None:
         capability = torch.cuda.get_device_capability(dev) if torch.cuda.is_available() else (8, 0)
     flash = dev.type != "cuda" or capability[0] >= 8
     kernel = "flash" if dev.type != "cuda" or (flash and not masked) else "efficient"
-    return AttentionPath(kernel=kernel, expand_kv=n_kv != n_heads and (masked or not flash), masked=masked)
+    return AttentionPath(kernel=kernel, expand_kv=n_kv != n_heads and (masked or not flash), masked=masked,
+                         segmented=packed and not masked)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Packed rows as runs of equal segment id: their lengths, row after row, adding up to B*T."""
+    lengths: tuple[int, ...]
+
+
+def segment_runs(segment_ids: torch.Tensor) -> Segments | None:
+    """The runs of equal id in each row of segment_ids (B, T); None when an id recurs later in its row (its
+    runs would then not be its example: the mask path handles that). One host sync per forward."""
+    seg = segment_ids.cpu()  # the sync: the run lengths become Python ints for split()
+    B, T = seg.shape
+    start = torch.ones(B, T, dtype=torch.bool)
+    start[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    rows, cols = start.nonzero(as_tuple=True)  # every row starts a run at 0, so no run crosses rows
+    pairs = torch.stack([rows, seg[rows, cols]])
+    if torch.unique(pairs, dim=1).shape[1] != pairs.shape[1]:
+        return None
+    flat = torch.cat([rows * T + cols, torch.tensor([B * T])])
+    return Segments(tuple(torch.diff(flat).tolist()))
+
+
+def _sdpa_per_segment(q, k, v, lengths, gqa):
+    """Causal SDPA on each run of `lengths` (the examples of every row, one after another): (B, n, T, hd) q and
+    (B, n_kv, T, hd) k, v -> (B*T, n, hd). split() keeps views, and its backward is one cat per tensor (slicing
+    each run would zero-fill a whole q-sized gradient per run)."""
+    B, n, T, hd = q.shape
+    # (B, n, T, hd) -> (B*T, n, hd): a view when q was (B, T, n, hd) in memory, as the projections leave it
+    qs, ks, vs = (t.transpose(1, 2).reshape(B * T, t.shape[1], hd).split(lengths) for t in (q, k, v))
+    out = [F.scaled_dot_product_attention(a.transpose(0, 1)[None], b.transpose(0, 1)[None], c.transpose(0, 1)[None],
+                                          is_causal=True, enable_gqa=gqa)[0].transpose(0, 1)  # (L, n, hd)
+           for a, b, c in zip(qs, ks, vs)]
+    return torch.cat(out)  # (B*T, n, hd); a copy of the outputs, which o_proj's LoRA then keeps
 
 
 class Attention(nn.Module):
@@ -142,6 +184,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        """mask: None (causal), a boolean (B, 1, T, S) tensor (build_mask), or Segments (packed rows)."""
         B, T, _ = x.shape
         # (B, T, n*hd) -> (B, n, T, hd)
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
@@ -152,11 +195,15 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, T_past + T, hd)
-        path = attention_path(self.n_heads, self.n_kv, q.device, masked=mask is not None)
+        path = attention_path(self.n_heads, self.n_kv, q.device, packed=isinstance(mask, Segments),
+                              masked=torch.is_tensor(mask))
         if path.expand_kv:  # keeps SDPA off its O(T^2)-memory math kernel (see attention_path)
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)  # (B, n_kv, S, hd) -> (B, n, S, hd)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         gqa = self.n_kv != self.n_heads and not path.expand_kv
+        if path.segmented:
+            y = _sdpa_per_segment(q, k, v, mask.lengths, gqa).view(B, T, self.n_heads * self.hd)
+            return self.o_proj(y)
         if path.masked:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
@@ -261,6 +308,9 @@ class Llama(nn.Module):
         self.source = None  # where the weights came from (load_model), named in adapter configs
         self.lora_config = None  # the LoRA settings once apply_lora / load_adapter has run (model/lora.py)
 
+    # False sends packed rows through the (B, 1, T, T) mask instead of per-segment SDPA (tests, benchmarks)
+    segment_attention = True
+
     def set_gradient_checkpointing(self, enabled: bool = True, offload: bool = False):
         """Recompute each block in backward (non-reentrant: works under DDP and with frozen inputs).
         offload=True also parks each checkpointed block input on the CPU until its recompute."""
@@ -272,6 +322,19 @@ class Llama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
+    def attention_input(self, T, segment_ids, attention_mask, past, cached, device):
+        """What every Attention call gets, by attention_path's rule: Segments for packed rows on the segment
+        path, else build_mask's boolean mask, or None for plain causal rows."""
+        cfg = self.config
+        n_heads, n_kv, packed = cfg.num_attention_heads, cfg.num_key_value_heads, segment_ids is not None
+        masked = attention_mask is not None or cached or not self.segment_attention
+        if attention_path(n_heads, n_kv, device, packed=packed, masked=masked).segmented:
+            runs = segment_runs(segment_ids)
+            if runs is not None:
+                # rows that are one example each need no splitting: one batched causal call
+                return None if all(n == T for n in runs.lengths) else runs
+        return build_mask(T, segment_ids, attention_mask, past, device)
+
     def hidden(self, input_ids, *, position_ids=None, segment_ids=None, attention_mask=None, cache=None):
         """Final-normed hidden states (B, T, H); the training loss applies lm_head only where labels exist."""
         B, T = input_ids.shape
@@ -280,7 +343,7 @@ class Llama(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
-        mask = build_mask(T, segment_ids, attention_mask, past, input_ids.device)
+        mask = self.attention_input(T, segment_ids, attention_mask, past, cache is not None, input_ids.device)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.model.layers:
             if ckpt and self.offload:

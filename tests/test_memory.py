@@ -1,6 +1,7 @@
 """engine/ledger.py + engine/memory.py: the ledger's resident bytes are exact, its saved-activation list matches
 what autograd keeps."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -103,7 +104,7 @@ def test_checkpointing_keeps_one_block_input_per_layer_and_offload_moves_them_to
 
 def test_packed_gqa_rows_on_cuda_use_the_efficient_kernel_with_kv_copied_to_all_heads():
     cfg = load_config("llama-3.2-3b")
-    rows = dict(ledger.block_saved(cfg, Setup(seq_len=1024, batch_size=1, pack=True)))
+    rows = dict(ledger.block_saved(cfg, Setup(seq_len=1024, batch_size=1, pack=True, pack_mask=True)))
     assert not any("math kernel" in k for k in rows)  # no (B, heads, T, T) probabilities
     assert rows["k after RoPE, copied to all heads"] == 1024 * 24 * 128 * 2
     assert rows["SDPA additive mask (packed rows)"] == 1024 * 1024 * 2
@@ -208,3 +209,29 @@ def test_the_dequantisation_transient_is_what_model_quant_says():
         s = Setup(seq_len=64, batch_size=1, device=device, double_quant=True)
         want = dequant_path((8192, 3072), 64, device, torch.bfloat16, True).transient_bytes
         assert ledger.dequant_transient(cfg, s) == want
+
+
+def test_packed_gqa_rows_on_the_segment_path_keep_grouped_kv_and_no_mask():
+    cfg = load_config("llama-3.2-3b")
+    for device in ("cuda", "cpu"):  # sm 80+ (a CUDA device this process cannot see) and the CPU: flash kernels
+        s = Setup(seq_len=1024, batch_size=2, pack=True, device=device)
+        rows = dict(ledger.block_saved(cfg, s))
+        assert rows["k after RoPE"] == 2 * 1024 * 8 * 128 * 2  # n_kv heads: no copy
+        assert not any("mask" in k or "copied" in k or "math kernel" in k for k in rows)
+        assert rows["LoRA input: attention output"] == 2 * 1024 * 24 * 128 * 2  # the concatenated segment outputs
+        assert not any("attention mask" in r.name for r in predict(cfg, s).rows)
+
+
+@pytest.mark.parametrize("pack_mask", [False, True], ids=["segments", "mask"])
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
+def test_packed_saved_activations_match_hooks_on_either_attention_path(tiny, monkeypatch, pack_mask, checkpointing):
+    from model.llama import Llama
+
+    monkeypatch.setattr(Llama, "segment_attention", not pack_mask)
+    s = Setup(seq_len=48, batch_size=2, lora_r=8, checkpointing=checkpointing, precision="fp32", device="cpu",
+              loss_chunk=16, pack=True, pack_mask=pack_mask, supervised=40)
+    got = measure_cpu(tiny, s)["total saved"]
+    want = predict(tiny, s).total("saved")
+    assert abs(want - got) <= SAVED_TOLERANCE * got, (want, got)
+    other = predict(tiny, replace(s, pack_mask=not pack_mask)).total("saved")
+    assert abs(other - got) > SAVED_TOLERANCE * got  # the two paths differ by more than the tolerance

@@ -192,8 +192,13 @@ def test_attention_forward_copies_kv_exactly_when_attention_path_says_so(tiny_co
     monkeypatch.setattr(llama, "attention_path", lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
     model = llama.Llama(tiny_config).eval()
     ids = torch.randint(0, tiny_config.vocab_size, (1, 12))
+    seg = torch.tensor([[1] * 6 + [2] * 6])
     with torch.no_grad():
         model.hidden(ids)
-        model.hidden(ids, segment_ids=torch.tensor([[1] * 6 + [2] * 6]))
+        model.hidden(ids, segment_ids=seg)  # the segment path: grouped k/v stay grouped
+        model.segment_attention = False
+        model.hidden(ids, segment_ids=seg)  # the mask: k/v copied to every head
     n = tiny_config.num_hidden_layers
-    assert [c.expand_kv for c in calls] == [False] * n + [True] * n
+    # one call per forward (Llama.attention_input chooses what the blocks get), then one per layer
+    assert [c.expand_kv for c in calls] == [False] * (n + 1) + [False] * (n + 1) + [True] * (n + 1)
+    assert [c.segmented for c in calls] == [False] * (n + 1) + [True] * (n + 1) + [False] * (n + 1)

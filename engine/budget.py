@@ -1,0 +1,50 @@
+"""What fits in a memory budget, from the ledger alone: the longest sequence and the largest batch whose predicted
+bytes on the card stay within it (`python -m engine.memory --budget 15GiB`). Pure arithmetic over
+engine.ledger.predict; a GPU run of `engine.memory --measure` at the answer confirms it."""
+from __future__ import annotations
+
+import dataclasses
+
+from engine.ledger import Ledger, Setup, predict
+
+SEQ_STEP = 256  # fit() answers sequence lengths in multiples of this: finer would promise more than the estimate holds
+MAX_FIT_BATCH = 1 << 16  # an upper end for the batch search; any real budget runs out long before
+
+
+def on_card(led: Ledger) -> int:
+    """What the card must hold, the figure a budget is compared with: the predicted peak allocated plus what lies
+    outside the allocator's count (CUDA context, allocator slack; no such rows off CUDA)."""
+    return led.peak + led.total("outside")
+
+
+def fit_grid(cfg, what: str, step: int | None = None) -> tuple[int, int]:
+    """(step, top) of fit()'s search for `what`: sequences in multiples of SEQ_STEP up to the model's
+    max_position_embeddings, batches in ones up to MAX_FIT_BATCH."""
+    if what not in ("seq_len", "batch_size"):
+        raise ValueError(f"fit: what must be seq_len or batch_size, not {what!r}")
+    if what == "seq_len":
+        return step or SEQ_STEP, cfg.max_position_embeddings
+    return step or 1, MAX_FIT_BATCH
+
+
+def fit(cfg, s: Setup, budget: int, what: str = "seq_len", step: int | None = None) -> int | None:
+    """The largest `what` (seq_len or batch_size), the other knobs as in `s`, whose on_card() bytes are at most
+    `budget`: a multiple of `step` (SEQ_STEP for sequences, 1 for batches), sequences never above the model's
+    max_position_embeddings. None when even one step does not fit. Searches (doubling, then bisecting) on the
+    ledger's monotone growth in both knobs; tests check that monotony on a grid."""
+    step, top = fit_grid(cfg, what, step)
+    top //= step  # the search runs in steps: k fits when k * step does
+
+    def fits(k: int) -> bool:
+        return on_card(predict(cfg, dataclasses.replace(s, **{what: k * step}))) <= budget
+
+    if top < 1 or not fits(1):
+        return None
+    lo, hi = 1, 2  # in steps; invariant: lo fits, hi does not or lies above top
+    while hi <= top and fits(hi):
+        lo, hi = hi, 2 * hi
+    hi = min(hi, top + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * step
