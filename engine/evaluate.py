@@ -31,10 +31,10 @@ from engine.precision import INFERENCE_MODES, inference_dtype
 from engine.report import _pyplot, clause_similarities, compare_table, text_histogram, write_report
 from model import load_adapter, load_model, load_tokenizer
 from model.files import atomic_write_text
-from model.generate import decode_span
+from model.generate import channel_answer, decode_span
 from model.load import EMBEDDED
 
-DECODES = ("constrained", "rank", "free")
+DECODES = ("constrained", "rank", "free", "channel")
 DEFAULT_SEQ_LEN = 8192  # tokens per window when the model reads more (Llama 3.2: 131,072; memory grows with it)
 
 METRIC_NOTES = {
@@ -101,8 +101,12 @@ def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, decode:
     best, n_prompt, n_tokens = None, None, 0
     for a, b in windows:
         prompt = render_prompt(replace(ex, context=ex.context[a:b]))
-        ans = decode_span(model, tok, prompt, ex.context[a:b], max_new_tokens=max_new_tokens,
-                          constrained=decode != "free", rank=decode == "rank")
+        if decode == "channel":  # the paragraph that best explains the query, whole (model.generate.channel_answer)
+            ans = channel_answer(model, tok, ex.query, ex.context[a:b])
+            ans.prompt_tokens = len(tok.encode(tok.chat_prompt(prompt)))
+        else:
+            ans = decode_span(model, tok, prompt, ex.context[a:b], max_new_tokens=max_new_tokens,
+                              constrained=decode != "free", rank=decode == "rank")
         n_prompt = n_prompt or ans.prompt_tokens
         n_tokens += ans.tokens
         quoted = not is_none(ans.text)
@@ -265,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode", choices=DECODES, default="constrained",
                     help="constrained: every answer is a verbatim slice of its context (or NONE), decided on the "
                          "text; rank: constrained, starting at the paragraph (or NONE) whose first 16 tokens the model "
-                         "finds likeliest; free: plain greedy decoding")
+                         "finds likeliest; free: plain greedy decoding; channel: the whole paragraph under which "
+                         "the query is likeliest (noisy channel), NONE when none beats an empty clause")
     ap.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per answer")
     ap.add_argument("--seq-len", type=int, default=None,
                     help="tokens the model reads per window, prompt + answer; a context whose prompt does not fit "

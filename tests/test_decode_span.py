@@ -109,3 +109,33 @@ def test_shared_prefix_decoding_gives_what_each_prompt_alone_gives(random_chatml
     alone = [decode_span(model, tok, p, ctx, max_new_tokens=12, rank=rank) for p in prompts]
     assert [(a.text, a.start, a.end) for a in together] == [(a.text, a.start, a.end) for a in alone]
     assert all(abs(a.logprob - b.logprob) < 1e-3 for a, b in zip(together, alone))
+
+
+def test_channel_scores_batched_equal_one_at_a_time(random_chatml):
+    """Right padding in the batched pass changes nothing: each clause's score equals scoring it alone, which is
+    the summed log-softmax of the query's tokens after CHANNEL_PROMPT."""
+    from model.generate import CHANNEL_PROMPT, channel_scores
+
+    model, tok = random_chatml
+    texts = ["1. Term. This Agreement lasts two (2) years.", "2. Governing Law. New York law governs.", "x"]
+    batched = channel_scores(model, tok, texts, "Governing Law")
+    for t, b in zip(texts, batched):
+        p = tok.encode(tok.chat_prompt(CHANNEL_PROMPT.format(clause=t)))
+        q = tok.encode("Governing Law")
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([p + q]))[0].float(), -1)
+        by_hand = sum(float(lp[len(p) - 1 + j, q[j]]) for j in range(len(q)))
+        assert b == pytest.approx(by_hand, abs=1e-4)
+
+
+def test_channel_answer_quotes_a_whole_paragraph_with_offsets_or_none(random_chatml):
+    from model.generate import channel_answer, paragraphs
+
+    model, tok = random_chatml
+    ctx = CONTEXTS[0]
+    spans = paragraphs(ctx)
+    assert [ctx[a:b] for a, b in spans] == [p.strip() for p in ctx.split("\n\n")]
+    ans = channel_answer(model, tok, "Governing Law", ctx, margin=-1e9)  # any paragraph beats the bar
+    assert (ans.start, ans.end) in spans and ctx[ans.start:ans.end] == ans.text
+    assert channel_answer(model, tok, "Governing Law", ctx, margin=1e9).text == "NONE"  # none can
+    assert channel_answer(model, tok, "Governing Law", "   \n\n  ").text == "NONE"
