@@ -115,8 +115,10 @@ def wrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
 
     - Frozen base weights (NF4 buffers, embeddings, norms) are identical on every rank because every rank loads
       them from the same file, so we tell DDP to ignore them: no multi-GB broadcast at start-up and no buckets.
-    - static_graph=True: the same adapters get gradients every step, and it lets DDP cooperate with
-      non-reentrant activation checkpointing (the recomputation fires the same autograd hooks again).
+    - static_graph stays False: with it, a step whose first micro-batches run under no_sync (gradient
+      accumulation, e.g. the T4 recipe's grad_accum 4) dies in DDP's reducer ("expect_autograd_hooks_ INTERNAL
+      ASSERT", torch 2.13; tests/test_train_ddp.py). Non-reentrant checkpointing needs no static graph: the
+      recomputation runs inside backward and each adapter's gradient hook still fires once.
       find_unused_parameters stays False: every adapter is used every step, and the search costs a graph walk.
     - no buffer sync (forward_sync_buffers / broadcast_buffers False): no buffer changes during training.
     """
@@ -130,7 +132,7 @@ def wrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
     # ignore list above, so neither spelling syncs anything
     no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
         else {"broadcast_buffers": False}
-    return DDP(module, device_ids=dev_ids, find_unused_parameters=False, static_graph=True,
+    return DDP(module, device_ids=dev_ids, find_unused_parameters=False, static_graph=False,
                gradient_as_bucket_view=True, **no_sync)
 
 
