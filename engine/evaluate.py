@@ -31,7 +31,8 @@ from engine.precision import INFERENCE_MODES, inference_dtype
 from engine.report import _pyplot, clause_similarities, compare_table, text_histogram, write_report
 from model import load_adapter, load_model, load_tokenizer
 from model.files import atomic_write_text
-from model.generate import channel_answer, decode_span
+from model.channel import channel_answer
+from model.generate import decode_span
 from model.load import EMBEDDED
 
 DECODES = ("constrained", "rank", "free", "channel")

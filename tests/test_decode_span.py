@@ -114,7 +114,7 @@ def test_shared_prefix_decoding_gives_what_each_prompt_alone_gives(random_chatml
 def test_channel_scores_batched_equal_one_at_a_time(random_chatml):
     """Right padding in the batched pass changes nothing: each clause's score equals scoring it alone, which is
     the summed log-softmax of the query's tokens after CHANNEL_PROMPT."""
-    from model.generate import CHANNEL_PROMPT, channel_scores
+    from model.channel import CHANNEL_PROMPT, channel_scores
 
     model, tok = random_chatml
     texts = ["1. Term. This Agreement lasts two (2) years.", "2. Governing Law. New York law governs.", "x"]
@@ -129,7 +129,7 @@ def test_channel_scores_batched_equal_one_at_a_time(random_chatml):
 
 
 def test_channel_answer_quotes_a_whole_paragraph_with_offsets_or_none(random_chatml):
-    from model.generate import channel_answer, paragraphs
+    from model.channel import channel_answer, paragraphs
 
     model, tok = random_chatml
     ctx = CONTEXTS[0]
