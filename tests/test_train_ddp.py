@@ -18,6 +18,23 @@ from tests.conftest import REPO
 from tests.test_train import cfg_args, read_metrics, run_train, tiny_cfg
 
 
+def run_torchrun(cfg):
+    """engine.train under torchrun with 2 gloo processes, one thread each, as launch.sh runs it; must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "engine.train", *cfg_args(cfg)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def assert_close_metrics(a: dict, b: dict, keys) -> None:
+    """One metrics.jsonl row of each run: every key present agrees to rtol 1e-4."""
+    for k in keys:
+        if k in a:
+            assert abs(a[k] - b[k]) <= 1e-4 * abs(a[k]), (a["step"], k, a[k], b[k])
+
+
 def test_two_process_ddp_matches_one_process_with_same_global_batch(tmp_path):
     one = tiny_cfg(tmp_path, out=str(tmp_path / "one"), batch_size=2, grad_accum=2, eval_every=3)
     r = run_train(cfg_args(one))
@@ -25,18 +42,12 @@ def test_two_process_ddp_matches_one_process_with_same_global_batch(tmp_path):
     # the 2-process run also recomputes blocks (non-reentrant checkpointing under DDP):
     # recomputation changes no number, so it must still match
     two = tiny_cfg(tmp_path, out=str(tmp_path / "two"), batch_size=2, grad_accum=1, eval_every=3, checkpointing=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "engine.train", *cfg_args(two)], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_torchrun(two)
     assert "2 process(es)" in r.stdout
     m1, m2 = read_metrics(one.out), read_metrics(two.out)
     assert [r["step"] for r in m1] == [r["step"] for r in m2] == [0, 1, 2, 3, 4, 5, 6]
     for a, b in zip(m1, m2):
-        for k in ("loss", "eval_loss", "grad_norm"):
-            if k in a:
-                assert abs(a[k] - b[k]) <= 1e-4 * abs(a[k]), (a["step"], k, a[k], b[k])
+        assert_close_metrics(a, b, ("loss", "eval_loss", "grad_norm"))
         if "tokens" in a:
             assert a["tokens"] == b["tokens"] and a["supervised_tokens"] == b["supervised_tokens"]
     w1 = load_file(Path(one.out) / "adapter" / "adapter_model.safetensors")
@@ -55,14 +66,8 @@ def test_two_process_ddp_with_gradient_accumulation_matches_one_process(tmp_path
     r = run_train(cfg_args(one))
     assert r.returncode == 0, r.stderr[-2000:]
     two = tiny_cfg(tmp_path, out=str(tmp_path / "two"), batch_size=1, grad_accum=2, eval_every=0, checkpointing=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "engine.train", *cfg_args(two)], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_torchrun(two)
     m1, m2 = read_metrics(one.out), read_metrics(two.out)
     assert [r["step"] for r in m1] == [r["step"] for r in m2] and len(m1) > 2
     for a, b in zip(m1, m2):
-        for k in ("loss", "grad_norm"):
-            if k in a:
-                assert abs(a[k] - b[k]) <= 1e-4 * abs(a[k]), (a["step"], k, a[k], b[k])
+        assert_close_metrics(a, b, ("loss", "grad_norm"))
