@@ -31,7 +31,7 @@ from engine.precision import INFERENCE_MODES, inference_dtype
 from engine.report import _pyplot, clause_similarities, compare_table, text_histogram, write_report
 from model import load_adapter, load_model, load_tokenizer
 from model.files import atomic_write_text
-from model.channel import channel_answer
+from model.channel import ChannelRule, channel_answer
 from model.generate import decode_span
 from model.load import EMBEDDED
 
@@ -93,17 +93,19 @@ def prompt_windows(tok, ex, budget: int) -> list[tuple[int, int]]:
     return make_windows(ex.context, lambda text: len(tok.encode(text)), budget - overhead)
 
 
-def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, decode: str = "constrained") -> dict:
+def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, decode: str = "constrained",
+                   rule: ChannelRule | None = None) -> dict:
     """Answer one example from its query and context alone: each window decoded greedily (decode_span); when
     several windows quote something, the quote with the highest mean log-probability wins; all NONE -> NONE.
     Returns prediction, start/end (character offsets into ex.context, None for NONE or a free-text answer),
-    logprob, windows, prompt_tokens (of the first window) and tokens generated."""
+    logprob, windows, prompt_tokens (of the first window) and tokens generated; with decode "channel" also
+    channel: the winning window's paragraph scores and NONE features (rule decides NONE; engine.calibrate)."""
     windows = prompt_windows(tok, ex, seq_len - max_new_tokens)
     best, n_prompt, n_tokens = None, None, 0
     for a, b in windows:
         prompt = render_prompt(replace(ex, context=ex.context[a:b]))
         if decode == "channel":  # the paragraph that best explains the query, whole (model.generate.channel_answer)
-            ans = channel_answer(model, tok, ex.query, ex.context[a:b])
+            ans = channel_answer(model, tok, ex.query, ex.context[a:b], rule)
             ans.prompt_tokens = len(tok.encode(tok.chat_prompt(prompt)))
         else:
             ans = decode_span(model, tok, prompt, ex.context[a:b], max_new_tokens=max_new_tokens,
@@ -117,8 +119,11 @@ def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, decode:
     _, ans, a = best
     start = None if ans.start is None else a + ans.start
     end = None if ans.end is None else a + ans.end
-    return {"prediction": ans.text, "start": start, "end": end, "logprob": round(ans.logprob, 4),
-            "windows": len(windows), "prompt_tokens": n_prompt, "tokens": n_tokens}
+    row = {"prediction": ans.text, "start": start, "end": end, "logprob": round(ans.logprob, 4),
+           "windows": len(windows), "prompt_tokens": n_prompt, "tokens": n_tokens}
+    if ans.detail is not None:  # channel: offsets made relative to the whole context, like start/end
+        row["channel"] = {**ans.detail, "best": [a + x for x in ans.detail["best"]]}
+    return row
 
 
 # ---- running the model -------------------------------------------------------------------------------------
@@ -143,7 +148,7 @@ class Progress:
 
 
 def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 1024, seq_len: int = 8192,
-                      decode: str = "constrained", progress: bool = False) -> dict:
+                      decode: str = "constrained", rule: ChannelRule | None = None, progress: bool = False) -> dict:
     """Answer every example (answer_example) and score it -> {"overall", "clause", "none", "by_category",
     "by_source", "rows"}.
 
@@ -161,7 +166,8 @@ def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 1024,
     try:
         with torch.inference_mode():
             for i, ex in enumerate(examples):
-                r = answer_example(model, tok, ex, seq_len=seq_len, max_new_tokens=max_new_tokens, decode=decode)
+                r = answer_example(model, tok, ex, seq_len=seq_len, max_new_tokens=max_new_tokens, decode=decode,
+                                   rule=rule)
                 rows.append({"id": ex.id, "category": ex.category, "source": ex.source, "query": ex.query,
                              "answer": ex.answer, **r,
                              "scores": score(r["prediction"], ex.answer, ex.context, r["start"])})
@@ -272,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "text; rank: constrained, starting at the paragraph (or NONE) whose first 16 tokens the model "
                          "finds likeliest; free: plain greedy decoding; channel: the whole paragraph under which "
                          "the query is likeliest (noisy channel), NONE when none beats an empty clause")
+    ap.add_argument("--channel-rule", default=None, metavar="RULE_JSON",
+                    help="with --decode channel: when to answer NONE, as fitted by python -m engine.calibrate on "
+                         "training-split queries (default: NONE only when no paragraph beats an empty clause)")
     ap.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per answer")
     ap.add_argument("--seq-len", type=int, default=None,
                     help="tokens the model reads per window, prompt + answer; a context whose prompt does not fit "
@@ -301,6 +310,9 @@ def run(args) -> dict:
     if args.seq_len is not None and args.seq_len <= args.max_new_tokens + 64:
         raise ValueError(f"--seq-len {args.seq_len} leaves no room for a prompt beside --max-new-tokens "
                          f"{args.max_new_tokens}; raise --seq-len or lower --max-new-tokens")
+    if args.channel_rule and args.decode != "channel":
+        raise ValueError("--channel-rule decides NONE for --decode channel; add --decode channel or drop it")
+    rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
     baseline = read_eval_json(args.compare) if args.compare else None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -330,12 +342,14 @@ def run(args) -> dict:
               file=sys.stderr, flush=True)
     t1 = time.perf_counter()
     res = evaluate_examples(model, tok, subset, max_new_tokens=args.max_new_tokens, seq_len=args.seq_len,
-                            decode=args.decode, progress=not args.quiet)
+                            decode=args.decode, rule=rule, progress=not args.quiet)
     seconds = time.perf_counter() - t1
     result = {
         "model": model_src, "adapter": args.adapter, "data": args.data, "split": args.split,
         "limit": args.limit, "n_available": len(examples), "n_rejected": rep.rejected, "seq_len": args.seq_len,
         "max_new_tokens": args.max_new_tokens, "decode": args.decode, "quantize": args.quantize,
+        "channel_rule": None if args.decode != "channel" else {"file": args.channel_rule,
+                                                               **(rule or ChannelRule()).to_dict()},
         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
         "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
         "seconds": round(seconds, 2),

@@ -2,6 +2,10 @@
 the answer is a whole paragraph of the context, with its offsets, or NONE (engine.evaluate --decode channel)."""
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 
 from model.generate import Answer, candidate_starts
@@ -20,41 +24,117 @@ def paragraphs(context: str) -> list[tuple[int, int]]:
     return [(a, a + len(context[a:b].rstrip())) for a, b in zip(starts, ends) if context[a:b].strip()]
 
 
+IGNORE = -100  # labels that are not the query's tokens (engine.loss's convention)
+
+
+def channel_batch(tokenizer, texts: list[str], query: str, max_clause_tokens: int = 768,
+                  device=None) -> dict[str, torch.Tensor]:
+    """One packed row (1, T) holding, for each text, CHANNEL_PROMPT around it followed by the query's tokens:
+    input_ids; position_ids restarting at 0 for each text; segment_ids (the text's index: attention stays within
+    each, as for the trainer's packed rows, so no compute is spent on padding); labels, the query's tokens where
+    they stand and IGNORE elsewhere. A text longer than max_clause_tokens is cut to its first tokens (what a
+    clause is about shows early)."""
+    q = tokenizer.encode(query)
+    assert q, "an empty query has no likelihood"
+    ids, pos, seg, labels = [], [], [], []
+    for i, t in enumerate(texts):
+        body = tokenizer.decode(tokenizer.encode(t)[:max_clause_tokens])
+        r = tokenizer.encode(tokenizer.chat_prompt(CHANNEL_PROMPT.format(clause=body)))
+        ids += r + q
+        pos += list(range(len(r) + len(q)))
+        seg += [i] * (len(r) + len(q))
+        labels += [IGNORE] * len(r) + q
+    row = lambda x: torch.tensor([x], dtype=torch.long, device=device)  # noqa: E731
+    return {"input_ids": row(ids), "position_ids": row(pos), "segment_ids": row(seg), "labels": row(labels)}
+
+
+def query_logprobs(model, input_ids, labels, position_ids, segment_ids) -> torch.Tensor:
+    """(n,) for a channel_batch row of n texts: log p(labelled tokens | what precedes them in their segment),
+    summed per text; differentiable (engine.channel_train). lm_head runs only where a label is predicted (the
+    query's few tokens), not over every position."""
+    h = model.hidden(input_ids, position_ids=position_ids, segment_ids=segment_ids)  # (1, T, H)
+    target = labels[:, 1:]
+    where = target != IGNORE
+    lp = torch.log_softmax(model.lm_head(h[:, :-1][where]).float(), -1)  # (N, V): N labelled positions
+    tok_lp = lp.gather(1, target[where][:, None]).squeeze(1)
+    rows = segment_ids[:, 1:][where]
+    n = int(segment_ids.max()) + 1
+    return torch.zeros(n, dtype=tok_lp.dtype, device=tok_lp.device).index_add(0, rows, tok_lp)
+
+
 @torch.no_grad()
 def channel_scores(model, tokenizer, texts: list[str], query: str, max_clause_tokens: int = 768) -> list[float]:
-    """log p(query | CHANNEL_PROMPT with each text as the clause), summed over the query's tokens: one batched
-    forward pass, right-padded (causal attention: pads after a row's tokens change nothing before them). A text
-    longer than max_clause_tokens is cut to its first tokens (what a clause is about shows early)."""
-    device = model.lm_head.weight.device
-    q = tokenizer.encode(query)
-    rows = []
-    for t in texts:
-        body = tokenizer.decode(tokenizer.encode(t)[:max_clause_tokens])
-        rows.append(tokenizer.encode(tokenizer.chat_prompt(CHANNEL_PROMPT.format(clause=body))))
-    L = max(len(r) for r in rows) + len(q)
-    ids = torch.full((len(rows), L), tokenizer.pad_id, dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        ids[i, :len(r) + len(q)] = torch.tensor(r + q, device=device)
-    h = model.hidden(ids)  # (n, L, H)
-    out = []
-    for i, r in enumerate(rows):  # the logits that predict the query's tokens: positions len(r)-1 ... len(r)+len(q)-2
-        lp = torch.log_softmax(model.lm_head(h[i, len(r) - 1:len(r) + len(q) - 1]).float(), -1)  # (len(q), V)
-        out.append(float(lp.gather(1, torch.tensor(q, device=device)[:, None]).sum()))
-    return out
+    """log p(query | CHANNEL_PROMPT with each text as the clause), summed over the query's tokens, for every text
+    in one packed forward pass (channel_batch, query_logprobs)."""
+    b = channel_batch(tokenizer, texts, query, max_clause_tokens, model.lm_head.weight.device)
+    return query_logprobs(model, **b).tolist()
 
 
-def channel_answer(model, tokenizer, query: str, context: str, margin: float = 0.0) -> Answer:
-    """The paragraph of `context` that makes `query` likeliest (channel_scores), quoted whole with its offsets;
-    NONE when even the best one raises the query's log-probability by no more than `margin` over CHANNEL_NULL.
-    logprob is that gain per query token (the answer's confidence, comparable across windows)."""
+FEATURES = ("gain", "gap", "lead")  # what a ChannelRule may weigh, each per query token (see channel_features)
+
+
+def channel_features(scores: list[float], null: float, query_tokens: int) -> dict[str, float]:
+    """What the NONE decision can see, per query token so that long and short queries compare:
+    gain: how much the best paragraph raises log p(query) over CHANNEL_NULL;
+    gap: how far the best paragraph is ahead of the runner-up (a relevant clause stands out among distractors;
+         among distractors only, the best is one of many alike); 0 with one paragraph;
+    lead: how far the best is ahead of the mean of the others."""
+    assert scores and query_tokens > 0
+    s = sorted(scores, reverse=True)
+    rest = s[1:] or s[:1]
+    return {"gain": (s[0] - null) / query_tokens, "gap": (s[0] - (s[1] if len(s) > 1 else s[0])) / query_tokens,
+            "lead": (s[0] - sum(rest) / len(rest)) / query_tokens}
+
+
+@dataclass(frozen=True)
+class ChannelRule:
+    """Quote the best paragraph when bias + sum(weights[f] * feature f) > 0, else answer NONE. The default,
+    gain > 0, quotes whenever the best paragraph explains the query better than no clause. A fitted rule
+    (engine.calibrate, on training-split queries) is read from JSON with from_file."""
+    weights: dict = field(default_factory=lambda: {"gain": 1.0})
+    bias: float = 0.0
+
+    def __post_init__(self):
+        bad = [f for f in self.weights if f not in FEATURES]
+        if bad:
+            raise ValueError(f"channel rule: unknown feature(s) {bad}; known: {', '.join(FEATURES)}")
+
+    def value(self, features: dict[str, float]) -> float:
+        return self.bias + sum(w * features[f] for f, w in self.weights.items())
+
+    @classmethod
+    def from_file(cls, path) -> "ChannelRule":
+        """The rule engine.calibrate wrote (JSON: {"weights": {...}, "bias": b, ...provenance})."""
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(weights={str(k): float(v) for k, v in d["weights"].items()}, bias=float(d["bias"]))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: channel rule not found; python -m engine.calibrate writes one") from None
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"{path}: not a channel rule written by engine.calibrate ({e})") from None
+
+    def to_dict(self) -> dict:
+        return {"weights": dict(self.weights), "bias": self.bias}
+
+
+def channel_answer(model, tokenizer, query: str, context: str, rule: ChannelRule | None = None) -> Answer:
+    """The paragraph of `context` that makes `query` likeliest (channel_scores), quoted whole with its offsets,
+    or NONE when `rule` (default: the best must beat CHANNEL_NULL) says no paragraph answers the query.
+    logprob is the best paragraph's gain per query token (its confidence, comparable across windows); detail
+    holds the raw scores, the features (engine.calibrate fits a rule on them) and the best paragraph's [start, end)
+    even when the answer is NONE."""
+    rule = rule or ChannelRule()
     spans = paragraphs(context)
     if not spans:
         return Answer("NONE", None, None, 0.0, 0, 1)
+    n_q = max(1, len(tokenizer.encode(query)))
     scores = channel_scores(model, tokenizer, [context[a:b] for a, b in spans] + [CHANNEL_NULL], query)
     null, scores = scores[-1], scores[:-1]
     best = max(range(len(spans)), key=lambda i: scores[i])
-    gain = (scores[best] - null) / max(1, len(tokenizer.encode(query)))
-    if scores[best] - null <= margin:
-        return Answer("NONE", None, None, gain, 0, 1)
+    feats = channel_features(scores, null, n_q)
+    detail = {"scores": [round(x, 4) for x in scores], "null": round(null, 4), "query_tokens": n_q,
+              "features": {k: round(v, 4) for k, v in feats.items()}, "best": list(spans[best])}
+    if rule.value(feats) <= 0:
+        return Answer("NONE", None, None, feats["gain"], 0, 1, detail=detail)
     a, b = spans[best]
-    return Answer(context[a:b], a, b, gain, 0, 1)
+    return Answer(context[a:b], a, b, feats["gain"], 0, 1, detail=detail)

@@ -88,6 +88,7 @@ class Answer:
     tokens: int         # tokens generated, the stop token excluded
     steps: int          # forward passes after the prompt (copy-ahead verifies several tokens per pass)
     prompt_tokens: int = 0  # the prompt's length in tokens, chat template included
+    detail: dict | None = None  # what a decoder measured on the way (channel: every paragraph's score)
 
 
 class SpanTracker:

@@ -112,7 +112,7 @@ def test_shared_prefix_decoding_gives_what_each_prompt_alone_gives(random_chatml
 
 
 def test_channel_scores_batched_equal_one_at_a_time(random_chatml):
-    """Right padding in the batched pass changes nothing: each clause's score equals scoring it alone, which is
+    """Packing every clause into one row changes nothing: each clause's score equals scoring it alone, which is
     the summed log-softmax of the query's tokens after CHANNEL_PROMPT."""
     from model.channel import CHANNEL_PROMPT, channel_scores
 
@@ -129,13 +129,13 @@ def test_channel_scores_batched_equal_one_at_a_time(random_chatml):
 
 
 def test_channel_answer_quotes_a_whole_paragraph_with_offsets_or_none(random_chatml):
-    from model.channel import channel_answer, paragraphs
+    from model.channel import ChannelRule, channel_answer, paragraphs
 
     model, tok = random_chatml
     ctx = CONTEXTS[0]
     spans = paragraphs(ctx)
     assert [ctx[a:b] for a, b in spans] == [p.strip() for p in ctx.split("\n\n")]
-    ans = channel_answer(model, tok, "Governing Law", ctx, margin=-1e9)  # any paragraph beats the bar
+    ans = channel_answer(model, tok, "Governing Law", ctx, ChannelRule(bias=1e9))  # any paragraph passes
     assert (ans.start, ans.end) in spans and ctx[ans.start:ans.end] == ans.text
-    assert channel_answer(model, tok, "Governing Law", ctx, margin=1e9).text == "NONE"  # none can
+    assert channel_answer(model, tok, "Governing Law", ctx, ChannelRule(bias=-1e9)).text == "NONE"  # none can
     assert channel_answer(model, tok, "Governing Law", "   \n\n  ").text == "NONE"

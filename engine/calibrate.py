@@ -1,0 +1,173 @@
+"""Fit when the noisy-channel decoder answers NONE, on queries it is never tested on.
+
+    python -m engine.evaluate --decode channel --data acord:DIR --split train --limit 300 --out runs/eval/calib
+    python -m engine.calibrate --rows runs/eval/calib/eval.json --out runs/calib/channel_rule.json \\
+        [--max-wrongly-none 10] [--features gain,gap,lead] [--check runs/eval/test_channel/eval.json]
+
+`--decode channel` picks a paragraph well but cannot tell a context with the clause from one without it: the
+best paragraph always explains the query somewhat. Each row of a channel eval.json carries what the decision can
+see (model.channel.channel_features: the best paragraph's gain over an empty clause, its lead over the runner-up
+and over the mean, per query token). This fits a logistic regression of "the context holds a clause" on those
+features, then sets its threshold so that at most --max-wrongly-none % of the calibration rows that hold a clause
+are answered NONE (the issue's bound), and writes the rule with its provenance.
+`engine.evaluate --decode channel --channel-rule RULE` applies it.
+
+--check re-decides the rows of another channel eval.json with the fitted rule from their stored scores (no model
+is loaded: the decision reads only the features, and the best paragraph's offsets are stored even where the run
+answered NONE) and prints the headline that evaluate would. Calibrate on a training or validation split; a rule
+fitted on the split it is checked on measures nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+
+import numpy as np
+
+from data import load_source
+from data.example import NONE
+from data.validate import validate
+from engine.cli import CliParser, run_command
+from engine.evaluate import headline, read_eval_json
+from engine.metrics import is_none, score, summarize
+from model.channel import FEATURES, ChannelRule
+from model.files import atomic_write_text
+
+
+def channel_rows(d: dict, path) -> list[dict]:
+    """The rows of a channel eval.json, each with its stored scores; a clear error for any other file."""
+    if d.get("decode") != "channel":
+        raise ValueError(f"{path}: decode is {d.get('decode')!r}; calibrate reads an eval.json written by "
+                         "engine.evaluate --decode channel")
+    rows = d.get("rows") or []
+    missing = [r.get("id") for r in rows if "channel" not in r]
+    if not rows or missing:
+        raise ValueError(f"{path}: {len(missing) or 'no'} rows without channel scores (first: "
+                         f"{missing[:1]}); rerun engine.evaluate --decode channel with this version")
+    return rows
+
+
+def design(rows: list[dict], features: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """X (n, k): each row's features; y (n,): 1 where the gold answer is a clause, 0 where it is NONE."""
+    X = np.array([[r["channel"]["features"][f] for f in features] for r in rows], dtype=np.float64)
+    y = np.array([0.0 if is_none(r["answer"]) else 1.0 for r in rows])
+    return X, y
+
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 50) -> tuple[np.ndarray, float]:
+    """Weights and bias of p(y=1 | x) = sigmoid(x.w + b) by Newton's method on the mean log-loss plus l2 |w|^2
+    (the bias unpenalised); features are standardised inside and the result mapped back to raw units."""
+    assert X.ndim == 2 and len(X) == len(y) and 0 < y.sum() < len(y), "need both classes"
+    mu, sd = X.mean(0), X.std(0) + 1e-12
+    Z = np.hstack([(X - mu) / sd, np.ones((len(X), 1))])
+    theta = np.zeros(Z.shape[1])
+    reg = np.full(Z.shape[1], l2)
+    reg[-1] = 0.0
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(Z @ theta)))
+        grad = Z.T @ (p - y) / len(y) + reg * theta
+        H = (Z * (p * (1 - p))[:, None]).T @ Z / len(y) + np.diag(reg)
+        step = np.linalg.solve(H, grad)
+        theta -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    w = theta[:-1] / sd
+    return w, float(theta[-1] - (w * mu).sum())
+
+
+def fit_rule(rows: list[dict], features: tuple[str, ...], max_wrongly_none: float) -> tuple[ChannelRule, dict]:
+    """The logistic direction, then the bias moved so that at most max_wrongly_none % of clause rows fall at or
+    below 0 (answered NONE). Returns the rule and what it does on the calibration rows."""
+    X, y = design(rows, features)
+    w, _ = fit_logistic(X, y)
+    v = X @ w
+    clause_v = np.sort(v[y == 1])
+    k = int(np.floor(max_wrongly_none / 100 * len(clause_v)))  # clause rows allowed at or below the threshold
+    # threshold between the k-th and (k+1)-th lowest clause values: exactly k of them answered NONE
+    t = (clause_v[k - 1] + clause_v[k]) / 2 if k > 0 else clause_v[0] - 1e-6
+    rule = ChannelRule(weights={f: float(x) for f, x in zip(features, w)}, bias=float(-t))
+    vals = X @ w - t
+    fit = {"rows": int(len(y)), "clause_rows": int(y.sum()), "none_rows": int(len(y) - y.sum()),
+           "wrongly_none": round(100 * float((vals[y == 1] <= 0).mean()), 2),
+           "none_answered_none": round(100 * float((vals[y == 0] <= 0).mean()), 2)}
+    return rule, fit
+
+
+def redecide(d: dict, rows: list[dict], rule: ChannelRule, path) -> list[dict]:
+    """The rows as evaluate would have written them under `rule`: NONE or the stored best paragraph, rescored."""
+    loaded, notes = load_source(d["data"], d["split"])
+    examples, _ = validate(loaded, d["data"], notes)
+    by_id = {ex.id: ex for ex in examples}
+    out = []
+    for r in rows:
+        ex = by_id.get(r["id"])
+        if ex is None:
+            raise ValueError(f"{path}: row {r['id']!r} is not in {d['data']} split {d['split']}; was the data "
+                             "changed since the run?")
+        if rule.value(r["channel"]["features"]) > 0:
+            a, b = r["channel"]["best"]
+            pred, start, end = ex.context[a:b], a, b
+        else:
+            pred, start, end = NONE, None, None
+        out.append({**r, "prediction": pred, "start": start, "end": end,
+                    "scores": score(pred, ex.answer, ex.context, start)})
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = CliParser(prog="python -m engine.calibrate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", required=True, help="eval.json of engine.evaluate --decode channel on a train or "
+                                                  "valid split")
+    ap.add_argument("--out", required=True, help="where to write the rule (JSON)")
+    ap.add_argument("--features", default=",".join(FEATURES), help="comma-separated features the rule weighs")
+    ap.add_argument("--max-wrongly-none", type=float, default=10.0,
+                    help="percent of clause rows the rule may answer NONE on the calibration rows")
+    ap.add_argument("--check", default=None, metavar="EVAL_JSON",
+                    help="another channel eval.json (e.g. the test split): print its headline under the rule")
+    return ap
+
+
+def run(args) -> dict:
+    features = tuple(f.strip() for f in args.features.split(",") if f.strip())
+    bad = [f for f in features if f not in FEATURES]
+    if not features or bad:
+        raise ValueError(f"--features: unknown {bad or 'none given'}; choose from {', '.join(FEATURES)}")
+    if not 0 <= args.max_wrongly_none < 100:
+        raise ValueError(f"--max-wrongly-none must be a percent in [0, 100), got {args.max_wrongly_none}")
+    d = read_eval_json(args.rows)
+    rows = channel_rows(d, args.rows)
+    if d.get("split") == "test":
+        print(f"warning: {args.rows} is a test split; a rule fitted on test data cannot be evaluated on it",
+              file=sys.stderr)
+    n_none = sum(is_none(r["answer"]) for r in rows)
+    if n_none == 0 or n_none == len(rows):
+        raise ValueError(f"{args.rows}: rows of one kind only ({n_none} NONE of {len(rows)}); calibration needs "
+                         "contexts with and without a clause")
+    rule, fit = fit_rule(rows, features, args.max_wrongly_none)
+    doc = {**rule.to_dict(), "features": list(features), "max_wrongly_none": args.max_wrongly_none,
+           "calibration": {"eval_json": str(args.rows), "data": d.get("data"), "split": d.get("split"),
+                           "model": d.get("model"), "adapter": d.get("adapter"), **fit},
+           "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
+    print(f"rule: NONE unless {rule.bias:+.3f} " + " ".join(f"{w:+.3f}*{f}" for f, w in rule.weights.items())
+          + " > 0")
+    print(f"on the calibration rows ({fit['rows']}: {fit['clause_rows']} clause, {fit['none_rows']} NONE): "
+          f"wrongly NONE {fit['wrongly_none']}%, NONE answered NONE {fit['none_answered_none']}%")
+    print(f"wrote {args.out}")
+    if args.check:
+        c = read_eval_json(args.check)
+        checked = redecide(c, channel_rows(c, args.check), rule, args.check)
+        result = {**summarize(checked), "decode": "channel"}
+        print(f"{args.check} under the rule:\n{headline(result)}")
+        doc["check"] = {"eval_json": str(args.check), "clause": result["clause"], "none": result["none"]}
+    return doc
+
+
+def main(argv=None) -> int:
+    return run_command(run, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
