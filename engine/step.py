@@ -80,8 +80,9 @@ def forward_backward(loss_model, micro_batches: list[dict], prec: Precision, wor
         sync = contextlib.nullcontext() if last or world_size == 1 else loss_model.no_sync()
         with sync:
             with prec.autocast():
+                extra = {"choice": b["choice"]} if "choice" in b else {}  # engine.channel_train's listwise loss
                 part = loss_model(b["input_ids"], b["labels"], position_ids=b.get("position_ids"),
-                                  segment_ids=b.get("segment_ids"), loss_weights=b.get("loss_weights"))
+                                  segment_ids=b.get("segment_ids"), loss_weights=b.get("loss_weights"), **extra)
             prec.backward(part * scale)
         loss_sum += part.detach().double().cpu()  # note: a host sync per micro-batch; negligible next to a step
         del part  # the graph is already freed by backward; drop the last reference before the next forward

@@ -1,0 +1,205 @@
+"""Train the noisy-channel choice itself: LoRA on the listwise loss over a context's paragraphs and "no clause".
+
+    python -m engine.channel_train --data acord:DIR --out runs/channel [--max-steps 100] [--groups-per-step 4]
+
+`engine.evaluate --decode channel` answers with the paragraph under which the attorney's query is likeliest, or
+NONE when no paragraph beats an empty clause (model.channel). Zero-shot it already picks the right ACORD clause
+70% of the time, but it cannot say NONE: the best of five unrelated clauses still explains a query better than no
+clause at all. engine.train's token loss cannot teach that decision (it is under 1% of a clause row's loss, and
+it is asked in the other direction). This trains exactly the decision the decoder makes: for each example, the
+scores s_i = log p(query | paragraph i) of its paragraphs and of CHANNEL_NULL go through a softmax, and the loss
+is the cross-entropy of the gold choice (the paragraph holding the answer, or CHANNEL_NULL for NONE). One
+example weighs one, whatever its lengths. After training, the default rule (quote iff the best paragraph beats
+CHANNEL_NULL) is the decision trained; no threshold is fitted.
+
+The step is engine.step's TrainStep (optimizer, schedule, loss scaling, clipping) on the same NF4 + LoRA model
+engine.train builds; only the loss (ChannelLoss) and the batches (one example's candidates per micro-batch)
+differ. It runs in one process and writes OUT/adapter (PEFT layout), OUT/metrics.jsonl, OUT/config.json and,
+with --save-every, OUT/checkpoints/step-N/adapter (adapters only: a stopped run is restarted, not resumed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data.validate import load_validated
+from engine import dist
+from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
+from engine.config import TrainConfig
+from engine.evaluate import evaluate_examples
+from engine.metrics import is_none
+from engine.precision import Precision
+from engine.step import TrainStep, lr_at, make_optimizer, prepare_model
+from model import load_model, load_tokenizer
+from model.adapter import save_adapter
+from model.channel import CHANNEL_NULL, IGNORE, channel_batch, paragraphs, query_logprobs
+from model.files import atomic_write_text
+from model.load import EMBEDDED
+
+
+class ChannelLoss(torch.nn.Module):
+    """Cross-entropy of the gold choice over one example's channel scores (its paragraphs, then CHANNEL_NULL).
+    The call signature is engine.loss.CausalLMLoss's, so TrainStep drives it unchanged; loss_weights only set
+    TrainStep's normalisation (they sum to 1 per example: the step's loss is the mean over its examples)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.hits = self.calls = 0  # examples whose gold choice scored highest (before the step): train accuracy
+
+    def forward(self, input_ids, labels, position_ids=None, segment_ids=None, loss_weights=None, choice=None):
+        assert choice is not None and segment_ids is not None, "one example's channel_batch per micro-batch"
+        scores = query_logprobs(self.model, input_ids, labels, position_ids, segment_ids)  # (n_candidates,)
+        self.hits += int(int(scores.detach().argmax()) == int(choice))
+        self.calls += 1
+        return F.cross_entropy(scores[None], choice.view(1), reduction="sum")
+
+
+def choice_of(ex) -> tuple[list[str], int] | None:
+    """(candidate texts: the context's paragraphs, then CHANNEL_NULL; index of the gold one) or None when the
+    answer spans two paragraphs (the decoder could not quote it)."""
+    spans = paragraphs(ex.context)
+    texts = [ex.context[a:b] for a, b in spans] + [CHANNEL_NULL]
+    if is_none(ex.answer):
+        return texts, len(spans)
+    at = ex.context.find(ex.answer.strip())
+    assert at >= 0, f"{ex.id}: validated answers are in their context"
+    inside = [i for i, (a, b) in enumerate(spans) if a <= at and at + len(ex.answer.strip()) <= b]
+    return (texts, inside[0]) if inside else None
+
+
+def make_group(tok, ex, texts: list[str], gold: int, max_candidates: int, max_clause_tokens: int,
+               rng: random.Random) -> dict:
+    """One micro-batch: at most max_candidates paragraphs (the gold one kept, others sampled), always
+    CHANNEL_NULL last, in a shuffled order; choice is where the gold one ended up."""
+    paras, null = list(range(len(texts) - 1)), len(texts) - 1
+    others = [i for i in paras if i != gold]
+    keep = rng.sample(others, min(len(others), max_candidates - (gold != null)))
+    order = keep + ([gold] if gold != null else [])
+    rng.shuffle(order)
+    order.append(null)
+    b = channel_batch(tok, [texts[i] for i in order], ex.query, max_clause_tokens)
+    w = (b["labels"] != IGNORE).float()
+    return {**b, "loss_weights": w / w.sum(), "choice": torch.tensor(order.index(gold))}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = CliParser(prog="python -m engine.channel_train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=EMBEDDED, help="HF dir, hub id, .gguf or smollm2-135m")
+    ap.add_argument("--data", required=True, help="acord:DIR, cuad:DIR or jsonl:FILE")
+    ap.add_argument("--split", default="train", help="split to train on")
+    ap.add_argument("--eval-split", default="valid", help="split for the periodic channel evaluation")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
+    ap.add_argument("--groups-per-step", type=int, default=4, help="examples (candidate groups) per step")
+    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (cosine decay to 10%%)")
+    ap.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
+    ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
+    ap.add_argument("--max-candidates", type=int, default=8, help="paragraphs per example, the gold one included")
+    ap.add_argument("--max-clause-tokens", type=int, default=768, help="a paragraph is cut to its first N tokens "
+                                                                       "(as the decoder reads it)")
+    ap.add_argument("--quantize", choices=("nf4", "none"), default="nf4", help="the frozen base: NF4 or as loaded")
+    ap.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="recompute each decoder block in backward (less memory, about a third more compute)")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                    help="auto: fp32 on the CPU, bf16/fp16 on a GPU; bf16 is fast on CPUs with AMX")
+    ap.add_argument("--eval-every", type=int, default=0, help="channel evaluation on --eval-split every N steps "
+                                                              "and at the end (0: never)")
+    ap.add_argument("--save-every", type=int, default=0, help="also save OUT/checkpoints/step-N/adapter")
+    ap.add_argument("--seed", type=int, default=0, help="LoRA init and data order")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier run's adapter in OUT")
+    return ap
+
+
+def _groups(tok, examples, args):
+    """The usable examples (texts, gold) in a seeded order, forever: one pass after another, reshuffled."""
+    usable = [(ex, *c) for ex in examples if (c := choice_of(ex)) is not None]
+    if not usable:
+        raise ValueError(f"{args.data}: no example whose answer lies within one paragraph")
+    rng = random.Random(args.seed)
+    while True:
+        order = list(range(len(usable)))
+        rng.shuffle(order)
+        for i in order:
+            ex, texts, gold = usable[i]
+            yield make_group(tok, ex, texts, gold, args.max_candidates, args.max_clause_tokens, rng)
+
+
+def _evaluate(model, tok, eval_ex, prec) -> dict:
+    with prec.autocast():
+        res = evaluate_examples(model, tok, eval_ex, decode="channel", max_new_tokens=1, seq_len=8192)
+    c, n = res["clause"], res["none"]
+    return {"eval_clause_avg_similarity": c["avg_similarity"], "eval_clause_right_start": c["right_start"],
+            "eval_clause_wrongly_none": c["predicted_none"], "eval_none_answered_none": n["predicted_none"]}
+
+
+def run(args) -> dict:
+    for name in ("max_steps", "groups_per_step", "lora_r", "max_candidates", "max_clause_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+    out = Path(args.out)
+    if (out / "adapter").exists() and not args.overwrite:
+        raise ValueError(f"{out}/adapter exists; pass --overwrite to replace it or choose another --out")
+    set_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    train_ex, rep = load_validated(args.data, args.split)
+    eval_ex = load_validated(args.data, args.eval_split)[0] if args.eval_every else []
+    tok = load_tokenizer(args.model)
+    cfg = TrainConfig(model=args.model, data=args.data, lr=args.lr, warmup_steps=args.warmup_steps,
+                      max_steps=args.max_steps, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
+                      quantize=args.quantize, precision=args.precision, checkpointing=args.checkpointing,
+                      seed=args.seed)
+    prec = Precision(cfg.precision, device)
+    dist.seed_all(args.seed)
+    model = load_model(args.model, dtype=prec.param_dtype, device=device,
+                       quantize=None if args.quantize == "none" else args.quantize)
+    prepare_model(model, cfg, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_model = ChannelLoss(model)
+    step = TrainStep(loss_model, params, make_optimizer(cfg, params, device), prec, grad_clip=cfg.grad_clip)
+    groups = _groups(tok, train_ex, args)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(vars(args), indent=1) + "\n")
+    print(f"channel training on {len(train_ex)} {args.split} examples of {args.data} ({rep.rejected} rejected), "
+          f"{args.max_steps} steps x {args.groups_per_step} examples, precision {prec.mode}", file=sys.stderr)
+    metrics = open(out / "metrics.jsonl", "w")
+    t0 = time.perf_counter()
+    try:
+        for s in range(args.max_steps):
+            batch = [{k: v.to(device) for k, v in next(groups).items()} for _ in range(args.groups_per_step)]
+            loss_model.hits = loss_model.calls = 0
+            r = step(batch, s, lr=lr_at(s, cfg, args.max_steps))
+            row = {"step": s + 1, "loss": r.loss, "train_acc": loss_model.hits / loss_model.calls,
+                   "lr": lr_at(s, cfg, args.max_steps), "grad_norm": r.grad_norm,
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            if args.eval_every and ((s + 1) % args.eval_every == 0 or s + 1 == args.max_steps):
+                row.update(_evaluate(model, tok, eval_ex, prec))
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                  file=sys.stderr, flush=True)
+            if args.save_every and (s + 1) % args.save_every == 0:
+                save_adapter(model, out / "checkpoints" / f"step-{s + 1}" / "adapter", base_model=args.model)
+    finally:
+        metrics.close()
+    save_adapter(model, out / "adapter", base_model=args.model)
+    print(f"wrote {out / 'adapter'}")
+    return {"steps": args.max_steps}
+
+
+def main(argv=None) -> int:
+    return run_command(run, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
