@@ -26,6 +26,7 @@ from data.text import Match, locate, make_windows
 from engine.evaluate import PRECISION_HELP, Progress, load_for_eval
 from engine.precision import INFERENCE_MODES
 from engine.metrics import is_none
+from model.channel import ChannelRule, channel_answer
 from model.generate import decode_span, decode_spans, generate
 
 ALL_CATEGORIES = tuple(c for c in CATEGORIES if c not in DEFAULT_EXCLUDE)
@@ -152,9 +153,11 @@ def window_budget(tok, clause: str, seq_len: int, max_new_tokens: int) -> int:
 
 
 def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: int = 384, batch_size: int = 4,
-                    quiet: bool = True):
+                    quiet: bool = True, query: str | None = None, rule: ChannelRule | None = None):
     """find_clause's answer_fn for a loaded model: constrained/rank answers are slices of each window, decoded
-    one window at a time; free answers are greedy text, batch_size windows at a time."""
+    one window at a time; free answers are greedy text, batch_size windows at a time; channel answers are the
+    window's paragraph under which `query` is likeliest, or NONE as `rule` decides (model.channel)."""
+    assert decode != "channel" or query, "the channel decoder scores the query itself"
     def answer_fn(prompts, contexts):
         bar = Progress(len(prompts), label="reading", enabled=not quiet, unit="windows")
         bar.update(0)
@@ -167,8 +170,11 @@ def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: 
                     bar.update(len(out))
                 return out
             for prompt, ctx in zip(prompts, contexts):
-                out.append(decode_span(model, tok, prompt, ctx, max_new_tokens=max_new_tokens,
-                                       rank=decode == "rank"))
+                if decode == "channel":
+                    out.append(channel_answer(model, tok, query, ctx, rule))
+                else:
+                    out.append(decode_span(model, tok, prompt, ctx, max_new_tokens=max_new_tokens,
+                                           rank=decode == "rank"))
                 bar.update(len(out))
         return out
     return answer_fn
@@ -187,10 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, default=384, help="generation budget per window")
     ap.add_argument("--overlap", type=float, default=0.25, help="fraction of a window shared with the next")
     ap.add_argument("--batch-size", type=int, default=4, help="windows decoded together (--decode free)")
-    ap.add_argument("--decode", choices=("constrained", "rank", "free"), default="constrained",
+    ap.add_argument("--decode", choices=("constrained", "rank", "free", "channel"), default="constrained",
                     help="constrained: every answer is a verbatim slice of the contract (or NONE), decided on the "
                          "text; rank: constrained, starting at the paragraph the model finds likeliest; free: plain "
-                         "greedy decoding, the answer snapped to its closest span (not with --clause all)")
+                         "greedy decoding, the answer snapped to its closest span; channel: the whole paragraph "
+                         "under which the clause name is likeliest, or NONE (best with an engine.channel_train "
+                         "adapter); free and channel not with --clause all")
+    ap.add_argument("--channel-rule", default=None, metavar="RULE_JSON",
+                    help="with --decode channel: when to answer NONE (python -m engine.calibrate); default: NONE "
+                         "when no paragraph beats an empty clause")
     ap.add_argument("--min-score", type=float, default=60.0,
                     help="--decode free: drop answers whose closest span of the contract has a copy score (how "
                          "exactly the text was copied, 0-100) below this")
@@ -214,8 +225,12 @@ def run(args) -> dict:
     if not 0 <= args.min_score <= 100:
         raise ValueError(f"--min-score must be within 0-100, got {args.min_score}")
     every = args.clause.strip().lower() == "all"
-    if every and args.decode == "free":
-        raise ValueError("--clause all needs --decode constrained or rank (answers located by construction)")
+    if every and args.decode in ("free", "channel"):
+        raise ValueError(f"--clause all needs --decode constrained or rank, not {args.decode} (one pass over the "
+                         "contract serves every clause type only there)")
+    if args.channel_rule and args.decode != "channel":
+        raise ValueError("--channel-rule decides NONE for --decode channel; add --decode channel or drop it")
+    rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
     text = read_contract(args.contract)  # before loading the model: a bad path fails in a second
     set_threads(args.threads)
     model, tok, _ = load_for_eval(args.model, args.adapter, device=args.device, precision=args.precision,
@@ -227,7 +242,7 @@ def run(args) -> dict:
         return _run_all(args, text, model, tok, budget)
     per_window: list[dict] = []
     answer_fn = window_answerer(model, tok, decode=args.decode, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, quiet=args.quiet)
+                                batch_size=args.batch_size, quiet=args.quiet, query=args.clause, rule=rule)
     matches, n_windows = find_clause(text, args.clause, answer_fn, lambda s: len(tok.encode(s)), budget,
                                      overlap=args.overlap, min_score=args.min_score, log=per_window)
     best = matches[0] if matches else None

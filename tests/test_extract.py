@@ -136,6 +136,31 @@ def test_cli_constrained_quotes_are_slices_of_the_file_with_progress(tiny_model_
         assert raw[m["start"]:m["end"]] == m["text"] and m["verbatim"] and m["copy_score"] == 100.0
 
 
+def test_cli_channel_quotes_whole_paragraphs_of_the_file(tiny_model_dir, contract_file, tmp_path, capsys):
+    """--decode channel: every match is a slice of the file holding one paragraph (whole, unless a window edge
+    cut it) with its offsets; a rule that never quotes (a JSON file, as engine.calibrate writes) finds nothing."""
+    from model.channel import paragraphs
+
+    raw = contract_file.read_bytes().decode("utf-8")
+    spans = paragraphs(raw)
+    args = ["--model", str(tiny_model_dir), "--contract", str(contract_file), "--clause", "Governing Law",
+            "--seq-len", "900", "--decode", "channel", "--quiet"]
+    always = tmp_path / "always.json"
+    always.write_text(json.dumps({"weights": {"gain": 0.0}, "bias": 1.0}))
+    assert main(args + ["--channel-rule", str(always), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["found"] and res["matches"]
+    for m in res["matches"]:
+        assert raw[m["start"]:m["end"]] == m["text"]
+        assert any(a <= m["start"] and m["end"] <= b for a, b in spans)  # within one paragraph of the file
+    never = tmp_path / "never.json"
+    never.write_text(json.dumps({"weights": {"gain": 0.0}, "bias": -1.0}))
+    assert main(args + ["--channel-rule", str(never)]) == 0
+    assert capsys.readouterr().out.strip() == "No Governing Law clause found."
+    assert main(args[:-3] + ["--clause", "all", "--decode", "channel"]) != 0
+    assert "--clause all" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", [["--batch-size", "0"], ["--max-new-tokens", "-5"], ["--min-score", "120"]])
 def test_cli_bad_numbers_are_refused_before_loading(tmp_path, contract_file, capsys, flag):
     assert main(["--model", str(tmp_path / "no-such-model"), "--contract", str(contract_file),
