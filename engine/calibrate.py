@@ -26,9 +26,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from data import load_source
 from data.example import NONE
-from data.validate import validate
+from data.validate import load_validated
 from engine.cli import CliParser, run_command
 from engine.evaluate import headline, read_eval_json
 from engine.metrics import is_none, score, summarize
@@ -97,8 +96,7 @@ def fit_rule(rows: list[dict], features: tuple[str, ...], max_wrongly_none: floa
 
 def redecide(d: dict, rows: list[dict], rule: ChannelRule, path) -> list[dict]:
     """The rows as evaluate would have written them under `rule`: NONE or the stored best paragraph, rescored."""
-    loaded, notes = load_source(d["data"], d["split"])
-    examples, _ = validate(loaded, d["data"], notes)
+    examples, _ = load_validated(d["data"], d["split"], max_rejected=1.0)  # as evaluate kept them
     by_id = {ex.id: ex for ex in examples}
     out = []
     for r in rows:

@@ -33,9 +33,10 @@ from data.validate import load_validated
 from engine import dist
 from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from engine.config import TrainConfig
-from engine.evaluate import evaluate_examples
+from engine.evaluate import DEFAULT_SEQ_LEN, evaluate_examples
 from engine.metrics import is_none
 from engine.precision import Precision
+from engine.rundir import RunDir
 from engine.step import TrainStep, lr_at, make_optimizer, prepare_model
 from model import load_model, load_tokenizer
 from model.adapter import save_adapter
@@ -136,7 +137,8 @@ def _groups(tok, examples, args):
 
 def _evaluate(model, tok, eval_ex, prec) -> dict:
     with prec.autocast():
-        res = evaluate_examples(model, tok, eval_ex, decode="channel", max_new_tokens=1, seq_len=8192)
+        res = evaluate_examples(model, tok, eval_ex, decode="channel", max_new_tokens=1,
+                                seq_len=min(model.config.max_position_embeddings, DEFAULT_SEQ_LEN))
     c, n = res["clause"], res["none"]
     return {"eval_clause_avg_similarity": c["avg_similarity"], "eval_clause_right_start": c["right_start"],
             "eval_clause_wrongly_none": c["predicted_none"], "eval_none_answered_none": n["predicted_none"]}
@@ -147,18 +149,29 @@ def run(args) -> dict:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     out = Path(args.out)
-    if (out / "adapter").exists() and not args.overwrite:
-        raise ValueError(f"{out}/adapter exists; pass --overwrite to replace it or choose another --out")
-    set_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    train_ex, rep = load_validated(args.data, args.split)
-    eval_ex = load_validated(args.data, args.eval_split)[0] if args.eval_every else []
-    tok = load_tokenizer(args.model)
     cfg = TrainConfig(model=args.model, data=args.data, lr=args.lr, warmup_steps=args.warmup_steps,
                       max_steps=args.max_steps, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
                       quantize=args.quantize, precision=args.precision, checkpointing=args.checkpointing,
-                      seed=args.seed)
+                      seed=args.seed, overwrite=args.overwrite)
+    guard = RunDir(out).lock()  # the user's run directory, as engine.train treats it: one writer, no silent overwrite
+    try:
+        return _train(args, cfg, out, guard)
+    finally:
+        guard.release()
+
+
+def _train(args, cfg: TrainConfig, out: Path, guard: RunDir) -> dict:
+    try:
+        guard.check_start(cfg, resume=False)
+        set_threads(args.threads)
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+        train_ex, rep = load_validated(args.data, args.split)
+        eval_ex = load_validated(args.data, args.eval_split)[0] if args.eval_every else []
+        tok = load_tokenizer(args.model)
+    except BaseException:
+        guard.abandon()  # a refused or failed start leaves OUT as it was
+        raise
     prec = Precision(cfg.precision, device)
     dist.seed_all(args.seed)
     model = load_model(args.model, dtype=prec.param_dtype, device=device,
@@ -168,7 +181,8 @@ def run(args) -> dict:
     loss_model = ChannelLoss(model)
     step = TrainStep(loss_model, params, make_optimizer(cfg, params, device), prec, grad_clip=cfg.grad_clip)
     groups = _groups(tok, train_ex, args)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        guard.clear_for_overwrite()
     atomic_write_text(out / "config.json", json.dumps(vars(args), indent=1) + "\n")
     print(f"channel training on {len(train_ex)} {args.split} examples of {args.data} ({rep.rejected} rejected), "
           f"{args.max_steps} steps x {args.groups_per_step} examples, precision {prec.mode}", file=sys.stderr)

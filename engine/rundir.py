@@ -48,6 +48,12 @@ class RunDir:
         self._fd = fd
         return self
 
+    def release(self) -> None:
+        """Drop the lock before the process ends (a command that runs in-process, as tests and notebooks do)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def abandon(self) -> None:
         """A run that failed before writing anything: remove OUT again if this run created it and it holds only the
         lock, so a refused start leaves no trace."""

@@ -120,6 +120,9 @@ def test_channel_train_run_writes_adapter_and_learns_the_choice(tiny_model_dir, 
     after = _mean_train_loss(tiny_model_dir, out / "adapter", spec)
     assert after < 0.8 * before, (before, after)
     assert (out / "checkpoints" / "step-8" / "adapter" / "adapter_model.safetensors").is_file()
+    kept = {f: (out / f).read_bytes() for f in ("metrics.jsonl", "config.json", "adapter/adapter_model.safetensors")}
+    capsys.readouterr()
     assert main(argv) != 0 and "--overwrite" in capsys.readouterr().err  # an earlier run is not replaced silently
+    assert {f: (out / f).read_bytes() for f in kept} == kept  # ... nor touched
     assert evaluate(["--adapter", str(out / "adapter"), "--data", spec, "--split", "test", "--decode", "channel",
                      "--quiet", "--out", str(tmp_path / "ev")]) == 0
