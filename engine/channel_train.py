@@ -15,7 +15,8 @@ CHANNEL_NULL) is the decision trained; no threshold is fitted.
 The step is engine.step's TrainStep (optimizer, schedule, loss scaling, clipping) on the same NF4 + LoRA model
 engine.train builds; only the loss (ChannelLoss) and the batches (one example's candidates per micro-batch)
 differ. It runs in one process and writes OUT/adapter (PEFT layout), OUT/metrics.jsonl, OUT/config.json and,
-with --save-every, OUT/checkpoints/step-N/adapter (adapters only: a stopped run is restarted, not resumed).
+with --save-every, OUT/checkpoints/step-N/adapter (adapters only: a stopped run is restarted, not resumed;
+--init-adapter continues from a saved adapter with a fresh optimizer and schedule).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from engine.precision import Precision
 from engine.rundir import RunDir
 from engine.step import TrainStep, lr_at, make_optimizer, prepare_model
 from model import load_model, load_tokenizer
-from model.adapter import save_adapter
+from model.adapter import load_adapter, save_adapter
 from model.channel import CHANNEL_NULL, IGNORE, channel_batch, paragraphs, query_logprobs
 from model.files import atomic_write_text
 from model.load import EMBEDDED
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, default=0, help="channel evaluation on --eval-split every N steps "
                                                               "and at the end (0: never)")
     ap.add_argument("--save-every", type=int, default=0, help="also save OUT/checkpoints/step-N/adapter")
+    ap.add_argument("--init-adapter", default=None, help="start from this adapter (an earlier run's adapter/ or "
+                    "checkpoints/step-N/adapter; its rank must equal --lora-r) instead of fresh LoRA; the optimizer "
+                    "and schedule start afresh: use another --seed for a new data order")
     ap.add_argument("--seed", type=int, default=0, help="LoRA init and data order")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
@@ -169,14 +173,16 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir) -> dict:
         train_ex, rep = load_validated(args.data, args.split)
         eval_ex = load_validated(args.data, args.eval_split)[0] if args.eval_every else []
         tok = load_tokenizer(args.model)
+        prec = Precision(cfg.precision, device)
+        dist.seed_all(args.seed)
+        model = load_model(args.model, dtype=prec.param_dtype, device=device,
+                           quantize=None if args.quantize == "none" else args.quantize)
+        prepare_model(model, cfg, device)
+        if args.init_adapter:
+            load_adapter(model, args.init_adapter)  # into the LoRA layers just made; keys and shapes checked
     except BaseException:
         guard.abandon()  # a refused or failed start leaves OUT as it was
         raise
-    prec = Precision(cfg.precision, device)
-    dist.seed_all(args.seed)
-    model = load_model(args.model, dtype=prec.param_dtype, device=device,
-                       quantize=None if args.quantize == "none" else args.quantize)
-    prepare_model(model, cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     loss_model = ChannelLoss(model)
     step = TrainStep(loss_model, params, make_optimizer(cfg, params, device), prec, grad_clip=cfg.grad_clip)

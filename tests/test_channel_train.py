@@ -126,3 +126,22 @@ def test_channel_train_run_writes_adapter_and_learns_the_choice(tiny_model_dir, 
     assert {f: (out / f).read_bytes() for f in kept} == kept  # ... nor touched
     assert evaluate(["--adapter", str(out / "adapter"), "--data", spec, "--split", "test", "--decode", "channel",
                      "--quiet", "--out", str(tmp_path / "ev")]) == 0
+    # --init-adapter continues from a saved adapter: with a vanishing learning rate the weights written are the
+    # ones read (a fresh LoRA starts with B = 0 and could not match); a missing adapter is a one-line error that
+    # leaves no run directory behind
+    from safetensors.torch import load_file
+
+    cont = tmp_path / "cont"
+    base = argv[argv.index("--eval-split"):argv.index("--max-steps")]
+    common = ["--model", str(tiny_model_dir), "--data", spec, *base, "--max-steps", "1", "--groups-per-step", "2",
+              "--lr", "1e-12", "--warmup-steps", "1", "--quantize", "none", "--threads", "1", "--seed", "1"]
+    assert main([*common, "--out", str(cont), "--init-adapter", str(out / "adapter")]) == 0
+    a = load_file(out / "adapter" / "adapter_model.safetensors")
+    b = load_file(cont / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(a[k].abs().max() > 1e-3 for k in a if "lora_B" in k)  # the run trained B away from zero
+    capsys.readouterr()
+    missing = tmp_path / "cont2"
+    assert main([*common, "--out", str(missing), "--init-adapter", str(tmp_path / "nope")]) != 0
+    err = capsys.readouterr().err
+    assert "nope" in err and "adapter_config.json" in err and not missing.exists()
