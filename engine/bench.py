@@ -26,6 +26,7 @@ peft are imported only in the hf child: they are the `bench` extra, never an eng
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -40,11 +41,11 @@ from pathlib import Path
 
 import torch
 
-from engine.ledger import Setup, fmt
+from engine.ledger import Setup, fmt, linear_shapes
 from engine.memory import add_run_flags, deprecated_alias, random_batch, trainer_step, training_model
 from engine.precision import auto_mode, dtype_of
 from model.hf_checkpoint import save_hf_checkpoint
-from model.load import load_config, load_model
+from model.load import EMBEDDED, load_config, load_model
 from model.lora import TARGETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,12 +76,17 @@ def _hwm_bytes() -> int | None:
 
 
 # --------------------------------------------------------------------------------------------- the children
-def run_ours(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_frac: float, log) -> dict:
+def run_ours(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_frac: float, log,
+             rows: list[dict] | None = None, profile: bool = False) -> dict:
     model = training_model(cfg, s, device)
-    ids, labels = random_batch(cfg, s, device, answer_frac=answer_frac)
     step = trainer_step(model, s, device)
-    batch = [{"input_ids": ids, "labels": labels}]
-    return _time_steps(lambda i: step(batch, i).loss, device, steps, warmup, log)
+    if rows is None:
+        ids, labels = random_batch(cfg, s, device, answer_frac=answer_frac)
+        rows = [{"input_ids": ids, "labels": labels}]
+    else:  # the trainer's packed rows: segment ids and per-example positions, as engine.train passes them
+        rows = [{k: v.to(device) for k, v in r.items()} for r in rows]
+    return _time_steps(lambda i: step([rows[i % len(rows)]], i).loss, device, steps, warmup, log,
+                       tokens=_row_tokens(rows), profile=profile)
 
 
 def save_random_hf_checkpoint(cfg, path: Path, dtype: torch.dtype, device: str = "cpu") -> Path:
@@ -93,7 +99,7 @@ def save_random_hf_checkpoint(cfg, path: Path, dtype: torch.dtype, device: str =
 
 
 def run_hf(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_frac: float, ckpt: Path,
-           log) -> dict:
+           log, rows: list[dict] | None = None, profile: bool = False) -> dict:
     import transformers  # the `bench` extra, only in the hf child: never an engine dependency
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -114,11 +120,17 @@ def run_hf(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, foreach=False)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ids, labels = random_batch(cfg, s, device, answer_frac=answer_frac)
+    if rows is None:
+        ids, labels = random_batch(cfg, s, device, answer_frac=answer_frac)
+        rows = [{"input_ids": ids, "labels": labels}]
+    tokens = _row_tokens(rows)
+    # packed rows the padding-free way transformers offers (DataCollatorWithFlattening's): positions that restart
+    # at 0 per example and no attention mask, from which it builds a per-example causal mask
+    rows = [{k: r[k].to(device) for k in ("input_ids", "labels", "position_ids") if k in r} for r in rows]
 
     def step(i):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(input_ids=ids, labels=labels).loss
+            loss = model(**rows[i % len(rows)]).loss
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -127,11 +139,18 @@ def run_hf(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    return _time_steps(step, device, steps, warmup, log)
+    return _time_steps(step, device, steps, warmup, log, tokens=tokens, profile=profile)
 
 
-def _time_steps(step, device: torch.device, steps: int, warmup: int, log) -> dict:
-    """step(i) -> loss, for i in 0 .. warmup + steps - 1; times the last `steps`."""
+def _row_tokens(rows: list[dict]) -> list[int]:
+    """Real tokens in each micro-batch: padding (segment id -1) excluded; every position of an unpacked row."""
+    return [int((r["segment_ids"] >= 0).sum()) if "segment_ids" in r else r["input_ids"].numel() for r in rows]
+
+
+def _time_steps(step, device: torch.device, steps: int, warmup: int, log, tokens: list[int] | None = None,
+                profile: bool = False) -> dict:
+    """step(i) -> loss, for i in 0 .. warmup + steps - 1; times the last `steps`. tokens[i % len(tokens)]: the real
+    tokens step i trains on. profile (CUDA): one more step under torch.profiler, for its GPU-busy time."""
     # Peak RSS from the kernel's per-address-space high-water mark (VmHWM): exec starts it afresh, whereas
     # getrusage's ru_maxrss carries over the parent's peak from before the fork (Linux keeps the larger of
     # the two across exec), which would charge the bench parent's memory to the child.
@@ -152,17 +171,144 @@ def _time_steps(step, device: torch.device, steps: int, warmup: int, log) -> dic
         if i >= warmup:
             times.append(dt)
             cpu_times.append(dc)
+    prof = _profile_step(step, device, warmup + steps, log) if profile and device.type == "cuda" else None
     train_hwm = _hwm_bytes() if hwm_reset else None
     peaks = [b for b in (setup_hwm, train_hwm) if b]
     # CPU seconds (all threads of this process): on a shared machine wall time depends on the neighbours'
     # load, CPU time much less so; both are reported.
-    out = {"step_seconds": times, "step_cpu_seconds": cpu_times, "losses": losses,
+    tokens = tokens or [0]
+    if prof:
+        prof["tokens"] = tokens[(warmup + steps) % len(tokens)]
+    out = {"step_seconds": times, "step_cpu_seconds": cpu_times, "losses": losses, "profile": prof,
+           "step_tokens": [tokens[i % len(tokens)] for i in range(warmup, warmup + steps)],
            "peak_rss_bytes": max(peaks) if peaks else _peak_rss_bytes(),
            "ru_maxrss_bytes": _peak_rss_bytes(), "setup_peak_rss_bytes": setup_hwm, "train_peak_rss_bytes": train_hwm}
     if device.type == "cuda":
         out.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
                    peak_reserved_bytes=torch.cuda.max_memory_reserved(device), static_allocated_bytes=static)
     return out
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (kernels on several streams overlap; idle gaps do not count)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def _profile_step(step, device: torch.device, i: int, log) -> dict | None:
+    """One step under torch.profiler: its wall and CPU seconds and the GPU-busy seconds (union of the device
+    activity the profiler records: kernels, copies, sets). None, with a log line, if the profiler fails."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        torch.cuda.synchronize(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(i)
+            torch.cuda.synchronize(device)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = busy_seconds(spans) / 1e6  # the profiler's times are microseconds
+    except Exception as e:  # a profiler problem must not cost the timed figures
+        log(f"  profile failed: {type(e).__name__}: {e}")
+        return None
+    log(f"  profiled step: {wall:.3f} s wall (profiler on), {cpu:.3f} CPU s, GPU busy {busy:.3f} s")
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "gpu_busy_seconds": busy, "device_events": len(spans)}
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 10) -> float:
+    """Measured dense matmul rate (TFLOP/s) of this device at this dtype: the denominator of model FLOP
+    utilisation. Square n x n @ n x n (n = 8192 on CUDA, 1024 on the CPU), median of `reps` after a warmup."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for k in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if k:
+            times.append(time.perf_counter() - t0)
+    del a, b
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def model_flops_per_token(cfg, checkpointing: bool = True) -> int:
+    """FLOPs per trained token counted on the seven projections of every block (FACTS.md's definition): 2 P
+    forward, 2 P for the input gradients (the frozen base has no weight gradients), and 2 P more when
+    checkpointing recomputes the forward. Attention scores, the head and LoRA are left out, so this undercounts."""
+    proj = cfg.num_hidden_layers * sum(o * i for o, i in linear_shapes(cfg).values())
+    return (6 if checkpointing else 4) * proj
+
+
+# ------------------------------------------------------------------------------------------ rows from real data
+ROW_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
+
+
+def build_rows(spec: str, split: str, tokenizer: str, seq_len: int, batch_size: int, n: int,
+               vocab_size: int) -> list[dict]:
+    """The first n micro-batches engine.train feeds from this data (data.batch.Batches: validated examples,
+    packed rows of <= seq_len, shuffled with seed 0), as plain tensors. The ids index the benchmark's random
+    model, so the tokenizer's vocabulary must fit in the model's."""
+    from data.batch import Batches
+    from data.validate import load_validated
+    from model import load_tokenizer
+
+    examples, _ = load_validated(spec, split)
+    tok = load_tokenizer(tokenizer)
+    batches = Batches(tok, examples, seq_len=seq_len, pack=True, batch_size=batch_size)
+    rows = [{k: b[k] for k in ROW_KEYS} for b in (batches.next_batch() for _ in range(n))]
+    top = max(int(r["input_ids"].max()) for r in rows)
+    if top >= vocab_size:
+        raise ValueError(f"--tokenizer {tokenizer}: token id {top} is outside the model's vocabulary of {vocab_size}; "
+                         "use a tokenizer with a smaller vocabulary (the default, smollm2-135m, has 49,152)")
+    return rows
+
+
+def save_rows(rows: list[dict], path: Path, meta: dict) -> Path:
+    from safetensors.torch import save_file
+
+    from model.files import atomic_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_file({f"{k}.{i}": r[k].contiguous() for i, r in enumerate(rows) for k in ROW_KEYS}, tmp,
+                  metadata={k: str(v) for k, v in meta.items()})
+    return path
+
+
+def load_rows(path) -> list[dict]:
+    """Rows written by save_rows (--save-rows), checked: every key of every row, equal shapes within a row."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a rows file written by engine.bench --save-rows ({e})") from None
+    n = len({k.rsplit(".", 1)[-1] for k in t})
+    rows = []
+    for i in range(n):
+        missing = [f"{k}.{i}" for k in ROW_KEYS if f"{k}.{i}" not in t]
+        if missing:
+            raise ValueError(f"{path}: key {missing[0]!r} missing; write the file again with --save-rows")
+        r = {k: t[f"{k}.{i}"] for k in ROW_KEYS}
+        if len({tuple(v.shape) for v in r.values()}) != 1 or r["input_ids"].ndim != 2:
+            raise ValueError(f"{path}: row {i} has tensors of different shapes; write it again with --save-rows")
+        rows.append(r)
+    if not rows:
+        raise ValueError(f"{path}: no rows; write it again with --save-rows")
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ the parent
@@ -174,15 +320,29 @@ def _child_cmd(args, which: str, out: Path, ckpt: Path | None) -> list[str]:
            "--precision", args.precision]
     if ckpt is not None:
         cmd += ["--hf-checkpoint", str(ckpt)]
+    if args.rows_file:
+        cmd += ["--rows", str(args.rows_file)]
+    if args.profile:
+        cmd += ["--profile"]
     return cmd
 
 
 def _summary(runs: list[dict], device: torch.device) -> dict:
+    """Medians over runs and steps. tokens/s: real tokens over seconds, all timed steps of all runs together
+    (packed micro-batches hold different numbers of tokens; for equal rows this is tokens / mean step time)."""
     times = [t for r in runs for t in r["step_seconds"]]
     cpu = [t for r in runs for t in r.get("step_cpu_seconds", [])]
+    toks = [t for r in runs for t in r["step_tokens"]]
     out = {"runs": len(runs), "median_step_seconds": statistics.median(times),
            "median_step_cpu_seconds": statistics.median(cpu) if cpu else None,
+           "tokens_per_s": sum(toks) / sum(times),
+           "tokens_per_cpu_s": sum(toks) / sum(cpu) if cpu and sum(cpu) else None,
            "peak_rss_bytes": int(statistics.median(r["peak_rss_bytes"] for r in runs))}
+    profs = [r["profile"] for r in runs if r.get("profile")]
+    if profs:  # one profiled step per run: the CPU-time / GPU-busy split, and tokens per GPU-busy second
+        out["profile"] = {k: statistics.median(p[k] for p in profs) for k in ("wall_seconds", "cpu_seconds",
+                                                                             "gpu_busy_seconds")}
+        out["tokens_per_gpu_busy_s"] = sum(p["tokens"] for p in profs) / sum(p["gpu_busy_seconds"] for p in profs)
     train = [r["train_peak_rss_bytes"] for r in runs if r.get("train_peak_rss_bytes")]
     if train:
         out["train_peak_rss_bytes"] = int(statistics.median(train))
@@ -211,10 +371,19 @@ def device_name(device: torch.device) -> str:
 def parent(args) -> dict:
     device = torch.device(args.device)
     cfg = load_config(args.model)  # fail early on a bad --model
-    tokens = args.seq_len * args.batch_size
     impls = ["ours"] + (["hf"] if args.vs == "hf" else [])
     results: dict[str, list] = {k: [] for k in impls}
+    rows_meta = None
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        args.rows_file = None
+        if args.data:
+            args.rows_file, rows_meta = _rows_for(args, cfg, Path(tmp))
+            if args.save_rows:
+                return {"saved_rows": str(save_rows(load_rows(args.rows_file), Path(args.save_rows), rows_meta)),
+                        **rows_meta}
+        precision = _precision(args, device)
+        peak = matmul_peak_tflops(device, dtype_of(precision))
+        print(f"measured {precision} matmul peak: {peak:.1f} TFLOP/s", flush=True)
         ckpt = None
         if "hf" in impls:
             ckpt = Path(tmp) / "hf-random"
@@ -232,18 +401,45 @@ def parent(args) -> dict:
                     raise RuntimeError(f"the {which} run failed (exit {proc.returncode}); see its output above")
                 results[which].append(json.loads(out.read_text()))
     summary = {k: _summary(v, device) for k, v in results.items()}
+    flops = model_flops_per_token(cfg, checkpointing=True)
     for v in summary.values():
-        v["tokens_per_s"] = tokens / v["median_step_seconds"]
-        v["tokens_per_cpu_s"] = tokens / v["median_step_cpu_seconds"] if v["median_step_cpu_seconds"] else None
+        v["model_tflops"] = v["tokens_per_s"] * flops / 1e12
+        v["mfu"] = v["model_tflops"] / peak
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_name(device),
               "command": "python -m engine.bench " + " ".join(args.argv), "model": args.model,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lora_r": args.lora_r,
+              "rows": rows_meta or {"kind": "random, unpacked", "answer_frac": args.answer_frac},
+              "matmul_peak_tflops": peak, "model_flops_per_token": flops,
               "answer_frac": args.answer_frac, "precision": _precision(args, device),
               "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
               "torch": torch.__version__, "results": summary, "raw": results}
     if "hf" in summary:
         report["ratios"] = _ratios(summary["ours"], summary["hf"], device)
     return report
+
+
+def _rows_for(args, cfg, tmp: Path) -> tuple[Path, dict]:
+    """--data: rows as the trainer builds them, written once for both children (rows:FILE: read as given)."""
+    n = args.warmup + args.steps + 1  # a different micro-batch per step, the profiled one included
+    if args.data.startswith("rows:"):
+        path = Path(args.data[len("rows:"):])
+        rows = load_rows(path)
+        if len(rows) < n:
+            print(f"note: {path} holds {len(rows)} micro-batches for {n} steps; they are reused in turn", flush=True)
+        meta = {"kind": "packed rows from " + path.name, "micro_batches": len(rows)}
+    else:
+        rows = build_rows(args.data, args.split, args.tokenizer, args.seq_len, args.batch_size, n, cfg.vocab_size)
+        meta = {"kind": f"packed rows of {args.data} ({args.split}), tokenized by {args.tokenizer}",
+                "micro_batches": n}
+        path = save_rows(rows, tmp / "rows.safetensors", meta)
+    if max(r["input_ids"].shape[1] for r in rows) > args.seq_len:
+        raise ValueError(f"{args.data}: rows are longer than --seq-len {args.seq_len}")
+    if max(int(r["input_ids"].max()) for r in rows) >= cfg.vocab_size:
+        raise ValueError(f"{args.data}: token ids outside the vocabulary of --model {args.model}")
+    tokens = _row_tokens(rows)
+    meta.update(real_tokens_per_micro_batch=statistics.mean(tokens),
+                fill=statistics.mean(tokens) / (args.batch_size * args.seq_len))
+    return path, meta
 
 
 def _ratios(o: dict, h: dict, device: torch.device) -> dict:
@@ -255,25 +451,37 @@ def _ratios(o: dict, h: dict, device: torch.device) -> dict:
         out["train_peak_rss"] = o["train_peak_rss_bytes"] / h["train_peak_rss_bytes"]
     if device.type == "cuda":
         out["peak_allocated"] = o["peak_allocated_bytes"] / h["peak_allocated_bytes"]
+    if o.get("tokens_per_gpu_busy_s") and h.get("tokens_per_gpu_busy_s"):
+        out["tokens_per_gpu_busy_s"] = o["tokens_per_gpu_busy_s"] / h["tokens_per_gpu_busy_s"]
     return out
 
 
 def format_report(rep: dict) -> str:
     res = rep["results"]
     cuda = "peak_allocated_bytes" in res["ours"]
-    head = f"{'':<6} {'tokens/s':>10} {'step s':>8} {'tok/CPU-s':>10} {'peak RSS':>11} {'train RSS':>11}"
+    head = (f"{'':<6} {'tokens/s':>10} {'step s':>8} {'tok/CPU-s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak RSS':>11} "
+            f"{'train RSS':>11}")
     head += f" {'peak alloc':>11} {'reserved':>11}" if cuda else ""
+    rows = rep.get("rows", {})
     lines = [f"{rep['date']} | {rep['device']} | {rep['model']} seq {rep['seq_len']} batch "
              f"{rep['batch_size']} | LoRA r{rep['lora_r']} NF4 {rep['precision']} | {rep['rounds']} rounds × "
-             f"{rep['steps']} steps", head]
+             f"{rep['steps']} steps",
+             f"rows: {rows.get('kind', '?')}" + (f", {rows['fill']:.0%} real tokens" if "fill" in rows else "")
+             + f" | matmul peak {rep.get('matmul_peak_tflops', 0):.1f} TFLOP/s", head]
     for k, v in res.items():
         tpc = f"{v['tokens_per_cpu_s']:.1f}" if v.get("tokens_per_cpu_s") else "-"
         line = (f"{k:<6} {v['tokens_per_s']:>10.1f} {v['median_step_seconds']:>8.2f} {tpc:>10} "
-                f"{fmt(v['peak_rss_bytes']):>11} "
+                f"{v.get('model_tflops', 0):>8.3g} {v.get('mfu', 0):>6.1%} {fmt(v['peak_rss_bytes']):>11} "
                 f"{fmt(v['train_peak_rss_bytes']) if v.get('train_peak_rss_bytes') else '-':>11}")
         if cuda:
             line += f" {fmt(v['peak_allocated_bytes']):>11} {fmt(v['peak_reserved_bytes']):>11}"
         lines.append(line)
+    for k, v in res.items():
+        if v.get("profile"):
+            p = v["profile"]
+            lines.append(f"{k} profiled step: {p['wall_seconds']:.3f} s wall, {p['cpu_seconds']:.3f} s CPU, "
+                         f"{p['gpu_busy_seconds']:.3f} s GPU busy ({p['gpu_busy_seconds'] / p['wall_seconds']:.0%}); "
+                         f"{v['tokens_per_gpu_busy_s']:.0f} tokens per GPU-busy second")
     for k, v in rep.get("ratios", {}).items():
         if v is not None:
             lines.append(f"ours/hf {k}: {v:.2f}")
@@ -291,10 +499,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vs", choices=["hf", "none"], default="hf", help="reference to compare against")
     p.add_argument("--answer-frac", type=float, default=0.125,
                    help="fraction of each row that is supervised answer (completion-only labels)")
+    p.add_argument("--data", help="rows as engine.train builds them from this data (acord:DIR, cuad:DIR, "
+                   "jsonl:FILE: packed, shuffled, a new micro-batch each step), or rows:FILE from --save-rows; "
+                   "default: random unpacked rows")
+    p.add_argument("--split", default="train", help="split of --data")
+    p.add_argument("--tokenizer", default=EMBEDDED, help="tokenizer for --data (its ids index the random model)")
+    p.add_argument("--save-rows", metavar="FILE", help="with --data: write the rows (safetensors) and stop, for a "
+                   "machine without the data: pass --data rows:FILE there")
+    p.add_argument("--profile", action="store_true", help="CUDA: one more step per run under torch.profiler, "
+                   "for the CPU-time / GPU-busy split and tokens per GPU-busy second")
     p.add_argument("--json", metavar="OUT", help="also write the full report (all step times) here")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     p.add_argument("--hf-checkpoint", help=argparse.SUPPRESS)
+    p.add_argument("--rows", help=argparse.SUPPRESS)
     return p
 
 
@@ -312,10 +530,14 @@ def _child(args) -> int:
     def log(msg):
         print(f"[{args.child}] {msg}", flush=True)
 
+    rows = load_rows(args.rows) if args.rows else None
+    if rows is not None:
+        s = dataclasses.replace(s, pack=True)
     if args.child == "ours":
-        res = run_ours(cfg, s, device, args.steps, args.warmup, args.answer_frac, log)
+        res = run_ours(cfg, s, device, args.steps, args.warmup, args.answer_frac, log, rows, args.profile)
     else:
-        res = run_hf(cfg, s, device, args.steps, args.warmup, args.answer_frac, Path(args.hf_checkpoint), log)
+        res = run_hf(cfg, s, device, args.steps, args.warmup, args.answer_frac, Path(args.hf_checkpoint), log,
+                     rows, args.profile)
     res["setup"] = asdict(s)
     Path(args.child_out).write_text(json.dumps(res))
     return 0
@@ -330,6 +552,8 @@ def main(argv=None) -> int:
             raise ValueError("--device cuda: no GPU visible to torch; use --device cpu")
         if args.seq_len < 2 or args.batch_size < 1 or args.steps < 1 or args.rounds < 1:
             raise ValueError("--seq-len must be >= 2, --batch-size, --steps and --rounds >= 1")
+        if args.save_rows and not args.data:
+            raise ValueError("--save-rows needs --data (the data to build the rows from)")
         if not 0 < args.answer_frac <= 1:
             raise ValueError("--answer-frac must be in (0, 1]")
         if args.child:
@@ -338,6 +562,10 @@ def main(argv=None) -> int:
     except (OSError, ValueError, RuntimeError) as e:
         print(f"engine.bench: error: {e}", file=sys.stderr)
         return 2
+    if "saved_rows" in rep:
+        print(f"wrote {rep['saved_rows']}: {rep['micro_batches']} micro-batches, {rep['fill']:.0%} real tokens; "
+              f"bench them with --data rows:{rep['saved_rows']}")
+        return 0
     print(format_report(rep))
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=1))

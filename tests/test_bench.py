@@ -56,3 +56,66 @@ def test_the_old_model_config_spelling_still_works_with_a_notice(tiny_json, caps
     args = bench.build_parser().parse_args(["--model-config", str(tiny_json)])
     assert args.model == str(tiny_json)
     assert "--model-config is deprecated, use --model" in capsys.readouterr().err
+
+
+def test_packed_rows_from_data_are_the_same_for_both_sides_and_survive_save_rows(tmp_path, capsys):
+    """--data: rows as engine.train packs them; both sides train on the same micro-batches (same real-token
+    counts, step by step, and the same losses: the same NF4 base at step 0, and HF's padding-free path keeps the
+    examples apart as ours does). --save-rows writes them; --data rows:FILE reads them back unchanged."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from tests.test_calibrate import _paragraph_data
+    from tests.test_evaluate import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "model")
+    spec = _paragraph_data(tmp_path / "d.jsonl")
+    common = ["--model", str(model), "--tokenizer", str(model), "--seq-len", "1024", "--batch-size", "2",
+              "--steps", "2", "--warmup", "0", "--rounds", "1", "--device", "cpu", "--precision", "fp32"]
+    assert bench.main([*common, "--data", spec, "--vs", "hf", "--json", str(tmp_path / "a.json")]) == 0
+    rep = json.loads((tmp_path / "a.json").read_text())
+    assert rep["rows"]["kind"].startswith("packed rows of " + spec) and 0 < rep["rows"]["fill"] <= 1
+    ours, hf = rep["raw"]["ours"][0], rep["raw"]["hf"][0]
+    assert ours["step_tokens"] == hf["step_tokens"] and ours["step_tokens"][0] != ours["step_tokens"][1]
+    assert ours["step_tokens"][0] < 2 * 1024  # real tokens, not the padded row
+    assert ours["losses"] == pytest.approx(hf["losses"], abs=1e-4)
+    for side in ("ours", "hf"):
+        r = rep["results"][side]
+        assert r["tokens_per_s"] == pytest.approx(sum(rep["raw"][side][0]["step_tokens"]) /
+                                                  sum(rep["raw"][side][0]["step_seconds"]))
+        assert r["mfu"] == pytest.approx(r["model_tflops"] / rep["matmul_peak_tflops"]) and r["mfu"] > 0
+    assert "rows: packed rows of" in capsys.readouterr().out
+
+    rows = tmp_path / "rows.safetensors"
+    assert bench.main([*common, "--data", spec, "--save-rows", str(rows)]) == 0
+    assert f"--data rows:{rows}" in capsys.readouterr().out
+    assert bench.main([*common, "--data", f"rows:{rows}", "--vs", "none", "--json", str(tmp_path / "b.json")]) == 0
+    again = json.loads((tmp_path / "b.json").read_text())["raw"]["ours"][0]
+    assert again["step_tokens"] == ours["step_tokens"] and again["losses"] == pytest.approx(ours["losses"], abs=1e-6)
+
+
+def test_a_bad_rows_file_is_a_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "rows.safetensors"
+    bad.write_bytes(b"not safetensors")
+    assert bench.main(["--seq-len", "16", "--vs", "none", "--data", f"rows:{bad}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("engine.bench: error:") and str(bad) in err and "--save-rows" in err and "\n" not in err
+    assert bench.main(["--seq-len", "16", "--vs", "none", "--save-rows", str(bad)]) == 2
+    assert "--save-rows needs --data" in capsys.readouterr().err
+
+
+def test_gpu_busy_time_is_the_union_of_device_intervals():
+    assert bench.busy_seconds([]) == 0
+    assert bench.busy_seconds([(0, 2), (1, 3), (5, 6)]) == 4  # overlap counted once, the idle gap not at all
+    assert bench.busy_seconds([(5, 6), (0, 10)]) == 10  # nested, out of order
+
+
+def test_model_flops_count_the_seven_projections_of_llama_3_2_3b():
+    """FACTS.md's definition at Llama 3.2 3B shapes (28 blocks, hidden 3072, 24/8 heads of 128, MLP 8192), by
+    hand: 6 x 2.82 G per token with checkpointing, 4 x without."""
+    from model.load import load_config
+
+    cfg = load_config("llama-3.2-3b")
+    per_block = 3072 * 3072 * 2 + 3072 * 1024 * 2 + 3 * 3072 * 8192
+    assert bench.model_flops_per_token(cfg) == 6 * 28 * per_block
+    assert bench.model_flops_per_token(cfg, checkpointing=False) == 4 * 28 * per_block
+    assert 2.81e9 < 28 * per_block < 2.83e9
