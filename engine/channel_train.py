@@ -14,7 +14,9 @@ CHANNEL_NULL) is the decision trained; no threshold is fitted.
 
 The step is engine.step's TrainStep (optimizer, schedule, loss scaling, clipping) on the same NF4 + LoRA model
 engine.train builds; only the loss (ChannelLoss) and the batches (one example's candidates per micro-batch)
-differ. It runs in one process and writes OUT/adapter (PEFT layout), OUT/metrics.jsonl, OUT/config.json and,
+differ. It runs in one process or under torchrun (DDP over the adapters; rank r takes every r-th example of
+one seeded stream, so a step holds the same examples whatever the number of processes) and writes OUT/adapter
+(PEFT layout), OUT/metrics.jsonl, OUT/config.json and,
 with --save-every, OUT/checkpoints/step-N/adapter (adapters only: a stopped run is restarted, not resumed;
 --init-adapter continues from a saved adapter with a fresh optimizer and schedule).
 """
@@ -77,16 +79,26 @@ def choice_of(ex) -> tuple[list[str], int] | None:
     return (texts, inside[0]) if inside else None
 
 
-def make_group(tok, ex, texts: list[str], gold: int, max_candidates: int, max_clause_tokens: int,
-               rng: random.Random) -> dict:
-    """One micro-batch: at most max_candidates paragraphs (the gold one kept, others sampled), always
-    CHANNEL_NULL last, in a shuffled order; choice is where the gold one ended up."""
-    paras, null = list(range(len(texts) - 1)), len(texts) - 1
+def candidate_order(n_texts: int, gold: int, max_candidates: int, rng: random.Random) -> list[int]:
+    """Indices into an example's texts: at most max_candidates paragraphs (the gold one kept, others sampled)
+    in a shuffled order, then CHANNEL_NULL (the last text)."""
+    paras, null = list(range(n_texts - 1)), n_texts - 1
     others = [i for i in paras if i != gold]
     keep = rng.sample(others, min(len(others), max_candidates - (gold != null)))
     order = keep + ([gold] if gold != null else [])
     rng.shuffle(order)
-    order.append(null)
+    return order + [null]
+
+
+def make_group(tok, ex, texts: list[str], gold: int, max_candidates: int, max_clause_tokens: int,
+               rng: random.Random) -> dict:
+    """One micro-batch: candidate_order's paragraphs and CHANNEL_NULL as one packed channel_batch; choice is
+    where the gold one ended up."""
+    order = candidate_order(len(texts), gold, max_candidates, rng)
+    return _group(tok, ex, texts, gold, order, max_clause_tokens)
+
+
+def _group(tok, ex, texts: list[str], gold: int, order: list[int], max_clause_tokens: int) -> dict:
     b = channel_batch(tok, [texts[i] for i in order], ex.query, max_clause_tokens)
     w = (b["labels"] != IGNORE).float()
     return {**b, "loss_weights": w / w.sum(), "choice": torch.tensor(order.index(gold))}
@@ -100,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-split", default="valid", help="split for the periodic channel evaluation")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
-    ap.add_argument("--groups-per-step", type=int, default=4, help="examples (candidate groups) per step")
+    ap.add_argument("--groups-per-step", type=int, default=4, help="examples (candidate groups) per step, all "
+                    "processes together (a multiple of their number)")
     ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (cosine decay to 10%%)")
     ap.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
     ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
@@ -125,18 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _groups(tok, examples, args):
-    """The usable examples (texts, gold) in a seeded order, forever: one pass after another, reshuffled."""
+def _groups(tok, examples, args, rank: int = 0, world_size: int = 1):
+    """The usable examples (texts, gold) in a seeded order, forever: one pass after another, reshuffled. Every
+    rank draws the same global stream (same seed, same candidates); rank r builds and keeps the groups whose
+    place in it is r modulo world_size, so the examples of a step do not depend on the number of processes."""
     usable = [(ex, *c) for ex in examples if (c := choice_of(ex)) is not None]
     if not usable:
         raise ValueError(f"{args.data}: no example whose answer lies within one paragraph")
     rng = random.Random(args.seed)
+    k = 0
     while True:
         order = list(range(len(usable)))
         rng.shuffle(order)
         for i in order:
             ex, texts, gold = usable[i]
-            yield make_group(tok, ex, texts, gold, args.max_candidates, args.max_clause_tokens, rng)
+            cands = candidate_order(len(texts), gold, args.max_candidates, rng)
+            if k % world_size == rank:
+                yield _group(tok, ex, texts, gold, cands, args.max_clause_tokens)
+            k += 1
 
 
 def _evaluate(model, tok, eval_ex, prec) -> dict:
@@ -157,24 +176,32 @@ def run(args) -> dict:
                       max_steps=args.max_steps, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
                       quantize=args.quantize, precision=args.precision, checkpointing=args.checkpointing,
                       seed=args.seed, overwrite=args.overwrite)
-    guard = RunDir(out).lock()  # the user's run directory, as engine.train treats it: one writer, no silent overwrite
+    d = dist.init(args.device)  # torchrun's process group, or none with one process
     try:
-        return _train(args, cfg, out, guard)
+        if args.groups_per_step % d.world_size:
+            raise ValueError(f"--groups-per-step {args.groups_per_step} must be a multiple of the number of "
+                             f"processes ({d.world_size}): each takes the same share of a step")
+        guard = RunDir(out)
+        if d.is_main:
+            guard.lock()  # the user's run directory, as engine.train treats it: one writer, no silent overwrite
+        try:
+            return _train(args, cfg, out, guard, d)
+        finally:
+            guard.release()
     finally:
-        guard.release()
+        dist.teardown()
 
 
-def _train(args, cfg: TrainConfig, out: Path, guard: RunDir) -> dict:
+def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> dict:
     try:
-        guard.check_start(cfg, resume=False)
+        guard.check_start(cfg, resume=False)  # every rank reads OUT; nobody writes before the barrier below
         set_threads(args.threads)
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
+        device = d.device
         train_ex, rep = load_validated(args.data, args.split)
-        eval_ex = load_validated(args.data, args.eval_split)[0] if args.eval_every else []
+        eval_ex = load_validated(args.data, args.eval_split)[0] if args.eval_every and d.is_main else []
         tok = load_tokenizer(args.model)
         prec = Precision(cfg.precision, device)
-        dist.seed_all(args.seed)
+        dist.seed_all(args.seed)  # the same LoRA init on every rank
         model = load_model(args.model, dtype=prec.param_dtype, device=device,
                            quantize=None if args.quantize == "none" else args.quantize)
         prepare_model(model, cfg, device)
@@ -183,37 +210,50 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir) -> dict:
     except BaseException:
         guard.abandon()  # a refused or failed start leaves OUT as it was
         raise
+    dist.barrier()
     params = [p for p in model.parameters() if p.requires_grad]
     loss_model = ChannelLoss(model)
-    step = TrainStep(loss_model, params, make_optimizer(cfg, params, device), prec, grad_clip=cfg.grad_clip)
-    groups = _groups(tok, train_ex, args)
-    if args.overwrite:
-        guard.clear_for_overwrite()
-    atomic_write_text(out / "config.json", json.dumps(vars(args), indent=1) + "\n")
-    print(f"channel training on {len(train_ex)} {args.split} examples of {args.data} ({rep.rejected} rejected), "
-          f"{args.max_steps} steps x {args.groups_per_step} examples, precision {prec.mode}", file=sys.stderr)
-    metrics = open(out / "metrics.jsonl", "w")
+    step = TrainStep(dist.wrap_ddp(loss_model), params, make_optimizer(cfg, params, device), prec,
+                     grad_clip=cfg.grad_clip, world_size=d.world_size)
+    groups = _groups(tok, train_ex, args, d.rank, d.world_size)
+    local = args.groups_per_step // d.world_size
+    metrics = None
+    if d.is_main:
+        if args.overwrite:
+            guard.clear_for_overwrite()
+        atomic_write_text(out / "config.json", json.dumps({**vars(args), "processes": d.world_size}, indent=1) + "\n")
+        print(f"channel training on {len(train_ex)} {args.split} examples of {args.data} ({rep.rejected} rejected), "
+              f"{args.max_steps} steps x {args.groups_per_step} examples ({d.world_size} processes), precision "
+              f"{prec.mode}", file=sys.stderr)
+        metrics = open(out / "metrics.jsonl", "w")
     t0 = time.perf_counter()
     try:
         for s in range(args.max_steps):
-            batch = [{k: v.to(device) for k, v in next(groups).items()} for _ in range(args.groups_per_step)]
+            batch = [{k: v.to(device) for k, v in next(groups).items()} for _ in range(local)]
             loss_model.hits = loss_model.calls = 0
             r = step(batch, s, lr=lr_at(s, cfg, args.max_steps))
-            row = {"step": s + 1, "loss": r.loss, "train_acc": loss_model.hits / loss_model.calls,
-                   "lr": lr_at(s, cfg, args.max_steps), "grad_norm": r.grad_norm,
-                   "seconds": round(time.perf_counter() - t0, 1)}
+            hits, calls = dist.all_reduce_sum(torch.tensor([loss_model.hits, loss_model.calls],
+                                                           dtype=torch.float64)).tolist()
+            row = {"step": s + 1, "loss": r.loss, "train_acc": hits / calls, "lr": lr_at(s, cfg, args.max_steps),
+                   "grad_norm": r.grad_norm, "seconds": round(time.perf_counter() - t0, 1)}
             if args.eval_every and ((s + 1) % args.eval_every == 0 or s + 1 == args.max_steps):
-                row.update(_evaluate(model, tok, eval_ex, prec))
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-                  file=sys.stderr, flush=True)
-            if args.save_every and (s + 1) % args.save_every == 0:
-                save_adapter(model, out / "checkpoints" / f"step-{s + 1}" / "adapter", base_model=args.model)
+                if d.is_main:  # the others wait at the barrier
+                    row.update(_evaluate(model, tok, eval_ex, prec))
+                dist.barrier()
+            if d.is_main:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                      file=sys.stderr, flush=True)
+                if args.save_every and (s + 1) % args.save_every == 0:
+                    save_adapter(model, out / "checkpoints" / f"step-{s + 1}" / "adapter", base_model=args.model)
     finally:
-        metrics.close()
-    save_adapter(model, out / "adapter", base_model=args.model)
-    print(f"wrote {out / 'adapter'}")
+        if metrics is not None:
+            metrics.close()
+    if d.is_main:  # the adapters are the same on every rank (DDP averages the gradients)
+        save_adapter(model, out / "adapter", base_model=args.model)
+        print(f"wrote {out / 'adapter'}")
+    dist.barrier()
     return {"steps": args.max_steps}
 
 
