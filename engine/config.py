@@ -76,6 +76,9 @@ class TrainConfig:
     use_rslora: bool = _f(False, "rank-stabilised LoRA scaling alpha/sqrt(r)")
     checkpointing: bool = _f(False, "recompute each decoder block in backward (activation checkpointing)")
     offload: bool = _f(False, "with checkpointing, keep the saved block inputs in CPU memory")
+    compile: bool = _f(False, "torch.compile each decoder block around its attention (norms, LoRA adds, RoPE, "
+                       "SwiGLU and casts fused by the compiler; model.llama.Block.set_compiled); eager is the "
+                       "readable reference and the default")
     precision: str = _f("auto", "auto: fp32 on CPU, bf16 on sm>=80, fp16 + loss scaling below",
                         ["auto", "fp32", "fp16", "bf16"])
     device: str = _f("auto", "auto (cuda when available), cpu or cuda", ["auto", "cpu", "cuda"])

@@ -21,7 +21,8 @@ from engine.config import ConfigError, TrainConfig
 RUN_FILES = ("config.json", "metrics.jsonl", "adapter", "checkpoints")
 # Settings a resumed run may change: how long it runs and how it reports and saves, never what it computes.
 RESUMABLE = {"max_steps", "epochs", "out", "resume", "overwrite", "save_every", "keep_last", "eval_every",
-             "eval_batches", "eval_generate", "nonfinite_patience", "device"}
+             "eval_batches", "eval_generate", "nonfinite_patience", "device",
+             "compile"}  # compile changes how a step runs, not what it computes (up to rounding)
 
 
 class RunDir:

@@ -27,6 +27,9 @@ def prepare_model(model, cfg: TrainConfig, device):
         model.requires_grad_(False)
     model.to(device)
     model.set_gradient_checkpointing(cfg.checkpointing, offload=cfg.offload)
+    if cfg.compile:
+        for block in model.model.layers:
+            block.set_compiled()
     return model.train()
 
 

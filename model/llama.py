@@ -185,6 +185,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         """mask: None (causal), a boolean (B, 1, T, S) tensor (build_mask), or Segments (packed rows)."""
+        return self.o_proj(self.attend(*self.project(x, cos, sin), mask, cache, layer))
+
+    def project(self, x, cos, sin):
+        """q (B, n, T, hd), k and v (B, n_kv, T, hd), RoPE applied: tensors in, tensors out (Block.set_compiled)."""
         B, T, _ = x.shape
         # (B, T, n*hd) -> (B, n, T, hd)
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
@@ -193,6 +197,11 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, T, hd) -> (B, 1, T, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        return q, k, v
+
+    def attend(self, q, k, v, mask, cache=None, layer=0):
+        """SDPA by attention_path's rule -> (B, T, n*hd), before o_proj."""
+        B, _, T, _ = q.shape
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, T_past + T, hd)
         path = attention_path(self.n_heads, self.n_kv, q.device, packed=isinstance(mask, Segments),
@@ -202,14 +211,12 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         gqa = self.n_kv != self.n_heads and not path.expand_kv
         if path.segmented:
-            y = _sdpa_per_segment(q, k, v, mask.lengths, gqa).view(B, T, self.n_heads * self.hd)
-            return self.o_proj(y)
+            return _sdpa_per_segment(q, k, v, mask.lengths, gqa).view(B, T, self.n_heads * self.hd)
         if path.masked:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, n, T, hd) -> (B, T, n*hd)
-        return self.o_proj(y)
+        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, n, T, hd) -> (B, T, n*hd)
 
 
 class _SiluMul(torch.autograd.Function):
@@ -259,9 +266,37 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
+    # Block.set_compiled replaces these two with torch.compile'd versions; attention itself stays eager (its mask may be
+    # Segments, whose run lengths change with every packed batch and would recompile each time)
+    _qkv = None
+    _out = None
+
     def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.index)
+        if self._qkv is None:  # eager: the readable reference
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.index)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        y = self.self_attn.attend(*self._qkv(x, cos, sin), mask, cache, self.index)
+        return self._out(x, y)
+
+    def qkv(self, x, cos, sin):
+        """input norm, q/k/v projections (LoRA included) and RoPE: everything before SDPA."""
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def out(self, x, y):
+        """o_proj and the residual, post-attention norm, SwiGLU MLP and the residual: everything after SDPA."""
+        x = x + self.self_attn.o_proj(y)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def set_compiled(self, enabled: bool = True, **kw):
+        """torch.compile the elementwise-heavy parts of the block (qkv, out: norms, LoRA scaling and adds,
+        RoPE, SwiGLU, casts), fused by the compiler; kw go to torch.compile (default dynamic=True: packed
+        batches change T every step). enabled=False restores the eager path."""
+        if not enabled:
+            self._qkv = self._out = None
+            return self
+        kw.setdefault("dynamic", True)
+        self._qkv, self._out = torch.compile(self.qkv, **kw), torch.compile(self.out, **kw)
+        return self
 
 
 class LlamaModel(nn.Module):

@@ -169,7 +169,8 @@ def test_two_process_channel_training_matches_one_process(tiny_model_dir, tmp_pa
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(2 processes)" in r.stderr
-    m1, m2 = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two"))
+    m1, m2 = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("one", "two"))
     assert [x["step"] for x in m1] == [x["step"] for x in m2] == [1, 2, 3, 4]
     for a, b in zip(m1, m2):
         assert a["train_acc"] == b["train_acc"]
