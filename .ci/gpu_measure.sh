@@ -55,7 +55,10 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   fi
   run bench 600 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size $B --steps 5 \
     --rounds 2 --vs hf --profile --json "$OUT/bench.json"
+  [ -f "$ROWS" ] && run bench_packed_compile 600 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" \
+    --seq-len "${SEQS%% *}" --batch-size $B --steps 5 --warmup 3 --rounds 1 --vs hf --data "rows:$ROWS" --compile \
+    --profile --json "$OUT/bench_packed_compile.json"
   run bench_b8 300 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size 8 --steps 3 \
-    --rounds 1 --vs none --profile --json "$OUT/bench_b8.json"
+    --warmup 3 --rounds 1 --vs none --compile --profile --json "$OUT/bench_b8.json"
 fi
 echo "logs in $OUT"

@@ -77,8 +77,11 @@ def _hwm_bytes() -> int | None:
 
 # --------------------------------------------------------------------------------------------- the children
 def run_ours(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answer_frac: float, log,
-             rows: list[dict] | None = None, profile: bool = False) -> dict:
+             rows: list[dict] | None = None, profile: bool = False, compile: bool = False) -> dict:
     model = training_model(cfg, s, device)
+    if compile:  # --compile: as engine.step.prepare_model applies TrainConfig.compile (warmup steps pay for it)
+        for block in model.model.layers:
+            block.set_compiled()
     step = trainer_step(model, s, device)
     if rows is None:
         ids, labels = random_batch(cfg, s, device, answer_frac=answer_frac)
@@ -324,6 +327,8 @@ def _child_cmd(args, which: str, out: Path, ckpt: Path | None) -> list[str]:
         cmd += ["--rows", str(args.rows_file)]
     if args.profile:
         cmd += ["--profile"]
+    if args.compile:
+        cmd += ["--compile"]
     return cmd
 
 
@@ -409,6 +414,7 @@ def parent(args) -> dict:
               "command": "python -m engine.bench " + " ".join(args.argv), "model": args.model,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lora_r": args.lora_r,
               "rows": rows_meta or {"kind": "random, unpacked", "answer_frac": args.answer_frac},
+              "compile": args.compile,
               "matmul_peak_tflops": peak, "model_flops_per_token": flops,
               "answer_frac": args.answer_frac, "precision": _precision(args, device),
               "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
@@ -508,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "machine without the data: pass --data rows:FILE there")
     p.add_argument("--profile", action="store_true", help="CUDA: one more step per run under torch.profiler, "
                    "for the CPU-time / GPU-busy split and tokens per GPU-busy second")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile each decoder block around its "
+                   "attention, as engine.train --compile does (give it --warmup steps: compiling is not timed)")
     p.add_argument("--json", metavar="OUT", help="also write the full report (all step times) here")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -534,7 +542,8 @@ def _child(args) -> int:
     if rows is not None:
         s = dataclasses.replace(s, pack=True)
     if args.child == "ours":
-        res = run_ours(cfg, s, device, args.steps, args.warmup, args.answer_frac, log, rows, args.profile)
+        res = run_ours(cfg, s, device, args.steps, args.warmup, args.answer_frac, log, rows, args.profile,
+                       args.compile)
     else:
         res = run_hf(cfg, s, device, args.steps, args.warmup, args.answer_frac, Path(args.hf_checkpoint), log,
                      rows, args.profile)
