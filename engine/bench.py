@@ -333,15 +333,17 @@ def _child_cmd(args, which: str, out: Path, ckpt: Path | None) -> list[str]:
 
 
 def _summary(runs: list[dict], device: torch.device) -> dict:
-    """Medians over runs and steps. tokens/s: real tokens over seconds, all timed steps of all runs together
-    (packed micro-batches hold different numbers of tokens; for equal rows this is tokens / mean step time)."""
+    """Medians over runs and steps. tokens/s: equal rows (random, unpacked): tokens per step / the median step
+    time, as before; packed rows from data hold different numbers of real tokens per step: all their tokens over
+    all their seconds (every timed step of every run)."""
     times = [t for r in runs for t in r["step_seconds"]]
     cpu = [t for r in runs for t in r.get("step_cpu_seconds", [])]
     toks = [t for r in runs for t in r["step_tokens"]]
     out = {"runs": len(runs), "median_step_seconds": statistics.median(times),
            "median_step_cpu_seconds": statistics.median(cpu) if cpu else None,
-           "tokens_per_s": sum(toks) / sum(times),
-           "tokens_per_cpu_s": sum(toks) / sum(cpu) if cpu and sum(cpu) else None,
+           "tokens_per_s": sum(toks) / sum(times) if len(set(toks)) > 1 else toks[0] / statistics.median(times),
+           "tokens_per_cpu_s": (None if not cpu or not sum(cpu) else sum(toks) / sum(cpu) if len(set(toks)) > 1
+                                else toks[0] / statistics.median(cpu)),
            "peak_rss_bytes": int(statistics.median(r["peak_rss_bytes"] for r in runs))}
     profs = [r["profile"] for r in runs if r.get("profile")]
     if profs:  # one profiled step per run: the CPU-time / GPU-busy split, and tokens per GPU-busy second

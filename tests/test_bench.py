@@ -28,6 +28,9 @@ def test_bench_against_hf_runs_end_to_end_on_cpu(tiny_json, tmp_path, capsys):
         r = rep["results"][side]
         assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
         assert len(rep["raw"][side][0]["losses"]) == 1
+        # equal random rows: every position counts, over the median step time
+        assert r["tokens_per_s"] == pytest.approx(32 * 2 / r["median_step_seconds"])
+        assert rep["raw"][side][0]["step_tokens"] == [64]
     assert set(rep["ratios"]) >= {"tokens_per_s", "peak_rss"}
     text = capsys.readouterr().out
     assert "ours/hf tokens_per_s" in text
