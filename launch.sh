@@ -2,7 +2,8 @@
 # ./launch.sh [--nproc N] [--max-restarts K] [train args...]
 #   runs `torchrun --nproc_per_node N -m engine.train train args...` (N: GPU count, or 2 on a CPU-only machine).
 # ./launch.sh            (no arguments) the embedded demo: SmolLM2-135M in NF4 + LoRA on synthetic contracts,
-#                        2 processes, configs/demo.toml, then the evaluation of the base vs the fine-tuned model.
+#                        2 processes, trained on the clause choice (engine.channel_train; configs/demo.args),
+#                        then the evaluation of the base vs the fine-tuned model.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
@@ -34,10 +35,13 @@ if [[ -z "$nproc" ]]; then
   nproc=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
 
+module=engine.train
 if [[ $demo -eq 1 ]]; then
   out=runs/demo
-  echo "== demo: fine-tune SmolLM2-135M (NF4 + LoRA r16) on synthetic contracts with $nproc processes -> $out"
-  args=(--config configs/demo.toml --out "$out")
+  module=engine.channel_train
+  echo "== demo: train SmolLM2-135M (NF4 + LoRA r16) to choose the clause on synthetic contracts, $nproc processes -> $out"
+  mapfile -t args < <(grep -v '^#' configs/demo.args | tr ' ' '\n' | grep -v '^$')
+  args+=(--out "$out")
   if [[ -e "$out" ]]; then
     # the demo replaces only an earlier demo (its config.json says so); anything else there is the user's
     if "$PY" -c "import json, sys; c = json.load(open(sys.argv[1])); sys.exit(0 if c.get('data') == 'synthetic' \
@@ -53,7 +57,8 @@ fi
 
 # Check the configuration, the run directory and the training data once, in one process, before torchrun starts
 # N of them: a mistake then gives one line of error instead of N copies wrapped in torchrun's failure report.
-"$PY" -c "import sys; from engine.train import preflight; sys.exit(preflight(sys.argv[1:]))" "${args[@]}"
+# (The demo's arguments are ours; its run directory was checked above.)
+[[ $demo -eq 1 ]] || "$PY" -c "import sys; from engine.train import preflight; sys.exit(preflight(sys.argv[1:]))" "${args[@]}"
 
 # --standalone: a private rendezvous on a free local port (several runs can share a machine).
 # OMP_NUM_THREADS: torchrun would set 1 per process; on the CPU give each process its share of the cores.
@@ -66,7 +71,7 @@ fi
 # would instead give its workers a fixed grace period and then kill them. This script returns only once
 # every worker has exited, with their status, so the checkpoint exists when it does.
 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" --max-restarts "$restarts" \
-  -m engine.train "${args[@]}" &
+  -m "$module" "${args[@]}" &
 runner=$!
 signalled=0
 forward() {
@@ -91,21 +96,23 @@ if [[ $demo -eq 1 ]]; then
   "$PY" - "$out/metrics.jsonl" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-ev = [r["eval_loss"] for r in rows if "eval_loss" in r]
 tr = [r["loss"] for r in rows if r.get("loss") is not None]
-k = max(1, min(8, len(tr) // 4))  # single steps of 2 rows are noisy: compare the first and last k steps
-if len(ev) >= 2:
-    print(f"== validation loss before training {ev[0]:.4f} -> after {ev[-1]:.4f}; "
-          f"train loss (mean of {k} steps) {sum(tr[:k]) / k:.4f} -> {sum(tr[-k:]) / k:.4f}")
+acc = [r["train_acc"] for r in rows if "train_acc" in r]
+k = max(1, min(8, len(tr) // 4))  # single steps of 4 examples are noisy: compare the first and last k steps
+if tr:
+    print(f"== choice loss (mean of {k} steps) {sum(tr[:k]) / k:.3f} -> {sum(tr[-k:]) / k:.3f}; right choice "
+          f"before each step {sum(acc[:k]) / k:.0%} -> {sum(acc[-k:]) / k:.0%}")
 PYEOF
   if "$PY" -c "import engine.evaluate" 2>/dev/null; then
-    limit=${DEMO_EVAL_LIMIT:-16}  # whole contracts, prompts built without the answer, constrained decoding
-    echo "== evaluation on $limit held-out synthetic contracts (test split, unseen clause wordings): base model"
-    "$PY" -m engine.evaluate --model smollm2-135m --data synthetic --split test --limit "$limit" \
-      --max-new-tokens 128 --out "$out/eval-before" --quiet --threads "$OMP_NUM_THREADS"
+    # whole contracts, prompts built without the answer; the channel decoder quotes a paragraph or says NONE
+    limit=(); [[ -n "${DEMO_EVAL_LIMIT:-}" ]] && limit=(--limit "$DEMO_EVAL_LIMIT")
+    threads=$(( OMP_NUM_THREADS * nproc ))
+    echo "== evaluation on the held-out synthetic contracts (test split, unseen clause wordings): base model"
+    "$PY" -m engine.evaluate --model smollm2-135m --data synthetic --split test "${limit[@]}" --decode channel \
+      --out "$out/eval-before" --quiet --threads "$threads"
     echo "== the same with the fine-tuned adapter"
     "$PY" -m engine.evaluate --model smollm2-135m --adapter "$out/adapter" --data synthetic --split test \
-      --limit "$limit" --max-new-tokens 128 --out "$out/eval" --quiet --threads "$OMP_NUM_THREADS" \
+      "${limit[@]}" --decode channel --out "$out/eval" --quiet --threads "$threads" \
       --compare "$out/eval-before/eval.json" --metrics "$out/metrics.jsonl"
     echo "== report: $out/eval/report.md"
   fi
