@@ -87,7 +87,11 @@ while true; do
 done
 trap - TERM INT
 if [[ $signalled -ne 0 ]]; then
-  echo "== stopped by signal: the workers wrote a checkpoint in their --out/checkpoints; continue with --resume" >&2
+  if [[ $demo -eq 1 ]]; then  # engine.channel_train keeps adapters only: a stopped demo starts over
+    echo "== stopped by signal: the demo is not resumable; ./launch.sh starts it over" >&2
+  else
+    echo "== stopped by signal: the workers wrote a checkpoint in their --out/checkpoints; continue with --resume" >&2
+  fi
   exit "$signalled"
 fi
 [[ $rc -eq 0 ]] || exit "$rc"

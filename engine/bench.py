@@ -80,8 +80,7 @@ def run_ours(cfg, s: Setup, device: torch.device, steps: int, warmup: int, answe
              rows: list[dict] | None = None, profile: bool = False, compile: bool = False) -> dict:
     model = training_model(cfg, s, device)
     if compile:  # --compile: as engine.step.prepare_model applies TrainConfig.compile (warmup steps pay for it)
-        for block in model.model.layers:
-            block.set_compiled()
+        model.set_compiled()
     step = trainer_step(model, s, device)
     if rows is None:
         ids, labels = random_batch(cfg, s, device, answer_frac=answer_frac)
@@ -258,11 +257,9 @@ def model_flops_per_token(cfg, checkpointing: bool = True) -> int:
 ROW_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
 
 
-def build_rows(spec: str, split: str, tokenizer: str, seq_len: int, batch_size: int, n: int,
-               vocab_size: int) -> list[dict]:
+def build_rows(spec: str, split: str, tokenizer: str, seq_len: int, batch_size: int, n: int) -> list[dict]:
     """The first n micro-batches engine.train feeds from this data (data.batch.Batches: validated examples,
-    packed rows of <= seq_len, shuffled with seed 0), as plain tensors. The ids index the benchmark's random
-    model, so the tokenizer's vocabulary must fit in the model's."""
+    packed rows of <= seq_len, shuffled with seed 0), as plain tensors."""
     from data.batch import Batches
     from data.validate import load_validated
     from model import load_tokenizer
@@ -270,12 +267,7 @@ def build_rows(spec: str, split: str, tokenizer: str, seq_len: int, batch_size: 
     examples, _ = load_validated(spec, split)
     tok = load_tokenizer(tokenizer)
     batches = Batches(tok, examples, seq_len=seq_len, pack=True, batch_size=batch_size)
-    rows = [{k: b[k] for k in ROW_KEYS} for b in (batches.next_batch() for _ in range(n))]
-    top = max(int(r["input_ids"].max()) for r in rows)
-    if top >= vocab_size:
-        raise ValueError(f"--tokenizer {tokenizer}: token id {top} is outside the model's vocabulary of {vocab_size}; "
-                         "use a tokenizer with a smaller vocabulary (the default, smollm2-135m, has 49,152)")
-    return rows
+    return [{k: b[k] for k in ROW_KEYS} for b in (batches.next_batch() for _ in range(n))]
 
 
 def save_rows(rows: list[dict], path: Path, meta: dict) -> Path:
@@ -436,14 +428,17 @@ def _rows_for(args, cfg, tmp: Path) -> tuple[Path, dict]:
             print(f"note: {path} holds {len(rows)} micro-batches for {n} steps; they are reused in turn", flush=True)
         meta = {"kind": "packed rows from " + path.name, "micro_batches": len(rows)}
     else:
-        rows = build_rows(args.data, args.split, args.tokenizer, args.seq_len, args.batch_size, n, cfg.vocab_size)
+        rows = build_rows(args.data, args.split, args.tokenizer, args.seq_len, args.batch_size, n)
         meta = {"kind": f"packed rows of {args.data} ({args.split}), tokenized by {args.tokenizer}",
                 "micro_batches": n}
         path = save_rows(rows, tmp / "rows.safetensors", meta)
     if max(r["input_ids"].shape[1] for r in rows) > args.seq_len:
         raise ValueError(f"{args.data}: rows are longer than --seq-len {args.seq_len}")
-    if max(int(r["input_ids"].max()) for r in rows) >= cfg.vocab_size:
-        raise ValueError(f"{args.data}: token ids outside the vocabulary of --model {args.model}")
+    top = max(int(r["input_ids"].max()) for r in rows)
+    if top >= cfg.vocab_size:  # the ids index the benchmark's random model
+        raise ValueError(f"{args.data}: token id {top} is outside the vocabulary of --model {args.model} "
+                         f"({cfg.vocab_size}); tokenize with a smaller vocabulary (--tokenizer; the default, "
+                         "smollm2-135m, has 49,152)")
     tokens = _row_tokens(rows)
     meta.update(real_tokens_per_micro_batch=statistics.mean(tokens),
                 fill=statistics.mean(tokens) / (args.batch_size * args.seq_len))

@@ -28,8 +28,7 @@ def prepare_model(model, cfg: TrainConfig, device):
     model.to(device)
     model.set_gradient_checkpointing(cfg.checkpointing, offload=cfg.offload)
     if cfg.compile:
-        for block in model.model.layers:
-            block.set_compiled()
+        model.set_compiled()
     return model.train()
 
 

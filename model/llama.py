@@ -272,11 +272,8 @@ class Block(nn.Module):
     _out = None
 
     def forward(self, x, cos, sin, mask, cache=None):
-        if self._qkv is None:  # eager: the readable reference
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.index)
-            return x + self.mlp(self.post_attention_layernorm(x))
-        y = self.self_attn.attend(*self._qkv(x, cos, sin), mask, cache, self.index)
-        return self._out(x, y)
+        qkv, out = (self.qkv, self.out) if self._qkv is None else (self._qkv, self._out)  # eager: the reference
+        return out(x, self.self_attn.attend(*qkv(x, cos, sin), mask, cache, self.index))
 
     def qkv(self, x, cos, sin):
         """input norm, q/k/v projections (LoRA included) and RoPE: everything before SDPA."""
@@ -345,6 +342,12 @@ class Llama(nn.Module):
 
     # False sends packed rows through the (B, 1, T, T) mask instead of per-segment SDPA (tests, benchmarks)
     segment_attention = True
+
+    def set_compiled(self, enabled: bool = True, **kw):
+        """Block.set_compiled on every decoder block (TrainConfig.compile)."""
+        for block in self.model.layers:
+            block.set_compiled(enabled, **kw)
+        return self
 
     def set_gradient_checkpointing(self, enabled: bool = True, offload: bool = False):
         """Recompute each block in backward (non-reentrant: works under DDP and with frozen inputs).

@@ -9,12 +9,6 @@ import torch
 from .test_packed_attention import assert_same, lora_model, packed_batch, step
 
 
-def _compiled(model, **kw):
-    for block in model.model.layers:
-        block.set_compiled(**kw)
-    return model
-
-
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_blocks_equal_eager_on_packed_rows_with_checkpointing(backend):
     """aot_eager: dynamo's graphs and AOT autograd's backward, run op by op (fast); inductor: the fused kernels
@@ -27,7 +21,7 @@ def test_compiled_blocks_equal_eager_on_packed_rows_with_checkpointing(backend):
     torch._dynamo.reset()
     counters.clear()
     eager = lora_model(num_hidden_layers=4)
-    compiled = _compiled(lora_model(num_hidden_layers=4), backend=backend)
+    compiled = lora_model(num_hidden_layers=4).set_compiled(backend=backend)
     for m in (eager, compiled):
         m.set_gradient_checkpointing(True)
     # (no row length equal to head_dim 16: dynamo would unify the two sizes and specialise on it)
