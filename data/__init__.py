@@ -1,13 +1,20 @@
 """What an example is and how it becomes tokens. `from data import load_examples, Example, NONE, render_prompt`."""
-from data.example import NONE, SPLITS, DataError, Example, render_prompt
+from data.example import HOLDOUT_SPLITS, NONE, SPLITS, DataError, Example, holdout, render_prompt
 
 SPECS = "acord:DIR, cuad:DIR, jsonl:FILE or synthetic"
 
 
 def load_source(spec: str, split: str | None = None, **opts) -> tuple[list[Example], dict]:
-    """(examples, loader notes) for a data SPEC. Answers are not yet validated (see data.validate)."""
+    """(examples, loader notes) for a data SPEC. Answers are not yet validated (see data.validate). split "fit"
+    and "calib" are the two parts of the train split (data.example.holdout)."""
+    if split in HOLDOUT_SPLITS:
+        examples, notes = load_source(spec, "train", **opts)
+        part = holdout(examples, split)
+        if not part:
+            raise DataError(f"{spec}: the train split has no examples for its {split!r} part")
+        return part, {**notes, "holdout": {"part": split, "examples": len(part), "of_train": len(examples)}}
     if split is not None and split not in SPLITS:
-        raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        raise DataError(f"split {split!r} is not one of {', '.join(SPLITS + HOLDOUT_SPLITS)}")
     kind, _, arg = spec.partition(":")
     if kind == "synthetic" and not arg:
         from data.synthetic import load

@@ -4,6 +4,11 @@ from dataclasses import dataclass
 
 NONE = "NONE"  # the answer when the context holds no matching clause
 SPLITS = ("train", "valid", "test")
+# The train split cut in two by whole units (ACORD queries, CUAD contracts, synthetic documents, JSONL rows), so
+# that what decides NONE can be fitted on queries the model never trained on: train on "fit", calibrate on
+# "calib" (engine.calibrate), test on "test". "train" stays the whole train split.
+HOLDOUT_SPLITS = ("fit", "calib")
+CALIB_SHARE = 1 / 8  # of the train split's units, at least one
 
 
 class DataError(Exception):
@@ -19,6 +24,29 @@ class Example:
     context: str   # contract text or excerpt
     answer: str    # the clause, verbatim from context, or NONE
     split: str     # "train" | "valid" | "test"
+
+
+def holdout_unit(ex: "Example") -> str:
+    """The unit an official split is drawn by, so that a held-out part shares nothing with the rest: the ACORD
+    query (acord:SPLIT:QUERY:...), the CUAD contract (cuad:STEM:...), the synthetic document (synthetic:SPLIT:I:...),
+    or the example itself (JSONL)."""
+    parts = ex.id.split(":")
+    if ex.source == "acord" and len(parts) >= 3:
+        return parts[2]
+    if ex.source == "cuad" and len(parts) >= 2:
+        return parts[1]
+    if ex.source == "synthetic" and len(parts) >= 3:
+        return parts[2]
+    return ex.id
+
+
+def holdout(examples: list["Example"], part: str) -> list["Example"]:
+    """The "calib" or "fit" part of train-split examples: the CALIB_SHARE of units (holdout_unit) that hash lowest
+    go to calib, the rest to fit; each example keeps its order. The cut depends only on the units present."""
+    assert part in HOLDOUT_SPLITS, part
+    units = sorted({holdout_unit(ex) for ex in examples}, key=lambda u: (stable_hash("holdout", u), u))
+    calib = set(units[:max(1, round(CALIB_SHARE * len(units)))]) if units else set()
+    return [ex for ex in examples if (holdout_unit(ex) in calib) == (part == "calib")]
 
 
 def stable_hash(*parts: str) -> int:

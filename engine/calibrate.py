@@ -15,7 +15,9 @@ are answered NONE (the issue's bound), and writes the rule with its provenance.
 --check re-decides the rows of another channel eval.json with the fitted rule from their stored scores (no model
 is loaded: the decision reads only the features, and the best paragraph's offsets are stored even where the run
 answered NONE) and prints the headline that evaluate would. Calibrate on a training or validation split; a rule
-fitted on the split it is checked on measures nothing.
+fitted on the split it is checked on measures nothing. A rule is best fitted on queries the adapter never trained
+on: train it with `--split fit` and calibrate on `--split calib` (data.example.holdout); calibrate warns when the
+adapter's run (its config.json) trained on the rows' split, and records what it trained on.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import argparse
 import json
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 
@@ -46,6 +49,40 @@ def channel_rows(d: dict, path) -> list[dict]:
         raise ValueError(f"{path}: {len(missing) or 'no'} rows without channel scores (first: "
                          f"{missing[:1]}); rerun engine.evaluate --decode channel with this version")
     return rows
+
+
+# the parts of the data each split name covers: "train" is "fit" and "calib" together (data.example.holdout)
+SPLIT_PARTS = {"train": {"fit", "calib"}, "fit": {"fit"}, "calib": {"calib"}, "valid": {"valid"}, "test": {"test"}}
+
+
+def splits_overlap(a: str | None, b: str | None) -> bool:
+    """Whether two split names share examples (unknown names overlap only when equal)."""
+    return bool(SPLIT_PARTS.get(a, {a}) & SPLIT_PARTS.get(b, {b}))
+
+
+def same_data(a: str | None, b: str | None) -> bool:
+    """Whether two data specs name the same source (kind and resolved path)."""
+    if not a or not b:
+        return False
+    (ka, _, pa), (kb, _, pb) = a.partition(":"), b.partition(":")
+    return ka == kb and (pa == pb or (bool(pa) and bool(pb) and Path(pa).resolve() == Path(pb).resolve()))
+
+
+def adapter_training(adapter: str | None) -> dict | None:
+    """{config, data, split} of the run an adapter came from (engine.train or engine.channel_train: OUT/adapter
+    or OUT/checkpoints/step-N/adapter, beside OUT/config.json), or None where there is no adapter or no config."""
+    if not adapter:
+        return None
+    p = Path(adapter)
+    for run in (p.parent, p.parent.parent.parent):
+        f = run / "config.json"
+        if f.is_file():
+            try:
+                d = json.loads(f.read_text())
+            except (OSError, ValueError):
+                return None
+            return {"config": str(f), "data": d.get("data"), "split": d.get("split", d.get("train_split"))}
+    return None
 
 
 def design(rows: list[dict], features: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -139,6 +176,11 @@ def run(args) -> dict:
     if d.get("split") == "test":
         print(f"warning: {args.rows} is a test split; a rule fitted on test data cannot be evaluated on it",
               file=sys.stderr)
+    trained = adapter_training(d.get("adapter"))
+    if trained and same_data(trained["data"], d.get("data")) and splits_overlap(trained["split"], d.get("split")):
+        print(f"warning: the adapter trained on split {trained['split']!r} ({trained['config']}), which holds the "
+              f"{d.get('split')!r} rows of {args.rows}: a rule fitted on rows the model has seen is set too "
+              "confidently; train with --split fit and calibrate on --split calib", file=sys.stderr)
     n_none = sum(is_none(r["answer"]) for r in rows)
     if n_none == 0 or n_none == len(rows):
         raise ValueError(f"{args.rows}: rows of one kind only ({n_none} NONE of {len(rows)}); calibration needs "
@@ -146,7 +188,8 @@ def run(args) -> dict:
     rule, fit = fit_rule(rows, features, args.max_wrongly_none)
     doc = {**rule.to_dict(), "features": list(features), "max_wrongly_none": args.max_wrongly_none,
            "calibration": {"eval_json": str(args.rows), "data": d.get("data"), "split": d.get("split"),
-                           "model": d.get("model"), "adapter": d.get("adapter"), **fit},
+                           "model": d.get("model"), "adapter": d.get("adapter"),
+                           "adapter_trained_on": trained, **fit},
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
     print(f"rule: NONE unless {rule.bias:+.3f} " + " ".join(f"{w:+.3f}*{f}" for f, w in rule.weights.items())
@@ -156,6 +199,9 @@ def run(args) -> dict:
     print(f"wrote {args.out}")
     if args.check:
         c = read_eval_json(args.check)
+        if same_data(c.get("data"), d.get("data")) and splits_overlap(c.get("split"), d.get("split")):
+            print(f"warning: {args.check} (split {c.get('split')!r}) shares rows with the calibration rows (split "
+                  f"{d.get('split')!r}): the check measures the fit, not the rule", file=sys.stderr)
         checked = redecide(c, channel_rows(c, args.check), rule, args.check)
         result = {**summarize(checked), "decode": "channel"}
         print(f"{args.check} under the rule:\n{headline(result)}")

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = CliParser(prog="python -m engine.channel_train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=EMBEDDED, help="HF dir, hub id, .gguf or smollm2-135m")
     ap.add_argument("--data", required=True, help="acord:DIR, cuad:DIR or jsonl:FILE")
-    ap.add_argument("--split", default="train", help="split to train on")
+    ap.add_argument("--split", default="train", help="split to train on; fit leaves the calib part of train out, for "
+                    "engine.calibrate to fit the NONE rule on queries never trained on")
     ap.add_argument("--eval-split", default="valid", help="split for the periodic channel evaluation")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--max-steps", type=int, default=100, help="optimizer steps")

@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = CliParser(prog="python -m engine.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_model_args(adapter_required=False)
     ap.add_argument("--data", required=True, help="acord:DIR, cuad:DIR, jsonl:FILE or synthetic")
-    ap.add_argument("--split", default="test", help="train, valid or test")
+    ap.add_argument("--split", default="test", help="train, valid or test; fit and calib are the two parts of train "
+                    "(calib: 1/8 of its queries or contracts, held out for engine.calibrate)")
     ap.add_argument("--limit", type=int, default=None,
                     help="evaluate N examples, a deterministic category-balanced subset (default: all)")
     ap.add_argument("--batch-size", type=int, default=1,

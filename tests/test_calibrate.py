@@ -124,3 +124,42 @@ def test_calibrate_errors_are_one_line(tiny_model_dir, tmp_path, capsys):  # noq
     assert "bad.json" in capsys.readouterr().err
     assert evaluate(["--data", spec, "--channel-rule", str(bad), "--out", str(tmp_path / "o")]) != 0
     assert "--decode channel" in capsys.readouterr().err
+
+
+def test_split_overlap_and_the_adapters_training_split(tmp_path):
+    from engine.calibrate import adapter_training, same_data, splits_overlap
+
+    assert splits_overlap("train", "calib") and splits_overlap("fit", "train") and splits_overlap("test", "test")
+    assert not splits_overlap("fit", "calib") and not splits_overlap("valid", "test")
+    assert same_data(f"acord:{tmp_path}/x/..", f"acord:{tmp_path}") and not same_data("acord:/a", "cuad:/a")
+    assert not same_data(None, "synthetic") and same_data("synthetic", "synthetic")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-5" / "adapter").mkdir(parents=True)
+    (run / "adapter").mkdir()
+    (run / "config.json").write_text(json.dumps({"data": "acord:/d", "split": "fit"}))
+    for a in (run / "adapter", run / "checkpoints" / "step-5" / "adapter"):
+        assert adapter_training(str(a)) == {"config": str(run / "config.json"), "data": "acord:/d", "split": "fit"}
+    (run / "config.json").write_text(json.dumps({"data": "acord:/d", "train_split": "train"}))  # engine.train's
+    assert adapter_training(str(run / "adapter"))["split"] == "train"
+    assert adapter_training(None) is None and adapter_training(str(tmp_path / "elsewhere" / "adapter")) is None
+
+
+@pytest.mark.parametrize("trained_on, warned", [("train", True), ("fit", False)])
+def test_calibrate_warns_when_the_adapter_trained_on_the_calibration_rows(tmp_path, capsys, trained_on, warned):
+    from engine.calibrate import main as calibrate
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data": "synthetic", "split": trained_on}))
+    rng = np.random.default_rng(0)
+    rows = [{"id": f"r{i}", "answer": "NONE" if i % 4 == 0 else "a clause",
+             "channel": {"features": {"gain": float(rng.normal(1.0 if i % 4 else -1.0)), "gap": 0.0, "lead": 0.0}}}
+            for i in range(40)]
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps({"decode": "channel", "data": "synthetic", "split": "calib", "model": "m", "overall": {},
+                              "adapter": str(run / "adapter"), "rows": rows}))
+    assert calibrate(["--rows", str(ev), "--features", "gain", "--out", str(tmp_path / "rule.json")]) == 0
+    err = capsys.readouterr().err
+    assert ("trained on split" in err) == warned, err
+    doc = json.loads((tmp_path / "rule.json").read_text())
+    assert doc["calibration"]["adapter_trained_on"]["split"] == trained_on

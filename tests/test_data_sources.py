@@ -250,3 +250,47 @@ def test_cuad_category_list_is_the_datasets_own(shared_datasets):
     from data.cuad import CATEGORIES, read_categories
 
     assert list(CATEGORIES) == list(read_categories(shared_datasets / "cuad" / "category_descriptions.csv"))
+
+
+# ---------------------------------------------------------------- the train split's held-out part
+def test_acord_fit_and_calib_cut_train_by_whole_queries(shared_datasets, acord):
+    spec = f"acord:{shared_datasets / 'acord'}"
+    train = [e for e in acord[0] if e.split == "train"]
+    fit, fit_notes = load_source(spec, "fit")
+    calib, calib_notes = load_source(spec, "calib")
+    qid = lambda e: e.id.split(":")[2]  # noqa: E731
+    # a partition of train, each part in train's order, no query on both sides
+    assert sorted(e.id for e in fit + calib) == sorted(e.id for e in train)
+    assert [e.id for e in fit] == [e.id for e in train if e.id in {x.id for x in fit}]
+    assert not {qid(e) for e in fit} & {qid(e) for e in calib}
+    # 1/8 of the 51 train queries, every wording of each, both kinds of answer
+    assert len({qid(e) for e in calib}) == round(51 / 8)
+    assert {e.id.rsplit(":", 1)[1] for e in calib} == {"short", "medium", "long"}
+    assert any(e.answer == NONE for e in calib) and any(e.answer != NONE for e in calib)
+    assert calib_notes["holdout"] == {"part": "calib", "examples": len(calib), "of_train": len(train)}
+    assert fit_notes["holdout"]["examples"] == len(fit)
+    # the cut is stable: another load gives the same ids
+    assert [e.id for e in load_source(spec, "calib")[0]] == [e.id for e in calib]
+
+
+def test_holdout_units_are_the_splits_own_units():
+    from data.example import holdout, holdout_unit
+
+    ex = lambda i, src, unit: Example(id=i, source=src, category="c", query="q", context="x", answer=NONE,  # noqa: E731
+                                      split="train")
+    assert holdout_unit(ex("acord:train:Some Query:c1:long", "acord", None)) == "Some Query"
+    assert holdout_unit(ex("cuad:Contract_A:Governing Law:12", "cuad", None)) == "Contract_A"
+    assert holdout_unit(ex("synthetic:train:7:Term", "synthetic", None)) == "7"
+    assert holdout_unit(ex("row-3", "jsonl", None)) == "row-3"
+    # every example of a CUAD contract lands on the same side
+    rows = [ex(f"cuad:C{c}:Cat{k}:{k}", "cuad", None) for c in range(40) for k in range(3)]
+    calib = holdout(rows, "calib")
+    assert len({e.id.split(":")[1] for e in calib}) == 5 and len(calib) == 15
+    assert len(holdout(rows, "fit")) == 105
+
+
+def test_synthetic_calib_split_loads_and_unknown_split_names_both_kinds():
+    calib, _ = load_source("synthetic", "calib")
+    assert calib and all(e.split == "train" for e in calib)
+    with pytest.raises(DataError, match="fit, calib"):
+        load_source("synthetic", "dev")
