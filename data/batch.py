@@ -254,13 +254,15 @@ class Batches:
     """
 
     def __init__(self, tok, examples, *, seq_len: int, pack: bool, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True, weighting: str = "token"):
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, weighting: str = "token",
+                 pad_to_seq_len: bool = False):
         encoded, stats = encode_examples(tok, examples, seq_len)
         if not encoded:
             raise ValueError(f"no example fits --seq-len {seq_len} (first: {stats.skipped[0]})")
         self.stats = stats
         self.units = make_units(encoded, seq_len, pack)
         self.pad_id, self.weighting = tok.pad_id, weighting
+        self.pad_to = seq_len if pad_to_seq_len else None  # every batch (B, seq_len): one shape at every step
         self.sampler = DistributedSampler([sum(len(e) for e in u) for u in self.units], batch_size, rank=rank,
                                           world_size=world_size, seed=seed, shuffle=shuffle,
                                           group_by_length=not pack)
@@ -271,7 +273,7 @@ class Batches:
         return len(self.units)
 
     def _collate(self, idx: list[int]) -> dict:
-        b = collate([self.units[i] for i in idx], self.pad_id, weighting=self.weighting)
+        b = collate([self.units[i] for i in idx], self.pad_id, pad_to=self.pad_to, weighting=self.weighting)
         b["num_tokens"] = int((b["segment_ids"] >= 0).sum())  # real tokens, padding excluded
         return b
 

@@ -257,16 +257,18 @@ def model_flops_per_token(cfg, checkpointing: bool = True) -> int:
 ROW_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
 
 
-def build_rows(spec: str, split: str, tokenizer: str, seq_len: int, batch_size: int, n: int) -> list[dict]:
+def build_rows(spec: str, split: str, tokenizer: str, seq_len: int, batch_size: int, n: int,
+               pad_to_seq_len: bool = True) -> list[dict]:
     """The first n micro-batches engine.train feeds from this data (data.batch.Batches: validated examples,
-    packed rows of <= seq_len, shuffled with seed 0), as plain tensors."""
+    packed rows of <= seq_len, shuffled with seed 0, padded to seq_len as TrainConfig.pad_to_seq_len does by
+    default), as plain tensors."""
     from data.batch import Batches
     from data.validate import load_validated
     from model import load_tokenizer
 
     examples, _ = load_validated(spec, split)
     tok = load_tokenizer(tokenizer)
-    batches = Batches(tok, examples, seq_len=seq_len, pack=True, batch_size=batch_size)
+    batches = Batches(tok, examples, seq_len=seq_len, pack=True, batch_size=batch_size, pad_to_seq_len=pad_to_seq_len)
     return [{k: b[k] for k in ROW_KEYS} for b in (batches.next_batch() for _ in range(n))]
 
 
@@ -428,8 +430,10 @@ def _rows_for(args, cfg, tmp: Path) -> tuple[Path, dict]:
             print(f"note: {path} holds {len(rows)} micro-batches for {n} steps; they are reused in turn", flush=True)
         meta = {"kind": "packed rows from " + path.name, "micro_batches": len(rows)}
     else:
-        rows = build_rows(args.data, args.split, args.tokenizer, args.seq_len, args.batch_size, n)
-        meta = {"kind": f"packed rows of {args.data} ({args.split}), tokenized by {args.tokenizer}",
+        rows = build_rows(args.data, args.split, args.tokenizer, args.seq_len, args.batch_size, n,
+                          pad_to_seq_len=args.pad_to_seq_len)
+        pad = f", padded to {args.seq_len}" if args.pad_to_seq_len else ", padded to each batch's longest row"
+        meta = {"kind": f"packed rows of {args.data} ({args.split}), tokenized by {args.tokenizer}{pad}",
                 "micro_batches": n}
         path = save_rows(rows, tmp / "rows.safetensors", meta)
     if max(r["input_ids"].shape[1] for r in rows) > args.seq_len:
@@ -506,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "jsonl:FILE: packed, shuffled, a new micro-batch each step), or rows:FILE from --save-rows; "
                    "default: random unpacked rows")
     p.add_argument("--split", default="train", help="split of --data")
+    p.add_argument("--pad-to-seq-len", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --data: pad every micro-batch to --seq-len, as engine.train does by default "
+                        "(TrainConfig.pad_to_seq_len); --no-pad-to-seq-len pads to each batch's longest row")
     p.add_argument("--tokenizer", default=EMBEDDED, help="tokenizer for --data (its ids index the random model)")
     p.add_argument("--save-rows", metavar="FILE", help="with --data: write the rows (safetensors) and stop, for a "
                    "machine without the data: pass --data rows:FILE there")

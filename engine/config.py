@@ -51,6 +51,10 @@ class TrainConfig:
     seq_len: int = _f(512, "maximum tokens per row (a longer context loses whole paragraphs at random, never the "
                       "answer; an answer too long to fit whole supervises only its first tokens)")
     pack: bool = _f(True, "pack several short examples into one row (attention stays within each example)")
+    pad_to_seq_len: bool = _f(True, "pad every micro-batch to seq_len: one shape at every step, so the CPU "
+                              "allocator reuses its blocks (peak RSS on packed ACORD rows 3.76 -> 1.85 GiB) and "
+                              "compiled or graph-captured code sees one shape; packed rows are nearly full, so "
+                              "the padding costs little compute (without packing it can cost much)")
     batch_size: int = _f(2, "rows per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step per process")
     # optimisation

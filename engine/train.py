@@ -183,7 +183,8 @@ def _setup_data(cfg: TrainConfig, d: dist.Dist, out: Path, prec: Precision) -> _
     if not train_ex:
         raise ValueError(f"{cfg.data}: no training examples in split {cfg.train_split!r}")
     batching = dict(seq_len=cfg.seq_len, pack=cfg.pack, batch_size=cfg.batch_size, rank=d.rank,
-                    world_size=d.world_size, seed=cfg.seed, weighting=cfg.loss_weighting)
+                    world_size=d.world_size, seed=cfg.seed, weighting=cfg.loss_weighting,
+                    pad_to_seq_len=cfg.pad_to_seq_len)
     try:
         batcher = Batches(tok, train_ex, shuffle=True, **batching)
     except ValueError as e:

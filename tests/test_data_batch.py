@@ -195,3 +195,41 @@ def test_length_grouping_reduces_padding_and_puts_the_longest_batch_first():
     assert padding(grouped) < padding(plain) / 3
     first = grouped.rank_batches(0)[0]
     assert max(lengths[i] for i in first) == max(lengths)
+
+
+def test_batches_padded_to_seq_len_have_one_shape_and_the_same_loss_and_gradients(chatml_tok, tiny_config):
+    """TrainConfig.pad_to_seq_len (the default): every micro-batch is (B, seq_len), so the allocator sees one
+    shape; the padding is segment -1, label IGNORE, and changes neither the loss nor the LoRA gradients."""
+    from data.batch import Batches
+    from engine.loss import CausalLMLoss
+    from model.llama import Llama
+    from model.lora import apply_lora
+
+    examples = load_examples("synthetic", "train")[:24]
+    kw = dict(seq_len=512, pack=True, batch_size=2, shuffle=False)
+    plain = Batches(chatml_tok, examples, **kw).first(0)
+    padded = Batches(chatml_tok, examples, pad_to_seq_len=True, **kw).first(0)
+    assert len(plain) == len(padded) > 1
+    assert {tuple(b["input_ids"].shape[1:]) for b in padded} == {(512,)}
+    assert len({tuple(b["input_ids"].shape) for b in plain}) > 1  # the rows' own lengths vary
+    torch.manual_seed(0)
+    model = Llama(dataclasses.replace(tiny_config, vocab_size=chatml_tok.vocab_size))
+    apply_lora(model, r=4, alpha=8)
+    for p in model.parameters():  # non-zero B so that every LoRA weight gets a gradient
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    loss_fn = CausalLMLoss(model)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    for a, b in zip(plain[:2], padded[:2]):
+        T = a["input_ids"].shape[1]
+        assert a["num_tokens"] == b["num_tokens"] and torch.equal(b["input_ids"][:, :T], a["input_ids"])
+        assert (b["segment_ids"][:, T:] == -1).all() and (b["labels"][:, T:] == IGNORE).all()
+        grads = []
+        for batch in (a, b):
+            model.zero_grad()
+            loss = loss_fn(**{k: batch[k] for k in ("input_ids", "labels", "position_ids", "segment_ids")})
+            loss.backward()
+            grads.append((loss.detach(), [p.grad.clone() for p in lora]))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+        for ga, gb in zip(grads[0][1], grads[1][1]):
+            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
