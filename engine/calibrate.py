@@ -191,6 +191,7 @@ def run(args) -> dict:
                            "model": d.get("model"), "adapter": d.get("adapter"),
                            "adapter_trained_on": trained, **fit},
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # runs/calib/ need not exist yet
     atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
     print(f"rule: NONE unless {rule.bias:+.3f} " + " ".join(f"{w:+.3f}*{f}" for f, w in rule.weights.items())
           + " > 0")

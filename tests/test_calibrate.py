@@ -158,8 +158,9 @@ def test_calibrate_warns_when_the_adapter_trained_on_the_calibration_rows(tmp_pa
     ev = tmp_path / "eval.json"
     ev.write_text(json.dumps({"decode": "channel", "data": "synthetic", "split": "calib", "model": "m", "overall": {},
                               "adapter": str(run / "adapter"), "rows": rows}))
-    assert calibrate(["--rows", str(ev), "--features", "gain", "--out", str(tmp_path / "rule.json")]) == 0
+    rule = tmp_path / "calib" / "rule.json"  # a directory that does not exist yet
+    assert calibrate(["--rows", str(ev), "--features", "gain", "--out", str(rule)]) == 0
     err = capsys.readouterr().err
     assert ("trained on split" in err) == warned, err
-    doc = json.loads((tmp_path / "rule.json").read_text())
+    doc = json.loads(rule.read_text())
     assert doc["calibration"]["adapter_trained_on"]["split"] == trained_on
