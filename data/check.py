@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from data import NONE, DataError, load_source, render_prompt
-from data.example import Example
+from data.example import HOLDOUT_SPLITS, SPLITS, Example
 from data.validate import RejectedError, Report, check_rejected, validate
 
 
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data.check", description=__doc__.split("\n\n")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("spec", help="acord:DIR, cuad:DIR, jsonl:FILE or synthetic")
-    ap.add_argument("--split", choices=["train", "valid", "test", "fit", "calib"], help="one split only (default: all)")
+    ap.add_argument("--split", choices=SPLITS + HOLDOUT_SPLITS, help="one split only (default: all)")
     ap.add_argument("--json", action="store_true", help="print the report as one JSON object")
     ap.add_argument("--seq-len", type=int, default=2048, help="count examples over this length (default 2048)")
     ap.add_argument("--tokenizer", help="tokenizer.json, model dir, .gguf or smollm2-135m (default: chars / 4)")

@@ -9,6 +9,13 @@ SPLITS = ("train", "valid", "test")
 # "calib" (engine.calibrate), test on "test". "train" stays the whole train split.
 HOLDOUT_SPLITS = ("fit", "calib")
 CALIB_SHARE = 1 / 8  # of the train split's units, at least one
+# the parts of the data each split name covers: "train" is "fit" and "calib" together
+SPLIT_PARTS = {"train": {"fit", "calib"}, "fit": {"fit"}, "calib": {"calib"}, "valid": {"valid"}, "test": {"test"}}
+
+
+def splits_overlap(a: str | None, b: str | None) -> bool:
+    """Whether two split names share examples (unknown names overlap only when equal)."""
+    return bool(SPLIT_PARTS.get(a, {a}) & SPLIT_PARTS.get(b, {b}))
 
 
 class DataError(Exception):

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data.example import NONE
+from data.example import NONE, splits_overlap
 from data.validate import load_validated
 from engine.cli import CliParser, run_command
 from engine.evaluate import headline, read_eval_json
 from engine.metrics import is_none, score, summarize
+from engine.rundir import adapter_run_config, trained_split
 from model.channel import FEATURES, ChannelRule
 from model.files import atomic_write_text
 
@@ -51,15 +52,6 @@ def channel_rows(d: dict, path) -> list[dict]:
     return rows
 
 
-# the parts of the data each split name covers: "train" is "fit" and "calib" together (data.example.holdout)
-SPLIT_PARTS = {"train": {"fit", "calib"}, "fit": {"fit"}, "calib": {"calib"}, "valid": {"valid"}, "test": {"test"}}
-
-
-def splits_overlap(a: str | None, b: str | None) -> bool:
-    """Whether two split names share examples (unknown names overlap only when equal)."""
-    return bool(SPLIT_PARTS.get(a, {a}) & SPLIT_PARTS.get(b, {b}))
-
-
 def same_data(a: str | None, b: str | None) -> bool:
     """Whether two data specs name the same source (kind and resolved path)."""
     if not a or not b:
@@ -69,20 +61,13 @@ def same_data(a: str | None, b: str | None) -> bool:
 
 
 def adapter_training(adapter: str | None) -> dict | None:
-    """{config, data, split} of the run an adapter came from (engine.train or engine.channel_train: OUT/adapter
-    or OUT/checkpoints/step-N/adapter, beside OUT/config.json), or None where there is no adapter or no config."""
-    if not adapter:
+    """{config, data, split} of the run an adapter came from (engine.rundir.adapter_run_config), or None where
+    there is no adapter or no config."""
+    found = adapter_run_config(adapter) if adapter else None
+    if found is None:
         return None
-    p = Path(adapter)
-    for run in (p.parent, p.parent.parent.parent):
-        f = run / "config.json"
-        if f.is_file():
-            try:
-                d = json.loads(f.read_text())
-            except (OSError, ValueError):
-                return None
-            return {"config": str(f), "data": d.get("data"), "split": d.get("split", d.get("train_split"))}
-    return None
+    cfg, c = found
+    return {"config": str(cfg), "data": c.get("data"), "split": trained_split(c)}
 
 
 def design(rows: list[dict], features: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ from data.example import TEMPLATES, Example, render_prompt
 from data.text import Match, locate, make_windows
 from engine.evaluate import PRECISION_HELP, Progress, load_for_eval
 from engine.precision import INFERENCE_MODES
+from engine.rundir import adapter_run_config, trained_split
 from engine.metrics import is_none
 from model.channel import ChannelRule, channel_answer
 from model.generate import decode_span, decode_spans, generate
@@ -296,17 +297,14 @@ def _run_all(args, text: str, model, tok, budget: int) -> dict:
 
 
 def adapter_provenance(adapter) -> str:
-    """What an adapter was trained on, from the run's config.json beside it (or its run two levels up for a
-    checkpoint's adapter): "trained on DATA, N steps, seq_len L", or a note that nothing says."""
-    for cfg in (Path(adapter).parent / "config.json", Path(adapter).parent.parent.parent / "config.json"):
-        try:
-            c = json.loads(cfg.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(c, dict) and "data" in c:
-            return (f"trained on {c['data']} (split {c.get('train_split', 'train')}), {c.get('max_steps', '?')} "
-                    f"steps, seq_len {c.get('seq_len', '?')}")
-    return "no training config found beside it; what it was trained on is unknown"
+    """What an adapter was trained on, from its run's config.json (engine.rundir.adapter_run_config):
+    "trained on DATA, N steps, seq_len L", or a note that nothing says."""
+    found = adapter_run_config(adapter)
+    if found is None:
+        return "no training config found beside it; what it was trained on is unknown"
+    c = found[1]
+    return (f"trained on {c['data']} (split {trained_split(c)}), {c.get('max_steps', '?')} steps, seq_len "
+            f"{c.get('seq_len', '?')}")
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,27 @@ RESUMABLE = {"max_steps", "epochs", "out", "resume", "overwrite", "save_every", 
              "compile"}  # compile changes how a step runs, not what it computes (up to rounding)
 
 
+def adapter_run_config(adapter) -> tuple[Path, dict] | None:
+    """(path, contents) of the config.json of the run an adapter came from: beside OUT/adapter, or three levels
+    up from OUT/checkpoints/step-N/adapter (engine.train and engine.channel_train alike); None where neither
+    holds a readable config with a "data" key. Its training split is "train_split" (engine.train) or "split"
+    (engine.channel_train): see trained_split."""
+    p = Path(adapter)
+    for cfg in (p.parent / "config.json", p.parent.parent.parent / "config.json"):
+        try:
+            c = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(c, dict) and "data" in c:
+            return cfg, c
+    return None
+
+
+def trained_split(run_config: dict) -> str:
+    """The split a run trained on, whichever command wrote its config.json."""
+    return run_config.get("split", run_config.get("train_split", "train"))
+
+
 class RunDir:
     def __init__(self, out):
         self.out = Path(out)

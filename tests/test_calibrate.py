@@ -127,7 +127,8 @@ def test_calibrate_errors_are_one_line(tiny_model_dir, tmp_path, capsys):  # noq
 
 
 def test_split_overlap_and_the_adapters_training_split(tmp_path):
-    from engine.calibrate import adapter_training, same_data, splits_overlap
+    from data.example import splits_overlap
+    from engine.calibrate import adapter_training, same_data
 
     assert splits_overlap("train", "calib") and splits_overlap("fit", "train") and splits_overlap("test", "test")
     assert not splits_overlap("fit", "calib") and not splits_overlap("valid", "test")

@@ -214,3 +214,19 @@ def test_cli_clause_all_answers_every_category_in_one_pass(tiny_model_dir, contr
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["category", "found", "characters"] and len(out) == 1 + len(ALL_CATEGORIES)
     assert main(args + ["--decode", "free"]) != 0  # free text cannot be located for 40 types at once
+
+
+def test_adapter_provenance_reads_the_runs_config_whichever_command_wrote_it(tmp_path):
+    import json
+
+    from engine.extract import adapter_provenance
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-3" / "adapter").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data": "acord:/d", "train_split": "train", "max_steps": 9,
+                                                 "seq_len": 1024}))  # engine.train
+    assert adapter_provenance(run / "checkpoints" / "step-3" / "adapter") == \
+        "trained on acord:/d (split train), 9 steps, seq_len 1024"
+    (run / "config.json").write_text(json.dumps({"data": "acord:/d", "split": "fit", "max_steps": 410}))  # channel
+    assert adapter_provenance(run / "adapter") == "trained on acord:/d (split fit), 410 steps, seq_len ?"
+    assert "unknown" in adapter_provenance(tmp_path / "nowhere" / "adapter")
