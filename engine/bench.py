@@ -323,6 +323,8 @@ def _child_cmd(args, which: str, out: Path, ckpt: Path | None) -> list[str]:
         cmd += ["--profile"]
     if args.compile:
         cmd += ["--compile"]
+    if args.mlp_tile:
+        cmd += ["--mlp-tile", str(args.mlp_tile)]
     return cmd
 
 
@@ -520,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "for the CPU-time / GPU-busy split and tokens per GPU-busy second")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile each decoder block around its "
                    "attention, as engine.train --compile does (give it --warmup steps: compiling is not timed)")
+    p.add_argument("--mlp-tile", type=int, default=0, metavar="N", help="ours: the MLP N tokens at a time, as "
+                   "engine.train --mlp-tile runs it (0 = whole micro-batch)")
     p.add_argument("--json", metavar="OUT", help="also write the full report (all step times) here")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -537,7 +541,7 @@ def _child(args) -> int:
     cfg = load_config(args.model)
     s = Setup(seq_len=args.seq_len, batch_size=args.batch_size, lora_r=args.lora_r, lora_targets=TARGETS,
               checkpointing=True, precision=_precision(args, device), loss_chunk=args.loss_chunk,
-              device=device.type)
+              device=device.type, mlp_tile=args.mlp_tile if args.child == "ours" else 0)
 
     def log(msg):
         print(f"[{args.child}] {msg}", flush=True)
@@ -569,6 +573,8 @@ def main(argv=None) -> int:
             raise ValueError("--save-rows needs --data (the data to build the rows from)")
         if not 0 < args.answer_frac <= 1:
             raise ValueError("--answer-frac must be in (0, 1]")
+        if args.mlp_tile < 0:
+            raise ValueError(f"--mlp-tile must be >= 0 (0 = no tiles), got {args.mlp_tile}")
         if args.child:
             return _child(args)
         rep = parent(args)

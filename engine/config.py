@@ -80,6 +80,9 @@ class TrainConfig:
     use_rslora: bool = _f(False, "rank-stabilised LoRA scaling alpha/sqrt(r)")
     checkpointing: bool = _f(False, "recompute each decoder block in backward (activation checkpointing)")
     offload: bool = _f(False, "with checkpointing, keep the saved block inputs in CPU memory")
+    mlp_tile: int = _f(0, "run each block's post-attention norm + MLP this many tokens at a time, each tile "
+                       "recomputed on its own in backward: the MLP's [tokens, intermediate] tensors then exist for one "
+                       "tile (long context; costs one more MLP forward per step; 0 = whole batch at once)")
     compile: bool = _f(False, "torch.compile each decoder block around its attention (norms, LoRA adds, RoPE, "
                        "SwiGLU and casts fused by the compiler; model.llama.Block.set_compiled); eager is the "
                        "readable reference and the default")
@@ -157,7 +160,7 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     _check_range(cfg)
     positive = ["seq_len", "batch_size", "grad_accum", "lora_r", "loss_chunk"]
     nonneg = ["max_steps", "warmup_steps", "eval_every", "save_every", "max_examples", "eval_batches",
-              "eval_generate"]
+              "eval_generate", "mlp_tile"]
     for k in positive:
         if getattr(cfg, k) <= 0:
             raise ConfigError(f"config: {k} must be > 0, got {getattr(cfg, k)}")

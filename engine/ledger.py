@@ -27,7 +27,7 @@ import torch
 from engine.config import TrainConfig
 from engine.loss import LOSS_CHUNK
 from engine.precision import dtype_of
-from model.llama import AttentionPath, attention_path
+from model.llama import BACKWARD_CHUNK, AttentionPath, attention_path
 from model.lora import TARGETS
 from model.quant import Linear4bit, dequant_path
 
@@ -49,6 +49,7 @@ class Setup:
     lora_targets: tuple = TARGETS
     checkpointing: bool = True
     offload: bool = False
+    mlp_tile: int = 0  # tokens per MLP tile (model.llama.token_tiles); 0 = the whole micro-batch at once
     precision: str = "bf16"  # resolved: compute dtype (autocast) and dtype of the high-precision base weights
     optimizer: str = "adamw"
     quantize: str = "nf4"
@@ -68,8 +69,8 @@ class Setup:
         kw: supervised, sdpa."""
         s = cls(seq_len=cfg.seq_len, batch_size=cfg.batch_size, lora_r=cfg.lora_r,
                 lora_targets=tuple(cfg.lora_targets), checkpointing=cfg.checkpointing, offload=cfg.offload,
-                precision=precision, optimizer=cfg.optimizer, quantize=cfg.quantize, double_quant=cfg.double_quant,
-                loss_chunk=cfg.loss_chunk, pack=cfg.pack, device=device, **kw)
+                mlp_tile=cfg.mlp_tile, precision=precision, optimizer=cfg.optimizer, quantize=cfg.quantize,
+                double_quant=cfg.double_quant, loss_chunk=cfg.loss_chunk, pack=cfg.pack, device=device, **kw)
         return s if model is None else dataclasses.replace(s, **built_settings(model))
 
     def to_config(self) -> TrainConfig:
@@ -77,7 +78,8 @@ class Setup:
         2r, no dropout: neither changes a byte)."""
         return TrainConfig(seq_len=self.seq_len, batch_size=self.batch_size, lora_r=self.lora_r,
                            lora_alpha=2.0 * self.lora_r, lora_targets=list(self.lora_targets),
-                           checkpointing=self.checkpointing, offload=self.offload, precision=self.precision,
+                           checkpointing=self.checkpointing, offload=self.offload, mlp_tile=self.mlp_tile,
+                           precision=self.precision,
                            optimizer=self.optimizer, quantize=self.quantize, double_quant=self.double_quant,
                            loss_chunk=self.loss_chunk, pack=self.pack)
 
@@ -88,6 +90,16 @@ class Setup:
     @property
     def tokens(self) -> int:
         return self.seq_len * self.batch_size
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the MLP runs in tiles (model.llama.Block.out: only when the micro-batch has more tokens)."""
+        return 0 < self.mlp_tile < self.tokens
+
+    @property
+    def mlp_tokens(self) -> int:
+        """Tokens the MLP works on at once: one tile, or the whole micro-batch."""
+        return self.mlp_tile if self.tiled else self.tokens
 
     @property
     def rows(self) -> int:
@@ -209,7 +221,7 @@ def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
     n = B*T tokens, c = compute dtype bytes. Frozen Linear4bit/nn.Linear save no input (no weight gradient);
     LoRA's A saves its input, B its rank-r input; SwiGLU (_SiluMul) keeps gate and up.
     (The first block's input_layernorm saves nothing: its input, the frozen embedding, needs no gradient.)"""
-    n, c, H, I = s.tokens, s.cbytes, cfg.hidden_size, cfg.intermediate_size
+    n, c, H = s.tokens, s.cbytes, cfg.hidden_size
     nh, nkv, hd, r = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, s.lora_r
     B, T_ = s.batch_size, s.seq_len
     T = set(s.lora_targets) if r > 0 else set()
@@ -234,28 +246,50 @@ def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
     if kernel != "math" and path.masked:
         # SDPA turns the boolean mask into an additive one per call; the fused kernel keeps it for backward
         out.append(("SDPA additive mask (packed rows)", B * T_ * T_ * c))
-    out += [
-        ("post_attention_layernorm: input", n * H * c),
-        ("post_attention_layernorm: rsqrt", n * 4),
-        ("gate_proj output", n * I * c),
-        ("up_proj output", n * I * c),  # _SiluMul keeps gate and up only, not silu(gate)
-    ]
+    if s.tiled:  # token_tiles: each tile's checkpoint keeps its slice of the input, nothing else
+        out.append((f"post_attention_layernorm: input (MLP tiles of {s.mlp_tile} tokens keep only it)", n * H * c))
+    else:
+        out += mlp_saved(cfg, s, n)
     if T & {"q_proj", "k_proj", "v_proj"}:
         out.append(("LoRA input: attention norm output", n * H * c))
     if "o_proj" in T and (kernel == "math" or path.segmented):
         # fused kernels return (B, T, heads, hd)-contiguous output: the transpose+reshape is then a view of it;
         # the segment path concatenates its per-segment outputs, a new tensor
         out.append(("LoRA input: attention output", n * nh * hd * c))
+    A = T & ATTENTION  # the MLP adapters' are in mlp_saved (or, tiled, inside the tiles)
+    if A:
+        out.append((f"LoRA rank-{r} intermediates ×{len(A)}", len(A) * n * r * c))
+        if c != 4:  # the fp32 master weights are cast to the compute dtype for the matmul, and that copy is kept
+            out.append(("LoRA weights cast to compute dtype", lora_cast_bytes(cfg, s, A)))
+    return out
+
+
+ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
+MLP = {"gate_proj", "up_proj", "down_proj"}
+
+
+def lora_cast_bytes(cfg, s: Setup, targets) -> int:
+    shapes = linear_shapes(cfg)
+    return sum(s.lora_r * (o + i) for t, (o, i) in shapes.items() if t in targets) * s.cbytes
+
+
+def mlp_saved(cfg, s: Setup, n: int) -> list[tuple[str, int]]:
+    """What the post-attention norm and the MLP keep for backward over n tokens (the whole micro-batch, or one
+    tile when it is recomputed tile by tile)."""
+    c, H, I, r = s.cbytes, cfg.hidden_size, cfg.intermediate_size, s.lora_r
+    T = set(s.lora_targets) & MLP if r > 0 else set()
+    out = [("post_attention_layernorm: input", n * H * c),
+           ("post_attention_layernorm: rsqrt", n * 4),
+           ("gate_proj output", n * I * c),
+           ("up_proj output", n * I * c)]  # _SiluMul keeps gate and up only, not silu(gate)
     if T & {"gate_proj", "up_proj"}:
         out.append(("LoRA input: MLP norm output", n * H * c))
     if "down_proj" in T:
         out.append(("LoRA input: silu(gate)*up", n * I * c))
     if T:
-        out.append((f"LoRA rank-{r} intermediates ×{len(T)}", len(T) * n * r * c))
-        if c != 4:  # the fp32 master weights are cast to the compute dtype for the matmul, and that copy is kept
-            shapes = linear_shapes(cfg)
-            out.append(("LoRA weights cast to compute dtype",
-                        sum(r * (o + i) for t, (o, i) in shapes.items() if t in T) * c))
+        out.append((f"MLP LoRA rank-{r} intermediates ×{len(T)}", len(T) * n * r * c))
+        if c != 4:
+            out.append(("MLP LoRA weights cast to compute dtype", lora_cast_bytes(cfg, s, T)))
     return out
 
 
@@ -279,11 +313,63 @@ def model_saved(cfg, s: Setup) -> list[tuple[str, int]]:
     return out
 
 
+def swiglu_backward_temporaries(cfg, s: Setup) -> int:
+    """model.llama._SiluMul's backward upcasts to fp32 BACKWARD_CHUNK elements at a time: at most three fp32
+    chunk-sized tensors (gate, sigmoid, silu or d silu) and one compute-dtype copy alive at once; in fp32 the upcast
+    is the tensor itself, so two."""
+    I = cfg.intermediate_size
+    elems = min(s.mlp_tokens * I, max(1, BACKWARD_CHUNK // I) * I)
+    return elems * (8 if s.cbytes == 4 else 12 + s.cbytes)
+
+
+def norm_backward_temporaries(cfg, s: Setup, tokens: int) -> int:
+    """model.llama._RMSNormFn's backward over `tokens` rows: three fp32 chunk-sized tensors at once (x̂, the
+    gradient of x̂, one product), BACKWARD_CHUNK elements at a time; the same in fp32."""
+    H = cfg.hidden_size
+    return min(tokens * H, max(1, BACKWARD_CHUNK // H) * H) * 12
+
+
 def block_backward_working(cfg, s: Setup) -> int:
-    """Gradients alive while one block runs backward, an estimate: the MLP's input/output gradients
-    (3 × n·I: d(silu·up), d(up), d(gate)) and 3 × n·H (residual grad, the norm's fp32 grad) in compute dtype."""
-    n, c = s.tokens, s.cbytes
-    return 3 * n * cfg.intermediate_size * c + 3 * n * cfg.hidden_size * c
+    """Gradients and temporaries alive while one block runs backward, at its largest moment. Usually that is the
+    SwiGLU backward: the gradient coming in and the two going out (3 × t·I over the t tokens the MLP works on),
+    the fp32 temporaries of swiglu_backward_temporaries, and the block output's gradient (n·H), in compute
+    dtype; by then down_proj's backward has freed its LoRA input (silu(gate)·up, t·I), which the recompute
+    counted. The other candidate is down_proj's backward itself: its dequantised weight beside its input
+    gradient (t·I) and the block output's gradient. Tiled (token_tiles), the tile's own recompute comes on top,
+    and the input gradients of the tiles done so far (up to n·H). Checked against the CPU allocator at small
+    shapes by tests/test_memory.py (engine.memory.peak_allocated_bytes)."""
+    n, t, c, H, I = s.tokens, s.mlp_tokens, s.cbytes, cfg.hidden_size, cfg.intermediate_size
+    freed = t * I * c if "down_proj" in s.lora_targets and s.lora_r > 0 else 0
+    swiglu = 3 * t * I * c + swiglu_backward_temporaries(cfg, s) - freed
+    down = t * I * c + dequant_transient(cfg, s)
+    work = max(swiglu, down) + n * H * c
+    if s.tiled:
+        tile = sum(b for _, b in mlp_saved(cfg, s, t)) - t * H * c  # its input is a slice of the block's
+        work += tile + n * H * c
+    # the block's last moment, input_layernorm's backward: its recompute gone, the residual gradient, the norm's
+    # output gradient and its input gradient (3 × n·H) and the norm's fp32 temporaries
+    recompute = sum(b for _, b in block_saved(cfg, s)) - n * H * c
+    norm = -recompute + 3 * n * H * c + norm_backward_temporaries(cfg, s, n)
+    return max(work, attention_backward_working(cfg, s), norm)
+
+
+def attention_backward_working(cfg, s: Setup) -> int:
+    """The block's other large moment, SDPA's backward (the largest when the MLP is tiled or small): the MLP's
+    saved tensors are gone by then (this is relative to a block holding them, so they count negative); the
+    residual gradient and the gradient of the SDPA output (2 × n·H), dq, dk, dv in compute dtype (k and v as
+    attention_path feeds them) and an fp32 dq accumulator (n·heads·hd·4: FlashAttention-2 and the
+    memory-efficient kernel accumulate dq in fp32; the CPU kernel's buffers measure about the same)."""
+    n, c, H = s.tokens, s.cbytes, cfg.hidden_size
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    kv = nh if attention(cfg, s).expand_kv else nkv
+    mlp = n * H * c if s.tiled else sum(b for _, b in mlp_saved(cfg, s, n))
+    return -mlp + 2 * n * H * c + n * (nh + 2 * kv) * hd * c + n * nh * hd * 4
+
+
+def freed_before_blocks(cfg, s: Setup) -> int:
+    """Saved bytes gone by the time the blocks run backward: the loss's and the final norm's (model_saved)."""
+    return sum(b for name, b in model_saved(cfg, s)
+               if name.startswith(("final norm", "supervised hidden rows", "label mask")))
 
 
 def dequant_transient(cfg, s: Setup) -> int:
@@ -327,24 +413,33 @@ def predict(cfg, s: Setup) -> Ledger:
     # transients: the largest one bounds the peak (they do not overlap: loss backward finishes before blocks)
     recompute = (full_block - n * H * c) if s.checkpointing else 0  # the norm's saved input is the block input
     offload_back = n * H * c if s.offload else 0  # the block input brought back for its recompute
-    block_t = recompute + offload_back + block_backward_working(cfg, s) + dequant_transient(cfg, s)
+    working, freed = block_backward_working(cfg, s), freed_before_blocks(cfg, s)
+    block_t = recompute + offload_back + working - freed
     loss_t = loss_transient(cfg, s) + s.rows * H * c  # plus the gradient of the supervised hidden rows
     led.add("transient", "block backward" + (" (recomputed block + grads)" if s.checkpointing else " (grads)"),
-            block_t, f"{'recompute ' + fmt(recompute) + ' + ' if s.checkpointing else ''}working grads "
-            f"{fmt(block_backward_working(cfg, s))} + dequantised weight {fmt(dequant_transient(cfg, s))}")
+            block_t, f"{'recompute ' + fmt(recompute) + ' + ' if s.checkpointing else ''}"
+            f"{'block input back ' + fmt(offload_back) + ' + ' if offload_back else ''}working set {fmt(working)}"
+            f"{' (MLP tiles of ' + str(s.mlp_tile) + ' tokens)' if s.tiled else ''} − {fmt(freed)} of saved "
+            "loss/final-norm tensors freed by then")
     led.add("transient", f"loss chunk ({min(s.loss_chunk, s.rows)} rows × {cfg.vocab_size} vocab)", loss_t,
             "fp32 logits, turned into their gradient in place" + ("" if s.cbytes == 4 else f" + a {s.precision} copy"))
+    loss_saved = sum(b for name, b in model_saved(cfg, s) if name.startswith(("supervised hidden", "label mask")))
+    norm_t = 2 * n * H * c + norm_backward_temporaries(cfg, s, n) - loss_saved
+    led.add("transient", "final norm backward", norm_t, f"gradient in and out (2 × n·H {s.precision}) + fp32 "
+            f"temporaries {fmt(norm_backward_temporaries(cfg, s, n))}, the loss's saved rows freed")
     static = led.total("static")
     saved = led.total("saved")
-    led.transient_name = "block backward" if block_t >= loss_t else "loss chunk"
-    led.peak = static + saved + max(block_t, loss_t)
+    transients = {"block backward": block_t, "loss chunk": loss_t, "final norm backward": norm_t}
+    led.transient_name = max(transients, key=transients.get)
+    led.peak = static + saved + transients[led.transient_name]
     # the other checkpointing choice, for the comparison line
     if s.checkpointing:
         other_saved = saved - (0 if s.offload else ckpt_in) + L * full_block - first
-        led.peak_other = static + other_saved + max(block_backward_working(cfg, s) + dequant_transient(cfg, s), loss_t)
+        led.peak_other = static + other_saved + max(working - freed, loss_t, norm_t)
     else:
         other_saved = saved - (L * full_block - first) + ckpt_in
-        led.peak_other = static + other_saved + max(block_t + full_block - (n * H * 4 if c == 4 else 0), loss_t)
+        led.peak_other = static + other_saved + max(block_t + full_block - (n * H * 4 if c == 4 else 0), loss_t,
+                                                    norm_t)
     if s.device == "cuda":
         led.add("outside", "CUDA context (not in max_memory_allocated)", CUDA_CONTEXT_BYTES, "assumption")
         led.add("outside", "allocator slack (reserved − allocated)", int(ALLOCATOR_SLACK * led.peak),

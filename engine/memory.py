@@ -57,6 +57,25 @@ def saved_tensor_bytes(fn, exclude=()) -> tuple[object, dict]:
     return out, by_dev
 
 
+def peak_allocated_bytes(fn) -> tuple[object, int]:
+    """Run fn() and return (its result, the most CPU memory it held at once above what was held when it began):
+    torch.cuda.max_memory_allocated for the CPU, from the profiler's record of every CPU allocation and free
+    (profile_memory). CPU tensors only; the ledger's transient rows are checked with it at small shapes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    events.sort(key=lambda e: e[0])  # stable: same-instant events keep the recorded order
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return out, peak
+
+
 def module_bytes(model: torch.nn.Module) -> dict:
     """Resident parameter/buffer bytes in four groups (resident_rows with the high-precision rows summed)."""
     rows = resident_rows(model)
@@ -168,7 +187,24 @@ def measure_cpu(cfg, s: Setup) -> dict:
     got["total saved"] = saved.get("cpu", 0)
     got["total static"] = sum(rows.values())
     got.setdefault("LoRA gradients", 0)
+    if loss.requires_grad:
+        got["peak allocated"] = cpu_step_peak(model, s_cpu, ids, labels, seg)
     return got
+
+
+def cpu_step_peak(model, s: Setup, ids, labels, seg=None) -> int:
+    """The peak bytes of a trainer step on the CPU, as torch.cuda.max_memory_allocated would count them on a GPU:
+    what is resident when the step begins (weights, adapters, optimizer state, from one step run before; the
+    gradients are freed by the step's zero_grad) plus the most the step holds above that."""
+    step = trainer_step(model, s, "cpu")
+    batch = {"input_ids": ids, "labels": labels}
+    if seg is not None:
+        batch["segment_ids"] = seg
+    step([batch], 0)  # creates the optimizer state
+    model.zero_grad(set_to_none=True)
+    resident = sum(b for k, b in resident_rows(model, step.optimizer).items() if k != "LoRA gradients")
+    _, above = peak_allocated_bytes(lambda: step([batch], 1))
+    return resident + above
 
 
 def packed_segments(s: Setup) -> torch.Tensor:
@@ -330,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-block activation checkpointing (default on)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=False,
                    help="checkpointed block inputs kept in host memory")
+    p.add_argument("--mlp-tile", type=int, default=0, metavar="N",
+                   help="tokens per MLP tile (engine.train --mlp-tile; 0 = whole micro-batch): bounds the MLP's "
+                        "[tokens, intermediate] tensors at long context")
     p.add_argument("--optimizer", choices=FIELDS["optimizer"].metadata["choices"], default="adamw")
     p.add_argument("--quantize", choices=FIELDS["quantize"].metadata["choices"], default="nf4")
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=False,
@@ -344,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "masked rows get k/v copied to every head and the memory-efficient kernel, never math)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="device the prediction is for")
     p.add_argument("--measure", action="store_true",
-                   help="also measure: real steps at these shapes on CUDA, or resident and saved bytes on the CPU")
+                   help="also measure: real steps at these shapes on CUDA; on the CPU resident and saved bytes and "
+                        "the peak held during a trainer step (engine.memory.peak_allocated_bytes)")
     p.add_argument("--steps", type=int, default=3, help="steps for --measure on CUDA")
     p.add_argument("--budget", metavar="SIZE",
                    help=f"GPU memory to fit in ({SIZE_FORMS}): prints the longest sequence at --batch-size and the "
@@ -363,14 +403,16 @@ def _setup(args) -> tuple[object, Setup]:
         raise ValueError(f"--lora-targets: unknown projection {bad[0]!r} (choose from {','.join(TARGETS)})")
     if args.offload and not args.checkpointing:
         raise ValueError("--offload needs --checkpointing")
+    if args.mlp_tile < 0:
+        raise ValueError(f"--mlp-tile must be >= 0 (0 = no tiles), got {args.mlp_tile}")
     device = args.device
     if args.measure and device == "cuda" and not torch.cuda.is_available():
         device = "cpu"  # --measure on a machine without a GPU measures what it can on the CPU
     precision = auto_mode(device) if args.precision == "auto" else args.precision
     run = TrainConfig(model=args.model, seq_len=args.seq_len, batch_size=args.batch_size, lora_r=args.lora_r,
                       lora_targets=targets, checkpointing=args.checkpointing, offload=args.offload,
-                      optimizer=args.optimizer, quantize=args.quantize, double_quant=args.double_quant,
-                      loss_chunk=args.loss_chunk, pack=args.pack, precision=precision)
+                      mlp_tile=args.mlp_tile, optimizer=args.optimizer, quantize=args.quantize,
+                      double_quant=args.double_quant, loss_chunk=args.loss_chunk, pack=args.pack, precision=precision)
     s = Setup.from_config(run, precision=precision, device=device, supervised=args.supervised, sdpa=args.sdpa)
     return load_config(args.model), s
 

@@ -27,6 +27,7 @@ def prepare_model(model, cfg: TrainConfig, device):
         model.requires_grad_(False)
     model.to(device)
     model.set_gradient_checkpointing(cfg.checkpointing, offload=cfg.offload)
+    model.set_mlp_tile(cfg.mlp_tile)
     if cfg.compile:
         model.set_compiled()
     return model.train()

@@ -14,10 +14,22 @@ from torch.utils.checkpoint import checkpoint
 from .config import LlamaConfig
 
 
+# The hand-written backwards below (RMSNorm, SwiGLU) work in fp32 on at most this many elements at a time (64 MiB
+# per fp32 temporary), into gradients allocated once in the inputs' dtype: over a whole long-context batch their
+# fp32 upcasts were several [tokens, width] fp32 tensors at once (engine/ledger.py counts what is left).
+BACKWARD_CHUNK = 1 << 24
+
+
+def _row_chunks(width: int) -> int:
+    """Rows of `width` elements per chunk of the hand-written backwards."""
+    return max(1, BACKWARD_CHUNK // width)
+
+
 class _RMSNormFn(torch.autograd.Function):
     """RMSNorm with a hand-written backward that keeps the input in its own dtype and one fp32 rsqrt per row.
     Autograd through the plain ops would keep the fp32 copy of the input (x.float()): under bf16/fp16 that is
-    twice the bytes, for every norm of every block. Forward runs exactly the ops of RMSNorm._plain."""
+    twice the bytes, for every norm of every block. Forward runs exactly the ops of RMSNorm._plain; backward
+    works BACKWARD_CHUNK elements at a time."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
@@ -30,19 +42,25 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight, r = ctx.saved_tensors
-        xf = x.float()
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            # y = w * xhat, xhat = xf * r, r = (mean(xf^2) + eps)^-1/2:
-            # dxf = r * (d_xhat - xhat * mean(d_xhat * xhat))   (d_xhat in fp32, rounded to x's dtype first as
-            # autograd does, since xhat is stored in x's dtype in the forward)
-            dxh = (g * weight).to(x.dtype).float()
-            xhat = xf * r
-            gx = (r * (dxh - xhat * (dxh * xhat).mean(-1, keepdim=True))).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            xh = (xf * r).to(x.dtype)
-            gw = (g * xh).reshape(-1, g.shape[-1]).float().sum(0).to(weight.dtype)
-        return gx, gw, None
+        H = x.shape[-1]
+        x2, g2, r2 = x.reshape(-1, H), g.reshape(-1, H), r.reshape(-1, 1)
+        gx = torch.empty_like(x2) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros(H, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
+        rows = _row_chunks(H)
+        for i in range(0, x2.shape[0], rows):
+            xc, gc, rc = x2[i:i + rows], g2[i:i + rows], r2[i:i + rows]
+            xhat = xc.float() * rc  # fp32 (never in place: for fp32 x, .float() is x itself)
+            if gx is not None:
+                # y = w * xhat, xhat = xf * r, r = (mean(xf^2) + eps)^-1/2:
+                # dxf = r * (d_xhat - xhat * mean(d_xhat * xhat))   (d_xhat in fp32, rounded to x's dtype first
+                # as autograd does, since xhat is stored in x's dtype in the forward)
+                dxh = (gc * weight).to(x.dtype).float()
+                mean = (dxh * xhat).mean(-1, keepdim=True)
+                gx[i:i + rows] = dxh.sub_(xhat * mean).mul_(rc)
+                del dxh
+            if gw is not None:
+                gw += (gc * xhat.to(x.dtype)).float().sum(0)
+        return (gx.view_as(x) if gx is not None else None), (gw.to(weight.dtype) if gw is not None else None), None
 
 
 class RMSNorm(nn.Module):
@@ -222,7 +240,8 @@ class Attention(nn.Module):
 class _SiluMul(torch.autograd.Function):
     """silu(gate) * up, keeping only gate and up for backward: autograd through F.silu and * would also keep
     silu(gate), one more [tokens, intermediate] tensor per block (64 MiB per block at Llama 3.2 3B, B=2, T=2048,
-    bf16). Backward recomputes sigmoid(gate) in fp32."""
+    bf16). Backward recomputes sigmoid(gate) in fp32, BACKWARD_CHUNK elements at a time, into gradients
+    allocated once in the inputs' dtype."""
 
     @staticmethod
     def forward(ctx, gate, up):
@@ -232,14 +251,22 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         gate, up = ctx.saved_tensors
-        gf = gate.to(torch.promote_types(gate.dtype, torch.float32))  # fp32 for bf16/fp16, fp64 stays fp64
-        sig = torch.sigmoid(gf)
-        g_gate = g_up = None
-        if ctx.needs_input_grad[1]:
-            g_up = (g.to(gf.dtype) * (gf * sig).to(gate.dtype).to(gf.dtype)).to(up.dtype)
-        if ctx.needs_input_grad[0]:
-            # d silu(x)/dx = sig(x) * (1 + x * (1 - sig(x)))
-            g_gate = ((g * up).to(gf.dtype) * sig * (1 + gf * (1 - sig))).to(gate.dtype)
+        want_gate, want_up = ctx.needs_input_grad[:2]
+        g_gate = torch.empty_like(gate) if want_gate else None
+        g_up = torch.empty_like(up) if want_up else None
+        width = gate.shape[-1]
+        rows = _row_chunks(width)
+        flat = [t.reshape(-1, width) if t is not None else None for t in (g, gate, up, g_gate, g_up)]
+        for i in range(0, flat[1].shape[0], rows):
+            gc, ga, u, out_gate, out_up = (t[i:i + rows] if t is not None else None for t in flat)
+            gf = ga.to(torch.promote_types(ga.dtype, torch.float32))  # fp32 for bf16/fp16, fp64 stays fp64
+            sig = torch.sigmoid(gf)
+            if want_up:  # g * silu(gate), silu rounded to the inputs' dtype as the forward rounded it
+                torch.mul(gc, (gf * sig).to(ga.dtype), out=out_up)
+            if want_gate:  # g * up * d silu(x)/dx, with d silu(x)/dx = sig(x) * (1 + x * (1 - sig(x))), in place
+                d = torch.rsub(sig, 1).mul_(gf).add_(1).mul_(sig)
+                del gf, sig  # at most three fp32 chunk-sized tensors are alive at once
+                out_gate.copy_(d.mul_(gc * u))
         return g_gate, g_up
 
 
@@ -282,6 +309,16 @@ class Block(nn.Module):
     def out(self, x, y):
         """o_proj and the residual, post-attention norm, SwiGLU MLP and the residual: everything after SDPA."""
         x = x + self.self_attn.o_proj(y)
+        if self.mlp_tile and x.shape[0] * x.shape[1] > self.mlp_tile:
+            return token_tiles(self._mlp_residual or self.mlp_residual, x, self.mlp_tile)
+        return self.mlp_residual(x)
+
+    # tokens per MLP tile (Llama.set_mlp_tile); 0 runs the MLP over the whole batch at once
+    mlp_tile = 0
+    _mlp_residual = None
+
+    def mlp_residual(self, x):
+        """x + MLP(norm(x)): token by token, so it can run on any slice of the tokens (token_tiles)."""
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def set_compiled(self, enabled: bool = True, **kw):
@@ -289,11 +326,27 @@ class Block(nn.Module):
         RoPE, SwiGLU, casts), fused by the compiler; kw go to torch.compile (default dynamic=True: packed
         batches change T every step). enabled=False restores the eager path."""
         if not enabled:
-            self._qkv = self._out = None
+            self._qkv = self._out = self._mlp_residual = None
             return self
         kw.setdefault("dynamic", True)
         self._qkv, self._out = torch.compile(self.qkv, **kw), torch.compile(self.out, **kw)
+        self._mlp_residual = torch.compile(self.mlp_residual, **kw)  # what a tiled out runs per tile
         return self
+
+
+def token_tiles(fn, x, tile: int):
+    """fn(x) for a token-wise fn (each output token depends on its own input token only), `tile` tokens at a
+    time: x (B, T, H) is cut into (tile, H) pieces along its B*T tokens. With autograd on, each piece runs under
+    its own checkpoint, so fn's intermediates exist for one tile at a time, in forward and in backward (which
+    recomputes them tile by tile); what stays is x itself and the output. Same values as fn(x), up to matmul
+    blocking (tests/test_llama.py pins loss and gradients)."""
+    B, T, H = x.shape
+    pieces = x.reshape(B * T, H).split(tile)
+    if torch.is_grad_enabled():
+        out = [checkpoint(fn, p, use_reentrant=False) for p in pieces]
+    else:
+        out = [fn(p) for p in pieces]
+    return torch.cat(out).view(B, T, -1)
 
 
 class LlamaModel(nn.Module):
@@ -347,6 +400,15 @@ class Llama(nn.Module):
         """Block.set_compiled on every decoder block (TrainConfig.compile)."""
         for block in self.model.layers:
             block.set_compiled(enabled, **kw)
+        return self
+
+    def set_mlp_tile(self, tokens: int = 0):
+        """Run every block's post-attention norm + MLP `tokens` tokens at a time, each tile under its own
+        checkpoint (token_tiles): the MLP's [tokens, intermediate] tensors and its backward's temporaries then
+        exist for one tile, not the whole batch. Costs one more MLP forward per step. 0 turns it off."""
+        assert tokens >= 0, tokens
+        for block in self.model.layers:
+            block.mlp_tile = tokens
         return self
 
     def set_gradient_checkpointing(self, enabled: bool = True, offload: bool = False):

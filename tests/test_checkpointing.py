@@ -86,3 +86,43 @@ def test_checkpointing_recomputes_instead_of_saving_block_activations(lora_model
         return sum(total)
 
     assert saved_bytes(True) < saved_bytes(False) / 2
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
+def test_mlp_tiles_keep_loss_and_lora_grads(lora_model, checkpointing, packed):
+    """model.llama.token_tiles: the MLP run 7 tokens at a time (30 tokens: 4 full tiles and a short one), each
+    tile recomputed on its own, gives the loss and LoRA gradients of the whole-batch MLP. Dropout off: tiles draw
+    their dropout masks tile by tile, so with it on the masks (not their distribution) differ."""
+    seg = torch.tensor([[0] * 6 + [1] * 10, [0] * 16]) if packed else None
+    drops = [m for m in lora_model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops
+    try:
+        for m in drops:
+            m.p = 0.0
+        loss, grads = loss_and_lora_grads(lora_model, checkpointing, False, segment_ids=seg)
+        lora_model.set_mlp_tile(7)
+        loss_t, grads_t = loss_and_lora_grads(lora_model, checkpointing, False, segment_ids=seg)
+    finally:
+        for m in drops:
+            m.p = 0.1
+        lora_model.set_mlp_tile(0)
+        lora_model.set_gradient_checkpointing(False)
+    assert all(b.mlp_tile == 0 for b in lora_model.model.layers)
+    torch.testing.assert_close(loss_t, loss, rtol=1e-6, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads_t[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_mlp_tiles_without_grad_give_the_same_logits(lora_model):
+    x = torch.randint(320, (2, 15), generator=torch.Generator().manual_seed(5))
+    lora_model.eval()
+    try:
+        with torch.no_grad():
+            ref = lora_model(x)
+            lora_model.set_mlp_tile(4)
+            got = lora_model(x)
+    finally:
+        lora_model.set_mlp_tile(0)
+        lora_model.train()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

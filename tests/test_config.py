@@ -64,6 +64,9 @@ def test_bad_choice_and_bad_value_are_errors():
         parse_args(["--seq-len", "0"])
     with pytest.raises(ConfigError, match="lora_targets"):
         parse_args(["--lora-targets", "q_proj,lm_head"])
+    with pytest.raises(ConfigError, match="mlp_tile must be >= 0"):
+        parse_args(["--mlp-tile", "-1"])
+    assert parse_args(["--mlp-tile", "4096"]).mlp_tile == 4096
 
 
 def test_every_field_has_a_flag_and_help():

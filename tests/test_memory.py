@@ -235,3 +235,92 @@ def test_packed_saved_activations_match_hooks_on_either_attention_path(tiny, mon
     assert abs(want - got) <= SAVED_TOLERANCE * got, (want, got)
     other = predict(tiny, replace(s, pack_mask=not pack_mask)).total("saved")
     assert abs(other - got) > SAVED_TOLERANCE * got  # the two paths differ by more than the tolerance
+
+
+# ------------------------------------------------------------------------- the peak, against the CPU allocator
+# The predicted peak must agree with the bytes the CPU allocator held during a real trainer step to within this
+# fraction. The transient rows are counted from the code (which tensors are alive at the block's largest moment);
+# what they cannot see exactly (the CPU SDPA kernel's buffers, small temporaries) is a few percent.
+PEAK_TOLERANCE = 0.10
+
+
+def test_peak_allocated_bytes_follows_every_allocation_and_free():
+    def work():
+        a = torch.empty(1000, 1000)  # 4 MB
+        b = torch.empty(2000, 1000)  # 8 MB: 12 MB held
+        del a
+        c = torch.empty(500, 1000)  # 10 MB held
+        del b, c
+        return 7
+
+    out, peak = memory.peak_allocated_bytes(work)
+    assert out == 7 and peak == 12_000_000
+
+
+def _mid_config():
+    """Big enough that activations dominate the peak, small enough for a CPU step in about a second."""
+    from model.config import LlamaConfig
+
+    return LlamaConfig.from_hf_dict(tiny_config_dict(hidden_size=256, intermediate_size=704, num_attention_heads=8,
+                                                     num_key_value_heads=2, head_dim=32, vocab_size=512,
+                                                     max_position_embeddings=2048))
+
+
+@pytest.mark.parametrize("precision,checkpointing,tile,pack,chunk", [
+    ("bf16", True, 0, False, None),
+    ("bf16", True, 256, False, None),
+    ("fp32", True, 256, False, None),
+    ("bf16", False, 0, False, None),
+    ("bf16", False, 256, False, None),
+    ("bf16", True, 0, True, None),
+    ("bf16", True, 0, False, 64 * 704),  # SwiGLU and RMSNorm backwards in pieces of 64 rows (of 2048)
+    ("fp32", True, 128, False, 32 * 704),
+], ids=["bf16", "bf16-tiles", "fp32-tiles", "bf16-no-ckpt", "bf16-no-ckpt-tiles", "bf16-packed", "bf16-chunked",
+        "fp32-tiles-chunked"])
+def test_predicted_peak_matches_the_cpu_allocator(precision, checkpointing, tile, pack, chunk, monkeypatch):
+    from model import llama
+
+    if chunk is not None:  # the model and the ledger read the same constant
+        monkeypatch.setattr(llama, "BACKWARD_CHUNK", chunk)
+        monkeypatch.setattr(ledger, "BACKWARD_CHUNK", chunk)
+    cfg = _mid_config()
+    s = Setup(seq_len=1024, batch_size=2, lora_r=16, checkpointing=checkpointing, precision=precision, device="cpu",
+              mlp_tile=tile, pack=pack, supervised=64, loss_chunk=64)
+    got = measure_cpu(cfg, s)["peak allocated"]
+    led = predict(cfg, s)
+    assert led.transient_name != "loss chunk"  # the activations' backward sets the peak, not the logits
+    assert abs(led.peak - got) <= PEAK_TOLERANCE * got, (ledger.fmt(led.peak), ledger.fmt(got))
+
+
+def test_mlp_tiles_and_chunked_backwards_lower_the_measured_peak_as_predicted(monkeypatch):
+    """What the tiles are for, measured: at 2 × 1024 tokens the MLP's [tokens, intermediate] tensors dominate the
+    block's backward; tiles of 256 tokens take most of them away, and the ledger predicts how much."""
+    cfg = _mid_config()
+    s = Setup(seq_len=1024, batch_size=2, lora_r=16, precision="bf16", device="cpu", supervised=64, loss_chunk=64)
+    whole, tiled = measure_cpu(cfg, s)["peak allocated"], measure_cpu(cfg, replace(s, mlp_tile=256))["peak allocated"]
+    saved_measured = whole - tiled
+    saved_predicted = predict(cfg, s).peak - predict(cfg, replace(s, mlp_tile=256)).peak
+    assert saved_measured > 0.25 * whole
+    assert abs(saved_predicted - saved_measured) <= 0.15 * saved_measured, (saved_predicted, saved_measured)
+
+
+def test_long_context_on_a_t4_fits_with_mlp_tiles():
+    """The issue-15 shapes as the ledger sees them: Llama 3.2 3B at 65,536 tokens, fp16, offload, 512 supervised
+    rows on a T4-class GPU (sm 75: k/v copied to all heads). Tiles of 4096 tokens keep the peak under 15 GiB and
+    take about 4 GiB off it; the remaining block backward is attention's."""
+    cfg = load_config("llama-3.2-3b")
+    s = Setup(seq_len=65536, batch_size=1, precision="fp16", offload=True, supervised=512, sdpa="efficient")
+    whole, tiled = predict(cfg, s), predict(cfg, replace(s, mlp_tile=4096))
+    assert tiled.peak + tiled.total("outside") < 15 * ledger.GiB
+    assert whole.peak - tiled.peak > 3 * ledger.GiB
+    assert ledger.attention_backward_working(cfg, tiled_setup := replace(s, mlp_tile=4096)) == \
+        ledger.block_backward_working(cfg, tiled_setup)
+
+
+def test_cli_mlp_tile(capsys):
+    assert memory.main(["--model", "llama-3.2-3b", "--seq-len", "32768", "--batch-size", "1", "--offload",
+                        "--mlp-tile", "4096"]) == 0
+    assert "MLP tiles of 4096 tokens" in capsys.readouterr().out
+    assert memory.main(["--model", "llama-3.2-3b", "--seq-len", "2048", "--batch-size", "1", "--mlp-tile", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--mlp-tile must be >= 0" in err and len(err.splitlines()) == 1

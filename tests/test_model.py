@@ -120,16 +120,23 @@ def test_silu_mul_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(_SiluMul.apply, (gate, up))
 
 
+@pytest.mark.parametrize("chunk", [None, 200], ids=["one-chunk", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_norm_and_swiglu_match_autograd_through_the_plain_ops(dtype):
-    """Same forward bits as the plain ops; gradients equal autograd's up to the rounding of the dtype."""
+def test_norm_and_swiglu_match_autograd_through_the_plain_ops(dtype, chunk, monkeypatch):
+    """Same forward bits as the plain ops; gradients equal autograd's up to the rounding of the dtype, whether the
+    backwards run over all rows at once or in BACKWARD_CHUNK pieces (200 elements: 3 rows of 64, 2 rows of 96,
+    a last piece shorter)."""
+    from model import llama
     from model.llama import RMSNorm, _SiluMul
 
+    if chunk is not None:
+        monkeypatch.setattr(llama, "BACKWARD_CHUNK", chunk)
     torch.manual_seed(0)
     norm = RMSNorm(64, 1e-5).to(dtype)
     norm.weight.data.uniform_(0.5, 1.5)
     x = (torch.randn(2, 7, 64) * 3).to(dtype).requires_grad_()
     g = torch.randn(2, 7, 64).to(dtype)
+    norm.weight.requires_grad_(True)
     y = norm(x)
     y_ref = norm._plain(x)
     assert torch.equal(y, y_ref)
@@ -148,6 +155,11 @@ def test_norm_and_swiglu_match_autograd_through_the_plain_ops(dtype):
     ref = torch.autograd.grad(out_ref, (gate, up), h)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, **tol)
+    # one input needing no gradient (a frozen norm weight, an input without grad)
+    norm.weight.requires_grad_(False)
+    torch.testing.assert_close(torch.autograd.grad(norm(x), x, g)[0], gx, rtol=0, atol=0)
+    up_const = up.detach()
+    torch.testing.assert_close(torch.autograd.grad(_SiluMul.apply(gate, up_const), gate, h)[0], got[0], rtol=0, atol=0)
 
 
 def test_norm_and_swiglu_save_less_than_autograd_would():
