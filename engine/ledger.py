@@ -61,6 +61,8 @@ class Setup:
     pack_mask: bool = False  # packed rows forced onto the (B, 1, T, T) boolean mask (Llama.segment_attention=False)
     sdpa: str = "auto"  # auto | flash | efficient | math: the SDPA kernel (auto: model.llama.attention_path's)
     device: str = "cuda"
+    capability: tuple | None = None  # the CUDA compute capability predicted for, e.g. (7, 5) for a T4; None: the
+    # visible GPU's, or sm 80 (model.llama.attention_path)
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, *, precision: str, device: str, model=None, **kw) -> "Setup":
@@ -212,7 +214,7 @@ def attention(cfg, s: Setup) -> AttentionPath:
     """The SDPA path model/llama.py's Attention takes for these shapes (packed rows: per segment, or the mask
     when forced), with the kernel replaced by --sdpa when one is forced."""
     path = attention_path(cfg.num_attention_heads, cfg.num_key_value_heads, s.device, packed=s.pack,
-                          masked=s.pack and s.pack_mask)
+                          masked=s.pack and s.pack_mask, capability=s.capability if s.device == "cuda" else None)
     return path if s.sdpa == "auto" else dataclasses.replace(path, kernel=s.sdpa)
 
 
@@ -463,7 +465,8 @@ def describe(cfg, s: Setup) -> str:
             f"{s.quantize}{'+dq' if s.double_quant else ''} LoRA r={s.lora_r} on {len(s.lora_targets)} projections, "
             f"{'checkpointing' if s.checkpointing else 'no checkpointing'}{' + offload' if s.offload else ''}, "
             f"{s.optimizer}, loss chunk {s.loss_chunk}, {s.rows} supervised rows, "
-            f"{attention_name(cfg, s)} attention, device {s.device}")
+            f"{attention_name(cfg, s)} attention, device {s.device}"
+            + (f" sm {s.capability[0]}.{s.capability[1]}" if s.capability and s.device == "cuda" else ""))
 
 
 def attention_name(cfg, s: Setup) -> str:

@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SDPA kernel to assume (auto: model.llama.attention_path's choice: GPUs before sm 80 and "
                         "masked rows get k/v copied to every head and the memory-efficient kernel, never math)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="device the prediction is for")
+    p.add_argument("--capability", metavar="MAJOR.MINOR", help="CUDA compute capability to predict for, e.g. 7.5 "
+                   "for a T4 (no flash attention: k/v copied to every head); default: the visible GPU's, else 8.0")
     p.add_argument("--measure", action="store_true",
                    help="also measure: real steps at these shapes on CUDA; on the CPU resident and saved bytes and "
                         "the peak held during a trainer step (engine.memory.peak_allocated_bytes)")
@@ -413,8 +415,23 @@ def _setup(args) -> tuple[object, Setup]:
                       lora_targets=targets, checkpointing=args.checkpointing, offload=args.offload,
                       mlp_tile=args.mlp_tile, optimizer=args.optimizer, quantize=args.quantize,
                       double_quant=args.double_quant, loss_chunk=args.loss_chunk, pack=args.pack, precision=precision)
-    s = Setup.from_config(run, precision=precision, device=device, supervised=args.supervised, sdpa=args.sdpa)
+    capability = parse_capability(args.capability)
+    if capability and args.measure and device == "cuda" and capability != torch.cuda.get_device_capability():
+        raise ValueError(f"--capability {args.capability} predicts for another GPU than the one --measure runs on "
+                         f"(sm {'.'.join(map(str, torch.cuda.get_device_capability()))}); drop one of them")
+    s = Setup.from_config(run, precision=precision, device=device, supervised=args.supervised, sdpa=args.sdpa,
+                          capability=capability)
     return load_config(args.model), s
+
+
+def parse_capability(text: str | None) -> tuple[int, int] | None:
+    """'7.5' -> (7, 5); None stays None. ValueError naming --capability otherwise."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\.(\d)\s*", text)
+    if not m:
+        raise ValueError(f"--capability: {text!r} is not a compute capability (MAJOR.MINOR, e.g. 7.5 for a T4)")
+    return int(m.group(1)), int(m.group(2))
 
 
 def print_budget(args, cfg, s: Setup) -> int:

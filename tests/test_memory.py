@@ -309,7 +309,7 @@ def test_long_context_on_a_t4_fits_with_mlp_tiles():
     rows on a T4-class GPU (sm 75: k/v copied to all heads). Tiles of 4096 tokens keep the peak under 15 GiB and
     take about 4 GiB off it; the remaining block backward is attention's."""
     cfg = load_config("llama-3.2-3b")
-    s = Setup(seq_len=65536, batch_size=1, precision="fp16", offload=True, supervised=512, sdpa="efficient")
+    s = Setup(seq_len=65536, batch_size=1, precision="fp16", offload=True, supervised=512, capability=(7, 5))
     whole, tiled = predict(cfg, s), predict(cfg, replace(s, mlp_tile=4096))
     assert tiled.peak + tiled.total("outside") < 15 * ledger.GiB
     assert whole.peak - tiled.peak > 3 * ledger.GiB
@@ -324,3 +324,22 @@ def test_cli_mlp_tile(capsys):
     assert memory.main(["--model", "llama-3.2-3b", "--seq-len", "2048", "--batch-size", "1", "--mlp-tile", "-1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--mlp-tile must be >= 0" in err and len(err.splitlines()) == 1
+
+
+def test_cli_capability_predicts_for_a_t4(capsys):
+    """A T4 (sm 7.5) has no flash kernel: k and v are copied from 8 to all 24 heads before SDPA, and the
+    recomputed block keeps the copies (2 × 4096 tokens × 16 more heads × 128 × 2 bytes)."""
+    args = ["--model", "llama-3.2-3b", "--seq-len", "4096", "--batch-size", "1", "--supervised", "512", "--json"]
+    assert memory.main(args) == 0
+    a100 = json.loads(capsys.readouterr().out)
+    assert memory.main(args + ["--capability", "7.5"]) == 0
+    t4 = json.loads(capsys.readouterr().out)
+    assert t4["setup"]["capability"] == [7, 5]
+
+    def block(d):
+        return next(r["bytes"] for r in d["ledger"]["rows"] if r["name"].startswith("block backward"))
+
+    assert block(t4) - block(a100) == 2 * 4096 * 16 * 128 * 2
+    assert memory.main(args + ["--capability", "T4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--capability" in err and len(err.splitlines()) == 1
