@@ -325,6 +325,8 @@ def _child_cmd(args, which: str, out: Path, ckpt: Path | None) -> list[str]:
         cmd += ["--compile"]
     if args.mlp_tile:
         cmd += ["--mlp-tile", str(args.mlp_tile)]
+    if not args.trim_cpu_heap:
+        cmd += ["--no-trim-cpu-heap"]
     return cmd
 
 
@@ -524,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "attention, as engine.train --compile does (give it --warmup steps: compiling is not timed)")
     p.add_argument("--mlp-tile", type=int, default=0, metavar="N", help="ours: the MLP N tokens at a time, as "
                    "engine.train --mlp-tile runs it (0 = whole micro-batch)")
+    p.add_argument("--trim-cpu-heap", action=argparse.BooleanOptionalAction, default=True,
+                   help="ours on the CPU: malloc_trim before each block of the forward, as engine.train does by "
+                        "default (TrainConfig.trim_cpu_heap)")
     p.add_argument("--json", metavar="OUT", help="also write the full report (all step times) here")
     p.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -541,7 +546,8 @@ def _child(args) -> int:
     cfg = load_config(args.model)
     s = Setup(seq_len=args.seq_len, batch_size=args.batch_size, lora_r=args.lora_r, lora_targets=TARGETS,
               checkpointing=True, precision=_precision(args, device), loss_chunk=args.loss_chunk,
-              device=device.type, mlp_tile=args.mlp_tile if args.child == "ours" else 0)
+              device=device.type, mlp_tile=args.mlp_tile if args.child == "ours" else 0,
+              trim_cpu_heap=args.trim_cpu_heap)
 
     def log(msg):
         print(f"[{args.child}] {msg}", flush=True)

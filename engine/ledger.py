@@ -50,6 +50,7 @@ class Setup:
     checkpointing: bool = True
     offload: bool = False
     mlp_tile: int = 0  # tokens per MLP tile (model.llama.token_tiles); 0 = the whole micro-batch at once
+    trim_cpu_heap: bool = True  # engine.step.trim_cpu_heap on the CPU (process RSS only: no tensor byte changes)
     precision: str = "bf16"  # resolved: compute dtype (autocast) and dtype of the high-precision base weights
     optimizer: str = "adamw"
     quantize: str = "nf4"
@@ -81,6 +82,7 @@ class Setup:
         return TrainConfig(seq_len=self.seq_len, batch_size=self.batch_size, lora_r=self.lora_r,
                            lora_alpha=2.0 * self.lora_r, lora_targets=list(self.lora_targets),
                            checkpointing=self.checkpointing, offload=self.offload, mlp_tile=self.mlp_tile,
+                           trim_cpu_heap=self.trim_cpu_heap,
                            precision=self.precision,
                            optimizer=self.optimizer, quantize=self.quantize, double_quant=self.double_quant,
                            loss_chunk=self.loss_chunk, pack=self.pack)

@@ -66,3 +66,36 @@ def test_fused_optimizer_state_survives_the_checkpoint_files_bit_for_bit():
     run(b2, opt_b2, range(3, 6))
     for x, y in zip(a, b2):
         assert torch.equal(x, y)
+
+
+def test_cpu_heap_trim_runs_before_each_block_of_a_training_forward_only(tiny_config, monkeypatch):
+    """engine.step.trim_cpu_heap: malloc_trim(0) once per decoder block in a training forward on the CPU; never in
+    backward (checkpointed blocks recompute there), in eval mode, under no_grad, or with trim_cpu_heap off."""
+    from engine import step as step_mod
+    from engine.ledger import Setup
+    from engine.memory import random_batch, training_model
+
+    calls = []
+    monkeypatch.setattr(step_mod, "_malloc_trim", lambda: calls.append)
+    s = Setup(seq_len=16, batch_size=2, precision="fp32", device="cpu", quantize="none")
+    model = training_model(tiny_config, s, "cpu")
+    assert model.gradient_checkpointing
+    ids, labels = random_batch(tiny_config, s)
+    h = model.hidden(ids)
+    assert calls == [0] * tiny_config.num_hidden_layers
+    h.float().pow(2).mean().backward()  # recomputes every block
+    assert len(calls) == tiny_config.num_hidden_layers
+    with torch.no_grad():
+        model.hidden(ids)
+    model.eval()
+    model.hidden(ids)
+    assert len(calls) == tiny_config.num_hidden_layers
+
+    calls.clear()
+    from engine.step import prepare_model
+    from model.load import load_model
+
+    plain = load_model(tiny_config, init="random", seed=0, device="cpu", quantize="none")
+    prepare_model(plain, TrainConfig(seq_len=16, batch_size=2, trim_cpu_heap=False, checkpointing=True), "cpu")
+    plain.hidden(ids)
+    assert calls == []
