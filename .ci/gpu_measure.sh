@@ -36,13 +36,14 @@ for T in $SEQS; do
     --precision $PREC --measure --steps 2
 done
 # the longest without MLP tiles first (the 2026-11 run measured 11.10 GiB at 32K before the chunked backwards),
-# then every long one with tiles of 4096 tokens (the 64K run is the <= 15 GiB target)
+# then every long one with tiles of 4096 tokens (the 64K run is the <= 15 GiB target); --attribute lists what is
+# alive at each peak by the code that allocated it (the allocator's history), for what the ledger still misses
 run "memory_${LONG%% *}_offload" 420 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${LONG%% *}" \
-  --batch-size 1 --precision $PREC --offload --supervised 512 --measure --steps 2
+  --batch-size 1 --precision $PREC --offload --supervised 512 --measure --steps 2 --attribute
 TILE=4096; [ "$DEVICE" = cpu ] && TILE=256
 for T in $LONG; do
   run "memory_${T}_offload_tile${TILE}" 420 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "$T" \
-    --batch-size 1 --precision $PREC --offload --mlp-tile $TILE --supervised 512 --measure --steps 2
+    --batch-size 1 --precision $PREC --offload --mlp-tile $TILE --supervised 512 --measure --steps 2 --attribute
 done
 # issue 15 item 3: the T4 recipe's shapes at <= 3.3 GiB (offload + double quant; and with MLP tiles of 2048)
 run memory_t4_small 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size $B \

@@ -76,6 +76,144 @@ def peak_allocated_bytes(fn) -> tuple[object, int]:
     return out, peak
 
 
+# ------------------------------------------------------------------------------ what is alive at the peak
+REPO_DIRS = ("model/", "engine/", "data/")
+
+
+def _peak_replay(events):
+    """events: (key, +bytes | -bytes) in time order, key = the block. -> (peak above the start, {key: bytes} alive
+    at that moment). Two passes: find the peak's index, then replay up to it."""
+    held = peak = 0
+    at = -1
+    for i, (_, b) in enumerate(events):
+        held += b
+        if held > peak:
+            peak, at = held, i
+    live: dict = {}
+    for key, b in events[:at + 1]:
+        if b > 0:
+            live[key] = b
+        else:
+            live.pop(key, None)
+    return peak, live
+
+
+def attribute_peak(fn, device) -> tuple[int, list[tuple[str, int, int]]]:
+    """Run fn() once and say what was alive at its peak: -> (peak bytes above the start, [(site, bytes, count)]
+    largest first). A site is the innermost frame of this repository that allocated the block (file, function)
+    and, on the CPU, the torch op under it. CPU: the profiler's allocation records with Python stacks; CUDA: the
+    caching allocator's history (torch.cuda.memory._record_memory_history), kept in memory, never written or
+    unpickled. Blocks allocated before fn() that it frees count as negative and are not listed."""
+    sites: dict = {}
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+        try:
+            fn()
+            torch.cuda.synchronize()
+            trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+        events = []
+        for e in trace:
+            if e["action"] == "alloc":
+                frame = next((f for f in e.get("frames", []) if _in_repo(f["filename"])), None)
+                sites[e["addr"]] = (f"{_rel(frame['filename'])}:{frame['line']} {frame['name']}" if frame
+                                    else "(outside this repository)")
+                events.append((e["addr"], e["size"]))
+            elif e["action"] == "free_completed":
+                events.append((e["addr"], -e["size"]))
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:
+            fn()
+        kinds = torch._C._profiler._EventType
+        found = []
+
+        def walk(ev, stack):
+            if ev.tag == kinds.Allocation:
+                found.append((ev.start_time_ns, ev.extra_fields.ptr, ev.extra_fields.alloc_size, stack))
+            for child in ev.children:
+                walk(child, stack + [ev])
+
+        for root in prof.profiler.kineto_results.experimental_event_tree():
+            walk(root, [])
+        found.sort(key=lambda a: a[0])
+        events, n = [], 0
+        for _, ptr, size, stack in found:
+            if size > 0:
+                n += 1  # a CPU address is reused at once: key each allocation by its own number
+                sites[n] = _cpu_site(stack, kinds)
+                events.append(((ptr, n), size))
+            else:
+                events.append(((ptr, None), size))
+        # frees name the address only: map each free to the allocation at that address still alive
+        alive, keyed = {}, []
+        for (ptr, n_), size in events:
+            if size > 0:
+                alive[ptr] = n_
+                keyed.append((n_, size))
+            else:
+                keyed.append((alive.pop(ptr, None), size))
+        events = keyed
+    peak, live = _peak_replay(events)
+    groups: dict = {}
+    for key, b in live.items():
+        site = sites.get(key, "(before the step)")
+        total, count = groups.get(site, (0, 0))
+        groups[site] = (total + b, count + 1)
+    return peak, sorted(((k, b, c) for k, (b, c) in groups.items()), key=lambda g: -g[1])
+
+
+def _in_repo(filename: str) -> bool:
+    return any(f"/{d}" in filename.replace("\\", "/") for d in REPO_DIRS) and "site-packages" not in filename
+
+
+def _rel(filename: str) -> str:
+    f = filename.replace("\\", "/")
+    i = max(f.rfind("/" + d) for d in REPO_DIRS)
+    return f[i + 1:]
+
+
+def _cpu_site(stack, kinds) -> str:
+    """The innermost repository frame of a CPU allocation's stack and the first torch op called under it."""
+    idx = next((i for i in range(len(stack) - 1, -1, -1)
+                if stack[i].tag == kinds.PyCall and stack[i].name.startswith(REPO_DIRS)), None)
+    below = stack[idx + 1:] if idx is not None else stack
+    op = next((e.name for e in below if e.tag == kinds.TorchOp), "?")
+    if idx is None:
+        return f"(outside this repository) {op}"
+    name = stack[idx].name  # "model/llama.py(265): backward": the function's first line
+    path, func = name.split("(")[0], name.split(": ", 1)[-1]
+    return f"{path} {func} [{op}]"
+
+
+def attribute_step(cfg, s: Setup, device) -> tuple[int, list]:
+    """attribute_peak for one trainer step at s's shapes (after one step run before it: the optimizer state
+    exists, the gradients are freed, as in training)."""
+    model = training_model(cfg, s, device)
+    ids, labels = random_batch(cfg, s, device)
+    batch = {"input_ids": ids, "labels": labels}
+    if s.pack:
+        batch["segment_ids"] = packed_segments(s).to(device)
+    step = trainer_step(model, s, device)
+    step([batch], 0)
+    model.zero_grad(set_to_none=True)
+    return attribute_peak(lambda: step([batch], 1), device)
+
+
+def format_attribution(peak: int, groups: list, top: int = 20) -> str:
+    lines = [f"alive at the peak of one step ({fmt(peak)} above what was held before it), by the code that "
+             "allocated it:"]
+    for site, b, c in groups[:top]:
+        lines.append(f"  {fmt(b):>11}  ×{c:<4} {site}")
+    rest = groups[top:]
+    if rest:
+        lines.append(f"  {fmt(sum(b for _, b, _ in rest)):>11}  in {len(rest)} more sites")
+    return "\n".join(lines)
+
+
 def module_bytes(model: torch.nn.Module) -> dict:
     """Resident parameter/buffer bytes in four groups (resident_rows with the high-precision rows summed)."""
     rows = resident_rows(model)
@@ -388,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure: real steps at these shapes on CUDA; on the CPU resident and saved bytes and "
                         "the peak held during a trainer step (engine.memory.peak_allocated_bytes)")
     p.add_argument("--steps", type=int, default=3, help="steps for --measure on CUDA")
+    p.add_argument("--attribute", action="store_true",
+                   help="with --measure: one more step, and what was alive at its peak, grouped by the code that "
+                        "allocated it (CPU: the profiler; CUDA: the allocator's history)")
     p.add_argument("--budget", metavar="SIZE",
                    help=f"GPU memory to fit in ({SIZE_FORMS}): prints the longest sequence at --batch-size and the "
                         "largest batch at --seq-len whose predicted peak + CUDA context + allocator slack fits")
@@ -465,6 +606,13 @@ def main(argv=None) -> int:
             else:
                 log("no GPU: --measure counts resident and saved-tensor bytes on the CPU (builds the model)")
                 measured = measure_cpu(cfg, s)
+            if args.attribute:
+                peak, groups = attribute_step(cfg, s, s.device)
+                measured["attribution"] = {"peak_above_start_bytes": peak,
+                                           "sites": [{"site": k, "bytes": b, "count": c} for k, b, c in groups]}
+                log(format_attribution(peak, groups))
+        elif args.attribute:
+            raise ValueError("--attribute needs --measure (it runs a real step)")
     except (OSError, ValueError) as e:
         print(f"engine.memory: error: {e}", file=sys.stderr)
         return 2

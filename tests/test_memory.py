@@ -343,3 +343,37 @@ def test_cli_capability_predicts_for_a_t4(capsys):
     assert memory.main(args + ["--capability", "T4"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--capability" in err and len(err.splitlines()) == 1
+
+
+def test_attribution_accounts_for_the_peak_and_names_the_code(monkeypatch):
+    """engine.memory.attribute_peak on the CPU: the blocks alive at the peak add up to the peak (give or take what
+    the step freed of earlier blocks), and the sites are this repository's code: the checkpointed block inputs
+    (the MLP residual's output, one per layer but the first) and the SwiGLU backward's pieces."""
+    cfg = _mid_config()
+    s = Setup(seq_len=1024, batch_size=2, lora_r=16, precision="bf16", device="cpu", supervised=64, loss_chunk=64)
+    peak, groups = memory.attribute_step(cfg, s, "cpu")
+    total = sum(b for _, b, _ in groups)
+    assert peak <= total <= 1.05 * peak
+    sites = {site: (b, c) for site, b, c in groups}
+    inputs = sites["model/llama.py mlp_residual [aten::add]"]
+    assert inputs == (2 * 1024 * 256 * 2 * (cfg.num_hidden_layers - 1), cfg.num_hidden_layers - 1)
+    assert any(site.startswith("model/llama.py backward") for site, _, _ in groups[:4])
+
+
+def test_attribution_and_the_peak_meter_agree_on_the_same_step():
+    cfg = _mid_config()
+    s = Setup(seq_len=512, batch_size=2, lora_r=16, precision="bf16", device="cpu", supervised=64, loss_chunk=64)
+    model = training_model(cfg, s, "cpu")
+    ids, labels = random_batch(cfg, s)
+    step = trainer_step(model, s, "cpu")
+    batch = {"input_ids": ids, "labels": labels}
+    step([batch], 0)
+    _, metered = memory.peak_allocated_bytes(lambda: step([batch], 1))
+    attributed, _ = memory.attribute_peak(lambda: step([batch], 2), "cpu")
+    assert abs(attributed - metered) <= 0.02 * metered, (attributed, metered)
+
+
+def test_cli_attribute_needs_measure(capsys):
+    assert memory.main(["--model", "smollm2-135m", "--seq-len", "64", "--batch-size", "1", "--attribute"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--attribute needs --measure" in err and len(err.splitlines()) == 1
