@@ -45,12 +45,15 @@ for T in $LONG; do
   run "memory_${T}_offload_tile${TILE}" 420 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "$T" \
     --batch-size 1 --precision $PREC --offload --mlp-tile $TILE --supervised 512 --measure --steps 2 --attribute
 done
-# issue 15 item 3: the T4 recipe's shapes at <= 3.3 GiB (offload + double quant; and with MLP tiles of 2048)
+# issue 15 item 3: the T4 recipe's shapes at <= 3.3 GiB (offload + double quant; and with MLP tiles of 2048), each
+# run's step time against the recipe's default (packed, nothing offloaded) for the <= 10% speed trade
+run memory_t4_default 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" \
+  --batch-size $B --precision $PREC --pack --supervised 512 --measure --steps 4
 run memory_t4_small 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size $B \
-  --precision $PREC --pack --offload --double-quant --supervised 512 --measure --steps 2
+  --precision $PREC --pack --offload --double-quant --supervised 512 --measure --steps 4
 run memory_t4_small_tile 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" \
   --batch-size $B --precision $PREC --pack --offload --double-quant --mlp-tile $((TILE / 2)) --supervised 512 \
-  --measure --steps 2
+  --measure --steps 4
 # issue 14: ours vs transformers + peft + bitsandbytes, same shapes, alternating processes (fused AdamW now on),
 # one profiled step per run for the CPU-time / GPU-busy split; packed ACORD rows (what training runs), then
 # random unpacked rows, then batch 8 alone for model FLOP utilisation
