@@ -37,6 +37,7 @@ MiB = 1024 ** 2
 # Assumptions that cannot be derived from shapes (state them, measure them with --measure on a GPU).
 CUDA_CONTEXT_BYTES = 400 * MiB  # CUDA 12 context + cuBLAS workspace with lazy module loading; outside the allocator
 ALLOCATOR_SLACK = 0.10  # reserved ≈ 1.10 × peak allocated for a steady training loop (block sizes, fragmentation)
+TILE_HINT = 4096  # the MLP tile the table compares with (--mlp-tile), for micro-batches longer than it
 
 
 # ------------------------------------------------------------------------------------------------- the setup
@@ -125,6 +126,7 @@ class Ledger:
     rows: list[Row] = field(default_factory=list)
     peak: int = 0
     peak_other: int = 0  # peak with the other checkpointing choice, for comparison
+    peak_tiled: int = 0  # peak with MLP tiles of TILE_HINT tokens, shown when the run has none and is longer
     transient_name: str = ""
 
     def add(self, *a, **kw):
@@ -135,7 +137,8 @@ class Ledger:
 
     def to_dict(self) -> dict:
         return {"rows": [asdict(r) for r in self.rows], "predicted_peak_bytes": self.peak,
-                "predicted_peak_other_bytes": self.peak_other, "transient": self.transient_name}
+                "predicted_peak_other_bytes": self.peak_other, "predicted_peak_tiled_bytes": self.peak_tiled or None,
+                "transient": self.transient_name}
 
 
 # ------------------------------------------------------------------------------------------ static bytes
@@ -444,6 +447,8 @@ def predict(cfg, s: Setup) -> Ledger:
         other_saved = saved - (L * full_block - first) + ckpt_in
         led.peak_other = static + other_saved + max(block_t + full_block - (n * H * 4 if c == 4 else 0), loss_t,
                                                     norm_t)
+    if not s.tiled and s.tokens > TILE_HINT:
+        led.peak_tiled = predict(cfg, dataclasses.replace(s, mlp_tile=TILE_HINT)).peak
     if s.device == "cuda":
         led.add("outside", "CUDA context (not in max_memory_allocated)", CUDA_CONTEXT_BYTES, "assumption")
         led.add("outside", "allocator slack (reserved − allocated)", int(ALLOCATOR_SLACK * led.peak),
@@ -506,6 +511,9 @@ def format_table(led: Ledger, measured: dict | None = None, title: str = "") -> 
     if any(r.group == "outside" for r in led.rows):
         lines.append(f"{'peak as nvidia-smi would show it':<{w}} "
                      f"{fmt(led.peak + led.total('outside')):>11}")
+    if led.peak_tiled:
+        lines.append(f"{'peak allocated with --mlp-tile ' + str(TILE_HINT):<{w}} {fmt(led.peak_tiled):>11}  "
+                     "the MLP a tile at a time (one more MLP forward per step)")
     return "\n".join(lines)
 
 

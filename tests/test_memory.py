@@ -377,3 +377,13 @@ def test_cli_attribute_needs_measure(capsys):
     assert memory.main(["--model", "smollm2-135m", "--seq-len", "64", "--batch-size", "1", "--attribute"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--attribute needs --measure" in err and len(err.splitlines()) == 1
+
+
+def test_the_table_shows_what_mlp_tiles_would_save_on_long_rows(capsys):
+    assert memory.main(["--model", "llama-3.2-3b", "--seq-len", "32768", "--batch-size", "1", "--offload"]) == 0
+    out = capsys.readouterr().out
+    hint = next(line for line in out.splitlines() if line.startswith("peak allocated with --mlp-tile 4096"))
+    s = Setup(seq_len=32768, batch_size=1, offload=True)
+    assert ledger.fmt(predict(load_config("llama-3.2-3b"), replace(s, mlp_tile=4096)).peak) in hint
+    assert memory.main(["--model", "llama-3.2-3b", "--seq-len", "2048", "--batch-size", "1"]) == 0
+    assert "--mlp-tile" not in capsys.readouterr().out  # 2048 tokens: nothing to tile at 4096
