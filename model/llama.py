@@ -300,7 +300,13 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None):
         qkv, out = (self.qkv, self.out) if self._qkv is None else (self._qkv, self._out)  # eager: the reference
+        if self._tiled(x):
+            out = self.out  # its tiles run the compiled norm + MLP when compiled (dynamo cannot trace the tiles'
+            # checkpoints from inside a compiled region)
         return out(x, self.self_attn.attend(*qkv(x, cos, sin), mask, cache, self.index))
+
+    def _tiled(self, x) -> bool:
+        return bool(self.mlp_tile) and x.shape[0] * x.shape[1] > self.mlp_tile
 
     def qkv(self, x, cos, sin):
         """input norm, q/k/v projections (LoRA included) and RoPE: everything before SDPA."""
@@ -309,7 +315,7 @@ class Block(nn.Module):
     def out(self, x, y):
         """o_proj and the residual, post-attention norm, SwiGLU MLP and the residual: everything after SDPA."""
         x = x + self.self_attn.o_proj(y)
-        if self.mlp_tile and x.shape[0] * x.shape[1] > self.mlp_tile:
+        if self._tiled(x):
             return token_tiles(self._mlp_residual or self.mlp_residual, x, self.mlp_tile)
         return self.mlp_residual(x)
 
@@ -339,7 +345,7 @@ def token_tiles(fn, x, tile: int):
     time: x (B, T, H) is cut into (tile, H) pieces along its B*T tokens. With autograd on, each piece runs under
     its own checkpoint, so fn's intermediates exist for one tile at a time, in forward and in backward (which
     recomputes them tile by tile); what stays is x itself and the output. Same values as fn(x), up to matmul
-    blocking (tests/test_llama.py pins loss and gradients)."""
+    blocking (tests/test_checkpointing.py pins loss and gradients)."""
     B, T, H = x.shape
     pieces = x.reshape(B * T, H).split(tile)
     if torch.is_grad_enabled():

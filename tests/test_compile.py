@@ -53,3 +53,16 @@ def test_set_compiled_false_restores_the_eager_path_and_the_config_turns_it_on()
     assert all(b._qkv is not None for b in model.model.layers)
     model = prepare_model(Llama(LlamaConfig.from_hf_dict(tiny_config_dict())), TrainConfig(), "cpu")
     assert all(b._qkv is None for b in model.model.layers)
+
+
+def test_compiled_blocks_with_mlp_tiles_equal_eager():
+    """--compile with --mlp-tile: the compiled part around attention calls token_tiles, whose tiles run the
+    compiled norm + MLP under their own checkpoints; same logits, loss and gradients as eager with no tiles."""
+    torch._dynamo.reset()
+    eager = lora_model(num_hidden_layers=2)
+    compiled = lora_model(num_hidden_layers=2).set_compiled(backend="aot_eager")
+    compiled.set_mlp_tile(7)
+    for m in (eager, compiled):
+        m.set_gradient_checkpointing(True)
+    batch = packed_batch([[5, 7, 4], [9, 6]], 18)
+    assert_same(step(eager, *batch), step(compiled, *batch), atol=1e-4)
