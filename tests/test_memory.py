@@ -78,12 +78,13 @@ def test_resident_bytes_without_quantization_match_exactly(tiny):
     assert module_bytes(model) == pred
 
 
+@pytest.mark.parametrize("tile", [0, 20], ids=["whole", "tiles"])
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_saved_activation_prediction_matches_saved_tensor_hooks(tiny, checkpointing, packed, dtype):
+def test_saved_activation_prediction_matches_saved_tensor_hooks(tiny, checkpointing, packed, dtype, tile):
     s = Setup(seq_len=48, batch_size=2, lora_r=8, checkpointing=checkpointing, precision=dtype, device="cpu",
-              loss_chunk=16, pack=packed, supervised=40)
+              loss_chunk=16, pack=packed, supervised=40, mlp_tile=tile)
     got = measure_cpu(tiny, s)
     want = predict(tiny, s).total("saved")
     assert abs(want - got["total saved"]) <= SAVED_TOLERANCE * got["total saved"], (want, got["total saved"])
