@@ -13,10 +13,13 @@ saved-tensor bytes. The arithmetic behind the predicted column is engine/ledger.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import asdict, replace
 from fractions import Fraction
@@ -57,6 +60,26 @@ def saved_tensor_bytes(fn, exclude=()) -> tuple[object, dict]:
     return out, by_dev
 
 
+@contextlib.contextmanager
+def _kineto_quiet():
+    """The profiler's C++ side (kineto) prints 'USDT: ... profiler_start/stop' lines to stderr on every use:
+    route file descriptor 2 to a temporary file meanwhile and pass on every other line afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines():
+                if not line.startswith(("USDT:", "STAGE:")):
+                    print(line, file=sys.stderr)
+
+
 def peak_allocated_bytes(fn) -> tuple[object, int]:
     """Run fn() and return (its result, the most CPU memory it held at once above what was held when it began):
     torch.cuda.max_memory_allocated for the CPU, from the profiler's record of every CPU allocation and free
@@ -64,7 +87,7 @@ def peak_allocated_bytes(fn) -> tuple[object, int]:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _kineto_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
@@ -126,7 +149,7 @@ def attribute_peak(fn, device) -> tuple[int, list[tuple[str, int, int]]]:
     else:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:
+        with _kineto_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:
             fn()
         kinds = torch._C._profiler._EventType
         found = []

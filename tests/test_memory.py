@@ -388,3 +388,12 @@ def test_the_table_shows_what_mlp_tiles_would_save_on_long_rows(capsys):
     assert ledger.fmt(predict(load_config("llama-3.2-3b"), replace(s, mlp_tile=4096)).peak) in hint
     assert memory.main(["--model", "llama-3.2-3b", "--seq-len", "2048", "--batch-size", "1"]) == 0
     assert "--mlp-tile" not in capsys.readouterr().out  # 2048 tokens: nothing to tile at 4096
+
+
+def test_the_profilers_own_stderr_lines_are_dropped_and_nothing_else(capfd):
+    import os
+
+    with memory._kineto_quiet():
+        os.write(2, b"USDT:2026 profiler_start\na warning worth seeing\nSTAGE: Warm Up\n")
+    err = capfd.readouterr().err
+    assert "a warning worth seeing" in err and "USDT" not in err and "STAGE" not in err
