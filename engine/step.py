@@ -51,7 +51,7 @@ def trim_cpu_heap(model) -> bool:
     (glibc malloc_trim(0)). Why: a checkpointed forward keeps one [B, T, H] block input per layer and frees the
     rest of each block; glibc keeps those freed buffers as fragmented free heap, so the process grew to about
     twice what was live (SmolLM2-135M, seq 1024, batch 2: peak RSS 1.75 GiB for about 0.8 GiB live; trimming
-    in the forward: about 1.0 GiB, for about 5% more time per step; BENCHMARKS.md). Only in a forward with
+    in the forward: about 1.1 GiB, for 9-12% more time per step; BENCHMARKS.md). Only in a forward with
     autograd on and the model in train mode, not inside backward (recomputed blocks): trimming there cost
     more and gained nothing. Changes no value. Returns whether the hooks were installed."""
     trim = _malloc_trim()

@@ -95,3 +95,11 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "warmup" in r.stderr and path in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_command_prints_its_help():
+    """--help formats every flag's help (a bare '%' in one would make argparse raise instead)."""
+    from engine import bench, memory
+
+    for parser in (build_parser(), memory.build_parser(), bench.build_parser()):
+        assert "--" in parser.format_help()
