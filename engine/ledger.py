@@ -83,9 +83,8 @@ class Setup:
         return TrainConfig(seq_len=self.seq_len, batch_size=self.batch_size, lora_r=self.lora_r,
                            lora_alpha=2.0 * self.lora_r, lora_targets=list(self.lora_targets),
                            checkpointing=self.checkpointing, offload=self.offload, mlp_tile=self.mlp_tile,
-                           trim_cpu_heap=self.trim_cpu_heap,
-                           precision=self.precision,
-                           optimizer=self.optimizer, quantize=self.quantize, double_quant=self.double_quant,
+                           trim_cpu_heap=self.trim_cpu_heap, precision=self.precision, optimizer=self.optimizer,
+                           quantize=self.quantize, double_quant=self.double_quant,
                            loss_chunk=self.loss_chunk, pack=self.pack)
 
     @property
@@ -373,10 +372,17 @@ def attention_backward_working(cfg, s: Setup) -> int:
     return -mlp + 2 * n * H * c + n * (nh + 2 * kv) * hd * c + n * nh * hd * 4
 
 
+LOSS_SAVED = ("supervised hidden rows", "label mask")  # model_saved rows the loss keeps
+
+
+def saved_bytes(cfg, s: Setup, prefixes: tuple) -> int:
+    """model_saved bytes of the rows named with these prefixes."""
+    return sum(b for name, b in model_saved(cfg, s) if name.startswith(prefixes))
+
+
 def freed_before_blocks(cfg, s: Setup) -> int:
     """Saved bytes gone by the time the blocks run backward: the loss's and the final norm's (model_saved)."""
-    return sum(b for name, b in model_saved(cfg, s)
-               if name.startswith(("final norm", "supervised hidden rows", "label mask")))
+    return saved_bytes(cfg, s, LOSS_SAVED + ("final norm",))
 
 
 def dequant_transient(cfg, s: Setup) -> int:
@@ -430,8 +436,7 @@ def predict(cfg, s: Setup) -> Ledger:
             "loss/final-norm tensors freed by then")
     led.add("transient", f"loss chunk ({min(s.loss_chunk, s.rows)} rows × {cfg.vocab_size} vocab)", loss_t,
             "fp32 logits, turned into their gradient in place" + ("" if s.cbytes == 4 else f" + a {s.precision} copy"))
-    loss_saved = sum(b for name, b in model_saved(cfg, s) if name.startswith(("supervised hidden", "label mask")))
-    norm_t = 2 * n * H * c + norm_backward_temporaries(cfg, s, n) - loss_saved
+    norm_t = 2 * n * H * c + norm_backward_temporaries(cfg, s, n) - saved_bytes(cfg, s, LOSS_SAVED)
     led.add("transient", "final norm backward", norm_t, f"gradient in and out (2 × n·H {s.precision}) + fp32 "
             f"temporaries {fmt(norm_backward_temporaries(cfg, s, n))}, the loss's saved rows freed")
     static = led.total("static")

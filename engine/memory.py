@@ -163,23 +163,16 @@ def attribute_peak(fn, device) -> tuple[int, list[tuple[str, int, int]]]:
         for root in prof.profiler.kineto_results.experimental_event_tree():
             walk(root, [])
         found.sort(key=lambda a: a[0])
-        events, n = [], 0
-        for _, ptr, size, stack in found:
+        # a CPU address is reused at once: key each allocation by its own number, and each free (which names the
+        # address only) by the allocation alive at that address
+        events, alive = [], {}
+        for n, (_, ptr, size, stack) in enumerate(found):
             if size > 0:
-                n += 1  # a CPU address is reused at once: key each allocation by its own number
                 sites[n] = _cpu_site(stack, kinds)
-                events.append(((ptr, n), size))
+                alive[ptr] = n
+                events.append((n, size))
             else:
-                events.append(((ptr, None), size))
-        # frees name the address only: map each free to the allocation at that address still alive
-        alive, keyed = {}, []
-        for (ptr, n_), size in events:
-            if size > 0:
-                alive[ptr] = n_
-                keyed.append((n_, size))
-            else:
-                keyed.append((alive.pop(ptr, None), size))
-        events = keyed
+                events.append((alive.pop(ptr, None), size))
     peak, live = _peak_replay(events)
     groups: dict = {}
     for key, b in live.items():
@@ -212,18 +205,24 @@ def _cpu_site(stack, kinds) -> str:
     return f"{path} {func} [{op}]"
 
 
-def attribute_step(cfg, s: Setup, device) -> tuple[int, list]:
-    """attribute_peak for one trainer step at s's shapes (after one step run before it: the optimizer state
-    exists, the gradients are freed, as in training)."""
-    model = training_model(cfg, s, device)
-    ids, labels = random_batch(cfg, s, device)
-    batch = {"input_ids": ids, "labels": labels}
-    if s.pack:
-        batch["segment_ids"] = packed_segments(s).to(device)
+def warm_step(model, s: Setup, device, ids, labels, seg=None):
+    """The trainer's step on this batch, run once (the optimizer state exists, the gradients are freed, as
+    between training steps): -> (the step, a callable that runs the next one)."""
     step = trainer_step(model, s, device)
+    batch = {"input_ids": ids, "labels": labels}
+    if seg is not None:
+        batch["segment_ids"] = seg
     step([batch], 0)
     model.zero_grad(set_to_none=True)
-    return attribute_peak(lambda: step([batch], 1), device)
+    return step, lambda: step([batch], 1)
+
+
+def attribute_step(cfg, s: Setup, device) -> tuple[int, list]:
+    """attribute_peak for one trainer step at s's shapes, after one step run before it (warm_step)."""
+    model = training_model(cfg, s, device)
+    ids, labels = random_batch(cfg, s, device)
+    _, next_step = warm_step(model, s, device, ids, labels, packed_segments(s).to(device) if s.pack else None)
+    return attribute_peak(next_step, device)
 
 
 def format_attribution(peak: int, groups: list, top: int = 20) -> str:
@@ -357,14 +356,9 @@ def cpu_step_peak(model, s: Setup, ids, labels, seg=None) -> int:
     """The peak bytes of a trainer step on the CPU, as torch.cuda.max_memory_allocated would count them on a GPU:
     what is resident when the step begins (weights, adapters, optimizer state, from one step run before; the
     gradients are freed by the step's zero_grad) plus the most the step holds above that."""
-    step = trainer_step(model, s, "cpu")
-    batch = {"input_ids": ids, "labels": labels}
-    if seg is not None:
-        batch["segment_ids"] = seg
-    step([batch], 0)  # creates the optimizer state
-    model.zero_grad(set_to_none=True)
+    step, next_step = warm_step(model, s, "cpu", ids, labels, seg)
     resident = sum(b for k, b in resident_rows(model, step.optimizer).items() if k != "LoRA gradients")
-    _, above = peak_allocated_bytes(lambda: step([batch], 1))
+    _, above = peak_allocated_bytes(next_step)
     return resident + above
 
 
