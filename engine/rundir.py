@@ -22,7 +22,9 @@ RUN_FILES = ("config.json", "metrics.jsonl", "adapter", "checkpoints")
 # Settings a resumed run may change: how long it runs and how it reports and saves, never what it computes.
 RESUMABLE = {"max_steps", "epochs", "out", "resume", "overwrite", "save_every", "keep_last", "eval_every",
              "eval_batches", "eval_generate", "nonfinite_patience", "device",
-             "compile"}  # compile changes how a step runs, not what it computes (up to rounding)
+             # how a step runs, not what it computes (up to rounding; MLP tiles draw LoRA dropout masks tile by
+             # tile): a long run that runs short of memory can resume with tiles, or without the CPU heap trim
+             "compile", "mlp_tile", "trim_cpu_heap"}
 
 
 def adapter_run_config(adapter) -> tuple[Path, dict] | None:

@@ -156,3 +156,19 @@ def test_adapters_get_the_umask_permissions_not_private_ones(finished):
     adapter = Path(cfg.out) / "adapter"
     assert adapter.stat().st_mode & 0o777 == 0o777 & ~mask  # mkdtemp would have made it 0700
     assert (adapter / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # safetensors: 0600
+
+
+def test_a_resume_may_add_mlp_tiles_or_drop_the_heap_trim_but_not_change_the_model(tmp_path):
+    """Settings that change how a step runs, not what it learns, may differ on --resume; a run saved before they
+    existed (no such keys in its config.json) resumes too."""
+    from engine.config import TrainConfig
+
+    saved = TrainConfig(out=str(tmp_path), seq_len=64).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    RunDir(tmp_path).check_start(TrainConfig(out=str(tmp_path), seq_len=64, mlp_tile=32, trim_cpu_heap=False),
+                                 resume=True)
+    older = {k: v for k, v in saved.items() if k not in ("mlp_tile", "trim_cpu_heap")}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    RunDir(tmp_path).check_start(TrainConfig(out=str(tmp_path), seq_len=64, mlp_tile=32), resume=True)
+    with pytest.raises(ConfigError, match="lora_r"):
+        RunDir(tmp_path).check_start(TrainConfig(out=str(tmp_path), seq_len=64, lora_r=4), resume=True)
