@@ -59,8 +59,14 @@ class LoRALinear:
         # never the (B, T, in) activations, and their gradients come back to fp32 through the cast.
         h = self.lora_dropout(x)
         h = F.linear(h, self.lora_A.weight.to(h.dtype))  # (..., in) -> (..., r)
-        h = F.linear(h, self.lora_B.weight.to(h.dtype))  # (..., r) -> (..., out)
-        return y + (h * self.scaling).to(y.dtype)
+        if y.dtype != h.dtype:  # a base computing in another dtype: the plain expression
+            return y + (F.linear(h, self.lora_B.weight.to(h.dtype)) * self.scaling).to(y.dtype)
+        # y + scaling * (h @ B^T) as one GEMM: the add and the scaling ride on the matmul (beta=1, alpha=scaling),
+        # so no (..., out) product or scaled copy is made, in forward or in backward (addmm's gradient for y is
+        # the incoming gradient itself; the scaling then applies to (..., r) and [out, r] tensors only)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]),
+                          self.lora_B.weight.to(h.dtype).t(), alpha=self.scaling)
+        return out.view(y.shape)
 
     def merged_weight(self, dtype=torch.float32) -> torch.Tensor:
         """W + B @ A * scaling, [out, in], computed in float32."""
