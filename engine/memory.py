@@ -137,15 +137,7 @@ def attribute_peak(fn, device) -> tuple[int, list[tuple[str, int, int]]]:
             trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
         finally:
             torch.cuda.memory._record_memory_history(enabled=None)
-        events = []
-        for e in trace:
-            if e["action"] == "alloc":
-                frame = next((f for f in e.get("frames", []) if _in_repo(f["filename"])), None)
-                sites[e["addr"]] = (f"{_rel(frame['filename'])}:{frame['line']} {frame['name']}" if frame
-                                    else "(outside this repository)")
-                events.append((e["addr"], e["size"]))
-            elif e["action"] == "free_completed":
-                events.append((e["addr"], -e["size"]))
+        events, sites = cuda_trace_events(trace)
     else:
         from torch.profiler import ProfilerActivity, profile
 
@@ -173,6 +165,12 @@ def attribute_peak(fn, device) -> tuple[int, list[tuple[str, int, int]]]:
                 events.append((n, size))
             else:
                 events.append((alive.pop(ptr, None), size))
+    return attribution(events, sites)
+
+
+def attribution(events: list, sites: dict) -> tuple[int, list[tuple[str, int, int]]]:
+    """(peak above the start, [(site, bytes, count)] alive at the peak, largest first) from attribute_peak's
+    events and the allocations' sites."""
     peak, live = _peak_replay(events)
     groups: dict = {}
     for key, b in live.items():
@@ -180,6 +178,26 @@ def attribute_peak(fn, device) -> tuple[int, list[tuple[str, int, int]]]:
         total, count = groups.get(site, (0, 0))
         groups[site] = (total + b, count + 1)
     return peak, sorted(((k, b, c) for k, (b, c) in groups.items()), key=lambda g: -g[1])
+
+
+def cuda_trace_events(trace: list[dict]) -> tuple[list, dict]:
+    """The caching allocator's history (its TraceEntry dicts: action, addr, size, frames of filename / line /
+    name) as attribute_peak's events and each allocation's site: the innermost frame of this repository. An
+    address is reused once freed, so each allocation is keyed by its own number and each free by the allocation
+    alive at its address (a block from before the trace frees under None). A block counts as freed at
+    "free_completed" (when the allocator may hand it out again); segment and snapshot entries are not tensors."""
+    events, sites, alive = [], {}, {}
+    for e in trace:
+        if e["action"] == "alloc":
+            n = len(sites)
+            frame = next((f for f in e.get("frames", []) if _in_repo(f["filename"])), None)
+            sites[n] = (f"{_rel(frame['filename'])}:{frame['line']} {frame['name']}" if frame
+                        else "(outside this repository)")
+            alive[e["addr"]] = n
+            events.append((n, e["size"]))
+        elif e["action"] == "free_completed":
+            events.append((alive.pop(e["addr"], None), -e["size"]))
+    return events, sites
 
 
 def _in_repo(filename: str) -> bool:

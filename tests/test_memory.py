@@ -374,6 +374,29 @@ def test_attribution_and_the_peak_meter_agree_on_the_same_step():
     assert abs(attributed - metered) <= 0.02 * metered, (attributed, metered)
 
 
+def test_cuda_history_is_attributed_per_allocation_even_when_addresses_are_reused():
+    """attribute_peak's CUDA branch reads the caching allocator's history (no GPU here: a history written by hand
+    in the documented TraceEntry form). The peak is while A and B are alive; A's address is reused after the peak
+    by an allocation from outside the repository, which must not rename A; a block from before the history frees
+    within it; segment and free_requested entries are not tensors."""
+    repo, torch_py = "/x/model/llama.py", "/usr/lib/python3/site-packages/torch/nn/functional.py"
+    trace = [
+        {"action": "segment_alloc", "addr": 0, "size": 1 << 20, "frames": []},
+        {"action": "alloc", "addr": 100, "size": 10, "frames": [{"filename": torch_py, "line": 1, "name": "linear"},
+                                                                  {"filename": repo, "line": 50, "name": "forward"}]},
+        {"action": "alloc", "addr": 200, "size": 30, "frames": [{"filename": "/x/engine/step.py", "line": 12,
+                                                                  "name": "step"}]},
+        {"action": "free_requested", "addr": 100, "size": 10, "frames": []},
+        {"action": "free_completed", "addr": 100, "size": 10, "frames": []},
+        {"action": "alloc", "addr": 100, "size": 5, "frames": [{"filename": torch_py, "line": 2, "name": "silu"}]},
+        {"action": "free_completed", "addr": 900, "size": 7, "frames": []},
+        {"action": "alloc", "addr": 300, "size": 4, "frames": [{"filename": repo, "line": 60, "name": "attend"}]},
+    ]
+    peak, groups = memory.attribution(*memory.cuda_trace_events(trace))
+    assert peak == 40
+    assert groups == [("engine/step.py:12 step", 30, 1), ("model/llama.py:50 forward", 10, 1)]
+
+
 def test_cli_attribute_needs_measure(capsys):
     assert memory.main(["--model", "smollm2-135m", "--seq-len", "64", "--batch-size", "1", "--attribute"]) == 2
     err = capsys.readouterr().err.strip()
