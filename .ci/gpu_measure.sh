@@ -66,6 +66,16 @@ run memory_t4_small 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE"
 run memory_t4_small_tile 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" \
   --batch-size $B --precision $PREC --pack --offload --double-quant --mlp-tile $((TILE / 2)) --supervised 512 \
   --measure --steps 4
+# issue 15 item 4: the largest batch the ledger fits in BUDGET at the first sequence length (engine.memory
+# --budget, this device's own kernels), then measured at that batch: the peak must come out within the budget
+BUDGET=${BUDGET:-8GiB}; [ "$DEVICE" = cpu ] && BUDGET=500MiB
+FITB=$($PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size 1 \
+  --precision $PREC --budget "$BUDGET" --json | $PY -c 'import json, sys; print(json.load(sys.stdin)["batch_size"]["value"] or 0)')
+echo "== budget $BUDGET at seq ${SEQS%% *}: the ledger fits batch ${FITB:-?}" | tee "$OUT/budget.log"
+if [ "${FITB:-0}" -gt 0 ] 2>/dev/null; then
+  run "memory_budget_batch${FITB}" 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" \
+    --batch-size "$FITB" --precision $PREC --measure --steps 2
+fi
 fi
 # issue 14: ours vs transformers + peft + bitsandbytes, same shapes, alternating processes (fused AdamW now on),
 # one profiled step per run for the CPU-time / GPU-busy split; packed ACORD rows (what training runs), then
