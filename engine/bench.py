@@ -201,6 +201,38 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+# What a GPU kernel does, from its name (cuBLAS / cuBLASLt, CUTLASS, PyTorch's flash and memory-efficient
+# attention, bitsandbytes, PyTorch's fused optimizers, inductor): the split of GPU time issue 14 is about.
+# First match wins, so attention kernels built on CUTLASS count as attention.
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention")),
+    ("matmul", ("gemm", "cutlass", "cublas", "xmma", "nvjet", "wgmma")),
+    ("NF4 dequantize", ("dequantize",)),
+    ("optimizer and clipping", ("adam", "multi_tensor")),
+    ("copy / fill", ("memcpy", "memset")),
+    ("compiled (triton)", ("triton",)),
+)
+OTHER_KIND = "elementwise / reduction / other"
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in n for k in keys)), OTHER_KIND)
+
+
+def kernel_split(kernels: list[tuple[str, float]], top: int = 8) -> tuple[dict, list]:
+    """[(kernel name, seconds)] -> ({kind: seconds}, the `top` kernels by time as [name, seconds, count])."""
+    kinds: dict = {}
+    names: dict = {}
+    for name, sec in kernels:
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + sec
+        total, count = names.get(name, (0.0, 0))
+        names[name] = (total + sec, count + 1)
+    ranked = sorted(names.items(), key=lambda kv: -kv[1][0])[:top]
+    return kinds, [[name[:100], sec, count] for name, (sec, count) in ranked]
+
+
 def _profile_step(step, device: torch.device, i: int, log) -> dict | None:
     """One step under torch.profiler: its wall and CPU seconds and the GPU-busy seconds (union of the device
     activity the profiler records: kernels, copies, sets). None, with a log line, if the profiler fails."""
@@ -213,14 +245,24 @@ def _profile_step(step, device: torch.device, i: int, log) -> dict | None:
             step(i)
             torch.cuda.synchronize(device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
-                 if e.device_type == torch.autograd.DeviceType.CUDA]
+        device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        spans = [(e.time_range.start, e.time_range.end) for e in device_events]
         busy = busy_seconds(spans) / 1e6  # the profiler's times are microseconds
+        kinds, top = kernel_split([(e.name, e.time_range.elapsed_us() / 1e6) for e in device_events])
     except Exception as e:  # a profiler problem must not cost the timed figures
         log(f"  profile failed: {type(e).__name__}: {e}")
         return None
-    log(f"  profiled step: {wall:.3f} s wall (profiler on), {cpu:.3f} CPU s, GPU busy {busy:.3f} s")
-    return {"wall_seconds": wall, "cpu_seconds": cpu, "gpu_busy_seconds": busy, "device_events": len(spans)}
+    log(f"  profiled step: {wall:.3f} s wall (profiler on), {cpu:.3f} CPU s, GPU busy {busy:.3f} s; GPU time by kind: "
+        + format_kinds(kinds))
+    for name, sec, count in top:
+        log(f"    {sec * 1e3:8.2f} ms  {count:5d} x  {name}")
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "gpu_busy_seconds": busy, "device_events": len(spans),
+            "gpu_kinds": kinds, "top_kernels": top}
+
+
+def format_kinds(kinds: dict) -> str:
+    total = sum(kinds.values()) or 1.0
+    return ", ".join(f"{k} {v / total:.0%} ({v * 1e3:.1f} ms)" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 10) -> float:
@@ -348,6 +390,9 @@ def _summary(runs: list[dict], device: torch.device) -> dict:
         out["profile"] = {k: statistics.median(p[k] for p in profs) for k in ("wall_seconds", "cpu_seconds",
                                                                              "gpu_busy_seconds")}
         out["tokens_per_gpu_busy_s"] = sum(p["tokens"] for p in profs) / sum(p["gpu_busy_seconds"] for p in profs)
+        kinds = {k for p in profs for k in p.get("gpu_kinds", {})}
+        out["profile"]["gpu_kinds"] = {k: statistics.median(p.get("gpu_kinds", {}).get(k, 0.0) for p in profs)
+                                       for k in kinds}
     train = [r["train_peak_rss_bytes"] for r in runs if r.get("train_peak_rss_bytes")]
     if train:
         out["train_peak_rss_bytes"] = int(statistics.median(train))
@@ -493,6 +538,8 @@ def format_report(rep: dict) -> str:
             lines.append(f"{k} profiled step: {p['wall_seconds']:.3f} s wall, {p['cpu_seconds']:.3f} s CPU, "
                          f"{p['gpu_busy_seconds']:.3f} s GPU busy ({p['gpu_busy_seconds'] / p['wall_seconds']:.0%}); "
                          f"{v['tokens_per_gpu_busy_s']:.0f} tokens per GPU-busy second")
+            if p.get("gpu_kinds"):
+                lines.append(f"{k} GPU time by kind: {format_kinds(p['gpu_kinds'])}")
     for k, v in rep.get("ratios", {}).items():
         if v is not None:
             lines.append(f"ours/hf {k}: {v:.2f}")

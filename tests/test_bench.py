@@ -106,6 +106,36 @@ def test_a_bad_rows_file_is_a_one_line_error(tmp_path, capsys):
     assert "--save-rows needs --data" in capsys.readouterr().err
 
 
+def test_gpu_kernels_are_sorted_into_the_kinds_issue_14_asks_about():
+    """Kernel names as the CUDA profiler reports them (cuBLAS, cuBLASLt's nvjet, CUTLASS-based attention,
+    bitsandbytes, PyTorch's fused AdamW, copies, inductor, PyTorch's elementwise and reduction kernels)."""
+    kinds = {
+        "ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_tn": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_cublas": "matmul",
+        "nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_NTT": "matmul",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>, true>(Flash_fwd_params)":
+            "attention",
+        "fmha_cutlassB_f16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<>::Params)":
+            "attention",
+        "void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*, float*, int, int)":
+            "NF4 dequantize",
+        "void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, FusedAdamMathFunctor>":
+            "optimizer and clipping",
+        "Memcpy HtoD (Pinned -> Device)": "copy / fill",
+        "triton_poi_fused__to_copy_add_mul_0": "compiled (triton)",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<float, float, float, Mul>>":
+            bench.OTHER_KIND,
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, MeanOps<float, float>>>": bench.OTHER_KIND,
+    }
+    for name, kind in kinds.items():
+        assert bench.kernel_kind(name) == kind, name
+    split, top = bench.kernel_split([("nvjet_a", 0.5), ("elementwise_kernel<Mul>", 0.25), ("nvjet_a", 0.5),
+                                     ("Memset (Device)", 0.125)], top=2)
+    assert split == {"matmul": 1.0, bench.OTHER_KIND: 0.25, "copy / fill": 0.125}
+    assert top == [["nvjet_a", 1.0, 2], ["elementwise_kernel<Mul>", 0.25, 1]]
+    assert bench.format_kinds(split).startswith("matmul 73% (1000.0 ms), ")
+
+
 def test_gpu_busy_time_is_the_union_of_device_intervals():
     assert bench.busy_seconds([]) == 0
     assert bench.busy_seconds([(0, 2), (1, 3), (5, 6)]) == 4  # overlap counted once, the idle gap not at all
