@@ -13,11 +13,14 @@
 # The device tool allows 10 minutes a command and 15 device-minutes a session, start-up included: run it in two
 # commands, memory first (issue 15), then the benchmarks (issue 14), each inside the command limit:
 #   PART=memory DEADLINE_S=540 bash .ci/gpu_measure.sh;   PART=bench DEADLINE_S=540 bash .ci/gpu_measure.sh
-# PART: all (default), memory or bench. DEADLINE_S: the whole script's seconds; each step's timeout is cut to what
+# When only one command fits the session (about 8 minutes after start-up), PART=core runs what answers most: the
+# ledger at the first sequence length, 32K without tiles and 64K with them (issue 15), and the packed-rows
+# benchmark, one round (issue 14):   PART=core DEADLINE_S=480 bash .ci/gpu_measure.sh
+# PART: all (default), memory, bench or core. DEADLINE_S: the whole script's seconds; each step's timeout is cut to what
 # is left (a step with under 30 s left is skipped and says so), so the script ends, logs written, before the limit.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; DEVICE=${DEVICE:-cuda}; MODEL=${MODEL:-llama-3.2-3b}; PART=${PART:-all}
-case "$PART" in all|memory|bench) ;; *) echo "PART=$PART: choose all, memory or bench" >&2; exit 2;; esac
+case "$PART" in all|memory|bench|core) ;; *) echo "PART=$PART: choose all, memory, bench or core" >&2; exit 2;; esac
 END=""; [ -n "${DEADLINE_S:-}" ] && END=$(( $(date +%s) + DEADLINE_S ))
 PREC=fp16; [ "$DEVICE" = cpu ] && PREC=fp32  # fp16 as on a T4; the CPU trains in fp32
 mkdir -p "$OUT"
@@ -39,24 +42,29 @@ run() {  # run NAME SECONDS CMD...: one step, its own log, never stops the scrip
   echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
 }
 if [ "$DEVICE" = cpu ]; then SEQS="256 512"; LONG="1024"; B=1; else SEQS="2048 8192"; LONG="32768 65536"; B=2; fi
-want() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+want() {  # want GROUP...: whether this PART runs a step of these groups
+  local g; for g in "$@"; do { [ "$PART" = all ] || [ "$PART" = "$g" ]; } && return 0; done; return 1
+}
+FIRST=${SEQS%% *}; LAST=${LONG##* }
 run env 30 $PY -c "import torch, sys; print(sys.version); print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
-if want memory; then
 # issue 15: predicted vs measured at 2K, 8K (batch 2) and 32K, 64K (batch 1, offload), fp16 as on a T4
 for T in $SEQS; do
+  { want memory || { [ "$T" = "$FIRST" ] && want core; }; } || continue
   run "memory_${T}" 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "$T" --batch-size $B \
     --precision $PREC --measure --steps 2
 done
 # the longest without MLP tiles first (the 2026-11 run measured 11.10 GiB at 32K before the chunked backwards),
 # then every long one with tiles of 4096 tokens (the 64K run is the <= 15 GiB target); --attribute lists what is
 # alive at each peak by the code that allocated it (the allocator's history), for what the ledger still misses
-run "memory_${LONG%% *}_offload" 420 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${LONG%% *}" \
+want memory core && run "memory_${LONG%% *}_offload" 420 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${LONG%% *}" \
   --batch-size 1 --precision $PREC --offload --supervised 512 --measure --steps 2 --attribute
 TILE=4096; [ "$DEVICE" = cpu ] && TILE=256
 for T in $LONG; do
+  { want memory || { [ "$T" = "$LAST" ] && want core; }; } || continue
   run "memory_${T}_offload_tile${TILE}" 420 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "$T" \
     --batch-size 1 --precision $PREC --offload --mlp-tile $TILE --supervised 512 --measure --steps 2 --attribute
 done
+if want memory; then
 # issue 15 item 3: the T4 recipe's shapes at <= 3.3 GiB (offload + double quant; and with MLP tiles of 2048), each
 # run's step time against the recipe's default (packed, nothing offloaded) for the <= 10% speed trade
 run memory_t4_default 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" \
@@ -81,13 +89,16 @@ fi
 # one profiled step per run for the CPU-time / GPU-busy split; packed ACORD rows (what training runs), then
 # random unpacked rows, then batch 8 alone for model FLOP utilisation
 ROWS=${ROWS:-runs/bench_rows/acord_llama3_2048x2.safetensors}
-if want bench && [ -z "${SKIP_BENCH:-}" ]; then
+ROUNDS=2; [ "$PART" = core ] && ROUNDS=1
+if want bench core && [ -z "${SKIP_BENCH:-}" ]; then
   if [ -f "$ROWS" ]; then
     run bench_packed 600 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size $B \
-      --steps 5 --rounds 2 --vs hf --data "rows:$ROWS" --profile --json "$OUT/bench_packed.json"
+      --steps 5 --rounds $ROUNDS --vs hf --data "rows:$ROWS" --profile --json "$OUT/bench_packed.json"
   else
     echo "no $ROWS: the packed-rows benchmark is skipped (see the top of this script)" | tee "$OUT/bench_packed.log"
   fi
+fi
+if want bench && [ -z "${SKIP_BENCH:-}" ]; then
   run bench 600 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size $B --steps 5 \
     --rounds 2 --vs hf --profile --json "$OUT/bench.json"
   [ -f "$ROWS" ] && run bench_packed_compile 600 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" \
