@@ -106,6 +106,49 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _rotate(x, cos, sin, sign: int):
+    """x * cos + rotate_half(x) * sin * sign, written half by half into one output: with x = [x1, x2] and the
+    tables' halves equal (Llama.rope repeats its frequencies), the result is [x1 c - x2 s, x2 c + x1 s]. Four
+    kernels and one allocation, where the plain expression makes a negated half, a concatenation and two
+    products before the sum. The output keeps x's memory layout (empty_like), as the plain expression does."""
+    h = x.shape[-1] // 2
+    c, s = cos[..., :h], sin[..., :h]
+    x1, x2 = x[..., :h], x[..., h:]
+    out = torch.empty_like(x)
+    o1, o2 = out[..., :h], out[..., h:]
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-sign)
+    torch.mul(x2, c, out=o2).addcmul_(x1, s, value=sign)
+    return out
+
+
+class _RopeFn(torch.autograd.Function):
+    """RoPE with a hand-written backward: the rotation's transpose is the rotation by -angle, so the gradient
+    is _rotate(g, cos, -sin) and only the shared cos/sin tables are saved (as autograd through the plain
+    expression saves them). cos and sin take no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rotate(g, cos, sin, -1), None, None
+
+
+def apply_rope(x, cos, sin):
+    """x * cos + rotate_half(x) * sin (HF's form, the reference in tests/test_model.py), fused by hand in eager
+    mode; cos and sin (..., hd) must repeat their first half, as Llama.rope builds them. Under torch.compile the
+    plain expression, which the compiler fuses itself; and the hand-fused writes into the two halves of one
+    output came out wrong when compiled with dynamic shapes (torch 2.13, the aot_eager backend; static shapes
+    were right), which the compiled-block test caught."""
+    if torch.compiler.is_compiling():
+        return x * cos + rotate_half(x) * sin
+    assert not (cos.requires_grad or sin.requires_grad), "the RoPE tables take no gradient"
+    return _RopeFn.apply(x, cos, sin)
+
+
 class KVCache:
     """Preallocated keys/values for every layer: (B, n_kv, max_len, hd) each. `pos` is the number filled."""
 
@@ -213,8 +256,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, T, hd) -> (B, 1, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
     def attend(self, q, k, v, mask, cache=None, layer=0):

@@ -120,6 +120,50 @@ def test_silu_mul_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(_SiluMul.apply, (gate, up))
 
 
+def _rope_tables(B, T, hd, dtype, theta=10000.0):
+    """cos, sin (B, 1, T, hd) as Llama.rope builds them: the frequencies repeated, positions restarting per row."""
+    pos = torch.stack([torch.arange(T), torch.arange(T).roll(5)]).float()[:B]
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2).double() / hd)
+    emb = torch.cat([pos.double()[..., None] * inv] * 2, dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def test_rope_backward_passes_gradcheck():
+    from model.llama import apply_rope
+
+    cos, sin = _rope_tables(2, 6, 8, torch.float64)
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos, sin), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_matches_the_plain_expression_and_keeps_the_layout(dtype):
+    """apply_rope against HF's x * cos + rotate_half(x) * sin through autograd, on q as the projections leave it
+    ((B, T, n, hd) in memory, seen as (B, n, T, hd)): the same values and input gradients (fp32), no further from
+    the fp64 truth than the plain expression (bf16), and the output in the input's layout."""
+    from model.llama import apply_rope, rotate_half
+
+    B, T, n, hd = 2, 10, 3, 16
+    cos, sin = _rope_tables(B, T, hd, dtype)
+    x = torch.randn(B, T, n, hd).to(dtype).transpose(1, 2).requires_grad_()
+    g = torch.randn(B, n, T, hd).to(dtype)
+
+    def run(fn, c, s, t):
+        y = fn(t, c, s)
+        return y, torch.autograd.grad(y, t, g.to(t.dtype))[0]
+
+    ours = run(apply_rope, cos, sin, x)
+    plain = run(lambda t, c, s: t * c + rotate_half(t) * s, cos, sin, x)
+    c64, s64 = _rope_tables(B, T, hd, torch.float64)
+    truth = run(lambda t, c, s: t * c + rotate_half(t) * s, c64, s64, x.detach().double().requires_grad_())
+    assert ours[0].stride() == x.stride()
+    for a, b, t in zip(ours, plain, truth):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b)
+        else:
+            assert (a.double() - t).abs().max() <= (b.double() - t).abs().max() * 1.01 + 1e-6
+
+
 @pytest.mark.parametrize("chunk", [None, 200], ids=["one-chunk", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_norm_and_swiglu_match_autograd_through_the_plain_ops(dtype, chunk, monkeypatch):
