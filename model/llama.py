@@ -27,17 +27,18 @@ def _row_chunks(width: int) -> int:
 
 class _RMSNormFn(torch.autograd.Function):
     """RMSNorm with a hand-written backward that keeps the input in its own dtype and one fp32 rsqrt per row.
-    Autograd through the plain ops would keep the fp32 copy of the input (x.float()): under bf16/fp16 that is
-    twice the bytes, for every norm of every block. Forward runs exactly the ops of RMSNorm._plain; backward
-    works BACKWARD_CHUNK elements at a time."""
+    Autograd through HF's ops (x.float(), pow, mean, rsqrt, mul) would keep the fp32 copy of the input: under
+    bf16/fp16 that is twice the bytes, for every norm of every block. Forward computes what RMSNorm._plain
+    computes, bit for bit, scaling its own output in place; backward works BACKWARD_CHUNK elements at a time."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        xf = x.float()
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
-        xh = (xf * r).to(x.dtype)
+        r = _inv_rms(x, eps)  # (..., 1) fp32
+        xh = (x * r).to(x.dtype)  # x * r computes in fp32 (r's dtype): as x.float() * r, without the copy
         ctx.save_for_backward(x, weight, r)
-        return weight * xh
+        # xh is this function's own tensor: scaled in place (the same products as weight * xh, one tensor fewer)
+        in_place = weight.dtype == xh.dtype and torch.broadcast_shapes(xh.shape, weight.shape) == xh.shape
+        return xh.mul_(weight) if in_place else weight * xh
 
     @staticmethod
     def backward(ctx, g):
@@ -76,10 +77,14 @@ class RMSNorm(nn.Module):
         return self._plain(x)
 
     def _plain(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * (x * _inv_rms(x, self.eps)).to(x.dtype)
+
+
+def _inv_rms(x, eps: float):
+    """1 / sqrt(mean(x^2) + eps) over the last dim, (..., 1) in fp32 whatever x's dtype: one reduction over x
+    (vector_norm upcasts as it reads), where x.float().pow(2).mean() made an fp32 copy and its square."""
+    n = torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True, dtype=torch.float32)
+    return torch.rsqrt(n.square() / x.shape[-1] + eps)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
