@@ -127,7 +127,6 @@ def attribute_peak(fn, device) -> tuple[int, list[tuple[str, int, int]]]:
     and, on the CPU, the torch op under it. CPU: the profiler's allocation records with Python stacks; CUDA: the
     caching allocator's history (torch.cuda.memory._record_memory_history), kept in memory, never written or
     unpickled. Blocks allocated before fn() that it frees count as negative and are not listed."""
-    sites: dict = {}
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
@@ -155,17 +154,24 @@ def attribute_peak(fn, device) -> tuple[int, list[tuple[str, int, int]]]:
         for root in prof.profiler.kineto_results.experimental_event_tree():
             walk(root, [])
         found.sort(key=lambda a: a[0])
-        # a CPU address is reused at once: key each allocation by its own number, and each free (which names the
-        # address only) by the allocation alive at that address
-        events, alive = [], {}
-        for n, (_, ptr, size, stack) in enumerate(found):
-            if size > 0:
-                sites[n] = _cpu_site(stack, kinds)
-                alive[ptr] = n
-                events.append((n, size))
-            else:
-                events.append((alive.pop(ptr, None), size))
+        events, sites = _keyed((ptr, size, _cpu_site(stack, kinds) if size > 0 else None)
+                               for _, ptr, size, stack in found)
     return attribution(events, sites)
+
+
+def _keyed(records) -> tuple[list, dict]:
+    """records: (address, +bytes and the allocating site | -bytes and None) in time order -> attribution's
+    events and sites. An address is reused once freed, so each allocation is keyed by its own number and each
+    free (which names the address only) by the allocation alive at that address (None: a block from before)."""
+    events, sites, alive = [], {}, {}
+    for addr, size, site in records:
+        if size > 0:
+            n = len(sites)
+            sites[n], alive[addr] = site, n
+            events.append((n, size))
+        else:
+            events.append((alive.pop(addr, None), size))
+    return events, sites
 
 
 def attribution(events: list, sites: dict) -> tuple[int, list[tuple[str, int, int]]]:
@@ -182,22 +188,15 @@ def attribution(events: list, sites: dict) -> tuple[int, list[tuple[str, int, in
 
 def cuda_trace_events(trace: list[dict]) -> tuple[list, dict]:
     """The caching allocator's history (its TraceEntry dicts: action, addr, size, frames of filename / line /
-    name) as attribute_peak's events and each allocation's site: the innermost frame of this repository. An
-    address is reused once freed, so each allocation is keyed by its own number and each free by the allocation
-    alive at its address (a block from before the trace frees under None). A block counts as freed at
-    "free_completed" (when the allocator may hand it out again); segment and snapshot entries are not tensors."""
-    events, sites, alive = [], {}, {}
-    for e in trace:
-        if e["action"] == "alloc":
-            n = len(sites)
-            frame = next((f for f in e.get("frames", []) if _in_repo(f["filename"])), None)
-            sites[n] = (f"{_rel(frame['filename'])}:{frame['line']} {frame['name']}" if frame
-                        else "(outside this repository)")
-            alive[e["addr"]] = n
-            events.append((n, e["size"]))
-        elif e["action"] == "free_completed":
-            events.append((alive.pop(e["addr"], None), -e["size"]))
-    return events, sites
+    name) as attribute_peak's events and each allocation's site: the innermost frame of this repository. A block
+    counts as freed at "free_completed" (when the allocator may hand it out again); segment and snapshot entries
+    are not tensors."""
+    def site(e):
+        frame = next((f for f in e.get("frames", []) if _in_repo(f["filename"])), None)
+        return f"{_rel(frame['filename'])}:{frame['line']} {frame['name']}" if frame else "(outside this repository)"
+
+    return _keyed((e["addr"], e["size"], site(e)) if e["action"] == "alloc" else (e["addr"], -e["size"], None)
+                  for e in trace if e["action"] in ("alloc", "free_completed"))
 
 
 def _in_repo(filename: str) -> bool:

@@ -37,8 +37,7 @@ class _RMSNormFn(torch.autograd.Function):
         xh = (x * r).to(x.dtype)  # x * r computes in fp32 (r's dtype): as x.float() * r, without the copy
         ctx.save_for_backward(x, weight, r)
         # xh is this function's own tensor: scaled in place (the same products as weight * xh, one tensor fewer)
-        in_place = weight.dtype == xh.dtype and torch.broadcast_shapes(xh.shape, weight.shape) == xh.shape
-        return xh.mul_(weight) if in_place else weight * xh
+        return xh.mul_(weight) if weight.dtype == xh.dtype else weight * xh
 
     @staticmethod
     def backward(ctx, g):
