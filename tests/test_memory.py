@@ -293,6 +293,58 @@ def test_predicted_peak_matches_the_cpu_allocator(precision, checkpointing, tile
     assert abs(led.peak - got) <= PEAK_TOLERANCE * got, (ledger.fmt(led.peak), ledger.fmt(got))
 
 
+@pytest.mark.parametrize("precision,tile,pack", [("bf16", 0, False), ("fp32", 1024, True)],
+                         ids=["bf16", "fp32-tiles-packed"])
+def test_predicted_peak_matches_the_cpu_allocator_at_long_context(precision, tile, pack):
+    """One row of 8192 tokens, narrow layers: what grows with the sequence (the block inputs, RoPE tables, the
+    norms' and MLP's [tokens, ·] tensors, attention's backward) dominates the peak, as at 32K-64K on a GPU.
+    A (T, T) tensor anywhere (a mask, attention weights) would be 64-256 MiB against a peak of about 40 MiB."""
+    from model.config import LlamaConfig
+
+    cfg = LlamaConfig.from_hf_dict(tiny_config_dict(hidden_size=64, intermediate_size=176, num_attention_heads=4,
+                                                    num_key_value_heads=2, head_dim=16, vocab_size=512,
+                                                    max_position_embeddings=8192))
+    s = Setup(seq_len=8192, batch_size=1, lora_r=16, precision=precision, device="cpu", mlp_tile=tile, pack=pack,
+              supervised=64, loss_chunk=64)
+    got = measure_cpu(cfg, s)["peak allocated"]
+    led = predict(cfg, s)
+    assert led.transient_name == "block backward"
+    assert abs(led.peak - got) <= PEAK_TOLERANCE * got, (ledger.fmt(led.peak), ledger.fmt(got))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("fn", ["swiglu", "rmsnorm"])
+def test_chunked_backwards_hold_what_the_ledger_counts(fn, precision, monkeypatch):
+    """The hand-written SwiGLU and RMSNorm backwards over 32 chunks, measured alone: their gradients plus the fp32
+    temporaries the ledger counts (swiglu_/norm_backward_temporaries), not one chunk more. A chunk's tensors
+    outliving it (the SwiGLU loop kept its last fp32 product into the next chunk's upcast until 2026-12-06) is
+    one more fp32 chunk at the peak: 64 MiB per block backward at long context, found at 32K tokens."""
+    from model import llama
+    from model.config import LlamaConfig
+
+    n, width = 2048, 256 if fn == "swiglu" else 64
+    rows = 64
+    monkeypatch.setattr(llama, "BACKWARD_CHUNK", rows * width)  # the model and the ledger read the same constant
+    monkeypatch.setattr(ledger, "BACKWARD_CHUNK", rows * width)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    cfg = LlamaConfig.from_hf_dict(tiny_config_dict(hidden_size=64, intermediate_size=256))
+    s = Setup(seq_len=n, batch_size=1, precision=precision, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, width, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    c = a.element_size()
+    if fn == "swiglu":  # the gradients of gate and up, and the temporaries
+        out, inputs = llama._SiluMul.apply(a, b), (a, b)
+        want = 2 * n * width * c + ledger.swiglu_backward_temporaries(cfg, s)
+    else:  # the input's gradient (the weight's is one row), and the temporaries
+        w = (b[0].detach() + 3).requires_grad_()
+        out, inputs = llama._RMSNormFn.apply(a, w, 1e-5), (a, w)
+        want = n * width * c + ledger.norm_backward_temporaries(cfg, s, n)
+    grad_out = torch.randn(out.shape, generator=g).to(dtype)
+    _, peak = memory.peak_allocated_bytes(lambda: torch.autograd.grad(out, inputs, grad_out))
+    chunk = rows * width * 4  # one fp32 chunk
+    assert abs(peak - want) < chunk // 2, (peak, want, chunk)
+
+
 def test_mlp_tiles_and_chunked_backwards_lower_the_measured_peak_as_predicted(monkeypatch):
     """What the tiles are for, measured: at 2 × 1024 tokens the MLP's [tokens, intermediate] tensors dominate the
     block's backward; tiles of 256 tokens take most of them away, and the ledger predicts how much."""
