@@ -363,13 +363,20 @@ def attention_backward_working(cfg, s: Setup) -> int:
     """The block's other large moment, SDPA's backward (the largest when the MLP is tiled or small): the MLP's
     saved tensors are gone by then (this is relative to a block holding them, so they count negative); the
     residual gradient and the gradient of the SDPA output (2 × n·H), dq, dk, dv in compute dtype (k and v as
-    attention_path feeds them) and an fp32 dq accumulator (n·heads·hd·4: FlashAttention-2 and the
-    memory-efficient kernel accumulate dq in fp32; the CPU kernel's buffers measure about the same)."""
+    attention_path feeds them) and one more dq-sized buffer: on CUDA an fp32 dq accumulator (n·heads·hd·4:
+    FlashAttention-2 and the memory-efficient kernel accumulate dq in fp32); on the CPU one in the compute
+    dtype (measured: PyTorch's CPU flash backward grows by exactly n·heads·hd·c beyond its gradients, bf16 and
+    fp32, plus per-thread buffers of a few MiB that do not grow; tests/test_memory.py)."""
     n, c, H = s.tokens, s.cbytes, cfg.hidden_size
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     kv = nh if attention(cfg, s).expand_kv else nkv
     mlp = n * H * c if s.tiled else sum(b for _, b in mlp_saved(cfg, s, n))
-    return -mlp + 2 * n * H * c + n * (nh + 2 * kv) * hd * c + n * nh * hd * 4
+    return -mlp + 2 * n * H * c + n * (nh + 2 * kv) * hd * c + n * nh * hd * sdpa_dq_buffer_bytes(s)
+
+
+def sdpa_dq_buffer_bytes(s: Setup) -> int:
+    """Bytes per query element of SDPA's backward beyond dq, dk and dv (attention_backward_working)."""
+    return 4 if s.device == "cuda" else s.cbytes
 
 
 LOSS_SAVED = ("supervised hidden rows", "label mask")  # model_saved rows the loss keeps

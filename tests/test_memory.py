@@ -345,6 +345,29 @@ def test_chunked_backwards_hold_what_the_ledger_counts(fn, precision, monkeypatc
     assert abs(peak - want) < chunk // 2, (peak, want, chunk)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_sdpa_backward_grows_on_the_cpu_as_the_ledger_counts(precision):
+    """What PyTorch's CPU flash-attention backward holds per query token beyond its gradients, the ledger's
+    dq-sized buffer (ledger.sdpa_dq_buffer_bytes: the compute dtype on the CPU, fp32 on CUDA), measured as the
+    growth of the peak from 4096 to 8192 tokens, so the per-thread buffers that do not grow drop out."""
+    import torch.nn.functional as F
+
+    nh, nkv, hd = 9, 3, 64  # SmolLM2's heads: grouped k/v, as attention_path passes them on the CPU
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    s = Setup(seq_len=4096, batch_size=1, precision=precision, device="cpu")
+    g = torch.Generator().manual_seed(0)
+
+    def peak(T):
+        q, k, v = (torch.randn(1, h, T, hd, generator=g).to(dtype).requires_grad_() for h in (nh, nkv, nkv))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        grad = torch.randn(out.shape, generator=g).to(dtype)
+        return memory.peak_allocated_bytes(lambda: torch.autograd.grad(out, (q, k, v), grad))[1]
+
+    per_token = (nh + 2 * nkv) * hd * s.cbytes + nh * hd * ledger.sdpa_dq_buffer_bytes(s)  # dq, dk, dv + buffer
+    grown = peak(8192) - peak(4096)
+    assert abs(grown - 4096 * per_token) <= 0.02 * grown, (grown, 4096 * per_token)
+
+
 def test_mlp_tiles_and_chunked_backwards_lower_the_measured_peak_as_predicted(monkeypatch):
     """What the tiles are for, measured: at 2 × 1024 tokens the MLP's [tokens, intermediate] tensors dominate the
     block's backward; tiles of 256 tokens take most of them away, and the ledger predicts how much."""
