@@ -363,10 +363,12 @@ def attention_backward_working(cfg, s: Setup) -> int:
     """The block's other large moment, SDPA's backward (the largest when the MLP is tiled or small): the MLP's
     saved tensors are gone by then (this is relative to a block holding them, so they count negative); the
     residual gradient and the gradient of the SDPA output (2 × n·H), dq, dk, dv in compute dtype (k and v as
-    attention_path feeds them) and one more dq-sized buffer: on CUDA an fp32 dq accumulator (n·heads·hd·4:
-    FlashAttention-2 and the memory-efficient kernel accumulate dq in fp32); on the CPU one in the compute
-    dtype (measured: PyTorch's CPU flash backward grows by exactly n·heads·hd·c beyond its gradients, bf16 and
-    fp32, plus per-thread buffers of a few MiB that do not grow; tests/test_memory.py)."""
+    attention_path feeds them) and, on CUDA, an fp32 dq accumulator (n·heads·hd·4: FlashAttention-2 and the
+    memory-efficient kernel accumulate dq in fp32). PyTorch's CPU flash backward, given q, k, v and the
+    output's gradient in the layout Attention gives them ((B, T, heads, hd) memory seen as (B, heads, T, hd)),
+    holds nothing more that grows with the tokens: per-thread buffers of 2-3.3 MiB (2 threads), not counted
+    (measured; tests/test_memory.py). Given an output gradient in contiguous (B, heads, T, hd) layout it would
+    hold one more dq-sized tensor in the compute dtype, so the test feeds it the model's layout."""
     n, c, H = s.tokens, s.cbytes, cfg.hidden_size
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     kv = nh if attention(cfg, s).expand_kv else nkv
@@ -376,7 +378,7 @@ def attention_backward_working(cfg, s: Setup) -> int:
 
 def sdpa_dq_buffer_bytes(s: Setup) -> int:
     """Bytes per query element of SDPA's backward beyond dq, dk and dv (attention_backward_working)."""
-    return 4 if s.device == "cuda" else s.cbytes
+    return 4 if s.device == "cuda" else 0
 
 
 LOSS_SAVED = ("supervised hidden rows", "label mask")  # model_saved rows the loss keeps

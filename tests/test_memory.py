@@ -347,9 +347,12 @@ def test_chunked_backwards_hold_what_the_ledger_counts(fn, precision, monkeypatc
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_sdpa_backward_grows_on_the_cpu_as_the_ledger_counts(precision):
-    """What PyTorch's CPU flash-attention backward holds per query token beyond its gradients, the ledger's
-    dq-sized buffer (ledger.sdpa_dq_buffer_bytes: the compute dtype on the CPU, fp32 on CUDA), measured as the
-    growth of the peak from 4096 to 8192 tokens, so the per-thread buffers that do not grow drop out."""
+    """What PyTorch's CPU flash-attention backward holds per query token beyond dq, dk and dv
+    (ledger.sdpa_dq_buffer_bytes: nothing on the CPU, an fp32 dq accumulator on CUDA), with q, k and v in the
+    layout Attention gives them ((B, T, heads, hd) memory, transposed) and the output's gradient in the layout
+    o_proj's backward returns, measured as the growth of the peak from 4096 to 8192 tokens, so the per-thread
+    buffers that do not grow drop out. (Tensors in contiguous (B, heads, T, hd) layout make it hold one more
+    dq-sized tensor in the compute dtype: the layout matters, so the test uses the model's.)"""
     import torch.nn.functional as F
 
     nh, nkv, hd = 9, 3, 64  # SmolLM2's heads: grouped k/v, as attention_path passes them on the CPU
@@ -358,9 +361,10 @@ def test_sdpa_backward_grows_on_the_cpu_as_the_ledger_counts(precision):
     g = torch.Generator().manual_seed(0)
 
     def peak(T):
-        q, k, v = (torch.randn(1, h, T, hd, generator=g).to(dtype).requires_grad_() for h in (nh, nkv, nkv))
+        q, k, v = (torch.randn(1, T, h, hd, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+                   for h in (nh, nkv, nkv))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        grad = torch.randn(out.shape, generator=g).to(dtype)
+        grad = torch.randn(1, T, nh, hd, generator=g).to(dtype).transpose(1, 2)  # as o_proj's backward gives it
         return memory.peak_allocated_bytes(lambda: torch.autograd.grad(out, (q, k, v), grad))[1]
 
     per_token = (nh + 2 * nkv) * hd * s.cbytes + nh * hd * ledger.sdpa_dq_buffer_bytes(s)  # dq, dk, dv + buffer
