@@ -122,23 +122,41 @@ def dequantize_absmax(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Te
 _bnb_state_code: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # NF4 and dynamic maps per device
 
 
-def _bnb_dequantize(layer: "Linear4bit", dtype: torch.dtype) -> torch.Tensor:
+def _bnb_dequantize(weight: torch.Tensor, state: tuple, shape: tuple[int, int], blocksize: int,
+                    dtype: torch.dtype) -> torch.Tensor:
     """The fast path: bitsandbytes' dequantize kernel fed a QuantState built from our buffers (the bytes are
-    bnb's own layout, so nothing is converted)."""
+    bnb's own layout, so nothing is converted). state as for dequantize_nf4."""
     import bitsandbytes.functional as bnbf
 
-    dev = layer.weight.device
+    dev = weight.device
     if dev not in _bnb_state_code:
         _bnb_state_code[dev] = (NF4_CODE.to(dev), DYNAMIC_CODE.to(dev))
     nf4, dyn = _bnb_state_code[dev]
-    if layer.double_quant:
-        state2 = bnbf.QuantState(absmax=layer.absmax_scale, code=dyn, blocksize=DQ_BLOCKSIZE, dtype=torch.float32)
-        state = bnbf.QuantState(absmax=layer.absmax_q, shape=layer.shape, code=nf4, blocksize=layer.blocksize,
-                                quant_type="nf4", dtype=dtype, offset=layer.absmax_offset, state2=state2)
+    if len(state) == 3:
+        absmax_q, absmax_scale, absmax_offset = state
+        state2 = bnbf.QuantState(absmax=absmax_scale, code=dyn, blocksize=DQ_BLOCKSIZE, dtype=torch.float32)
+        qs = bnbf.QuantState(absmax=absmax_q, shape=shape, code=nf4, blocksize=blocksize, quant_type="nf4",
+                             dtype=dtype, offset=absmax_offset, state2=state2)
     else:
-        state = bnbf.QuantState(absmax=layer.absmax, shape=layer.shape, code=nf4, blocksize=layer.blocksize,
-                                quant_type="nf4", dtype=dtype)
-    return bnbf.dequantize_4bit(layer.weight.view(-1, 1), state)
+        qs = bnbf.QuantState(absmax=state[0], shape=shape, code=nf4, blocksize=blocksize, quant_type="nf4",
+                             dtype=dtype)
+    return bnbf.dequantize_4bit(weight.view(-1, 1), qs)
+
+
+def dequantize_nf4(weight: torch.Tensor, state: tuple, shape: tuple[int, int], blocksize: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Packed NF4 bytes -> [out, in] in dtype, a fresh tensor. state: (absmax,), or (absmax_q, absmax_scale,
+    absmax_offset) with double quantisation (Linear4bit.quant_state). bitsandbytes' kernels on CUDA; on the CPU
+    too, where they are bit-identical to nf4_dequantize and faster. Min over 5-20 calls of nf4_dequantize vs
+    bnb.functional.dequantize_4bit on randn weights, 2-core AVX-512 CI box, 2026-11-25:
+      576x1536   fp32: ours 0.62 ms, bnb 0.11 ms    bf16: ours 0.73 ms, bnb 0.09 ms
+      3072x8192  fp32: ours 167 ms,  bnb 64 ms      bf16: ours 269 ms,  bnb 48 ms
+    bnb's CPU kernel walks blocks row by row, so it disagrees with its own quantize_4bit layout when a row is
+    not a whole number of blocks (checked: 128x96): those shapes take the reference path (dequant_path)."""
+    if dequant_path(shape, blocksize, weight.device, dtype).kernel == "bitsandbytes":
+        return _bnb_dequantize(weight, state, shape, blocksize, dtype)
+    absmax = dequantize_absmax(*state) if len(state) == 3 else state[0]
+    return nf4_dequantize(weight, absmax, shape, blocksize, dtype)
 
 
 @dataclass(frozen=True)
@@ -182,6 +200,53 @@ class _NF4Linear(torch.autograd.Function):
             return None, None
         w = ctx.layer.dequantize(grad_out.dtype)  # (out, in), freed when backward of this layer returns
         return grad_out @ w, None  # (..., out) @ (out, in) -> (..., in)
+
+
+# torch.compile traces _NF4Linear into one forward+backward graph, where the forward's dequantize and the
+# backward's are the same call on the same buffers: the graph's common-subexpression pass merges them, and the
+# dequantized weight becomes a tensor saved from forward to backward, out*in*2 bytes per projection (201 MB a
+# block at Llama 3.2 3B shapes in bf16), the very cost _NF4Linear exists to avoid (measured: the compiled
+# graph's saved values listed the four [out, in] weights of the MLP and o_proj). As two opaque ops, forward and
+# backward each dequantize inside their own call, and the graph keeps only the packed buffers, as eager does.
+@torch.library.custom_op("clauselora::nf4_linear", mutates_args=())
+def nf4_linear(x: torch.Tensor, weight: torch.Tensor, state: list[torch.Tensor], shape: list[int],
+               blocksize: int) -> torch.Tensor:
+    """x @ W^T, W (shape) dequantized from the packed weight and its state (Linear4bit.quant_state) in x's dtype
+    for this product only: _NF4Linear's forward as one op, for compiled code."""
+    return F.linear(x, dequantize_nf4(weight, tuple(state), tuple(shape), blocksize, x.dtype))
+
+
+@nf4_linear.register_fake
+def _(x, weight, state, shape, blocksize):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+@torch.library.custom_op("clauselora::nf4_linear_input_grad", mutates_args=())
+def nf4_linear_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, state: list[torch.Tensor],
+                          shape: list[int], blocksize: int) -> torch.Tensor:
+    """grad_out @ W: nf4_linear's input gradient, W dequantized again in grad_out's dtype (_NF4Linear.backward)."""
+    return grad_out @ dequantize_nf4(weight, tuple(state), tuple(shape), blocksize, grad_out.dtype)
+
+
+@nf4_linear_input_grad.register_fake
+def _(grad_out, weight, state, shape, blocksize):
+    return grad_out.new_empty((*grad_out.shape[:-1], shape[1]))
+
+
+def _nf4_linear_setup(ctx, inputs, output):
+    _, weight, state, shape, blocksize = inputs
+    ctx.save_for_backward(weight, *state)
+    ctx.shape, ctx.blocksize = shape, blocksize
+
+
+def _nf4_linear_backward(ctx, grad_out):
+    weight, *state = ctx.saved_tensors
+    grad_x = nf4_linear_input_grad(grad_out, weight, state, ctx.shape, ctx.blocksize) \
+        if ctx.needs_input_grad[0] else None
+    return grad_x, None, [None] * len(state), None, None
+
+
+nf4_linear.register_autograd(_nf4_linear_backward, setup_context=_nf4_linear_setup)
 
 
 def _keep_dtype(fn, keep_ids):
@@ -252,19 +317,13 @@ class Linear4bit(nn.Module):
             return dequantize_absmax(self.absmax_q, self.absmax_scale, self.absmax_offset)
         return self.absmax
 
+    def quant_state(self) -> tuple[torch.Tensor, ...]:
+        """The state tensors dequantize_nf4 takes, in state_names() order."""
+        return tuple(getattr(self, n) for n in self.state_names())
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """-> [out, in] in dtype (default compute_dtype); a fresh tensor of out*in*itemsize bytes."""
-        dtype = dtype or self.compute_dtype
-        # bitsandbytes' kernels on CUDA; on the CPU too, where they are bit-identical to nf4_dequantize and
-        # faster. Min over 5-20 calls of nf4_dequantize vs bnb.functional.dequantize_4bit on randn weights,
-        # 2-core AVX-512 CI box, 2026-11-25:
-        #   576x1536   fp32: ours 0.62 ms, bnb 0.11 ms    bf16: ours 0.73 ms, bnb 0.09 ms
-        #   3072x8192  fp32: ours 167 ms,  bnb 64 ms      bf16: ours 269 ms,  bnb 48 ms
-        # bnb's CPU kernel walks blocks row by row, so it disagrees with its own quantize_4bit layout when a
-        # row is not a whole number of blocks (checked: 128x96): those shapes take the reference path.
-        if dequant_path(self.shape, self.blocksize, self.weight.device, dtype).kernel == "bitsandbytes":
-            return _bnb_dequantize(self, dtype)
-        return nf4_dequantize(self.weight, self.absmax_values(), self.shape, self.blocksize, dtype)
+        return dequantize_nf4(self.weight, self.quant_state(), self.shape, self.blocksize, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Autocast (fp16/bf16 training on GPU) decides the matmul dtype; otherwise compute_dtype does.
@@ -272,7 +331,10 @@ class Linear4bit(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
         else:
             dtype = self.compute_dtype
-        out = _NF4Linear.apply(x.to(dtype), self)
+        if torch.compiler.is_compiling():  # Block.set_compiled: the same product as an opaque op (nf4_linear)
+            out = nf4_linear(x.to(dtype), self.weight, list(self.quant_state()), list(self.shape), self.blocksize)
+        else:
+            out = _NF4Linear.apply(x.to(dtype), self)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def nbytes(self) -> int:
