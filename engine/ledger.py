@@ -52,6 +52,7 @@ class Setup:
     offload: bool = False
     mlp_tile: int = 0  # tokens per MLP tile (model.llama.token_tiles); 0 = the whole micro-batch at once
     trim_cpu_heap: bool = True  # engine.step.trim_cpu_heap on the CPU (process RSS only: no tensor byte changes)
+    compile: bool = False  # Block.set_compiled: the blocks' norms and SwiGLU backward fused, no fp32 temporaries
     precision: str = "bf16"  # resolved: compute dtype (autocast) and dtype of the high-precision base weights
     optimizer: str = "adamw"
     quantize: str = "nf4"
@@ -73,8 +74,9 @@ class Setup:
         kw: supervised, sdpa."""
         s = cls(seq_len=cfg.seq_len, batch_size=cfg.batch_size, lora_r=cfg.lora_r,
                 lora_targets=tuple(cfg.lora_targets), checkpointing=cfg.checkpointing, offload=cfg.offload,
-                mlp_tile=cfg.mlp_tile, precision=precision, optimizer=cfg.optimizer, quantize=cfg.quantize,
-                double_quant=cfg.double_quant, loss_chunk=cfg.loss_chunk, pack=cfg.pack, device=device, **kw)
+                mlp_tile=cfg.mlp_tile, compile=cfg.compile, precision=precision, optimizer=cfg.optimizer,
+                quantize=cfg.quantize, double_quant=cfg.double_quant, loss_chunk=cfg.loss_chunk, pack=cfg.pack,
+                device=device, **kw)
         return s if model is None else dataclasses.replace(s, **built_settings(model))
 
     def to_config(self) -> TrainConfig:
@@ -83,7 +85,8 @@ class Setup:
         return TrainConfig(seq_len=self.seq_len, batch_size=self.batch_size, lora_r=self.lora_r,
                            lora_alpha=2.0 * self.lora_r, lora_targets=list(self.lora_targets),
                            checkpointing=self.checkpointing, offload=self.offload, mlp_tile=self.mlp_tile,
-                           trim_cpu_heap=self.trim_cpu_heap, precision=self.precision, optimizer=self.optimizer,
+                           trim_cpu_heap=self.trim_cpu_heap, compile=self.compile, precision=self.precision,
+                           optimizer=self.optimizer,
                            quantize=self.quantize, double_quant=self.double_quant,
                            loss_chunk=self.loss_chunk, pack=self.pack)
 
@@ -322,15 +325,21 @@ def model_saved(cfg, s: Setup) -> list[tuple[str, int]]:
 def swiglu_backward_temporaries(cfg, s: Setup) -> int:
     """model.llama._SiluMul's backward upcasts to fp32 BACKWARD_CHUNK elements at a time: at most three fp32
     chunk-sized tensors (gate, sigmoid, silu or d silu) and one compute-dtype copy alive at once; in fp32 the upcast
-    is the tensor itself, so two."""
+    is the tensor itself, so two. Compiled blocks (--compile) compute it in one fused kernel: none (measured on
+    the CPU's inductor kernels, tests/test_memory.py)."""
+    if s.compile:
+        return 0
     I = cfg.intermediate_size
     elems = min(s.mlp_tokens * I, max(1, BACKWARD_CHUNK // I) * I)
     return elems * (8 if s.cbytes == 4 else 12 + s.cbytes)
 
 
-def norm_backward_temporaries(cfg, s: Setup, tokens: int) -> int:
+def norm_backward_temporaries(cfg, s: Setup, tokens: int, block: bool = True) -> int:
     """model.llama._RMSNormFn's backward over `tokens` rows: three fp32 chunk-sized tensors at once (x̂, the
-    gradient of x̂, one product), BACKWARD_CHUNK elements at a time; the same in fp32."""
+    gradient of x̂, one product), BACKWARD_CHUNK elements at a time; the same in fp32. A block's norms compiled
+    (--compile) are one fused kernel: none; the final norm (block=False) runs eagerly either way."""
+    if s.compile and block:
+        return 0
     H = cfg.hidden_size
     return min(tokens * H, max(1, BACKWARD_CHUNK // H) * H) * 12
 
@@ -445,9 +454,10 @@ def predict(cfg, s: Setup) -> Ledger:
             "loss/final-norm tensors freed by then")
     led.add("transient", f"loss chunk ({min(s.loss_chunk, s.rows)} rows × {cfg.vocab_size} vocab)", loss_t,
             "fp32 logits, turned into their gradient in place" + ("" if s.cbytes == 4 else f" + a {s.precision} copy"))
-    norm_t = 2 * n * H * c + norm_backward_temporaries(cfg, s, n) - saved_bytes(cfg, s, LOSS_SAVED)
+    final_tmp = norm_backward_temporaries(cfg, s, n, block=False)
+    norm_t = 2 * n * H * c + final_tmp - saved_bytes(cfg, s, LOSS_SAVED)
     led.add("transient", "final norm backward", norm_t, f"gradient in and out (2 × n·H {s.precision}) + fp32 "
-            f"temporaries {fmt(norm_backward_temporaries(cfg, s, n))}, the loss's saved rows freed")
+            f"temporaries {fmt(final_tmp)}, the loss's saved rows freed")
     static = led.total("static")
     saved = led.total("saved")
     transients = {"block backward": block_t, "loss chunk": loss_t, "final norm backward": norm_t}
@@ -485,6 +495,7 @@ def describe(cfg, s: Setup) -> str:
             f"/{cfg.num_key_value_heads} V={cfg.vocab_size} | B={s.batch_size} T={s.seq_len} {s.precision} "
             f"{s.quantize}{'+dq' if s.double_quant else ''} LoRA r={s.lora_r} on {len(s.lora_targets)} projections, "
             f"{'checkpointing' if s.checkpointing else 'no checkpointing'}{' + offload' if s.offload else ''}, "
+            f"{'compiled blocks, ' if s.compile else ''}"
             f"{s.optimizer}, loss chunk {s.loss_chunk}, {s.rows} supervised rows, "
             f"{attention_name(cfg, s)} attention, device {s.device}"
             + (f" sm {s.capability[0]}.{s.capability[1]}" if s.capability and s.device == "cuda" else ""))

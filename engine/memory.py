@@ -541,6 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-tile", type=int, default=0, metavar="N",
                    help="tokens per MLP tile (engine.train --mlp-tile; 0 = whole micro-batch): bounds the MLP's "
                         "[tokens, intermediate] tensors at long context")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile each decoder block around its attention (engine.train --compile): the "
+                        "blocks' norm and SwiGLU backwards become fused kernels without fp32 temporaries; "
+                        "--measure runs the compiled step (inductor: needs a C++ compiler on the CPU)")
     p.add_argument("--optimizer", choices=FIELDS["optimizer"].metadata["choices"], default="adamw")
     p.add_argument("--quantize", choices=FIELDS["quantize"].metadata["choices"], default="nf4")
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=False,
@@ -588,7 +592,8 @@ def _setup(args) -> tuple[object, Setup]:
     precision = auto_mode(device) if args.precision == "auto" else args.precision
     run = TrainConfig(model=args.model, seq_len=args.seq_len, batch_size=args.batch_size, lora_r=args.lora_r,
                       lora_targets=targets, checkpointing=args.checkpointing, offload=args.offload,
-                      mlp_tile=args.mlp_tile, optimizer=args.optimizer, quantize=args.quantize,
+                      mlp_tile=args.mlp_tile, compile=args.compile, optimizer=args.optimizer,
+                      quantize=args.quantize,
                       double_quant=args.double_quant, loss_chunk=args.loss_chunk, pack=args.pack, precision=precision)
     capability = parse_capability(args.capability)
     if capability and args.measure and device == "cuda" and capability != torch.cuda.get_device_capability():
