@@ -21,7 +21,12 @@ BACKWARD_CHUNK = 1 << 24
 
 
 def _row_chunks(width: int) -> int:
-    """Rows of `width` elements per chunk of the hand-written backwards."""
+    """Rows of `width` elements per chunk of the hand-written backwards. Compiled (Block.set_compiled), one chunk:
+    the compiler fuses the backward into one kernel that keeps nothing in fp32, while a chunk loop, traced, made
+    it write each chunk's fp32 values and a new full-size gradient per chunk (measured at 32K tokens on the CPU:
+    3 × 64 MiB of fp32 chunks and 4 × 96 MiB of copies, +30% over the ledger; one chunk: within 1%)."""
+    if torch.compiler.is_compiling():
+        return 1 << 62
     return max(1, BACKWARD_CHUNK // width)
 
 
