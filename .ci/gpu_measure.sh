@@ -74,6 +74,13 @@ run memory_t4_small 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE"
 run memory_t4_small_tile 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" \
   --batch-size $B --precision $PREC --pack --offload --double-quant --mlp-tile $((TILE / 2)) --supervised 512 \
   --measure --steps 4
+# --compile (issue 14 item 3: the ledger stays exact): the first sequence length at batch B, and the longest
+# without tiles, where eager's SwiGLU backward holds 224 MiB of fp32 chunks the fused kernel does not (3 steps:
+# the first compiles; the peak is the later steps')
+run "memory_${FIRST}_compile" 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "$FIRST" \
+  --batch-size $B --precision $PREC --compile --measure --steps 3
+run "memory_${LONG%% *}_offload_compile" 420 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" \
+  --seq-len "${LONG%% *}" --batch-size 1 --precision $PREC --offload --supervised 512 --compile --measure --steps 3
 # issue 15 item 4: the largest batch the ledger fits in BUDGET at the first sequence length (engine.memory
 # --budget, this device's own kernels), then measured at that batch: the peak must come out within the budget
 BUDGET=${BUDGET:-8GiB}; [ "$DEVICE" = cpu ] && BUDGET=500MiB

@@ -407,21 +407,25 @@ def measure_cuda(cfg, s: Setup, steps: int = 3, log=print) -> dict:
     if s.pack:
         batch["segment_ids"] = packed_segments(s).to(dev)
     step = trainer_step(model, s, dev)
-    times = []
+    times, peaks, reserved = [], [], []
     for i in range(steps):
-        t0 = time.perf_counter()
+        torch.cuda.reset_peak_memory_stats()  # each step's own peak: the first also builds the optimizer state
+        t0 = time.perf_counter()  # and, with --compile, compiles (inductor's autotuning allocates too)
         loss = step([batch], i).loss
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        log(f"step {i}: loss {loss:.3f}, {times[-1] * 1000:.0f} ms, "
-            f"peak allocated {fmt(torch.cuda.max_memory_allocated())}")
+        peaks.append(torch.cuda.max_memory_allocated())
+        reserved.append(torch.cuda.max_memory_reserved())
+        log(f"step {i}: loss {loss:.3f}, {times[-1] * 1000:.0f} ms, peak allocated {fmt(peaks[-1])}")
+    steady = slice(1, None) if steps > 1 else slice(None)  # the ledger predicts a steady step: after the first
     rows = resident_rows(model, step.optimizer)  # weights, adapters and optimizer state, by ledger row
     rows["LoRA gradients"] = step.grad_bytes  # as they were between backward and the optimizer step
     got.update(rows)
     got["total static"] = sum(rows.values())
-    got["peak allocated"] = torch.cuda.max_memory_allocated()
-    got["peak reserved"] = torch.cuda.max_memory_reserved()
-    got["step seconds"] = sorted(times)[len(times) // 2]
+    got["peak allocated"] = max(peaks[steady])
+    got["peak reserved"] = max(reserved[steady])
+    got["first step peak allocated"] = peaks[0]
+    got["step seconds"] = sorted(times[steady])[len(times[steady]) // 2]
     return got
 
 
