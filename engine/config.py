@@ -87,8 +87,10 @@ class TrainConfig:
                              "block of a training forward (malloc_trim; engine.step.trim_cpu_heap): peak RSS about 40 "
                              "percent lower for 9-12 percent of speed; no effect on a GPU")
     compile: bool = _f(False, "torch.compile each decoder block around its attention (norms, LoRA adds, RoPE, "
-                       "SwiGLU and casts fused by the compiler; model.llama.Block.set_compiled); eager is the "
-                       "readable reference and the default")
+                       "SwiGLU and casts fused by the compiler; model.llama.Block.set_compiled); the NF4 matmuls "
+                       "stay opaque ops, so no dequantized weight is kept for backward, and the memory ledger "
+                       "counts the fused backwards (engine.memory --compile); eager is the readable reference and "
+                       "the default")
     precision: str = _f("auto", "auto: fp32 on CPU, bf16 on sm>=80, fp16 + loss scaling below",
                         ["auto", "fp32", "fp16", "bf16"])
     device: str = _f("auto", "auto (cuda when available), cpu or cuda", ["auto", "cpu", "cuda"])

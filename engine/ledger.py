@@ -4,7 +4,9 @@
 The prediction mirrors the code, not a rule of thumb: `block_saved` lists, tensor by tensor, what autograd
 keeps for one decoder block of model/llama.py with model/quant.py's Linear4bit (it saves only its input, never
 the dequantised weight) and model/lora.py's adapters (their input and the rank-r intermediate), and
-tests/test_memory.py checks that list against saved-tensor hooks on a real forward. The attention and
+tests/test_memory.py checks that list against saved-tensor hooks on a real forward. Compiled blocks (--compile)
+save the same tensors (model.quant.nf4_linear keeps the dequantised weights out of the compiled graph) and run
+their norm and SwiGLU backwards as fused kernels without the eager ones' fp32 temporaries. The attention and
 dequantisation paths are the model's own rules (model.llama.attention_path, model.quant.dequant_path).
 Parameter and buffer bytes are exact (same formulas as the Linear4bit buffers). The backward working set and
 the CUDA context/allocator slack are stated assumptions; `--measure` on a GPU shows how far off they are.
