@@ -54,7 +54,8 @@ class Setup:
     offload: bool = False
     mlp_tile: int = 0  # tokens per MLP tile (model.llama.token_tiles); 0 = the whole micro-batch at once
     trim_cpu_heap: bool = True  # engine.step.trim_cpu_heap on the CPU (process RSS only: no tensor byte changes)
-    compile: bool = False  # Block.set_compiled: the blocks' norms and SwiGLU backward fused, no fp32 temporaries
+    compile: bool = False  # Block.set_compiled: norm and SwiGLU backwards fused, no fp32 temporaries (tiled: the
+    # MLP tiles only; the rest of the block then runs eagerly)
     precision: str = "bf16"  # resolved: compute dtype (autocast) and dtype of the high-precision base weights
     optimizer: str = "adamw"
     quantize: str = "nf4"
@@ -338,9 +339,10 @@ def swiglu_backward_temporaries(cfg, s: Setup) -> int:
 
 def norm_backward_temporaries(cfg, s: Setup, tokens: int, block: bool = True) -> int:
     """model.llama._RMSNormFn's backward over `tokens` rows: three fp32 chunk-sized tensors at once (x̂, the
-    gradient of x̂, one product), BACKWARD_CHUNK elements at a time; the same in fp32. A block's norms compiled
-    (--compile) are one fused kernel: none; the final norm (block=False) runs eagerly either way."""
-    if s.compile and block:
+    gradient of x̂, one product), BACKWARD_CHUNK elements at a time; the same in fp32. A block's input norm
+    compiled (--compile, rows no longer than --mlp-tile) is one fused kernel: none; with MLP tiles it runs eagerly
+    (model.llama.Block.forward), and so does the final norm (block=False)."""
+    if s.compile and block and not s.tiled:
         return 0
     H = cfg.hidden_size
     return min(tokens * H, max(1, BACKWARD_CHUNK // H) * H) * 12
