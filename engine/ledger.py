@@ -89,8 +89,7 @@ class Setup:
                            lora_alpha=2.0 * self.lora_r, lora_targets=list(self.lora_targets),
                            checkpointing=self.checkpointing, offload=self.offload, mlp_tile=self.mlp_tile,
                            trim_cpu_heap=self.trim_cpu_heap, compile=self.compile, precision=self.precision,
-                           optimizer=self.optimizer,
-                           quantize=self.quantize, double_quant=self.double_quant,
+                           optimizer=self.optimizer, quantize=self.quantize, double_quant=self.double_quant,
                            loss_chunk=self.loss_chunk, pack=self.pack)
 
     @property

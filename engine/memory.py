@@ -596,8 +596,7 @@ def _setup(args) -> tuple[object, Setup]:
     precision = auto_mode(device) if args.precision == "auto" else args.precision
     run = TrainConfig(model=args.model, seq_len=args.seq_len, batch_size=args.batch_size, lora_r=args.lora_r,
                       lora_targets=targets, checkpointing=args.checkpointing, offload=args.offload,
-                      mlp_tile=args.mlp_tile, compile=args.compile, optimizer=args.optimizer,
-                      quantize=args.quantize,
+                      mlp_tile=args.mlp_tile, compile=args.compile, optimizer=args.optimizer, quantize=args.quantize,
                       double_quant=args.double_quant, loss_chunk=args.loss_chunk, pack=args.pack, precision=precision)
     capability = parse_capability(args.capability)
     if capability and args.measure and device == "cuda" and capability != torch.cuda.get_device_capability():

@@ -155,8 +155,12 @@ def dequantize_nf4(weight: torch.Tensor, state: tuple, shape: tuple[int, int], b
     not a whole number of blocks (checked: 128x96): those shapes take the reference path (dequant_path)."""
     if dequant_path(shape, blocksize, weight.device, dtype).kernel == "bitsandbytes":
         return _bnb_dequantize(weight, state, shape, blocksize, dtype)
-    absmax = dequantize_absmax(*state) if len(state) == 3 else state[0]
-    return nf4_dequantize(weight, absmax, shape, blocksize, dtype)
+    return nf4_dequantize(weight, absmax_of(state), shape, blocksize, dtype)
+
+
+def absmax_of(state: tuple) -> torch.Tensor:
+    """The fp32 block scales of a quant state (dequantize_nf4's), decoding them with double quantisation."""
+    return dequantize_absmax(*state) if len(state) == 3 else state[0]
 
 
 @dataclass(frozen=True)
@@ -313,9 +317,7 @@ class Linear4bit(nn.Module):
         return ("absmax_q", "absmax_scale", "absmax_offset") if self.double_quant else ("absmax",)
 
     def absmax_values(self) -> torch.Tensor:
-        if self.double_quant:
-            return dequantize_absmax(self.absmax_q, self.absmax_scale, self.absmax_offset)
-        return self.absmax
+        return absmax_of(self.quant_state())
 
     def quant_state(self) -> tuple[torch.Tensor, ...]:
         """The state tensors dequantize_nf4 takes, in state_names() order."""

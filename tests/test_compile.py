@@ -76,10 +76,10 @@ def test_compiled_nf4_blocks_equal_eager_and_save_what_eager_saves(backend, prec
     same buffers the same way; the graph's common-subexpression pass merged the two calls, and every projection's
     dequantized [out, in] weight was saved from forward to backward (201 MB a block at Llama 3.2 3B shapes in
     bf16: what _NF4Linear exists to avoid). model.quant.nf4_linear keeps them apart. Without checkpointing the
-    saved tensors show it: 2 blocks × 7 weights, 1 MiB more in fp32 and 0.5 MiB in bf16 before the fix (aot_eager
-    also keeps 12 bytes of scalars). In bf16 compiled and eager round differently (fused fp32 arithmetic, the plain RoPE
-    expression): both are held to the fp32 gradients, the compiled ones no further off than eager's (measured:
-    5.97% and 5.61% at the worst tensor)."""
+    saved tensors show it: 2 blocks × 7 weights, 1 MiB more in fp32 and 0.5 MiB in bf16 before the fix
+    (aot_eager also keeps 12 bytes of scalars). In bf16 compiled and eager round differently (fused fp32
+    arithmetic, the plain RoPE expression): both are held to the fp32 gradients, the compiled ones no further
+    off than eager's (measured: 5.97% and 5.61% at the worst tensor)."""
     from dataclasses import replace
 
     from engine.ledger import Setup
@@ -98,8 +98,8 @@ def test_compiled_nf4_blocks_equal_eager_and_save_what_eager_saves(backend, prec
 
     def run(compiled: bool, precision: str):
         torch._dynamo.reset()
-        model = training_model(cfg, replace(s, compile=compiled, precision=precision))
-        if compiled:  # training_model compiled it with inductor (TrainConfig.compile); this backend instead
+        model = training_model(cfg, replace(s, precision=precision))
+        if compiled:  # as TrainConfig.compile does (engine.step.prepare_model), with this backend
             model.set_compiled(backend=backend)
         assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)
         g = torch.Generator().manual_seed(1)
