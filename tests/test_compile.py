@@ -69,7 +69,7 @@ def test_compiled_blocks_with_mlp_tiles_equal_eager():
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_compiled_nf4_blocks_equal_eager_and_save_what_eager_saves(backend, precision):
     """NF4 + LoRA blocks compiled, as engine.train --compile runs them: the loss and LoRA gradients of eager, and
     the bytes eager saves for backward. Traced as one graph, _NF4Linear's forward and backward dequantize the
@@ -79,7 +79,8 @@ def test_compiled_nf4_blocks_equal_eager_and_save_what_eager_saves(backend, prec
     saved tensors show it: 2 blocks × 7 weights, 1 MiB more in fp32 and 0.5 MiB in bf16 before the fix
     (aot_eager also keeps 12 bytes of scalars). In bf16 compiled and eager round differently (fused fp32
     arithmetic, the plain RoPE expression): both are held to the fp32 gradients, the compiled ones no further
-    off than eager's (measured: 5.97% and 5.61% at the worst tensor)."""
+    off than eager's (measured: 5.97% and 5.61% at the worst tensor). fp16, the T4's precision, runs the same
+    way under the CPU's fp16 autocast (measured 2.06% compiled by inductor, 2.03% aot_eager, 2.07% eager)."""
     from dataclasses import replace
 
     from engine.ledger import Setup
