@@ -275,7 +275,8 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
     r = _setup_data(cfg, d, out, prec)
     _setup_model(r)
     print0(f"setup {time.perf_counter() - t_setup:.1f}s | {d.world_size} process(es) on {d.device} | "
-           f"precision {prec.mode} | checkpointing {'on' if cfg.checkpointing else 'off'}")
+           f"precision {prec.mode} | checkpointing {'on' if cfg.checkpointing else 'off'}"
+           + (" | blocks compiled (torch.compile; the first steps compile)" if cfg.compile else ""))
     start_step, metrics = _start_out(r, guard, resume, resume_from)
 
     # ---- the loop
