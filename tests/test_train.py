@@ -190,21 +190,28 @@ def test_nonfinite_gradient_skips_the_step_and_counts_an_overflow():
 
 def test_fp16_loss_scaler_overflow_is_detected_and_the_step_skipped():
     """The fp16 path's bookkeeping, exercised with a CPU GradScaler: an inf gradient halves the scale, the
-    optimizer step is skipped and counted; a clean step then goes through."""
+    optimizer step is skipped and counted; a clean step then goes through. Both AdamW kinds: the per-parameter
+    loop, and the fused kernel the T4 runs (engine.step.make_optimizer on CUDA), to which GradScaler hands the
+    overflow flag instead of skipping the call; the weights after the clean step agree."""
     from engine.precision import Precision
 
-    p = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.AdamW([p], lr=0.1)
-    prec = Precision("fp32", torch.device("cpu"))
-    prec.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    prec.backward((p * torch.tensor([1.0, float("inf"), 1.0])).sum())
-    norm, overflow = prec.clip_and_step(opt, [p], 1.0)
-    assert overflow and prec.overflows == 1 and prec.scaler.get_scale() == 2.0**15
-    assert torch.equal(p.detach(), torch.ones(3))
-    opt.zero_grad()
-    prec.backward(p.sum())
-    norm, overflow = prec.clip_and_step(opt, [p], 1.0)
-    assert not overflow and abs(norm - 3 ** 0.5) < 1e-5 and not torch.equal(p.detach(), torch.ones(3))
+    after = []
+    for fused in (False, True):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.AdamW([p], lr=0.1, foreach=False, fused=fused or None)
+        prec = Precision("fp32", torch.device("cpu"))
+        prec.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        prec.backward((p * torch.tensor([1.0, float("inf"), 1.0])).sum())
+        norm, overflow = prec.clip_and_step(opt, [p], 1.0)
+        assert overflow and prec.overflows == 1 and prec.scaler.get_scale() == 2.0**15
+        assert torch.equal(p.detach(), torch.ones(3))
+        opt.zero_grad()
+        prec.backward(p.sum())
+        norm, overflow = prec.clip_and_step(opt, [p], 1.0)
+        assert not overflow and abs(norm - 3 ** 0.5) < 1e-5 and not torch.equal(p.detach(), torch.ones(3))
+        assert int(opt.state[p]["step"]) == 1  # the skipped step did not count towards Adam's bias correction
+        after.append(p.detach().clone())
+    torch.testing.assert_close(after[0], after[1])
 
 
 def test_generation_eval_logs_task_metrics_on_a_fixed_subset(tmp_path):
