@@ -90,7 +90,8 @@ class TrainConfig:
                        "SwiGLU and casts fused by the compiler; model.llama.Block.set_compiled); the NF4 matmuls "
                        "stay opaque ops, so no dequantized weight is kept for backward, and the memory ledger "
                        "counts the fused backwards (engine.memory --compile); eager is the readable reference and "
-                       "the default")
+                       "the default. Needs a C++ compiler on the CPU (g++) and a C compiler on CUDA (gcc, for "
+                       "Triton), and Python's headers: checked at start")
     precision: str = _f("auto", "auto: fp32 on CPU, bf16 on sm>=80, fp16 + loss scaling below",
                         ["auto", "fp32", "fp16", "bf16"])
     device: str = _f("auto", "auto (cuda when available), cpu or cuda", ["auto", "cpu", "cuda"])

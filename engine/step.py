@@ -29,10 +29,43 @@ def prepare_model(model, cfg: TrainConfig, device):
     model.set_gradient_checkpointing(cfg.checkpointing, offload=cfg.offload)
     model.set_mlp_tile(cfg.mlp_tile)
     if cfg.compile:
+        problem = compile_toolchain_problem(device)
+        if problem:
+            raise ConfigError(problem)
         model.set_compiled()
     if cfg.trim_cpu_heap and torch.device(device).type == "cpu":
         trim_cpu_heap(model)
     return model.train()
+
+
+def compile_toolchain_problem(device) -> str | None:
+    """Why torch.compile (TrainConfig.compile) could not build its kernels on `device`, in one line, or None.
+    The compiler runs lazily, in the first training step: without a toolchain a run loaded its model, wrote its
+    run directory and then died with an opaque BackendCompilerFailed. Inductor's CPU kernels are C++ (the
+    compiler torch._inductor.cpp_builder finds: $CXX or g++); on CUDA, Triton builds a small C stub on first use
+    ($CC, else gcc, else clang). Both include Python's headers (Python.h)."""
+    import os
+    import shutil
+    import sysconfig
+
+    if torch.device(device).type == "cuda":
+        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+        if not cc:
+            return ("--compile on CUDA needs a C compiler for Triton (gcc or clang on PATH, or $CC): "
+                    "apt install gcc, or drop --compile")
+    else:
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception:  # torch's own search failed (InvalidCxxCompiler): what inductor would hit later
+            return ("--compile on the CPU needs a C++ compiler for inductor (g++ on PATH, or $CXX): "
+                    "apt install g++, or drop --compile")
+    include = sysconfig.get_paths().get("include") or ""
+    if not os.path.isfile(os.path.join(include, "Python.h")):
+        return (f"--compile needs Python's C headers, which are not in {include or 'this Python'}: "
+                "apt install python3-dev (or your Python's -dev package), or drop --compile")
+    return None
 
 
 def _malloc_trim():

@@ -1,6 +1,7 @@
 """--compile (model.llama.Block.set_compiled): torch.compile around each block's attention gives the eager
 path's logits, loss and LoRA gradients, on packed rows (attention stays eager on the segment path) and plain
 rows, with checkpointing recomputing the compiled parts in backward, and the trainer's config switches it on."""
+import os
 import shutil
 
 import pytest
@@ -131,3 +132,52 @@ def test_compiled_nf4_blocks_equal_eager_and_save_what_eager_saves(backend, prec
         _, ref = run(False, "fp32")
         eager_off, compiled_off = rel(grads_e, ref), rel(grads_c, ref)
         assert compiled_off < 1.5 * eager_off, (compiled_off, eager_off)
+
+
+
+def test_a_missing_compiler_toolchain_is_one_line_before_anything_loads(tmp_path, monkeypatch):
+    """torch.compile builds its kernels in the first step: without a compiler a run loaded its model, wrote its
+    run directory, then died with an opaque BackendCompilerFailed (seen here with no g++ on PATH).
+    engine.step.compile_toolchain_problem names what is missing first: the CPU's C++ compiler (inductor's own
+    search), CUDA's C compiler for Triton, or Python's headers; engine.train --compile then stops with one
+    line and exit 2, and leaves no run directory."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor import cpp_builder
+
+    from engine.step import compile_toolchain_problem
+
+    from .conftest import REPO
+
+    headers = os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+    if headers and (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        assert compile_toolchain_problem("cuda") is None
+    if headers and shutil.which(os.environ.get("CXX", "g++")):
+        assert compile_toolchain_problem("cpu") is None  # what the inductor tests above ran with
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    monkeypatch.setenv("CC", sys.executable)  # a file that exists: only the headers are missing
+    assert "apt install python3-dev" in compile_toolchain_problem("cuda")
+    monkeypatch.undo()
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gcc, g++ or clang in it
+    assert "C compiler for Triton" in compile_toolchain_problem("cuda")
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-compiler"))
+    cpp_builder.cpp_compiler_search.cache_clear()  # torch caches its search by what it searches for
+    try:
+        assert "C++ compiler for inductor" in compile_toolchain_problem("cpu")
+    finally:
+        cpp_builder.cpp_compiler_search.cache_clear()
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PATH": str(tmp_path), "CXX": "no-such-compiler", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "engine.train", "--model", "smollm2-135m", "--data", "synthetic",
+                        "--out", str(out), "--device", "cpu", "--max-steps", "1", "--compile"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --compile on the CPU needs a C++ compiler"), r.stderr
+    assert "apt install g++" in lines[0] and not out.exists()
