@@ -90,6 +90,23 @@ class RunDir:
         except OSError:
             pass
 
+    # Set by engine.train once it has written config.json and a new metrics.jsonl for a run starting at step 0,
+    # cleared when the first step's row is in metrics.jsonl: until then OUT holds nothing a step produced.
+    fresh_start = False
+
+    def discard_unfinished_start(self) -> None:
+        """A run that started at step 0 and failed before its first step was logged (most often out of GPU memory
+        in that step): remove the config.json and metrics.jsonl it wrote, so the same command runs again once the
+        cause is fixed, without --overwrite. A run with a logged step, or a resumed one, keeps every file."""
+        if self._fd is None or not self.fresh_start:
+            return
+        for name in ("config.json", "metrics.jsonl"):
+            try:
+                (self.out / name).unlink(missing_ok=True)
+            except OSError:
+                pass
+        self.fresh_start = False
+
     def holds_run(self) -> list[str]:
         """Names of the run files present in OUT (empty: nothing of a run there)."""
         return [n for n in RUN_FILES if (self.out / n).exists()]

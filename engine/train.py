@@ -129,8 +129,11 @@ def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
     try:
         return _run(cfg, stop, d, out, guard, resume)
     except BaseException:
-        guard.abandon()  # a start that failed before writing anything leaves no empty OUT behind
+        guard.discard_unfinished_start()  # a run that failed before its first step leaves no run behind
+        guard.abandon()  # and a start that failed before writing anything no empty OUT
         raise
+    finally:
+        guard.release()  # the process may go on (a notebook, a test): the same OUT can be trained again
 
 
 @dataclass
@@ -248,6 +251,7 @@ def _start_out(r: _Run, guard: RunDir, resume: bool, resume_from: Path | None):
         print0(f"--resume: no checkpoint in {out}/checkpoints, starting from step 0")
     if resume_from is None and d.is_main:
         metrics_path.write_text("")
+        guard.fresh_start = True  # nothing a step produced yet: see RunDir.discard_unfinished_start
     if resume_from is None:  # a resumed run got its RNG states back from the checkpoint instead
         dist.seed_rank(cfg.seed, d.rank)
     return start_step, (open(metrics_path, "a") if d.is_main else None)
@@ -313,6 +317,7 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
             eval_loss, gen = r.evaluate()
             row.update(eval_loss=eval_loss, **gen)
         _write(metrics, row)
+        guard.fresh_start = False  # a step is logged: from now on OUT holds a run, kept whatever happens
         print0(_log_line(row, r.total, r.counters["train_seconds"] / (step - start_step) * (r.total - step), prec))
         if stop_now and step < r.total:  # (a signal during the last step just lets the run finish)
             path = r.save_checkpoint(step)
@@ -333,6 +338,18 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
     dist.barrier()
     return {"step": step, "loss": loss, "eval_loss": eval_loss, "stopped": stopped, "signal": stop.signum,
             "out": str(out)}
+
+
+def out_of_memory_advice(e: BaseException) -> str:
+    """One line for a GPU out-of-memory error: what the allocator said (how much it wanted, what the GPU had
+    free: torch's message, without its paragraph on the allocator's settings) and the flags that lower the
+    peak, with the command that says what fits."""
+    text = " ".join(str(e).split())
+    end = " is free."
+    gist = text[:text.index(end) + len(end)] if end in text else text.split(". ")[0]
+    return (f"out of GPU memory ({gist}); the memory ledger printed at the start predicts this run's peak: "
+            "lower it with --offload, --mlp-tile 4096, --double-quant or a smaller --batch-size / --seq-len "
+            "(python -m engine.memory with this run's flags and --budget 15GiB says what fits)")
 
 
 def preflight(argv: list[str]) -> int:
@@ -373,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("CLAUSELORA_DEBUG"):
             raise
         where = f"[rank {dist.get().rank}] " if dist.get().world_size > 1 else ""
-        if isinstance(e, NonFiniteLoss | ConfigError | ValueError | OSError | DataError):
+        if isinstance(e, torch.OutOfMemoryError):
+            msg = out_of_memory_advice(e)
+        elif isinstance(e, NonFiniteLoss | ConfigError | ValueError | OSError | DataError):
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         else:
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (CLAUSELORA_DEBUG=1 for details)"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from engine.config import ConfigError, parse_args
@@ -172,3 +173,47 @@ def test_a_resume_may_add_mlp_tiles_or_drop_the_heap_trim_but_not_change_the_mod
     RunDir(tmp_path).check_start(TrainConfig(out=str(tmp_path), seq_len=64, mlp_tile=32), resume=True)
     with pytest.raises(ConfigError, match="lora_r"):
         RunDir(tmp_path).check_start(TrainConfig(out=str(tmp_path), seq_len=64, lora_r=4), resume=True)
+
+
+@pytest.mark.parametrize("fail_at", [1, 3])
+def test_a_run_that_fails_before_its_first_step_leaves_no_run_behind(tmp_path, monkeypatch, capsys, fail_at):
+    """The first step is where a GPU runs out of memory. A run that dies there has produced nothing: its
+    config.json and empty metrics.jsonl go, OUT too if the run created it, and the same command runs again
+    without --overwrite. A run that dies later keeps everything, and a rerun is refused as before. In one
+    process (a notebook), the failed run no longer holds OUT's lock. Out of GPU memory, the one line of error
+    keeps torch's gist and names the flags that lower the peak, not torch's allocator paragraph."""
+    from engine import step as step_mod
+    from engine.train import main
+
+    real = step_mod.TrainStep.__call__
+
+    def oom_at(self, micro, step, lr):
+        if step + 1 == fail_at:
+            raise torch.OutOfMemoryError(  # torch's wording (2.x), one line, abridged
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 14.56 GiB of which "
+                "1.21 GiB is free. Of the allocated memory 12.9 GiB is allocated by PyTorch, and 0.2 GiB is "
+                "reserved by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+        return real(self, micro, step, lr)
+
+    cfg = tiny_cfg(tmp_path, out=str(tmp_path / "run"), max_steps=4, eval_every=2)
+    capsys.readouterr()  # (building the tiny checkpoint prints progress)
+    monkeypatch.setattr(step_mod.TrainStep, "__call__", oom_at)
+    assert main(cfg_args(cfg)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+        "14.56 GiB of which 1.21 GiB is free.); the memory ledger printed at the start predicts")
+    assert "--offload" in err[0] and "--budget" in err[0] and "PYTORCH_CUDA_ALLOC_CONF" not in err[0]
+    out = Path(cfg.out)
+    if fail_at == 1:
+        assert not out.exists()
+    else:
+        assert [m["step"] for m in read_metrics(out)] == [0, 1, 2]  # step 0: the eval before training
+        assert (out / "config.json").is_file()
+    monkeypatch.setattr(step_mod.TrainStep, "__call__", real)
+    code = main(cfg_args(cfg))
+    if fail_at == 1:
+        assert code == 0 and [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2, 3, 4]
+    else:
+        assert code == 2 and "holds an earlier run" in capsys.readouterr().err
