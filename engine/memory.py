@@ -640,19 +640,22 @@ def main(argv=None) -> int:
         if args.budget is not None:
             return print_budget(args, cfg, s)
         led = predict(cfg, s)
-        measured = None
+        measured, oom = None, None
         if args.measure:
             log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-            if s.device == "cuda":
-                measured = measure_cuda(cfg, s, steps=args.steps, log=log)
-            else:
-                log("no GPU: --measure counts resident and saved-tensor bytes on the CPU (builds the model)")
-                measured = measure_cpu(cfg, s)
-            if args.attribute:
-                peak, groups = attribute_step(cfg, s, s.device)
-                measured["attribution"] = {"peak_above_start_bytes": peak,
-                                           "sites": [{"site": k, "bytes": b, "count": c} for k, b, c in groups]}
-                log(format_attribution(peak, groups))
+            try:
+                if s.device == "cuda":
+                    measured = measure_cuda(cfg, s, steps=args.steps, log=log)
+                else:
+                    log("no GPU: --measure counts resident and saved-tensor bytes on the CPU (builds the model)")
+                    measured = measure_cpu(cfg, s)
+                if args.attribute:
+                    peak, groups = attribute_step(cfg, s, s.device)
+                    measured["attribution"] = {"peak_above_start_bytes": peak, "sites": [
+                        {"site": k, "bytes": b, "count": c} for k, b, c in groups]}
+                    log(format_attribution(peak, groups))
+            except torch.OutOfMemoryError as e:  # a result too: these shapes do not fit this device
+                oom = out_of_memory_gist(e)
         elif args.attribute:
             raise ValueError("--attribute needs --measure (it runs a real step)")
     except (OSError, ValueError) as e:
@@ -660,10 +663,23 @@ def main(argv=None) -> int:
         return 2
     if args.json:
         print(json.dumps({"model": args.model, "setup": asdict(s), "ledger": led.to_dict(),
-                          "measured": measured}, indent=1))
+                          "measured": measured, **({"out_of_memory": oom} if oom else {})}, indent=1))
     else:
         print(format_table(led, measured, title=f"memory ledger for {args.model}: {describe(cfg, s)}"))
+    if oom:
+        print(f"engine.memory: error: the measured step ran out of memory ({oom}); the ledger predicted "
+              f"{fmt(led.peak)} peak allocated{'' if measured else ', the table shows the prediction alone'}",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def out_of_memory_gist(e: BaseException) -> str:
+    """torch's out-of-memory message on one line, up to what the device had free (how much was asked, the
+    capacity, what was free), without its paragraph on the allocator's settings."""
+    text = " ".join(str(e).split())
+    end = " is free."
+    return text[:text.index(end) + len(end)] if end in text else text.split(". ")[0]
 
 
 if __name__ == "__main__":

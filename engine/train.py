@@ -28,7 +28,7 @@ from engine.config import ConfigError, TrainConfig
 from engine.dist import print0
 from engine.evaluate import DEFAULT_SEQ_LEN, eval_subset, evaluate_for_training
 from engine.loss import CausalLMLoss, supervised_weight
-from engine.memory import log_ledger
+from engine.memory import log_ledger, out_of_memory_gist
 from engine.precision import NonFiniteLoss, Precision
 from engine.report import lora_report
 from engine.rundir import RunDir
@@ -341,15 +341,12 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
 
 
 def out_of_memory_advice(e: BaseException) -> str:
-    """One line for a GPU out-of-memory error: what the allocator said (how much it wanted, what the GPU had
-    free: torch's message, without its paragraph on the allocator's settings) and the flags that lower the
-    peak, with the command that says what fits."""
-    text = " ".join(str(e).split())
-    end = " is free."
-    gist = text[:text.index(end) + len(end)] if end in text else text.split(". ")[0]
-    return (f"out of GPU memory ({gist}); the memory ledger printed at the start predicts this run's peak: "
-            "lower it with --offload, --mlp-tile 4096, --double-quant or a smaller --batch-size / --seq-len "
-            "(python -m engine.memory with this run's flags and --budget 15GiB says what fits)")
+    """One line for a GPU out-of-memory error: torch's gist (engine.memory.out_of_memory_gist) and the flags
+    that lower the peak, with the command that says what fits."""
+    return (f"out of GPU memory ({out_of_memory_gist(e)}); the memory ledger printed at the start predicts "
+            "this run's peak: lower it with --offload, --mlp-tile 4096, --double-quant or a smaller "
+            "--batch-size / --seq-len (python -m engine.memory with this run's flags and --budget 15GiB says "
+            "what fits)")
 
 
 def preflight(argv: list[str]) -> int:

@@ -536,3 +536,30 @@ def test_the_profilers_own_stderr_lines_are_dropped_and_nothing_else(capfd):
         os.write(2, b"USDT:2026 profiler_start\na warning worth seeing\nSTAGE: Warm Up\n")
     err = capfd.readouterr().err
     assert "a warning worth seeing" in err and "USDT" not in err and "STAGE" not in err
+
+
+def test_a_measured_step_out_of_memory_is_a_result_with_the_prediction(monkeypatch, capsys):
+    """--measure at shapes that do not fit the device: the prediction is still printed (table or JSON, which
+    records the allocator's gist), then one line of error with the predicted peak, exit 1; torch's paragraph
+    on allocator settings is left out."""
+    from engine import memory
+
+    def oom(cfg, s):
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 4.00 GiB. GPU 0 has a total capacity of 14.56 GiB of which "
+            "2.10 GiB is free. If reserved but unallocated memory is large try setting "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+
+    monkeypatch.setattr(memory, "measure_cpu", oom)
+    args = ["--model", "smollm2-135m", "--seq-len", "512", "--batch-size", "1", "--device", "cpu", "--measure"]
+    assert memory.main(args) == 1
+    out, err = capsys.readouterr()
+    assert "PREDICTED PEAK" in out
+    err = err.strip().splitlines()[-1]
+    assert err.startswith("engine.memory: error: the measured step ran out of memory (CUDA out of memory. Tried to "
+                          "allocate 4.00 GiB. GPU 0 has a total capacity of 14.56 GiB of which 2.10 GiB is free.)")
+    assert "the table shows the prediction alone" in err and "PYTORCH_CUDA_ALLOC_CONF" not in err
+    assert memory.main(args + ["--json"]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["measured"] is None and rep["out_of_memory"].endswith("2.10 GiB is free.")
+    assert rep["ledger"]
