@@ -228,6 +228,7 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> di
               f"{prec.mode}", file=sys.stderr)
         metrics = open(out / "metrics.jsonl", "w")
     t0 = time.perf_counter()
+    guard.fresh_start = d.is_main  # until a step is logged, OUT holds nothing a step produced
     try:
         for s in range(args.max_steps):
             batch = [{k: v.to(device) for k, v in next(groups).items()} for _ in range(local)]
@@ -244,10 +245,15 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> di
             if d.is_main:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
+                guard.fresh_start = False
                 print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
                       file=sys.stderr, flush=True)
                 if args.save_every and (s + 1) % args.save_every == 0:
                     save_adapter(model, out / "checkpoints" / f"step-{s + 1}" / "adapter", base_model=args.model)
+    except BaseException:
+        guard.discard_unfinished_start()  # failed in its first step (as engine.train): the same command runs again
+        guard.abandon()
+        raise
     finally:
         if metrics is not None:
             metrics.close()

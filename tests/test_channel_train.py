@@ -145,6 +145,19 @@ def test_channel_train_run_writes_adapter_and_learns_the_choice(tiny_model_dir, 
     assert main([*common, "--out", str(missing), "--init-adapter", str(tmp_path / "nope")]) != 0
     err = capsys.readouterr().err
     assert "nope" in err and "adapter_config.json" in err and not missing.exists()
+    # a run that fails in its first step (out of GPU memory, most often) leaves no run behind: the same
+    # command then runs without --overwrite
+    from engine import step as step_mod
+
+    def oom(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    real = step_mod.TrainStep.__call__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(step_mod.TrainStep, "__call__", oom)
+        assert main([*common, "--out", str(missing)]) != 0
+    assert not missing.exists()
+    assert step_mod.TrainStep.__call__ is real and main([*common, "--out", str(missing)]) == 0
 
 
 def test_two_process_channel_training_matches_one_process(tiny_model_dir, tmp_path):  # noqa: F811
