@@ -113,6 +113,10 @@ if want bench && [ -z "${SKIP_BENCH:-}" ]; then
     --profile --json "$OUT/bench_packed_compile.json"
   run bench_b8 300 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size 8 --steps 3 \
     --warmup 3 --rounds 1 --vs none --compile --profile --json "$OUT/bench_b8.json"
+  # the T4's path (fp16 autocast + loss scaling, both sides) on this GPU, packed rows: last, skipped if time is short
+  [ "$DEVICE" != cpu ] && [ -f "$ROWS" ] && run bench_packed_fp16 400 $PY -m engine.bench --model "$MODEL" \
+    --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size $B --steps 5 --rounds 1 --vs hf --data "rows:$ROWS" \
+    --precision fp16 --profile --json "$OUT/bench_packed_fp16.json"
 fi
 # last, so the measurements come first under DEADLINE_S: the tests that pin the GPU-relevant paths (packed attention
 # against examples run alone, the fused AdamW step, NF4 against bitsandbytes), on this GPU
