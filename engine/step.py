@@ -61,10 +61,16 @@ def compile_toolchain_problem(device) -> str | None:
         except Exception:  # torch's own search failed (InvalidCxxCompiler): what inductor would hit later
             return ("--compile on the CPU needs a C++ compiler for inductor (g++ on PATH, or $CXX): "
                     "apt install g++, or drop --compile")
-    include = sysconfig.get_paths().get("include") or ""
-    if not os.path.isfile(os.path.join(include, "Python.h")):
-        return (f"--compile needs Python's C headers, which are not in {include or 'this Python'}: "
-                "apt install python3-dev (or your Python's -dev package), or drop --compile")
+    # where the headers may be: the interpreter's own include directory, and the install scheme's (Triton reads
+    # posix_prefix's where Debian's Python defaults to posix_local, whose include directory holds no Python.h)
+    places = [sysconfig.get_config_var("INCLUDEPY"), sysconfig.get_paths().get("include")]
+    if "posix_prefix" in sysconfig.get_scheme_names():
+        places.append(sysconfig.get_paths("posix_prefix").get("include"))
+    places = [p for p in dict.fromkeys(places) if p]
+    if not any(os.path.isfile(os.path.join(p, "Python.h")) for p in places):
+        where = " or ".join(places) or "this Python's include directory"
+        return (f"--compile needs Python's C headers (Python.h), which are not in {where}: apt install python3-dev "
+                "(or your Python's -dev package), or drop --compile")
     return None
 
 

@@ -152,12 +152,13 @@ def test_a_missing_compiler_toolchain_is_one_line_before_anything_loads(tmp_path
 
     from .conftest import REPO
 
-    headers = os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+    headers = os.path.isfile(os.path.join(sysconfig.get_config_var("INCLUDEPY"), "Python.h"))
     if headers and (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
         assert compile_toolchain_problem("cuda") is None
     if headers and shutil.which(os.environ.get("CXX", "g++")):
         assert compile_toolchain_problem("cpu") is None  # what the inductor tests above ran with
-    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: str(tmp_path) if name == "INCLUDEPY" else None)
     monkeypatch.setenv("CC", sys.executable)  # a file that exists: only the headers are missing
     assert "apt install python3-dev" in compile_toolchain_problem("cuda")
     monkeypatch.undo()
