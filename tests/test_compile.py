@@ -170,6 +170,11 @@ def test_a_missing_compiler_toolchain_is_one_line_before_anything_loads(tmp_path
     cpp_builder.cpp_compiler_search.cache_clear()  # torch caches its search by what it searches for
     try:
         assert "C++ compiler for inductor" in compile_toolchain_problem("cpu")
+        # launch.sh's preflight (one process, before torchrun starts N): the same line, once
+        from engine.train import preflight
+
+        assert preflight(["--data", "synthetic", "--out", str(tmp_path / "pre"), "--device", "cpu", "--compile"]) == 2
+        assert not (tmp_path / "pre").exists()
     finally:
         cpp_builder.cpp_compiler_search.cache_clear()
 
