@@ -52,6 +52,10 @@ class RunDir:
     def __init__(self, out):
         self.out = Path(out)
         self._fd = None
+        # Set by the trainers once they have written config.json and a new metrics.jsonl for a run starting at
+        # step 0 (not a --resume), cleared when the first step's row is in metrics.jsonl: until then OUT holds
+        # nothing a step produced (discard_unfinished_start)
+        self.fresh_start = False
 
     def lock(self) -> "RunDir":
         """Hold an exclusive lock on OUT/.lock for the life of the process (the kernel drops it at exit, also on
@@ -90,14 +94,10 @@ class RunDir:
         except OSError:
             pass
 
-    # Set by engine.train once it has written config.json and a new metrics.jsonl for a run starting at step 0,
-    # cleared when the first step's row is in metrics.jsonl: until then OUT holds nothing a step produced.
-    fresh_start = False
-
     def discard_unfinished_start(self) -> None:
         """A run that started at step 0 and failed before its first step was logged (most often out of GPU memory
         in that step): remove the config.json and metrics.jsonl it wrote, so the same command runs again once the
-        cause is fixed, without --overwrite. A run with a logged step, or a resumed one, keeps every file."""
+        cause is fixed, without --overwrite. A run with a logged step, or a --resume, keeps every file."""
         if self._fd is None or not self.fresh_start:
             return
         for name in ("config.json", "metrics.jsonl"):

@@ -251,7 +251,9 @@ def _start_out(r: _Run, guard: RunDir, resume: bool, resume_from: Path | None):
         print0(f"--resume: no checkpoint in {out}/checkpoints, starting from step 0")
     if resume_from is None and d.is_main:
         metrics_path.write_text("")
-        guard.fresh_start = True  # nothing a step produced yet: see RunDir.discard_unfinished_start
+        # nothing a step produced yet (RunDir.discard_unfinished_start); a --resume that starts over from step 0
+        # may stand on an earlier run's files (its adapter, read with this config.json): those stay
+        guard.fresh_start = not resume
     if resume_from is None:  # a resumed run got its RNG states back from the checkpoint instead
         dist.seed_rank(cfg.seed, d.rank)
     return start_step, (open(metrics_path, "a") if d.is_main else None)
