@@ -44,7 +44,7 @@ import torch
 from engine.ledger import Setup, fmt, linear_shapes
 from engine.memory import add_run_flags, deprecated_alias, random_batch, trainer_step, training_model
 from engine.precision import auto_mode, dtype_of
-from engine.step import compile_toolchain_problem
+from engine.step import check_compile_toolchain
 from model.hf_checkpoint import save_hf_checkpoint
 from model.load import EMBEDDED, load_config, load_model
 from model.lora import TARGETS
@@ -629,8 +629,8 @@ def main(argv=None) -> int:
             raise ValueError("--answer-frac must be in (0, 1]")
         if args.mlp_tile < 0:
             raise ValueError(f"--mlp-tile must be >= 0 (0 = no tiles), got {args.mlp_tile}")
-        if args.compile and (problem := compile_toolchain_problem(args.device)):
-            raise ValueError(problem)  # before any child loads a model: the compiler runs in the first step
+        if args.compile:
+            check_compile_toolchain(args.device)  # before any child loads a model: the compiler runs in step 1
         if args.child:
             return _child(args)
         rep = parent(args)

@@ -35,6 +35,11 @@ class Dist:
 _STATE = Dist()
 
 
+def uses_cuda(device: str) -> bool:
+    """Whether a --device choice (auto, cpu, cuda) runs on CUDA: auto does where torch sees a GPU."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
 def init(device: str = "auto") -> Dist:
     """Join the process group torchrun set up (if any) and pick this rank's device.
 
@@ -45,7 +50,7 @@ def init(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = uses_cuda(device)
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("device cuda requested but torch sees no GPU (use --device cpu)")
     if use_cuda:

@@ -29,9 +29,7 @@ def prepare_model(model, cfg: TrainConfig, device):
     model.set_gradient_checkpointing(cfg.checkpointing, offload=cfg.offload)
     model.set_mlp_tile(cfg.mlp_tile)
     if cfg.compile:
-        problem = compile_toolchain_problem(device)
-        if problem:
-            raise ConfigError(problem)
+        check_compile_toolchain(device)
         model.set_compiled()
     if cfg.trim_cpu_heap and torch.device(device).type == "cpu":
         trim_cpu_heap(model)
@@ -72,6 +70,13 @@ def compile_toolchain_problem(device) -> str | None:
         return (f"--compile needs Python's C headers (Python.h), which are not in {where}: apt install python3-dev "
                 "(or your Python's -dev package), or drop --compile")
     return None
+
+
+def check_compile_toolchain(device) -> None:
+    """ConfigError (one line, exit 2) naming what --compile lacks on `device`; callers run it before loading."""
+    problem = compile_toolchain_problem(device)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _malloc_trim():
