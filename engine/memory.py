@@ -31,7 +31,7 @@ from engine.budget import fit, fit_grid, on_card
 from engine.ledger import ALLOCATOR_SLACK, HIGH_PRECISION_ROWS, Ledger, Setup, describe, fmt, format_table, predict
 from engine.loss import CausalLMLoss, chunked_ce_sum
 from engine.precision import MODES, Precision, auto_mode, dtype_of
-from engine.step import TrainStep, make_optimizer, prepare_model
+from engine.step import TrainStep, check_device_tools, make_optimizer, prepare_model
 from model.config import PRESETS
 from model.load import EMBEDDED, load_config, load_model
 from model.lora import TARGETS
@@ -642,6 +642,7 @@ def main(argv=None) -> int:
         led = predict(cfg, s)
         measured, oom = None, None
         if args.measure:
+            check_device_tools(s.to_config(), s.device)  # before the model is built at real shapes
             log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
             try:
                 if s.device == "cuda":

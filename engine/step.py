@@ -15,6 +15,7 @@ from engine.config import ConfigError, TrainConfig
 from engine.loss import backward_scale, supervised_tokens, supervised_weight
 from engine.precision import Precision
 from model.lora import apply_lora
+from model.quant import bitsandbytes_problem
 
 
 def prepare_model(model, cfg: TrainConfig, device):
@@ -77,6 +78,17 @@ def check_compile_toolchain(device) -> None:
     problem = compile_toolchain_problem(device)
     if problem:
         raise ConfigError(problem)
+
+
+def check_device_tools(cfg: TrainConfig, device) -> None:
+    """ConfigError (one line, exit 2) naming what this run needs and `device` lacks, for callers to run before
+    anything loads: a compiler for --compile, bitsandbytes' CUDA library for NF4 weights or its paged optimizer."""
+    if cfg.compile:
+        check_compile_toolchain(device)
+    if cfg.quantize == "nf4" or cfg.optimizer == "paged_adamw_8bit":
+        problem = bitsandbytes_problem(device)
+        if problem:
+            raise ConfigError(problem)
 
 
 def _malloc_trim():

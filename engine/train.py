@@ -32,7 +32,7 @@ from engine.memory import log_ledger, out_of_memory_gist
 from engine.precision import NonFiniteLoss, Precision
 from engine.report import lora_report
 from engine.rundir import RunDir
-from engine.step import TrainStep, check_compile_toolchain, lr_at, make_optimizer, prepare_model
+from engine.step import TrainStep, check_device_tools, lr_at, make_optimizer, prepare_model
 from model import load_model, load_tokenizer, save_adapter
 
 
@@ -277,8 +277,7 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
     guard.check_start(cfg, resume)  # before anything is loaded or written: a refused start leaves OUT as it was
     resume_from = ckpt.latest(out) if resume else None
     prec = Precision(cfg.precision, d.device, cfg.nonfinite_patience)
-    if cfg.compile:
-        check_compile_toolchain(d.device)  # now, not after the model has loaded and the first step has begun
+    check_device_tools(cfg, d.device)  # now, not after the model has loaded and the first step has begun
     t_setup = time.perf_counter()
     r = _setup_data(cfg, d, out, prec)
     _setup_model(r)
@@ -358,8 +357,7 @@ def preflight(argv: list[str]) -> int:
     try:
         cfg = config_mod.parse_args(argv)
         RunDir(cfg.out).check_start(cfg, cfg.resume)
-        if cfg.compile:
-            check_compile_toolchain("cuda" if dist.uses_cuda(cfg.device) else "cpu")
+        check_device_tools(cfg, "cuda" if dist.uses_cuda(cfg.device) else "cpu")
         load_validated(cfg.data, cfg.train_split, max_rejected=cfg.max_rejected)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,6 +11,8 @@ absmax minus its mean, blockwise (256) against bnb's signed dynamic 8-bit map.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +143,38 @@ def _bnb_dequantize(weight: torch.Tensor, state: tuple, shape: tuple[int, int], 
         qs = bnbf.QuantState(absmax=state[0], shape=shape, code=nf4, blocksize=blocksize, quant_type="nf4",
                              dtype=dtype)
     return bnbf.dequantize_4bit(weight.view(-1, 1), qs)
+
+
+def bitsandbytes_problem(device) -> str | None:
+    """Why bitsandbytes' kernels could not run on `device`, in one line, or None. On CUDA bitsandbytes loads the
+    library built for torch's CUDA version (libbitsandbytes_cuda<major><minor>.so) when it is imported; when that
+    fails it keeps going with a stand-in that raises only at the first kernel call, which for a training run is
+    the first forward, after minutes of loading weights. The CPU needs no native library (bnb's CPU ops are
+    torch code)."""
+    if torch.device(device).type != "cuda":
+        return None
+    bnb_log = logging.getLogger("bitsandbytes.cextension")
+    level = bnb_log.level
+    bnb_log.setLevel(logging.CRITICAL)  # its load error comes with a traceback and a page of advice; ours: one line
+    try:
+        import bitsandbytes
+        from bitsandbytes import cextension
+    except ImportError as e:
+        return f"bitsandbytes does not import ({e}): pip install 'bitsandbytes>=0.46'"
+    finally:
+        bnb_log.setLevel(level)
+    stand_in = getattr(cextension, "ErrorHandlerMockBNBNativeLibrary", None)
+    if stand_in is None or not isinstance(getattr(cextension, "lib", None), stand_in):
+        return None  # loaded (or a bitsandbytes whose internals differ: then its own error stands)
+    pattern = re.compile(r"libbitsandbytes_cuda(\d+)\.so")
+    found = [pattern.fullmatch(name) for name in os.listdir(os.path.dirname(bitsandbytes.__file__))]
+    ships = sorted((m.group(1) for m in found if m), key=int)
+    versions = ", ".join(f"{v[:-1]}.{v[-1]}" for v in ships) or "none"
+    why = (str(getattr(cextension.lib, "error_msg", "")).strip().splitlines() or [""])[0]
+    return (f"bitsandbytes {bitsandbytes.__version__} could not load its CUDA library for torch "
+            f"{torch.__version__} (CUDA {torch.version.cuda}){f': {why}' if why else ''}; it ships libraries for "
+            f"CUDA {versions}: install a bitsandbytes built for CUDA {torch.version.cuda} (pip install -U "
+            f"bitsandbytes), or set BNB_CUDA_VERSION to one of those that this machine's driver runs")
 
 
 def dequantize_nf4(weight: torch.Tensor, state: tuple, shape: tuple[int, int], blocksize: int,

@@ -225,3 +225,41 @@ def test_dequant_path_transient_bytes_cover_what_dequantize_allocates():
     assert dequant_path((128, 96), 64, "cpu", torch.bfloat16).transient_bytes == 128 * 96 * 10
     assert dequant_path((192, 128), 64, "cuda", torch.bfloat16).transient_bytes == 192 * 128 * 2
     assert dequant_path((192, 128), 64, "cuda", torch.bfloat16, True).transient_bytes == 192 * 128 * 2 + 4 * 384
+
+
+def test_bitsandbytes_without_a_cuda_library_for_this_torch_is_one_line_before_anything_loads(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """On CUDA, bitsandbytes loads libbitsandbytes_cuda<torch's CUDA version>.so when imported; when that fails
+    it keeps a stand-in that raises at the first kernel call, which for a training run is the first forward, after
+    the weights have loaded. model.quant.bitsandbytes_problem says so first, in one line (what failed and which
+    CUDA versions the installed package ships), and launch.sh's preflight stops with it (exit 2, nothing
+    written). No GPU here: the failed load is simulated with bitsandbytes' own stand-in."""
+    import glob
+    import os
+    import re
+
+    import bitsandbytes
+    from bitsandbytes import cextension
+
+    from engine.train import preflight
+    from model.quant import bitsandbytes_problem
+
+    assert bitsandbytes_problem("cpu") is None
+    assert bitsandbytes_problem("cuda") is None  # this machine's bitsandbytes loaded its (CPU) library
+    stand_in = object.__new__(cextension.ErrorHandlerMockBNBNativeLibrary)
+    stand_in.error_msg = "No compatible CUDA binary found at /site/bitsandbytes/libbitsandbytes_cuda129.so\nmore"
+    monkeypatch.setattr(cextension, "lib", stand_in)
+    assert bitsandbytes_problem("cpu") is None  # the CPU runs bnb's torch code, no native library
+    msg = bitsandbytes_problem("cuda")
+    libs = glob.glob(os.path.join(os.path.dirname(bitsandbytes.__file__), "libbitsandbytes_cuda*.so"))
+    shipped = sorted(int(re.search(r"cuda(\d+)\.so$", f).group(1)) for f in libs)
+    assert "\n" not in msg and "libbitsandbytes_cuda129.so" in msg and "more" not in msg
+    assert f"torch {torch.__version__}" in msg and "BNB_CUDA_VERSION" in msg
+    assert f"ships libraries for CUDA {', '.join(f'{v // 10}.{v % 10}' for v in shipped) or 'none'}:" in msg
+
+    out = tmp_path / "pre"
+    assert preflight(["--data", "synthetic", "--out", str(out), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"error: {msg}" and not out.exists()
+    # only what uses bitsandbytes is stopped: bf16 base weights and torch's AdamW need none of it
+    assert preflight(["--data", "synthetic", "--out", str(out), "--device", "cuda", "--quantize", "none"]) == 0
