@@ -13,7 +13,8 @@
 #   PART=memory DEADLINE_S=540 bash .ci/gpu_measure.sh;   PART=bench DEADLINE_S=540 bash .ci/gpu_measure.sh
 # When only one command fits the session (about 8 minutes after start-up), PART=core runs what answers most: the
 # ledger at the first sequence length, 32K without tiles and 64K with them (issue 15), and the packed-rows
-# benchmark, one round (issue 14):   PART=core DEADLINE_S=480 bash .ci/gpu_measure.sh
+# benchmark, one round (issue 14), then the tests' CUDA cases with what time is left:
+#   PART=core DEADLINE_S=480 bash .ci/gpu_measure.sh
 # PART: all (default), memory, bench or core. DEADLINE_S: the whole script's seconds; each step's timeout is cut to what
 # is left (a step with under 30 s left is skipped and says so), so the script ends, logs written, before the limit.
 set -uo pipefail
@@ -119,7 +120,11 @@ if want bench && [ -z "${SKIP_BENCH:-}" ]; then
     --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size $B --steps 5 --rounds 1 --vs hf --data "rows:$ROWS" \
     --precision fp16 --profile --json "$OUT/bench_packed_fp16.json"
 fi
-# last, so the measurements come first under DEADLINE_S: the tests that pin the GPU-relevant paths (packed attention
-# against examples run alone, the fused AdamW step, NF4 against bitsandbytes), on this GPU
-want bench && run tests 240 $PY -m pytest -q -x tests/test_packed_attention.py tests/test_step.py tests/test_quant.py
+# last, so the measurements come first under DEADLINE_S: the tests' CUDA cases (tests/conftest.py DEVICES; skipped
+# without a GPU): NF4 kernels against the torch reference and bitsandbytes, a LoRA layer under fp16/bf16 autocast
+# against the fp32 product, packed rows against the examples run alone (also on the T4's kernel path), the fused
+# AdamW with loss scaling against the per-parameter loop, a run with offload and MLP tiles against a plain CPU
+# run, and compiled NF4 blocks (Triton) against eager in fp32, bf16 and fp16
+want bench core && run tests 300 $PY -m pytest -q -rfEs -p no:cacheprovider -k cuda tests/test_devices.py \
+  tests/test_compile.py
 echo "logs in $OUT"

@@ -9,6 +9,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 
+# Tests of what a GPU changes run on every device this machine has: the CPU everywhere, CUDA where torch sees a
+# GPU (.ci/gpu_measure.sh runs them on the lent one: pytest -k cuda). Without a GPU the CUDA cases skip, saying so.
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (.ci/gpu_measure.sh runs it on one)")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
 def _need(what: str, reason: str):
     """Skip with a reason locally; under CI a missing asset is a failure, never a silent skip."""
     if os.environ.get("CI"):
