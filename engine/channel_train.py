@@ -43,7 +43,7 @@ from engine.rundir import RunDir
 from engine.step import TrainStep, lr_at, make_optimizer, prepare_model
 from model import load_model, load_tokenizer
 from model.adapter import load_adapter, save_adapter
-from model.channel import CHANNEL_NULL, IGNORE, channel_batch, paragraphs, query_logprobs
+from model.channel import CHANNEL_NULL, IGNORE, UNITS, channel_batch, query_logprobs, units
 from model.files import atomic_write_text
 from model.load import EMBEDDED
 
@@ -66,16 +66,19 @@ class ChannelLoss(torch.nn.Module):
         return F.cross_entropy(scores[None], choice.view(1), reduction="sum")
 
 
-def choice_of(ex) -> tuple[list[str], int] | None:
-    """(candidate texts: the context's paragraphs, then CHANNEL_NULL; index of the gold one) or None when the
-    answer spans two paragraphs (the decoder could not quote it)."""
-    spans = paragraphs(ex.context)
+def choice_of(ex, unit: str = "paragraph") -> tuple[list[str], int] | None:
+    """(candidate texts: the context's paragraphs, or sentences (model.channel.units), then CHANNEL_NULL; index
+    of the gold one) or None when the answer spans two paragraphs (the decoder could not quote it). An answer
+    running over several sentences (24% of CUAD's) has the sentence it begins in as its gold one."""
+    spans = units(ex.context, unit)
     texts = [ex.context[a:b] for a, b in spans] + [CHANNEL_NULL]
     if is_none(ex.answer):
         return texts, len(spans)
     at = ex.context.find(ex.answer.strip())
     assert at >= 0, f"{ex.id}: validated answers are in their context"
     inside = [i for i, (a, b) in enumerate(spans) if a <= at and at + len(ex.answer.strip()) <= b]
+    if not inside and unit == "sentence":
+        inside = [i for i, (a, b) in enumerate(spans) if a <= at < b]
     return (texts, inside[0]) if inside else None
 
 
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (cosine decay to 10%%)")
     ap.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
     ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
+    ap.add_argument("--unit", choices=tuple(UNITS), default="paragraph",
+                    help="what the decoder quotes and training chooses among: paragraphs (ACORD's clauses) or "
+                         "sentences (CUAD's spans; then evaluate with --channel-unit sentence)")
     ap.add_argument("--max-candidates", type=int, default=8, help="paragraphs per example, the gold one included")
     ap.add_argument("--max-clause-tokens", type=int, default=768, help="a paragraph is cut to its first N tokens "
                                                                        "(as the decoder reads it)")
@@ -143,9 +149,9 @@ def _groups(tok, examples, args, rank: int = 0, world_size: int = 1):
     """The usable examples (texts, gold) in a seeded order, forever: one pass after another, reshuffled. Every
     rank draws the same global stream (same seed, same candidates); rank r builds and keeps the groups whose
     place in it is r modulo world_size, so the examples of a step do not depend on the number of processes."""
-    usable = [(ex, *c) for ex in examples if (c := choice_of(ex)) is not None]
+    usable = [(ex, *c) for ex in examples if (c := choice_of(ex, args.unit)) is not None]
     if not usable:
-        raise ValueError(f"{args.data}: no example whose answer lies within one paragraph")
+        raise ValueError(f"{args.data}: no example whose answer lies within one {args.unit}")
     rng = random.Random(args.seed)
     k = 0
     while True:
@@ -159,9 +165,9 @@ def _groups(tok, examples, args, rank: int = 0, world_size: int = 1):
             k += 1
 
 
-def _evaluate(model, tok, eval_ex, prec) -> dict:
+def _evaluate(model, tok, eval_ex, prec, unit: str = "paragraph") -> dict:
     with prec.autocast():
-        res = evaluate_examples(model, tok, eval_ex, decode="channel", max_new_tokens=1,
+        res = evaluate_examples(model, tok, eval_ex, decode="channel", unit=unit, max_new_tokens=1,
                                 seq_len=min(model.config.max_position_embeddings, DEFAULT_SEQ_LEN))
     c, n = res["clause"], res["none"]
     return {"eval_clause_avg_similarity": c["avg_similarity"], "eval_clause_right_start": c["right_start"],
@@ -240,7 +246,7 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> di
                    "grad_norm": r.grad_norm, "seconds": round(time.perf_counter() - t0, 1)}
             if args.eval_every and ((s + 1) % args.eval_every == 0 or s + 1 == args.max_steps):
                 if d.is_main:  # the others wait at the barrier
-                    row.update(_evaluate(model, tok, eval_ex, prec))
+                    row.update(_evaluate(model, tok, eval_ex, prec, args.unit))
                 dist.barrier()
             if d.is_main:
                 metrics.write(json.dumps(row) + "\n")

@@ -31,7 +31,7 @@ from engine.precision import INFERENCE_MODES, inference_dtype
 from engine.report import _pyplot, clause_similarities, compare_table, text_histogram, write_report
 from model import load_adapter, load_model, load_tokenizer
 from model.files import atomic_write_text
-from model.channel import ChannelRule, channel_answer
+from model.channel import UNITS, ChannelRule, channel_answer
 from model.generate import decode_span
 from model.load import EMBEDDED
 
@@ -94,18 +94,19 @@ def prompt_windows(tok, ex, budget: int) -> list[tuple[int, int]]:
 
 
 def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, decode: str = "constrained",
-                   rule: ChannelRule | None = None) -> dict:
+                   rule: ChannelRule | None = None, unit: str = "paragraph") -> dict:
     """Answer one example from its query and context alone: each window decoded greedily (decode_span); when
     several windows quote something, the quote with the highest mean log-probability wins; all NONE -> NONE.
     Returns prediction, start/end (character offsets into ex.context, None for NONE or a free-text answer),
     logprob, windows, prompt_tokens (of the first window) and tokens generated; with decode "channel" also
-    channel: the winning window's paragraph scores and NONE features (rule decides NONE; engine.calibrate)."""
+    channel: the winning window's paragraph (or, unit "sentence", sentence) scores and NONE features (rule decides
+    NONE; engine.calibrate)."""
     windows = prompt_windows(tok, ex, seq_len - max_new_tokens)
     best, n_prompt, n_tokens = None, None, 0
     for a, b in windows:
         prompt = render_prompt(replace(ex, context=ex.context[a:b]))
         if decode == "channel":  # the paragraph that best explains the query, whole (model.generate.channel_answer)
-            ans = channel_answer(model, tok, ex.query, ex.context[a:b], rule)
+            ans = channel_answer(model, tok, ex.query, ex.context[a:b], rule, unit)
             ans.prompt_tokens = len(tok.encode(tok.chat_prompt(prompt)))
         else:
             ans = decode_span(model, tok, prompt, ex.context[a:b], max_new_tokens=max_new_tokens,
@@ -148,7 +149,8 @@ class Progress:
 
 
 def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 1024, seq_len: int = 8192,
-                      decode: str = "constrained", rule: ChannelRule | None = None, progress: bool = False) -> dict:
+                      decode: str = "constrained", rule: ChannelRule | None = None, unit: str = "paragraph",
+                      progress: bool = False) -> dict:
     """Answer every example (answer_example) and score it -> {"overall", "clause", "none", "by_category",
     "by_source", "rows"}.
 
@@ -167,7 +169,7 @@ def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 1024,
         with torch.inference_mode():
             for i, ex in enumerate(examples):
                 r = answer_example(model, tok, ex, seq_len=seq_len, max_new_tokens=max_new_tokens, decode=decode,
-                                   rule=rule)
+                                   rule=rule, unit=unit)
                 rows.append({"id": ex.id, "category": ex.category, "source": ex.source, "query": ex.query,
                              "answer": ex.answer, **r,
                              "scores": score(r["prediction"], ex.answer, ex.context, r["start"])})
@@ -279,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "text; rank: constrained, starting at the paragraph (or NONE) whose first 16 tokens the model "
                          "finds likeliest; free: plain greedy decoding; channel: the whole paragraph under which "
                          "the query is likeliest (noisy channel), NONE when none beats an empty clause")
+    ap.add_argument("--channel-unit", choices=tuple(UNITS), default="paragraph",
+                    help="with --decode channel: what it quotes: whole paragraphs (ACORD's clauses) or sentences "
+                         "(CUAD's annotated spans)")
     ap.add_argument("--channel-rule", default=None, metavar="RULE_JSON",
                     help="with --decode channel: when to answer NONE, as fitted by python -m engine.calibrate on "
                          "training-split queries (default: NONE only when no paragraph beats an empty clause)")
@@ -313,6 +318,8 @@ def run(args) -> dict:
                          f"{args.max_new_tokens}; raise --seq-len or lower --max-new-tokens")
     if args.channel_rule and args.decode != "channel":
         raise ValueError("--channel-rule decides NONE for --decode channel; add --decode channel or drop it")
+    if args.channel_unit != "paragraph" and args.decode != "channel":
+        raise ValueError("--channel-unit is what --decode channel quotes; add --decode channel or drop it")
     rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
     baseline = read_eval_json(args.compare) if args.compare else None
     out = Path(args.out)
@@ -343,7 +350,7 @@ def run(args) -> dict:
               file=sys.stderr, flush=True)
     t1 = time.perf_counter()
     res = evaluate_examples(model, tok, subset, max_new_tokens=args.max_new_tokens, seq_len=args.seq_len,
-                            decode=args.decode, rule=rule, progress=not args.quiet)
+                            decode=args.decode, rule=rule, unit=args.channel_unit, progress=not args.quiet)
     seconds = time.perf_counter() - t1
     result = {
         "model": model_src, "adapter": args.adapter, "data": args.data, "split": args.split,
@@ -351,6 +358,7 @@ def run(args) -> dict:
         "max_new_tokens": args.max_new_tokens, "decode": args.decode, "quantize": args.quantize,
         "channel_rule": None if args.decode != "channel" else {"file": args.channel_rule,
                                                                **(rule or ChannelRule()).to_dict()},
+        "channel_unit": args.channel_unit if args.decode == "channel" else None,
         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
         "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
         "seconds": round(seconds, 2),

@@ -27,7 +27,7 @@ from engine.evaluate import PRECISION_HELP, Progress, load_for_eval
 from engine.precision import INFERENCE_MODES
 from engine.rundir import adapter_run_config, trained_split
 from engine.metrics import is_none
-from model.channel import ChannelRule, channel_answer
+from model.channel import UNITS, ChannelRule, channel_answer
 from model.generate import decode_span, decode_spans, generate
 
 ALL_CATEGORIES = tuple(c for c in CATEGORIES if c not in DEFAULT_EXCLUDE)
@@ -154,10 +154,12 @@ def window_budget(tok, clause: str, seq_len: int, max_new_tokens: int) -> int:
 
 
 def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: int = 384, batch_size: int = 4,
-                    quiet: bool = True, query: str | None = None, rule: ChannelRule | None = None):
+                    quiet: bool = True, query: str | None = None, rule: ChannelRule | None = None,
+                    unit: str = "paragraph"):
     """find_clause's answer_fn for a loaded model: constrained/rank answers are slices of each window, decoded
     one window at a time; free answers are greedy text, batch_size windows at a time; channel answers are the
-    window's paragraph under which `query` is likeliest, or NONE as `rule` decides (model.channel)."""
+    window's paragraph (or sentence: `unit`) under which `query` is likeliest, or NONE as `rule` decides
+    (model.channel)."""
     assert decode != "channel" or query, "the channel decoder scores the query itself"
     def answer_fn(prompts, contexts):
         bar = Progress(len(prompts), label="reading", enabled=not quiet, unit="windows")
@@ -172,7 +174,7 @@ def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: 
                 return out
             for prompt, ctx in zip(prompts, contexts):
                 if decode == "channel":
-                    out.append(channel_answer(model, tok, query, ctx, rule))
+                    out.append(channel_answer(model, tok, query, ctx, rule, unit))
                 else:
                     out.append(decode_span(model, tok, prompt, ctx, max_new_tokens=max_new_tokens,
                                            rank=decode == "rank"))
@@ -200,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "greedy decoding, the answer snapped to its closest span; channel: the whole paragraph "
                          "under which the clause name is likeliest, or NONE (best with an engine.channel_train "
                          "adapter); free and channel not with --clause all")
+    ap.add_argument("--channel-unit", choices=tuple(UNITS), default="paragraph",
+                    help="with --decode channel: what it quotes: whole paragraphs, or sentences (CUAD-style "
+                         "clause spans; with an adapter trained with engine.channel_train --unit sentence)")
     ap.add_argument("--channel-rule", default=None, metavar="RULE_JSON",
                     help="with --decode channel: when to answer NONE (python -m engine.calibrate); default: NONE "
                          "when no paragraph beats an empty clause")
@@ -231,6 +236,8 @@ def run(args) -> dict:
                          "contract serves every clause type only there)")
     if args.channel_rule and args.decode != "channel":
         raise ValueError("--channel-rule decides NONE for --decode channel; add --decode channel or drop it")
+    if args.channel_unit != "paragraph" and args.decode != "channel":
+        raise ValueError("--channel-unit is what --decode channel quotes; add --decode channel or drop it")
     rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
     text = read_contract(args.contract)  # before loading the model: a bad path fails in a second
     set_threads(args.threads)
@@ -243,7 +250,8 @@ def run(args) -> dict:
         return _run_all(args, text, model, tok, budget)
     per_window: list[dict] = []
     answer_fn = window_answerer(model, tok, decode=args.decode, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, quiet=args.quiet, query=args.clause, rule=rule)
+                                batch_size=args.batch_size, quiet=args.quiet, query=args.clause, rule=rule,
+                                unit=args.channel_unit)
     matches, n_windows = find_clause(text, args.clause, answer_fn, lambda s: len(tok.encode(s)), budget,
                                      overlap=args.overlap, min_score=args.min_score, log=per_window)
     best = matches[0] if matches else None

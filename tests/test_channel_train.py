@@ -34,6 +34,22 @@ def test_choice_of_finds_the_paragraph_holding_the_answer_or_null():
     assert choice_of(_example("text.\n\nBeta")) is None  # across two paragraphs: the decoder cannot quote it
 
 
+def test_choice_of_with_sentence_units_takes_the_sentence_the_answer_begins_in():
+    from engine.channel_train import choice_of
+    from model.channel import CHANNEL_NULL
+
+    ctx = "Alpha one. Alpha two.\n\nBeta starts here. It goes on. Beta ends.\n\nGamma."
+    texts, gold = choice_of(_example("It goes on.", ctx), "sentence")
+    assert texts == ["Alpha one.", "Alpha two.", "Beta starts here.", "It goes on.", "Beta ends.", "Gamma.",
+                     CHANNEL_NULL] and gold == 3
+    assert choice_of(_example("here. It goes on. Beta", ctx), "sentence")[1] == 2  # over three: where it begins
+    assert choice_of(_example("NONE", ctx), "sentence")[1] == 6
+    assert choice_of(_example("two.\n\nBeta", ctx), "sentence")[1] == 1  # even across paragraphs
+    assert choice_of(_example("here. It goes on.", ctx)) == (["Alpha one. Alpha two.",
+                                                              "Beta starts here. It goes on. Beta ends.", "Gamma.",
+                                                              CHANNEL_NULL], 1)  # paragraphs, as before
+
+
 def test_channel_loss_is_cross_entropy_over_independent_full_forward_scores(tiny):
     """ChannelLoss on a group equals -log softmax(s)[gold], with each s_i computed row by row from the model's
     full logits (model(ids)), gradients included."""
@@ -196,3 +212,34 @@ def test_two_process_channel_training_matches_one_process(tiny_model_dir, tmp_pa
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1 if "lora_B" in k) < 1e-5
     assert any(float(w1[k].abs().max()) > 1e-3 for k in w1 if "lora_B" in k)  # the adapters really trained
     assert main([*args, "--groups-per-step", "3", "--out", str(tmp_path / "three")]) == 0  # one process: any count
+
+
+def test_evaluate_with_sentence_units_quotes_one_sentence_and_records_the_unit(tiny_model_dir, tmp_path,  # noqa: F811
+                                                                               capsys):
+    """engine.evaluate --decode channel --channel-unit sentence: every quote is one sentence of its context (the
+    same command with paragraph units quotes whole paragraphs), eval.json says which unit; the flag without
+    --decode channel is refused in one line."""
+    from engine.evaluate import main as evaluate
+    from model.channel import sentences
+
+    paras = ["The Licensee shall pay royalties. Payment is quarterly.", "This Agreement is governed by Delaware law. "
+             "Venue is Wilmington.", "Either party may terminate. Notice is thirty days."]
+    rows = [{"id": f"t{i}", "split": "test", "query": "Governing Law", "context": "\n\n".join(paras[i:] + paras[:i]),
+             "answer": "This Agreement is governed by Delaware law."} for i in range(3)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", str(tiny_model_dir), "--data", f"jsonl:{data}", "--split", "test", "--decode", "channel",
+              "--precision", "fp32", "--quiet"]
+    for unit in ("sentence", "paragraph"):
+        assert evaluate(common + ["--channel-unit", unit, "--out", str(tmp_path / unit)]) == 0
+        ev = json.loads((tmp_path / unit / "eval.json").read_text())
+        assert ev["channel_unit"] == unit
+        for r, row in zip(ev["rows"], rows):
+            ctx = row["context"]
+            quotable = [ctx[a:b] for a, b in sentences(ctx)] if unit == "sentence" else ctx.split("\n\n")
+            assert r["prediction"] == "NONE" or r["prediction"] in quotable
+            assert len(r["channel"]["scores"]) == len(quotable)
+    capsys.readouterr()
+    assert evaluate(common[:-5] + ["--channel-unit", "sentence", "--out", str(tmp_path / "x")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--decode channel" in err

@@ -139,3 +139,26 @@ def test_channel_answer_quotes_a_whole_paragraph_with_offsets_or_none(random_cha
     assert (ans.start, ans.end) in spans and ctx[ans.start:ans.end] == ans.text
     assert channel_answer(model, tok, "Governing Law", ctx, ChannelRule(bias=-1e9)).text == "NONE"  # none can
     assert channel_answer(model, tok, "Governing Law", "   \n\n  ").text == "NONE"
+
+
+def test_sentence_units_cut_paragraphs_at_sentence_ends_and_the_channel_quotes_one(random_chatml):
+    """unit "sentence" (CUAD's spans are sentence fragments): each paragraph cut where "." or ";" is followed by
+    whitespace and a capital, bracket or quote; the units are slices of the text, in order, whitespace between
+    them left out, never across a paragraph; channel_answer then quotes one of them."""
+    from model.channel import ChannelRule, channel_answer, sentences, units
+
+    ctx = ("SECTION 12. Termination.  Either party may terminate this Agreement on 30 days' notice; Notice\n"
+           "shall be in writing; the notice goes by mail. Sec. 2 applies to 1.5 days and to the U.S. Government.\n\n"
+           "Governing Law. This Agreement is governed by the laws of Ohio (\"Ohio Law\").")
+    got = [ctx[a:b] for a, b in sentences(ctx)]
+    assert got == ["SECTION 12.", "Termination.", "Either party may terminate this Agreement on 30 days' notice;",
+                   "Notice\nshall be in writing; the notice goes by mail.",
+                   "Sec. 2 applies to 1.5 days and to the U.S.", "Government.", "Governing Law.",
+                   'This Agreement is governed by the laws of Ohio ("Ohio Law").']
+    assert units(ctx, "sentence") == sentences(ctx) and units(ctx) == units(ctx, "paragraph") != sentences(ctx)
+    with pytest.raises(ValueError, match="channel unit 'clause'"):
+        units(ctx, "clause")
+    model, tok = random_chatml
+    ans = channel_answer(model, tok, "Governing Law", ctx, ChannelRule(bias=1e9), unit="sentence")
+    assert (ans.start, ans.end) in sentences(ctx) and ctx[ans.start:ans.end] == ans.text
+    assert len(ans.detail["scores"]) == len(got)
