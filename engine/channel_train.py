@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--unit", choices=tuple(UNITS), default="paragraph",
                     help="what the decoder quotes and training chooses among: paragraphs (ACORD's clauses) or "
                          "sentences (CUAD's spans; then evaluate with --channel-unit sentence)")
-    ap.add_argument("--max-candidates", type=int, default=8, help="paragraphs per example, the gold one included")
+    ap.add_argument("--max-candidates", type=int, default=8,
+                    help="paragraphs (or sentences, --unit) per example, the gold one included")
     ap.add_argument("--max-clause-tokens", type=int, default=768, help="a paragraph is cut to its first N tokens "
                                                                        "(as the decoder reads it)")
     ap.add_argument("--quantize", choices=("nf4", "none"), default="nf4", help="the frozen base: NF4 or as loaded")
