@@ -30,6 +30,7 @@ from engine.metrics import KINDS, is_none, score, summarize
 from engine.precision import INFERENCE_MODES, inference_dtype
 from engine.report import _pyplot, clause_similarities, compare_table, text_histogram, write_report
 from model import load_adapter, load_model, load_tokenizer
+from model.adapter import AdapterBank
 from model.files import atomic_write_text
 from model.channel import UNITS, ChannelRule, channel_answer
 from model.generate import decode_span
@@ -93,20 +94,45 @@ def prompt_windows(tok, ex, budget: int) -> list[tuple[int, int]]:
     return make_windows(ex.context, lambda text: len(tok.encode(text)), budget - overhead)
 
 
+def focuser(model, tok, bank: AdapterBank, ex, max_new_tokens: int):
+    """channel_answer's focus stage for example ex: bank's "focus" adapter copies, constrained, the part of the
+    chosen unit that answers ex's query, prompted as ex itself is (its template and query, the unit as the
+    context: what data.focus trains on); None (quote the unit whole) when it answers NONE. The channel adapter is
+    back in place when it returns."""
+    def focus(text: str):
+        with bank.using("focus"):
+            ans = decode_span(model, tok, render_prompt(replace(ex, context=text)), text,
+                              max_new_tokens=max_new_tokens)
+        return None if ans.start is None else (ans.start, ans.end)
+    return focus
+
+
+def load_focus(model, focus_adapter: str, main_adapter: str | None) -> AdapterBank:
+    """An AdapterBank holding the loaded model's adapter (or none) as "main" and focus_adapter as "focus"; both
+    must be for the same base model."""
+    base, main_base = _base_of_adapter(focus_adapter), _base_of_adapter(main_adapter) if main_adapter else None
+    if main_base and base and base != main_base:
+        raise ValueError(f"--focus-adapter {focus_adapter} was trained on {base}, --adapter {main_adapter} on "
+                         f"{main_base}; train the focus adapter on the same base model")
+    return AdapterBank(model).add("focus", focus_adapter)
+
+
 def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, decode: str = "constrained",
-                   rule: ChannelRule | None = None, unit: str = "paragraph") -> dict:
+                   rule: ChannelRule | None = None, unit: str = "paragraph", focus: AdapterBank | None = None) -> dict:
     """Answer one example from its query and context alone: each window decoded greedily (decode_span); when
     several windows quote something, the quote with the highest mean log-probability wins; all NONE -> NONE.
     Returns prediction, start/end (character offsets into ex.context, None for NONE or a free-text answer),
     logprob, windows, prompt_tokens (of the first window) and tokens generated; with decode "channel" also
     channel: the winning window's paragraph (or, unit "sentence", sentence) scores and NONE features (rule decides
-    NONE; engine.calibrate)."""
+    NONE; engine.calibrate). focus (decode "channel"): an AdapterBank with a "focus" adapter that trims the chosen
+    unit to the clause (focuser; the row's channel detail then says what it kept)."""
     windows = prompt_windows(tok, ex, seq_len - max_new_tokens)
     best, n_prompt, n_tokens = None, None, 0
     for a, b in windows:
         prompt = render_prompt(replace(ex, context=ex.context[a:b]))
         if decode == "channel":  # the paragraph that best explains the query, whole (model.generate.channel_answer)
-            ans = channel_answer(model, tok, ex.query, ex.context[a:b], rule, unit)
+            trim = focuser(model, tok, focus, ex, max_new_tokens) if focus is not None else None
+            ans = channel_answer(model, tok, ex.query, ex.context[a:b], rule, unit, trim)
             ans.prompt_tokens = len(tok.encode(tok.chat_prompt(prompt)))
         else:
             ans = decode_span(model, tok, prompt, ex.context[a:b], max_new_tokens=max_new_tokens,
@@ -124,6 +150,8 @@ def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, decode:
            "windows": len(windows), "prompt_tokens": n_prompt, "tokens": n_tokens}
     if ans.detail is not None:  # channel: offsets made relative to the whole context, like start/end
         row["channel"] = {**ans.detail, "best": [a + x for x in ans.detail["best"]]}
+        if ans.detail.get("focus") is not None:
+            row["channel"]["focus"] = [a + x for x in ans.detail["focus"]]
     return row
 
 
@@ -150,7 +178,7 @@ class Progress:
 
 def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 1024, seq_len: int = 8192,
                       decode: str = "constrained", rule: ChannelRule | None = None, unit: str = "paragraph",
-                      progress: bool = False) -> dict:
+                      focus: AdapterBank | None = None, progress: bool = False) -> dict:
     """Answer every example (answer_example) and score it -> {"overall", "clause", "none", "by_category",
     "by_source", "rows"}.
 
@@ -169,7 +197,7 @@ def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 1024,
         with torch.inference_mode():
             for i, ex in enumerate(examples):
                 r = answer_example(model, tok, ex, seq_len=seq_len, max_new_tokens=max_new_tokens, decode=decode,
-                                   rule=rule, unit=unit)
+                                   rule=rule, unit=unit, focus=focus)
                 rows.append({"id": ex.id, "category": ex.category, "source": ex.source, "query": ex.query,
                              "answer": ex.answer, **r,
                              "scores": score(r["prediction"], ex.answer, ex.context, r["start"])})
@@ -287,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--channel-rule", default=None, metavar="RULE_JSON",
                     help="with --decode channel: when to answer NONE, as fitted by python -m engine.calibrate on "
                          "training-split queries (default: NONE only when no paragraph beats an empty clause)")
+    ap.add_argument("--focus-adapter", default=None, metavar="DIR",
+                    help="with --decode channel: a second adapter (engine.train on python -m data.focus output) "
+                         "that copies the clause out of the chosen sentence or paragraph, instead of quoting it whole "
+                         "(CUAD marks dates, names and sentence parts); same base model, rank and targets as "
+                         "--adapter")
     ap.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per answer")
     ap.add_argument("--seq-len", type=int, default=None,
                     help="tokens the model reads per window, prompt + answer; a context whose prompt does not fit "
@@ -320,6 +353,8 @@ def run(args) -> dict:
         raise ValueError("--channel-rule decides NONE for --decode channel; add --decode channel or drop it")
     if args.channel_unit != "paragraph" and args.decode != "channel":
         raise ValueError("--channel-unit is what --decode channel quotes; add --decode channel or drop it")
+    if args.focus_adapter and args.decode != "channel":
+        raise ValueError("--focus-adapter trims what --decode channel quotes; add --decode channel or drop it")
     rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
     baseline = read_eval_json(args.compare) if args.compare else None
     out = Path(args.out)
@@ -338,6 +373,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     model, tok, model_src = load_for_eval(args.model, args.adapter, device=args.device, precision=args.precision,
                                           quantize=None if args.quantize == "none" else args.quantize)
+    bank = load_focus(model, args.focus_adapter, args.adapter) if args.focus_adapter else None
     load_s = time.perf_counter() - t0
     if args.seq_len is None:
         args.seq_len = min(model.config.max_position_embeddings, DEFAULT_SEQ_LEN)
@@ -350,7 +386,8 @@ def run(args) -> dict:
               file=sys.stderr, flush=True)
     t1 = time.perf_counter()
     res = evaluate_examples(model, tok, subset, max_new_tokens=args.max_new_tokens, seq_len=args.seq_len,
-                            decode=args.decode, rule=rule, unit=args.channel_unit, progress=not args.quiet)
+                            decode=args.decode, rule=rule, unit=args.channel_unit, focus=bank,
+                            progress=not args.quiet)
     seconds = time.perf_counter() - t1
     result = {
         "model": model_src, "adapter": args.adapter, "data": args.data, "split": args.split,
@@ -359,6 +396,7 @@ def run(args) -> dict:
         "channel_rule": None if args.decode != "channel" else {"file": args.channel_rule,
                                                                **(rule or ChannelRule()).to_dict()},
         "channel_unit": args.channel_unit if args.decode == "channel" else None,
+        "focus_adapter": args.focus_adapter,
         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
         "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
         "seconds": round(seconds, 2),

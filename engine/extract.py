@@ -23,7 +23,7 @@ from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from data.cuad import CATEGORIES, DEFAULT_EXCLUDE
 from data.example import TEMPLATES, Example, render_prompt
 from data.text import Match, locate, make_windows
-from engine.evaluate import PRECISION_HELP, Progress, load_for_eval
+from engine.evaluate import PRECISION_HELP, Progress, focuser, load_focus, load_for_eval
 from engine.precision import INFERENCE_MODES
 from engine.rundir import adapter_run_config, trained_split
 from engine.metrics import is_none
@@ -155,12 +155,16 @@ def window_budget(tok, clause: str, seq_len: int, max_new_tokens: int) -> int:
 
 def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: int = 384, batch_size: int = 4,
                     quiet: bool = True, query: str | None = None, rule: ChannelRule | None = None,
-                    unit: str = "paragraph"):
+                    unit: str = "paragraph", focus=None):
     """find_clause's answer_fn for a loaded model: constrained/rank answers are slices of each window, decoded
     one window at a time; free answers are greedy text, batch_size windows at a time; channel answers are the
     window's paragraph (or sentence: `unit`) under which `query` is likeliest, or NONE as `rule` decides
-    (model.channel)."""
+    (model.channel); focus (an AdapterBank with a "focus" adapter) then trims that unit to the clause
+    (engine.evaluate.focuser), prompted as the window was."""
     assert decode != "channel" or query, "the channel decoder scores the query itself"
+    asked = Example(id=f"extract:{query}", source="extract", category=query, query=query, context="", answer="",
+                    split="test")  # what find_clause renders each window from
+    trim = focuser(model, tok, focus, asked, max_new_tokens) if focus is not None else None
     def answer_fn(prompts, contexts):
         bar = Progress(len(prompts), label="reading", enabled=not quiet, unit="windows")
         bar.update(0)
@@ -174,7 +178,7 @@ def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: 
                 return out
             for prompt, ctx in zip(prompts, contexts):
                 if decode == "channel":
-                    out.append(channel_answer(model, tok, query, ctx, rule, unit))
+                    out.append(channel_answer(model, tok, query, ctx, rule, unit, trim))
                 else:
                     out.append(decode_span(model, tok, prompt, ctx, max_new_tokens=max_new_tokens,
                                            rank=decode == "rank"))
@@ -208,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--channel-rule", default=None, metavar="RULE_JSON",
                     help="with --decode channel: when to answer NONE (python -m engine.calibrate); default: NONE "
                          "when no paragraph beats an empty clause")
+    ap.add_argument("--focus-adapter", default=None, metavar="DIR",
+                    help="with --decode channel: a second adapter (engine.train on python -m data.focus output) "
+                         "that copies the clause out of the chosen sentence or paragraph instead of quoting it whole")
     ap.add_argument("--min-score", type=float, default=60.0,
                     help="--decode free: drop answers whose closest span of the contract has a copy score (how "
                          "exactly the text was copied, 0-100) below this")
@@ -238,11 +245,14 @@ def run(args) -> dict:
         raise ValueError("--channel-rule decides NONE for --decode channel; add --decode channel or drop it")
     if args.channel_unit != "paragraph" and args.decode != "channel":
         raise ValueError("--channel-unit is what --decode channel quotes; add --decode channel or drop it")
+    if args.focus_adapter and args.decode != "channel":
+        raise ValueError("--focus-adapter trims what --decode channel quotes; add --decode channel or drop it")
     rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
     text = read_contract(args.contract)  # before loading the model: a bad path fails in a second
     set_threads(args.threads)
     model, tok, _ = load_for_eval(args.model, args.adapter, device=args.device, precision=args.precision,
                                   quantize=None if args.quantize == "none" else args.quantize)
+    bank = load_focus(model, args.focus_adapter, args.adapter) if args.focus_adapter else None
     if args.adapter and not args.json:
         print(f"adapter {args.adapter}: {adapter_provenance(args.adapter)}", file=sys.stderr)
     budget = window_budget(tok, args.clause, args.seq_len, args.max_new_tokens)
@@ -251,7 +261,7 @@ def run(args) -> dict:
     per_window: list[dict] = []
     answer_fn = window_answerer(model, tok, decode=args.decode, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size, quiet=args.quiet, query=args.clause, rule=rule,
-                                unit=args.channel_unit)
+                                unit=args.channel_unit, focus=bank)
     matches, n_windows = find_clause(text, args.clause, answer_fn, lambda s: len(tok.encode(s)), budget,
                                      overlap=args.overlap, min_score=args.min_score, log=per_window)
     best = matches[0] if matches else None

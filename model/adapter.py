@@ -8,6 +8,7 @@ lora_state_dict key under PEFT's fixed prefix, with no remapping table.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -152,3 +153,71 @@ def _read_weights(weights_path: Path, ours: dict[str, torch.Tensor], targets: li
             raise
         raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from None
     return loaded
+
+
+class AdapterBank:
+    """Several adapters for one model, switched in place: each is kept as a copy of its LoRA weights and scaling,
+    and use(name) copies one into the model's LoRA layers (a few MB for a small model; no module is rebuilt).
+    Channel decoding with a focus stage runs two: the channel adapter that picks the sentence and the focus
+    adapter that trims it (engine.evaluate --focus-adapter).
+
+    The adapters must share the model's LoRA layout (targets and rank): one set of layers holds them in turn.
+    "base" is the model without any adapter (every lora_B zero)."""
+
+    def __init__(self, model: Llama):
+        self.model = model
+        self.saved: dict[str, tuple[dict[str, torch.Tensor], float, bool]] = {}
+        self.active: str | None = None
+        if model.lora_config:
+            self.saved["main"] = self._snapshot()
+            self.active = "main"
+
+    def _snapshot(self) -> tuple[dict[str, torch.Tensor], float, bool]:
+        cfg = self.model.lora_config
+        return ({k: v.clone() for k, v in lora_state_dict(self.model).items()}, cfg["lora_alpha"],
+                bool(cfg["use_rslora"]))
+
+    def add(self, name: str, dir) -> "AdapterBank":
+        """Read the adapter in `dir` (load_adapter's checks) and keep it as `name`; the active adapter stays."""
+        assert name not in self.saved, f"adapter {name!r} already in the bank"
+        cfg = _read_config(Path(dir) / ADAPTER_CONFIG) if (Path(dir) / ADAPTER_CONFIG).is_file() else None
+        if self.model.lora_config and cfg is not None:
+            have = self.model.lora_config
+            if cfg["r"] != have["r"] or sorted(cfg["target_modules"]) != sorted(have["target_modules"]):
+                raise ValueError(f"{dir}: r={cfg['r']} on {','.join(sorted(cfg['target_modules']))}, but the "
+                                 f"model's adapter has r={have['r']} on {','.join(sorted(have['target_modules']))}; "
+                                 "train both adapters with the same --lora-r and --lora-targets")
+        fresh = not self.model.lora_config
+        load_adapter(self.model, dir)
+        self.saved[name] = self._snapshot()
+        if fresh:  # the model had no adapter: "base" is these layers with lora_B zero, and it was the active one
+            weights, alpha, rs = self.saved[name]
+            self.saved["base"] = ({k: torch.zeros_like(v) if k.endswith("lora_B.weight") else v
+                                   for k, v in weights.items()}, alpha, rs)
+            self.active = "base"
+        self.use(self.active)
+        return self
+
+    def use(self, name: str) -> None:
+        """Copy adapter `name` into the model's LoRA layers."""
+        if name not in self.saved:
+            raise KeyError(f"no adapter {name!r} in the bank (have {', '.join(self.saved)})")
+        weights, alpha, use_rslora = self.saved[name]
+        ours = lora_state_dict(self.model)
+        with torch.no_grad():
+            for k, t in weights.items():
+                ours[k].copy_(t)
+        for layer in lora_layers(self.model).values():
+            layer.set_scaling(alpha, use_rslora)
+        self.model.lora_config.update(lora_alpha=alpha, use_rslora=use_rslora)
+        self.active = name
+
+    @contextmanager
+    def using(self, name: str):
+        """Adapter `name` inside the block, the one active before it after."""
+        before = self.active
+        self.use(name)
+        try:
+            yield self.model
+        finally:
+            self.use(before)

@@ -148,13 +148,16 @@ class ChannelRule:
 
 
 def channel_answer(model, tokenizer, query: str, context: str, rule: ChannelRule | None = None,
-                   unit: str = "paragraph") -> Answer:
+                   unit: str = "paragraph", focus=None) -> Answer:
     """The paragraph (unit "sentence": the sentence) of `context` that makes `query` likeliest (channel_scores),
     quoted whole with its offsets, or NONE when `rule` (default: the best must beat CHANNEL_NULL) says none
     answers the query.
     logprob is the best paragraph's gain per query token (its confidence, comparable across windows); detail
     holds the raw scores, the features (engine.calibrate fits a rule on them) and the best paragraph's [start, end)
-    even when the answer is NONE."""
+    even when the answer is NONE.
+    focus, when given, is the second stage: focus(unit text) -> [start, end) of the part to quote, relative to the
+    unit, or None to quote it whole (engine.evaluate's focuser: a focus adapter trained on data.focus copies the
+    clause out of the sentence). detail then also holds "focus": the quoted [start, end), or None for whole."""
     rule = rule or ChannelRule()
     spans = units(context, unit)
     if not spans:
@@ -169,4 +172,10 @@ def channel_answer(model, tokenizer, query: str, context: str, rule: ChannelRule
     if rule.value(feats) <= 0:
         return Answer("NONE", None, None, feats["gain"], 0, 1, detail=detail)
     a, b = spans[best]
+    if focus is not None:
+        part = focus(context[a:b])
+        if part is not None:
+            assert 0 <= part[0] < part[1] <= b - a, f"focus span {part} outside its unit of {b - a} characters"
+            a, b = a + part[0], a + part[1]
+        detail["focus"] = None if part is None else [a, b]
     return Answer(context[a:b], a, b, feats["gain"], 0, 1, detail=detail)
