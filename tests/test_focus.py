@@ -248,3 +248,26 @@ def test_extract_focus_adapter_trims_the_channel_quote(tiny_model_dir, two_adapt
     assert want.start is not None, "the focus adapter answered NONE: the test did not exercise the focus stage"
     assert (got["start"], got["end"]) == (a + want.start, a + want.end)
     assert got["text"] == text[got["start"]:got["end"]] == want.text
+
+
+def test_focus_examples_of_real_cuad_are_sentences_holding_their_answers(shared_datasets):
+    """On CUAD's validated valid split: each focus example's context is one sentence of the original context
+    (model.channel.sentences), it holds its answer, the answer is the original one or a prefix of it (clipped),
+    and every example is counted once; most CUAD spans are a whole sentence or inside one."""
+    from data import load_source
+    from data.focus import focus_examples
+    from data.validate import validate
+    from model.channel import sentences
+
+    spec = f"cuad:{shared_datasets / 'cuad'}"
+    loaded, notes = load_source(spec, "valid")
+    examples, _ = validate(loaded, spec, notes)
+    focus, c = focus_examples(examples)
+    assert c.examples == len(examples) == c.none + c.whole + c.inside + c.clipped + c.unplaced
+    assert len(focus) == c.whole + c.inside + c.clipped and c.none > 0 and c.unplaced == 0
+    assert (c.whole + c.inside) / len(focus) > 0.8
+    by_id = {e.id: e for e in examples}
+    for f in focus:
+        ex = by_id[f.id]
+        assert f.context in {ex.context[a:b] for a, b in sentences(ex.context)}
+        assert f.answer in f.context and ex.answer.strip().startswith(f.answer)
