@@ -93,7 +93,7 @@ def main(argv=None) -> int:
 
     def go():
         lines, report = [], {}
-        for split in args.split or ["fit", "calib"]:
+        for split in dict.fromkeys(args.split or ["fit", "calib"]):  # each split once (ids must stay unique)
             if split not in SPLIT_AS:
                 raise ValueError(f"--split {split!r}: choose from {', '.join(SPLIT_AS)}")
             loaded, notes = load_source(args.data, split)
