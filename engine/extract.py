@@ -253,8 +253,10 @@ def run(args) -> dict:
     model, tok, _ = load_for_eval(args.model, args.adapter, device=args.device, precision=args.precision,
                                   quantize=None if args.quantize == "none" else args.quantize)
     bank = load_focus(model, args.focus_adapter, args.adapter) if args.focus_adapter else None
-    if args.adapter and not args.json:
-        print(f"adapter {args.adapter}: {adapter_provenance(args.adapter)}", file=sys.stderr)
+    if not args.json:
+        for flag, path in (("adapter", args.adapter), ("focus adapter", args.focus_adapter)):
+            if path:
+                print(f"{flag} {path}: {adapter_provenance(path)}", file=sys.stderr)
     budget = window_budget(tok, args.clause, args.seq_len, args.max_new_tokens)
     if every:
         return _run_all(args, text, model, tok, budget)
@@ -316,13 +318,17 @@ def _run_all(args, text: str, model, tok, budget: int) -> dict:
 
 def adapter_provenance(adapter) -> str:
     """What an adapter was trained on, from its run's config.json (engine.rundir.adapter_run_config):
-    "trained on DATA, N steps, seq_len L", or a note that nothing says."""
+    "trained on DATA (split S), N steps, seq_len L" (a checkpoint: "step K of a run of N steps"; seq_len only
+    where the run has one), or a note that nothing says."""
     found = adapter_run_config(adapter)
     if found is None:
         return "no training config found beside it; what it was trained on is unknown"
-    c = found[1]
-    return (f"trained on {c['data']} (split {trained_split(c)}), {c.get('max_steps', '?')} steps, seq_len "
-            f"{c.get('seq_len', '?')}")
+    c, p = found[1], Path(adapter)
+    steps = f"{c.get('max_steps', '?')} steps"
+    if p.parent.parent.name == "checkpoints" and p.parent.name.startswith("step-"):
+        steps = f"{p.parent.name.replace('-', ' ')} of a run of {steps}"
+    return (f"trained on {c['data']} (split {trained_split(c)}), {steps}"
+            + (f", seq_len {c['seq_len']}" if "seq_len" in c else ""))
 
 
 def main(argv=None) -> int:

@@ -226,7 +226,7 @@ def test_adapter_provenance_reads_the_runs_config_whichever_command_wrote_it(tmp
     (run / "config.json").write_text(json.dumps({"data": "acord:/d", "train_split": "train", "max_steps": 9,
                                                  "seq_len": 1024}))  # engine.train
     assert adapter_provenance(run / "checkpoints" / "step-3" / "adapter") == \
-        "trained on acord:/d (split train), 9 steps, seq_len 1024"
+        "trained on acord:/d (split train), step 3 of a run of 9 steps, seq_len 1024"
     (run / "config.json").write_text(json.dumps({"data": "acord:/d", "split": "fit", "max_steps": 410}))  # channel
-    assert adapter_provenance(run / "adapter") == "trained on acord:/d (split fit), 410 steps, seq_len ?"
+    assert adapter_provenance(run / "adapter") == "trained on acord:/d (split fit), 410 steps"
     assert "unknown" in adapter_provenance(tmp_path / "nowhere" / "adapter")
