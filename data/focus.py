@@ -50,8 +50,7 @@ def focus_example(ex: Example, unit: str = "sentence") -> tuple[Example, str] | 
     for a, b in units(ex.context, unit):
         if a <= at < b:
             clip = ex.context[at:min(end, b)].strip()
-            if not clip:
-                return None
+            assert clip, f"{ex.id}: a stripped answer begins with a character a unit holds"
             kind = "whole" if (at, min(end, b)) == (a, b) else "clipped" if end > b else "inside"
             return Example(id=ex.id, source=ex.source, category=ex.category, query=ex.query,
                            context=ex.context[a:b], answer=clip, split=ex.split), kind

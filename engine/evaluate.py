@@ -128,10 +128,10 @@ def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, decode:
     unit to the clause (focuser; the row's channel detail then says what it kept)."""
     windows = prompt_windows(tok, ex, seq_len - max_new_tokens)
     best, n_prompt, n_tokens = None, None, 0
+    trim = focuser(model, tok, focus, ex, max_new_tokens) if focus is not None else None
     for a, b in windows:
         prompt = render_prompt(replace(ex, context=ex.context[a:b]))
         if decode == "channel":  # the paragraph that best explains the query, whole (model.generate.channel_answer)
-            trim = focuser(model, tok, focus, ex, max_new_tokens) if focus is not None else None
             ans = channel_answer(model, tok, ex.query, ex.context[a:b], rule, unit, trim)
             ans.prompt_tokens = len(tok.encode(tok.chat_prompt(prompt)))
         else:
