@@ -18,8 +18,10 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from data import load_source
+from data.cli import CliParser, run_command
 from data.example import NONE, Example
 from data.validate import validate
 from model.channel import UNITS, units
@@ -74,7 +76,7 @@ def focus_examples(examples: list[Example], unit: str = "sentence") -> tuple[lis
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m data.focus", description=__doc__.split("\n\n")[0])
+    ap = CliParser(prog="python -m data.focus", description=__doc__.split("\n\n")[0])
     ap.add_argument("data", help="data spec: acord:DIR, cuad:DIR, jsonl:FILE or synthetic")
     ap.add_argument("--split", action="append", default=None,
                     help="split(s) to convert (repeatable; default: fit and calib, written as train and valid, so "
@@ -85,7 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from engine.cli import run_command
     from model.files import atomic_write_text
 
     args = build_parser().parse_args(argv)
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
             report[split] = counts
         if not lines:
             raise ValueError(f"{args.data}: no example with an answer in split(s) {', '.join(report)}")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, "\n".join(lines) + "\n")
         for split, c in report.items():
             print(f"{split} -> {SPLIT_AS[split]}: {c.whole + c.inside + c.clipped} of {c.examples} examples "
