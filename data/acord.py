@@ -52,6 +52,9 @@ def load(root, split=None, *, k: int = 4, min_score: int = 3, abstain_ratio: flo
     for n, d in read_jsonl(root / "corpus.jsonl", "ACORD corpus"):
         if "_id" not in d or "text" not in d:
             raise DataError(f"{root / 'corpus.jsonl'}:{n}: missing field '_id' or 'text'")
+        if not isinstance(d["text"], str):
+            raise DataError(f"{root / 'corpus.jsonl'}:{n}: field 'text' must be a string, got "
+                            f"{type(d['text']).__name__}")
         corpus[str(d["_id"])] = d["text"]
     queries = {}
     for n, d in read_jsonl(root / "queries.jsonl", "ACORD queries"):

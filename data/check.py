@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from data import NONE, DataError, load_source, render_prompt
+from data.cli import CliParser
 from data.example import HOLDOUT_SPLITS, SPLITS, Example
 from data.validate import RejectedError, Report, check_rejected, validate
 
@@ -100,8 +101,8 @@ def format_report(rep: Report, tokens: dict, seconds: float) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data.check", description=__doc__.split("\n\n")[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = CliParser(prog="python -m data.check", description=__doc__.split("\n\n")[1],
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("spec", help="acord:DIR, cuad:DIR, jsonl:FILE or synthetic")
     ap.add_argument("--split", choices=SPLITS + HOLDOUT_SPLITS, help="one split only (default: all)")
     ap.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -109,6 +110,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", help="tokenizer.json, model dir, .gguf or smollm2-135m (default: chars / 4)")
     ap.add_argument("--max-rejected", type=float, default=0.01, help="fraction rejected that fails (default 0.01)")
     args = ap.parse_args(argv)
+    if args.seq_len < 1:
+        ap.error(f"--seq-len must be a positive number of tokens, got {args.seq_len}")
+    if not 0 <= args.max_rejected <= 1:
+        ap.error(f"--max-rejected is a fraction from 0 to 1, got {args.max_rejected}")
     t0 = time.perf_counter()
     try:
         tok = _load_tokenizer(args.tokenizer) if args.tokenizer else None
@@ -124,6 +129,9 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, RejectedError) else 2
+    except (OSError, ValueError) as e:  # a tokenizer file that will not load, a read that fails
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -18,6 +18,11 @@ def open_text(path: Path, what: str):
         raise DataError(f"{path}: cannot read {what} ({e.strerror}); check permissions") from None
 
 
+def read_failed(path: Path, what: str, e: OSError) -> DataError:
+    """The error for a file that opened but could not be read to its end (an I/O error, a vanished mount)."""
+    return DataError(f"{path}: reading {what} failed ({e.strerror or e}); check the file and the disk it is on")
+
+
 def not_utf8(path: Path, what: str) -> DataError:
     """The error for a file that is not UTF-8, naming the first bad line (the decoder only knows a buffer
     offset)."""
@@ -37,6 +42,8 @@ def read_text(path: Path, what: str) -> str:
             return f.read()
     except UnicodeDecodeError:
         raise not_utf8(path, what) from None
+    except OSError as e:
+        raise read_failed(path, what, e) from None
 
 
 def read_jsonl(path: Path, what: str):
@@ -56,6 +63,8 @@ def read_jsonl(path: Path, what: str):
                 yield n, obj
         except UnicodeDecodeError:
             raise not_utf8(path, what) from None
+        except OSError as e:
+            raise read_failed(path, what, e) from None
 
 
 def read_tsv(path: Path, what: str, header: list[str] | None = None):
@@ -75,3 +84,5 @@ def read_tsv(path: Path, what: str, header: list[str] | None = None):
             raise DataError(f"{path}:{rows.line_num}: malformed TSV ({e})") from None
         except UnicodeDecodeError:
             raise not_utf8(path, what) from None
+        except OSError as e:
+            raise read_failed(path, what, e) from None

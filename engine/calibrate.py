@@ -39,17 +39,26 @@ from model.channel import FEATURES, ChannelRule
 from model.files import atomic_write_text
 
 
-def channel_rows(d: dict, path) -> list[dict]:
-    """The rows of a channel eval.json, each with its stored scores; a clear error for any other file."""
+def channel_rows(d: dict, path, redecided: bool = False) -> list[dict]:
+    """The rows of a channel eval.json, each with its stored features (and, for rows to be redecided, the best
+    span they would quote); a clear error for any other file."""
     if d.get("decode") != "channel":
         raise ValueError(f"{path}: decode is {d.get('decode')!r}; calibrate reads an eval.json written by "
                          "engine.evaluate --decode channel")
     rows = d.get("rows") or []
-    missing = [r.get("id") for r in rows if "channel" not in r]
+    missing = [r.get("id") if isinstance(r, dict) else r for r in rows if not _has_channel(r, redecided)]
     if not rows or missing:
-        raise ValueError(f"{path}: {len(missing) or 'no'} rows without channel scores (first: "
+        raise ValueError(f"{path}: {len(missing) or 'no'} rows without channel scores and features (first: "
                          f"{missing[:1]}); rerun engine.evaluate --decode channel with this version")
     return rows
+
+
+def _has_channel(row, redecided: bool) -> bool:
+    """Whether a row holds what fit_rule reads (the answer, the channel features) and, for redecide, the best
+    span."""
+    ch = row.get("channel") if isinstance(row, dict) else None
+    return (isinstance(row.get("answer") if isinstance(row, dict) else None, str) and isinstance(ch, dict)
+            and isinstance(ch.get("features"), dict) and (not redecided or "best" in ch))
 
 
 def same_data(a: str | None, b: str | None) -> bool:
@@ -176,6 +185,14 @@ def run(args) -> dict:
                            "model": d.get("model"), "adapter": d.get("adapter"),
                            "adapter_trained_on": trained, **fit},
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    result = None
+    if args.check:  # read and re-decided before the rule is written: a check that fails leaves no rule behind
+        c = read_eval_json(args.check)
+        if same_data(c.get("data"), d.get("data")) and splits_overlap(c.get("split"), d.get("split")):
+            print(f"warning: {args.check} (split {c.get('split')!r}) shares rows with the calibration rows (split "
+                  f"{d.get('split')!r}): the check measures the fit, not the rule", file=sys.stderr)
+        checked = redecide(c, channel_rows(c, args.check, redecided=True), rule, args.check)
+        result = {**summarize(checked), "decode": "channel"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # runs/calib/ need not exist yet
     atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
     print(f"rule: NONE unless {rule.bias:+.3f} " + " ".join(f"{w:+.3f}*{f}" for f, w in rule.weights.items())
@@ -183,13 +200,7 @@ def run(args) -> dict:
     print(f"on the calibration rows ({fit['rows']}: {fit['clause_rows']} clause, {fit['none_rows']} NONE): "
           f"wrongly NONE {fit['wrongly_none']}%, NONE answered NONE {fit['none_answered_none']}%")
     print(f"wrote {args.out}")
-    if args.check:
-        c = read_eval_json(args.check)
-        if same_data(c.get("data"), d.get("data")) and splits_overlap(c.get("split"), d.get("split")):
-            print(f"warning: {args.check} (split {c.get('split')!r}) shares rows with the calibration rows (split "
-                  f"{d.get('split')!r}): the check measures the fit, not the rule", file=sys.stderr)
-        checked = redecide(c, channel_rows(c, args.check), rule, args.check)
-        result = {**summarize(checked), "decode": "channel"}
+    if result is not None:
         print(f"{args.check} under the rule:\n{headline(result)}")
         doc["check"] = {"eval_json": str(args.check), "clause": result["clause"], "none": result["none"]}
     return doc

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -179,6 +180,11 @@ def run(args) -> dict:
     for name in ("max_steps", "groups_per_step", "lora_r", "max_candidates", "max_clause_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+    for name in ("warmup_steps", "eval_every", "save_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive number, got {args.lr}")
     out = Path(args.out)
     cfg = TrainConfig(model=args.model, data=args.data, lr=args.lr, warmup_steps=args.warmup_steps,
                       max_steps=args.max_steps, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
@@ -207,6 +213,9 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> di
         device = d.device
         train_ex, rep = load_validated(args.data, args.split)
         eval_ex = load_validated(args.data, args.eval_split)[0] if args.eval_every and d.is_main else []
+        if args.eval_every and d.is_main and not eval_ex:
+            raise ValueError(f"{args.data}: split {args.eval_split!r} has no usable examples for --eval-every; "
+                             "pass another --eval-split or --eval-every 0")
         tok = load_tokenizer(args.model)
         prec = Precision(cfg.precision, device)
         dist.seed_all(args.seed)  # the same LoRA init on every rank
@@ -215,28 +224,29 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> di
         prepare_model(model, cfg, device)
         if args.init_adapter:
             load_adapter(model, args.init_adapter)  # into the LoRA layers just made; keys and shapes checked
+        params = [p for p in model.parameters() if p.requires_grad]
+        loss_model = ChannelLoss(model)
+        step = TrainStep(dist.wrap_ddp(loss_model), params, make_optimizer(cfg, params, device), prec,
+                         grad_clip=cfg.grad_clip, world_size=d.world_size)
+        groups = _groups(tok, train_ex, args, d.rank, d.world_size)
     except BaseException:
         guard.abandon()  # a refused or failed start leaves OUT as it was
         raise
     dist.barrier()
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss_model = ChannelLoss(model)
-    step = TrainStep(dist.wrap_ddp(loss_model), params, make_optimizer(cfg, params, device), prec,
-                     grad_clip=cfg.grad_clip, world_size=d.world_size)
-    groups = _groups(tok, train_ex, args, d.rank, d.world_size)
     local = args.groups_per_step // d.world_size
     metrics = None
-    if d.is_main:
-        if args.overwrite:
-            guard.clear_for_overwrite()
-        atomic_write_text(out / "config.json", json.dumps({**vars(args), "processes": d.world_size}, indent=1) + "\n")
-        print(f"channel training on {len(train_ex)} {args.split} examples of {args.data} ({rep.rejected} rejected), "
-              f"{args.max_steps} steps x {args.groups_per_step} examples ({d.world_size} processes), precision "
-              f"{prec.mode}", file=sys.stderr)
-        metrics = open(out / "metrics.jsonl", "w")
     t0 = time.perf_counter()
-    guard.fresh_start = d.is_main  # until a step is logged, OUT holds nothing a step produced
     try:
+        if d.is_main:
+            if args.overwrite:
+                guard.clear_for_overwrite()
+            guard.fresh_start = True  # until a step is logged, OUT holds nothing a step produced
+            atomic_write_text(out / "config.json",
+                              json.dumps({**vars(args), "processes": d.world_size}, indent=1) + "\n")
+            print(f"channel training on {len(train_ex)} {args.split} examples of {args.data} ({rep.rejected} "
+                  f"rejected), {args.max_steps} steps x {args.groups_per_step} examples ({d.world_size} processes), "
+                  f"precision {prec.mode}", file=sys.stderr)
+            metrics = open(out / "metrics.jsonl", "w")
         for s in range(args.max_steps):
             batch = [{k: v.to(device) for k, v in next(groups).items()} for _ in range(local)]
             loss_model.hits = loss_model.calls = 0

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engine import dist
@@ -193,9 +194,19 @@ def save(out, step: int, *, model, optimizer, precision, sampler_state, counters
 
 def load(path: Path, *, model, optimizer, precision) -> dict:
     """Restore weights, optimizer, scaler and this rank's RNG from a checkpoint; returns state.json contents
-    (with 'sampler' reduced to this rank's entry)."""
-    d = dist.get()
+    (with 'sampler' reduced to this rank's entry). A checkpoint whose files do not read (damaged after it was
+    completed: a disk error, a hand edit) is one error naming it and what to do."""
     path = Path(path)
+    try:
+        return _load(path, model=model, optimizer=optimizer, precision=precision)
+    except (json.JSONDecodeError, SafetensorError, OSError, KeyError, IndexError, TypeError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{path}: checkpoint does not read ({what}); delete this step directory to resume from "
+                         "the one before it, or start again with --overwrite") from None
+
+
+def _load(path: Path, *, model, optimizer, precision) -> dict:
+    d = dist.get()
     state = json.loads((path / "state.json").read_text())
     if state["world_size"] != d.world_size:
         raise ValueError(f"{path}: saved with {state['world_size']} processes, resuming with {d.world_size}; "

@@ -28,10 +28,11 @@ from data.validate import validate
 from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from engine.metrics import KINDS, is_none, score, summarize
 from engine.precision import INFERENCE_MODES, inference_dtype
-from engine.report import _pyplot, clause_similarities, compare_table, text_histogram, write_report
+from engine.report import (_pyplot, clause_similarities, compare_table, read_metrics_jsonl, text_histogram,
+                           write_report)
 from model import load_adapter, load_model, load_tokenizer
 from model.adapter import AdapterBank
-from model.files import atomic_write_text
+from model.files import check_writable, staged_files
 from model.channel import UNITS, ChannelRule, channel_answer
 from model.generate import decode_span
 from model.load import EMBEDDED
@@ -231,11 +232,13 @@ def _base_of_adapter(adapter: str) -> str | None:
     cfg = Path(adapter) / "adapter_config.json"
     try:
         return json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path") or None
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"{cfg} not found: --adapter must be a PEFT adapter directory "
                                 "(the adapter/ folder of a training run)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg}: malformed JSON at line {e.lineno} ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg}: does not read ({e}); --adapter must be a PEFT adapter directory") from None
 
 
 PRECISION_HELP = ("dtype the model answers in: auto = bf16 on a GPU with bf16 (fp16 below sm 80); on the CPU bf16 "
@@ -274,8 +277,22 @@ def read_eval_json(path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: malformed JSON at line {e.lineno} ({e.msg}); pass an eval.json written by "
                          "engine.evaluate") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: does not read ({e}); pass an eval.json written by engine.evaluate") from None
     if not isinstance(d, dict) or not isinstance(d.get("overall"), dict):
         raise ValueError(f"{p}: no 'overall' aggregates; pass an eval.json written by engine.evaluate")
+    return d
+
+
+def read_baseline(path) -> dict:
+    """--compare's eval.json: read_eval_json's, and every row scored (the before/after histogram reads them)."""
+    p, d = Path(path), read_eval_json(path)
+    rows = d.get("rows", [])
+    for i, row in enumerate(rows if isinstance(rows, list) else [None]):
+        if not (isinstance(row, dict) and isinstance(row.get("answer"), str) and isinstance(row.get("scores"), dict)
+                and isinstance(row["scores"].get("similarity"), int | float)):
+            raise ValueError(f"{p}: rows[{i}] lacks 'answer' or 'scores.similarity'; pass an eval.json written by "
+                             "engine.evaluate")
     return d
 
 
@@ -345,6 +362,8 @@ def run(args) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     if args.metrics and not Path(args.metrics).is_file():
         raise FileNotFoundError(f"{args.metrics}: metrics.jsonl not found (a training run writes OUT/metrics.jsonl)")
+    if args.metrics:
+        read_metrics_jsonl(args.metrics)  # now, not after the evaluation: a file that does not read is one line
     set_threads(args.threads)
     if args.seq_len is not None and args.seq_len <= args.max_new_tokens + 64:
         raise ValueError(f"--seq-len {args.seq_len} leaves no room for a prompt beside --max-new-tokens "
@@ -356,10 +375,11 @@ def run(args) -> dict:
     if args.focus_adapter and args.decode != "channel":
         raise ValueError("--focus-adapter trims what --decode channel quotes; add --decode channel or drop it")
     rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
-    baseline = read_eval_json(args.compare) if args.compare else None
+    baseline = read_baseline(args.compare) if args.compare else None
+    if args.adapter:
+        _base_of_adapter(args.adapter)  # a wrong --adapter is one line now, before the data and the model load
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    check_writable(out)  # before the evaluation, not after it
 
     # the same checked examples training sees: answers repaired to the context's own text, unfindable ones dropped
     loaded, notes = load_source(args.data, args.split)
@@ -404,12 +424,12 @@ def run(args) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "baseline": args.compare, "metrics_jsonl": args.metrics, "definitions": METRIC_NOTES, **res,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_report(result, out, metrics_jsonl=args.metrics, baseline=baseline)
+    with staged_files(out) as tmp:  # report.md, the PNGs and eval.json land together or not at all
+        write_report(result, tmp, metrics_jsonl=args.metrics, baseline=baseline)
+        (tmp / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     if _pyplot() is None:
         print("note: report.md has tables only: matplotlib is not installed (pip install -e '.[plot]')",
               file=sys.stderr)
-    atomic_write_text(out / "eval.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print(headline(result, seconds))
     if baseline is not None:
         print(compare_table(baseline, result), end="")

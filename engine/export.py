@@ -27,6 +27,7 @@ from engine.cli import CliParser, run_command
 from engine.metrics import AGGREGATE_KEYS
 from engine.report import LABELS, fmt
 from model import load_adapter, load_model, load_tokenizer
+from model.adapter import check_adapter
 from model.files import atomic_dir
 from model.hf_checkpoint import save_hf_checkpoint
 from model.load import EMBEDDED
@@ -57,11 +58,16 @@ def hub_id_of(source: str | None) -> str:
 
 def read_json(path: Path, what: str) -> dict:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ExportError(f"{path}: {what} not found") from None
     except json.JSONDecodeError as e:
         raise ExportError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: {what} does not read ({e})") from None
+    if not isinstance(d, dict):
+        raise ExportError(f"{path}: {what} must hold a JSON object, got a {type(d).__name__}")
+    return d
 
 
 # ---- writing the files -------------------------------------------------------------------------------------
@@ -86,10 +92,10 @@ def write_generation_config(tok, out: Path) -> None:
 
 
 def copy_adapter(adapter: Path, out: Path, base_id: str) -> dict:
-    cfg = read_json(adapter / "adapter_config.json", "adapter_config.json (is --adapter a PEFT adapter directory?)")
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         raise ExportError(f"{weights} not found: --adapter must hold adapter_model.safetensors")
+    cfg = check_adapter(adapter)
     cfg["base_model_name_or_path"] = base_id  # peft resolves the base from this; our alias means nothing there
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     shutil.copyfile(weights, out / "adapter_model.safetensors")
@@ -183,8 +189,7 @@ def build(args) -> Path:
     adapter = Path(args.adapter)
     if not adapter.is_dir():
         raise ExportError(f"{adapter}: adapter directory not found (a training run writes OUT/adapter/)")
-    adapter_cfg = read_json(adapter / "adapter_config.json",
-                            "adapter_config.json (is --adapter a PEFT adapter directory?)")
+    adapter_cfg = check_adapter(adapter)  # what a consumer's loader would refuse is refused now, not published
     model_src = args.model or adapter_cfg.get("base_model_name_or_path") or EMBEDDED
     base_id = hub_id_of(model_src)
     run_cfg_path = adapter.parent / "config.json"

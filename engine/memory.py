@@ -26,8 +26,9 @@ from fractions import Fraction
 
 import torch
 
-from engine.config import FIELDS, TrainConfig
 from engine.budget import fit, fit_grid, on_card
+from engine.cli import CliParser
+from engine.config import FIELDS, TrainConfig
 from engine.ledger import ALLOCATOR_SLACK, HIGH_PRECISION_ROWS, Ledger, Setup, describe, fmt, format_table, predict
 from engine.loss import CausalLMLoss, chunked_ce_sum
 from engine.precision import MODES, Precision, auto_mode, dtype_of
@@ -534,8 +535,8 @@ def add_run_flags(p: argparse.ArgumentParser, *, seq_len=None, batch_size=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.memory",
-                                description="Predict (and optionally measure) the memory of a QLoRA training step.")
+    p = CliParser(prog="python -m engine.memory",
+                  description="Predict (and optionally measure) the memory of a QLoRA training step.")
     add_run_flags(p)
     p.add_argument("--lora-targets", default=",".join(TARGETS), help="comma-separated projections")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
@@ -582,6 +583,10 @@ def _setup(args) -> tuple[object, Setup]:
     """(model config, Setup) from the command line; ValueError/OSError for a bad value."""
     if args.seq_len < 2 or args.batch_size < 1:
         raise ValueError("--seq-len must be >= 2 and --batch-size >= 1")
+    for flag, v in (("--lora-r", args.lora_r), ("--loss-chunk", args.loss_chunk), ("--steps", args.steps),
+                    ("--supervised", 1 if args.supervised is None else args.supervised)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     bad = [t for t in targets if t not in TARGETS]
     if bad:

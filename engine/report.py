@@ -79,7 +79,12 @@ def aggregate_table(groups: dict[str, dict], first: str) -> str:
 def read_metrics_jsonl(path: Path) -> list[dict]:
     """Training log rows (one JSON object per line); a torn last line from a live run is skipped."""
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: metrics.jsonl does not read ({e}); pass a training run's OUT/metrics.jsonl") \
+            from None
+    for line in text.splitlines():
         line = line.strip()
         if not line:
             continue

@@ -61,9 +61,15 @@ class RunDir:
         """Hold an exclusive lock on OUT/.lock for the life of the process (the kernel drops it at exit, also on
         kill -9). The file keeps the holder's pid, only to name it in the refusal."""
         self.created = not self.out.exists()
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} exists and is not a directory; pick another --out")
         path = self.out / ".lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise ConfigError(f"--out {self.out}: cannot write there ({e.strerror or e}); pick a writable --out") \
+                from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -232,6 +232,8 @@ def _start_out(r: _Run, guard: RunDir, resume: bool, resume_from: Path | None):
     -> (start step, the open metrics file on rank 0 or None)."""
     cfg, d, out = r.cfg, r.d, r.out
     start_step, metrics_path = 0, out / "metrics.jsonl"
+    # the checkpoint is read before anything is written: one that does not read leaves OUT as it was
+    state = ckpt.load(resume_from, model=r.model, optimizer=r.opt, precision=r.prec) if resume_from else None
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite:
@@ -240,7 +242,6 @@ def _start_out(r: _Run, guard: RunDir, resume: bool, resume_from: Path | None):
         config_mod.save(cfg, out / "config.json")
     dist.barrier()
     if resume_from is not None:
-        state = ckpt.load(resume_from, model=r.model, optimizer=r.opt, precision=r.prec)
         start_step, r.counters = state["step"], state["counters"]
         r.batcher.load_state_dict(state["sampler"])
         print0(f"resumed from {resume_from} at step {start_step}")
@@ -368,6 +369,17 @@ def preflight(argv: list[str]) -> int:
     return 0
 
 
+def interrupted_message(out) -> str:
+    """What a second signal leaves, said truthfully: the newest complete checkpoint, or none yet."""
+    last = ckpt.latest(out) if Path(out).is_dir() else None
+    if last is not None:
+        return f"interrupted; the last complete checkpoint, {last}, is intact: --resume continues from it"
+    if RunDir(out).holds_run():
+        return (f"interrupted before the first checkpoint; {out} holds no checkpoint to resume from: rerun with "
+                "--overwrite to start again")
+    return f"interrupted before the run began; nothing was written to {out}"
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_mod.parse_args(argv)
@@ -380,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         if result["stopped"]:
             code = 128 + result["signal"]
     except (KeyboardInterrupt, SystemExit) as e:  # a second signal: the save in progress was rolled back
-        print(f"error: interrupted; the last complete checkpoint in {cfg.out}/checkpoints is intact", file=sys.stderr)
+        print(f"error: {interrupted_message(cfg.out)}", file=sys.stderr)
         code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
     except Exception as e:  # the user-facing boundary: one line; CLAUSELORA_DEBUG=1 shows the traceback
         if os.environ.get("CLAUSELORA_DEBUG"):

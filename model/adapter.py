@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from .files import atomic_dir
 from .llama import Llama
-from .lora import apply_lora, lora_layers, lora_state_dict
+from .lora import TARGETS, apply_lora, lora_layers, lora_state_dict
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (the LM)
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -84,6 +84,37 @@ def load_adapter(model: Llama, dir) -> Llama:
     return model
 
 
+def check_adapter(dir) -> dict:
+    """An adapter directory checked without a model, for commands that pass it on rather than load it
+    (engine.export): the config as load_adapter checks it, every stored tensor readable, every key a PEFT LoRA
+    key of the configured targets, lora_A's rank r. Returns the config."""
+    dir = Path(dir)
+    cfg_path, weights_path = dir / ADAPTER_CONFIG, dir / ADAPTER_WEIGHTS
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
+                                    f"{ADAPTER_WEIGHTS} (PEFT layout, as save_adapter writes it)")
+    cfg = _read_config(cfg_path)
+    _check_rank_against_weights(weights_path, cfg["r"])
+    suffixes = tuple(f".{t}.lora_{m}.weight" for t in cfg["target_modules"] for m in "AB")
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            keys = list(f.keys())
+            for key in keys:
+                if not (key.startswith(PEFT_PREFIX) and key.endswith(suffixes)):
+                    raise ValueError(f"{weights_path}: unexpected key {key!r} (expected {PEFT_PREFIX}<module>"
+                                     f".lora_A.weight / .lora_B.weight for {', '.join(cfg['target_modules'])})")
+                f.get_tensor(key)  # read in full: a file cut short fails here, not in the user's loader
+    except ValueError:
+        raise
+    except Exception as e:  # SafetensorError and OSError: an unreadable file
+        raise ValueError(f"{weights_path}: unreadable safetensors file ({' '.join(str(e).split())}); save the "
+                         "adapter again (a training run writes OUT/adapter)") from None
+    if not keys:
+        raise ValueError(f"{weights_path}: holds no LoRA weights")
+    return cfg
+
+
 def _read_config(cfg_path: Path) -> dict:
     """adapter_config.json, checked: a plain LoRA with target_modules, a positive integer r and a positive
     lora_alpha (PEFT's default 8 when absent)."""
@@ -103,6 +134,10 @@ def _read_config(cfg_path: Path) -> dict:
     targets = cfg.get("target_modules")
     if not isinstance(targets, list) or not targets:
         raise ValueError(f"{cfg_path}: target_modules must be a list of module names, got {targets!r}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"{cfg_path}: target_modules {unknown!r} are not linear layers of this Llama; they are "
+                         f"among {list(TARGETS)}")
     r = cfg.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"{cfg_path}: r must be a positive integer (the LoRA rank), got {r!r}")
@@ -126,7 +161,8 @@ def _check_rank_against_weights(weights_path: Path, r: int) -> None:
     except ValueError:
         raise
     except Exception as e:  # SafetensorError and OSError: an unreadable file
-        raise ValueError(f"{weights_path}: unreadable safetensors file ({type(e).__name__})") from None
+        raise ValueError(f"{weights_path}: unreadable safetensors file ({type(e).__name__}); save the adapter "
+                         "again (a training run writes OUT/adapter)") from None
 
 
 def _read_weights(weights_path: Path, ours: dict[str, torch.Tensor], targets: list[str]) -> dict[str, torch.Tensor]:
@@ -147,11 +183,13 @@ def _read_weights(weights_path: Path, ours: dict[str, torch.Tensor], targets: li
                                      "model or rank")
                 loaded[name] = t
     except OSError as e:
-        raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from None
+        raise ValueError(f"{weights_path}: unreadable safetensors file ({e}); save the adapter again (a training "
+                         "run writes OUT/adapter)") from None
     except Exception as e:
         if type(e).__name__ != "SafetensorError":
             raise
-        raise ValueError(f"{weights_path}: unreadable safetensors file ({e})") from None
+        raise ValueError(f"{weights_path}: unreadable safetensors file ({e}); save the adapter again (a training "
+                         "run writes OUT/adapter)") from None
     return loaded
 
 

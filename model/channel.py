@@ -140,6 +140,9 @@ class ChannelRule:
             return cls(weights={str(k): float(v) for k, v in d["weights"].items()}, bias=float(d["bias"]))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: channel rule not found; python -m engine.calibrate writes one") from None
+        except OSError as e:
+            raise ValueError(f"{path}: channel rule does not read ({e.strerror or e}); pass the JSON file "
+                             "engine.calibrate wrote") from None
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{path}: not a channel rule written by engine.calibrate ({e})") from None
 

@@ -17,6 +17,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+
+class WriteError(OSError):
+    """A write that failed (full disk, read-only or missing directory), named by its destination rather than
+    the temporary it was going to: one line that says what to do."""
+
+
+def _write_error(path: Path, e: BaseException) -> BaseException:
+    """The error to raise for `e` while writing `path`: a WriteError naming it for I/O failures (safetensors
+    reports a full disk as its own error), `e` itself for anything else or when already named."""
+    if isinstance(e, WriteError) or not isinstance(e, OSError | SafetensorError):
+        return e
+    why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+    return WriteError(f"{path}: cannot write it ({why}); free disk space or choose a writable location")
+
 
 def umask() -> int:
     """The process umask (reading it means setting it; it is put straight back)."""
@@ -49,16 +65,22 @@ def atomic_file(path) -> Iterator[Path]:
     """Yield a temporary path beside `path` for the caller to write (by name: safetensors, savefig); on success
     it gets open()'s permissions and replaces `path`, on error it is removed and `path` is untouched."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        err = _write_error(path, e)
+        if err is e:
+            raise
+        raise err from e
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -85,13 +107,16 @@ def atomic_dir(path, *, tmp_name: str | None = None, fsync: bool = False) -> Ite
     every moment one complete version exists under one of the two names.
     """
     path = Path(path).resolve()  # a relative "." or "x/.." has no usable name to derive siblings from
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if tmp_name is None:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    else:
-        tmp = path.parent / tmp_name
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp_name is None:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        else:
+            tmp = path.parent / tmp_name
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         yield tmp
         share_like_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 -> what the umask allows
@@ -106,6 +131,55 @@ def atomic_dir(path, *, tmp_name: str | None = None, fsync: bool = False) -> Ite
             fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        err = _write_error(path, e)
+        if err is e:
+            raise
+        raise err from e
+
+
+def check_writable(path, flag: str = "--out") -> None:
+    """Fail now, naming the flag, when `path` (a directory to create or fill) could not be written: before a long
+    job rather than after it. Creates nothing: a temporary file is made and removed in the nearest existing
+    directory at or above `path`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise WriteError(f"{flag} {path} exists and is not a directory; pick another {flag}")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-check.", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise WriteError(f"{flag} {path}: cannot write there ({e.strerror or e}); pick a writable {flag}") from None
+
+
+@contextmanager
+def staged_files(path) -> Iterator[Path]:
+    """Yield a temporary sibling directory for a command's output files; on success each is moved into the
+    directory `path` (created when missing; files already there under other names stay), on error the temporary
+    is removed and `path` is as it was. For outputs that share a directory with others (an evaluation's report
+    beside what the user keeps there), where atomic_dir's swap of the whole directory would be wrong."""
+    path = Path(path).resolve()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        raise _write_error(path, e) from e
+    try:
+        yield tmp
+        share_like_umask(tmp)
+        path.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, path / f.name)
+        tmp.rmdir()
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = _write_error(path, e)
+        if err is e:
+            raise
+        raise err from e
+
