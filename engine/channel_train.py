@@ -37,7 +37,7 @@ from data.validate import load_validated
 from engine import dist
 from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from engine.config import TrainConfig
-from engine.evaluate import DEFAULT_SEQ_LEN, evaluate_examples
+from engine.evaluate import DEFAULT_SEQ_LEN, evaluate_examples, read_eval_json
 from engine.metrics import is_none
 from engine.precision import Precision
 from engine.rundir import RunDir
@@ -83,15 +83,47 @@ def choice_of(ex, unit: str = "paragraph") -> tuple[list[str], int] | None:
     return (texts, inside[0]) if inside else None
 
 
-def candidate_order(n_texts: int, gold: int, max_candidates: int, rng: random.Random) -> list[int]:
+def candidate_order(n_texts: int, gold: int, max_candidates: int, rng: random.Random,
+                    hard: list[int] | None = None) -> list[int]:
     """Indices into an example's texts: at most max_candidates paragraphs (the gold one kept, others sampled)
-    in a shuffled order, then CHANNEL_NULL (the last text)."""
+    in a shuffled order, then CHANNEL_NULL (the last text). hard: the example's paragraphs, likeliest first under
+    an earlier adapter (hard_negatives); then half the others are the likeliest wrong ones, half sampled (all
+    hard would also pick the contract's other passages of the same clause type, right answers marked wrong)."""
     paras, null = list(range(n_texts - 1)), n_texts - 1
     others = [i for i in paras if i != gold]
-    keep = rng.sample(others, min(len(others), max_candidates - (gold != null)))
+    n = min(len(others), max_candidates - (gold != null))
+    if hard:
+        top = [i for i in hard if i != gold][:(n + 1) // 2]
+        keep = top + rng.sample([i for i in others if i not in top], n - len(top))
+    else:
+        keep = rng.sample(others, n)
     order = keep + ([gold] if gold != null else [])
     rng.shuffle(order)
     return order + [null]
+
+
+def hard_negatives(path, examples, unit: str) -> dict[str, list[int]]:
+    """{example id: its units, likeliest first} from an engine.evaluate --decode channel eval.json of the
+    training split (the adapter being continued, run over the examples it will train on): the candidates it
+    finds hardest. Rows read in more than one window, or whose scores do not match the example's units, are
+    left out (their examples keep sampled candidates)."""
+    d = read_eval_json(path)
+    if d.get("decode") != "channel" or (d.get("channel_unit") or "paragraph") != unit:
+        raise ValueError(f"{path}: --hard-negatives needs an eval.json of engine.evaluate --decode channel "
+                         f"--channel-unit {unit}; this one is decode {d.get('decode')!r}, unit "
+                         f"{d.get('channel_unit')!r}")
+    by_id = {ex.id: ex for ex in examples}
+    out = {}
+    for row in d.get("rows", []):
+        ex, scores = by_id.get(row.get("id")), (row.get("channel") or {}).get("scores")
+        if ex is None or not isinstance(scores, list) or int(row.get("windows", 1)) != 1:
+            continue
+        if len(scores) == len(units(ex.context, unit)):
+            out[ex.id] = sorted(range(len(scores)), key=lambda i: -scores[i])
+    if not out:
+        raise ValueError(f"{path}: no row matches an example of --split with its units' scores; pass an eval.json "
+                         "run on the split trained on")
+    return out
 
 
 def make_group(tok, ex, texts: list[str], gold: int, max_candidates: int, max_clause_tokens: int,
@@ -140,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--init-adapter", default=None, help="start from this adapter (an earlier run's adapter/ or "
                     "checkpoints/step-N/adapter; its rank must equal --lora-r) instead of fresh LoRA; the optimizer "
                     "and schedule start afresh: use another --seed for a new data order")
+    ap.add_argument("--hard-negatives", default=None, metavar="EVAL_JSON",
+                    help="an engine.evaluate --decode channel eval.json of --split (from the adapter given to "
+                         "--init-adapter): half of each example's other candidates are then the ones it scored "
+                         "likeliest, half sampled")
     ap.add_argument("--seed", type=int, default=0, help="LoRA init and data order")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
@@ -154,6 +190,10 @@ def _groups(tok, examples, args, rank: int = 0, world_size: int = 1):
     usable = [(ex, *c) for ex in examples if (c := choice_of(ex, args.unit)) is not None]
     if not usable:
         raise ValueError(f"{args.data}: no example whose answer lies within one {args.unit}")
+    hard = hard_negatives(args.hard_negatives, examples, args.unit) if args.hard_negatives else {}
+    if hard and rank == 0:
+        print(f"hard negatives for {sum(ex.id in hard for ex, *_ in usable)} of {len(usable)} examples "
+              f"({args.hard_negatives})", file=sys.stderr)
     rng = random.Random(args.seed)
     k = 0
     while True:
@@ -161,7 +201,7 @@ def _groups(tok, examples, args, rank: int = 0, world_size: int = 1):
         rng.shuffle(order)
         for i in order:
             ex, texts, gold = usable[i]
-            cands = candidate_order(len(texts), gold, args.max_candidates, rng)
+            cands = candidate_order(len(texts), gold, args.max_candidates, rng, hard.get(ex.id))
             if k % world_size == rank:
                 yield _group(tok, ex, texts, gold, cands, args.max_clause_tokens)
             k += 1

@@ -243,3 +243,71 @@ def test_evaluate_with_sentence_units_quotes_one_sentence_and_records_the_unit(t
     assert evaluate(common[:-5] + ["--channel-unit", "sentence", "--out", str(tmp_path / "x")]) != 0
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--decode channel" in err
+
+
+def test_candidate_order_takes_half_its_negatives_from_the_hardest():
+    from engine.channel_train import candidate_order
+
+    hard = [3, 7, 1, 9, 0, 2, 4, 5, 6, 8]  # likeliest first; 3 is the gold one below
+    for seed in range(5):
+        order = candidate_order(11, 3, 5, random.Random(seed), hard)
+        assert order[-1] == 10 and len(order) == 6 and len(set(order)) == 6
+        assert {3, 7, 1} <= set(order)  # the gold one and the two likeliest wrong ones (half of 4, rounded up)
+        order = candidate_order(11, 10, 5, random.Random(seed), hard)  # NONE: the null is the gold one
+        assert order[-1] == 10 and len(order) == 6 and {3, 7, 1} <= set(order)
+        assert candidate_order(11, 3, 20, random.Random(seed), hard)[:-1] != []  # fewer others than asked: all
+    plain = [candidate_order(11, 3, 5, random.Random(s)) for s in range(20)]
+    assert not all({7, 1} <= set(o) for o in plain)  # sampled alone, the hardest ones are not always there
+
+
+def test_hard_negatives_from_an_eval_json_and_in_the_groups(tiny_model_dir, tmp_path, capsys,  # noqa: F811
+                                                             monkeypatch):
+    from data.validate import load_validated
+    from engine.channel_train import _groups, build_parser, hard_negatives, main
+    from engine.evaluate import main as evaluate
+    from model import load_tokenizer
+    from model.channel import units
+
+    spec = _paragraph_data(tmp_path / "d.jsonl")
+    common = ["--model", str(tiny_model_dir), "--data", spec, "--decode", "channel", "--precision", "fp32", "--quiet"]
+    assert evaluate(common + ["--split", "train", "--out", str(tmp_path / "mine")]) == 0
+    assert evaluate(common + ["--split", "test", "--out", str(tmp_path / "other")]) == 0
+    mined = tmp_path / "mine" / "eval.json"
+    examples = load_validated(spec, "train")[0]
+    hard = hard_negatives(mined, examples, "paragraph")
+    rows = {r["id"]: r["channel"]["scores"] for r in json.loads(mined.read_text())["rows"]}
+    assert set(hard) == {ex.id for ex in examples}
+    for ex in examples:
+        scores = rows[ex.id]
+        assert sorted(hard[ex.id]) == list(range(len(units(ex.context)))) == list(range(len(scores)))
+        assert [scores[i] for i in hard[ex.id]] == sorted(scores, reverse=True)
+    with pytest.raises(ValueError, match="--channel-unit sentence"):
+        hard_negatives(mined, examples, "sentence")
+    with pytest.raises(ValueError, match="no row matches"):
+        hard_negatives(tmp_path / "other" / "eval.json", examples, "paragraph")
+
+    # with two candidates per clause example, the other one is always its likeliest wrong paragraph
+    import engine.channel_train
+
+    seen = []
+    monkeypatch.setattr(engine.channel_train, "_group", lambda tok, ex, texts, gold, order, n: seen.append(
+        (ex.id, gold, order)))
+    args = build_parser().parse_args(["--data", spec, "--out", str(tmp_path / "x"), "--max-candidates", "2",
+                                      "--hard-negatives", str(mined)])
+    stream = _groups(load_tokenizer(str(tiny_model_dir)), examples, args)
+    for _ in range(2 * len(examples)):
+        next(stream)
+    monkeypatch.undo()
+    clause = 0
+    for ex_id, gold, order in seen:
+        null = len(hard[ex_id])
+        if gold != null:
+            clause += 1
+            assert order == [*order[:2], null] and set(order[:2]) == {gold, next(i for i in hard[ex_id] if i != gold)}
+    assert clause == 2 * 5
+
+    out = tmp_path / "run"
+    assert main(["--model", str(tiny_model_dir), "--data", spec, "--out", str(out), "--max-steps", "2",
+                 "--groups-per-step", "2", "--quantize", "none", "--threads", "1", "--hard-negatives", str(mined)]) == 0
+    assert json.loads((out / "config.json").read_text())["hard_negatives"] == str(mined)
+    assert "hard negatives for 8 of 8 examples" in capsys.readouterr().err
