@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and schedule start afresh: use another --seed for a new data order")
     ap.add_argument("--hard-negatives", default=None, metavar="EVAL_JSON",
                     help="an engine.evaluate --decode channel eval.json of --split (from the adapter given to "
-                         "--init-adapter): half of each example's other candidates are then the ones it scored "
-                         "likeliest, half sampled")
+                         "--init-adapter): training takes the examples it holds, and half of each one's other "
+                         "candidates are the ones that adapter scored likeliest, half sampled")
     ap.add_argument("--seed", type=int, default=0, help="LoRA init and data order")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
@@ -190,10 +190,15 @@ def _groups(tok, examples, args, rank: int = 0, world_size: int = 1):
     usable = [(ex, *c) for ex in examples if (c := choice_of(ex, args.unit)) is not None]
     if not usable:
         raise ValueError(f"{args.data}: no example whose answer lies within one {args.unit}")
-    hard = hard_negatives(args.hard_negatives, examples, args.unit) if args.hard_negatives else {}
-    if hard and rank == 0:
-        print(f"hard negatives for {sum(ex.id in hard for ex, *_ in usable)} of {len(usable)} examples "
-              f"({args.hard_negatives})", file=sys.stderr)
+    if args.hard_negatives:  # the examples the earlier adapter was run over, each with its hardest candidates
+        hard = hard_negatives(args.hard_negatives, examples, args.unit)
+        n = len(usable)
+        usable = [u for u in usable if u[0].id in hard]
+        if rank == 0:
+            print(f"hard negatives: training on the {len(usable)} of {n} usable examples that "
+                  f"{args.hard_negatives} holds", file=sys.stderr)
+    else:
+        hard = {}
     rng = random.Random(args.seed)
     k = 0
     while True:

@@ -310,4 +310,16 @@ def test_hard_negatives_from_an_eval_json_and_in_the_groups(tiny_model_dir, tmp_
     assert main(["--model", str(tiny_model_dir), "--data", spec, "--out", str(out), "--max-steps", "2",
                  "--groups-per-step", "2", "--quantize", "none", "--threads", "1", "--hard-negatives", str(mined)]) == 0
     assert json.loads((out / "config.json").read_text())["hard_negatives"] == str(mined)
-    assert "hard negatives for 8 of 8 examples" in capsys.readouterr().err
+    assert "training on the 8 of 8 usable examples" in capsys.readouterr().err
+    # only the examples the file holds are trained on
+    rows = json.loads(mined.read_text())
+    rows["rows"] = [r for r in rows["rows"] if r["id"] in ("train1", "train3")]
+    (tmp_path / "two.json").write_text(json.dumps(rows))
+    args = build_parser().parse_args(["--data", spec, "--out", str(tmp_path / "x"), "--hard-negatives",
+                                      str(tmp_path / "two.json")])
+    seen.clear()
+    monkeypatch.setattr(engine.channel_train, "_group", lambda tok, ex, texts, gold, order, n: seen.append(ex.id))
+    stream = _groups(load_tokenizer(str(tiny_model_dir)), examples, args)
+    for _ in range(6):
+        next(stream)
+    assert sorted(set(seen)) == ["train1", "train3"]
