@@ -183,15 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _groups(tok, examples, args, rank: int = 0, world_size: int = 1):
+def _groups(tok, examples, args, rank: int = 0, world_size: int = 1, hard: dict | None = None):
     """The usable examples (texts, gold) in a seeded order, forever: one pass after another, reshuffled. Every
     rank draws the same global stream (same seed, same candidates); rank r builds and keeps the groups whose
-    place in it is r modulo world_size, so the examples of a step do not depend on the number of processes."""
+    place in it is r modulo world_size, so the examples of a step do not depend on the number of processes.
+    hard: hard_negatives' ranking (read from args.hard_negatives when not given)."""
     usable = [(ex, *c) for ex in examples if (c := choice_of(ex, args.unit)) is not None]
     if not usable:
         raise ValueError(f"{args.data}: no example whose answer lies within one {args.unit}")
     if args.hard_negatives:  # the examples the earlier adapter was run over, each with its hardest candidates
-        hard = hard_negatives(args.hard_negatives, examples, args.unit)
+        hard = hard if hard is not None else hard_negatives(args.hard_negatives, examples, args.unit)
         n = len(usable)
         usable = [u for u in usable if u[0].id in hard]
         if rank == 0:
@@ -261,6 +262,8 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> di
         if args.eval_every and d.is_main and not eval_ex:
             raise ValueError(f"{args.data}: split {args.eval_split!r} has no usable examples for --eval-every; "
                              "pass another --eval-split or --eval-every 0")
+        # read now, before the model loads: a wrong file is one line, not an error at the first step
+        hard = hard_negatives(args.hard_negatives, train_ex, args.unit) if args.hard_negatives else None
         tok = load_tokenizer(args.model)
         prec = Precision(cfg.precision, device)
         dist.seed_all(args.seed)  # the same LoRA init on every rank
@@ -273,7 +276,7 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> di
         loss_model = ChannelLoss(model)
         step = TrainStep(dist.wrap_ddp(loss_model), params, make_optimizer(cfg, params, device), prec,
                          grad_clip=cfg.grad_clip, world_size=d.world_size)
-        groups = _groups(tok, train_ex, args, d.rank, d.world_size)
+        groups = _groups(tok, train_ex, args, d.rank, d.world_size, hard)
     except BaseException:
         guard.abandon()  # a refused or failed start leaves OUT as it was
         raise

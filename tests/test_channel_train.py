@@ -323,3 +323,22 @@ def test_hard_negatives_from_an_eval_json_and_in_the_groups(tiny_model_dir, tmp_
     for _ in range(6):
         next(stream)
     assert sorted(set(seen)) == ["train1", "train3"]
+
+
+def test_a_wrong_hard_negatives_file_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys,  # noqa: F811
+                                                                        monkeypatch):
+    import engine.channel_train
+    from engine.channel_train import main
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the bad file was noticed")
+
+    monkeypatch.setattr(engine.channel_train, "load_model", no_model)
+    spec = _paragraph_data(tmp_path / "d.jsonl")
+    free = tmp_path / "free.json"
+    free.write_text(json.dumps({"decode": "constrained", "overall": {}, "rows": []}))
+    assert main(["--model", str(tiny_model_dir), "--data", spec, "--out", str(tmp_path / "o"),
+                 "--hard-negatives", str(free)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "--decode channel" in err, err
+    assert not (tmp_path / "o").exists()
