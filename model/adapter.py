@@ -56,12 +56,7 @@ def save_adapter(model: Llama, dir, base_model: str | None = None) -> Path:
 def load_adapter(model: Llama, dir) -> Llama:
     """Read a PEFT LoRA adapter (ours or PEFT's) into `model`, applying LoRA first from adapter_config.json
     when the model has none. Every key and shape is checked; errors name the file and key."""
-    dir = Path(dir)
-    cfg_path, weights_path = dir / ADAPTER_CONFIG, dir / ADAPTER_WEIGHTS
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
-                                    f"{ADAPTER_WEIGHTS} (PEFT layout, as save_adapter writes it)")
+    cfg_path, weights_path = _adapter_files(dir)
     cfg = _read_config(cfg_path)
     r, alpha, use_rslora = cfg["r"], cfg.get("lora_alpha", 8), bool(cfg.get("use_rslora", False))
     _check_rank_against_weights(weights_path, r)  # before allocating: a wrong r must not try to allocate GBs
@@ -88,12 +83,7 @@ def check_adapter(dir) -> dict:
     """An adapter directory checked without a model, for commands that pass it on rather than load it
     (engine.export): the config as load_adapter checks it, every stored tensor readable, every key a PEFT LoRA
     key of the configured targets, lora_A's rank r. Returns the config."""
-    dir = Path(dir)
-    cfg_path, weights_path = dir / ADAPTER_CONFIG, dir / ADAPTER_WEIGHTS
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
-                                    f"{ADAPTER_WEIGHTS} (PEFT layout, as save_adapter writes it)")
+    cfg_path, weights_path = _adapter_files(dir)
     cfg = _read_config(cfg_path)
     _check_rank_against_weights(weights_path, cfg["r"])
     suffixes = tuple(f".{t}.lora_{m}.weight" for t in cfg["target_modules"] for m in "AB")
@@ -113,6 +103,17 @@ def check_adapter(dir) -> dict:
     if not keys:
         raise ValueError(f"{weights_path}: holds no LoRA weights")
     return cfg
+
+
+def _adapter_files(dir) -> tuple[Path, Path]:
+    """(adapter_config.json, adapter_model.safetensors) of an adapter directory, both present."""
+    dir = Path(dir)
+    cfg_path, weights_path = dir / ADAPTER_CONFIG, dir / ADAPTER_WEIGHTS
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: not found; an adapter directory holds {ADAPTER_CONFIG} and "
+                                    f"{ADAPTER_WEIGHTS} (PEFT layout, as save_adapter writes it)")
+    return cfg_path, weights_path
 
 
 def _read_config(cfg_path: Path) -> dict:

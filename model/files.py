@@ -31,7 +31,9 @@ def _write_error(path: Path, e: BaseException) -> BaseException:
     if isinstance(e, WriteError) or not isinstance(e, OSError | SafetensorError):
         return e
     why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
-    return WriteError(f"{path}: cannot write it ({why}); free disk space or choose a writable location")
+    err = WriteError(f"{path}: cannot write it ({why}); free disk space or choose a writable location")
+    err.__cause__ = e
+    return err
 
 
 def umask() -> int:
@@ -68,7 +70,7 @@ def atomic_file(path) -> Iterator[Path]:
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise _write_error(path, e) from e
+        raise _write_error(path, e)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -77,10 +79,7 @@ def atomic_file(path) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        err = _write_error(path, e)
-        if err is e:
-            raise
-        raise err from e
+        raise _write_error(path, e)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -116,7 +115,7 @@ def atomic_dir(path, *, tmp_name: str | None = None, fsync: bool = False) -> Ite
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
     except OSError as e:
-        raise _write_error(path, e) from e
+        raise _write_error(path, e)
     try:
         yield tmp
         share_like_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 -> what the umask allows
@@ -133,10 +132,7 @@ def atomic_dir(path, *, tmp_name: str | None = None, fsync: bool = False) -> Ite
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        err = _write_error(path, e)
-        if err is e:
-            raise
-        raise err from e
+        raise _write_error(path, e)
 
 
 def check_writable(path, flag: str = "--out") -> None:
@@ -168,7 +164,7 @@ def staged_files(path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as e:
-        raise _write_error(path, e) from e
+        raise _write_error(path, e)
     try:
         yield tmp
         share_like_umask(tmp)
@@ -178,8 +174,5 @@ def staged_files(path) -> Iterator[Path]:
         tmp.rmdir()
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        err = _write_error(path, e)
-        if err is e:
-            raise
-        raise err from e
+        raise _write_error(path, e)
 
