@@ -156,8 +156,9 @@ def check_writable(path, flag: str = "--out") -> None:
 @contextmanager
 def staged_files(path) -> Iterator[Path]:
     """Yield a temporary sibling directory for a command's output files; on success each is moved into the
-    directory `path` (created when missing; files already there under other names stay), on error the temporary
-    is removed and `path` is as it was. For outputs that share a directory with others (an evaluation's report
+    directory `path` (created when missing; files already there under other names stay), on error while they
+    are written the temporary is removed and `path` is as it was (only the renames, which write no data, come
+    after). For outputs that share a directory with others (an evaluation's report
     beside what the user keeps there), where atomic_dir's swap of the whole directory would be wrong."""
     path = Path(path).resolve()
     try:
