@@ -91,14 +91,12 @@ def write_generation_config(tok, out: Path) -> None:
          "pad_token_id": tok.pad_id, "do_sample": False}, indent=2))
 
 
-def copy_adapter(adapter: Path, out: Path, base_id: str) -> dict:
-    weights = adapter / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise ExportError(f"{weights} not found: --adapter must hold adapter_model.safetensors")
-    cfg = check_adapter(adapter)
+def copy_adapter(adapter: Path, out: Path, base_id: str, cfg: dict) -> dict:
+    """The adapter's two files into out, its config (check_adapter's, read by build) pointing at base_id."""
+    cfg = dict(cfg)
     cfg["base_model_name_or_path"] = base_id  # peft resolves the base from this; our alias means nothing there
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    shutil.copyfile(weights, out / "adapter_model.safetensors")
+    shutil.copyfile(adapter / "adapter_model.safetensors", out / "adapter_model.safetensors")
     return cfg
 
 
@@ -214,7 +212,7 @@ def build(args) -> Path:
                 merge_to(model_src, adapter, tmp, int(args.max_shard_gb * 1e9))
                 write_generation_config(tok, tmp)
             else:
-                adapter_cfg = copy_adapter(adapter, tmp, base_id)
+                adapter_cfg = copy_adapter(adapter, tmp, base_id, adapter_cfg)
             write_tokenizer(tok, tmp)
             (tmp / "README.md").write_text(model_card(base_id=base_id, merged=args.merge, adapter_cfg=adapter_cfg,
                                                       run_cfg=run_cfg, evaluation=evaluation,
