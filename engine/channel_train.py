@@ -84,16 +84,18 @@ def choice_of(ex, unit: str = "paragraph") -> tuple[list[str], int] | None:
 
 
 def candidate_order(n_texts: int, gold: int, max_candidates: int, rng: random.Random,
-                    hard: list[int] | None = None) -> list[int]:
+                    hard: list[int] | None = None, share: float = 0.5) -> list[int]:
     """Indices into an example's texts: at most max_candidates paragraphs (the gold one kept, others sampled)
     in a shuffled order, then CHANNEL_NULL (the last text). hard: the example's paragraphs, likeliest first under
-    an earlier adapter (hard_negatives); then half the others are the likeliest wrong ones, half sampled (all
-    hard would also pick the contract's other passages of the same clause type, right answers marked wrong)."""
+    an earlier adapter (hard_negatives); then a share of the others (rounded up; half by default) are the
+    likeliest wrong ones, the rest sampled (all hard would also pick the contract's other passages of the same
+    clause type, right answers marked wrong). share 0 samples them all, as without hard."""
+    assert 0.0 <= share <= 1.0, share
     paras, null = list(range(n_texts - 1)), n_texts - 1
     others = [i for i in paras if i != gold]
     n = min(len(others), max_candidates - (gold != null))
     if hard:
-        top = [i for i in hard if i != gold][:(n + 1) // 2]
+        top = [i for i in hard if i != gold][:math.ceil(n * share)]
         keep = top + rng.sample([i for i in others if i not in top], n - len(top))
     else:
         keep = rng.sample(others, n)
@@ -174,8 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "and schedule start afresh: use another --seed for a new data order")
     ap.add_argument("--hard-negatives", default=None, metavar="EVAL_JSON",
                     help="an engine.evaluate --decode channel eval.json of --split (from the adapter given to "
-                         "--init-adapter): training takes the examples it holds, and half of each one's other "
-                         "candidates are the ones that adapter scored likeliest, half sampled")
+                         "--init-adapter): training takes the examples it holds, and a share (--hard-share) of "
+                         "each one's other candidates are the ones that adapter scored likeliest, the rest sampled")
+    ap.add_argument("--hard-share", type=float, default=0.5, metavar="F",
+                    help="with --hard-negatives: the share of each example's other candidates taken likeliest "
+                         "first (rounded up); 0 samples them all, the control for the same examples and steps")
     ap.add_argument("--seed", type=int, default=0, help="LoRA init and data order")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
@@ -207,7 +212,8 @@ def _groups(tok, examples, args, rank: int = 0, world_size: int = 1, hard: dict 
         rng.shuffle(order)
         for i in order:
             ex, texts, gold = usable[i]
-            cands = candidate_order(len(texts), gold, args.max_candidates, rng, hard.get(ex.id))
+            cands = candidate_order(len(texts), gold, args.max_candidates, rng, hard.get(ex.id),
+                                    args.hard_share)
             if k % world_size == rank:
                 yield _group(tok, ex, texts, gold, cands, args.max_clause_tokens)
             k += 1
@@ -231,6 +237,8 @@ def run(args) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    if not 0.0 <= args.hard_share <= 1.0:  # also refuses nan
+        raise ValueError(f"--hard-share must be between 0 and 1, got {args.hard_share}")
     out = Path(args.out)
     cfg = TrainConfig(model=args.model, data=args.data, lr=args.lr, warmup_steps=args.warmup_steps,
                       max_steps=args.max_steps, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,

@@ -28,8 +28,7 @@ from data.validate import validate
 from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from engine.metrics import KINDS, is_none, score, summarize
 from engine.precision import INFERENCE_MODES, inference_dtype
-from engine.report import (_pyplot, clause_similarities, compare_table, read_metrics_jsonl, text_histogram,
-                           write_report)
+from engine.report import _pyplot, print_results, read_metrics_jsonl, same_examples_note, write_report
 from model import load_adapter, load_model, load_tokenizer
 from model.adapter import AdapterBank
 from model.files import check_writable, staged_files
@@ -390,6 +389,8 @@ def run(args) -> dict:
         print(f"note: {rep.rejected} of {rep.examples} examples dropped (answer not found in its context; "
               f"python -m data.check {args.data} lists them)", file=sys.stderr)
     subset = eval_subset(examples, args.limit)
+    if baseline is not None and (note := same_examples_note(baseline, [ex.id for ex in subset])):
+        print(f"note: {note}", file=sys.stderr)  # now, before the model loads: the user may want to stop here
     t0 = time.perf_counter()
     model, tok, model_src = load_for_eval(args.model, args.adapter, device=args.device, precision=args.precision,
                                           quantize=None if args.quantize == "none" else args.quantize)
@@ -430,12 +431,7 @@ def run(args) -> dict:
     if _pyplot() is None:
         print("note: report.md has tables only: matplotlib is not installed (pip install -e '.[plot]')",
               file=sys.stderr)
-    print(headline(result, seconds))
-    if baseline is not None:
-        print(compare_table(baseline, result), end="")
-        if result["clause"]["n"]:
-            print("\nsimilarity on clause examples, before and after\n"
-                  + text_histogram(clause_similarities(result), clause_similarities(baseline)), end="")
+    print_results(result, baseline)
     print(f"wrote {out / 'eval.json'} and {out / 'report.md'}")
     return result
 

@@ -5,10 +5,16 @@ similarity per category, and the training loss curve from a run's metrics.jsonl.
 tables only and says so. Every file is written to a temporary name and renamed, so a crash never leaves half a file.
 
 Also the parameter summary training prints at setup (lora_report): trainable / frozen / quantized counts and bytes.
+
+As a command, for runs already made (no model is loaded):
+    python -m engine.report runs/eval/after/eval.json --compare runs/eval/before/eval.json [--out DIR]
+prints the headline (clause and NONE examples apart) and, with --compare, the before / after table; --out writes
+report.md and the plots again into DIR.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from engine.metrics import AGGREGATE_KEYS, KINDS, is_none
@@ -40,6 +46,17 @@ def fmt(value, key: str = "") -> str:
     if key == "n":
         return str(int(value))
     return f"{value:.1f}"
+
+
+def same_examples_note(before: dict, after_ids) -> str | None:
+    """None when the baseline's rows are the same examples as after_ids (ids, in any order); else a line saying
+    how many are shared: a change column over different examples compares nothing."""
+    b = [str(r.get("id")) for r in before.get("rows", []) if isinstance(r, dict)]
+    a = [str(i) for i in after_ids]
+    if sorted(b) == sorted(a):
+        return None
+    return (f"the baseline scored {len(b)} examples and this run {len(a)}, {len(set(a) & set(b))} of them the same: "
+            "the change column compares different examples (pass the same --data, --split and --limit to both)")
 
 
 def compare_table(before: dict, after: dict) -> str:
@@ -246,8 +263,10 @@ def write_report(result: dict, out_dir: Path, metrics_jsonl: Path | None = None,
            "reported apart: on clause examples `answered NONE` is a miss, on NONE examples it is the right answer.",
            "", aggregate_table({**{k: result[k] for k in KINDS if k in result}, "all": result["overall"]}, "")]
     if baseline is not None:
+        note = same_examples_note(baseline, [r.get("id") for r in rows])
         md += ["## Before / after", "", f"Baseline: {baseline.get('model', '?')}"
                f"{' + ' + str(baseline['adapter']) if baseline.get('adapter') else ''}", "",
+               *([f"**Not like for like**: {note}.", ""] if note else []),
                compare_table(baseline, result), "Similarity on clause examples, before and after:", "",
                "```", text_histogram(clause_similarities(result), clause_similarities(baseline)) + "```", ""]
     if images:
@@ -307,3 +326,56 @@ def lora_report(model: Llama) -> str:
                      f"(packed {_fmt_bytes(q_packed)} + state {_fmt_bytes(q_held - q_packed)}); "
                      f"fp16 would be {_fmt_bytes(fp16)}, ratio {q_held / fp16:.3f}")
     return "\n".join(lines)
+
+
+def print_results(result: dict, baseline: dict | None) -> None:
+    """The lines engine.evaluate prints at its end: the headline, then (with a baseline) the before / after table
+    and the similarity histogram of clause examples."""
+    from engine.evaluate import headline  # engine.evaluate imports this module
+
+    print(headline(result, result.get("seconds")))
+    if baseline is not None:
+        print(compare_table(baseline, result), end="")
+        if result["clause"]["n"]:
+            print("\nsimilarity on clause examples, before and after\n"
+                  + text_histogram(clause_similarities(result), clause_similarities(baseline)), end="")
+
+
+def _command(args) -> None:
+    from engine.evaluate import read_baseline  # engine.evaluate imports this module
+    from model.files import staged_files
+
+    runs = [read_baseline(p) for p in (args.eval_json, *([args.compare] if args.compare else []))]
+    for path, d in zip((args.eval_json, args.compare), runs):
+        missing = [k for k in (*KINDS, "overall") if not isinstance(d.get(k), dict)]
+        if missing:
+            raise ValueError(f"{path}: no {missing[0]!r} aggregates; pass an eval.json written by engine.evaluate")
+    result, baseline = runs[0], (runs[1] if args.compare else None)
+    if args.metrics and not Path(args.metrics).is_file():
+        raise FileNotFoundError(f"{args.metrics}: --metrics file not found (a training run's metrics.jsonl)")
+    if baseline is not None and (note := same_examples_note(baseline, [r.get("id") for r in result["rows"]])):
+        print(f"note: {note}", file=sys.stderr)
+    if args.out:
+        with staged_files(args.out) as tmp:
+            write_report(result, tmp, metrics_jsonl=Path(args.metrics) if args.metrics else None, baseline=baseline)
+    print_results(result, baseline)
+    if args.out:
+        print(f"wrote {Path(args.out) / 'report.md'}")
+
+
+def main(argv=None) -> int:
+    from data.cli import CliParser, run_command
+
+    ap = CliParser(prog="python -m engine.report", description="Results of engine.evaluate runs already made: "
+                   "the headline (clause and NONE examples apart), a before / after table, report.md again.")
+    ap.add_argument("eval_json", help="an eval.json written by engine.evaluate")
+    ap.add_argument("--compare", metavar="BASELINE_EVAL_JSON", help="eval.json of a baseline run: prints metric | "
+                    "before | after | change, and says so when the two runs scored different examples")
+    ap.add_argument("--metrics", default=None, help="a training run's metrics.jsonl: report.md gains the loss curve")
+    ap.add_argument("--out", default=None, help="write report.md (+ PNGs with matplotlib) into this directory; "
+                    "default: print only")
+    return run_command(_command, ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

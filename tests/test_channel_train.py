@@ -258,6 +258,20 @@ def test_candidate_order_takes_half_its_negatives_from_the_hardest():
         assert candidate_order(11, 3, 20, random.Random(seed), hard)[:-1] != []  # fewer others than asked: all
     plain = [candidate_order(11, 3, 5, random.Random(s)) for s in range(20)]
     assert not all({7, 1} <= set(o) for o in plain)  # sampled alone, the hardest ones are not always there
+    for seed in range(5):  # --hard-share: 0 is the sampled control (the same draw), 1 takes the likeliest only
+        assert candidate_order(11, 3, 5, random.Random(seed), hard, 0.0) == plain[seed]
+        assert set(candidate_order(11, 3, 5, random.Random(seed), hard, 1.0)) == {3, 7, 1, 9, 0, 10}
+        assert {3, 7, 1, 9} <= set(candidate_order(11, 3, 5, random.Random(seed), hard, 0.6))  # 2.4 -> 3 hardest
+
+
+def test_hard_share_out_of_range_is_one_line(tmp_path, capsys):
+    from engine.channel_train import main
+
+    for bad in ("1.5", "-0.1", "nan"):
+        assert main(["--data", "synthetic", "--out", str(tmp_path / "o"), "--hard-share", bad]) != 0
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "--hard-share must be between 0 and 1" in err, err
+        assert not (tmp_path / "o").exists()
 
 
 def test_hard_negatives_from_an_eval_json_and_in_the_groups(tiny_model_dir, tmp_path, capsys,  # noqa: F811

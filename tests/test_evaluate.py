@@ -139,10 +139,14 @@ def test_evaluate_cli_writes_eval_json_report_and_compare(tiny_model_dir, tmp_pa
     common = ["--model", str(tiny_model_dir), "--data", spec, "--split", "test", "--max-new-tokens", "3",
               "--seq-len", "512", "--batch-size", "4", "--quiet"]
     assert main(common + ["--limit", "4", "--precision", "fp32", "--out", str(tmp_path / "before")]) == 0
+    capsys.readouterr()
     assert main(common + ["--out", str(tmp_path / "after"), "--metrics", str(metrics),
                           "--compare", str(tmp_path / "before" / "eval.json")]) == 0
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out
     assert "| examples | metric | before | after | change |" in out and "| all | examples | 4 | 6 |" in out
+    # 4 examples against 6: said before the model loads, and in the report
+    assert "the baseline scored 4 examples and this run 6, 4 of them the same" in printed.err
     assert "clause examples (3)" in out and "NONE examples (3)" in out  # the headline, two kinds apart
     assert "similarity on clause examples, before and after" in out and "90-100" in out  # the text histogram
 
@@ -160,7 +164,29 @@ def test_evaluate_cli_writes_eval_json_report_and_compare(tiny_model_dir, tmp_pa
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert "loss.png" in images and "similarity_hist.png" in images
     assert all((tmp_path / "after" / name).is_file() for name in images)
-    assert "## Before / after" in md
+    assert "## Before / after" in md and "**Not like for like**" in md
+
+    # python -m engine.report: the same lines from the stored files, no model loaded
+    from engine.report import main as report
+
+    assert report([str(tmp_path / "after" / "eval.json"), "--compare", str(tmp_path / "before" / "eval.json")]) == 0
+    again = capsys.readouterr()
+    assert again.out.splitlines()[1:] == out.splitlines()[1:-1]  # all but evaluate's timing and "wrote" lines
+    assert "4 of them the same" in again.err
+    assert report([str(tmp_path / "after" / "eval.json"), "--compare", str(tmp_path / "after" / "eval.json"),
+                   "--out", str(tmp_path / "re"), "--metrics", str(metrics)]) == 0
+    again = capsys.readouterr()
+    assert again.err == "" and "| all | examples | 6 | 6 |" in again.out
+    md = (tmp_path / "re" / "report.md").read_text()
+    assert "## Before / after" in md and "Not like for like" not in md and "loss.png" in md
+    assert not (tmp_path / "re" / "eval.json").exists()  # the report only; the eval.json stays where it was
+    (tmp_path / "plain.json").write_text('{"overall": {"n": 1}, "rows": []}')
+    for bad, named in ((tmp_path / "nope.json", "not found"), (tmp_path / "plain.json", "'clause'"),
+                       (tmp_path / "after" / "report.md", "malformed JSON")):
+        assert report([str(bad), "--out", str(tmp_path / "bad")]) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and str(bad) in err and named in err, err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_evaluate_cli_errors_are_one_line(tmp_path, capsys):
