@@ -6,7 +6,8 @@
 #                        then the evaluation of the base vs the fine-tuned model.
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-python}
+# $PYTHON, else python, else python3 (systems that ship only python3)
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 
 usage() {
   sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'

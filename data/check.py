@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--split", choices=SPLITS + HOLDOUT_SPLITS, help="one split only (default: all)")
     ap.add_argument("--json", action="store_true", help="print the report as one JSON object")
     ap.add_argument("--seq-len", type=int, default=2048, help="count examples over this length (default 2048)")
-    ap.add_argument("--tokenizer", help="tokenizer.json, model dir, .gguf or smollm2-135m (default: chars / 4)")
+    ap.add_argument("--tokenizer", help="tokenizer.json, model dir, .gguf, hub id (its tokenizer files only) or "
+                    "smollm2-135m (default: chars / 4)")
     ap.add_argument("--max-rejected", type=float, default=0.01, help="fraction rejected that fails (default 0.01)")
     args = ap.parse_args(argv)
     if args.seq_len < 1:

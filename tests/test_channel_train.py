@@ -356,3 +356,16 @@ def test_a_wrong_hard_negatives_file_is_refused_before_the_model_loads(tiny_mode
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "--decode channel" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_earlier_run_is_refused_without_offering_a_resume_it_lacks(tmp_path, capsys):
+    """engine.channel_train has --overwrite but no --resume: its refusal names only what it can do."""
+    from engine.channel_train import main
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    assert main(["--data", "synthetic", "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "holds an earlier run" in err and "--overwrite" in err and "--resume" not in err, err
+    assert {p.name for p in out.iterdir()} - {".lock"} == {"metrics.jsonl"}  # the run's lock file stays, by design

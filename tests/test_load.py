@@ -54,6 +54,24 @@ def test_hub_id_loads_through_snapshot_download_offline(tmp_path, monkeypatch, t
         torch.testing.assert_close(load_model("acme/tiny-llama")(ids), load_model(tiny_hf_dir)(ids))
 
 
+def test_a_hub_tokenizer_downloads_no_weights(tmp_path, monkeypatch, tiny_hf_dir, llama3_tokenizer_json):
+    """data.check --tokenizer ORG/NAME needs a few MB of tokenizer files, not the model's safetensors."""
+    import huggingface_hub
+
+    from model import load_tokenizer
+
+    shutil.copy(llama3_tokenizer_json, tiny_hf_dir / "tokenizer.json")
+    _hub_cache(tmp_path, monkeypatch, "acme/tiny-llama", tiny_hf_dir)
+    asked, real = [], huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: asked.append(kw["allow_patterns"]) or real(repo_id, **kw))
+    tok = load_tokenizer("acme/tiny-llama")
+    assert tok.encode("hello") == load_tokenizer(tiny_hf_dir).encode("hello")
+    assert "tokenizer.json" in asked[0] and not any("safetensors" in p for p in asked[0])
+    load_model("acme/tiny-llama")
+    assert "*.safetensors" in asked[1]
+
+
 def test_hub_id_not_cached_offline_is_one_line_error(tmp_path, monkeypatch, tiny_hf_dir):
     _hub_cache(tmp_path, monkeypatch, "acme/tiny-llama", tiny_hf_dir)
     with pytest.raises(OSError, match=r"^acme/other: could not download") as e:
