@@ -78,6 +78,10 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
     lora_targets: list = _f(list(ALL_PROJECTIONS), "projections that get adapters (comma-separated on the CLI)")
     use_rslora: bool = _f(False, "rank-stabilised LoRA scaling alpha/sqrt(r)")
+    init_adapter: str = _f("", "start from this PEFT adapter directory (a run's adapter/ or checkpoints/step-N/"
+                           "adapter) instead of fresh LoRA: its rank, alpha, targets and rslora must equal this "
+                           "run's (checked before anything loads); optimizer and schedule start afresh "
+                           "(empty = fresh LoRA)")
     checkpointing: bool = _f(False, "recompute each decoder block in backward (activation checkpointing)")
     offload: bool = _f(False, "with checkpointing, keep the saved block inputs in CPU memory")
     mlp_tile: int = _f(0, "run each block's post-attention norm + MLP this many tokens at a time, each tile "

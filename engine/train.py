@@ -33,7 +33,8 @@ from engine.precision import NonFiniteLoss, Precision
 from engine.report import lora_report
 from engine.rundir import RunDir
 from engine.step import TrainStep, check_device_tools, lr_at, make_optimizer, prepare_model
-from model import load_model, load_tokenizer, save_adapter
+from model import load_adapter, load_model, load_tokenizer, save_adapter
+from model.adapter import check_adapter
 
 
 # ---------------------------------------------------------------- small pieces the loop uses
@@ -216,6 +217,9 @@ def _setup_model(r: _Run) -> None:
     r.model = load_model(cfg.model, dtype=r.prec.param_dtype, device=d.device,
                          quantize=None if cfg.quantize == "none" else cfg.quantize, double_quant=cfg.double_quant)
     prepare_model(r.model, cfg, d.device)
+    if cfg.init_adapter:  # into the LoRA layers just made (keys and shapes checked); a resume overwrites them
+        load_adapter(r.model, cfg.init_adapter)
+        print0(f"LoRA weights from {cfg.init_adapter}")
     params = [p for p in r.model.parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.float32 for p in params), "adapters must be fp32 master weights"
     r.loss_model = dist.wrap_ddp(CausalLMLoss(r.model, cfg.loss_chunk))
@@ -274,8 +278,29 @@ def _write(metrics, row: dict):
         metrics.flush()
 
 
+def check_init_adapter(cfg: TrainConfig) -> None:
+    """--init-adapter read and checked without a model (model.adapter.check_adapter), and its LoRA shape equal to
+    this run's: a rank, alpha, target or rslora that differs would train another adapter than the one saved (or
+    fail after the model has loaded). Raises ConfigError naming the flag to set."""
+    if not cfg.init_adapter:
+        return
+    try:
+        a = check_adapter(cfg.init_adapter)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--init-adapter: {' '.join(str(e).split())}") from None
+    saved = {"--lora-r": int(a["r"]), "--lora-alpha": float(a.get("lora_alpha", 8)),
+             "--lora-targets": ",".join(sorted(a["target_modules"])), "--use-rslora": bool(a.get("use_rslora"))}
+    mine = {"--lora-r": cfg.lora_r, "--lora-alpha": float(cfg.lora_alpha),
+            "--lora-targets": ",".join(sorted(cfg.lora_targets)), "--use-rslora": cfg.use_rslora}
+    diff = [f"{k} {saved[k]} (this run: {mine[k]})" for k in saved if saved[k] != mine[k]]
+    if diff:
+        raise ConfigError(f"--init-adapter {cfg.init_adapter} was saved with {', '.join(diff)}; pass "
+                          f"{'those' if len(diff) > 1 else 'that'} to continue it")
+
+
 def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: RunDir, resume: bool) -> dict:
     guard.check_start(cfg, resume)  # before anything is loaded or written: a refused start leaves OUT as it was
+    check_init_adapter(cfg)
     resume_from = ckpt.latest(out) if resume else None
     prec = Precision(cfg.precision, d.device, cfg.nonfinite_patience)
     check_device_tools(cfg, d.device)  # now, not after the model has loaded and the first step has begun
@@ -358,6 +383,7 @@ def preflight(argv: list[str]) -> int:
     try:
         cfg = config_mod.parse_args(argv)
         RunDir(cfg.out).check_start(cfg, cfg.resume)
+        check_init_adapter(cfg)
         check_device_tools(cfg, "cuda" if dist.uses_cuda(cfg.device) else "cpu")
         load_validated(cfg.data, cfg.train_split, max_rejected=cfg.max_rejected)
     except ConfigError as e:

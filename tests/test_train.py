@@ -138,6 +138,32 @@ def test_run_writes_config_metrics_and_peft_adapter(tmp_path):
     assert not (out / "checkpoints").exists()  # save_every 0: no checkpoints unless signalled
 
 
+def test_init_adapter_starts_where_the_saved_adapter_ended(tmp_path):
+    """--init-adapter: the model before the first step is the saved adapter's (its step-0 eval loss is the one the
+    earlier run ended with), not fresh LoRA; a LoRA shape that differs, or a wrong directory, is one line before
+    anything loads."""
+    from engine.train import train
+
+    first = tiny_cfg(tmp_path, out=str(tmp_path / "a"), max_steps=4, eval_every=4)
+    ended = train(first)["eval_loss"]
+    base = read_metrics(first.out)[0]["eval_loss"]  # step 0: fresh LoRA, the base model's loss
+    assert abs(ended - base) > 0.05
+    cont = tiny_cfg(tmp_path, out=str(tmp_path / "b"), max_steps=1, eval_every=1,
+                    init_adapter=str(tmp_path / "a" / "adapter"))
+    train(cont)
+    assert abs(read_metrics(cont.out)[0]["eval_loss"] - ended) < 1e-5
+    assert json.loads((Path(cont.out) / "config.json").read_text())["init_adapter"] == cont.init_adapter
+
+    for over, named in ((dict(lora_r=4), "--lora-r 8 (this run: 4)"),
+                        (dict(lora_alpha=8.0, lora_targets=["q_proj"]),
+                         "--lora-alpha 16.0 (this run: 8.0), --lora-targets"),
+                        (dict(init_adapter=str(tmp_path / "nope")), "nope")):
+        cfg = tiny_cfg(tmp_path, out=str(tmp_path / "c"), **{"init_adapter": cont.init_adapter, **over})
+        r = run_train(cfg_args(cfg))
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and named in r.stderr, r.stderr
+        assert not Path(cfg.out).exists()
+
+
 def test_lr_schedule_warmup_then_cosine_to_min():
     from engine.step import lr_at
 
