@@ -101,14 +101,20 @@ def read_metrics_jsonl(path: Path) -> list[dict]:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: metrics.jsonl does not read ({e}); pass a training run's OUT/metrics.jsonl") \
             from None
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            if i == len(lines) and not text.endswith("\n"):
+                continue  # the line a live run is writing
+            raise ValueError(f"{path}:{i}: not a JSON line; pass a training run's OUT/metrics.jsonl") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: not a JSON object; pass a training run's OUT/metrics.jsonl")
+        rows.append(row)
     return rows
 
 
@@ -353,6 +359,8 @@ def _command(args) -> None:
     result, baseline = runs[0], (runs[1] if args.compare else None)
     if args.metrics and not Path(args.metrics).is_file():
         raise FileNotFoundError(f"{args.metrics}: --metrics file not found (a training run's metrics.jsonl)")
+    if args.metrics:
+        read_metrics_jsonl(args.metrics)  # before anything is written: a file that does not read is one line
     if baseline is not None and (note := same_examples_note(baseline, [r.get("id") for r in result["rows"]])):
         print(f"note: {note}", file=sys.stderr)
     if args.out:

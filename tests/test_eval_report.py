@@ -74,3 +74,14 @@ def test_text_histogram_counts_each_bin_and_puts_100_in_the_last():
     assert counts["90-100"] == [0, 3] and counts["80-90"] == [0, 1] and counts["0-10"] == [0, 1]
     assert counts["10-20"] == [2, 0]
     assert "████ 3" in out  # the largest count gets the full width
+
+
+def test_metrics_jsonl_skips_only_the_line_a_live_run_is_writing(tmp_path):
+    good = '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(good + '{"step": 3, "lo')  # torn: the run is writing it
+    assert [r["step"] for r in report.read_metrics_jsonl(path)] == [1, 2]
+    for bad, line in ((good + "not json\n", 3), ("# a README\n" + good, 1), (good + "[1, 2]\n", 3)):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=rf"metrics.jsonl:{line}: not a JSON"):
+            report.read_metrics_jsonl(path)
