@@ -95,7 +95,7 @@ def candidate_order(n_texts: int, gold: int, max_candidates: int, rng: random.Ra
     others = [i for i in paras if i != gold]
     n = min(len(others), max_candidates - (gold != null))
     if hard:
-        top = [i for i in hard if i != gold][:math.ceil(n * share)]
+        top = [i for i in hard if i != gold][:math.ceil(round(n * share, 9))]  # 25 x 0.28 is 7, not 7.000...1
         keep = top + rng.sample([i for i in others if i not in top], n - len(top))
     else:
         keep = rng.sample(others, n)
@@ -178,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an engine.evaluate --decode channel eval.json of --split (from the adapter given to "
                          "--init-adapter): training takes the examples it holds, and a share (--hard-share) of "
                          "each one's other candidates are the ones that adapter scored likeliest, the rest sampled")
-    ap.add_argument("--hard-share", type=float, default=0.5, metavar="F",
+    ap.add_argument("--hard-share", type=float, default=None, metavar="F",
                     help="with --hard-negatives: the share of each example's other candidates taken likeliest "
-                         "first (rounded up); 0 samples them all, the control for the same examples and steps")
+                         "first (rounded up); 0 samples them all, the control for the same examples and steps "
+                         "(default: 0.5)")
     ap.add_argument("--seed", type=int, default=0, help="LoRA init and data order")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
@@ -213,7 +214,7 @@ def _groups(tok, examples, args, rank: int = 0, world_size: int = 1, hard: dict 
         for i in order:
             ex, texts, gold = usable[i]
             cands = candidate_order(len(texts), gold, args.max_candidates, rng, hard.get(ex.id),
-                                    args.hard_share)
+                                    0.5 if args.hard_share is None else args.hard_share)
             if k % world_size == rank:
                 yield _group(tok, ex, texts, gold, cands, args.max_clause_tokens)
             k += 1
@@ -237,6 +238,10 @@ def run(args) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    if args.hard_share is not None and not args.hard_negatives:
+        raise ValueError("--hard-share needs --hard-negatives EVAL.json (the candidates it ranks)")
+    if args.hard_share is None:
+        args.hard_share = 0.5
     if not 0.0 <= args.hard_share <= 1.0:  # also refuses nan
         raise ValueError(f"--hard-share must be between 0 and 1, got {args.hard_share}")
     out = Path(args.out)

@@ -266,13 +266,16 @@ def load_for_eval(model_src: str | None, adapter: str | None, *, device: str = "
     return model, tok, model_src or EMBEDDED
 
 
-def read_eval_json(path) -> dict:
+def read_eval_json(path, role: str = "baseline") -> dict:
+    """An eval.json engine.evaluate wrote, checked for its 'overall' aggregates. role: what the file is to the
+    command ("baseline": --compare's, whose not-found error says how to make one)."""
     p = Path(path)
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{p}: baseline eval.json not found (run engine.evaluate without the adapter "
-                                "first, e.g. --out runs/before)") from None
+        how = "run engine.evaluate without the adapter first, e.g. --out runs/before" if role == "baseline" else \
+            "engine.evaluate --out DIR writes DIR/eval.json"
+        raise FileNotFoundError(f"{p}: {role} eval.json not found ({how})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: malformed JSON at line {e.lineno} ({e.msg}); pass an eval.json written by "
                          "engine.evaluate") from None
@@ -283,9 +286,9 @@ def read_eval_json(path) -> dict:
     return d
 
 
-def read_baseline(path) -> dict:
+def read_baseline(path, role: str = "baseline") -> dict:
     """--compare's eval.json: read_eval_json's, and every row scored (the before/after histogram reads them)."""
-    p, d = Path(path), read_eval_json(path)
+    p, d = Path(path), read_eval_json(path, role)
     rows = d.get("rows", [])
     for i, row in enumerate(rows if isinstance(rows, list) else [None]):
         if not (isinstance(row, dict) and isinstance(row.get("answer"), str) and isinstance(row.get("scores"), dict)
@@ -389,7 +392,8 @@ def run(args) -> dict:
         print(f"note: {rep.rejected} of {rep.examples} examples dropped (answer not found in its context; "
               f"python -m data.check {args.data} lists them)", file=sys.stderr)
     subset = eval_subset(examples, args.limit)
-    if baseline is not None and (note := same_examples_note(baseline, [ex.id for ex in subset])):
+    if baseline is not None and (note := same_examples_note(baseline, [ex.id for ex in subset], args.data,
+                                                            args.split)):
         print(f"note: {note}", file=sys.stderr)  # now, before the model loads: the user may want to stop here
     t0 = time.perf_counter()
     model, tok, model_src = load_for_eval(args.model, args.adapter, device=args.device, precision=args.precision,

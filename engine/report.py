@@ -48,15 +48,21 @@ def fmt(value, key: str = "") -> str:
     return f"{value:.1f}"
 
 
-def same_examples_note(before: dict, after_ids) -> str | None:
-    """None when the baseline's rows are the same examples as after_ids (ids, in any order); else a line saying
-    how many are shared: a change column over different examples compares nothing."""
+def same_examples_note(before: dict, after_ids, data=None, split=None) -> str | None:
+    """None when the baseline's rows are the same examples as after_ids (ids, in any order) of the same data and
+    split (where both name them); else a line saying what differs: a change column over different examples
+    compares nothing."""
+    fix = "(pass the same --data, --split and --limit to both)"
+    for key, mine in (("data", data), ("split", split)):
+        if mine is not None and before.get(key) not in (None, mine):
+            return f"the baseline ran on {key} {before[key]!r} and this run on {mine!r}: the change column compares " \
+                   f"different examples {fix}"
     b = [str(r.get("id")) for r in before.get("rows", []) if isinstance(r, dict)]
     a = [str(i) for i in after_ids]
     if sorted(b) == sorted(a):
         return None
     return (f"the baseline scored {len(b)} examples and this run {len(a)}, {len(set(a) & set(b))} of them the same: "
-            "the change column compares different examples (pass the same --data, --split and --limit to both)")
+            f"the change column compares different examples {fix}")
 
 
 def compare_table(before: dict, after: dict) -> str:
@@ -269,7 +275,7 @@ def write_report(result: dict, out_dir: Path, metrics_jsonl: Path | None = None,
            "reported apart: on clause examples `answered NONE` is a miss, on NONE examples it is the right answer.",
            "", aggregate_table({**{k: result[k] for k in KINDS if k in result}, "all": result["overall"]}, "")]
     if baseline is not None:
-        note = same_examples_note(baseline, [r.get("id") for r in rows])
+        note = same_examples_note(baseline, [r.get("id") for r in rows], result.get("data"), result.get("split"))
         md += ["## Before / after", "", f"Baseline: {baseline.get('model', '?')}"
                f"{' + ' + str(baseline['adapter']) if baseline.get('adapter') else ''}", "",
                *([f"**Not like for like**: {note}.", ""] if note else []),
@@ -351,21 +357,33 @@ def _command(args) -> None:
     from engine.evaluate import read_baseline  # engine.evaluate imports this module
     from model.files import staged_files
 
-    runs = [read_baseline(p) for p in (args.eval_json, *([args.compare] if args.compare else []))]
+    if args.metrics and not args.out:
+        raise ValueError("--metrics adds the loss curve to report.md: pass --out DIR as well")
+    runs = [read_baseline(p, role) for p, role in ((args.eval_json, "run"), (args.compare, "baseline")) if p]
     for path, d in zip((args.eval_json, args.compare), runs):
-        missing = [k for k in (*KINDS, "overall") if not isinstance(d.get(k), dict)]
-        if missing:
-            raise ValueError(f"{path}: no {missing[0]!r} aggregates; pass an eval.json written by engine.evaluate")
+        for kind in (*KINDS, "overall"):
+            agg = d.get(kind)
+            if not (isinstance(agg, dict) and all(k in agg for k in AGGREGATE_KEYS)):
+                raise ValueError(f"{path}: no complete {kind!r} aggregates; pass an eval.json written by "
+                                 "engine.evaluate")
     result, baseline = runs[0], (runs[1] if args.compare else None)
     if args.metrics and not Path(args.metrics).is_file():
         raise FileNotFoundError(f"{args.metrics}: --metrics file not found (a training run's metrics.jsonl)")
     if args.metrics:
         read_metrics_jsonl(args.metrics)  # before anything is written: a file that does not read is one line
-    if baseline is not None and (note := same_examples_note(baseline, [r.get("id") for r in result["rows"]])):
-        print(f"note: {note}", file=sys.stderr)
+    if baseline is not None:
+        ids = [r.get("id") for r in result.get("rows", [])]
+        if note := same_examples_note(baseline, ids, result.get("data"), result.get("split")):
+            print(f"note: {note}", file=sys.stderr)
+        if baseline.get("seq_len") not in (None, result.get("seq_len")):
+            print(f"note: the baseline read windows of {baseline['seq_len']} tokens, this run "
+                  f"{result.get('seq_len')}: not a like-for-like comparison", file=sys.stderr)
     if args.out:
         with staged_files(args.out) as tmp:
             write_report(result, tmp, metrics_jsonl=Path(args.metrics) if args.metrics else None, baseline=baseline)
+        if _pyplot() is None:
+            print("note: report.md has tables only: matplotlib is not installed (pip install -e '.[plot]')",
+                  file=sys.stderr)
     print_results(result, baseline)
     if args.out:
         print(f"wrote {Path(args.out) / 'report.md'}")

@@ -24,7 +24,9 @@ RESUMABLE = {"max_steps", "epochs", "out", "resume", "overwrite", "save_every", 
              "eval_batches", "eval_generate", "nonfinite_patience", "device",
              # how a step runs, not what it computes (up to rounding; MLP tiles draw LoRA dropout masks tile by
              # tile): a long run that runs short of memory can resume with tiles, or without the CPU heap trim
-             "compile", "mlp_tile", "trim_cpu_heap"}
+             "compile", "mlp_tile", "trim_cpu_heap",
+             # the weights a run started from: a resumed run reads its own from the checkpoint
+             "init_adapter"}
 
 
 def adapter_run_config(adapter) -> tuple[Path, dict] | None:

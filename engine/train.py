@@ -209,15 +209,16 @@ def _setup_data(cfg: TrainConfig, d: dist.Dist, out: Path, prec: Precision) -> _
     return _Run(cfg, d, out, prec, tok, batcher, eval_batches, gen_subset, total)
 
 
-def _setup_model(r: _Run) -> None:
+def _setup_model(r: _Run, init_adapter: bool = True) -> None:
     """The model, its adapters, the optimizer and the step. A shared seed makes the LoRA init identical on every
-    rank; the per-rank stream (dropout) comes after resuming."""
+    rank; the per-rank stream (dropout) comes after resuming. init_adapter: read cfg.init_adapter into the LoRA
+    layers (not when a checkpoint will overwrite them)."""
     cfg, d = r.cfg, r.d
     dist.seed_all(cfg.seed)
     r.model = load_model(cfg.model, dtype=r.prec.param_dtype, device=d.device,
                          quantize=None if cfg.quantize == "none" else cfg.quantize, double_quant=cfg.double_quant)
     prepare_model(r.model, cfg, d.device)
-    if cfg.init_adapter:  # into the LoRA layers just made (keys and shapes checked); a resume overwrites them
+    if cfg.init_adapter and init_adapter:  # into the LoRA layers just made (keys and shapes checked)
         load_adapter(r.model, cfg.init_adapter)
         print0(f"LoRA weights from {cfg.init_adapter}")
     params = [p for p in r.model.parameters() if p.requires_grad]
@@ -289,10 +290,11 @@ def check_init_adapter(cfg: TrainConfig) -> None:
     except (ValueError, OSError) as e:
         raise ConfigError(f"--init-adapter: {' '.join(str(e).split())}") from None
     saved = {"--lora-r": int(a["r"]), "--lora-alpha": float(a.get("lora_alpha", 8)),
-             "--lora-targets": ",".join(sorted(a["target_modules"])), "--use-rslora": bool(a.get("use_rslora"))}
+             "--lora-targets": ",".join(sorted(a["target_modules"])), "rslora": bool(a.get("use_rslora"))}
     mine = {"--lora-r": cfg.lora_r, "--lora-alpha": float(cfg.lora_alpha),
-            "--lora-targets": ",".join(sorted(cfg.lora_targets)), "--use-rslora": cfg.use_rslora}
-    diff = [f"{k} {saved[k]} (this run: {mine[k]})" for k in saved if saved[k] != mine[k]]
+            "--lora-targets": ",".join(sorted(cfg.lora_targets)), "rslora": cfg.use_rslora}
+    said = lambda k, v: ("--use-rslora" if v else "--no-use-rslora") if k == "rslora" else f"{k} {v}"  # noqa: E731
+    diff = [f"{said(k, saved[k])} (this run: {said(k, mine[k])})" for k in saved if saved[k] != mine[k]]
     if diff:
         raise ConfigError(f"--init-adapter {cfg.init_adapter} was saved with {', '.join(diff)}; pass "
                           f"{'those' if len(diff) > 1 else 'that'} to continue it")
@@ -300,13 +302,14 @@ def check_init_adapter(cfg: TrainConfig) -> None:
 
 def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: RunDir, resume: bool) -> dict:
     guard.check_start(cfg, resume)  # before anything is loaded or written: a refused start leaves OUT as it was
-    check_init_adapter(cfg)
     resume_from = ckpt.latest(out) if resume else None
+    if resume_from is None:  # a resumed run's LoRA weights come from its checkpoint: the adapter may be gone
+        check_init_adapter(cfg)
     prec = Precision(cfg.precision, d.device, cfg.nonfinite_patience)
     check_device_tools(cfg, d.device)  # now, not after the model has loaded and the first step has begun
     t_setup = time.perf_counter()
     r = _setup_data(cfg, d, out, prec)
-    _setup_model(r)
+    _setup_model(r, init_adapter=resume_from is None)
     print0(f"setup {time.perf_counter() - t_setup:.1f}s | {d.world_size} process(es) on {d.device} | "
            f"precision {prec.mode} | checkpointing {'on' if cfg.checkpointing else 'off'}"
            + (" | blocks compiled (torch.compile; the first steps compile)" if cfg.compile else ""))
@@ -383,7 +386,8 @@ def preflight(argv: list[str]) -> int:
     try:
         cfg = config_mod.parse_args(argv)
         RunDir(cfg.out).check_start(cfg, cfg.resume)
-        check_init_adapter(cfg)
+        if not (cfg.resume and ckpt.latest(Path(cfg.out))):
+            check_init_adapter(cfg)
         check_device_tools(cfg, "cuda" if dist.uses_cuda(cfg.device) else "cpu")
         load_validated(cfg.data, cfg.train_split, max_rejected=cfg.max_rejected)
     except ConfigError as e:

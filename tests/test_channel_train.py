@@ -262,16 +262,24 @@ def test_candidate_order_takes_half_its_negatives_from_the_hardest():
         assert candidate_order(11, 3, 5, random.Random(seed), hard, 0.0) == plain[seed]
         assert set(candidate_order(11, 3, 5, random.Random(seed), hard, 1.0)) == {3, 7, 1, 9, 0, 10}
         assert {3, 7, 1, 9} <= set(candidate_order(11, 3, 5, random.Random(seed), hard, 0.6))  # 2.4 -> 3 hardest
+    many = list(range(30))  # 25 others x 0.28 is 7 in exact arithmetic (7.000000000000001 in floats)
+    orders = [candidate_order(31, 29, 26, random.Random(s), many, 0.28) for s in range(50)]
+    assert all(len(o) == 27 and set(o) >= set(range(7)) for o in orders)
+    assert not all(7 in o for o in orders)  # the 8th likeliest is sampled like the rest, not taken as hard
 
 
 def test_hard_share_out_of_range_is_one_line(tmp_path, capsys):
     from engine.channel_train import main
 
     for bad in ("1.5", "-0.1", "nan"):
-        assert main(["--data", "synthetic", "--out", str(tmp_path / "o"), "--hard-share", bad]) != 0
+        assert main(["--data", "synthetic", "--out", str(tmp_path / "o"), "--hard-negatives", "x.json",
+                     "--hard-share", bad]) != 0
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "--hard-share must be between 0 and 1" in err, err
         assert not (tmp_path / "o").exists()
+    assert main(["--data", "synthetic", "--out", str(tmp_path / "o"), "--hard-share", "0"]) != 0  # nothing to rank
+    assert "--hard-share needs --hard-negatives" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_hard_negatives_from_an_eval_json_and_in_the_groups(tiny_model_dir, tmp_path, capsys,  # noqa: F811

@@ -181,12 +181,22 @@ def test_evaluate_cli_writes_eval_json_report_and_compare(tiny_model_dir, tmp_pa
     assert "## Before / after" in md and "Not like for like" not in md and "loss.png" in md
     assert not (tmp_path / "re" / "eval.json").exists()  # the report only; the eval.json stays where it was
     (tmp_path / "plain.json").write_text('{"overall": {"n": 1}, "rows": []}')
-    for bad, named in ((tmp_path / "nope.json", "not found"), (tmp_path / "plain.json", "'clause'"),
+    partial = json.loads((tmp_path / "after" / "eval.json").read_text())
+    del partial["none"]["avg_similarity"]
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    for bad, named in ((tmp_path / "nope.json", "run eval.json not found (engine.evaluate --out DIR writes"),
+                       (tmp_path / "plain.json", "'clause'"), (tmp_path / "partial.json", "complete 'none'"),
                        (tmp_path / "after" / "report.md", "malformed JSON")):
         assert report([str(bad), "--out", str(tmp_path / "bad")]) != 0
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err and str(bad) in err and named in err, err
     assert not (tmp_path / "bad").exists()
+    assert report([str(tmp_path / "after" / "eval.json"), "--metrics", str(metrics)]) != 0  # nowhere to draw it
+    assert "pass --out" in capsys.readouterr().err
+    other = json.loads((tmp_path / "after" / "eval.json").read_text()) | {"split": "valid"}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert report([str(tmp_path / "after" / "eval.json"), "--compare", str(tmp_path / "other.json")]) == 0
+    assert "the baseline ran on split 'valid' and this run on 'test'" in capsys.readouterr().err
 
 
 def test_evaluate_cli_errors_are_one_line(tmp_path, capsys):

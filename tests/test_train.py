@@ -3,8 +3,10 @@
 The tiny run directory holds an HF-format random Llama (tests/conftest.py save_tiny_hf, vocab 320) and a
 byte-level tokenizer.json (256 bytes + ChatML specials = 259 ids), so no real tokenizer or download is needed.
 """
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,20 +150,25 @@ def test_init_adapter_starts_where_the_saved_adapter_ended(tmp_path):
     ended = train(first)["eval_loss"]
     base = read_metrics(first.out)[0]["eval_loss"]  # step 0: fresh LoRA, the base model's loss
     assert abs(ended - base) > 0.05
-    cont = tiny_cfg(tmp_path, out=str(tmp_path / "b"), max_steps=1, eval_every=1,
+    cont = tiny_cfg(tmp_path, out=str(tmp_path / "b"), max_steps=1, eval_every=1, save_every=1,
                     init_adapter=str(tmp_path / "a" / "adapter"))
     train(cont)
     assert abs(read_metrics(cont.out)[0]["eval_loss"] - ended) < 1e-5
     assert json.loads((Path(cont.out) / "config.json").read_text())["init_adapter"] == cont.init_adapter
 
-    for over, named in ((dict(lora_r=4), "--lora-r 8 (this run: 4)"),
+    for over, named in ((dict(lora_r=4), "--lora-r 8 (this run: --lora-r 4)"),
                         (dict(lora_alpha=8.0, lora_targets=["q_proj"]),
-                         "--lora-alpha 16.0 (this run: 8.0), --lora-targets"),
+                         "--lora-alpha 16.0 (this run: --lora-alpha 8.0), --lora-targets"),
+                        (dict(use_rslora=True), "--no-use-rslora (this run: --use-rslora)"),
                         (dict(init_adapter=str(tmp_path / "nope")), "nope")):
         cfg = tiny_cfg(tmp_path, out=str(tmp_path / "c"), **{"init_adapter": cont.init_adapter, **over})
         r = run_train(cfg_args(cfg))
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and named in r.stderr, r.stderr
         assert not Path(cfg.out).exists()
+
+    # a resume reads its LoRA weights from its checkpoint: the adapter it started from may be gone by then
+    shutil.rmtree(tmp_path / "a" / "adapter")
+    assert train(dataclasses.replace(cont, max_steps=2, resume=True))["step"] == 2
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
