@@ -4,6 +4,7 @@ Identical means: every metrics.jsonl field except wall-clock ones (tokens_per_s,
 final adapter bit-identical. LoRA dropout is on, so the RNG states really have to come back.
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,6 +95,9 @@ def test_kill_9_after_a_save_then_resume_is_identical_to_straight_run(straight):
     assert _steps_logged(cfg) < STEPS
     r = run_train(cfg_args(cfg) + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
+    # it resumed (a seeded restart from step 0 would also end identical): from step 8 or a later save
+    at = re.search(r"resumed from \S+ at step (\d+)", r.stdout)
+    assert at and int(at.group(1)) >= 8 and "starting from step 0" not in r.stdout, r.stdout[-2000:]
     _same_as_straight(ref, cfg)
 
 

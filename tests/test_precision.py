@@ -28,24 +28,34 @@ def test_training_auto_stays_fp32_on_the_cpu_and_bf16_needs_native_support(monke
 
 
 def test_cpu_feature_probe_answers_a_bool():
-    assert P.cpu_bf16_native() in (True, False)
+    assert type(P.cpu_bf16_native()) is bool
 
 
 @pytest.mark.skipif(not P.cpu_bf16_native(), reason="this CPU has no native bf16 (AMX / AVX-512 BF16)")
 def test_bf16_training_step_on_the_cpu_tracks_fp32(tiny_config):
-    """One LoRA step under CPU bf16 autocast: a finite loss within bf16 rounding of the fp32 loss."""
+    """Forward and backward of a model with working adapters (LoRA B non-zero) under CPU bf16 autocast: logits,
+    loss and every LoRA gradient within bf16 rounding of fp32 (measured: 0.4%, 0.01%, 0.7%), where dropping the
+    adapters would move the logits by 40%."""
     from model.llama import Llama
-    from model.lora import apply_lora
+    from model.lora import apply_lora, lora_layers
 
     torch.manual_seed(0)
     model = apply_lora(Llama(tiny_config), r=4)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.05)
     ids = torch.randint(0, tiny_config.vocab_size, (2, 24))
-    losses = {}
+    got = {}
     for mode in ("fp32", "bf16"):
-        prec = P.Precision(mode, torch.device("cpu"))
-        with prec.autocast():
+        model.zero_grad()
+        with P.Precision(mode, torch.device("cpu")).autocast():
             logits = model(ids)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
         assert torch.isfinite(loss)
-        losses[mode] = loss.item() if not loss.requires_grad else float(loss.detach())
-    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        got[mode] = logits.detach().float(), loss.item(), grads
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    (l32, loss32, g32), (l16, loss16, g16) = got["fp32"], got["bf16"]
+    assert rel(l16, l32) < 2e-2 and rel(g16, g32) < 3e-2
+    assert loss16 == pytest.approx(loss32, rel=2e-3)

@@ -135,6 +135,7 @@ def test_sigterm_to_the_launcher_checkpoints_and_resumes_byte_identical(finished
     p = _launch(cfg_args(cfg) + ["--resume"], tmp)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
+    assert f"at step {steps[-1]}" in out and "resumed from" in out, out[-3000:]  # not a seeded restart from 0
     a = Path(straight.out) / "adapter" / "adapter_model.safetensors"
     b = Path(cfg.out) / "adapter" / "adapter_model.safetensors"
     assert a.read_bytes() == b.read_bytes()

@@ -247,16 +247,22 @@ def test_fp16_loss_scaler_overflow_is_detected_and_the_step_skipped():
     torch.testing.assert_close(after[0], after[1])
 
 
-def test_generation_eval_logs_task_metrics_on_a_fixed_subset(tmp_path):
+def test_generation_eval_logs_task_metrics_on_a_fixed_subset(tmp_path, monkeypatch):
     """eval_generate: extraction scores (not just loss) at step 0 and at each evaluation, same examples each time."""
+    import engine.train
     from engine.train import train
 
-    cfg = tiny_cfg(tmp_path, max_steps=2, eval_every=2, eval_generate=2)
+    asked, real = [], engine.train.evaluate_for_training
+    monkeypatch.setattr(engine.train, "evaluate_for_training",
+                        lambda model, tok, subset, **kw: asked.append([ex.id for ex in subset]) or real(model, tok,
+                                                                                                       subset, **kw))
+    cfg = tiny_cfg(tmp_path, max_steps=4, eval_every=2, eval_generate=2)
     train(cfg)
     rows = [r for r in read_metrics(cfg.out) if "eval_loss" in r]
-    assert [r["step"] for r in rows] == [0, 2]
+    assert [r["step"] for r in rows] == [0, 2, 4]
     for r in rows:
         assert r["eval_n"] == 2 and 0 <= r["eval_avg_similarity"] <= 100 and "eval_exact_match" in r
+    assert len(asked) == 3 and len(asked[0]) == 2 and asked[0] == asked[1] == asked[2]
 
 
 def test_generation_eval_needs_eval_every():
