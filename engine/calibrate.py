@@ -32,7 +32,8 @@ import numpy as np
 from data.example import NONE, splits_overlap
 from data.validate import load_validated
 from engine.cli import CliParser, run_command
-from engine.evaluate import headline, read_eval_json
+from engine.evaluate import read_eval_json
+from engine.report import headline
 from engine.metrics import is_none, score, summarize
 from engine.rundir import adapter_run_config, trained_split
 from model.channel import FEATURES, ChannelRule

@@ -298,20 +298,6 @@ def read_baseline(path, role: str = "baseline") -> dict:
     return d
 
 
-def headline(result: dict, seconds: float | None = None) -> str:
-    """Two lines, clause examples and NONE examples apart (a NONE-only model must not look good)."""
-    c, n = result["clause"], result["none"]
-    f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    took = f" in {seconds:.0f}s" if seconds is not None else ""
-    return (f"{result['overall']['n']} examples{took} ({result.get('decode', 'constrained')} decoding)\n"
-            f"  clause examples ({c['n']}): avg similarity {f(c['avg_similarity'])}, >90 {f(c['excellent'])}%, "
-            f">70 {f(c['good'])}%, exact match {f(c['exact_match'])}%, F1 {f(c['f1'])}%, right start "
-            f"{f(c['right_start'])}%, "
-            f"wrongly NONE {f(c['predicted_none'])}%, verbatim {f(c['verbatim'])}%\n"
-            f"  NONE examples ({n['n']}): answered NONE {f(n['predicted_none'])}% | NONE precision "
-            f"{f(result['overall']['abstention_precision'])}%, recall {f(result['overall']['abstention_recall'])}%")
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = CliParser(prog="python -m engine.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_model_args(adapter_required=False)

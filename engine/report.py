@@ -340,11 +340,23 @@ def lora_report(model: Llama) -> str:
     return "\n".join(lines)
 
 
+def headline(result: dict, seconds: float | None = None) -> str:
+    """Two lines, clause examples and NONE examples apart (a NONE-only model must not look good)."""
+    c, n = result["clause"], result["none"]
+    f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    took = f" in {seconds:.0f}s" if seconds is not None else ""
+    return (f"{result['overall']['n']} examples{took} ({result.get('decode', 'constrained')} decoding)\n"
+            f"  clause examples ({c['n']}): avg similarity {f(c['avg_similarity'])}, >90 {f(c['excellent'])}%, "
+            f">70 {f(c['good'])}%, exact match {f(c['exact_match'])}%, F1 {f(c['f1'])}%, right start "
+            f"{f(c['right_start'])}%, "
+            f"wrongly NONE {f(c['predicted_none'])}%, verbatim {f(c['verbatim'])}%\n"
+            f"  NONE examples ({n['n']}): answered NONE {f(n['predicted_none'])}% | NONE precision "
+            f"{f(result['overall']['abstention_precision'])}%, recall {f(result['overall']['abstention_recall'])}%")
+
+
 def print_results(result: dict, baseline: dict | None) -> None:
     """The lines engine.evaluate prints at its end: the headline, then (with a baseline) the before / after table
     and the similarity histogram of clause examples."""
-    from engine.evaluate import headline  # engine.evaluate imports this module
-
     print(headline(result, result.get("seconds")))
     if baseline is not None:
         print(compare_table(baseline, result), end="")
