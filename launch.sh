@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # ./launch.sh [--nproc N] [--max-restarts K] [train args...]
 #   runs `torchrun --nproc_per_node N -m engine.train train args...` (N: GPU count, or 2 on a CPU-only machine).
+# ./launch.sh [--nproc N] [--max-restarts K] --channel [channel_train args...]
+#   the same with engine.channel_train (the channel decoder's choice; e.g. --config configs/*_channel*.toml).
 # ./launch.sh            (no arguments) the embedded demo: SmolLM2-135M in NF4 + LoRA on synthetic contracts,
-#                        2 processes, trained on the clause choice (engine.channel_train; configs/demo.args),
-#                        then the evaluation of the base vs the fine-tuned model.
+#                        2 processes, trained on the clause choice (engine.channel_train --config
+#                        configs/demo_channel.toml), then the evaluation of the base vs the fine-tuned model.
 set -euo pipefail
 cd "$(dirname "$0")"
 # $PYTHON, else python, else python3 (systems that ship only python3)
 PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 
 usage() {
-  sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'
-  echo "launch options: --nproc N (processes on this machine), --max-restarts K (torchrun restarts on failure, default 0)"
-  echo "train options (python -m engine.train --help):"
+  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  echo "launch options: --nproc N (processes on this machine), --max-restarts K (torchrun restarts on failure, default 0),"
+  echo "  --channel (engine.channel_train instead of engine.train)"
+  echo "train options ($module --help):"
 }
 
 demo=0
 [[ $# -eq 0 ]] && demo=1
 nproc=""
 restarts=0
+module=engine.train
+help=0
 args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -26,23 +31,23 @@ while [[ $# -gt 0 ]]; do
     --nproc=*) nproc="${1#*=}"; shift ;;
     --max-restarts) restarts="${2:?--max-restarts needs a number}"; shift 2 ;;
     --max-restarts=*) restarts="${1#*=}"; shift ;;
-    -h|--help) usage; exec "$PY" -m engine.train --help ;;
+    --channel) module=engine.channel_train; shift ;;
+    -h|--help) help=1; shift ;;
     *) args+=("$1"); shift ;;
   esac
 done
+if [[ $help -eq 1 ]]; then usage; exec "$PY" -m "$module" --help; fi
 if ! [[ -z "$nproc" || "$nproc" =~ ^[1-9][0-9]*$ ]]; then echo "error: --nproc must be a positive integer, got '$nproc'" >&2; exit 2; fi
 if ! [[ "$restarts" =~ ^[0-9]+$ ]]; then echo "error: --max-restarts must be a non-negative integer, got '$restarts'" >&2; exit 2; fi
 if [[ -z "$nproc" ]]; then
   nproc=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
 
-module=engine.train
 if [[ $demo -eq 1 ]]; then
   out=runs/demo
   module=engine.channel_train
   echo "== demo: train SmolLM2-135M (NF4 + LoRA r16) to choose the clause on synthetic contracts, $nproc processes -> $out"
-  mapfile -t args < <(grep -v '^#' configs/demo.args | tr ' ' '\n' | grep -v '^$')
-  args+=(--out "$out")
+  args=(--config configs/demo_channel.toml --out "$out")
   if [[ -e "$out" ]]; then
     # the demo replaces only an earlier demo (its config.json says so); anything else there is the user's
     if "$PY" -c "import json, sys; c = json.load(open(sys.argv[1])); sys.exit(0 if c.get('data') == 'synthetic' \
@@ -59,7 +64,7 @@ fi
 # Check the configuration, the run directory and the training data once, in one process, before torchrun starts
 # N of them: a mistake then gives one line of error instead of N copies wrapped in torchrun's failure report.
 # (The demo's arguments are ours; its run directory was checked above.)
-[[ $demo -eq 1 ]] || "$PY" -c "import sys; from engine.train import preflight; sys.exit(preflight(sys.argv[1:]))" "${args[@]}"
+[[ $demo -eq 1 ]] || "$PY" -c "import sys; from $module import preflight; sys.exit(preflight(sys.argv[1:]))" "${args[@]}"
 
 # --standalone: a private rendezvous on a free local port (several runs can share a machine).
 # OMP_NUM_THREADS: torchrun would set 1 per process; on the CPU give each process its share of the cores.
@@ -88,8 +93,8 @@ while true; do
 done
 trap - TERM INT
 if [[ $signalled -ne 0 ]]; then
-  if [[ $demo -eq 1 ]]; then  # engine.channel_train keeps adapters only: a stopped demo starts over
-    echo "== stopped by signal: the demo is not resumable; ./launch.sh starts it over" >&2
+  if [[ $demo -eq 1 ]]; then  # ./launch.sh replaces an earlier demo: a stopped one starts over
+    echo "== stopped by signal: the demo wrote a checkpoint in $out/checkpoints; ./launch.sh starts the demo over" >&2
   else
     echo "== stopped by signal: the workers wrote a checkpoint in their --out/checkpoints; continue with --resume" >&2
   fi

@@ -76,6 +76,10 @@ run memory_t4_small 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE"
 run memory_t4_small_tile 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" \
   --batch-size $B --precision $PREC --pack --offload --double-quant --mlp-tile $((TILE / 2)) --supervised 512 \
   --measure --steps 4
+# the channel recipe's longest ACORD row (configs/llama3_2_3b_acord_channel_t4x2.toml; BENCHMARKS.md § The
+# channel recipe on a T4): one packed row of 3,161 tokens, 726 supervised, predicted 3.71 GiB on sm 7.5
+[ "$DEVICE" != cpu ] && run memory_channel_3161 300 $PY -m engine.memory --model "$MODEL" --device "$DEVICE" \
+  --seq-len 3161 --batch-size 1 --precision $PREC --pack --supervised 726 --measure --steps 2
 # --compile (issue 14 item 3: the ledger stays exact): the first sequence length at batch B, and the longest
 # without tiles, where eager's SwiGLU backward holds 224 MiB of fp32 chunks the fused kernel does not (3 steps:
 # the first compiles; the peak is the later steps')

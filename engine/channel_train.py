@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -33,18 +34,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from data.example import DataError
 from data.validate import load_validated
+from engine import checkpoint as ckpt
 from engine import dist
-from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
-from engine.config import TrainConfig
+from engine.cli import THREADS_HELP, CliParser, parse_with_config, run_command, set_threads
+from engine.config import ConfigError, TrainConfig
 from engine.evaluate import DEFAULT_SEQ_LEN, evaluate_examples, read_eval_json
+from engine.loss import LOSS_CHUNK, LinearCrossEntropy, matmul_dtype
 from engine.metrics import is_none
 from engine.precision import Precision
 from engine.rundir import RunDir
-from engine.step import TrainStep, lr_at, make_optimizer, prepare_model
+from engine.step import TrainStep, lr_at, make_optimizer, peak_memory_bytes, prepare_model
 from model import load_model, load_tokenizer
-from model.adapter import load_adapter, save_adapter
-from model.channel import CHANNEL_NULL, IGNORE, UNITS, channel_batch, query_logprobs, units
+from model.adapter import check_adapter, load_adapter, save_adapter
+from model.channel import CHANNEL_NULL, IGNORE, UNITS, channel_batch, units
 from model.files import atomic_write_text
 from model.load import EMBEDDED
 
@@ -52,16 +56,31 @@ from model.load import EMBEDDED
 class ChannelLoss(torch.nn.Module):
     """Cross-entropy of the gold choice over one example's channel scores (its paragraphs, then CHANNEL_NULL).
     The call signature is engine.loss.CausalLMLoss's, so TrainStep drives it unchanged; loss_weights only set
-    TrainStep's normalisation (they sum to 1 per example: the step's loss is the mean over its examples)."""
+    TrainStep's normalisation (they sum to 1 per example: the step's loss is the mean over its examples).
+    The scores are model.channel.query_logprobs', computed as engine.train's loss is (LinearCrossEntropy: lm_head
+    over the query's tokens only, in chunks, no logits kept for backward), so the memory ledger's loss rows for
+    the row's supervised tokens are this step's too."""
 
-    def __init__(self, model):
+    def __init__(self, model, chunk: int = LOSS_CHUNK):
         super().__init__()
         self.model = model
+        self.chunk = chunk
         self.hits = self.calls = 0  # examples whose gold choice scored highest (before the step): train accuracy
+
+    def scores(self, input_ids, labels, position_ids, segment_ids) -> torch.Tensor:
+        """(n_candidates,): log p(query | candidate) per segment of the packed row, differentiable."""
+        h = self.model.hidden(input_ids, position_ids=position_ids, segment_ids=segment_ids)  # (1, T, H)
+        target = labels[:, 1:]
+        where = target != IGNORE
+        w = self.model.lm_head.weight
+        ce = LinearCrossEntropy.apply(h[:, :-1][where], w, target[where], self.chunk, matmul_dtype(h.device, w),
+                                      None, True)  # (N,) per query token
+        n = int(segment_ids.max()) + 1
+        return torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add(0, segment_ids[:, 1:][where], -ce)
 
     def forward(self, input_ids, labels, position_ids=None, segment_ids=None, loss_weights=None, choice=None):
         assert choice is not None and segment_ids is not None, "one example's channel_batch per micro-batch"
-        scores = query_logprobs(self.model, input_ids, labels, position_ids, segment_ids)  # (n_candidates,)
+        scores = self.scores(input_ids, labels, position_ids, segment_ids)  # (n_candidates,)
         self.hits += int(int(scores.detach().argmax()) == int(choice))
         self.calls += 1
         return F.cross_entropy(scores[None], choice.view(1), reduction="sum")
@@ -144,12 +163,15 @@ def _group(tok, ex, texts: list[str], gold: int, order: list[int], max_clause_to
 
 def build_parser() -> argparse.ArgumentParser:
     ap = CliParser(prog="python -m engine.channel_train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=None, metavar="FILE.toml",
+                    help="a recipe: TOML whose keys are these flags spelled with underscores (max_steps = 410); "
+                         "flags on the command line override it (configs/*_channel*.toml)")
     ap.add_argument("--model", default=EMBEDDED, help="HF dir, hub id, .gguf or smollm2-135m")
-    ap.add_argument("--data", required=True, help="acord:DIR, cuad:DIR or jsonl:FILE")
+    ap.add_argument("--data", default=None, help="acord:DIR, cuad:DIR or jsonl:FILE (required, here or in --config)")
     ap.add_argument("--split", default="train", help="split to train on; fit leaves the calib part of train out, for "
                     "engine.calibrate to fit the NONE rule on queries never trained on")
     ap.add_argument("--eval-split", default="valid", help="split for the periodic channel evaluation")
-    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--out", default=None, help="output directory (required, here or in --config)")
     ap.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
     ap.add_argument("--groups-per-step", type=int, default=4, help="examples (candidate groups) per step, all "
                     "processes together (a multiple of their number)")
@@ -170,7 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: fp32 on the CPU, bf16/fp16 on a GPU; bf16 is fast on CPUs with AMX")
     ap.add_argument("--eval-every", type=int, default=0, help="channel evaluation on --eval-split every N steps "
                                                               "and at the end (0: never)")
-    ap.add_argument("--save-every", type=int, default=0, help="also save OUT/checkpoints/step-N/adapter")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="write OUT/checkpoints/step-N every N steps: step-N/adapter to evaluate, and the optimizer, "
+                         "loss scale and data position for --resume (a SIGTERM or Ctrl-C writes one too)")
+    ap.add_argument("--keep-last", type=int, default=0, help="checkpoints kept, the newest (0: all of them)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in OUT from its newest checkpoint, exactly as if it had not stopped (its "
+                         "settings must be the saved ones, except --max-steps, --save-every, --keep-last, "
+                         "--eval-every, --threads)")
     ap.add_argument("--init-adapter", default=None, help="start from this adapter (an earlier run's adapter/ or "
                     "checkpoints/step-N/adapter; its rank must equal --lora-r) instead of fresh LoRA; the optimizer "
                     "and schedule start afresh: use another --seed for a new data order")
@@ -189,11 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _groups(tok, examples, args, rank: int = 0, world_size: int = 1, hard: dict | None = None):
+def _groups(tok, examples, args, rank: int = 0, world_size: int = 1, hard: dict | None = None, skip: int = 0):
     """The usable examples (texts, gold) in a seeded order, forever: one pass after another, reshuffled. Every
     rank draws the same global stream (same seed, same candidates); rank r builds and keeps the groups whose
     place in it is r modulo world_size, so the examples of a step do not depend on the number of processes.
-    hard: hard_negatives' ranking (read from args.hard_negatives when not given)."""
+    hard: hard_negatives' ranking (read from args.hard_negatives when not given). skip: groups of the stream
+    already trained on (a resumed run): drawn, so the generator is where it was, but not built."""
     usable = [(ex, *c) for ex in examples if (c := choice_of(ex, args.unit)) is not None]
     if not usable:
         raise ValueError(f"{args.data}: no example whose answer lies within one {args.unit}")
@@ -215,7 +245,7 @@ def _groups(tok, examples, args, rank: int = 0, world_size: int = 1, hard: dict 
             ex, texts, gold = usable[i]
             cands = candidate_order(len(texts), gold, args.max_candidates, rng, hard.get(ex.id),
                                     0.5 if args.hard_share is None else args.hard_share)
-            if k % world_size == rank:
+            if k >= skip and k % world_size == rank:
                 yield _group(tok, ex, texts, gold, cands, args.max_clause_tokens)
             k += 1
 
@@ -229,26 +259,81 @@ def _evaluate(model, tok, eval_ex, prec, unit: str = "paragraph") -> dict:
             "eval_clause_wrongly_none": c["predicted_none"], "eval_none_answered_none": n["predicted_none"]}
 
 
-def run(args) -> dict:
+# Flags a --resume may change: how long the run goes on and how it reports and saves, never what a step computes.
+RESUMABLE = {"max_steps", "out", "config", "resume", "overwrite", "save_every", "keep_last", "eval_every",
+             "eval_split", "threads", "device",
+             "init_adapter"}  # the weights a run started from: a resumed run reads its own from the checkpoint
+
+
+def check_args(args) -> TrainConfig:
+    """Every flag's value checked before anything loads (ValueError, one line); the TrainConfig that engine.step
+    builds the model and optimizer from."""
+    for name in ("data", "out"):
+        if not getattr(args, name):
+            raise ConfigError(f"--{name} is required (on the command line or as {name} in --config)")
     for name in ("max_steps", "groups_per_step", "lora_r", "max_candidates", "max_clause_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
-    for name in ("warmup_steps", "eval_every", "save_every"):
+    for name in ("warmup_steps", "eval_every", "save_every", "keep_last"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     if args.hard_share is not None and not args.hard_negatives:
         raise ValueError("--hard-share needs --hard-negatives EVAL.json (the candidates it ranks)")
-    if args.hard_share is None:
-        args.hard_share = 0.5
-    if not 0.0 <= args.hard_share <= 1.0:  # also refuses nan
+    if args.hard_share is not None and not 0.0 <= args.hard_share <= 1.0:  # also refuses nan
         raise ValueError(f"--hard-share must be between 0 and 1, got {args.hard_share}")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+    if args.hard_share is None:
+        args.hard_share = 0.5  # the default, as config.json records it
+    return TrainConfig(model=args.model, data=args.data, lr=args.lr, warmup_steps=args.warmup_steps,
+                       max_steps=args.max_steps, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
+                       quantize=args.quantize, precision=args.precision, checkpointing=args.checkpointing,
+                       seed=args.seed, overwrite=args.overwrite, resume=args.resume)
+
+
+def _settings(args) -> dict:
+    """What OUT/config.json holds: every flag (the saved run a --resume is checked against)."""
+    return vars(args)
+
+
+def _check_start(guard: RunDir, cfg: TrainConfig, args, resume: bool) -> None:
+    guard.check_start(cfg, resume, settings=_settings(args), may_differ=RESUMABLE)
+
+
+def preflight(argv: list[str]) -> int:
+    """What ./launch.sh --channel runs once, in one process, before torchrun starts N of them: the flags, the run
+    directory, the data, --hard-negatives and --init-adapter are checked here, so a mistake is one line of error
+    instead of N copies inside torchrun's report. 0 when all is well, else 2 (usage) or 1, after one line."""
+    args = parse_with_config(build_parser(), argv)
+    try:
+        cfg = check_args(args)
+        _check_start(RunDir(args.out), cfg, args, args.resume)
+        examples = load_validated(args.data, args.split)[0]
+        if args.hard_negatives:
+            hard_negatives(args.hard_negatives, examples, args.unit)
+        if args.init_adapter and not (args.resume and ckpt.latest(Path(args.out))):
+            _check_init_adapter(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_init_adapter(args) -> None:
+    a = check_adapter(args.init_adapter)
+    if int(a["r"]) != args.lora_r:
+        raise ConfigError(f"--init-adapter {args.init_adapter} has rank {a['r']}; pass --lora-r {a['r']}")
+
+
+def run(args, stop: ckpt.StopFlag | None = None) -> dict:
+    cfg = check_args(args)
+    stop = stop or ckpt.StopFlag()
     out = Path(args.out)
-    cfg = TrainConfig(model=args.model, data=args.data, lr=args.lr, warmup_steps=args.warmup_steps,
-                      max_steps=args.max_steps, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
-                      quantize=args.quantize, precision=args.precision, checkpointing=args.checkpointing,
-                      seed=args.seed, overwrite=args.overwrite)
     d = dist.init(args.device)  # torchrun's process group, or none with one process
     try:
         if args.groups_per_step % d.world_size:
@@ -258,17 +343,20 @@ def run(args) -> dict:
         if d.is_main:
             guard.lock()  # the user's run directory, as engine.train treats it: one writer, no silent overwrite
         try:
-            return _train(args, cfg, out, guard, d)
+            return _train(args, cfg, out, guard, d, stop)
         finally:
             guard.release()
     finally:
         dist.teardown()
 
 
-def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> dict:
+def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop: ckpt.StopFlag) -> dict:
+    # torchrun --max-restarts: a restarted worker group continues from the newest checkpoint by itself
+    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
         # every rank reads OUT; nobody writes before the barrier below
-        guard.check_start(cfg, resume=False, resumable=False)
+        _check_start(guard, cfg, args, resume)
+        resume_from = ckpt.latest(out) if resume else None
         set_threads(args.threads)
         device = d.device
         train_ex, rep = load_validated(args.data, args.split)
@@ -278,19 +366,27 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> di
                              "pass another --eval-split or --eval-every 0")
         # read now, before the model loads: a wrong file is one line, not an error at the first step
         hard = hard_negatives(args.hard_negatives, train_ex, args.unit) if args.hard_negatives else None
+        if args.init_adapter and resume_from is None:
+            _check_init_adapter(args)
         tok = load_tokenizer(args.model)
         prec = Precision(cfg.precision, device)
         dist.seed_all(args.seed)  # the same LoRA init on every rank
         model = load_model(args.model, dtype=prec.param_dtype, device=device,
                            quantize=None if args.quantize == "none" else args.quantize)
         prepare_model(model, cfg, device)
-        if args.init_adapter:
+        if args.init_adapter and resume_from is None:  # a resumed run's weights come from its checkpoint
             load_adapter(model, args.init_adapter)  # into the LoRA layers just made; keys and shapes checked
         params = [p for p in model.parameters() if p.requires_grad]
         loss_model = ChannelLoss(model)
-        step = TrainStep(dist.wrap_ddp(loss_model), params, make_optimizer(cfg, params, device), prec,
-                         grad_clip=cfg.grad_clip, world_size=d.world_size)
-        groups = _groups(tok, train_ex, args, d.rank, d.world_size, hard)
+        opt = make_optimizer(cfg, params, device)
+        step = TrainStep(dist.wrap_ddp(loss_model), params, opt, prec, grad_clip=cfg.grad_clip,
+                         world_size=d.world_size)
+        # the checkpoint is read before anything is written: one that does not read leaves OUT as it was
+        state = ckpt.load(resume_from, model=model, optimizer=opt, precision=prec) if resume_from else None
+        start = state["step"] if state else 0
+        if state:
+            assert state["sampler"]["groups"] == start * args.groups_per_step, state["sampler"]
+        groups = _groups(tok, train_ex, args, d.rank, d.world_size, hard, skip=start * args.groups_per_step)
     except BaseException:
         guard.abandon()  # a refused or failed start leaves OUT as it was
         raise
@@ -298,25 +394,47 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> di
     local = args.groups_per_step // d.world_size
     metrics = None
     t0 = time.perf_counter()
+    metrics_path = out / "metrics.jsonl"
+
+    def save_checkpoint(n: int) -> Path:
+        return ckpt.save(out, n, model=model, optimizer=opt, precision=prec,
+                         sampler_state={"groups": n * args.groups_per_step}, counters={},
+                         keep_last=args.keep_last or 2**31, base_model=args.model, save_adapter=save_adapter)
+
+    s, stopped = start, False
     try:
         if d.is_main:
             if args.overwrite:
                 guard.clear_for_overwrite()
-            guard.fresh_start = True  # until a step is logged, OUT holds nothing a step produced
+            ckpt.remove_partial(out)
             atomic_write_text(out / "config.json",
-                              json.dumps({**vars(args), "processes": d.world_size}, indent=1) + "\n")
+                              json.dumps({**_settings(args), "processes": d.world_size}, indent=1) + "\n")
+            if state:  # drop the lines of steps after the checkpoint: they are redone
+                keep = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+                        if _step_of(ln) <= start]
+                atomic_write_text(metrics_path, "".join(k + "\n" for k in keep))
+            else:
+                guard.fresh_start = not resume  # until a step is logged, OUT holds nothing a step produced
             print(f"channel training on {len(train_ex)} {args.split} examples of {args.data} ({rep.rejected} "
                   f"rejected), {args.max_steps} steps x {args.groups_per_step} examples ({d.world_size} processes), "
                   f"precision {prec.mode}", file=sys.stderr)
-            metrics = open(out / "metrics.jsonl", "w")
-        for s in range(args.max_steps):
+            if state:
+                print(f"resumed from {resume_from} at step {start}", file=sys.stderr)
+            elif resume:
+                print(f"--resume: no checkpoint in {out}/checkpoints, starting from step 0", file=sys.stderr)
+            metrics = open(metrics_path, "a" if state else "w")
+        for s in range(start, args.max_steps):
             batch = [{k: v.to(device) for k, v in next(groups).items()} for _ in range(local)]
             loss_model.hits = loss_model.calls = 0
             r = step(batch, s, lr=lr_at(s, cfg, args.max_steps))
-            hits, calls = dist.all_reduce_sum(torch.tensor([loss_model.hits, loss_model.calls],
-                                                           dtype=torch.float64)).tolist()
+            # one small all-reduce: the choices right, and whether any rank got SIGTERM/SIGINT (all stop together)
+            hits, calls, stops = dist.all_reduce_sum(torch.tensor(
+                [loss_model.hits, loss_model.calls, float(stop.requested)], dtype=torch.float64)).tolist()
             row = {"step": s + 1, "loss": r.loss, "train_acc": hits / calls, "lr": lr_at(s, cfg, args.max_steps),
-                   "grad_norm": r.grad_norm, "seconds": round(time.perf_counter() - t0, 1)}
+                   "grad_norm": r.grad_norm, "seconds": round(time.perf_counter() - t0, 1),
+                   "peak_mem_bytes": peak_memory_bytes(device)}
+            if prec.mode == "fp16":
+                row["overflow"] = r.overflow
             if args.eval_every and ((s + 1) % args.eval_every == 0 or s + 1 == args.max_steps):
                 if d.is_main:  # the others wait at the barrier
                     row.update(_evaluate(model, tok, eval_ex, prec, args.unit))
@@ -325,10 +443,18 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> di
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 guard.fresh_start = False
-                print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                print(" | ".join(f"peak {v / 2**30:.2f} GiB" if k == "peak_mem_bytes" else
+                                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
                       file=sys.stderr, flush=True)
-                if args.save_every and (s + 1) % args.save_every == 0:
-                    save_adapter(model, out / "checkpoints" / f"step-{s + 1}" / "adapter", base_model=args.model)
+            if stops and s + 1 < args.max_steps:  # (a signal during the last step lets the run finish)
+                path = save_checkpoint(s + 1)
+                if d.is_main:
+                    print(f"stopped by signal after step {s + 1}; checkpoint {path}; continue with --resume",
+                          file=sys.stderr)
+                stopped = True
+                break
+            if args.save_every and (s + 1) % args.save_every == 0:
+                save_checkpoint(s + 1)
     except BaseException:
         guard.discard_unfinished_start()  # failed in its first step (as engine.train): the same command runs again
         guard.abandon()
@@ -336,15 +462,39 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist) -> di
     finally:
         if metrics is not None:
             metrics.close()
-    if d.is_main:  # the adapters are the same on every rank (DDP averages the gradients)
-        save_adapter(model, out / "adapter", base_model=args.model)
-        print(f"wrote {out / 'adapter'}")
-    dist.barrier()
-    return {"steps": args.max_steps}
+    if not stopped:
+        if d.is_main:  # the adapters are the same on every rank (DDP averages the gradients)
+            save_adapter(model, out / "adapter", base_model=args.model)
+            print(f"wrote {out / 'adapter'}")
+        if args.save_every and args.max_steps % args.save_every:
+            save_checkpoint(args.max_steps)  # the final state, so a --resume with a larger --max-steps continues
+        dist.barrier()
+    return {"steps": args.max_steps, "stopped": stopped, "signal": stop.signum}
+
+
+def _step_of(line: str) -> float:
+    """Step of a metrics.jsonl line; a torn last line (killed mid-write) counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def main(argv=None) -> int:
-    return run_command(run, build_parser().parse_args(argv))
+    """The command: exit status 0, 1 (an error, one line), 2 (usage), or 128 + signal after a SIGTERM or Ctrl-C
+    stopped the run at a checkpoint (a second signal stops it at once; the checkpoint being written is rolled
+    back, the one before stays)."""
+    args = parse_with_config(build_parser(), argv)
+    stop = ckpt.StopFlag().install()
+    result = {}
+    try:
+        code = run_command(lambda: result.update(run(args, stop)))
+    except SystemExit as e:  # a second signal, raised by StopFlag wherever the main thread was
+        print(f"error: {ckpt.interrupted_message(args.out)}", file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        stop.uninstall()
+    return 128 + result["signal"] if result.get("stopped") else code
 
 
 if __name__ == "__main__":

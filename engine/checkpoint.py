@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engine import dist
+from engine.rundir import RunDir
 from model.files import atomic_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -229,3 +230,14 @@ def _load(path: Path, *, model, optimizer, precision) -> dict:
                   state["rng"][d.rank], d.device)
     state["sampler"] = state["sampler"][d.rank]
     return state
+
+
+def interrupted_message(out) -> str:
+    """What a second signal leaves, said truthfully: the newest complete checkpoint, or none yet."""
+    last = latest(out) if Path(out).is_dir() else None
+    if last is not None:
+        return f"interrupted; the last complete checkpoint, {last}, is intact: --resume continues from it"
+    if RunDir(out).holds_run():
+        return (f"interrupted before the first checkpoint; {out} holds no checkpoint to resume from: rerun with "
+                "--overwrite to start again")
+    return f"interrupted before the run began; nothing was written to {out}"

@@ -2,7 +2,10 @@
 commands use it too), re-exported here."""
 from __future__ import annotations
 
+import argparse
+
 from data.cli import CliParser, run_command  # noqa: F401  (re-exported: the engine's commands import it from here)
+from engine.config import ConfigError, read_toml
 from model.generate import cpu_threads
 
 THREADS_HELP = ("CPU threads for torch (default: the cores this process may use minus the 1-minute load average, "
@@ -12,3 +15,50 @@ THREADS_HELP = ("CPU threads for torch (default: the cores this process may use 
 def set_threads(requested: int | None) -> int:
     """torch's CPU threads: the requested number, else a safe default (model.generate.cpu_threads)."""
     return cpu_threads(requested)
+
+
+def _flag_type(action: argparse.Action) -> type:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        return bool
+    assert action.type in (None, int, float, str), f"--config cannot check {action.dest}'s type {action.type}"
+    return action.type or str
+
+
+def config_defaults(parser: argparse.ArgumentParser, path) -> dict:
+    """A TOML recipe for an argparse command (engine.channel_train --config): each key is a flag spelled with
+    underscores (--max-steps -> max_steps) and holds a value of that flag's type. Unknown keys, wrong types and
+    values outside a flag's choices are ConfigError naming the file and the key. The caller sets the result as
+    the parser's defaults, so the command line overrides the file."""
+    flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    out = {}
+    for key, value in read_toml(path).items():
+        action = flags.get(key)
+        if action is None:
+            raise ConfigError(f"{path}: unknown key {key!r} (keys are {parser.prog}'s flags spelled with "
+                              "underscores; see --help)")
+        want = _flag_type(action)
+        ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+              float: isinstance(value, (int, float)) and not isinstance(value, bool),
+              str: isinstance(value, str)}[want]
+        if not ok:
+            raise ConfigError(f"{path}: key {key!r} must be {want.__name__}, got {value!r}")
+        value = float(value) if want is float else value
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"{path}: key {key!r} must be one of {', '.join(map(str, action.choices))}, got "
+                              f"{value!r}")
+        out[key] = value
+    return out
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parser.parse_args(argv), with the TOML file of a --config in argv as defaults (config_defaults); a bad
+    file is a one-line usage error (exit 2), as a bad flag is."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        try:
+            parser.set_defaults(**config_defaults(parser, known.config))
+        except ConfigError as e:
+            parser.error(str(e))
+    return parser.parse_args(argv)

@@ -195,6 +195,11 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
 
 
 def load_toml(path: str | os.PathLike) -> dict:
+    return {k: _check(k, v, str(path)) for k, v in read_toml(path).items()}
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    """The TOML file's table, or ConfigError naming the file and what is wrong with it (keys not yet checked)."""
     p = Path(path)
     try:
         with open(p, "rb") as fh:
@@ -209,7 +214,7 @@ def load_toml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{p}: cannot read the config ({e.strerror or type(e).__name__})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
-    return {k: _check(k, v, str(p)) for k, v in raw.items()}
+    return raw
 
 
 class _Parser(argparse.ArgumentParser):

@@ -35,16 +35,19 @@ class LinearCrossEntropy(torch.autograd.Function):
     h: (N, H), weight: (V, H) (lm_head's, no bias), y: (N,) class ids; dtype: the matmul dtype (the autocast
     dtype, or the weight's). Matmuls run in `dtype` and the softmax in fp32, as autocast would run lm_head and a
     fp32 cross-entropy; the weight gradient is computed only when the weight is trainable (a frozen base in
-    QLoRA, so normally never).
+    QLoRA, so normally never). per_row: return the (N,) cross-entropies instead of their sum, each with its own
+    incoming gradient (engine.channel_train sums them per candidate, then takes a softmax over candidates).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, y, chunk: int, dtype: torch.dtype, row_weight=None):
+    def forward(ctx, h, weight, y, chunk: int, dtype: torch.dtype, row_weight=None, per_row: bool = False):
         assert h.dim() == 2 and y.shape == h.shape[:1] and weight.shape[1] == h.shape[1], (h.shape, weight.shape)
         assert row_weight is None or row_weight.shape == y.shape
+        assert not (per_row and (row_weight is not None or h.shape[0] == 0)), "per-row: unweighted, some rows"
         w = weight.to(dtype)  # no copy when lm_head is already in the compute dtype
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows = []
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.shape[0], chunk):
                 logits = (h[i:i + chunk].to(dtype) @ w.T).float()  # (c, V) fp32
@@ -53,11 +56,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                 # log-sum-exp in place (torch.logsumexp would allocate a second (c, V) buffer)
                 lse[i:i + chunk] = m + logits.sub_(m[:, None]).exp_().sum(1).log()
                 ce = lse[i:i + chunk] - target
-                total += (ce * row_weight[i:i + chunk] if row_weight is not None else ce).sum()
+                if per_row:
+                    rows.append(ce)
+                else:
+                    total += (ce * row_weight[i:i + chunk] if row_weight is not None else ce).sum()
                 del logits
         ctx.save_for_backward(h, weight, y, lse, row_weight)
-        ctx.chunk, ctx.dtype = chunk, dtype
-        return total
+        ctx.chunk, ctx.dtype, ctx.per_row = chunk, dtype, per_row
+        return torch.cat(rows) if per_row else total
 
     @staticmethod
     def backward(ctx, grad):
@@ -73,7 +79,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 p = (hc @ w.T).float()  # (c, V) recomputed logits -> softmax -> d loss / d logits, all in place
                 p.sub_(lse[i:i + chunk, None]).exp_()
                 p[torch.arange(p.shape[0], device=p.device), y[i:i + chunk]] -= 1.0
-                p.mul_(g if row_weight is None else g * row_weight[i:i + chunk, None])
+                if ctx.per_row:
+                    p.mul_(g[i:i + chunk, None])
+                else:
+                    p.mul_(g if row_weight is None else g * row_weight[i:i + chunk, None])
                 gp = p.to(dtype)  # the matmuls in the compute dtype, as autograd under autocast would run them
                 del p
                 if gh is not None:
@@ -81,7 +90,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if gw is not None:
                     gw += (gp.T @ hc).float()
                 del gp
-        return gh, (gw.to(weight.dtype) if gw is not None else None), None, None, None, None
+        return gh, (gw.to(weight.dtype) if gw is not None else None), None, None, None, None, None
 
 
 def matmul_dtype(device: torch.device, weight: torch.Tensor) -> torch.dtype:

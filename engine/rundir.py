@@ -119,15 +119,16 @@ class RunDir:
         """Names of the run files present in OUT (empty: nothing of a run there)."""
         return [n for n in RUN_FILES if (self.out / n).exists()]
 
-    def check_start(self, cfg: TrainConfig, resume: bool, resumable: bool = True) -> None:
+    def check_start(self, cfg: TrainConfig, resume: bool, settings: dict | None = None,
+                    may_differ: frozenset | set = frozenset(RESUMABLE)) -> None:
         """Refuse to start over an earlier run unless asked (--resume continues it, --overwrite replaces it), and
-        refuse a resume whose settings differ from the saved run in anything but RESUMABLE keys. resumable=False:
-        the command has no --resume (engine.channel_train), and the refusal does not offer it."""
+        refuse a resume whose settings differ from the saved run in anything but the may_differ keys (engine.train's
+        RESUMABLE). settings: what this run saves as its config.json, when that is not cfg.to_dict()
+        (engine.channel_train saves its own flags)."""
         found = self.holds_run()
         if found and not (resume or cfg.overwrite):
-            offer = "pass --resume to continue it, --overwrite to replace it" if resumable else \
-                "pass --overwrite to replace it"
-            raise ConfigError(f"{self.out} holds an earlier run ({', '.join(found)}); {offer}, or pick another --out")
+            raise ConfigError(f"{self.out} holds an earlier run ({', '.join(found)}); pass --resume to continue it, "
+                              "--overwrite to replace it, or pick another --out")
         saved_path = self.out / "config.json"
         if resume and saved_path.is_file():
             try:
@@ -135,8 +136,8 @@ class RunDir:
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{saved_path}: unreadable ({type(e).__name__}); the run cannot be resumed "
                                   "safely; use --overwrite or another --out") from None
-            mine = cfg.to_dict()
-            diff = [k for k in mine if k not in RESUMABLE and k in saved and saved[k] != mine[k]]
+            mine = cfg.to_dict() if settings is None else settings
+            diff = [k for k in mine if k not in may_differ and k in saved and saved[k] != mine[k]]
             if diff:
                 what = ", ".join(f"{k} (saved {saved[k]!r}, now {mine[k]!r})" for k in diff)
                 raise ConfigError(f"--resume: {what} differ from the run in {self.out}; resume with its settings "

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import resource
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -221,3 +223,21 @@ class TrainStep:
         grad_norm, overflow = self.prec.clip_and_step(self.optimizer, self.params, self.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, n_sup, grad_norm, overflow)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: max_memory_allocated of this rank. CPU: this process's peak resident set size.
+
+    Linux: VmHWM from /proc/self/status (getrusage's ru_maxrss can carry a parent's larger peak over a
+    fork + exec); elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024

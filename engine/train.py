@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,30 +31,12 @@ from engine.memory import log_ledger, out_of_memory_gist
 from engine.precision import NonFiniteLoss, Precision
 from engine.report import lora_report
 from engine.rundir import RunDir
-from engine.step import TrainStep, check_device_tools, lr_at, make_optimizer, prepare_model
+from engine.step import TrainStep, check_device_tools, lr_at, make_optimizer, peak_memory_bytes, prepare_model
 from model import load_adapter, load_model, load_tokenizer, save_adapter
 from model.adapter import check_adapter
 
 
 # ---------------------------------------------------------------- small pieces the loop uses
-def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: max_memory_allocated of this rank. CPU: this process's peak resident set size.
-
-    Linux: VmHWM from /proc/self/status (getrusage's ru_maxrss can carry a parent's larger peak over a
-    fork + exec); elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def _fmt_time(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -399,17 +380,6 @@ def preflight(argv: list[str]) -> int:
     return 0
 
 
-def interrupted_message(out) -> str:
-    """What a second signal leaves, said truthfully: the newest complete checkpoint, or none yet."""
-    last = ckpt.latest(out) if Path(out).is_dir() else None
-    if last is not None:
-        return f"interrupted; the last complete checkpoint, {last}, is intact: --resume continues from it"
-    if RunDir(out).holds_run():
-        return (f"interrupted before the first checkpoint; {out} holds no checkpoint to resume from: rerun with "
-                "--overwrite to start again")
-    return f"interrupted before the run began; nothing was written to {out}"
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_mod.parse_args(argv)
@@ -422,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         if result["stopped"]:
             code = 128 + result["signal"]
     except (KeyboardInterrupt, SystemExit) as e:  # a second signal: the save in progress was rolled back
-        print(f"error: {interrupted_message(cfg.out)}", file=sys.stderr)
+        print(f"error: {ckpt.interrupted_message(cfg.out)}", file=sys.stderr)
         code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 130
     except Exception as e:  # the user-facing boundary: one line; CLAUSELORA_DEBUG=1 shows the traceback
         if os.environ.get("CLAUSELORA_DEBUG"):

@@ -154,7 +154,7 @@ def test_resume_from_a_damaged_checkpoint_names_it_and_writes_nothing(tmp_path, 
 
 
 def test_a_second_signal_says_what_is_left(tmp_path):
-    from engine.train import interrupted_message
+    from engine.checkpoint import interrupted_message
 
     out = tmp_path / "run"
     assert "nothing was written" in interrupted_message(out)

@@ -52,7 +52,9 @@ def test_choice_of_with_sentence_units_takes_the_sentence_the_answer_begins_in()
 
 def test_channel_loss_is_cross_entropy_over_independent_full_forward_scores(tiny):
     """ChannelLoss on a group equals -log softmax(s)[gold], with each s_i computed row by row from the model's
-    full logits (model(ids)), gradients included."""
+    full logits (model(ids)), gradients included: lm_head's (its weight gradient in engine.loss's chunked
+    LinearCrossEntropy) and the final norm's (through the hidden states' gradient, the path to every adapter),
+    with one chunk of rows and with chunks of 3 rows."""
     from engine.channel_train import ChannelLoss, choice_of, make_group
 
     model, tok = tiny
@@ -62,10 +64,16 @@ def test_channel_loss_is_cross_entropy_over_independent_full_forward_scores(tiny
     assert int(g["segment_ids"].max()) == 3  # three paragraphs and the null, packed in one row
     assert float(g["loss_weights"].sum()) == pytest.approx(1.0)
     model.requires_grad_(False)
-    model.lm_head.weight.requires_grad_(True)
-    loss = ChannelLoss(model)(g["input_ids"], g["labels"], position_ids=g["position_ids"],
-                              segment_ids=g["segment_ids"], loss_weights=g["loss_weights"], choice=g["choice"])
-    (ga,) = torch.autograd.grad(loss, model.lm_head.weight)
+    weights = [model.lm_head.weight, model.model.norm.weight]
+    for w in weights:
+        w.requires_grad_(True)
+    losses, grads = [], []
+    for chunk in (1024, 3):
+        loss = ChannelLoss(model, chunk)(g["input_ids"], g["labels"], position_ids=g["position_ids"],
+                                         segment_ids=g["segment_ids"], loss_weights=g["loss_weights"],
+                                         choice=g["choice"])
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, weights))
     scores = []
     for i in range(4):  # each candidate alone, through the model's full logits
         cols = (g["segment_ids"][0] == i).nonzero()[:, 0]
@@ -73,10 +81,14 @@ def test_channel_loss_is_cross_entropy_over_independent_full_forward_scores(tiny
         logp = torch.log_softmax(model(ids[None])[0].float(), -1)
         scores.append(sum(logp[p - 1, lab[p]] for p in (lab != -100).nonzero()[:, 0].tolist()))
     ref = -torch.log_softmax(torch.stack(scores), 0)[g["choice"]]
-    (gb,) = torch.autograd.grad(ref, model.lm_head.weight)
-    model.lm_head.weight.requires_grad_(False)
-    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
-    assert torch.allclose(ga, gb, atol=1e-6, rtol=1e-4)
+    ref_grads = torch.autograd.grad(ref, weights)
+    for w in weights:
+        w.requires_grad_(False)
+    assert all(float(gb.abs().max()) > 0 for gb in ref_grads)
+    for loss, got in zip(losses, grads):
+        assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+        for ga, gb in zip(got, ref_grads):
+            assert torch.allclose(ga, gb, atol=1e-6, rtol=1e-4)
 
 
 def test_make_group_keeps_gold_caps_candidates_and_puts_null_last(tiny):
@@ -366,8 +378,8 @@ def test_a_wrong_hard_negatives_file_is_refused_before_the_model_loads(tiny_mode
     assert not (tmp_path / "o").exists()
 
 
-def test_an_earlier_run_is_refused_without_offering_a_resume_it_lacks(tmp_path, capsys):
-    """engine.channel_train has --overwrite but no --resume: its refusal names only what it can do."""
+def test_an_earlier_run_is_refused_and_left_as_it_was(tmp_path, capsys):
+    """An --out holding a run needs --resume or --overwrite; the refusal says so and touches nothing there."""
     from engine.channel_train import main
 
     out = tmp_path / "o"
@@ -375,5 +387,5 @@ def test_an_earlier_run_is_refused_without_offering_a_resume_it_lacks(tmp_path, 
     (out / "metrics.jsonl").write_text("")
     assert main(["--data", "synthetic", "--out", str(out)]) != 0
     err = capsys.readouterr().err.strip()
-    assert "holds an earlier run" in err and "--overwrite" in err and "--resume" not in err, err
+    assert "holds an earlier run" in err and "--overwrite" in err and "--resume" in err, err
     assert {p.name for p in out.iterdir()} - {".lock"} == {"metrics.jsonl"}  # the run's lock file stays, by design

@@ -84,7 +84,10 @@ def test_resolved_config_roundtrips_through_json(tmp_path):
 
 
 def test_shipped_configs_parse():
-    for p in sorted((REPO / "configs").glob("*.toml")):
+    """engine.train's recipes; those named *channel* are engine.channel_train's (tests/test_channel_resume.py)."""
+    found = [p for p in sorted((REPO / "configs").glob("*.toml")) if "channel" not in p.name]
+    assert len(found) >= 3
+    for p in found:
         parse_args(["--config", str(p)])
 
 

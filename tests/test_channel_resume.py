@@ -1,0 +1,201 @@
+"""engine.channel_train's recipes (--config FILE.toml) and exact resume: N steps straight == stopped by SIGTERM
+(one process, and two under ./launch.sh --channel) + --resume to N. Identical means every metrics.jsonl field but
+the wall clock and peak memory (CLOCK) equal, and the final adapter file byte-identical."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_calibrate import _paragraph_data
+from tests.test_evaluate import tiny_model_dir  # noqa: F401  (the module-scoped fixture)
+
+STEPS = 24
+CLOCK = {"seconds", "peak_mem_bytes"}  # wall clock and resident memory: the only fields that may differ
+
+
+def _args(model, spec, out, *extra):
+    return ["--model", str(model), "--data", spec, "--out", str(out), "--max-steps", str(STEPS),
+            "--groups-per-step", "2", "--max-candidates", "2", "--lr", "3e-3", "--warmup-steps", "2",
+            "--quantize", "none", "--precision", "fp32", "--no-checkpointing", "--save-every", "4",
+            "--keep-last", "2", "--threads", "1", *extra]
+
+
+def _run(argv, nproc=0, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": os.environ.get("PYTHON", sys.executable)}
+    cmd = (["./launch.sh", "--nproc", str(nproc), "--channel"] if nproc else
+           [sys.executable, "-m", "engine.channel_train"]) + argv
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _metrics(out):
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps_logged(out):
+    p = Path(out) / "metrics.jsonl"
+    return sum(1 for ln in p.read_text().splitlines() if '"loss"' in ln) if p.exists() else 0
+
+
+def _stop_after(proc, out, n):
+    t0 = time.monotonic()
+    while _steps_logged(out) < n:
+        assert proc.poll() is None, f"run ended before step {n}: {proc.communicate()[1][-3000:]}"
+        assert time.monotonic() - t0 < 240, f"timed out waiting for step {n}"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)  # to the command (or launch.sh) only, as a job scheduler sends it
+
+
+def _same(a, b):
+    ma, mb = _metrics(a), _metrics(b)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == list(range(1, STEPS + 1))
+    for x, y in zip(ma, mb):
+        assert {k: v for k, v in x.items() if k not in CLOCK} == {k: v for k, v in y.items() if k not in CLOCK}
+    fa, fb = (Path(d) / "adapter" / "adapter_model.safetensors" for d in (a, b))
+    assert fa.read_bytes() == fb.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("channel_resume")
+    spec = _paragraph_data(tmp / "d.jsonl")
+    code, _, err = _finish(_run(_args(tiny_model_dir, spec, tmp / "straight")))
+    assert code == 0, err[-3000:]
+    return tmp, spec, tmp / "straight"
+
+
+def test_sigterm_then_resume_is_identical_to_the_straight_run(straight, tiny_model_dir):  # noqa: F811
+    tmp, spec, ref = straight
+    out = tmp / "stopped"
+    p = _run(_args(tiny_model_dir, spec, out))
+    _stop_after(p, out, 6)
+    code, _, err = _finish(p)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    at = _steps_logged(out)
+    assert "stopped by signal" in err and 6 <= at < STEPS
+    assert (out / "checkpoints" / f"step-{at}" / "state.json").is_file()
+    assert (out / "checkpoints" / f"step-{at}" / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(list((out / "checkpoints").iterdir())) <= 2  # --keep-last 2
+    assert not (out / "adapter").exists()  # the adapter is written only by a finished run
+    code, _, err = _finish(_run(_args(tiny_model_dir, spec, out, "--resume")))
+    assert code == 0, err[-3000:]
+    assert re.search(rf"resumed from \S+step-{at} at step {at}\b", err), err[-3000:]  # not a restart from 0
+    _same(ref, out)
+
+
+def test_resume_refuses_other_settings_and_continues_to_more_steps(straight, tiny_model_dir):  # noqa: F811
+    """A --resume that would compute something else is refused before anything is written, naming the flag;
+    one with a larger --max-steps continues from the final checkpoint (step 24) instead of starting over."""
+    from engine.channel_train import main
+
+    tmp, spec, ref = straight
+    out = tmp / "more"
+    code, _, err = _finish(_run(_args(tiny_model_dir, spec, out)))
+    assert code == 0, err[-3000:]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert main(_args(tiny_model_dir, spec, out, "--resume", "--lr", "1e-3")) == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    argv = _args(tiny_model_dir, spec, out, "--resume")
+    argv[argv.index("--max-steps") + 1] = str(STEPS + 4)
+    code, _, err = _finish(_run(argv))
+    assert code == 0, err[-3000:]
+    assert f"at step {STEPS}" in err and [r["step"] for r in _metrics(out)] == list(range(1, STEPS + 5))
+    clock = lambda rows: [{k: v for k, v in r.items() if k not in CLOCK} for r in rows]  # noqa: E731
+    assert clock(_metrics(out)[:STEPS]) == clock(_metrics(ref))  # the first 24 steps kept, the 4 more appended
+
+
+def test_a_changed_setting_on_resume_is_named(straight, tiny_model_dir, capsys):  # noqa: F811
+    from engine.channel_train import main
+
+    tmp, spec, ref = straight
+    capsys.readouterr()
+    assert main(_args(tiny_model_dir, spec, ref, "--resume", "--max-candidates", "3")) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "max_candidates (saved 2, now 3)" in err, err
+
+
+def test_two_processes_stopped_through_the_launcher_resume_byte_identical(straight, tiny_model_dir):  # noqa: F811
+    """./launch.sh --nproc 2 --channel, the recipe's way: SIGTERM to the launcher reaches both workers, which
+    write one checkpoint together; --resume under the launcher ends as the uninterrupted 2-process run does."""
+    tmp, spec, _ = straight
+    code, _, err = _finish(_run(_args(tiny_model_dir, spec, tmp / "two"), nproc=2))
+    assert code == 0, err[-3000:]
+    out = tmp / "two-stopped"
+    p = _run(_args(tiny_model_dir, spec, out), nproc=2)
+    _stop_after(p, out, 5)
+    code, _, err = _finish(p)
+    assert code == 143, err[-3000:]
+    at = _steps_logged(out)
+    assert 5 <= at < STEPS and (out / "checkpoints" / f"step-{at}" / "state.json").is_file()
+    code, _, err = _finish(_run(_args(tiny_model_dir, spec, out, "--resume"), nproc=2))
+    assert code == 0, err[-3000:]
+    assert f"at step {at}" in err
+    _same(tmp / "two", out)
+
+
+def test_a_config_file_gives_defaults_the_command_line_overrides(tmp_path):
+    from engine.channel_train import build_parser
+    from engine.cli import parse_with_config
+
+    cfg = tmp_path / "r.toml"
+    cfg.write_text('data = "synthetic"\nout = "runs/x"\nmax_steps = 7\nlr = 1\ncheckpointing = false\n'
+                   'unit = "sentence"\n')
+    a = parse_with_config(build_parser(), ["--config", str(cfg), "--max-steps", "9"])
+    assert (a.data, a.out, a.max_steps, a.lr, a.checkpointing, a.unit) == ("synthetic", "runs/x", 9, 1.0, False,
+                                                                           "sentence")
+    assert isinstance(a.lr, float) and a.groups_per_step == 4  # a flag the file leaves out keeps its default
+
+
+@pytest.mark.parametrize("text, words", [
+    ("max_step = 7\n", ["unknown key 'max_step'"]),
+    ("max_steps = 7.5\n", ["'max_steps' must be int"]),
+    ("checkpointing = 1\n", ["'checkpointing' must be bool"]),
+    ('unit = "word"\n', ["'unit' must be one of paragraph, sentence"]),
+    ("max_steps = \n", ["invalid TOML"]),
+])
+def test_a_bad_config_file_is_one_line_naming_file_and_key(tmp_path, capsys, text, words):
+    from engine.channel_train import main
+
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(cfg), "--data", "synthetic", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and str(cfg) in err and all(w in err for w in words), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*channel*.toml")))
+def test_the_shipped_channel_recipes_parse(name):
+    """Every key of the shipped recipes (configs/*channel*.toml; the others are engine.train's) is a flag of the
+    right type: a typo would stop the user's run."""
+    from engine.channel_train import build_parser, check_args
+    from engine.cli import parse_with_config
+
+    a = parse_with_config(build_parser(), ["--config", str(REPO / "configs" / name), "--out", "o"])
+    check_args(a)
+    assert a.data and a.max_steps > 0 and a.groups_per_step % 2 == 0  # 2 processes take equal shares
+
+
+@pytest.mark.parametrize("bad", [["--data", "jsonl:/nonexistent/data.jsonl"], ["--lr", "-1"],
+                                 ["--data", "synthetic", "--config", "/nonexistent/recipe.toml"]])
+def test_the_launcher_reports_a_bad_channel_setting_once_before_torchrun(tmp_path, bad):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": os.environ.get("PYTHON", sys.executable)}
+    argv = ["./launch.sh", "--nproc", "2", "--channel", "--out", str(tmp_path / "o"), *bad]
+    if "--lr" in bad:
+        argv += ["--data", "synthetic"]
+    r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:"), r.stderr
+    assert "torch.distributed" not in r.stderr and not (tmp_path / "o").exists()
