@@ -16,9 +16,10 @@ The step is engine.step's TrainStep (optimizer, schedule, loss scaling, clipping
 engine.train builds; only the loss (ChannelLoss) and the batches (one example's candidates per micro-batch)
 differ. It runs in one process or under torchrun (DDP over the adapters; rank r takes every r-th example of
 one seeded stream, so a step holds the same examples whatever the number of processes) and writes OUT/adapter
-(PEFT layout), OUT/metrics.jsonl, OUT/config.json and,
-with --save-every, OUT/checkpoints/step-N/adapter (adapters only: a stopped run is restarted, not resumed;
---init-adapter continues from a saved adapter with a fresh optimizer and schedule).
+(PEFT layout), OUT/metrics.jsonl, OUT/config.json and, with --save-every or when SIGTERM/SIGINT stops it,
+OUT/checkpoints/step-N (engine.checkpoint's: adapter/ to evaluate, and the weights, optimizer, loss scale, RNG
+and data position from which --resume continues exactly). --config takes the flags from a TOML recipe
+(configs/*channel*.toml); --init-adapter starts from a saved adapter with a fresh optimizer and schedule.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from data.example import DataError
 from data.validate import load_validated
 from engine import checkpoint as ckpt
 from engine import dist
-from engine.cli import THREADS_HELP, CliParser, parse_with_config, run_command, set_threads
+from engine.cli import THREADS_HELP, CliParser, parse_with_config, set_threads
 from engine.config import ConfigError, TrainConfig
 from engine.evaluate import DEFAULT_SEQ_LEN, evaluate_examples, read_eval_json
 from engine.loss import LOSS_CHUNK, LinearCrossEntropy, matmul_dtype
@@ -72,6 +73,7 @@ class ChannelLoss(torch.nn.Module):
         h = self.model.hidden(input_ids, position_ids=position_ids, segment_ids=segment_ids)  # (1, T, H)
         target = labels[:, 1:]
         where = target != IGNORE
+        assert type(self.model.lm_head) is torch.nn.Linear and self.model.lm_head.bias is None
         w = self.model.lm_head.weight
         ce = LinearCrossEntropy.apply(h[:, :-1][where], w, target[where], self.chunk, matmul_dtype(h.device, w),
                                       None, True)  # (N,) per query token
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in OUT from its newest checkpoint, exactly as if it had not stopped (its "
                          "settings must be the saved ones, except --max-steps, --save-every, --keep-last, "
-                         "--eval-every, --threads)")
+                         "--eval-every, --eval-split, --threads, --device, --init-adapter)")
     ap.add_argument("--init-adapter", default=None, help="start from this adapter (an earlier run's adapter/ or "
                     "checkpoints/step-N/adapter; its rank must equal --lora-r) instead of fresh LoRA; the optimizer "
                     "and schedule start afresh: use another --seed for a new data order")
@@ -273,20 +275,18 @@ def check_args(args) -> TrainConfig:
             raise ConfigError(f"--{name} is required (on the command line or as {name} in --config)")
     for name in ("max_steps", "groups_per_step", "lora_r", "max_candidates", "max_clause_tokens"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
     for name in ("warmup_steps", "eval_every", "save_every", "keep_last"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr must be a positive number, got {args.lr}")
+        raise ConfigError(f"--lr must be a positive number, got {args.lr}")
     if args.hard_share is not None and not args.hard_negatives:
-        raise ValueError("--hard-share needs --hard-negatives EVAL.json (the candidates it ranks)")
+        raise ConfigError("--hard-share needs --hard-negatives EVAL.json (the candidates it ranks)")
     if args.hard_share is not None and not 0.0 <= args.hard_share <= 1.0:  # also refuses nan
-        raise ValueError(f"--hard-share must be between 0 and 1, got {args.hard_share}")
+        raise ConfigError(f"--hard-share must be between 0 and 1, got {args.hard_share}")
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
-    if args.hard_share is None:
-        args.hard_share = 0.5  # the default, as config.json records it
     return TrainConfig(model=args.model, data=args.data, lr=args.lr, warmup_steps=args.warmup_steps,
                        max_steps=args.max_steps, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
                        quantize=args.quantize, precision=args.precision, checkpointing=args.checkpointing,
@@ -311,6 +311,7 @@ def preflight(argv: list[str]) -> int:
         cfg = check_args(args)
         _check_start(RunDir(args.out), cfg, args, args.resume)
         examples = load_validated(args.data, args.split)[0]
+        _eval_examples(args)
         if args.hard_negatives:
             hard_negatives(args.hard_negatives, examples, args.unit)
         if args.init_adapter and not (args.resume and ckpt.latest(Path(args.out))):
@@ -322,6 +323,17 @@ def preflight(argv: list[str]) -> int:
         print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 1
     return 0
+
+
+def _eval_examples(args) -> list:
+    """The --eval-split examples for --eval-every (none without it); an empty split is refused."""
+    if not args.eval_every:
+        return []
+    found = load_validated(args.data, args.eval_split)[0]
+    if not found:
+        raise ValueError(f"{args.data}: split {args.eval_split!r} has no usable examples for --eval-every; pass "
+                         "another --eval-split or --eval-every 0")
+    return found
 
 
 def _check_init_adapter(args) -> None:
@@ -360,10 +372,7 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
         set_threads(args.threads)
         device = d.device
         train_ex, rep = load_validated(args.data, args.split)
-        eval_ex = load_validated(args.data, args.eval_split)[0] if args.eval_every and d.is_main else []
-        if args.eval_every and d.is_main and not eval_ex:
-            raise ValueError(f"{args.data}: split {args.eval_split!r} has no usable examples for --eval-every; "
-                             "pass another --eval-split or --eval-every 0")
+        eval_ex = _eval_examples(args)  # on every rank: a refusal on rank 0 alone would leave the others waiting
         # read now, before the model loads: a wrong file is one line, not an error at the first step
         hard = hard_negatives(args.hard_negatives, train_ex, args.unit) if args.hard_negatives else None
         if args.init_adapter and resume_from is None:
@@ -386,6 +395,9 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
         start = state["step"] if state else 0
         if state:
             assert state["sampler"]["groups"] == start * args.groups_per_step, state["sampler"]
+            if args.max_steps < start:
+                raise ConfigError(f"--max-steps {args.max_steps} ends before {resume_from} (step {start}); resume "
+                                  f"with --max-steps {start} or more")
         groups = _groups(tok, train_ex, args, d.rank, d.world_size, hard, skip=start * args.groups_per_step)
     except BaseException:
         guard.abandon()  # a refused or failed start leaves OUT as it was
@@ -402,9 +414,11 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
                          keep_last=args.keep_last or 2**31, base_model=args.model, save_adapter=save_adapter)
 
     s, stopped = start, False
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # peak_mem_bytes: the steps', not the model load's
     try:
         if d.is_main:
-            if args.overwrite:
+            if args.overwrite and not state:  # (a torchrun restart of an --overwrite run resumes its own checkpoint)
                 guard.clear_for_overwrite()
             ckpt.remove_partial(out)
             atomic_write_text(out / "config.json",
@@ -482,19 +496,26 @@ def _step_of(line: str) -> float:
 
 def main(argv=None) -> int:
     """The command: exit status 0, 1 (an error, one line), 2 (usage), or 128 + signal after a SIGTERM or Ctrl-C
-    stopped the run at a checkpoint (a second signal stops it at once; the checkpoint being written is rolled
-    back, the one before stays)."""
+    stopped the run at a checkpoint (a second signal, 2 s or more after the first, stops it at once; the
+    checkpoint being written is rolled back, the one before stays)."""
     args = parse_with_config(build_parser(), argv)
     stop = ckpt.StopFlag().install()
-    result = {}
     try:
-        code = run_command(lambda: result.update(run(args, stop)))
+        result = run(args, stop)
     except SystemExit as e:  # a second signal, raised by StopFlag wherever the main thread was
         print(f"error: {ckpt.interrupted_message(args.out)}", file=sys.stderr)
-        code = e.code if isinstance(e.code, int) else 1
+        return e.code if isinstance(e.code, int) else 1
+    except ConfigError as e:  # a usage error: a flag, a run directory, a resume that does not match
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the user-facing boundary, as data.cli.run_command: one line (CLAUSELORA_DEBUG=1: all)
+        if os.environ.get("CLAUSELORA_DEBUG"):
+            raise
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 1
     finally:
         stop.uninstall()
-    return 128 + result["signal"] if result.get("stopped") else code
+    return 128 + result["signal"] if result["stopped"] else 0
 
 
 if __name__ == "__main__":

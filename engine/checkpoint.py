@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,17 @@ class StopFlag:
     Kaggle and Colab end sessions with SIGTERM and a grace period; Ctrl-C is SIGINT. The second signal raises
     SystemExit wherever the main thread is; if that is inside `save`, the partial step-N.tmp is deleted on the
     way out, so no half-written checkpoint survives and the previous complete one stays the newest.
+    A signal within `repeat_s` seconds of the first is the same request delivered again, not a second one: Ctrl-C
+    in a terminal reaches every process of the foreground group, and ./launch.sh and torchrun each pass it on,
+    so a worker can get it three times within milliseconds (a job scheduler that signals every process of a job
+    does the same).
     """
 
-    def __init__(self):
+    def __init__(self, repeat_s: float = 2.0):
         self.signum = 0
         self.count = 0
+        self.repeat_s = repeat_s
+        self._first = 0.0
 
     def install(self):
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -54,7 +61,12 @@ class StopFlag:
         self._previous = {}
 
     def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self.count and now - self._first < self.repeat_s:
+            return  # the first request, delivered again
         self.count += 1
+        if self.count == 1:
+            self._first = now
         self.signum = self.signum or signum
         if self.count >= 2:
             raise SystemExit(128 + signum)
@@ -212,6 +224,10 @@ def _load(path: Path, *, model, optimizer, precision) -> dict:
     if state["world_size"] != d.world_size:
         raise ValueError(f"{path}: saved with {state['world_size']} processes, resuming with {d.world_size}; "
                          "exact resume needs the same --nproc")
+    saved_mode = state["precision"].get("mode")
+    if saved_mode and saved_mode != precision.mode:  # "auto" is fp16 on a T4, bf16 on an A100, fp32 on a CPU
+        raise ValueError(f"{path}: saved in precision {saved_mode}, resuming in {precision.mode}; exact resume "
+                         f"needs the same: pass --precision {saved_mode} (on a device that has it)")
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     want = {n for n, p in params.items() if p.requires_grad}

@@ -53,7 +53,8 @@ def config_defaults(parser: argparse.ArgumentParser, path) -> dict:
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """parser.parse_args(argv), with the TOML file of a --config in argv as defaults (config_defaults); a bad
     file is a one-line usage error (exit 2), as a bad flag is."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, prog=parser.prog)
+    pre.error = parser.error  # "--config" without a file: the command's one-line usage error
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config:

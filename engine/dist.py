@@ -93,9 +93,16 @@ def seed_rank(seed: int, rank: int):
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks in place (no-op with one process). A sync point: every rank must call it."""
+    """Sum a tensor over ranks in place (no-op with one process). A sync point: every rank must call it.
+    NCCL (the CUDA process group) reduces CUDA tensors only: a CPU tensor (the trainers' small counters) goes to
+    this rank's GPU for the reduction and its sum is copied back."""
     if _STATE.enabled:
-        tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+        if _STATE.device.type == "cuda" and x.device.type != "cuda":
+            on_gpu = x.to(_STATE.device)
+            tdist.all_reduce(on_gpu, op=tdist.ReduceOp.SUM)
+            x.copy_(on_gpu)
+        else:
+            tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
     return x
 
 

@@ -105,9 +105,12 @@ def test_resume_refuses_other_settings_and_continues_to_more_steps(straight, tin
     code, _, err = _finish(_run(_args(tiny_model_dir, spec, out)))
     assert code == 0, err[-3000:]
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
-    assert main(_args(tiny_model_dir, spec, out, "--resume", "--lr", "1e-3")) == 1
+    assert main(_args(tiny_model_dir, spec, out, "--resume", "--lr", "1e-3")) == 2  # a usage error
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
     argv = _args(tiny_model_dir, spec, out, "--resume")
+    argv[argv.index("--max-steps") + 1] = str(STEPS - 4)  # would end before the final checkpoint (step 24)
+    assert main(argv) == 2
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
     argv[argv.index("--max-steps") + 1] = str(STEPS + 4)
     code, _, err = _finish(_run(argv))
     assert code == 0, err[-3000:]
@@ -197,5 +200,27 @@ def test_the_launcher_reports_a_bad_channel_setting_once_before_torchrun(tmp_pat
     if "--lr" in bad:
         argv += ["--data", "synthetic"]
     r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:"), r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:"), r.stderr
+    assert r.returncode == (1 if "jsonl:" in " ".join(bad) else 2), r.stderr  # a missing file; usage errors
     assert "torch.distributed" not in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_to_the_whole_process_group_still_checkpoints(straight, tiny_model_dir):  # noqa: F811
+    """Ctrl-C in a terminal reaches every process of the foreground group: launch.sh, torchrun and the workers,
+    and launch.sh and torchrun each pass it on, so a worker gets it up to three times within milliseconds. That
+    is one request to stop (a checkpoint, exit 130), not the "second signal" that stops at once."""
+    tmp, spec, _ = straight
+    out = tmp / "ctrl-c"
+    p = _run(_args(tiny_model_dir, spec, out), nproc=2)
+    t0 = time.monotonic()
+    while _steps_logged(out) < 4:
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        assert time.monotonic() - t0 < 240
+        time.sleep(0.005)
+    os.killpg(p.pid, signal.SIGINT)  # the terminal's way: the whole process group
+    code, _, err = _finish(p)
+    assert code == 130, err[-3000:]
+    at = _steps_logged(out)
+    assert at < STEPS and (out / "checkpoints" / f"step-{at}" / "state.json").is_file(), err[-3000:]
+    code, _, err = _finish(_run(_args(tiny_model_dir, spec, out, "--resume"), nproc=2))
+    assert code == 0 and f"at step {at}" in err, err[-3000:]

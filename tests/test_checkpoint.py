@@ -53,6 +53,18 @@ def test_roundtrip_restores_weights_optimizer_rng_exactly(tmp_path):
             assert torch.equal(v, s2["state"][k][name]), name
 
 
+def test_a_checkpoint_resumes_only_in_the_precision_it_was_saved_in(tmp_path):
+    """precision "auto" is fp16 on a T4, bf16 on an A100 and fp32 on a CPU: a run moved between them cannot
+    continue exactly (the loss scaler exists only in fp16), so the load refuses, naming the flag to pass."""
+    model, opt = _setup()
+    path = _save(tmp_path, 3, model, opt)  # saved in fp32
+    elsewhere = Precision("fp32", torch.device("cpu"))
+    elsewhere.mode = "bf16"  # what "auto" resolves to on another machine
+    with pytest.raises(ValueError, match=r"saved in precision fp32, resuming in bf16.*--precision fp32"):
+        ckpt.load(path, model=model, optimizer=opt, precision=elsewhere)
+    ckpt.load(path, model=model, optimizer=opt, precision=Precision("fp32", torch.device("cpu")))
+
+
 def test_keep_last_and_latest(tmp_path):
     model, opt = _setup()
     for step in (2, 4, 6):
@@ -86,8 +98,29 @@ def test_directory_without_state_json_is_not_complete(tmp_path):
 
 
 def test_second_signal_raises_system_exit():
-    flag = ckpt.StopFlag()
+    flag = ckpt.StopFlag(repeat_s=0.0)
     flag._handle(15, None)
     assert flag.requested
     with pytest.raises(SystemExit):
         flag._handle(15, None)
+
+
+def test_a_signal_repeated_at_once_is_one_request_then_a_later_one_exits():
+    """Ctrl-C reaches a worker from the terminal, from launch.sh and from torchrun within milliseconds: one
+    request to checkpoint and stop. A signal after repeat_s is the user's second one: stop at once."""
+    import os
+    import signal
+    import time
+
+    flag = ckpt.StopFlag(repeat_s=0.5).install()
+    try:
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs in this (the main) thread
+        assert flag.requested and flag.count == 1 and flag.signum == signal.SIGINT
+        time.sleep(0.6)
+        with pytest.raises(SystemExit) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # (the handler runs at the next bytecode; never reached)
+        assert e.value.code == 128 + signal.SIGTERM
+    finally:
+        flag.uninstall()
