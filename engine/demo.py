@@ -26,6 +26,7 @@ from data.cuad import CATEGORIES
 from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from engine.evaluate import load_for_eval
 from engine.extract import ALL_CATEGORIES, find_all, find_clause, read_contract, window_answerer, window_budget
+from engine.rundir import learned_decoding
 
 INSTALL_HINT = "the demo needs gradio: pip install -e '.[demo]'"
 TABLE_HEADERS = ["clause type", "found", "start", "end", "quote (first words)"]
@@ -213,6 +214,10 @@ def run(args) -> None:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port}: use a TCP port in 1-65535")
     _gradio()  # gradio missing: say so before minutes of model loading
+    if learned_decoding(args.adapter):
+        print(f"note: {args.adapter} was trained by engine.channel_train for --decode channel; this page reads "
+              "with constrained decoding (python -m engine.extract answers as the adapter was trained)",
+              file=sys.stderr)
     set_threads(args.threads)
     model, tok, source = load_for_eval(args.model, args.adapter)
     reader = Reader(model, tok, args.seq_len, args.max_new_tokens)

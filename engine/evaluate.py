@@ -29,6 +29,7 @@ from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from engine.metrics import KINDS, is_none, score, summarize
 from engine.precision import INFERENCE_MODES, inference_dtype
 from engine.report import _pyplot, print_results, read_metrics_jsonl, same_examples_note, write_report
+from engine.rundir import learned_decoding
 from model import load_adapter, load_model, load_tokenizer
 from model.adapter import AdapterBank
 from model.files import check_writable, staged_files
@@ -298,6 +299,31 @@ def read_baseline(path, role: str = "baseline") -> dict:
     return d
 
 
+def choose_decoding(args, every: bool = False) -> None:
+    """args.decode and args.channel_unit when the command line left them out: an adapter trained by
+    engine.channel_train answers with the decision it learned (--decode channel, its --unit; a note on stderr
+    says so), anything else constrained over paragraphs. every (engine.extract --clause all, which channel
+    decoding does not serve): constrained. Then the flags that only channel decoding reads are refused without it."""
+    learned = learned_decoding(args.adapter)
+    if args.decode is None:
+        args.decode = "constrained"
+        if learned and every:
+            print(f"note: {args.adapter} was trained by engine.channel_train for --decode channel, which answers one "
+                  "clause type at a time; --clause all reads with --decode constrained", file=sys.stderr)
+        elif learned:
+            args.decode = "channel"
+            print(f"note: --decode channel --channel-unit {args.channel_unit or learned[1]}: {args.adapter} was "
+                  "trained by engine.channel_train (pass --decode to choose another)", file=sys.stderr)
+    if args.channel_unit is None:
+        args.channel_unit = learned[1] if learned and args.decode == "channel" else "paragraph"
+    if args.channel_rule and args.decode != "channel":
+        raise ValueError("--channel-rule decides NONE for --decode channel; add --decode channel or drop it")
+    if args.channel_unit != "paragraph" and args.decode != "channel":
+        raise ValueError("--channel-unit is what --decode channel quotes; add --decode channel or drop it")
+    if args.focus_adapter and args.decode != "channel":
+        raise ValueError("--focus-adapter trims what --decode channel quotes; add --decode channel or drop it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = CliParser(prog="python -m engine.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_model_args(adapter_required=False)
@@ -309,14 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=1,
                     help="accepted for compatibility; examples are decoded one at a time (copy-ahead decoding "
                          "verifies up to 16 tokens per forward pass instead)")
-    ap.add_argument("--decode", choices=DECODES, default="constrained",
+    ap.add_argument("--decode", choices=DECODES, default=None,
                     help="constrained: every answer is a verbatim slice of its context (or NONE), decided on the "
                          "text; rank: constrained, starting at the paragraph (or NONE) whose first 16 tokens the model "
                          "finds likeliest; free: plain greedy decoding; channel: the whole paragraph under which "
-                         "the query is likeliest (noisy channel), NONE when none beats an empty clause")
-    ap.add_argument("--channel-unit", choices=tuple(UNITS), default="paragraph",
+                         "the query is likeliest (noisy channel), NONE when none beats an empty clause (default: "
+                         "channel for an --adapter trained by engine.channel_train, else constrained)")
+    ap.add_argument("--channel-unit", choices=tuple(UNITS), default=None,
                     help="with --decode channel: what it quotes: whole paragraphs (ACORD's clauses) or sentences "
-                         "(CUAD's annotated spans)")
+                         "(CUAD's annotated spans) (default: the --unit an engine.channel_train adapter was trained "
+                         "with, else paragraph)")
     ap.add_argument("--channel-rule", default=None, metavar="RULE_JSON",
                     help="with --decode channel: when to answer NONE, as fitted by python -m engine.calibrate on "
                          "training-split queries (default: NONE only when no paragraph beats an empty clause)")
@@ -356,12 +384,7 @@ def run(args) -> dict:
     if args.seq_len is not None and args.seq_len <= args.max_new_tokens + 64:
         raise ValueError(f"--seq-len {args.seq_len} leaves no room for a prompt beside --max-new-tokens "
                          f"{args.max_new_tokens}; raise --seq-len or lower --max-new-tokens")
-    if args.channel_rule and args.decode != "channel":
-        raise ValueError("--channel-rule decides NONE for --decode channel; add --decode channel or drop it")
-    if args.channel_unit != "paragraph" and args.decode != "channel":
-        raise ValueError("--channel-unit is what --decode channel quotes; add --decode channel or drop it")
-    if args.focus_adapter and args.decode != "channel":
-        raise ValueError("--focus-adapter trims what --decode channel quotes; add --decode channel or drop it")
+    choose_decoding(args)
     rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
     baseline = read_baseline(args.compare) if args.compare else None
     if args.adapter:

@@ -23,7 +23,7 @@ from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from data.cuad import CATEGORIES, DEFAULT_EXCLUDE
 from data.example import TEMPLATES, Example, render_prompt
 from data.text import Match, locate, make_windows
-from engine.evaluate import PRECISION_HELP, Progress, focuser, load_focus, load_for_eval
+from engine.evaluate import PRECISION_HELP, Progress, choose_decoding, focuser, load_focus, load_for_eval
 from engine.precision import INFERENCE_MODES
 from engine.rundir import adapter_run_config, trained_split
 from engine.metrics import is_none
@@ -200,15 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, default=384, help="generation budget per window")
     ap.add_argument("--overlap", type=float, default=0.25, help="fraction of a window shared with the next")
     ap.add_argument("--batch-size", type=int, default=4, help="windows decoded together (--decode free)")
-    ap.add_argument("--decode", choices=("constrained", "rank", "free", "channel"), default="constrained",
+    ap.add_argument("--decode", choices=("constrained", "rank", "free", "channel"), default=None,
                     help="constrained: every answer is a verbatim slice of the contract (or NONE), decided on the "
                          "text; rank: constrained, starting at the paragraph the model finds likeliest; free: plain "
                          "greedy decoding, the answer snapped to its closest span; channel: the whole paragraph "
-                         "under which the clause name is likeliest, or NONE (best with an engine.channel_train "
-                         "adapter); free and channel not with --clause all")
-    ap.add_argument("--channel-unit", choices=tuple(UNITS), default="paragraph",
+                         "under which the clause name is likeliest, or NONE; free and channel not with --clause "
+                         "all (default: channel for an --adapter trained by engine.channel_train, else constrained)")
+    ap.add_argument("--channel-unit", choices=tuple(UNITS), default=None,
                     help="with --decode channel: what it quotes: whole paragraphs, or sentences (CUAD-style "
-                         "clause spans; with an adapter trained with engine.channel_train --unit sentence)")
+                         "clause spans) (default: the --unit an engine.channel_train adapter was trained with, else "
+                         "paragraph)")
     ap.add_argument("--channel-rule", default=None, metavar="RULE_JSON",
                     help="with --decode channel: when to answer NONE (python -m engine.calibrate); default: NONE "
                          "when no paragraph beats an empty clause")
@@ -238,15 +239,10 @@ def run(args) -> dict:
     if not 0 <= args.min_score <= 100:
         raise ValueError(f"--min-score must be within 0-100, got {args.min_score}")
     every = args.clause.strip().lower() == "all"
+    choose_decoding(args, every)
     if every and args.decode in ("free", "channel"):
         raise ValueError(f"--clause all needs --decode constrained or rank, not {args.decode} (one pass over the "
                          "contract serves every clause type only there)")
-    if args.channel_rule and args.decode != "channel":
-        raise ValueError("--channel-rule decides NONE for --decode channel; add --decode channel or drop it")
-    if args.channel_unit != "paragraph" and args.decode != "channel":
-        raise ValueError("--channel-unit is what --decode channel quotes; add --decode channel or drop it")
-    if args.focus_adapter and args.decode != "channel":
-        raise ValueError("--focus-adapter trims what --decode channel quotes; add --decode channel or drop it")
     rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
     text = read_contract(args.contract)  # before loading the model: a bad path fails in a second
     set_threads(args.threads)

@@ -45,6 +45,16 @@ def adapter_run_config(adapter) -> tuple[Path, dict] | None:
     return None
 
 
+def learned_decoding(adapter) -> tuple[str, str] | None:
+    """("channel", unit) for an adapter trained by engine.channel_train (its run's config.json has
+    groups_per_step; unit: its --unit), whose decision only --decode channel makes; None for any other adapter
+    (engine.train's token loss) or one whose run config is not beside it."""
+    found = adapter_run_config(adapter) if adapter else None
+    if found is None or "groups_per_step" not in found[1]:
+        return None
+    return "channel", str(found[1].get("unit") or "paragraph")
+
+
 def trained_split(run_config: dict) -> str:
     """The split a run trained on, whichever command wrote its config.json."""
     return run_config.get("split", run_config.get("train_split", "train"))

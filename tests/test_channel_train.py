@@ -389,3 +389,49 @@ def test_an_earlier_run_is_refused_and_left_as_it_was(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "holds an earlier run" in err and "--overwrite" in err and "--resume" in err, err
     assert {p.name for p in out.iterdir()} - {".lock"} == {"metrics.jsonl"}  # the run's lock file stays, by design
+
+
+def test_an_adapter_trained_on_the_choice_is_read_with_channel_decoding_by_default(tiny_model_dir, tmp_path,  # noqa: F811
+                                                                                  capsys):
+    """engine.evaluate and engine.extract without --decode: an adapter from engine.channel_train (its run's
+    config.json beside it) is read with --decode channel and the --unit it was trained with, and a note says so;
+    --decode given wins; an engine.train adapter, or one without a run config, keeps constrained decoding;
+    extract --clause all (which channel decoding does not serve) stays constrained, with a note."""
+    import shutil
+
+    from engine.channel_train import main as channel_train
+    from engine.evaluate import main as evaluate
+    from engine.extract import main as extract
+
+    spec = _paragraph_data(tmp_path / "d.jsonl")
+    run = tmp_path / "run"
+    assert channel_train(["--model", str(tiny_model_dir), "--data", spec, "--out", str(run), "--max-steps", "1",
+                          "--groups-per-step", "2", "--unit", "sentence", "--quantize", "none", "--threads",
+                          "1"]) == 0
+    token_run = tmp_path / "token_run"  # the same weights under an engine.train run's config
+    shutil.copytree(run / "adapter", token_run / "adapter")
+    (token_run / "config.json").write_text(json.dumps({"data": spec, "train_split": "train", "max_steps": 1}))
+    common = ["--model", str(tiny_model_dir), "--data", spec, "--split", "test", "--limit", "2", "--precision",
+              "fp32", "--max-new-tokens", "8", "--quiet"]
+    cases = [(run / "adapter", [], "channel", "sentence"), (run / "adapter", ["--decode", "rank"], "rank", None),
+             (run / "adapter", ["--decode", "channel", "--channel-unit", "paragraph"], "channel", "paragraph"),
+             (token_run / "adapter", [], "constrained", None)]
+    for i, (adapter, flags, decode, unit) in enumerate(cases):
+        capsys.readouterr()
+        assert evaluate([*common, "--adapter", str(adapter), *flags, "--out", str(tmp_path / f"ev{i}")]) == 0
+        ev = json.loads((tmp_path / f"ev{i}" / "eval.json").read_text())
+        assert (ev["decode"], ev["channel_unit"]) == (decode, unit), (i, flags)
+        note = "note: --decode channel --channel-unit sentence" in capsys.readouterr().err
+        assert note == (i == 0), i
+    contract = tmp_path / "c.txt"
+    contract.write_text("This Agreement is governed by the laws of Delaware.\n\nNotices shall be in writing.\n")
+    capsys.readouterr()
+    assert extract(["--model", str(tiny_model_dir), "--adapter", str(run / "adapter"), "--contract", str(contract),
+                    "--clause", "Governing Law", "--json", "--quiet", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: --decode channel --channel-unit sentence" in err
+    found = json.loads(out)
+    assert not found["found"] or found["text"] in contract.read_text().split("\n")[0]  # one sentence, or NONE
+    assert extract(["--model", str(tiny_model_dir), "--adapter", str(run / "adapter"), "--contract", str(contract),
+                    "--clause", "all", "--json", "--quiet", "--threads", "1", "--max-new-tokens", "8"]) == 0
+    assert "--clause all reads with --decode constrained" in capsys.readouterr().err
