@@ -1,8 +1,10 @@
-"""python -m data.check SPEC [--split S] [--json] [--seq-len N] [--tokenizer SRC] [--max-rejected F]
+"""python -m data.check SPEC [--split S] [--json] [--seq-len N] [--tokenizer SRC [--channel UNIT]] [--max-rejected F]
 
 Loads a dataset, checks that every answer is its context's own text (repairing near-matches, rejecting the
 rest), and prints counts per split and category, token lengths and how many examples --seq-len would truncate.
-Without --tokenizer, token counts are estimated as characters / 4 (said so in the report).
+Without --tokenizer, token counts are estimated as characters / 4 (said so in the report). With --channel, also
+the longest row engine.channel_train can build from each example (its candidates and the empty clause, each
+followed by the query, packed in one row), to size its memory with engine.memory.
 Exit status: 0 ok, 1 more than --max-rejected rejected, 2 bad input (one line on stderr, no traceback).
 """
 import argparse
@@ -52,6 +54,29 @@ def token_stats(examples: list[Example], seq_len: int, tok=None) -> dict:
     return {"how": how, "seq_len": seq_len, "p50": int(np.percentile(full, 50)), "p90": int(np.percentile(full, 90)),
             "max": int(full.max()), "over_seq_len": int((full > seq_len).sum()), "answer_too_long": skipped,
             "answer_target_cut": partial}
+
+
+def channel_stats(examples: list[Example], tok, unit: str, max_candidates: int, max_clause_tokens: int) -> dict:
+    """The longest engine.channel_train row of each example (model.channel.longest_channel_row, an upper bound:
+    its longest units as the candidates): percentiles and maximum of its tokens, and the most query tokens of
+    any row (the rows' supervised tokens). The ledger at both maxima bounds the step's peak."""
+    from model.channel import longest_channel_row  # torch: only with --channel
+
+    cache: dict = {}
+    rows = [longest_channel_row(tok, e.context, e.query, unit, max_candidates, max_clause_tokens, cache)
+            for e in examples]
+    n = np.array([r[0] for r in rows]) if rows else np.zeros(1, dtype=int)
+    return {"unit": unit, "max_candidates": max_candidates, "max_clause_tokens": max_clause_tokens,
+            "examples": len(rows), "p50": int(np.percentile(n, 50)), "p99": int(np.percentile(n, 99)),
+            "max": int(n.max()), "max_supervised": max((r[1] for r in rows), default=0)}
+
+
+def format_channel(ch: dict) -> str:
+    return (f"channel rows (engine.channel_train --unit {ch['unit']} --max-candidates {ch['max_candidates']} "
+            f"--max-clause-tokens {ch['max_clause_tokens']}; the longest each example can make): {ch['examples']} "
+            f"examples, p50 {ch['p50']}  p99 {ch['p99']}  max {ch['max']} tokens, at most {ch['max_supervised']} of a "
+            f"row the query's\n  its memory: python -m engine.memory --model MODEL --seq-len {ch['max']} "
+            f"--batch-size 1 --pack --supervised {ch['max_supervised']} [--precision fp16 --capability 7.5 for a T4]")
 
 
 def format_report(rep: Report, tokens: dict, seconds: float) -> str:
@@ -109,8 +134,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048, help="count examples over this length (default 2048)")
     ap.add_argument("--tokenizer", help="tokenizer.json, model dir, .gguf, hub id (its tokenizer files only) or "
                     "smollm2-135m (default: chars / 4)")
+    ap.add_argument("--channel", choices=("paragraph", "sentence"), default=None,
+                    help="also the longest row engine.channel_train --unit UNIT builds from each example (needs "
+                         "--tokenizer), and the engine.memory command for its peak")
+    ap.add_argument("--max-candidates", type=int, default=8, help="with --channel: engine.channel_train's")
+    ap.add_argument("--max-clause-tokens", type=int, default=768, help="with --channel: engine.channel_train's")
     ap.add_argument("--max-rejected", type=float, default=0.01, help="fraction rejected that fails (default 0.01)")
     args = ap.parse_args(argv)
+    if args.channel and not args.tokenizer:
+        ap.error("--channel counts tokens: pass --tokenizer SRC (the model's tokenizer)")
+    if args.max_candidates < 1 or args.max_clause_tokens < 1:
+        ap.error("--max-candidates and --max-clause-tokens must be positive integers")
     if args.seq_len < 1:
         ap.error(f"--seq-len must be a positive number of tokens, got {args.seq_len}")
     if not 0 <= args.max_rejected <= 1:
@@ -121,11 +155,14 @@ def main(argv=None) -> int:
         examples, notes = load_source(args.spec, args.split)
         kept, rep = validate(examples, args.spec, notes)
         tokens = token_stats(kept, args.seq_len, tok)
+        channel = channel_stats(kept, tok, args.channel, args.max_candidates, args.max_clause_tokens) \
+            if args.channel else None
         seconds = time.perf_counter() - t0
         if args.json:
-            print(json.dumps({**rep.to_dict(), "tokens": tokens, "seconds": round(seconds, 2)}, indent=1))
+            print(json.dumps({**rep.to_dict(), "tokens": tokens, **({"channel": channel} if channel else {}),
+                              "seconds": round(seconds, 2)}, indent=1))
         else:
-            print(format_report(rep, tokens, seconds))
+            print(format_report(rep, tokens, seconds) + (f"\n{format_channel(channel)}" if channel else ""))
         check_rejected(rep, args.max_rejected)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -68,14 +68,40 @@ def channel_batch(tokenizer, texts: list[str], query: str, max_clause_tokens: in
     assert q, "an empty query has no likelihood"
     ids, pos, seg, labels = [], [], [], []
     for i, t in enumerate(texts):
-        body = tokenizer.decode(tokenizer.encode(t)[:max_clause_tokens])
-        r = tokenizer.encode(tokenizer.chat_prompt(CHANNEL_PROMPT.format(clause=body)))
+        r = channel_prompt_ids(tokenizer, t, max_clause_tokens)
         ids += r + q
         pos += list(range(len(r) + len(q)))
         seg += [i] * (len(r) + len(q))
         labels += [IGNORE] * len(r) + q
     row = lambda x: torch.tensor([x], dtype=torch.long, device=device)  # noqa: E731
     return {"input_ids": row(ids), "position_ids": row(pos), "segment_ids": row(seg), "labels": row(labels)}
+
+
+def channel_prompt_ids(tokenizer, text: str, max_clause_tokens: int = 768) -> list[int]:
+    """Token ids of CHANNEL_PROMPT around text (cut to its first max_clause_tokens tokens), in the chat format:
+    what precedes the query's tokens in each segment of a channel_batch row."""
+    body = tokenizer.decode(tokenizer.encode(text)[:max_clause_tokens])
+    return tokenizer.encode(tokenizer.chat_prompt(CHANNEL_PROMPT.format(clause=body)))
+
+
+def longest_channel_row(tokenizer, context: str, query: str, unit: str = "paragraph", max_candidates: int = 8,
+                        max_clause_tokens: int = 768, cache: dict | None = None) -> tuple[int, int]:
+    """(tokens, query tokens) of the longest row engine.channel_train can build for this example: its
+    max_candidates longest units (the gold one is always among the candidates, the others are drawn; at most
+    this many) and CHANNEL_NULL, each followed by the query. An upper bound on what a training step holds per
+    micro-batch, for the memory ledger (python -m data.check --channel). cache: prompt lengths by text, shared
+    across calls (contracts repeat across queries)."""
+    cache = {} if cache is None else cache
+
+    def length(text: str) -> int:
+        if text not in cache:
+            cache[text] = len(channel_prompt_ids(tokenizer, text, max_clause_tokens))
+        return cache[text]
+
+    q = len(tokenizer.encode(query))
+    longest = sorted((length(context[a:b]) for a, b in units(context, unit)), reverse=True)[:max_candidates]
+    n = len(longest) + 1  # and CHANNEL_NULL
+    return sum(longest) + length(CHANNEL_NULL) + n * q, n * q
 
 
 def query_logprobs(model, input_ids, labels, position_ids, segment_ids) -> torch.Tensor:

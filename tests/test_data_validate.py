@@ -108,3 +108,28 @@ def test_check_cli_synthetic_report_with_tokenizer(llama3_tokenizer_json, tmp_pa
     assert r.returncode == 0, r.stderr
     assert "examples: 58  aligned 58 (NONE 14)  repaired 0  rejected 0" in r.stdout
     assert "counted with" in r.stdout and "at --seq-len 256:" in r.stdout
+
+
+def test_check_channel_rows_equal_the_rows_training_builds(llama3_tokenizer_json, llama3_tok):
+    """data.check --channel: with every paragraph a candidate (--max-candidates above any context's count), each
+    example's longest row is the row engine.channel_train builds from all its paragraphs and the empty clause
+    (model.channel.channel_batch, independently): the reported maximum and query tokens equal those rows'. With
+    fewer candidates the bound takes the longest paragraphs, so it can only shrink."""
+    from data.validate import load_validated
+    from model.channel import CHANNEL_NULL, IGNORE, channel_batch, units
+
+    r = _check("synthetic", "--split", "test", "--tokenizer", str(llama3_tokenizer_json), "--channel", "paragraph",
+               "--max-candidates", "64", "--json", cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    ch = json.loads(r.stdout)["channel"]
+    examples = load_validated("synthetic", "test")[0]
+    built = [channel_batch(llama3_tok, [e.context[a:b] for a, b in units(e.context)] + [CHANNEL_NULL], e.query)
+             for e in examples]
+    assert ch["examples"] == len(examples) == 58
+    assert ch["max"] == max(b["input_ids"].shape[1] for b in built)
+    assert ch["max_supervised"] == max(int((b["labels"] != IGNORE).sum()) for b in built)
+    few = json.loads(_check("synthetic", "--split", "test", "--tokenizer", str(llama3_tokenizer_json), "--channel",
+                            "paragraph", "--max-candidates", "2", "--json", cwd=REPO).stdout)["channel"]
+    assert few["max"] < ch["max"] and few["max_supervised"] < ch["max_supervised"]
+    r = _check("synthetic", "--channel", "paragraph", cwd=REPO)  # tokens cannot be estimated here
+    assert r.returncode == 2 and "--tokenizer" in r.stderr and r.stderr.count("\n") == 1
