@@ -24,6 +24,7 @@ and data position from which --resume continues exactly). --config takes the fla
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,13 +44,14 @@ from engine.cli import THREADS_HELP, CliParser, parse_with_config, set_threads
 from engine.config import ConfigError, TrainConfig
 from engine.evaluate import DEFAULT_SEQ_LEN, evaluate_examples, read_eval_json
 from engine.loss import LOSS_CHUNK, LinearCrossEntropy, matmul_dtype
+from engine.memory import log_ledger, out_of_memory_gist
 from engine.metrics import is_none
 from engine.precision import Precision
 from engine.rundir import RunDir
 from engine.step import TrainStep, lr_at, make_optimizer, peak_memory_bytes, prepare_model
 from model import load_model, load_tokenizer
 from model.adapter import check_adapter, load_adapter, save_adapter
-from model.channel import CHANNEL_NULL, IGNORE, UNITS, channel_batch, units
+from model.channel import CHANNEL_NULL, IGNORE, UNITS, channel_batch, longest_channel_row, units
 from model.files import atomic_write_text
 from model.load import EMBEDDED
 
@@ -399,6 +401,8 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
                 raise ConfigError(f"--max-steps {args.max_steps} ends before {resume_from} (step {start}); resume "
                                   f"with --max-steps {start} or more")
         groups = _groups(tok, train_ex, args, d.rank, d.world_size, hard, skip=start * args.groups_per_step)
+        if d.is_main:
+            _log_ledger(model, cfg, prec, tok, train_ex, args)
     except BaseException:
         guard.abandon()  # a refused or failed start leaves OUT as it was
         raise
@@ -486,6 +490,31 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
     return {"steps": args.max_steps, "stopped": stopped, "signal": stop.signum}
 
 
+def _log_ledger(model, cfg: TrainConfig, prec: Precision, tok, examples, args) -> None:
+    """The memory ledger (engine.memory) for the longest row these examples can make (model.channel.
+    longest_channel_row: the step holding it has the run's peak), beside the bytes the model holds. Informational:
+    a failure here never stops training."""
+    try:
+        cache: dict = {}
+        rows = [longest_channel_row(tok, e.context, e.query, args.unit, args.max_candidates, args.max_clause_tokens,
+                                    cache) for e in examples]
+        tokens, supervised = max(r[0] for r in rows), max(r[1] for r in rows)
+        log_ledger(model, dataclasses.replace(cfg, seq_len=tokens, batch_size=1, pack=True), prec.mode,
+                   next(model.parameters()).device.type, log=lambda t: print(t, file=sys.stderr),
+                   supervised=supervised, what=f"at the longest row of this data ({tokens} tokens, at most "
+                                               f"{supervised} of them the query's)")
+    except Exception as e:  # noqa: BLE001 (a ledger bug must not cost a training run)
+        print(f"warning: memory ledger unavailable ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def out_of_memory_advice(e: BaseException) -> str:
+    """One line for a GPU out-of-memory error: torch's gist and what lowers a channel step's peak."""
+    return (f"out of GPU memory ({out_of_memory_gist(e)}); the memory ledger printed at the start predicts the "
+            "peak of this data's longest row: lower it with a smaller --max-candidates or --max-clause-tokens, "
+            "or --checkpointing (python -m data.check SPEC --tokenizer SRC --channel UNIT prints the longest row, "
+            "python -m engine.memory its peak)")
+
+
 def _step_of(line: str) -> float:
     """Step of a metrics.jsonl line; a torn last line (killed mid-write) counts as after every checkpoint."""
     try:
@@ -511,7 +540,8 @@ def main(argv=None) -> int:
     except Exception as e:  # the user-facing boundary, as data.cli.run_command: one line (CLAUSELORA_DEBUG=1: all)
         if os.environ.get("CLAUSELORA_DEBUG"):
             raise
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        msg = out_of_memory_advice(e) if isinstance(e, torch.OutOfMemoryError) else ' '.join(str(e).split())
+        print(f"error: {msg or type(e).__name__}", file=sys.stderr)
         return 1
     finally:
         stop.uninstall()

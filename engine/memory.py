@@ -431,13 +431,17 @@ def measure_cuda(cfg, s: Setup, steps: int = 3, log=print) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ trainer hook
-def log_ledger(model, cfg: TrainConfig, precision: str, device: str, log=print) -> Ledger:
-    """Called by the trainer once after setup: prints the predicted breakdown for the run's shapes beside the
-    resident bytes actually held by the model. Returns the ledger."""
-    s = Setup.from_config(cfg, precision=precision, device=device, model=model)
+def log_ledger(model, cfg: TrainConfig, precision: str, device: str, log=print, supervised: int | None = None,
+               what: str = "") -> Ledger:
+    """Called by the trainers once after setup: prints the predicted breakdown for the run's shapes beside the
+    resident bytes actually held by the model. supervised: the rows' supervised tokens (default: every position,
+    the worst case); what: says which row the shapes are (engine.channel_train: its longest). Returns the
+    ledger."""
+    s = Setup.from_config(cfg, precision=precision, device=device, model=model,
+                          **({} if supervised is None else {"supervised": supervised}))
     led = predict(model.config, s)
     measured = resident_rows(model)  # at setup: weights and adapters (grads and optimizer state come with step 1)
-    log(format_table(led, measured, title="memory ledger: " + describe(model.config, s)))
+    log(format_table(led, measured, title=f"memory ledger{' ' + what if what else ''}: " + describe(model.config, s)))
     return led
 
 

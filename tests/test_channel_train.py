@@ -141,6 +141,14 @@ def test_channel_train_run_writes_adapter_and_learns_the_choice(tiny_model_dir, 
             "--max-steps", "16", "--groups-per-step", "8", "--lr", "3e-3", "--warmup-steps", "1",
             "--quantize", "none", "--eval-every", "16", "--save-every", "8", "--threads", "1"]
     assert main(argv) == 0
+    err = capsys.readouterr().err  # the ledger at the longest row the data makes (data.check --channel's)
+    from data.check import channel_stats
+    from data.validate import load_validated
+    from model import load_tokenizer
+
+    ch = channel_stats(load_validated(spec, "train")[0], load_tokenizer(str(tiny_model_dir)), "paragraph", 8, 768)
+    assert f"memory ledger at the longest row of this data ({ch['max']} tokens, at most {ch['max_supervised']} " \
+           "of them the query's)" in err and "PREDICTED PEAK" in err, err[-2000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 17))
     assert "eval_none_answered_none" in rows[-1] and "eval_none_answered_none" not in rows[0]
@@ -181,9 +189,12 @@ def test_channel_train_run_writes_adapter_and_learns_the_choice(tiny_model_dir, 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
 
     real = step_mod.TrainStep.__call__
+    capsys.readouterr()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(step_mod.TrainStep, "__call__", oom)
         assert main([*common, "--out", str(missing)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # one line: what lowers a channel step's peak
+    assert err.startswith("error: out of GPU memory") and "--max-candidates" in err and "data.check" in err, err
     assert not missing.exists()
     assert step_mod.TrainStep.__call__ is real and main([*common, "--out", str(missing)]) == 0
 
