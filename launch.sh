@@ -74,9 +74,12 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
 fi
 # Signals (Kaggle/Colab/Slurm end a job with SIGTERM; Ctrl-C is SIGINT) go to the training processes
 # themselves: each finishes its step, the ranks write one checkpoint together and exit 128+signal. torchrun
-# would instead give its workers a fixed grace period and then kill them. This script returns only once
-# every worker has exited, with their status, so the checkpoint exists when it does.
-"$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" --max-restarts "$restarts" \
+# would instead give its workers a fixed grace period (30 s) and then kill them. So torchrun runs in a session
+# of its own (setsid, where there is one): a Ctrl-C in the terminal reaches this script alone, not torchrun, and
+# this script passes it to each worker once. It returns only once every worker has exited, with their status,
+# so the checkpoint exists when it does.
+setsid=$(command -v setsid || true)
+$setsid "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" --max-restarts "$restarts" \
   -m "$module" "${args[@]}" &
 runner=$!
 signalled=0

@@ -1,4 +1,5 @@
-"""python -m data.check SPEC [--split S] [--json] [--seq-len N] [--tokenizer SRC [--channel UNIT]] [--max-rejected F]
+"""python -m data.check SPEC [--split S] [--json] [--seq-len N] [--max-rejected F]
+                     [--tokenizer SRC [--channel UNIT [--max-candidates N] [--max-clause-tokens N]]]
 
 Loads a dataset, checks that every answer is its context's own text (repairing near-matches, rejecting the
 rest), and prints counts per split and category, token lengths and how many examples --seq-len would truncate.
@@ -74,9 +75,10 @@ def channel_stats(examples: list[Example], tok, unit: str, max_candidates: int, 
 def format_channel(ch: dict) -> str:
     return (f"channel rows (engine.channel_train --unit {ch['unit']} --max-candidates {ch['max_candidates']} "
             f"--max-clause-tokens {ch['max_clause_tokens']}; the longest each example can make): {ch['examples']} "
-            f"examples, p50 {ch['p50']}  p99 {ch['p99']}  max {ch['max']} tokens, at most {ch['max_supervised']} of a "
-            f"row the query's\n  its memory: python -m engine.memory --model MODEL --seq-len {ch['max']} "
-            f"--batch-size 1 --pack --supervised {ch['max_supervised']} [--precision fp16 --capability 7.5 for a T4]")
+            f"examples, p50 {ch['p50']}  p99 {ch['p99']}  max {ch['max']} tokens; at most {ch['max_supervised']} "
+            f"query tokens in a row\n  a bound on the step's peak: python -m engine.memory --model MODEL --seq-len "
+            f"{ch['max']} --batch-size 1 --pack --supervised {ch['max_supervised']} [--precision fp16 --capability "
+            "7.5 for a T4]")
 
 
 def format_report(rep: Report, tokens: dict, seconds: float) -> str:

@@ -266,6 +266,7 @@ def _evaluate(model, tok, eval_ex, prec, unit: str = "paragraph") -> dict:
 # Flags a --resume may change: how long the run goes on and how it reports and saves, never what a step computes.
 RESUMABLE = {"max_steps", "out", "config", "resume", "overwrite", "save_every", "keep_last", "eval_every",
              "eval_split", "threads", "device",
+             "precision",  # as written ("auto"); the mode it resolves to must be the checkpoint's (engine.checkpoint)
              "init_adapter"}  # the weights a run started from: a resumed run reads its own from the checkpoint
 
 
@@ -296,8 +297,9 @@ def check_args(args) -> TrainConfig:
 
 
 def _settings(args) -> dict:
-    """What OUT/config.json holds: every flag (the saved run a --resume is checked against)."""
-    return vars(args)
+    """What OUT/config.json holds: every flag (the saved run a --resume is checked against), --hard-share as
+    the value used (0.5 when not given, as earlier runs recorded it)."""
+    return {**vars(args), "hard_share": 0.5 if args.hard_share is None else args.hard_share}
 
 
 def _check_start(guard: RunDir, cfg: TrainConfig, args, resume: bool) -> None:
@@ -501,8 +503,8 @@ def _log_ledger(model, cfg: TrainConfig, prec: Precision, tok, examples, args) -
         tokens, supervised = max(r[0] for r in rows), max(r[1] for r in rows)
         log_ledger(model, dataclasses.replace(cfg, seq_len=tokens, batch_size=1, pack=True), prec.mode,
                    next(model.parameters()).device.type, log=lambda t: print(t, file=sys.stderr),
-                   supervised=supervised, what=f"at the longest row of this data ({tokens} tokens, at most "
-                                               f"{supervised} of them the query's)")
+                   supervised=supervised, what=f"at this data's longest row, {tokens} tokens, with the most query "
+                                               f"tokens of any row, {supervised} (an upper bound)")
     except Exception as e:  # noqa: BLE001 (a ledger bug must not cost a training run)
         print(f"warning: memory ledger unavailable ({type(e).__name__}: {e})", file=sys.stderr)
 

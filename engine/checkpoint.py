@@ -34,7 +34,8 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class StopFlag:
-    """First SIGTERM/SIGINT: ask the loop to save and stop after the current step. Second: exit now.
+    """First SIGTERM/SIGINT: ask the loop to save and stop after the current step. Second (2 s or more later):
+    exit now.
 
     Kaggle and Colab end sessions with SIGTERM and a grace period; Ctrl-C is SIGINT. The second signal raises
     SystemExit wherever the main thread is; if that is inside `save`, the partial step-N.tmp is deleted on the

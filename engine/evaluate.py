@@ -28,8 +28,8 @@ from data.validate import validate
 from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from engine.metrics import KINDS, is_none, score, summarize
 from engine.precision import INFERENCE_MODES, inference_dtype
-from engine.report import _pyplot, print_results, read_metrics_jsonl, same_examples_note, write_report
-from engine.rundir import learned_decoding
+from engine.report import _pyplot, decoding_note, print_results, read_metrics_jsonl, same_examples_note, write_report
+from engine.rundir import adapter_run_config, learned_decoding
 from model import load_adapter, load_model, load_tokenizer
 from model.adapter import AdapterBank
 from model.files import check_writable, staged_files
@@ -305,9 +305,15 @@ def choose_decoding(args, every: bool = False) -> None:
     says so), anything else constrained over paragraphs. every (engine.extract --clause all, which channel
     decoding does not serve): constrained. Then the flags that only channel decoding reads are refused without it."""
     learned = learned_decoding(args.adapter)
+    explicit_unit = args.channel_unit is not None
     if args.decode is None:
         args.decode = "constrained"
-        if learned and every:
+        if args.adapter and (Path(args.adapter) / "adapter_config.json").is_file() \
+                and adapter_run_config(args.adapter) is None:  # (a wrong --adapter is refused on its own)
+            print(f"note: no run config.json beside {args.adapter} (the trainers write one) says how it was "
+                  "trained: reading with --decode constrained; pass --decode channel for an engine.channel_train "
+                  "adapter", file=sys.stderr)
+        elif learned and every:
             print(f"note: {args.adapter} was trained by engine.channel_train for --decode channel, which answers one "
                   "clause type at a time; --clause all reads with --decode constrained", file=sys.stderr)
         elif learned:
@@ -318,7 +324,7 @@ def choose_decoding(args, every: bool = False) -> None:
         args.channel_unit = learned[1] if learned and args.decode == "channel" else "paragraph"
     if args.channel_rule and args.decode != "channel":
         raise ValueError("--channel-rule decides NONE for --decode channel; add --decode channel or drop it")
-    if args.channel_unit != "paragraph" and args.decode != "channel":
+    if explicit_unit and args.decode != "channel":
         raise ValueError("--channel-unit is what --decode channel quotes; add --decode channel or drop it")
     if args.focus_adapter and args.decode != "channel":
         raise ValueError("--focus-adapter trims what --decode channel quotes; add --decode channel or drop it")
@@ -404,6 +410,8 @@ def run(args) -> dict:
     if baseline is not None and (note := same_examples_note(baseline, [ex.id for ex in subset], args.data,
                                                             args.split)):
         print(f"note: {note}", file=sys.stderr)  # now, before the model loads: the user may want to stop here
+    if baseline is not None and (note := decoding_note(baseline, args.decode, args.channel_unit)):
+        print(f"note: {note}", file=sys.stderr)
     t0 = time.perf_counter()
     model, tok, model_src = load_for_eval(args.model, args.adapter, device=args.device, precision=args.precision,
                                           quantize=None if args.quantize == "none" else args.quantize)

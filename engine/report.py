@@ -65,6 +65,18 @@ def same_examples_note(before: dict, after_ids, data=None, split=None) -> str | 
             f"the change column compares different examples {fix}")
 
 
+def decoding_note(before: dict, decode: str | None, unit: str | None) -> str | None:
+    """A line when the baseline decoded otherwise than this run (--decode, and --channel-unit for channel): the
+    change column then includes the decoder's own difference (engine.evaluate picks channel decoding by itself for
+    an engine.channel_train adapter)."""
+    def said(d, u):
+        return f"--decode {d}" + (f" --channel-unit {u}" if d == "channel" and u else "")
+    mine, theirs = said(decode, unit), said(before.get("decode"), before.get("channel_unit"))
+    if before.get("decode") is None or mine == theirs:
+        return None
+    return f"the baseline decoded with {theirs}, this run with {mine}: the change column includes the decoder's"
+
+
 def compare_table(before: dict, after: dict) -> str:
     """Markdown table `examples | metric | before | after | change` of two eval.json dicts: clause examples and
     NONE examples apart (KINDS), then all together; an aggregate dict alone counts as "all"."""
@@ -386,6 +398,8 @@ def _command(args) -> None:
     if baseline is not None:
         ids = [r.get("id") for r in result.get("rows", [])]
         if note := same_examples_note(baseline, ids, result.get("data"), result.get("split")):
+            print(f"note: {note}", file=sys.stderr)
+        if note := decoding_note(baseline, result.get("decode"), result.get("channel_unit")):
             print(f"note: {note}", file=sys.stderr)
         if baseline.get("seq_len") not in (None, result.get("seq_len")):
             print(f"note: the baseline read windows of {baseline['seq_len']} tokens, this run "

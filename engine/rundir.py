@@ -26,7 +26,10 @@ RESUMABLE = {"max_steps", "epochs", "out", "resume", "overwrite", "save_every", 
              # tile): a long run that runs short of memory can resume with tiles, or without the CPU heap trim
              "compile", "mlp_tile", "trim_cpu_heap",
              # the weights a run started from: a resumed run reads its own from the checkpoint
-             "init_adapter"}
+             "init_adapter",
+             # as written ("auto" is fp16 on a T4, bf16 on an A100): the mode it resolves to must be the
+             # checkpoint's, which engine.checkpoint.load checks, naming the --precision to pass
+             "precision"}
 
 
 def adapter_run_config(adapter) -> tuple[Path, dict] | None:
@@ -34,8 +37,11 @@ def adapter_run_config(adapter) -> tuple[Path, dict] | None:
     up from OUT/checkpoints/step-N/adapter (engine.train and engine.channel_train alike); None where neither
     holds a readable config with a "data" key. Its training split is "train_split" (engine.train) or "split"
     (engine.channel_train): see trained_split."""
-    p = Path(adapter)
-    for cfg in (p.parent / "config.json", p.parent.parent.parent / "config.json"):
+    p = Path(adapter).absolute()
+    places = [p.parent / "config.json"]
+    if p.parent.parent.name == "checkpoints" and p.parent.name.startswith("step-"):
+        places.append(p.parent.parent.parent / "config.json")
+    for cfg in places:
         try:
             c = json.loads(cfg.read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -91,7 +91,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run one training job; returns a summary dict (final loss, eval loss, steps, stopped, out).
 
     SIGTERM/SIGINT handlers are ours for the duration of the run (first signal: checkpoint and stop after the
-    current step; second: exit at once) and the previous ones come back afterwards.
+    current step; a second, 2 s or more later: exit at once) and the previous ones come back afterwards.
     """
     stop = ckpt.StopFlag().install()
     try:

@@ -131,5 +131,23 @@ def test_check_channel_rows_equal_the_rows_training_builds(llama3_tokenizer_json
     few = json.loads(_check("synthetic", "--split", "test", "--tokenizer", str(llama3_tokenizer_json), "--channel",
                             "paragraph", "--max-candidates", "2", "--json", cwd=REPO).stdout)["channel"]
     assert few["max"] < ch["max"] and few["max_supervised"] < ch["max_supervised"]
+    # with 2 candidates, every row training draws (the gold paragraph, one other, the empty clause) stays within
+    # its example's bound, whichever others are drawn
+    import random
+
+    from engine.channel_train import choice_of, make_group
+    from model.channel import longest_channel_row
+
+    drawn = 0
+    for e in examples:
+        bound = longest_channel_row(llama3_tok, e.context, e.query, "paragraph", 2)
+        if (c := choice_of(e)) is None:
+            continue
+        for seed in range(5):
+            g = make_group(llama3_tok, e, *c, 2, 768, random.Random(seed))
+            assert g["input_ids"].shape[1] <= bound[0] and int((g["labels"] != IGNORE).sum()) <= bound[1]
+            drawn += 1
+    assert drawn > 200 and max(longest_channel_row(llama3_tok, e.context, e.query, "paragraph", 2)[0]
+                               for e in examples) == few["max"]
     r = _check("synthetic", "--channel", "paragraph", cwd=REPO)  # tokens cannot be estimated here
     assert r.returncode == 2 and "--tokenizer" in r.stderr and r.stderr.count("\n") == 1
