@@ -36,11 +36,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.example import DataError
 from data.validate import load_validated
 from engine import checkpoint as ckpt
 from engine import dist
-from engine.cli import THREADS_HELP, CliParser, parse_with_config, set_threads
+from engine.cli import THREADS_HELP, CliParser, parse_with_config, preflight_boundary, set_threads
 from engine.config import ConfigError, TrainConfig
 from engine.evaluate import DEFAULT_SEQ_LEN, evaluate_examples, read_eval_json
 from engine.loss import LOSS_CHUNK, LinearCrossEntropy, matmul_dtype
@@ -48,7 +47,7 @@ from engine.memory import log_ledger, out_of_memory_gist
 from engine.metrics import is_none
 from engine.precision import Precision
 from engine.rundir import RunDir
-from engine.step import TrainStep, lr_at, make_optimizer, peak_memory_bytes, prepare_model
+from engine.step import TrainStep, check_device_tools, lr_at, make_optimizer, peak_memory_bytes, prepare_model
 from model import load_model, load_tokenizer
 from model.adapter import check_adapter, load_adapter, save_adapter
 from model.channel import CHANNEL_NULL, IGNORE, UNITS, channel_batch, longest_channel_row, units
@@ -311,22 +310,19 @@ def preflight(argv: list[str]) -> int:
     directory, the data, --hard-negatives and --init-adapter are checked here, so a mistake is one line of error
     instead of N copies inside torchrun's report. 0 when all is well, else 2 (usage) or 1, after one line."""
     args = parse_with_config(build_parser(), argv)
-    try:
+
+    def check():
         cfg = check_args(args)
         _check_start(RunDir(args.out), cfg, args, args.resume)
+        check_device_tools(cfg, "cuda" if dist.uses_cuda(args.device) else "cpu")  # NF4 needs bitsandbytes' CUDA
         examples = load_validated(args.data, args.split)[0]
         _eval_examples(args)
         if args.hard_negatives:
             hard_negatives(args.hard_negatives, examples, args.unit)
         if args.init_adapter and not (args.resume and ckpt.latest(Path(args.out))):
             _check_init_adapter(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 1
-    return 0
+
+    return preflight_boundary(check)
 
 
 def _eval_examples(args) -> list:
@@ -375,6 +371,7 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
         resume_from = ckpt.latest(out) if resume else None
         set_threads(args.threads)
         device = d.device
+        check_device_tools(cfg, device)  # now, not after the model has loaded and its first forward has failed
         train_ex, rep = load_validated(args.data, args.split)
         eval_ex = _eval_examples(args)  # on every rank: a refusal on rank 0 alone would leave the others waiting
         # read now, before the model loads: a wrong file is one line, not an error at the first step

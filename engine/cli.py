@@ -3,8 +3,10 @@ commands use it too), re-exported here."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from data.cli import CliParser, run_command  # noqa: F401  (re-exported: the engine's commands import it from here)
+from data.example import DataError
 from engine.config import ConfigError, read_toml
 from model.generate import cpu_threads
 
@@ -63,3 +65,18 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -
         except ConfigError as e:
             parser.error(str(e))
     return parser.parse_args(argv)
+
+
+def preflight_boundary(check) -> int:
+    """What ./launch.sh's preflight returns around check(), the trainers' checks run once before torchrun starts
+    N processes: 0 when they pass, else one line on stderr and 2 (a usage error, ConfigError) or 1 (the data, a
+    file)."""
+    try:
+        check()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 1
+    return 0

@@ -23,6 +23,7 @@ from data.validate import load_validated
 from engine import checkpoint as ckpt
 from engine import config as config_mod
 from engine import dist
+from engine.cli import preflight_boundary
 from engine.config import ConfigError, TrainConfig
 from engine.dist import print0
 from engine.evaluate import DEFAULT_SEQ_LEN, eval_subset, evaluate_for_training
@@ -364,20 +365,15 @@ def preflight(argv: list[str]) -> int:
     """What ./launch.sh runs once, in one process, before torchrun starts N of them: the config, the run
     directory and the training data are checked here, so a mistake is one line of error instead of N copies
     inside torchrun's failure report. 0 when all is well, else 2 (usage) or 1 (data), after one line."""
-    try:
+    def check():
         cfg = config_mod.parse_args(argv)
         RunDir(cfg.out).check_start(cfg, cfg.resume)
         if not (cfg.resume and ckpt.latest(Path(cfg.out))):
             check_init_adapter(cfg)
         check_device_tools(cfg, "cuda" if dist.uses_cuda(cfg.device) else "cpu")
         load_validated(cfg.data, cfg.train_split, max_rejected=cfg.max_rejected)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 1
-    return 0
+
+    return preflight_boundary(check)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -276,3 +276,11 @@ def test_bitsandbytes_without_a_cuda_library_for_this_torch_is_one_line_before_a
     assert len(err) == 1 and err[0] == f"error: {msg}" and not out.exists()
     # only what uses bitsandbytes is stopped: bf16 base weights and torch's AdamW need none of it
     assert preflight(["--data", "synthetic", "--out", str(out), "--device", "cuda", "--quantize", "none"]) == 0
+    # the same for ./launch.sh --channel (engine.channel_train: NF4 by default)
+    from engine.channel_train import preflight as channel_preflight
+
+    assert channel_preflight(["--data", "synthetic", "--out", str(out), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"error: {msg}" and not out.exists()
+    assert channel_preflight(["--data", "synthetic", "--out", str(out), "--device", "cuda", "--quantize",
+                              "none"]) == 0
