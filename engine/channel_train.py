@@ -270,8 +270,8 @@ RESUMABLE = {"max_steps", "out", "config", "resume", "overwrite", "save_every", 
 
 
 def check_args(args) -> TrainConfig:
-    """Every flag's value checked before anything loads (ValueError, one line); the TrainConfig that engine.step
-    builds the model and optimizer from."""
+    """Every flag's value checked before anything loads (ConfigError, one line, exit 2); the TrainConfig that
+    engine.step builds the model and optimizer from."""
     for name in ("data", "out"):
         if not getattr(args, name):
             raise ConfigError(f"--{name} is required (on the command line or as {name} in --config)")
