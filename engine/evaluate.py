@@ -299,11 +299,11 @@ def read_baseline(path, role: str = "baseline") -> dict:
     return d
 
 
-def choose_decoding(args, every: bool = False) -> None:
+def choose_decoding(args) -> None:
     """args.decode and args.channel_unit when the command line left them out: an adapter trained by
     engine.channel_train answers with the decision it learned (--decode channel, its --unit; a note on stderr
-    says so), anything else constrained over paragraphs. every (engine.extract --clause all, which channel
-    decoding does not serve): constrained. Then the flags that only channel decoding reads are refused without it."""
+    says so), anything else constrained over paragraphs. Then the flags that only channel decoding reads are
+    refused without it."""
     learned = learned_decoding(args.adapter)
     explicit_unit = args.channel_unit is not None
     if args.decode is None:
@@ -313,9 +313,6 @@ def choose_decoding(args, every: bool = False) -> None:
             print(f"note: no run config.json beside {args.adapter} (the trainers write one) says how it was "
                   "trained: reading with --decode constrained; pass --decode channel for an engine.channel_train "
                   "adapter", file=sys.stderr)
-        elif learned and every:
-            print(f"note: {args.adapter} was trained by engine.channel_train for --decode channel, which answers one "
-                  "clause type at a time; --clause all reads with --decode constrained", file=sys.stderr)
         elif learned:
             args.decode = "channel"
             print(f"note: --decode channel --channel-unit {args.channel_unit or learned[1]}: {args.adapter} was "

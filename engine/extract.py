@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--contract", required=True, help="plain-text (UTF-8) contract file")
     ap.add_argument("--clause", required=True,
                     help='clause type or query, e.g. "Governing Law"; "all": every CUAD category but Parties, '
-                         "one pass over the contract's windows, a table (or --json)")
+                         "one pass over the contract's windows (--decode channel: each category in turn), a table "
+                         "(or --json)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--seq-len", type=int, default=2048, help="tokens per window: prompt + answer")
     ap.add_argument("--max-new-tokens", type=int, default=384, help="generation budget per window")
@@ -204,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="constrained: every answer is a verbatim slice of the contract (or NONE), decided on the "
                          "text; rank: constrained, starting at the paragraph the model finds likeliest; free: plain "
                          "greedy decoding, the answer snapped to its closest span; channel: the whole paragraph "
-                         "under which the clause name is likeliest, or NONE; free and channel not with --clause "
-                         "all (default: channel for an --adapter trained by engine.channel_train, else constrained)")
+                         "under which the clause name is likeliest, or NONE; free not with --clause all (default: "
+                         "channel for an --adapter trained by engine.channel_train, else constrained)")
     ap.add_argument("--channel-unit", choices=tuple(UNITS), default=None,
                     help="with --decode channel: what it quotes: whole paragraphs, or sentences (CUAD-style "
                          "clause spans) (default: the --unit an engine.channel_train adapter was trained with, else "
@@ -239,10 +240,10 @@ def run(args) -> dict:
     if not 0 <= args.min_score <= 100:
         raise ValueError(f"--min-score must be within 0-100, got {args.min_score}")
     every = args.clause.strip().lower() == "all"
-    choose_decoding(args, every)
-    if every and args.decode in ("free", "channel"):
-        raise ValueError(f"--clause all needs --decode constrained or rank, not {args.decode} (one pass over the "
-                         "contract serves every clause type only there)")
+    choose_decoding(args)
+    if every and args.decode == "free":
+        raise ValueError("--clause all needs --decode constrained, rank or channel, not free (free text has no "
+                         "one pass that serves every clause type)")
     rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
     text = read_contract(args.contract)  # before loading the model: a bad path fails in a second
     set_threads(args.threads)
@@ -255,7 +256,7 @@ def run(args) -> dict:
                 print(f"{flag} {path}: {adapter_provenance(path)}", file=sys.stderr)
     budget = window_budget(tok, args.clause, args.seq_len, args.max_new_tokens)
     if every:
-        return _run_all(args, text, model, tok, budget)
+        return _run_all(args, text, model, tok, budget, rule, bank)
     per_window: list[dict] = []
     answer_fn = window_answerer(model, tok, decode=args.decode, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size, quiet=args.quiet, query=args.clause, rule=rule,
@@ -283,15 +284,28 @@ def run(args) -> dict:
     return result
 
 
-def _run_all(args, text: str, model, tok, budget: int) -> dict:
-    """--clause all: every category, a table (category, found, offsets, first words) or one JSON object."""
-    n_windows = len(make_windows(text, lambda t: len(tok.encode(t)), budget, args.overlap))
+def _run_all(args, text: str, model, tok, budget: int, rule=None, bank=None) -> dict:
+    """--clause all: every category, a table (category, found, offsets, first words) or one JSON object.
+    Constrained and rank decoding answer every category in one pass over the windows (find_all); channel decoding
+    asks each category's query of each window's units in turn, as for one clause type."""
+    count = lambda t: len(tok.encode(t))  # noqa: E731
+    n_windows = len(make_windows(text, count, budget, args.overlap))
     bar = Progress(n_windows * len(ALL_CATEGORIES), label="reading", enabled=not args.quiet,
                    unit="window x clause type answers")
     bar.update(0)
-    with torch.inference_mode():
-        found, n_windows = find_all(text, ALL_CATEGORIES, model, tok, budget, max_new_tokens=args.max_new_tokens,
-                                    rank=args.decode == "rank", overlap=args.overlap, progress=bar.update)
+    if args.decode == "channel":
+        found = {}
+        for i, c in enumerate(ALL_CATEGORIES):
+            answer_fn = window_answerer(model, tok, decode="channel", query=c, rule=rule, unit=args.channel_unit,
+                                        focus=bank, max_new_tokens=args.max_new_tokens)
+            found[c], n_windows = find_clause(text, c, answer_fn, count, budget, overlap=args.overlap,
+                                              min_score=args.min_score)
+            bar.update((i + 1) * n_windows)
+    else:
+        with torch.inference_mode():
+            found, n_windows = find_all(text, ALL_CATEGORIES, model, tok, budget,
+                                        max_new_tokens=args.max_new_tokens, rank=args.decode == "rank",
+                                        overlap=args.overlap, progress=bar.update)
     clauses = {c: {"found": bool(m), **(m[0].as_dict(text) if m else {}), "matches": len(m)}
                for c, m in found.items()}
     result = {"contract": str(args.contract), "clause": "all", "windows": n_windows, "clauses": clauses}

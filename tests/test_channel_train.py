@@ -407,7 +407,7 @@ def test_an_adapter_trained_on_the_choice_is_read_with_channel_decoding_by_defau
     """engine.evaluate and engine.extract without --decode: an adapter from engine.channel_train (its run's
     config.json beside it) is read with --decode channel and the --unit it was trained with, and a note says so;
     --decode given wins; an engine.train adapter, or one without a run config, keeps constrained decoding;
-    extract --clause all (which channel decoding does not serve) stays constrained, with a note."""
+    extract --clause all reads every category with channel decoding too."""
     import shutil
 
     from engine.channel_train import main as channel_train
@@ -463,7 +463,9 @@ def test_an_adapter_trained_on_the_choice_is_read_with_channel_decoding_by_defau
     assert not found["found"] or found["text"] in sentences, found  # exactly one sentence (the unit), or NONE
     assert extract(["--model", str(tiny_model_dir), "--adapter", str(run / "adapter"), "--contract", str(contract),
                     "--clause", "all", "--json", "--quiet", "--threads", "1", "--max-new-tokens", "8"]) == 0
-    assert "--clause all reads with --decode constrained" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "note: --decode channel --channel-unit sentence" in err
+    assert all(not r["found"] or r["text"] in sentences for r in json.loads(out)["clauses"].values())
 
 
 def test_channel_loss_scores_equal_the_decoders_under_bf16_autocast(tiny):

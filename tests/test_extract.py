@@ -157,8 +157,16 @@ def test_cli_channel_quotes_whole_paragraphs_of_the_file(tiny_model_dir, contrac
     never.write_text(json.dumps({"weights": {"gain": 0.0}, "bias": -1.0}))
     assert main(args + ["--channel-rule", str(never)]) == 0
     assert capsys.readouterr().out.strip() == "No Governing Law clause found."
-    assert main(args[:-3] + ["--clause", "all", "--decode", "channel"]) != 0
-    assert "--clause all" in capsys.readouterr().err
+    # --clause all: each category's query in turn, every quote one paragraph of the file; the rule applies to
+    # each (one that never quotes finds nothing anywhere)
+    every = [a if a != "Governing Law" else "all" for a in args]
+    assert main(every + ["--channel-rule", str(always), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["clauses"]) == 40 and all(r["found"] for r in res["clauses"].values())
+    for r in res["clauses"].values():
+        assert raw[r["start"]:r["end"]] == r["text"] and any(a <= r["start"] and r["end"] <= b for a, b in spans)
+    assert main(every + ["--channel-rule", str(never), "--json"]) == 0
+    assert not any(r["found"] for r in json.loads(capsys.readouterr().out)["clauses"].values())
 
 
 @pytest.mark.parametrize("flag", [["--batch-size", "0"], ["--max-new-tokens", "-5"], ["--min-score", "120"]])
