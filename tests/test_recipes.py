@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_the_channel_recipe_runs_as_launched(llama3_tiny, shared_datasets, tmp_p
     assert (saved["quantize"], saved["checkpointing"], saved["split"], saved["processes"]) == ("nf4", True, "fit", 2)
     assert (out / "checkpoints" / "step-1" / "state.json").is_file()
     ev = tmp_path / "ev"
-    r = subprocess.run(["python", "-m", "engine.evaluate", "--model", str(llama3_tiny), "--adapter",
+    r = subprocess.run([sys.executable, "-m", "engine.evaluate", "--model", str(llama3_tiny), "--adapter",
                         str(out / "checkpoints" / "step-1" / "adapter"), "--data", "acord:../shared/datasets/acord",
                         "--split", "test", "--limit", "2", "--decode", "channel", "--threads", "1", "--quiet",
                         "--out", str(ev)], cwd=REPO, capture_output=True, text=True, timeout=600)
