@@ -427,9 +427,7 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
             atomic_write_text(out / "config.json",
                               json.dumps({**_settings(args), "processes": d.world_size}, indent=1) + "\n")
             if state:  # drop the lines of steps after the checkpoint: they are redone
-                keep = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                        if _step_of(ln) <= start]
-                atomic_write_text(metrics_path, "".join(k + "\n" for k in keep))
+                ckpt.drop_metrics_after(metrics_path, start)
             else:
                 guard.fresh_start = not resume  # until a step is logged, OUT holds nothing a step produced
             print(f"channel training on {len(train_ex)} {args.split} examples of {args.data} ({rep.rejected} "
@@ -512,14 +510,6 @@ def out_of_memory_advice(e: BaseException) -> str:
             "peak of this data's longest row: lower it with a smaller --max-candidates or --max-clause-tokens, "
             "or --checkpointing (python -m data.check SPEC --tokenizer SRC --channel UNIT prints the longest row, "
             "python -m engine.memory its peak)")
-
-
-def _step_of(line: str) -> float:
-    """Step of a metrics.jsonl line; a torn last line (killed mid-write) counts as after every checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 def main(argv=None) -> int:

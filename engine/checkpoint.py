@@ -13,6 +13,7 @@ No pickle anywhere: a checkpoint from an untrusted place cannot execute code whe
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import dist
 from engine.rundir import RunDir
-from model.files import atomic_dir
+from model.files import atomic_dir, atomic_write_text
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -247,6 +248,23 @@ def _load(path: Path, *, model, optimizer, precision) -> dict:
                   state["rng"][d.rank], d.device)
     state["sampler"] = state["sampler"][d.rank]
     return state
+
+
+def _step_of(line: str) -> float:
+    """Step of a metrics.jsonl line; a torn last line (killed mid-write) counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def drop_metrics_after(path, step: int) -> None:
+    """A resume from step `step`: keep the metrics.jsonl lines of the steps up to it (those after are redone, and
+    a torn last line goes), written atomically. No file: nothing to do."""
+    path = Path(path)
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if _step_of(ln) <= step]
+        atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
 def interrupted_message(out) -> str:

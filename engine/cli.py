@@ -7,7 +7,7 @@ import sys
 
 from data.cli import CliParser, run_command  # noqa: F401  (re-exported: the engine's commands import it from here)
 from data.example import DataError
-from engine.config import ConfigError, read_toml
+from engine.config import ConfigError, read_toml, typed_value
 from model.generate import cpu_threads
 
 THREADS_HELP = ("CPU threads for torch (default: the cores this process may use minus the 1-minute load average, "
@@ -38,17 +38,7 @@ def config_defaults(parser: argparse.ArgumentParser, path) -> dict:
         if action is None:
             raise ConfigError(f"{path}: unknown key {key!r} (keys are {parser.prog}'s flags spelled with "
                               "underscores; see --help)")
-        want = _flag_type(action)
-        ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
-              float: isinstance(value, (int, float)) and not isinstance(value, bool),
-              str: isinstance(value, str)}[want]
-        if not ok:
-            raise ConfigError(f"{path}: key {key!r} must be {want.__name__}, got {value!r}")
-        value = float(value) if want is float else value
-        if action.choices is not None and value not in action.choices:
-            raise ConfigError(f"{path}: key {key!r} must be one of {', '.join(map(str, action.choices))}, got "
-                              f"{value!r}")
-        out[key] = value
+        out[key] = typed_value(str(path), key, value, _flag_type(action), action.choices)
     return out
 
 

@@ -129,7 +129,12 @@ def _check(name: str, value, where: str):
     """Return value coerced to the field's type, or raise ConfigError naming the key and where it came from."""
     if name not in FIELDS:
         raise ConfigError(f"{where}: unknown key {name!r} (see python -m engine.train --help)")
-    want = _TYPES[name]
+    return typed_value(where, name, value, _TYPES[name], FIELDS[name].metadata.get("choices"))
+
+
+def typed_value(where: str, key: str, value, want: type, choices=None):
+    """value as a `want` (bool, int, float, str, or list of strings; an int is a float too), else ConfigError
+    naming where it came from and the key; also when choices are given and value is not one of them."""
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -139,11 +144,10 @@ def _check(name: str, value, where: str):
     }[want]
     if not ok:
         tname = "list of strings" if want is list else want.__name__
-        raise ConfigError(f"{where}: key {name!r} must be {tname}, got {value!r}")
+        raise ConfigError(f"{where}: key {key!r} must be {tname}, got {value!r}")
     value = float(value) if want is float else value
-    choices = FIELDS[name].metadata.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{where}: key {name!r} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{where}: key {key!r} must be one of {', '.join(map(str, choices))}, got {value!r}")
     return value
 
 

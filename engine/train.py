@@ -68,14 +68,6 @@ def evaluate_loss(loss_model, batches, prec: Precision) -> float:
     return float(acc[0] / acc[1]) if acc[1] > 0 else float("nan")
 
 
-def _step_of(line: str) -> float:
-    """Step of a metrics.jsonl line; a torn last line (killed mid-write) counts as after every checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
 def json_line(row: dict) -> str:
     """One strict-JSON line for metrics.jsonl: a non-finite number (a diverged loss) is written as null, never
     as the NaN/Infinity that json.dumps allows and other JSON readers reject."""
@@ -232,9 +224,8 @@ def _start_out(r: _Run, guard: RunDir, resume: bool, resume_from: Path | None):
         start_step, r.counters = state["step"], state["counters"]
         r.batcher.load_state_dict(state["sampler"])
         print0(f"resumed from {resume_from} at step {start_step}")
-        if d.is_main and metrics_path.exists():  # drop lines of steps after the checkpoint: they are redone
-            keep = [ln for ln in metrics_path.read_text().splitlines() if _step_of(ln) <= start_step]
-            metrics_path.write_text("".join(k + "\n" for k in keep))
+        if d.is_main:  # drop lines of steps after the checkpoint: they are redone
+            ckpt.drop_metrics_after(metrics_path, start_step)
     elif resume:
         print0(f"--resume: no checkpoint in {out}/checkpoints, starting from step 0")
     if resume_from is None and d.is_main:
