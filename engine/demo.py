@@ -2,10 +2,12 @@
 verbatim quote highlighted in the contract with its character offsets, or NONE.
 
     pip install -e '.[demo]'
-    python -m engine.demo [--model SRC] [--adapter DIR] [--host 127.0.0.1] [--port 7860] [--threads N]
+    python -m engine.demo [--model SRC] [--adapter DIR] [--decode constrained|rank|channel] [--host 127.0.0.1]
+                          [--port 7860] [--threads N]
 
 The page runs what `python -m engine.extract` runs (window_budget, window_answerer + find_clause, find_all),
-with constrained decoding: every quote is a slice of the contract. Offsets are character indices into the
+decoding as it does (an engine.channel_train adapter: --decode channel): every quote is a slice of the
+contract. Offsets are character indices into the
 contract as the page received it (an upload decoded as UTF-8 with its line endings kept; pasted text as the
 browser sends it). gradio is imported only by build_app: the handler, `answer`, is plain Python.
 """
@@ -20,39 +22,48 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from data.cuad import CATEGORIES
 from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
-from engine.evaluate import load_for_eval
-from engine.extract import ALL_CATEGORIES, find_all, find_clause, read_contract, window_answerer, window_budget
-from engine.rundir import learned_decoding
+from engine.evaluate import choose_decoding, load_for_eval
+from engine.extract import (ALL_CATEGORIES, channel_all_answerer, find_all, find_clause, read_contract,
+                            shared_prefill_answerer, window_answerer, window_budget)
+from model.channel import UNITS, ChannelRule
 
 INSTALL_HINT = "the demo needs gradio: pip install -e '.[demo]'"
+DECODES = ("constrained", "rank", "channel")  # engine.extract's, less free (no one pass serves every clause type)
 TABLE_HEADERS = ["clause type", "found", "start", "end", "quote (first words)"]
 CHOICES = ["all", *CATEGORIES]
 
 
 @dataclass
 class Reader:
-    """The loaded model and the window settings every query uses: the model is loaded once, at start."""
+    """The loaded model and the settings every query uses: the model is loaded once, at start. decode:
+    "constrained", "rank" or "channel" (then unit and rule as engine.extract's --channel-unit and --channel-rule);
+    every answer is a slice of the contract."""
     model: object
     tok: object
     seq_len: int = 2048
     max_new_tokens: int = 384
+    decode: str = "constrained"
+    unit: str = "paragraph"
+    rule: ChannelRule | None = None
 
     def one(self, text: str, clause: str):
         """([Match], windows) for one clause type, as engine.extract --clause NAME finds them."""
         budget = window_budget(self.tok, clause, self.seq_len, self.max_new_tokens)
-        answer_fn = window_answerer(self.model, self.tok, max_new_tokens=self.max_new_tokens)
+        answer_fn = window_answerer(self.model, self.tok, decode=self.decode, max_new_tokens=self.max_new_tokens,
+                                    query=clause, rule=self.rule, unit=self.unit)
         return find_clause(text, clause, answer_fn, lambda s: len(self.tok.encode(s)), budget)
 
     def all(self, text: str):
         """({category: [Match]}, windows), as engine.extract --clause all finds them."""
         budget = window_budget(self.tok, "all", self.seq_len, self.max_new_tokens)
-        with torch.inference_mode():
-            return find_all(text, ALL_CATEGORIES, self.model, self.tok, budget,
-                            max_new_tokens=self.max_new_tokens, rank=False)
+        if self.decode == "channel":
+            answer_window = channel_all_answerer(self.model, self.tok, rule=self.rule, unit=self.unit)
+        else:
+            answer_window = shared_prefill_answerer(self.model, self.tok, max_new_tokens=self.max_new_tokens,
+                                                    rank=self.decode == "rank")
+        return find_all(text, ALL_CATEGORIES, answer_window, lambda s: len(self.tok.encode(s)), budget)
 
 
 @dataclass
@@ -202,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=7860, help="TCP port to serve on")
     ap.add_argument("--seq-len", type=int, default=2048, help="tokens per window: prompt + answer")
     ap.add_argument("--max-new-tokens", type=int, default=384, help="answer budget per window")
+    ap.add_argument("--decode", choices=DECODES, default=None,
+                    help="constrained: the answer is a verbatim slice of the contract (or NONE), decided on the text; "
+                         "rank: constrained, starting at the paragraph the model finds likeliest; channel: the whole "
+                         "paragraph under which the clause name is likeliest, or NONE (default: channel for an "
+                         "--adapter trained by engine.channel_train, else constrained; as engine.extract)")
+    ap.add_argument("--channel-unit", choices=tuple(UNITS), default=None,
+                    help="with --decode channel: quote whole paragraphs or sentences (default: the --unit an "
+                         "engine.channel_train adapter was trained with, else paragraph)")
+    ap.add_argument("--channel-rule", default=None, metavar="RULE_JSON",
+                    help="with --decode channel: when to answer NONE (python -m engine.calibrate); default: NONE "
+                         "when no paragraph beats an empty clause")
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return ap
 
@@ -214,15 +236,13 @@ def run(args) -> None:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port}: use a TCP port in 1-65535")
     _gradio()  # gradio missing: say so before minutes of model loading
-    if learned_decoding(args.adapter):
-        print(f"note: {args.adapter} was trained by engine.channel_train for --decode channel; this page reads "
-              "with constrained decoding (python -m engine.extract answers as the adapter was trained)",
-              file=sys.stderr)
+    choose_decoding(args)  # as engine.extract: the decision an engine.channel_train adapter learned, with a note
+    rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
     set_threads(args.threads)
     model, tok, source = load_for_eval(args.model, args.adapter)
-    reader = Reader(model, tok, args.seq_len, args.max_new_tokens)
+    reader = Reader(model, tok, args.seq_len, args.max_new_tokens, args.decode, args.channel_unit, rule)
     window_budget(tok, "all", args.seq_len, args.max_new_tokens)  # too short a --seq-len fails here, not per query
-    title = f"clauselora ({source}{' + ' + Path(args.adapter).name if args.adapter else ''})"
+    title = f"clauselora ({source}{' + ' + Path(args.adapter).name if args.adapter else ''}, {args.decode} decoding)"
     print(f"demo: {title} on http://{args.host}:{args.port}/ (Ctrl-C stops it)", file=sys.stderr, flush=True)
     build_app(reader, title).launch(server_name=args.host, server_port=args.port, ssr_mode=False, quiet=True)
 

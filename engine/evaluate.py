@@ -323,7 +323,7 @@ def choose_decoding(args) -> None:
         raise ValueError("--channel-rule decides NONE for --decode channel; add --decode channel or drop it")
     if explicit_unit and args.decode != "channel":
         raise ValueError("--channel-unit is what --decode channel quotes; add --decode channel or drop it")
-    if args.focus_adapter and args.decode != "channel":
+    if getattr(args, "focus_adapter", None) and args.decode != "channel":  # (engine.demo has no focus stage)
         raise ValueError("--focus-adapter trims what --decode channel quotes; add --decode channel or drop it")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from engine.evaluate import PRECISION_HELP, Progress, choose_decoding, focuser, 
 from engine.precision import INFERENCE_MODES
 from engine.rundir import adapter_run_config, trained_split
 from engine.metrics import is_none
-from model.channel import UNITS, ChannelRule, channel_answer
+from model.channel import UNITS, ChannelRule, channel_answer, channel_answers
 from model.generate import decode_span, decode_spans, generate
 
 ALL_CATEGORIES = tuple(c for c in CATEGORIES if c not in DEFAULT_EXCLUDE)
@@ -74,6 +74,12 @@ def read_contract(path) -> str:
     return text
 
 
+def _asked(query: str) -> Example:
+    """The example find_clause renders each window's prompt from, without its context."""
+    return Example(id=f"extract:{query}", source="extract", category=query, query=query, context="", answer="",
+                   split="test")
+
+
 def find_clause(text: str, clause: str, answer_fn, count_tokens, max_context_tokens: int, *,
                 overlap: float = 0.25, min_score: float = 60.0, log: list | None = None) -> tuple[list[Quote], int]:
     """All distinct matches (best first) and the number of windows.
@@ -83,8 +89,7 @@ def find_clause(text: str, clause: str, answer_fn, count_tokens, max_context_tok
     whose start/end already give its slice of the window (constrained decoding: copy score 100 by construction).
     log, when given, receives one dict per window: its offsets and what the model answered there."""
     windows = make_windows(text, count_tokens, max_context_tokens, overlap)
-    prompts = [render_prompt(Example(id=f"extract:{clause}", source="extract", category=clause, query=clause,
-                                     context=text[a:b], answer="", split="test")) for a, b in windows]
+    prompts = [render_prompt(replace(_asked(clause), context=text[a:b])) for a, b in windows]
     answers = answer_fn(prompts, [text[a:b] for a, b in windows])
     if log is not None:
         log.extend({"start": a, "end": b, "answer": getattr(ans, "text", ans)} for (a, b), ans in zip(windows, answers))
@@ -118,22 +123,49 @@ def distinct(found: list[Quote]) -> list[Quote]:
 ALL_TEMPLATE = TEMPLATES[1]  # the contract first: every clause type's prompt then shares the contract's keys/values
 
 
-def find_all(text: str, categories, model, tok, max_context_tokens: int, *, max_new_tokens: int, rank: bool,
-             overlap: float = 0.25, progress=None) -> tuple[dict[str, list[Quote]], int]:
-    """Every category over one contract in one pass over its windows: per window, one prefill of the contract
-    shared by all categories' prompts (model.generate.decode_spans), constrained answers. Returns
-    ({category: distinct matches, best first}, number of windows)."""
-    windows = make_windows(text, lambda t: len(tok.encode(t)), max_context_tokens, overlap)
+def find_all(text: str, categories, answer_window, count_tokens, max_context_tokens: int, *, overlap: float = 0.25,
+             progress=None) -> tuple[dict[str, list[Quote]], int]:
+    """Every category over one contract in one pass over its windows. answer_window(categories, window text,
+    progress) -> one model.generate.Answer per category, a slice of the window or NONE (shared_prefill_answerer,
+    channel_all_answerer); progress(answers done in this window) may be passed None. Returns ({category: distinct
+    matches, best first}, number of windows)."""
+    windows = make_windows(text, count_tokens, max_context_tokens, overlap)
     found: dict[str, list[Quote]] = {c: [] for c in categories}
     for w, (a, b) in enumerate(windows):
-        prompts = [ALL_TEMPLATE.format(query=c, context=text[a:b]) for c in categories]
         done = w * len(categories)
-        answers = decode_spans(model, tok, prompts, text[a:b], max_new_tokens=max_new_tokens, rank=rank,
-                               progress=(lambda i: progress(done + i)) if progress else None)
-        for c, ans in zip(categories, answers):
+        answers = answer_window(categories, text[a:b], (lambda i: progress(done + i)) if progress else None)
+        for c, ans in zip(categories, answers, strict=True):
             if ans.start is not None and not is_none(ans.text):
                 found[c].append(Quote(a + ans.start, a + ans.end, "exact", 100.0, ans.text, w, ans.logprob))
     return {c: distinct(m) for c, m in found.items()}, len(windows)
+
+
+def shared_prefill_answerer(model, tok, *, max_new_tokens: int, rank: bool):
+    """find_all's answer_window for constrained (rank: rank) decoding: per window, one prefill of the contract
+    shared by all categories' prompts (ALL_TEMPLATE puts the contract first; model.generate.decode_spans)."""
+    def answer_window(categories, window: str, progress):
+        prompts = [ALL_TEMPLATE.format(query=c, context=window) for c in categories]
+        with torch.inference_mode():
+            return decode_spans(model, tok, prompts, window, max_new_tokens=max_new_tokens, rank=rank,
+                                progress=progress)
+    return answer_window
+
+
+def channel_all_answerer(model, tok, *, rule: ChannelRule | None = None, unit: str = "paragraph", focus=None,
+                         max_new_tokens: int = 384):
+    """find_all's answer_window for channel decoding: each category's name is the query, as window_answerer asks
+    it for one clause type, and each of the window's units is read once for all of them
+    (model.channel.channel_answers). focus: as for window_answerer, prompted per category."""
+    def answer_window(categories, window: str, progress):
+        trims = None
+        if focus is not None:
+            trims = [focuser(model, tok, focus, _asked(c), max_new_tokens) for c in categories]
+        with torch.inference_mode():
+            answers = channel_answers(model, tok, list(categories), window, rule, unit, trims)
+        if progress:
+            progress(len(categories))
+        return answers
+    return answer_window
 
 
 def window_budget(tok, clause: str, seq_len: int, max_new_tokens: int) -> int:
@@ -162,9 +194,7 @@ def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: 
     (model.channel); focus (an AdapterBank with a "focus" adapter) then trims that unit to the clause
     (engine.evaluate.focuser), prompted as the window was."""
     assert decode != "channel" or query, "the channel decoder scores the query itself"
-    asked = Example(id=f"extract:{query}", source="extract", category=query, query=query, context="", answer="",
-                    split="test")  # what find_clause renders each window from
-    trim = focuser(model, tok, focus, asked, max_new_tokens) if focus is not None else None
+    trim = focuser(model, tok, focus, _asked(query), max_new_tokens) if focus is not None else None
     def answer_fn(prompts, contexts):
         bar = Progress(len(prompts), label="reading", enabled=not quiet, unit="windows")
         bar.update(0)
@@ -194,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--contract", required=True, help="plain-text (UTF-8) contract file")
     ap.add_argument("--clause", required=True,
                     help='clause type or query, e.g. "Governing Law"; "all": every CUAD category but Parties, '
-                         "one pass over the contract's windows (--decode channel: each category in turn), a table "
-                         "(or --json)")
+                         "one pass over the contract's windows (each window read once for all categories), a "
+                         "table (or --json)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--seq-len", type=int, default=2048, help="tokens per window: prompt + answer")
     ap.add_argument("--max-new-tokens", type=int, default=384, help="generation budget per window")
@@ -286,26 +316,21 @@ def run(args) -> dict:
 
 def _run_all(args, text: str, model, tok, budget: int, rule=None, bank=None) -> dict:
     """--clause all: every category, a table (category, found, offsets, first words) or one JSON object.
-    Constrained and rank decoding answer every category in one pass over the windows (find_all); channel decoding
-    asks each category's query of each window's units in turn, as for one clause type."""
+    Every category in one pass over the windows (find_all): constrained and rank decoding share each window's
+    prefill across the categories' prompts, channel decoding each unit's prompt across the categories' queries."""
     count = lambda t: len(tok.encode(t))  # noqa: E731
     n_windows = len(make_windows(text, count, budget, args.overlap))
     bar = Progress(n_windows * len(ALL_CATEGORIES), label="reading", enabled=not args.quiet,
                    unit="window x clause type answers")
     bar.update(0)
     if args.decode == "channel":
-        found = {}
-        for i, c in enumerate(ALL_CATEGORIES):
-            answer_fn = window_answerer(model, tok, decode="channel", query=c, rule=rule, unit=args.channel_unit,
-                                        focus=bank, max_new_tokens=args.max_new_tokens)
-            found[c], n_windows = find_clause(text, c, answer_fn, count, budget, overlap=args.overlap,
-                                              min_score=args.min_score)
-            bar.update((i + 1) * n_windows)
+        answer_window = channel_all_answerer(model, tok, rule=rule, unit=args.channel_unit, focus=bank,
+                                             max_new_tokens=args.max_new_tokens)
     else:
-        with torch.inference_mode():
-            found, n_windows = find_all(text, ALL_CATEGORIES, model, tok, budget,
-                                        max_new_tokens=args.max_new_tokens, rank=args.decode == "rank",
-                                        overlap=args.overlap, progress=bar.update)
+        answer_window = shared_prefill_answerer(model, tok, max_new_tokens=args.max_new_tokens,
+                                                rank=args.decode == "rank")
+    found, n_windows = find_all(text, ALL_CATEGORIES, answer_window, count, budget, overlap=args.overlap,
+                                progress=bar.update)
     clauses = {c: {"found": bool(m), **(m[0].as_dict(text) if m else {}), "matches": len(m)}
                for c, m in found.items()}
     result = {"contract": str(args.contract), "clause": "all", "windows": n_windows, "clauses": clauses}

@@ -422,7 +422,9 @@ class LlamaModel(nn.Module):
 def build_mask(T, segment_ids=None, attention_mask=None, past=0, device=None):
     """Boolean SDPA mask (B, 1, T, past+T), True = may attend; None when plain causal suffices.
 
-    segment_ids (B, T): packed rows; a token sees only earlier tokens of its own sample.
+    segment_ids (B, T): packed rows; a token sees only earlier tokens of its own sample. With a cached prefix
+    (past > 0) every sample also sees the whole prefix: several continuations of one prompt, packed in one row
+    (model.channel.channel_score_matrix).
     attention_mask (B, past+T): 0 marks left padding in batched generation.
     """
     if segment_ids is None and attention_mask is None and past == 0:
@@ -432,8 +434,9 @@ def build_mask(T, segment_ids=None, attention_mask=None, past=0, device=None):
     k_pos = torch.arange(S, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
     if segment_ids is not None:
-        assert past == 0, "packed rows are a training-time feature"
-        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, T, T)
+        prefix = torch.ones(*same.shape[:3], past, dtype=torch.bool, device=same.device)  # (B, 1, T, past)
+        mask = mask & torch.cat([prefix, same], dim=-1)
     if attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, None, :]
         # A left-pad query would otherwise see no key at all (softmax of nothing = NaN): let it see itself.

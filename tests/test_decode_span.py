@@ -180,3 +180,56 @@ def test_sentence_units_cut_paragraphs_at_sentence_ends_and_the_channel_quotes_o
     ans = channel_answer(model, tok, "Governing Law", ctx, ChannelRule(bias=1e9), unit="sentence")
     assert (ans.start, ans.end) in sentences(ctx) and ctx[ans.start:ans.end] == ans.text
     assert len(ans.detail["scores"]) == len(got)
+
+
+def test_segments_after_a_cached_prefix_see_the_prefix_and_their_own_earlier_tokens():
+    """build_mask with past > 0 and segment ids: row i, column j (j < past: the prefix; else token j - past of
+    this call) is True exactly when j is in the prefix, or the same segment and not after i."""
+    from model.llama import build_mask
+
+    seg = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    past = 3
+    mask = build_mask(6, seg, past=past)
+    assert mask.shape == (1, 1, 6, past + 6)
+    for i in range(6):
+        for j in range(past + 6):
+            want = j < past or (int(seg[0, j - past]) == int(seg[0, i]) and j - past <= i)
+            assert bool(mask[0, 0, i, j]) == want, (i, j)
+    assert torch.equal(build_mask(6, seg), mask[..., past:])  # no prefix: the packed rows' mask as before
+
+
+def test_channel_score_matrix_equals_channel_scores_query_by_query(random_chatml):
+    """Reading each clause's prompt once into a KV cache and scoring every query after it, packed in one row,
+    gives each query's channel_scores: queries of one token and of several, a clause cut at max_clause_tokens."""
+    from model.channel import CHANNEL_NULL, channel_score_matrix, channel_scores
+
+    model, tok = random_chatml
+    texts = ["1. Term. This Agreement lasts two (2) years.", "2. Governing Law. New York law governs. " * 5, "x",
+             CHANNEL_NULL]
+    queries = ["Governing Law", "Term", "Anti-Assignment", "Post-Termination Services"]
+    lengths = [len(tok.encode(q)) for q in queries]
+    assert min(lengths) == 1 and max(lengths) > 3  # the first-token and the in-query predictions both checked
+    for max_clause_tokens in (768, 12):  # 12 cuts the second text
+        matrix = channel_score_matrix(model, tok, texts, queries, max_clause_tokens)
+        assert len(matrix) == len(texts) and all(len(r) == len(queries) for r in matrix)
+        for j, q in enumerate(queries):
+            alone = channel_scores(model, tok, texts, q, max_clause_tokens)
+            assert [r[j] for r in matrix] == pytest.approx(alone, abs=1e-4)
+
+
+def test_channel_answers_equal_channel_answer_for_each_query(random_chatml):
+    from model.channel import ChannelRule, channel_answer, channel_answers
+
+    model, tok = random_chatml
+    ctx = CONTEXTS[0]
+    queries = ["Governing Law", "Term", "Notices"]
+    for rule in (None, ChannelRule(weights={"gap": 1.0}, bias=-0.05)):
+        together = channel_answers(model, tok, queries, ctx, rule, focus=[None, lambda t: (0, 3), None])
+        alone = [channel_answer(model, tok, q, ctx, rule, focus=f)
+                 for q, f in zip(queries, [None, lambda t: (0, 3), None])]
+        assert [(a.text, a.start, a.end) for a in together] == [(a.text, a.start, a.end) for a in alone]
+        for a, b in zip(together, alone):
+            assert a.detail["scores"] == pytest.approx(b.detail["scores"], abs=1e-3)
+            assert a.detail["null"] == pytest.approx(b.detail["null"], abs=1e-3)
+            assert a.detail.get("focus") == b.detail.get("focus")
+    assert [a.text for a in channel_answers(model, tok, queries, "  \n\n ")] == ["NONE"] * 3

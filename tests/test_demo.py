@@ -77,6 +77,60 @@ def test_handler_runs_the_extract_commands_path(reader):
     assert _plain(res.html) == CONTRACT
 
 
+def test_channel_decoding_runs_the_extract_commands_channel_path(reader):
+    """Reader(decode="channel"): one clause type as find_clause with the channel window_answerer finds it, "all"
+    as find_all with channel_all_answerer (each unit read once for every type), under a rule that quotes."""
+    from engine.extract import ALL_CATEGORIES, channel_all_answerer, find_all
+    from model.channel import ChannelRule, paragraphs
+
+    rule = ChannelRule(weights={"gain": 0.0}, bias=1.0)
+    ch = Reader(reader.model, reader.tok, reader.seq_len, reader.max_new_tokens, decode="channel", rule=rule)
+    tok, count = reader.tok, (lambda s: len(reader.tok.encode(s)))
+    res = answer(ch, CONTRACT, None, "Governing Law")
+    budget = window_budget(tok, "Governing Law", ch.seq_len, ch.max_new_tokens)
+    matches, _ = find_clause(CONTRACT, "Governing Law", window_answerer(reader.model, tok, decode="channel",
+                                                                       query="Governing Law", rule=rule),
+                             count, budget)
+    assert matches and res.spans == [(matches[0].start, matches[0].end, "Governing Law")]
+    assert (matches[0].start, matches[0].end) in paragraphs(CONTRACT)  # a whole paragraph: the channel's answer
+    res = answer(ch, CONTRACT, None, "all")
+    found, _ = find_all(CONTRACT, ALL_CATEGORIES, channel_all_answerer(reader.model, tok, rule=rule), count,
+                        window_budget(tok, "all", ch.seq_len, ch.max_new_tokens))
+    assert sorted(res.spans) == sorted((m[0].start, m[0].end, c) for c, m in found.items())
+    assert len(res.spans) == len(ALL_CATEGORIES)  # the rule quotes: every type found
+
+
+def test_the_command_reads_a_channel_adapter_as_it_was_trained(reader, monkeypatch, tmp_path, capsys):
+    """An adapter whose run engine.channel_train wrote gets --decode channel and its --unit, with a note, as in
+    engine.extract; --decode overrides; a channel-only flag without channel decoding is refused."""
+    import json
+
+    import engine.demo
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"data": "acord:/d", "split": "fit", "groups_per_step": 4,
+                                                 "unit": "sentence"}))
+    built = []
+    monkeypatch.setattr(engine.demo, "load_for_eval", lambda *a, **k: (reader.model, reader.tok, "tiny"))
+    monkeypatch.setattr(engine.demo, "build_app", lambda r, title: built.append((r, title)) or _NoLaunch())
+    monkeypatch.setattr(engine.demo, "_gradio", lambda: None)
+    assert main(["--adapter", str(run / "adapter")]) == 0
+    r, title = built[-1]
+    assert (r.decode, r.unit, r.rule) == ("channel", "sentence", None) and "channel decoding" in title
+    assert "--decode channel --channel-unit sentence" in capsys.readouterr().err
+    assert main(["--adapter", str(run / "adapter"), "--decode", "constrained"]) == 0
+    assert built[-1][0].decode == "constrained" and "constrained decoding" in built[-1][1]
+    assert main(["--channel-unit", "sentence"]) == 1  # no adapter: constrained, so the flag means nothing
+    assert "--channel-unit is what --decode channel quotes" in capsys.readouterr().err
+
+
+class _NoLaunch:
+    def launch(self, **kw):
+        return None
+
+
 def test_contract_markup_is_escaped():
     text = 'Fees < $500 & "costs"; <script>alert(1)</script> end.'
     page = highlight(text, [(text.index("<script>"), len(text), "Audit Rights")])

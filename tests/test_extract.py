@@ -238,3 +238,26 @@ def test_adapter_provenance_reads_the_runs_config_whichever_command_wrote_it(tmp
     (run / "config.json").write_text(json.dumps({"data": "acord:/d", "split": "fit", "max_steps": 410}))  # channel
     assert adapter_provenance(run / "adapter") == "trained on acord:/d (split fit), 410 steps"
     assert "unknown" in adapter_provenance(tmp_path / "nowhere" / "adapter")
+
+
+def test_channel_all_in_one_pass_finds_what_each_clause_type_alone_finds(tiny_model_dir):
+    """--clause all --decode channel reads each window's paragraphs once for every category
+    (channel_all_answerer); per category that must give what find_clause finds asking that category alone, over
+    the same windows: the same quotes in the same order, under the default rule and a rule that quotes anything."""
+    from engine.evaluate import load_for_eval
+    from engine.extract import channel_all_answerer, find_all, window_answerer
+    from model.channel import ChannelRule
+
+    model, tok, _ = load_for_eval(str(tiny_model_dir), None, device="cpu", precision="fp32")
+    text, count = _contract(), (lambda s: len(tok.encode(s)))
+    categories = ["Governing Law", "Audit Rights", "Anti-Assignment"]
+    for rule in (None, ChannelRule(weights={"gain": 0.0}, bias=1.0)):
+        together, n = find_all(text, categories, channel_all_answerer(model, tok, rule=rule), count, 700)
+        assert n > 3
+        for c in categories:
+            alone, m = find_clause(text, c, window_answerer(model, tok, decode="channel", query=c, rule=rule),
+                                   count, 700)
+            assert m == n
+            assert [(q.start, q.end, q.window) for q in together[c]] == [(q.start, q.end, q.window) for q in alone]
+        if rule is not None:
+            assert all(together.values())  # a rule that quotes anything: every category found something
