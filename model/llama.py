@@ -41,8 +41,12 @@ class _RMSNormFn(torch.autograd.Function):
         r = _inv_rms(x, eps)  # (..., 1) fp32
         xh = (x * r).to(x.dtype)  # x * r computes in fp32 (r's dtype): as x.float() * r, without the copy
         ctx.save_for_backward(x, weight, r)
-        # xh is this function's own tensor: scaled in place (the same products as weight * xh, one tensor fewer)
-        return xh.mul_(weight) if weight.dtype == xh.dtype else weight * xh
+        # xh is this function's own tensor: scaled in place (the same products as weight * xh, one tensor fewer).
+        # Not when compiled: the compiler fuses weight * xh into one kernel anyway, and torch 2.11's AOT autograd
+        # returned a wrong input gradient for the in-place form (tests/test_compile.py; right in 2.13)
+        if weight.dtype == xh.dtype and not torch.compiler.is_compiling():
+            return xh.mul_(weight)
+        return weight * xh
 
     @staticmethod
     def backward(ctx, g):
