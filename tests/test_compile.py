@@ -172,15 +172,18 @@ def test_a_missing_compiler_toolchain_is_one_line_before_anything_loads(tmp_path
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no gcc, g++ or clang in it
     assert "C compiler for Triton" in compile_toolchain_problem("cuda")
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-compiler"))
     cpp_builder.cpp_compiler_search.cache_clear()  # torch caches its search by what it searches for
+    # inductor's own config.patch, not monkeypatch: under torch 2.11, monkeypatch's restore of a sub-config value
+    # left inductor_config.cpp.cxx unreadable, and every later --compile check in the session failed
     try:
-        assert "C++ compiler for inductor" in compile_toolchain_problem("cpu")
-        # launch.sh's preflight (one process, before torchrun starts N): the same line, once
-        from engine.train import preflight
+        with inductor_config.patch({"cpp.cxx": (None, "no-such-compiler")}):
+            assert "C++ compiler for inductor" in compile_toolchain_problem("cpu")
+            # launch.sh's preflight (one process, before torchrun starts N): the same line, once
+            from engine.train import preflight
 
-        assert preflight(["--data", "synthetic", "--out", str(tmp_path / "pre"), "--device", "cpu", "--compile"]) == 2
-        assert not (tmp_path / "pre").exists()
+            assert preflight(["--data", "synthetic", "--out", str(tmp_path / "pre"), "--device", "cpu",
+                              "--compile"]) == 2
+            assert not (tmp_path / "pre").exists()
     finally:
         cpp_builder.cpp_compiler_search.cache_clear()
 
