@@ -2,7 +2,8 @@
 verbatim quote highlighted in the contract with its character offsets, or NONE.
 
     pip install -e '.[demo]'
-    python -m engine.demo [--model SRC] [--adapter DIR] [--decode constrained|rank|channel] [--host 127.0.0.1]
+    python -m engine.demo [--model SRC] [--adapter DIR] [--decode constrained|rank|channel]
+                          [--channel-unit paragraph|sentence] [--channel-rule RULE_JSON] [--host 127.0.0.1]
                           [--port 7860] [--threads N]
 
 The page runs what `python -m engine.extract` runs (window_budget, window_answerer + find_clause, find_all),
@@ -242,7 +243,8 @@ def run(args) -> None:
     model, tok, source = load_for_eval(args.model, args.adapter)
     reader = Reader(model, tok, args.seq_len, args.max_new_tokens, args.decode, args.channel_unit, rule)
     window_budget(tok, "all", args.seq_len, args.max_new_tokens)  # too short a --seq-len fails here, not per query
-    title = f"clauselora ({source}{' + ' + Path(args.adapter).name if args.adapter else ''}, {args.decode} decoding)"
+    how = f"channel decoding of {args.channel_unit}s" if args.decode == "channel" else f"{args.decode} decoding"
+    title = f"clauselora ({source}{' + ' + Path(args.adapter).name if args.adapter else ''}, {how})"
     print(f"demo: {title} on http://{args.host}:{args.port}/ (Ctrl-C stops it)", file=sys.stderr, flush=True)
     build_app(reader, title).launch(server_name=args.host, server_port=args.port, ssr_mode=False, quiet=True)
 

@@ -224,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--contract", required=True, help="plain-text (UTF-8) contract file")
     ap.add_argument("--clause", required=True,
                     help='clause type or query, e.g. "Governing Law"; "all": every CUAD category but Parties, '
-                         "one pass over the contract's windows (each window read once for all categories), a "
-                         "table (or --json)")
+                         "one pass over the contract's windows (each window's prefill, or with --decode channel "
+                         "each of its units, shared by all categories), a table (or --json)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--seq-len", type=int, default=2048, help="tokens per window: prompt + answer")
     ap.add_argument("--max-new-tokens", type=int, default=384, help="generation budget per window")

@@ -439,8 +439,9 @@ def build_mask(T, segment_ids=None, attention_mask=None, past=0, device=None):
     mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
     if segment_ids is not None:
         same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, T, T)
-        prefix = torch.ones(*same.shape[:3], past, dtype=torch.bool, device=same.device)  # (B, 1, T, past)
-        mask = mask & torch.cat([prefix, same], dim=-1)
+        if past:  # every segment also sees the whole prefix
+            same = torch.cat([torch.ones(*same.shape[:3], past, dtype=torch.bool, device=same.device), same], -1)
+        mask = mask & same
     if attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, None, :]
         # A left-pad query would otherwise see no key at all (softmax of nothing = NaN): let it see itself.

@@ -78,9 +78,9 @@ def test_handler_runs_the_extract_commands_path(reader):
 
 
 def test_channel_decoding_runs_the_extract_commands_channel_path(reader):
-    """Reader(decode="channel"): one clause type as find_clause with the channel window_answerer finds it, "all"
-    as find_all with channel_all_answerer (each unit read once for every type), under a rule that quotes."""
-    from engine.extract import ALL_CATEGORIES, channel_all_answerer, find_all
+    """Reader(decode="channel"): one clause type as find_clause with the channel window_answerer finds it, and
+    "all" (each unit read once for every type) as asking each type alone finds it, under a rule that quotes."""
+    from engine.extract import ALL_CATEGORIES
     from model.channel import ChannelRule, paragraphs
 
     rule = ChannelRule(weights={"gain": 0.0}, bias=1.0)
@@ -94,9 +94,10 @@ def test_channel_decoding_runs_the_extract_commands_channel_path(reader):
     assert matches and res.spans == [(matches[0].start, matches[0].end, "Governing Law")]
     assert (matches[0].start, matches[0].end) in paragraphs(CONTRACT)  # a whole paragraph: the channel's answer
     res = answer(ch, CONTRACT, None, "all")
-    found, _ = find_all(CONTRACT, ALL_CATEGORIES, channel_all_answerer(reader.model, tok, rule=rule), count,
-                        window_budget(tok, "all", ch.seq_len, ch.max_new_tokens))
-    assert sorted(res.spans) == sorted((m[0].start, m[0].end, c) for c, m in found.items())
+    budget = window_budget(tok, "all", ch.seq_len, ch.max_new_tokens)  # "all"'s windows: its longest prompt
+    alone = {c: find_clause(CONTRACT, c, window_answerer(reader.model, tok, decode="channel", query=c, rule=rule),
+                            count, budget)[0] for c in ALL_CATEGORIES}  # each type asked on its own
+    assert sorted(res.spans) == sorted((m[0].start, m[0].end, c) for c, m in alone.items())
     assert len(res.spans) == len(ALL_CATEGORIES)  # the rule quotes: every type found
 
 

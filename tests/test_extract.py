@@ -157,8 +157,8 @@ def test_cli_channel_quotes_whole_paragraphs_of_the_file(tiny_model_dir, contrac
     never.write_text(json.dumps({"weights": {"gain": 0.0}, "bias": -1.0}))
     assert main(args + ["--channel-rule", str(never)]) == 0
     assert capsys.readouterr().out.strip() == "No Governing Law clause found."
-    # --clause all: each category's query in turn, every quote one paragraph of the file; the rule applies to
-    # each (one that never quotes finds nothing anywhere)
+    # --clause all: every category's query over each paragraph, every quote one paragraph of the file; the rule
+    # applies to each (one that never quotes finds nothing anywhere)
     every = [a if a != "Governing Law" else "all" for a in args]
     assert main(every + ["--channel-rule", str(always), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -243,7 +243,11 @@ def test_adapter_provenance_reads_the_runs_config_whichever_command_wrote_it(tmp
 def test_channel_all_in_one_pass_finds_what_each_clause_type_alone_finds(tiny_model_dir):
     """--clause all --decode channel reads each window's paragraphs once for every category
     (channel_all_answerer); per category that must give what find_clause finds asking that category alone, over
-    the same windows: the same quotes in the same order, under the default rule and a rule that quotes anything."""
+    the same windows: the same quotes in the same order, under a rule that quotes anything and one that quotes
+    about half (its bar the median confidence of the first: the random model's gains are all below the default
+    rule's 0, which would quote nothing)."""
+    import statistics
+
     from engine.evaluate import load_for_eval
     from engine.extract import channel_all_answerer, find_all, window_answerer
     from model.channel import ChannelRule
@@ -251,7 +255,9 @@ def test_channel_all_in_one_pass_finds_what_each_clause_type_alone_finds(tiny_mo
     model, tok, _ = load_for_eval(str(tiny_model_dir), None, device="cpu", precision="fp32")
     text, count = _contract(), (lambda s: len(tok.encode(s)))
     categories = ["Governing Law", "Audit Rights", "Anti-Assignment"]
-    for rule in (None, ChannelRule(weights={"gain": 0.0}, bias=1.0)):
+    rule = ChannelRule(weights={"gain": 0.0}, bias=1.0)
+    every = None
+    for _ in range(2):
         together, n = find_all(text, categories, channel_all_answerer(model, tok, rule=rule), count, 700)
         assert n > 3
         for c in categories:
@@ -259,5 +265,40 @@ def test_channel_all_in_one_pass_finds_what_each_clause_type_alone_finds(tiny_mo
                                    count, 700)
             assert m == n
             assert [(q.start, q.end, q.window) for q in together[c]] == [(q.start, q.end, q.window) for q in alone]
-        if rule is not None:
+        found = sum(len(q) for q in together.values())
+        if every is None:
             assert all(together.values())  # a rule that quotes anything: every category found something
+            every = found
+            rule = ChannelRule(weights={"gain": 1.0},
+                               bias=-statistics.median(q.logprob for m in together.values() for q in m))
+        else:
+            assert 0 < found < every
+
+
+def test_channel_all_trims_each_categorys_quote_with_its_own_focus(tiny_model_dir, monkeypatch):
+    """--clause all --decode channel --focus-adapter: each category's chosen unit is trimmed by the focus stage
+    prompted with that category (engine.evaluate.focuser per category), as asking the category alone does."""
+    import engine.extract
+    from engine.evaluate import load_for_eval
+    from engine.extract import channel_all_answerer, find_all, window_answerer
+    from model.channel import ChannelRule
+
+    asked = []
+
+    def fake_focuser(model, tok, bank, ex, max_new_tokens):  # keeps the first len(query) % 5 + 1 characters
+        def focus(text):
+            asked.append(ex.query)
+            return 0, len(ex.query) % 5 + 1
+        return focus
+    monkeypatch.setattr(engine.extract, "focuser", fake_focuser)
+    model, tok, _ = load_for_eval(str(tiny_model_dir), None, device="cpu", precision="fp32")
+    text, count = _contract(), (lambda s: len(tok.encode(s)))
+    rule = ChannelRule(weights={"gain": 0.0}, bias=1.0)
+    categories = ["Governing Law", "Audit Rights", "Anti-Assignment"]
+    together, _ = find_all(text, categories, channel_all_answerer(model, tok, rule=rule, focus=object()), count, 700)
+    assert set(asked) == set(categories)
+    for c in categories:
+        alone, _ = find_clause(text, c, window_answerer(model, tok, decode="channel", query=c, rule=rule,
+                                                        focus=object()), count, 700)
+        assert together[c] and [(q.start, q.end) for q in together[c]] == [(q.start, q.end) for q in alone]
+        assert all(q.end - q.start == len(c) % 5 + 1 for q in together[c])
