@@ -104,16 +104,16 @@ fi
 ROWS=${ROWS:-runs/bench_rows/acord_llama3_2048x2.safetensors}
 if [ "$DEVICE" = cpu ] && [ "$ROWS" = runs/bench_rows/acord_llama3_2048x2.safetensors ] && [ -f "$ROWS" ]; then
   # the prepared rows are Llama 3.2 token ids, 2048 per row: longer than the smoke's seq and outside SmolLM2's vocab
-  echo "CPU smoke: the packed-rows benchmarks are skipped ($ROWS is for the GPU run; ROWS=FILE from engine.bench" \
-    "--save-rows gives rows that fit)" | tee "$OUT/bench_packed.log"
-  ROWS=/nonexistent
+  want bench core && [ -z "${SKIP_BENCH:-}" ] && echo "CPU smoke: the packed-rows benchmarks are skipped ($ROWS is" \
+    "for the GPU run; ROWS=FILE from engine.bench --save-rows gives rows that fit)" | tee "$OUT/bench_packed.log"
+  ROWS=""  # (no file: every packed-rows step below is skipped)
 fi
 ROUNDS=2; [ "$PART" = core ] && ROUNDS=1
 if want bench core && [ -z "${SKIP_BENCH:-}" ]; then
   if [ -f "$ROWS" ]; then
     run bench_packed 600 $PY -m engine.bench --model "$MODEL" --device "$DEVICE" --seq-len "${SEQS%% *}" --batch-size $B \
       --steps 5 --rounds $ROUNDS --vs hf --data "rows:$ROWS" --profile --json "$OUT/bench_packed.json"
-  elif [ "$ROWS" != /nonexistent ]; then
+  elif [ -n "$ROWS" ]; then
     echo "no $ROWS: the packed-rows benchmark is skipped (see the top of this script)" | tee "$OUT/bench_packed.log"
   fi
 fi

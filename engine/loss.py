@@ -37,6 +37,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     fp32 cross-entropy; the weight gradient is computed only when the weight is trainable (a frozen base in
     QLoRA, so normally never). per_row: return the (N,) cross-entropies instead of their sum, each with its own
     incoming gradient (engine.channel_train sums them per candidate, then takes a softmax over candidates).
+    It runs eagerly (the loss is outside Block.set_compiled's regions); its forward writes its own buffers in place,
+    the pattern torch 2.11's AOT autograd traced wrong in the RMSNorm (model.llama._RMSNormFn): check that before
+    compiling it.
     """
 
     @staticmethod
