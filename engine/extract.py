@@ -1,13 +1,14 @@
 """Find one clause in a contract file and quote it verbatim, with its character offsets in the file.
 
-    python -m engine.extract --model SRC [--adapter DIR] --contract FILE --clause NAME [--json]
+    python -m engine.extract --model SRC [--adapter DIR] --contract FILE [FILE ...] --clause NAME [--json]
 
 A contract longer than the model's budget is read in overlapping windows (each one prompt, same templates as
 training); every window's answer that is not NONE is located in the contract. The quote is always a slice of
 the file: when the generation is not verbatim (changed whitespace, a dropped word) it is snapped to the
 best-matching span (rapidfuzz.fuzz.partial_ratio_alignment on whitespace-normalised text, then widened to word
 boundaries) and the match score (fuzz.ratio, 0-100) is reported. Offsets are Python character indices into
-the file decoded as UTF-8 (line endings kept as they are in the file).
+the file decoded as UTF-8 (line endings kept as they are in the file). Several contracts (files, or directories
+standing for their *.txt files) are read with the model loaded once; --json then prints one object per line.
 """
 from __future__ import annotations
 
@@ -221,7 +222,9 @@ def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: 
 def build_parser() -> argparse.ArgumentParser:
     ap = CliParser(prog="python -m engine.extract", description=__doc__.split("\n\n")[0])
     ap.add_model_args(adapter_required=False)
-    ap.add_argument("--contract", required=True, help="plain-text (UTF-8) contract file")
+    ap.add_argument("--contract", required=True, nargs="+", metavar="FILE_OR_DIR",
+                    help="plain-text (UTF-8) contract file(s), or a directory: its *.txt files, in name order; with "
+                         "several, the model is loaded once and each contract answered in turn (--json: one line each)")
     ap.add_argument("--clause", required=True,
                     help='clause type or query, e.g. "Governing Law"; "all": every CUAD category but Parties, '
                          "one pass over the contract's windows (each window's prefill, or with --decode channel "
@@ -275,7 +278,8 @@ def run(args) -> dict:
         raise ValueError("--clause all needs --decode constrained, rank or channel, not free (free text has no "
                          "one pass that serves every clause type)")
     rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
-    text = read_contract(args.contract)  # before loading the model: a bad path fails in a second
+    paths = contract_paths(args.contract)
+    texts = [read_contract(p) for p in paths]  # before loading the model: a bad path fails in a second
     set_threads(args.threads)
     model, tok, _ = load_for_eval(args.model, args.adapter, device=args.device, precision=args.precision,
                                   quantize=None if args.quantize == "none" else args.quantize)
@@ -285,8 +289,32 @@ def run(args) -> dict:
             if path:
                 print(f"{flag} {path}: {adapter_provenance(path)}", file=sys.stderr)
     budget = window_budget(tok, args.clause, args.seq_len, args.max_new_tokens)
-    if every:
-        return _run_all(args, text, model, tok, budget, rule, bank)
+    results = []
+    for i, (path, text) in enumerate(zip(paths, texts)):
+        if len(paths) > 1 and not args.json:
+            print(f"== {path} ({i + 1} of {len(paths)})")
+        results.append((_run_all if every else _run_one)(args, path, text, model, tok, budget, rule, bank))
+    return results[0] if len(results) == 1 else {"contracts": results}
+
+
+def contract_paths(given: list[str]) -> list[str]:
+    """The contract files named on the command line, in order, each once: a directory stands for its *.txt files
+    in name order (ValueError when it holds none). Files are checked by read_contract."""
+    out = []
+    for g in given:
+        p = Path(g)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.glob("*.txt") if f.is_file())
+            if not found:
+                raise ValueError(f"{p}: no .txt contract files in this directory")
+            out += found
+        else:
+            out.append(g)
+    return list(dict.fromkeys(out))
+
+
+def _run_one(args, path: str, text: str, model, tok, budget: int, rule=None, bank=None) -> dict:
+    """One clause type in one contract: the quote (or "No NAME clause found.") or one JSON object."""
     per_window: list[dict] = []
     answer_fn = window_answerer(model, tok, decode=args.decode, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size, quiet=args.quiet, query=args.clause, rule=rule,
@@ -294,7 +322,7 @@ def run(args) -> dict:
     matches, n_windows = find_clause(text, args.clause, answer_fn, lambda s: len(tok.encode(s)), budget,
                                      overlap=args.overlap, min_score=args.min_score, log=per_window)
     best = matches[0] if matches else None
-    result = {"contract": str(args.contract), "clause": args.clause, "found": best is not None,
+    result = {"contract": path, "clause": args.clause, "found": best is not None,
               "windows": n_windows, **(best.as_dict(text) if best else {}),
               "matches": [m.as_dict(text) for m in matches], "per_window": per_window}
     if args.json:
@@ -305,7 +333,7 @@ def run(args) -> dict:
         how = "verbatim" if best.verbatim else (
             "verbatim up to whitespace" if best.score == 100 else
             "not verbatim: showing the closest span of the contract")
-        print(f"{args.clause} clause, characters {best.start}-{best.end} of {args.contract} "
+        print(f"{args.clause} clause, characters {best.start}-{best.end} of {path} "
               f"(copy score {best.score:.1f}, {how}; the copy score says how exactly the text was copied, not "
               "whether it is the right clause):")
         print(text[best.start:best.end])
@@ -314,7 +342,7 @@ def run(args) -> dict:
     return result
 
 
-def _run_all(args, text: str, model, tok, budget: int, rule=None, bank=None) -> dict:
+def _run_all(args, path: str, text: str, model, tok, budget: int, rule=None, bank=None) -> dict:
     """--clause all: every category, a table (category, found, offsets, first words) or one JSON object.
     Every category in one pass over the windows (find_all): constrained and rank decoding share each window's
     prefill across the categories' prompts, channel decoding each unit's prompt across the categories' queries."""
@@ -333,7 +361,7 @@ def _run_all(args, text: str, model, tok, budget: int, rule=None, bank=None) -> 
                                 progress=bar.update)
     clauses = {c: {"found": bool(m), **(m[0].as_dict(text) if m else {}), "matches": len(m)}
                for c, m in found.items()}
-    result = {"contract": str(args.contract), "clause": "all", "windows": n_windows, "clauses": clauses}
+    result = {"contract": path, "clause": "all", "windows": n_windows, "clauses": clauses}
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return result

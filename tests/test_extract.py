@@ -302,3 +302,44 @@ def test_channel_all_trims_each_categorys_quote_with_its_own_focus(tiny_model_di
                                                         focus=object()), count, 700)
         assert together[c] and [(q.start, q.end) for q in together[c]] == [(q.start, q.end) for q in alone]
         assert all(q.end - q.start == len(c) % 5 + 1 for q in together[c])
+
+
+def test_several_contracts_one_model_load_one_json_line_each(tiny_model_dir, contract_file, tmp_path, capsys,
+                                                             monkeypatch):
+    """--contract A DIR: the files, then the directory's *.txt files in name order, each answered as when it is
+    the only one (the same JSON object), the model loaded once; --json gives one line per contract."""
+    import engine.extract
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "b.txt").write_bytes(_contract().replace("Delaware", "Ohio").encode("utf-8"))
+    (folder / "a.txt").write_bytes(_contract()[:1500].encode("utf-8"))
+    (folder / "notes.md").write_text("not a contract")  # not *.txt: left out
+    base = ["--model", str(tiny_model_dir), "--clause", "Governing Law", "--seq-len", "900", "--decode", "channel",
+            "--quiet", "--json"]
+    alone = []
+    for f in (contract_file, folder / "a.txt", folder / "b.txt"):
+        assert main(base + ["--contract", str(f)]) == 0
+        alone.append(json.loads(capsys.readouterr().out))
+    loads = []
+    real = engine.extract.load_for_eval
+    monkeypatch.setattr(engine.extract, "load_for_eval", lambda *a, **k: loads.append(1) or real(*a, **k))
+    assert main(base + ["--contract", str(contract_file), str(folder), str(contract_file)]) == 0  # once each
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(line) for line in lines] == alone and len(loads) == 1
+    # the text form: a header per contract
+    assert main([a for a in base if a != "--json"] + ["--contract", str(folder)]) == 0
+    out = capsys.readouterr().out
+    first, second = f"== {folder / 'a.txt'} (1 of 2)", f"== {folder / 'b.txt'} (2 of 2)"
+    assert first in out and second in out and out.index(first) < out.index(second)
+
+
+def test_several_contracts_are_all_checked_before_the_model_loads(tmp_path, contract_file, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for bad, says in ((tmp_path / "gone.txt", "gone.txt: contract file not found"),
+                      (empty, "empty: no .txt contract files in this directory")):
+        assert main(["--model", str(tmp_path / "no-such-model"), "--clause", "Governing Law",
+                     "--contract", str(contract_file), str(bad)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert says in err and "no-such-model" not in err and "\n" not in err
