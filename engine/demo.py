@@ -8,9 +8,9 @@ verbatim quote highlighted in the contract with its character offsets, or NONE.
 
 The page runs what `python -m engine.extract` runs (window_budget, window_answerer + find_clause, find_all),
 decoding as it does (an engine.channel_train adapter: --decode channel): every quote is a slice of the
-contract. Offsets are character indices into the
-contract as the page received it (an upload decoded as UTF-8 with its line endings kept; pasted text as the
-browser sends it). gradio is imported only by build_app: the handler, `answer`, is plain Python.
+contract. Offsets are character indices into the contract as the page received it (an upload decoded as UTF-8
+with its line endings kept; pasted text as the browser sends it). gradio is imported only by build_app: the
+handler, `answer`, is plain Python.
 """
 from __future__ import annotations
 
