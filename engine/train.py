@@ -399,4 +399,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist.exit_worker(main())  # under torchrun: os._exit, past a gloo shutdown race (engine.dist.exit_worker)
