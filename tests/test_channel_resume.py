@@ -132,12 +132,20 @@ def test_a_changed_setting_on_resume_is_named(straight, tiny_model_dir, capsys):
     assert err.count("\n") == 0 and "max_candidates (saved 2, now 3)" in err, err
 
 
-def test_two_processes_stopped_through_the_launcher_resume_byte_identical(straight, tiny_model_dir):  # noqa: F811
-    """./launch.sh --nproc 2 --channel, the recipe's way: SIGTERM to the launcher reaches both workers, which
-    write one checkpoint together; --resume under the launcher ends as the uninterrupted 2-process run does."""
+@pytest.fixture(scope="module")
+def two_straight(straight, tiny_model_dir):  # noqa: F811
+    """The uninterrupted run under ./launch.sh --nproc 2 --channel."""
     tmp, spec, _ = straight
     code, _, err = _finish(_run(_args(tiny_model_dir, spec, tmp / "two"), nproc=2))
     assert code == 0, err[-3000:]
+    return tmp / "two"
+
+
+def test_two_processes_stopped_through_the_launcher_resume_byte_identical(straight, two_straight,
+                                                                          tiny_model_dir):  # noqa: F811
+    """./launch.sh --nproc 2 --channel, the recipe's way: SIGTERM to the launcher reaches both workers, which
+    write one checkpoint together; --resume under the launcher ends as the uninterrupted 2-process run does."""
+    tmp, spec, _ = straight
     out = tmp / "two-stopped"
     p = _run(_args(tiny_model_dir, spec, out), nproc=2)
     _stop_after(p, out, 5)
@@ -148,7 +156,46 @@ def test_two_processes_stopped_through_the_launcher_resume_byte_identical(straig
     code, _, err = _finish(_run(_args(tiny_model_dir, spec, out, "--resume"), nproc=2))
     assert code == 0, err[-3000:]
     assert f"at step {at}" in err
-    _same(tmp / "two", out)
+    _same(two_straight, out)
+
+
+def _worker_pid(out, local_rank: int, module: str = "engine.channel_train") -> int:
+    """The pid of the training process (not torchrun's) with this LOCAL_RANK writing to `out` (Linux /proc)."""
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:  # not a process, or one that has just ended
+            continue
+        if module.encode() in cmd and b"torch.distributed.run" not in cmd and str(out).encode() in cmd \
+                and f"LOCAL_RANK={local_rank}".encode() in env:
+            return int(d.name)
+    raise AssertionError(f"no worker with LOCAL_RANK {local_rank} for {out}")
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_killed_worker_is_restarted_by_torchrun_and_ends_as_the_straight_run(straight, two_straight,
+                                                                               tiny_model_dir, victim):  # noqa: F811
+    """./launch.sh --max-restarts 1: one worker dies by SIGKILL (no checkpoint of its own) after step 10, torchrun
+    starts both again, they continue from the newest checkpoint (step 8) and end as the uninterrupted run does.
+    The restarted workers meet in the store torchrun keeps for the whole job: without engine.dist's per-attempt
+    key prefix they read the dead workers' addresses and gloo failed to connect (8 restarts in 10 here)."""
+    tmp, spec, _ = straight
+    out = tmp / f"killed-{victim}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": os.environ.get("PYTHON", sys.executable)}
+    p = subprocess.Popen(["./launch.sh", "--nproc", "2", "--max-restarts", "1", "--channel",
+                          *_args(tiny_model_dir, spec, out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    t0 = time.monotonic()
+    while _steps_logged(out) < 10:
+        assert p.poll() is None, f"run ended before step 10: {p.communicate()[1][-3000:]}"
+        assert time.monotonic() - t0 < 240, "timed out waiting for step 10"
+        time.sleep(0.005)
+    os.kill(_worker_pid(out, victim), signal.SIGKILL)
+    code, _, err = _finish(p)
+    assert code == 0, err[-3000:]
+    assert re.search(r"resumed from \S+step-(8|12) at step (8|12)\b", err), err[-3000:]
+    _same(two_straight, out)
 
 
 def test_a_config_file_gives_defaults_the_command_line_overrides(tmp_path):
