@@ -13,7 +13,8 @@ PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 
 usage() {
   sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
-  echo "launch options: --nproc N (processes on this machine), --max-restarts K (torchrun restarts on failure, default 0),"
+  echo "launch options: --nproc N (processes on this machine), --max-restarts K (start the workers again after a"
+  echo "  failure, up to K times; they continue from the newest checkpoint; default 0),"
   echo "  --channel (engine.channel_train instead of engine.train)"
   echo "train options ($module --help):"
 }
@@ -78,21 +79,33 @@ fi
 # of its own (setsid, where there is one): a Ctrl-C in the terminal reaches this script alone, not torchrun, and
 # this script passes it to each worker once. It returns only once every worker has exited, with their status,
 # so the checkpoint exists when it does.
+# --max-restarts K: when a worker fails (killed, out of memory), this script starts torchrun again, up to K times,
+# and the new workers continue from the newest checkpoint (CLAUSELORA_RESTART tells them so, as torchrun's
+# TORCHELASTIC_RESTART_COUNT would). Not torchrun's own --max-restarts: the workers of a run stopped by a signal
+# exit 128+signal, which torchrun takes for a failure, so it would start them again and the stopped run would go
+# on to its end.
 setsid=$(command -v setsid || true)
-$setsid "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" --max-restarts "$restarts" \
-  -m "$module" "${args[@]}" &
-runner=$!
 signalled=0
+runner=""
 forward() {
   signalled=$1
-  pkill "-$2" -P "$runner" 2>/dev/null || true  # torchrun's children: the workers
+  [[ -z "$runner" ]] || pkill "-$2" -P "$runner" 2>/dev/null || true  # torchrun's children: the workers
 }
 trap 'forward 143 TERM' TERM
 trap 'forward 130 INT' INT
+attempt=0
 rc=0
-while true; do
-  wait "$runner" && rc=0 || rc=$?
-  kill -0 "$runner" 2>/dev/null || break  # wait returned because of a trapped signal: keep waiting
+while [[ $signalled -eq 0 ]]; do
+  CLAUSELORA_RESTART=$attempt $setsid "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
+    -m "$module" "${args[@]}" &
+  runner=$!
+  while true; do
+    wait "$runner" && rc=0 || rc=$?
+    kill -0 "$runner" 2>/dev/null || break  # wait returned because of a trapped signal: keep waiting
+  done
+  [[ $signalled -ne 0 || $rc -eq 0 || $attempt -ge $restarts ]] && break
+  attempt=$((attempt + 1))
+  echo "== the workers failed (status $rc); restart $attempt of $restarts: they continue from the newest checkpoint" >&2
 done
 trap - TERM INT
 if [[ $signalled -ne 0 ]]; then

@@ -363,8 +363,8 @@ def run(args, stop: ckpt.StopFlag | None = None) -> dict:
 
 
 def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop: ckpt.StopFlag) -> dict:
-    # torchrun --max-restarts: a restarted worker group continues from the newest checkpoint by itself
-    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    # ./launch.sh or torchrun --max-restarts: a restarted worker group continues from the newest checkpoint
+    resume = args.resume or dist.restart_attempt() > 0
     try:
         # every rank reads OUT; nobody writes before the barrier below
         _check_start(guard, cfg, args, resume)
@@ -421,7 +421,7 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
         torch.cuda.reset_peak_memory_stats(device)  # peak_mem_bytes: the steps', not the model load's
     try:
         if d.is_main:
-            if args.overwrite and not state:  # (a torchrun restart of an --overwrite run resumes its own checkpoint)
+            if args.overwrite and not state:  # (a restart of an --overwrite run resumes its own checkpoint)
                 guard.clear_for_overwrite()
             ckpt.remove_partial(out)
             atomic_write_text(out / "config.json",

@@ -73,19 +73,27 @@ def init(device: str = "auto") -> Dist:
 def _store_for_this_attempt(world: int):
     """torchrun's key-value store with this restart's own key prefix, or None to let torch make the store.
 
-    `torchrun --max-restarts K` (./launch.sh --max-restarts) starts the workers again after one fails, and they
-    meet in the store the agent keeps for the whole job. torch 2.13's env:// set-up reuses it without a prefix per
-    attempt, so a restarted worker can read the address a dead worker of the previous attempt published, and gloo
-    fails to connect ("connectFullMesh failed ... Connection refused") or waits until its timeout: here a plain
-    init_process_group after a killed worker failed 8 times in 10 (a two-line script, no project code), and with
-    this prefix 12 restarts in 12 came up. Where the agent does not keep the store (no TORCHELASTIC_USE_AGENT_STORE),
-    rank 0 makes a fresh one each attempt and torch's own set-up is kept."""
+    `torchrun --max-restarts K` starts the workers again after one fails, and they meet in the store the agent
+    keeps for the whole job (`./launch.sh --max-restarts` starts a new torchrun instead, with a new store).
+    torch 2.13's env:// set-up reuses that store without a prefix per attempt, so a restarted worker can read the
+    address a dead worker of the previous attempt published, and gloo fails to connect ("connectFullMesh failed
+    ... Connection refused") or waits until its timeout: here a plain init_process_group after a killed worker
+    failed 8 times in 10 (a two-line script, no project code), and with this prefix 12 restarts in 12 came up.
+    Where the agent does not keep the store (no TORCHELASTIC_USE_AGENT_STORE), rank 0 makes a fresh one each
+    attempt and torch's own set-up is kept."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                            timeout=tdist.constants.default_pg_timeout)
     return tdist.PrefixStore(f"clauselora/attempt_{attempt}", store)
+
+
+def restart_attempt() -> int:
+    """How many times this run's workers have been started again after a failure: by `./launch.sh --max-restarts`
+    (CLAUSELORA_RESTART) or by torchrun's own `--max-restarts` (TORCHELASTIC_RESTART_COUNT); 0 for a first start.
+    A restarted worker continues from the newest checkpoint by itself."""
+    return max(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), int(os.environ.get("CLAUSELORA_RESTART", "0")))
 
 
 def get() -> Dist:

@@ -96,8 +96,8 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
     d = dist.init(cfg.device)
     out = Path(cfg.out)
-    # torchrun --max-restarts: a restarted worker group continues from the newest checkpoint by itself
-    resume = cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    # ./launch.sh or torchrun --max-restarts: a restarted worker group continues from the newest checkpoint
+    resume = cfg.resume or dist.restart_attempt() > 0
     guard = RunDir(out)
     if d.is_main:
         guard.lock()  # one writer per run directory, held until this process ends
@@ -215,7 +215,7 @@ def _start_out(r: _Run, guard: RunDir, resume: bool, resume_from: Path | None):
     state = ckpt.load(resume_from, model=r.model, optimizer=r.opt, precision=r.prec) if resume_from else None
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite and resume_from is None:  # a torchrun restart of an --overwrite run resumes its own
+        if cfg.overwrite and resume_from is None:  # a restart (--max-restarts) of an --overwrite run resumes its own
             guard.clear_for_overwrite()
         ckpt.remove_partial(out)
         config_mod.save(cfg, out / "config.json")

@@ -176,10 +176,9 @@ def _worker_pid(out, local_rank: int, module: str = "engine.channel_train") -> i
 @pytest.mark.parametrize("victim", [0, 1])
 def test_a_killed_worker_is_restarted_by_torchrun_and_ends_as_the_straight_run(straight, two_straight,
                                                                                tiny_model_dir, victim):  # noqa: F811
-    """./launch.sh --max-restarts 1: one worker dies by SIGKILL (no checkpoint of its own) after step 10, torchrun
-    starts both again, they continue from the newest checkpoint (step 8) and end as the uninterrupted run does.
-    The restarted workers meet in the store torchrun keeps for the whole job: without engine.dist's per-attempt
-    key prefix they read the dead workers' addresses and gloo failed to connect (8 restarts in 10 here)."""
+    """./launch.sh --max-restarts 1: one worker dies by SIGKILL (no checkpoint of its own) after step 10, the
+    launcher starts torchrun again, the workers continue from the newest checkpoint (step 8) and end as the
+    uninterrupted run does."""
     tmp, spec, _ = straight
     out = tmp / f"killed-{victim}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": os.environ.get("PYTHON", sys.executable)}
@@ -194,8 +193,27 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_ends_as_the_straight_run(s
     os.kill(_worker_pid(out, victim), signal.SIGKILL)
     code, _, err = _finish(p)
     assert code == 0, err[-3000:]
-    assert re.search(r"resumed from \S+step-(8|12) at step (8|12)\b", err), err[-3000:]
+    assert "restart 1 of 1" in err and re.search(r"resumed from \S+step-(8|12) at step (8|12)\b", err), err[-3000:]
     _same(two_straight, out)
+
+
+def test_a_signal_stops_a_run_that_may_restart(straight, tiny_model_dir):  # noqa: F811
+    """./launch.sh --max-restarts 1 and SIGTERM: the workers write their checkpoint and exit 143, and nothing starts
+    them again (torchrun's own --max-restarts took that exit for a failure, restarted them, and the stopped run went
+    on to its last step)."""
+    tmp, spec, _ = straight
+    out = tmp / "stopped-restartable"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": os.environ.get("PYTHON", sys.executable)}
+    p = subprocess.Popen(["./launch.sh", "--nproc", "2", "--max-restarts", "1", "--channel",
+                          *_args(tiny_model_dir, spec, out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _stop_after(p, out, 5)
+    code, _, err = _finish(p)
+    assert code == 143, err[-3000:]
+    at = _steps_logged(out)
+    assert 5 <= at < STEPS and (out / "checkpoints" / f"step-{at}" / "state.json").is_file(), err[-3000:]
+    assert "stopped by signal" in err and "resumed" not in err and "restart 1" not in err, err[-3000:]
+    assert not (out / "adapter").exists()
 
 
 def test_a_config_file_gives_defaults_the_command_line_overrides(tmp_path):

@@ -108,11 +108,11 @@ def test_rerun_without_resume_refuses_to_overwrite(straight):
 
 
 def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_the_straight_one(tmp_path):
-    """./launch.sh --max-restarts 1 (engine.train, 2 processes, LoRA dropout on: each rank's RNG state must come
-    back): SIGKILL one worker after step 5, torchrun starts both again, they continue from the newest checkpoint
-    (step 4) and end as the uninterrupted 2-process run does. The restarted workers meet in the store torchrun
-    keeps for the whole job: engine.dist gives each attempt its own key prefix (without it gloo read the dead
-    workers' addresses and failed to connect, 8 restarts in 10)."""
+    """torchrun --max-restarts 1 run directly, as the recipes' users may (engine.train, 2 processes, LoRA dropout
+    on: each rank's RNG state must come back): SIGKILL one worker after step 5, torchrun starts both again, they
+    continue from the newest checkpoint (step 4) and end as the uninterrupted 2-process run does. The restarted
+    workers meet in the store torchrun keeps for the whole job: engine.dist gives each attempt its own key prefix
+    (without it gloo read the dead workers' addresses and failed to connect, 8 restarts in 10)."""
     from tests.test_channel_resume import _worker_pid
     from tests.test_train_ddp import run_torchrun
 
@@ -123,10 +123,10 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_the_straight_one(
     ref = cfg("straight")
     run_torchrun(ref)
     killed = cfg("killed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": os.environ.get("PYTHON", sys.executable)}
-    proc = subprocess.Popen(["./launch.sh", "--nproc", "2", "--max-restarts", "1", *cfg_args(killed)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "--max-restarts", "1", "-m", "engine.train", *cfg_args(killed)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for(proc, lambda: _steps_logged(killed) >= 5, "step 5")
     os.kill(_worker_pid(killed.out, 1, "engine.train"), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
