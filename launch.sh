@@ -40,6 +40,7 @@ done
 if [[ $help -eq 1 ]]; then usage; exec "$PY" -m "$module" --help; fi
 if ! [[ -z "$nproc" || "$nproc" =~ ^[1-9][0-9]*$ ]]; then echo "error: --nproc must be a positive integer, got '$nproc'" >&2; exit 2; fi
 if ! [[ "$restarts" =~ ^[0-9]+$ ]]; then echo "error: --max-restarts must be a non-negative integer, got '$restarts'" >&2; exit 2; fi
+restarts=$((10#$restarts))  # decimal: bash reads 08 as a bad octal number and 010 as 8
 if [[ -z "$nproc" ]]; then
   nproc=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
@@ -86,23 +87,35 @@ fi
 # on to its end.
 setsid=$(command -v setsid || true)
 signalled=0
+sig=""
+delivered=0
 runner=""
+deliver() {  # the pending signal to torchrun's children, the workers; none yet while torchrun starts them
+  [[ -n "$runner" ]] && pkill "-$sig" -P "$runner" 2>/dev/null && delivered=1 || true
+}
 forward() {
-  signalled=$1
-  [[ -z "$runner" ]] || pkill "-$2" -P "$runner" 2>/dev/null || true  # torchrun's children: the workers
+  signalled=$1 sig=$2 delivered=0
+  deliver
 }
 trap 'forward 143 TERM' TERM
 trap 'forward 130 INT' INT
 attempt=0
 rc=0
+launch="$$.$(date +%s%N)"  # what a restarted worker checks before it continues the run it finds (engine/rundir.py)
 while [[ $signalled -eq 0 ]]; do
-  CLAUSELORA_RESTART=$attempt $setsid "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
+  CLAUSELORA_LAUNCH=$launch CLAUSELORA_RESTART=$attempt $setsid "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
     -m "$module" "${args[@]}" &
   runner=$!
   while true; do
-    wait "$runner" && rc=0 || rc=$?
-    kill -0 "$runner" 2>/dev/null || break  # wait returned because of a trapped signal: keep waiting
+    if [[ $signalled -ne 0 && $delivered -eq 0 ]]; then  # a signal came before the workers existed: try again
+      deliver
+      sleep 0.2
+      kill -0 "$runner" 2>/dev/null && continue
+    fi
+    wait "$runner" && rc=0 || rc=$?  # returns when torchrun ends, or early for a trapped signal
+    kill -0 "$runner" 2>/dev/null || break
   done
+  runner=""
   [[ $signalled -ne 0 || $rc -eq 0 || $attempt -ge $restarts ]] && break
   attempt=$((attempt + 1))
   echo "== the workers failed (status $rc); restart $attempt of $restarts: they continue from the newest checkpoint" >&2

@@ -364,7 +364,7 @@ def run(args, stop: ckpt.StopFlag | None = None) -> dict:
 
 def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop: ckpt.StopFlag) -> dict:
     # ./launch.sh or torchrun --max-restarts: a restarted worker group continues from the newest checkpoint
-    resume = args.resume or dist.restart_attempt() > 0
+    resume = args.resume or guard.continues_after_restart()
     try:
         # every rank reads OUT; nobody writes before the barrier below
         _check_start(guard, cfg, args, resume)
@@ -426,17 +426,19 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
             ckpt.remove_partial(out)
             atomic_write_text(out / "config.json",
                               json.dumps({**_settings(args), "processes": d.world_size}, indent=1) + "\n")
+            guard.mark_started()
             if state:  # drop the lines of steps after the checkpoint: they are redone
                 ckpt.drop_metrics_after(metrics_path, start)
             else:
-                guard.fresh_start = not resume  # until a step is logged, OUT holds nothing a step produced
+                guard.fresh_start = not args.resume  # until a step is logged, OUT holds nothing a step produced
             print(f"channel training on {len(train_ex)} {args.split} examples of {args.data} ({rep.rejected} "
                   f"rejected), {args.max_steps} steps x {args.groups_per_step} examples ({d.world_size} processes), "
                   f"precision {prec.mode}", file=sys.stderr)
             if state:
                 print(f"resumed from {resume_from} at step {start}", file=sys.stderr)
             elif resume:
-                print(f"--resume: no checkpoint in {out}/checkpoints, starting from step 0", file=sys.stderr)
+                print(f"{'--resume' if args.resume else 'restart'}: no checkpoint in {out}/checkpoints, starting from "
+                      "step 0", file=sys.stderr)
             metrics = open(metrics_path, "a" if state else "w")
         for s in range(start, args.max_steps):
             batch = [{k: v.to(device) for k, v in next(groups).items()} for _ in range(local)]

@@ -62,7 +62,7 @@ def init(device: str = "auto") -> Dist:
     if world > 1 and not tdist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         kw = {"device_id": dev} if use_cuda else {}
-        store = _store_for_this_attempt(world)
+        store = _store_for_this_attempt(world, backend)
         if store is not None:
             kw.update(store=store)
         tdist.init_process_group(backend=backend, rank=rank, world_size=world, **kw)
@@ -70,7 +70,7 @@ def init(device: str = "auto") -> Dist:
     return _STATE
 
 
-def _store_for_this_attempt(world: int):
+def _store_for_this_attempt(world: int, backend: str):
     """torchrun's key-value store with this restart's own key prefix, or None to let torch make the store.
 
     `torchrun --max-restarts K` starts the workers again after one fails, and they meet in the store the agent
@@ -80,12 +80,15 @@ def _store_for_this_attempt(world: int):
     ... Connection refused") or waits until its timeout: here a plain init_process_group after a killed worker
     failed 8 times in 10 (a two-line script, no project code), and with this prefix 12 restarts in 12 came up.
     Where the agent does not keep the store (no TORCHELASTIC_USE_AGENT_STORE), rank 0 makes a fresh one each
-    attempt and torch's own set-up is kept."""
+    attempt and torch's own set-up is kept. `--standalone` (./launch.sh) always has the agent keep it, so every
+    run under torchrun comes here, NCCL included, with the store timeout torch's set-up would give the backend."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    timeout = (tdist.constants.default_pg_nccl_timeout if backend == "nccl" else None) \
+        or tdist.constants.default_pg_timeout  # 10 and 30 minutes, as torch's env:// set-up
     store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                           timeout=tdist.constants.default_pg_timeout)
+                           timeout=timeout)
     return tdist.PrefixStore(f"clauselora/attempt_{attempt}", store)
 
 
@@ -200,8 +203,10 @@ def exit_worker(code: int):
     everything. Measured here on the 2-core CPU machine: 8 of about 150 two-process runs (4 processes sharing the
     2 cores) ended that way; a core dump showed the main thread in Py_FinalizeEx and the aborting thread in
     ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~AsyncAllgatherWork -> TensorImpl::decref_pyobject.
-    Skipping the interpreter's shutdown removes the race: every file the commands write is closed (atomically
-    renamed) before they return, and torch's compile workers watch their parent and exit with it. A plain
+    Skipping the interpreter's shutdown removes the race: what the commands write is flushed line by line
+    (metrics.jsonl) or written whole and renamed into place before they return, and torch's compile workers watch
+    their parent and exit with it. (With CLAUSELORA_DEBUG=1 an error propagates as a traceback instead and the
+    process ends the usual way.) A plain
     one-process run (no process group) exits the usual way, atexit handlers included.
     """
     if not _STATE.enabled:

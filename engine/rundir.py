@@ -15,7 +15,9 @@ import os
 import shutil
 from pathlib import Path
 
+from engine import dist
 from engine.config import ConfigError, TrainConfig
+from model.files import atomic_write_text
 
 # What marks a directory as holding a run (written by engine.train).
 RUN_FILES = ("config.json", "metrics.jsonl", "adapter", "checkpoints")
@@ -105,6 +107,29 @@ class RunDir:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def continues_after_restart(self) -> bool:
+        """Whether this worker, started again after a failure (--max-restarts: engine.dist.restart_attempt),
+        continues the run in OUT from its newest checkpoint. Yes once an attempt of this launch had started there
+        (mark_started wrote ./launch.sh's CLAUSELORA_LAUNCH id); no when the failed attempt died before that (while
+        loading), so a restarted --overwrite run replaces the earlier run as asked instead of resuming it.
+        torchrun's own restarts carry no launch id and always continue."""
+        if dist.restart_attempt() == 0:
+            return False
+        launch = os.environ.get("CLAUSELORA_LAUNCH")
+        if not launch:
+            return True
+        try:
+            return (self.out / ".launch").read_text(encoding="utf-8").strip() == launch
+        except OSError:
+            return False
+
+    def mark_started(self) -> None:
+        """Rank 0, once this run has started in OUT (its config.json written): which launch it was, for
+        continues_after_restart. Nothing without ./launch.sh's launch id."""
+        launch = os.environ.get("CLAUSELORA_LAUNCH")
+        if launch:
+            atomic_write_text(self.out / ".launch", launch + "\n")
 
     def abandon(self) -> None:
         """A run that failed before writing anything: remove OUT again if this run created it and it holds only the

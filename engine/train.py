@@ -96,9 +96,9 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, stop: ckpt.StopFlag) -> dict:
     d = dist.init(cfg.device)
     out = Path(cfg.out)
-    # ./launch.sh or torchrun --max-restarts: a restarted worker group continues from the newest checkpoint
-    resume = cfg.resume or dist.restart_attempt() > 0
     guard = RunDir(out)
+    # ./launch.sh or torchrun --max-restarts: a restarted worker group continues from the newest checkpoint
+    resume = cfg.resume or guard.continues_after_restart()
     if d.is_main:
         guard.lock()  # one writer per run directory, held until this process ends
     try:
@@ -219,6 +219,7 @@ def _start_out(r: _Run, guard: RunDir, resume: bool, resume_from: Path | None):
             guard.clear_for_overwrite()
         ckpt.remove_partial(out)
         config_mod.save(cfg, out / "config.json")
+        guard.mark_started()
     dist.barrier()
     if resume_from is not None:
         start_step, r.counters = state["step"], state["counters"]
@@ -227,12 +228,13 @@ def _start_out(r: _Run, guard: RunDir, resume: bool, resume_from: Path | None):
         if d.is_main:  # drop lines of steps after the checkpoint: they are redone
             ckpt.drop_metrics_after(metrics_path, start_step)
     elif resume:
-        print0(f"--resume: no checkpoint in {out}/checkpoints, starting from step 0")
+        print0(f"{'--resume' if cfg.resume else 'restart'}: no checkpoint in {out}/checkpoints, starting from step 0")
     if resume_from is None and d.is_main:
         metrics_path.write_text("")
         # nothing a step produced yet (RunDir.discard_unfinished_start); a --resume that starts over from step 0
-        # may stand on an earlier run's files (its adapter, read with this config.json): those stay
-        guard.fresh_start = not resume
+        # may stand on an earlier run's files (its adapter, read with this config.json): those stay. (A restart,
+        # --max-restarts, without a checkpoint is the user's fresh start again.)
+        guard.fresh_start = not cfg.resume
     if resume_from is None:  # a resumed run got its RNG states back from the checkpoint instead
         dist.seed_rank(cfg.seed, d.rank)
     return start_step, (open(metrics_path, "a") if d.is_main else None)

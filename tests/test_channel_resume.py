@@ -174,7 +174,7 @@ def _worker_pid(out, local_rank: int, module: str = "engine.channel_train") -> i
 
 
 @pytest.mark.parametrize("victim", [0, 1])
-def test_a_killed_worker_is_restarted_by_torchrun_and_ends_as_the_straight_run(straight, two_straight,
+def test_a_killed_worker_is_restarted_by_the_launcher_and_ends_as_the_straight_run(straight, two_straight,
                                                                                tiny_model_dir, victim):  # noqa: F811
     """./launch.sh --max-restarts 1: one worker dies by SIGKILL (no checkpoint of its own) after step 10, the
     launcher starts torchrun again, the workers continue from the newest checkpoint (step 8) and end as the
@@ -193,7 +193,8 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_ends_as_the_straight_run(s
     os.kill(_worker_pid(out, victim), signal.SIGKILL)
     code, _, err = _finish(p)
     assert code == 0, err[-3000:]
-    assert "restart 1 of 1" in err and re.search(r"resumed from \S+step-(8|12) at step (8|12)\b", err), err[-3000:]
+    m = re.search(r"resumed from \S+step-(\d+) at step (\d+)\b", err)
+    assert "restart 1 of 1" in err and m and m[1] == m[2] and int(m[1]) >= 8, err[-3000:]
     _same(two_straight, out)
 
 
@@ -317,3 +318,55 @@ def test_kill_9_between_checkpoints_then_resume_is_identical(straight, tiny_mode
     assert at and 8 <= int(at.group(1)) < STEPS, err[-3000:]
     assert int(at.group(1)) < logged or logged % 4 == 0  # some logged steps were redone (unless killed right at a save)
     _same(ref, out)
+
+
+def test_a_signal_before_the_workers_exist_still_stops_the_run(straight, tiny_model_dir):  # noqa: F811
+    """SIGTERM to ./launch.sh while torchrun is still starting its workers: the launcher keeps the signal and
+    passes it on once they exist (it used to send it to no one, and the run went on to its end). The run stops
+    without an adapter, with status 143."""
+    tmp, spec, _ = straight
+    out = tmp / "stopped-early"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": os.environ.get("PYTHON", sys.executable)}
+    p = subprocess.Popen(["./launch.sh", "--nproc", "2", "--channel", *_args(tiny_model_dir, spec, out)], cwd=REPO,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    t0 = time.monotonic()
+    while not any(b"torch.distributed.run" in c and str(out).encode() in c for c in _cmdlines()):
+        assert p.poll() is None and time.monotonic() - t0 < 60, "torchrun did not start"
+        time.sleep(0.005)
+    p.send_signal(signal.SIGTERM)  # torchrun imports torch before it starts the workers: about a second here
+    code, _, err = _finish(p)
+    assert code == 143, err[-3000:]
+    assert _steps_logged(out) < STEPS and not (out / "adapter").exists(), err[-3000:]
+
+
+def _cmdlines() -> list[bytes]:
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            found.append((d / "cmdline").read_bytes())
+        except OSError:
+            continue
+    return found
+
+
+
+def test_a_restart_continues_only_a_run_its_own_launch_started(straight, tiny_model_dir):  # noqa: F811
+    """A worker started again by ./launch.sh --max-restarts (CLAUSELORA_RESTART > 0) continues the run in OUT only
+    when an attempt of the same launch (CLAUSELORA_LAUNCH) had started there. An --overwrite run whose first
+    attempt died while loading, before it cleared OUT, must not resume the earlier run it was asked to replace."""
+    import shutil
+
+    tmp, spec, ref = straight
+    out = tmp / "restarted-overwrite"
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns(".lock"))  # a finished earlier run, same settings
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CLAUSELORA_RESTART": "1", "CLAUSELORA_LAUNCH": "launch-2"}
+    argv = [sys.executable, "-m", "engine.channel_train", *_args(tiny_model_dir, spec, out, "--overwrite")]
+    r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed" not in r.stderr and "restart: no checkpoint" not in r.stderr, r.stderr[-3000:]  # replaced
+    assert [x["step"] for x in _metrics(out)] == list(range(1, STEPS + 1))
+    assert (out / ".launch").read_text().strip() == "launch-2"
+    # the same launch restarted again: this time the run in OUT is its own, so it continues (from step 24: done)
+    r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(rf"resumed from \S+step-{STEPS} at step {STEPS}\b", r.stderr), r.stderr[-3000:]
