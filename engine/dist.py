@@ -5,6 +5,7 @@ Works the same under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR se
 """
 from __future__ import annotations
 
+import ctypes
 import inspect
 import os
 import random
@@ -216,4 +217,8 @@ def exit_worker(code: int):
             stream.flush()
         except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it anyway
             pass
+    try:  # and C's own stdio buffers (NCCL_DEBUG=INFO writes through them), which os._exit does not flush
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to ask (not Linux or macOS)
+        pass
     os._exit(code)
