@@ -103,8 +103,8 @@ attempt=0
 rc=0
 launch="$$.$(date +%s%N)"  # what a restarted worker checks before it continues the run it finds (engine/rundir.py)
 while [[ $signalled -eq 0 ]]; do
-  CLAUSELORA_LAUNCH=$launch CLAUSELORA_RESTART=$attempt $setsid "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
-    -m "$module" "${args[@]}" &
+  CLAUSELORA_LAUNCH=$launch CLAUSELORA_RESTART=$attempt \
+    $setsid "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m "$module" "${args[@]}" &
   runner=$!
   while true; do
     if [[ $signalled -ne 0 && $delivered -eq 0 ]]; then  # a signal came before the workers existed: try again

@@ -206,9 +206,8 @@ def exit_worker(code: int):
     ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~AsyncAllgatherWork -> TensorImpl::decref_pyobject.
     Skipping the interpreter's shutdown removes the race: what the commands write is flushed line by line
     (metrics.jsonl) or written whole and renamed into place before they return, and torch's compile workers watch
-    their parent and exit with it. (With CLAUSELORA_DEBUG=1 an error propagates as a traceback instead and the
-    process ends the usual way.) A plain
-    one-process run (no process group) exits the usual way, atexit handlers included.
+    their parent and exit with it. A one-process run (no process group) exits the usual way, atexit handlers
+    included, and so does an error that propagates as a traceback (CLAUSELORA_DEBUG=1).
     """
     if not _STATE.enabled:
         sys.exit(code)

@@ -215,7 +215,7 @@ def _start_out(r: _Run, guard: RunDir, resume: bool, resume_from: Path | None):
     state = ckpt.load(resume_from, model=r.model, optimizer=r.opt, precision=r.prec) if resume_from else None
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite and resume_from is None:  # a restart (--max-restarts) of an --overwrite run resumes its own
+        if cfg.overwrite and resume_from is None:  # (a restarted --overwrite run resumes its own checkpoint)
             guard.clear_for_overwrite()
         ckpt.remove_partial(out)
         config_mod.save(cfg, out / "config.json")

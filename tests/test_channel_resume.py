@@ -27,9 +27,10 @@ def _args(model, spec, out, *extra):
             "--keep-last", "2", "--threads", "1", *extra]
 
 
-def _run(argv, nproc=0, timeout=300):
+def _run(argv, nproc=0, timeout=300, launch=()):
+    """engine.channel_train alone, or with nproc under ./launch.sh (`launch`: more launcher options)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": os.environ.get("PYTHON", sys.executable)}
-    cmd = (["./launch.sh", "--nproc", str(nproc), "--channel"] if nproc else
+    cmd = (["./launch.sh", "--nproc", str(nproc), *launch, "--channel"] if nproc else
            [sys.executable, "-m", "engine.channel_train"]) + argv
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -181,10 +182,7 @@ def test_a_killed_worker_is_restarted_by_the_launcher_and_ends_as_the_straight_r
     uninterrupted run does."""
     tmp, spec, _ = straight
     out = tmp / f"killed-{victim}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": os.environ.get("PYTHON", sys.executable)}
-    p = subprocess.Popen(["./launch.sh", "--nproc", "2", "--max-restarts", "1", "--channel",
-                          *_args(tiny_model_dir, spec, out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = _run(_args(tiny_model_dir, spec, out), nproc=2, launch=("--max-restarts", "1"))
     t0 = time.monotonic()
     while _steps_logged(out) < 10:
         assert p.poll() is None, f"run ended before step 10: {p.communicate()[1][-3000:]}"
@@ -204,10 +202,7 @@ def test_a_signal_stops_a_run_that_may_restart(straight, tiny_model_dir):  # noq
     on to its last step)."""
     tmp, spec, _ = straight
     out = tmp / "stopped-restartable"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": os.environ.get("PYTHON", sys.executable)}
-    p = subprocess.Popen(["./launch.sh", "--nproc", "2", "--max-restarts", "1", "--channel",
-                          *_args(tiny_model_dir, spec, out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = _run(_args(tiny_model_dir, spec, out), nproc=2, launch=("--max-restarts", "1"))
     _stop_after(p, out, 5)
     code, _, err = _finish(p)
     assert code == 143, err[-3000:]
@@ -326,9 +321,7 @@ def test_a_signal_before_the_workers_exist_still_stops_the_run(straight, tiny_mo
     without an adapter, with status 143."""
     tmp, spec, _ = straight
     out = tmp / "stopped-early"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": os.environ.get("PYTHON", sys.executable)}
-    p = subprocess.Popen(["./launch.sh", "--nproc", "2", "--channel", *_args(tiny_model_dir, spec, out)], cwd=REPO,
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = _run(_args(tiny_model_dir, spec, out), nproc=2)
     t0 = time.monotonic()
     while not any(b"torch.distributed.run" in c and str(out).encode() in c for c in _cmdlines()):
         assert p.poll() is None and time.monotonic() - t0 < 60, "torchrun did not start"
