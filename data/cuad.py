@@ -10,12 +10,15 @@
   of its category; NONE examples are windows (consecutive chunks) holding no span of their category, about
   none_ratio per positive, picked by stable hash.
 - Splits: by contract, from a stable hash of the resolved file name (80 / 10 / 10 train / valid / test), so no
-  contract is in two splits.
+  contract is in two splits; contracts whose texts are alike (the same filing twice, versions of one agreement)
+  share one split (split_by_contract).
 """
 import ast
 import csv
 import re
 import unicodedata
+import zlib
+from collections import Counter
 from pathlib import Path
 
 from data.example import NONE, SPLITS, DataError, Example, stable_hash
@@ -24,6 +27,9 @@ from data.text import locate, normalize, snap_end, snap_start
 
 OMITTED = "<omitted>"
 LINE_REACH = 400  # characters a window edge may move to fall at a line break instead of a word break
+MIN_ANCHOR = 12  # characters: a shorter piece of an <omitted> string is used only within merge_gap of another
+MAX_FIRSTS = 200  # occurrences of an <omitted> string's first piece tried when placing the rest after it
+SHINGLE, SKETCH = 8, 256  # words per shingle and values per bottom-k sketch, for split_by_contract
 # CUAD v1's 41 categories, in category_descriptions.csv's order (engine.extract --clause all asks for each).
 CATEGORIES = (
     "Document Name", "Parties", "Agreement Date", "Effective Date", "Expiration Date", "Renewal Term",
@@ -50,6 +56,43 @@ def file_key(name: str) -> str:
 def contract_split(filename: str, fractions=(0.8, 0.1, 0.1)) -> str:
     u = stable_hash("cuad-split", file_key(filename)) / 2**64
     return "train" if u < fractions[0] else "valid" if u < fractions[0] + fractions[1] else "test"
+
+
+def split_by_contract(files: dict, fractions=(0.8, 0.1, 0.1), threshold: float = 0.5) -> dict:
+    """{file key: split}. Contracts whose texts share at least `threshold` of their 8-word shingles (estimated
+    from 256-value bottom-k sketches) take the split of the group's first key: CUAD holds the same filing twice
+    ('...AGREEMENT.txt' and '...AGREEMENT(1).txt') and versions of one agreement (0.5-0.9 alike), which would
+    otherwise put a test contract's clauses in training."""
+    import numpy as np
+
+    sketch, word_hash = {}, {}
+    for key, path in sorted(files.items()):
+        words = re.findall(r"\w+", read_text(path, "contract text").lower())
+        word_hash.update((x, zlib.crc32(x.encode())) for x in set(words) - word_hash.keys())
+        w = np.fromiter(map(word_hash.__getitem__, words), dtype=np.uint64, count=len(words))
+        h = np.zeros(max(len(w) - SHINGLE + 1, 0), dtype=np.uint64)
+        for j in range(SHINGLE):  # a polynomial hash of each run of SHINGLE words, wrapping at 2**64
+            h = h * np.uint64(1000003) + w[j:len(h) + j]
+        sketch[key] = np.unique(h)[:SKETCH]
+    holders = {}  # sketch value -> keys; only contracts sharing a value can be alike
+    for key, values in sketch.items():
+        for v in values.tolist():
+            holders.setdefault(v, []).append(key)
+    group = {key: key for key in sketch}
+
+    def root(k):
+        while group[k] != k:
+            k = group[k]
+        return k
+    shared = Counter((a, b) for keys in holders.values() for i, a in enumerate(keys) for b in keys[i + 1:])
+    for (a, b), n in sorted(shared.items()):
+        if n < threshold * SKETCH / 2:  # too few values in common for the estimate below to reach threshold
+            continue
+        both = np.union1d(sketch[a], sketch[b])[:SKETCH]  # the union's sketch; its share held by both ~ Jaccard
+        if (np.isin(both, sketch[a]) & np.isin(both, sketch[b])).mean() >= threshold:
+            ra, rb = sorted((root(a), root(b)))
+            group[rb] = ra
+    return {key: contract_split(root(key), fractions) for key in sketch}
 
 
 def read_categories(path: Path) -> dict[str, str]:
@@ -103,38 +146,84 @@ def _cell_strings(row: dict, cat: str, where: str) -> list[str]:
     return strings
 
 
-def _spans(strings: list[str], text: str, norm: dict, clauses: dict, where: str, show: int) -> tuple[list, bool]:
+def _spans(strings: list[str], text: str, norm: dict, clauses: dict, where: str, show: int,
+           gap: int) -> tuple[list, bool]:
     """Where one cell's clause strings sit in the contract: (spans, whether any string was not found). Each string
-    is counted as aligned, repaired (found after splitting at <omitted> or by locate) or rejected. norm caches
-    the contract's normalised text across the row's cells."""
+    is counted as aligned (found as it is), repaired (found after splitting at <omitted> or by locate) or
+    rejected (some piece not found in order: none of it is used). norm caches the contract's normalised text
+    across the row's cells; gap is the merge gap, within which a short piece must sit by a longer one."""
     spans, uncertain = [], False
     for cl in strings:
         clauses["total"] += 1
         pieces = [p.strip() for p in cl.split(OMITTED) if p.strip()]
-        status = "aligned" if len(pieces) == 1 else "repaired"
         clauses["omitted_split"] += len(pieces) > 1
-        for piece in pieces:
-            clauses["pieces"] += 1
-            i = text.find(piece)
-            if i >= 0:
-                spans.append((i, i + len(piece)))
-                continue
-            if "text" not in norm:
-                norm["text"] = normalize(text)
-            m = locate(piece, text, norm_hay=norm["text"])
-            if m is None:
-                status = "rejected"
-                continue
-            spans.append((m.start, m.end))
-            status = "repaired" if status != "rejected" else status
-        if not pieces:
+        clauses["pieces"] += len(pieces)
+        placed = _place(pieces, text, norm) if pieces else None
+        if placed is None:
             status = "rejected"
+        else:
+            status = "aligned" if len(pieces) == 1 and placed[0][2] else "repaired"
+            if len(placed) > 1:  # '.', 'us.', '7/27': too common to stand alone; kept only beside their neighbours
+                gaps = [q[0] - p[1] for p, q in zip(placed, placed[1:])]  # in order: gaps[i] follows piece i
+                near = [min(gaps[max(i - 1, 0):i + 1]) for i in range(len(placed))]
+                kept = [p for p, n in zip(placed, near) if p[1] - p[0] >= MIN_ANCHOR or n <= gap]
+                clauses["short_dropped"] += len(placed) - len(kept)
+                placed = kept
+            for a, b, _ in placed:
+                a2, b2 = _whole_words(text, a, b)
+                clauses["widened"] += (a2, b2) != (a, b)
+                spans.append((a2, b2))
         clauses[status] += 1
         if status == "rejected":
             uncertain = True
             if len(clauses["rejected_list"]) < show:
                 clauses["rejected_list"].append(f"{where}: not found in the contract: {cl[:80]!r}")
     return spans, uncertain
+
+
+def _place(pieces: list[str], text: str, norm: dict) -> list[tuple[int, int, bool]] | None:
+    """(start, end, found exactly) of one clause string's pieces, in reading order, or None when a piece is not
+    found. A whole string takes its first occurrence; a string cut at <omitted> takes the occurrence of its first
+    piece that keeps all its pieces in order and closest together (CUAD marks where text was left out of one
+    highlighted passage, so its pieces follow each other), and only when no order fits, each piece's first."""
+    firsts, i = [], text.find(pieces[0])
+    while i >= 0 and len(firsts) < (1 if len(pieces) == 1 else MAX_FIRSTS):
+        firsts.append((i, i + len(pieces[0]), True))
+        i = text.find(pieces[0], i + 1)
+    if not firsts:
+        if "text" not in norm:
+            norm["text"] = normalize(text)
+        m = locate(pieces[0], text, norm_hay=norm["text"])
+        firsts = [(m.start, m.end, False)] if m else []
+    best = None
+    for first in firsts:
+        out = [first]
+        for piece in pieces[1:]:
+            j = text.find(piece, out[-1][1])
+            if j >= 0:
+                out.append((j, j + len(piece), True))
+                continue
+            m = locate(piece, text[out[-1][1]:])
+            if m is None:
+                break
+            out.append((out[-1][1] + m.start, out[-1][1] + m.end, False))
+        else:
+            if best is None or out[-1][1] - out[0][0] < best[-1][1] - best[0][0]:
+                best = out
+    if best is None and firsts and len(pieces) > 1:  # a few strings list their pieces out of reading order
+        rest = [_place([piece], text, norm) for piece in pieces[1:]]
+        best = None if None in rest else sorted([firsts[0]] + [r[0] for r in rest])
+    return best
+
+
+def _whole_words(text: str, a: int, b: int, reach: int = 40) -> tuple[int, int]:
+    """[a, b) widened to whole words: some CUAD highlights stop inside a word ('Manufacturing Agreemen')."""
+    lo, hi = max(0, a - reach), min(len(text), b + reach)
+    while a > lo and text[a - 1].isalnum() and text[a].isalnum():
+        a -= 1
+    while b < hi and text[b - 1].isalnum() and text[b].isalnum():
+        b += 1
+    return a, b
 
 
 def _clause_windows(text: str, merged: list, key: tuple, max_context_chars: int, notes: dict) -> list:
@@ -158,18 +247,23 @@ def _clause_windows(text: str, merged: list, key: tuple, max_context_chars: int,
 
 
 def _none_examples(candidates: list, n: int, query: dict, split: str, seed: int, max_context_chars: int) -> list:
-    """n NONE examples: consecutive max_context_chars chunks of contracts that overlap no clause of the category,
-    picked by a seeded hash. candidates: (stem, category, text, merged clause spans) per contract and category."""
+    """n NONE examples: consecutive max_context_chars chunks of contracts that overlap no clause of the category
+    and hold none of its clause strings elsewhere either (a date or a title repeated in a page header), picked by
+    a seeded hash. candidates: (stem, category, text, merged clause spans, clause strings) per contract and
+    category."""
     chunks = []  # (hash, stem, cat, chunk start, chunk end)
-    for stem, cat, text, merged in candidates:
+    for stem, cat, text, merged, strings in candidates:
+        needles = {p.strip() for cl in strings for p in cl.split(OMITTED)
+                   if len(p.strip()) >= MIN_ANCHOR or p.strip() == cl.strip()} - {""}
         start = 0
         while start < len(text):
             end = snap_end(text, min(len(text), start + max_context_chars), start + 1, line_reach=LINE_REACH)
-            if not any(a < end and b > start for a, b in merged) and text[start:end].strip():
+            if (not any(a < end and b > start for a, b in merged) and text[start:end].strip()
+                    and not any(n in text[start:end] for n in needles)):
                 chunks.append((stable_hash("cuad-none", str(seed), stem, cat, str(start)), stem, cat, start, end))
             start = end
     chunks.sort()
-    texts = {stem: text for stem, _, text, _ in candidates}
+    texts = {stem: text for stem, _, text, _, _ in candidates}
     return [Example(id=f"cuad:{stem}:{cat}:none@{a}", source="cuad", category=cat, query=query[cat],
                     context=texts[stem][a:b].strip(), answer=NONE, split=split)
             for _, stem, cat, a, b in chunks[:n]]
@@ -197,12 +291,14 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
     descriptions = read_categories(root / "category_descriptions.csv")
     txt_dir = root / "full_contract_txt"
     files = _contract_files(txt_dir)
+    split_of = split_by_contract(files)
     master = root / "master_clauses.csv"
     clauses = {"total": 0, "aligned": 0, "repaired": 0, "rejected": 0, "omitted_split": 0, "pieces": 0,
-               "rejected_list": []}
+               "short_dropped": 0, "widened": 0, "rejected_list": []}
     notes = {"unresolved_files": [], "resolved_files": 0, "contracts": {s: 0 for s in SPLITS}, "clauses": clauses,
-             "too_long": 0, "split_rule": "stable hash of the contract file name: 80/10/10 train/valid/test",
-             "counts": {}, "left_out": {}}
+             "too_long": 0, "counts": {}, "left_out": {},
+             "split_rule": "stable hash of the contract file name (for alike contracts, their group's first "
+                           "name): 80/10/10 train/valid/test"}
     positives = {s: [] for s in splits}
     none_candidates = {s: [] for s in splits}
     with open_text(master, "CUAD master_clauses.csv") as f:
@@ -216,14 +312,15 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
                 notes["unresolved_files"].append(fname)
                 continue
             notes["resolved_files"] += 1
-            s = contract_split(path.name)
+            s = split_of[file_key(path.name)]
             notes["contracts"][s] += 1
             if s not in splits:
                 continue
             text, norm, stem = read_text(path, "contract text"), {}, path.stem
             for cat in asked:
                 strings = _cell_strings(row, cat, f"{master}:{line}")
-                spans, uncertain = _spans(strings, text, norm, clauses, f"{master}:{line} {cat!r} ({path.name})", show)
+                spans, uncertain = _spans(strings, text, norm, clauses, f"{master}:{line} {cat!r} ({path.name})", show,
+                                          merge_gap)
                 if cat not in wanted:  # validated and counted above; no examples
                     notes["left_out"][cat]["clause_strings"] += len(strings)
                     continue
@@ -232,8 +329,10 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
                     positives[s].append(Example(id=f"cuad:{stem}:{cat}:{a}", source="cuad", category=cat,
                                                 query=query[cat], context=text[ws:we].strip(), answer=text[a:b],
                                                 split=s))
-                if not uncertain:  # a category with an unlocated clause has no trustworthy NONE window
-                    none_candidates[s].append((stem, cat, text, merged))
+                # a category with an unlocated clause, or with an answer column that names a clause no string
+                # shows ('California', 'Perpetual'), has no trustworthy NONE window
+                if not uncertain and (strings or (row.get(f"{cat}-Answer") or "").strip() in ("", "No")):
+                    none_candidates[s].append((stem, cat, text, merged, strings))
     if not notes["resolved_files"]:
         raise DataError(f"{txt_dir}: no contract in master_clauses.csv matched a .txt file")
     examples = []

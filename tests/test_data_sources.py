@@ -126,14 +126,14 @@ def test_cuad_splits_are_disjoint_by_contract_and_windows_bounded(cuad):
     examples, notes = cuad
     stems = {s: {e.id.split(":")[1] for e in examples if e.split == s} for s in ("train", "valid", "test")}
     assert not (stems["train"] & stems["test"]) and not (stems["train"] & stems["valid"])
-    assert {s: notes["counts"][s]["contracts"] for s in stems} == {"train": 379, "valid": 45, "test": 42}
+    assert {s: notes["counts"][s]["contracts"] for s in stems} == {"train": 378, "valid": 45, "test": 43}
     assert max(len(e.context) for e in examples) <= 4000
     assert 0.2 < sum(e.answer == NONE for e in examples) / len(examples) < 0.5
     assert "Parties" not in {e.category for e in examples} and len({e.category for e in examples}) == 40
 
 
-def _mini_cuad(root: Path, rows: list[tuple[str, str]], texts: dict[str, str]):
-    """A two-category CUAD copy: rows = (master filename, Governing Law cell)."""
+def _mini_cuad(root: Path, rows: list[tuple], texts: dict[str, str]):
+    """A two-category CUAD copy: rows = (master filename, Governing Law cell[, its -Answer cell])."""
     (root / "full_contract_txt").mkdir(parents=True)
     for name, text in texts.items():
         (root / "full_contract_txt" / name).write_text(text, encoding="utf-8")
@@ -146,8 +146,8 @@ def _mini_cuad(root: Path, rows: list[tuple[str, str]], texts: dict[str, str]):
     with open(root / "master_clauses.csv", "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["Filename", "Parties", "Parties-Answer", "Governing Law", "Governing Law-Answer"])
-        for name, cell in rows:
-            w.writerow([name, "[]", "", cell, ""])
+        for name, cell, *answer in rows:
+            w.writerow([name, "[]", "", cell, answer[0] if answer else ""])
 
 
 def test_cuad_resolves_messy_names_and_lists_rejected_clauses(tmp_path):
@@ -169,6 +169,79 @@ def test_cuad_resolves_messy_names_and_lists_rejected_clauses(tmp_path):
     for e in examples:
         assert e.answer == NONE or (e.answer in e.context and "<omitted>" not in e.answer)
         assert len(e.context) <= 400
+
+
+def test_cuad_pieces_are_placed_in_order_and_short_ones_only_beside_their_neighbours(tmp_path):
+    """An <omitted> string's pieces follow each other in the contract: a '.' or a date found first somewhere
+    else must not pull unrelated text into the answer (ALLISONTRANSMISSION's Effective Date became '.1 ...
+    COOPERATION AGREEMENT ... December 12, 2014' when each piece took its first occurrence)."""
+    law = "The laws of Delaware govern this Agreement, without regard to conflicts of law."
+    filler = " ".join(f"Section {i} says nothing much here." for i in range(60))
+    body = (f"Exhibit 99.1\n\nDated as of May 1, 2020.\n\n{filler}\n\nDated as of May 1, 2020, the parties agree."
+            f"\n\n{filler}\n\n{law}\n\n{filler}\n\nSee also clause 9.")
+    cell = repr(["Dated as of May 1, 2020<omitted>the parties agree<omitted>.",  # the '.' right after: kept
+                 "The laws of Delaware govern<omitted>conflicts of law<omitted>9."])  # '9.' far away: dropped
+    _mini_cuad(tmp_path, [("A.pdf", cell)], {"A.txt": body})
+    examples, notes = load_source(f"cuad:{tmp_path}", max_context_chars=600)
+    answers = sorted(e.answer for e in examples if e.answer != NONE)
+    assert answers == ["Dated as of May 1, 2020, the parties agree.",
+                       "The laws of Delaware govern this Agreement, without regard to conflicts of law"]
+    assert notes["clauses"]["short_dropped"] == 1 and notes["clauses"]["repaired"] == 2
+
+
+def test_cuad_answers_are_whole_words_and_none_windows_hold_no_clause_string(tmp_path):
+    law = "This Agreement shall be governed by the laws of the State of New York."
+    filler = " ".join(f"Paragraph {i} is about delivery schedules." for i in range(40))
+    # the annotation stops inside 'York'; the same sentence repeats in a schedule far away
+    body = law + "\n\n" + filler + "\n\n" + filler + "\n\nSchedule: " + law + "\n\n" + filler
+    _mini_cuad(tmp_path, [("A.pdf", repr([law[:-3]]))], {"A.txt": body})
+    examples, notes = load_source(f"cuad:{tmp_path}", max_context_chars=500, none_ratio=50)
+    assert [e.answer for e in examples if e.answer != NONE] == [law[:-1]] and notes["clauses"]["widened"] == 1
+    nones = [e for e in examples if e.answer == NONE]
+    assert nones and not any("laws of the State of New" in e.context for e in nones)
+
+
+def test_cuad_answer_column_naming_a_clause_blocks_none_windows(tmp_path):
+    """14 CUAD rows have no clause string but an answer column saying the clause exists ('California')."""
+    body = " ".join(f"Paragraph {i} is about delivery schedules." for i in range(100))
+    law = "This Agreement is governed by the laws of Delaware."
+    rows = [("A.pdf", "[]", "California"), ("B.pdf", "[]", ""), ("C.pdf", repr([law]), "Delaware")]
+    _mini_cuad(tmp_path, rows, {"A.txt": body, "B.txt": body, "C.txt": law + "\n\n" + body})
+    examples, _ = load_source(f"cuad:{tmp_path}", max_context_chars=400, none_ratio=50)
+    nones = {e.id.split(":")[1] for e in examples if e.answer == NONE}
+    assert "B" in nones and "A" not in nones
+
+
+def test_cuad_alike_contracts_share_a_split(tmp_path):
+    """The same filing under two names (CUAD has 'X AGREEMENT.txt' and 'X AGREEMENT(1).txt') must not land in
+    train and test; contracts that merely share boilerplate keep their own split."""
+    from data.cuad import contract_split, split_by_contract
+
+    names = [f"Contract {i}" for i in range(40)]
+    a = next(n for n in names if contract_split(n) == "train")
+    b = next(n for n in names if contract_split(n) != "train")
+    c = next(n for n in names if contract_split(n) != "train" and n != b)
+    words = [f"w{i % 997}x{i % 13}" for i in range(3000)]
+    text = " ".join(words)
+    other = " ".join(words[:300] + [f"z{i}" for i in range(2700)])  # 10% in common
+    (tmp_path / "t").mkdir()
+    files = {}
+    for name, t in ((a, text), (b, text.replace("w5x5", "w5x6")), (c, other)):
+        files[name.lower().replace(" ", "")] = tmp_path / "t" / f"{name}.txt"
+        files[name.lower().replace(" ", "")].write_text(t, encoding="utf-8")
+    got = split_by_contract(files)
+    key = {n: n.lower().replace(" ", "") for n in (a, b, c)}
+    assert got[key[a]] == got[key[b]] and got[key[c]] == contract_split(c)
+
+
+def test_cuad_real_duplicates_share_a_split(cuad):
+    examples, _ = cuad
+    split = {e.id.split(":")[1]: e.split for e in examples}
+    aduro = sorted(k for k in split if k.startswith("ADUROBIOTECH"))
+    assert len(aduro) == 2 and split[aduro[0]] == split[aduro[1]]
+    allison = [e.answer for e in examples if e.id.startswith("cuad:ALLISONTRANSMISSION")
+               and e.category == "Effective Date"]
+    assert allison and not any("COOPERATION" in a for a in allison)
 
 
 def test_cuad_bad_clause_cell_names_file_and_line(tmp_path):
