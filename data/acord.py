@@ -58,10 +58,19 @@ def load(root, split=None, *, k: int = 4, min_score: int = 3, abstain_ratio: flo
         corpus[str(d["_id"])] = d["text"]
     queries = {}
     for n, d in read_jsonl(root / "queries.jsonl", "ACORD queries"):
-        meta = d.get("metadata") or {}
+        meta, where = d.get("metadata") or {}, f"{root / 'queries.jsonl'}:{n}"
+        if not isinstance(meta, dict):
+            raise DataError(f"{where}: field 'metadata' must be an object with 'split' (and 'category')")
         if "_id" not in d or "split" not in meta:
-            raise DataError(f"{root / 'queries.jsonl'}:{n}: missing field '_id' or 'metadata.split'")
-        queries[d["_id"]] = (d.get("text") or d["_id"], meta.get("category") or d["_id"], meta["split"])
+            raise DataError(f"{where}: missing field '_id' or 'metadata.split'")
+        fields = {"text": d.get("text", ""), "metadata.split": meta["split"],
+                  "metadata.category": meta.get("category", ""),
+                  "_id": str(d["_id"]) if type(d["_id"]) is int else d["_id"]}  # qrels name queries as text
+        bad = [k for k, v in fields.items() if not isinstance(v, str)]
+        if bad:
+            raise DataError(f"{where}: field {bad[0]!r} must be a string")
+        qid = fields["_id"]
+        queries[qid] = (fields["text"] or qid, fields["metadata.category"] or qid, fields["metadata.split"])
     formats = _read_formats(root / "query_formats.tsv")
 
     examples, notes = [], {"counts": {}, "unmatched_query_formats": []}

@@ -14,7 +14,6 @@
   share one split (split_by_contract).
 """
 import ast
-import csv
 import re
 import unicodedata
 import zlib
@@ -22,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from data.example import NONE, SPLITS, DataError, Example, stable_hash
-from data.io import open_text, read_text
+from data.io import read_csv, read_text
 from data.text import locate, normalize, snap_end, snap_start
 
 OMITTED = "<omitted>"
@@ -98,13 +97,12 @@ def split_by_contract(files: dict, fractions=(0.8, 0.1, 0.1), threshold: float =
 def read_categories(path: Path) -> dict[str, str]:
     """{category: description} from category_descriptions.csv ("Category: X", "Description: ...")."""
     out = {}
-    with open_text(path, "CUAD category descriptions") as f:
-        rows = csv.reader(f)
-        next(rows, None)
-        for row in rows:
-            if len(row) < 2 or not row[0].startswith("Category:"):
-                raise DataError(f"{path}:{rows.line_num}: expected 'Category: NAME','Description: TEXT'")
-            out[row[0].split(":", 1)[1].strip()] = row[1].split(":", 1)[-1].strip()
+    for line, row in read_csv(path, "CUAD category descriptions"):
+        if line == 1:  # the header
+            continue
+        if len(row) < 2 or not row[0].startswith("Category:"):
+            raise DataError(f"{path}:{line}: expected 'Category: NAME','Description: TEXT'")
+        out[row[0].split(":", 1)[1].strip()] = row[1].split(":", 1)[-1].strip()
     return out
 
 
@@ -118,11 +116,12 @@ def _merge(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
     return out
 
 
-def _columns(rows, master: Path, descriptions: dict, categories, exclude, notes: dict) -> tuple[list, list, list]:
+def _columns(header: list, master: Path, descriptions: dict, categories, exclude,
+             notes: dict) -> tuple[list, list, list]:
     """(every category column, the ones asked for, the ones that become examples) from the CSV header."""
-    if not rows.fieldnames or "Filename" not in rows.fieldnames:
+    if "Filename" not in header:
         raise DataError(f"{master}:1: no 'Filename' column; is this CUAD's master_clauses.csv?")
-    cats = [c for c in rows.fieldnames if c != "Filename" and f"{c}-Answer" in rows.fieldnames]
+    cats = [c for c in header if c != "Filename" and f"{c}-Answer" in header]
     missing = [c for c in cats if c not in descriptions]
     if missing:
         raise DataError(f"{master}:1: categories {missing} are not in category_descriptions.csv")
@@ -139,7 +138,7 @@ def _columns(rows, master: Path, descriptions: dict, categories, exclude, notes:
 
 def _cell_strings(row: dict, cat: str, where: str) -> list[str]:
     try:
-        strings = ast.literal_eval(row[cat] or "[]")
+        strings = ast.literal_eval(row.get(cat) or "[]")
         assert isinstance(strings, list) and all(isinstance(x, str) for x in strings)
     except (ValueError, SyntaxError, AssertionError):
         raise DataError(f"{where}: column {cat!r} is not a Python list of strings") from None
@@ -301,38 +300,39 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
                            "name): 80/10/10 train/valid/test"}
     positives = {s: [] for s in splits}
     none_candidates = {s: [] for s in splits}
-    with open_text(master, "CUAD master_clauses.csv") as f:
-        rows = csv.DictReader(f)
-        cats, asked, wanted = _columns(rows, master, descriptions, categories, exclude, notes)
-        query = {c: f"{c} ({descriptions[c]})" if with_description else c for c in cats}
-        for row in rows:
-            line, fname = rows.line_num, row["Filename"]
-            path = files.get(file_key(fname))
-            if path is None:
-                notes["unresolved_files"].append(fname)
+    rows = read_csv(master, "CUAD master_clauses.csv")
+    header = next(rows, (1, []))[1]
+    cats, asked, wanted = _columns(header, master, descriptions, categories, exclude, notes)
+    query = {c: f"{c} ({descriptions[c]})" if with_description else c for c in cats}
+    for line, values in rows:
+        row = dict(zip(header, values))
+        fname = row.get("Filename", "")
+        path = files.get(file_key(fname))
+        if path is None:
+            notes["unresolved_files"].append(fname)
+            continue
+        notes["resolved_files"] += 1
+        s = split_of[file_key(path.name)]
+        notes["contracts"][s] += 1
+        if s not in splits:
+            continue
+        text, norm, stem = read_text(path, "contract text"), {}, path.stem
+        for cat in asked:
+            strings = _cell_strings(row, cat, f"{master}:{line}")
+            spans, uncertain = _spans(strings, text, norm, clauses, f"{master}:{line} {cat!r} ({path.name})", show,
+                                      merge_gap)
+            if cat not in wanted:  # validated and counted above; no examples
+                notes["left_out"][cat]["clause_strings"] += len(strings)
                 continue
-            notes["resolved_files"] += 1
-            s = split_of[file_key(path.name)]
-            notes["contracts"][s] += 1
-            if s not in splits:
-                continue
-            text, norm, stem = read_text(path, "contract text"), {}, path.stem
-            for cat in asked:
-                strings = _cell_strings(row, cat, f"{master}:{line}")
-                spans, uncertain = _spans(strings, text, norm, clauses, f"{master}:{line} {cat!r} ({path.name})", show,
-                                          merge_gap)
-                if cat not in wanted:  # validated and counted above; no examples
-                    notes["left_out"][cat]["clause_strings"] += len(strings)
-                    continue
-                merged = _merge(spans, merge_gap)
-                for a, b, ws, we in _clause_windows(text, merged, (str(seed), stem, cat), max_context_chars, notes):
-                    positives[s].append(Example(id=f"cuad:{stem}:{cat}:{a}", source="cuad", category=cat,
-                                                query=query[cat], context=text[ws:we].strip(), answer=text[a:b],
-                                                split=s))
-                # a category with an unlocated clause, or with an answer column that names a clause no string
-                # shows ('California', 'Perpetual'), has no trustworthy NONE window
-                if not uncertain and (strings or (row.get(f"{cat}-Answer") or "").strip() in ("", "No")):
-                    none_candidates[s].append((stem, cat, text, merged, strings))
+            merged = _merge(spans, merge_gap)
+            for a, b, ws, we in _clause_windows(text, merged, (str(seed), stem, cat), max_context_chars, notes):
+                positives[s].append(Example(id=f"cuad:{stem}:{cat}:{a}", source="cuad", category=cat,
+                                            query=query[cat], context=text[ws:we].strip(), answer=text[a:b],
+                                            split=s))
+            # a category with an unlocated clause, or with an answer column that names a clause no string
+            # shows ('California', 'Perpetual'), has no trustworthy NONE window
+            if not uncertain and (strings or (row.get(f"{cat}-Answer") or "").strip() in ("", "No")):
+                none_candidates[s].append((stem, cat, text, merged, strings))
     if not notes["resolved_files"]:
         raise DataError(f"{txt_dir}: no contract in master_clauses.csv matched a .txt file")
     examples = []

@@ -60,6 +60,11 @@ def read_jsonl(path: Path, what: str):
                                     "each line must be one JSON object") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+                try:  # valid JSON may still escape half a UTF-16 pair ("\ud800"), which no tokenizer takes
+                    json.dumps(obj, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise DataError(f"{path}:{n}: holds an unpaired surrogate escape ({e.object[e.start]!a}); "
+                                    "write the character itself, or remove it") from None
                 yield n, obj
         except UnicodeDecodeError:
             raise not_utf8(path, what) from None
@@ -82,6 +87,22 @@ def read_tsv(path: Path, what: str, header: list[str] | None = None):
                     yield rows.line_num, row
         except csv.Error as e:
             raise DataError(f"{path}:{rows.line_num}: malformed TSV ({e})") from None
+        except UnicodeDecodeError:
+            raise not_utf8(path, what) from None
+        except OSError as e:
+            raise read_failed(path, what, e) from None
+
+
+def read_csv(path: Path, what: str):
+    """Yield (line_number, row) of a CSV file, its header included; blank lines are skipped."""
+    with open_text(path, what) as f:
+        rows = csv.reader(f, strict=True)  # a quote left open is an error, not the rest of the file in one cell
+        try:
+            for row in rows:
+                if row:
+                    yield rows.line_num, row
+        except csv.Error as e:
+            raise DataError(f"{path}:{rows.line_num}: malformed CSV ({e})") from None
         except UnicodeDecodeError:
             raise not_utf8(path, what) from None
         except OSError as e:

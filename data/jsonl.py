@@ -1,12 +1,13 @@
 """User data: one JSON object per line with the Example fields. Errors name the file and line.
 
-Required: query, context, answer (a clause copied from context, or "NONE"). Optional: id (default
+Required: query, context, answer (a clause copied from context, or "NONE", in any case, quoted or with a final
+period). Optional: id (default
 "<file stem>:<line>"), category (default: query), split (default "train"), source (default "jsonl").
 Whether the answer is really in its context is the validator's job (it repairs or rejects, and names the line).
 """
 from pathlib import Path
 
-from data.example import SPLITS, DataError, Example
+from data.example import NONE, SPLITS, DataError, Example
 from data.io import read_jsonl
 
 REQUIRED = ("query", "context", "answer")
@@ -27,6 +28,11 @@ def load(path, split=None):
                 raise DataError(f"{path}:{n}: field {k!r} must be a string, got {type(d[k]).__name__}")
         if not d["answer"].strip():
             raise DataError(f"{path}:{n}: empty answer; write the clause copied from the context, or NONE")
+        if not d["query"].strip():
+            raise DataError(f"{path}:{n}: empty query; give the clause type or the attorney's question")
+        # 'none', 'None.', '"NONE"': what the metrics and the channel decoder read as NONE is NONE here too, never
+        # a one-word clause that happens to be in a context holding 'nonetheless'
+        answer = NONE if d["answer"].strip(" .\"'`\t\n").upper() == NONE else d["answer"].strip()
         if not d["context"].strip():
             raise DataError(f"{path}:{n}: empty context; give the contract text the answer is copied from")
         s = d.get("split", "train")
@@ -39,6 +45,6 @@ def load(path, split=None):
         if split is not None and s != split:
             continue
         examples.append(Example(id=ex_id, source=d.get("source", "jsonl"), category=d.get("category") or d["query"],
-                                query=d["query"], context=d["context"], answer=d["answer"].strip(), split=s))
+                                query=d["query"], context=d["context"], answer=answer, split=s))
         origins[ex_id] = f"{path}:{n}"
     return examples, {"origins": origins}

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import unicodedata
@@ -79,6 +80,37 @@ def test_acord_bad_line_names_file_and_line(tmp_path):
     (tmp_path / "corpus.jsonl").write_text('{"_id": "a", "text": "x"}\n')
     with pytest.raises(DataError, match=r"queries.jsonl: ACORD queries not found"):
         load_examples(f"acord:{tmp_path}")
+
+
+@pytest.mark.parametrize("query,needle", [
+    ({"_id": ["q"], "metadata": {"split": "train"}}, "field '_id' must be a string"),
+    ({"_id": "q", "metadata": "train"}, "field 'metadata' must be an object"),
+    ({"_id": "q", "text": 5, "metadata": {"split": "train"}}, "field 'text' must be a string"),
+])
+def test_acord_query_fields_of_the_wrong_type_name_the_line(tmp_path, query, needle):
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "a", "text": "x"}\n')
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q0", "metadata": {"split": "train"}}\n' + json.dumps(query))
+    with pytest.raises(DataError, match=rf"queries.jsonl:2: {re.escape(needle)}") as e:
+        load_examples(f"acord:{tmp_path}")
+    assert "\n" not in str(e.value)
+
+
+def test_acord_numeric_query_ids_match_their_qrels(shared_datasets, tmp_path):
+    root = tmp_path / "acord"
+    shutil.copytree(shared_datasets / "acord", root)
+    qrels = root / "qrels" / "test.tsv"
+    lines = qrels.read_text(encoding="utf-8").splitlines()
+    qid = lines[1].split("\t")[0].strip('"')
+    queries = [json.loads(x) for x in (root / "queries.jsonl").read_text(encoding="utf-8").splitlines()]
+    for q in queries:
+        if q["_id"] == qid:
+            q["_id"] = 90001  # a JSON number; the qrels write it as text
+    (root / "queries.jsonl").write_text("\n".join(map(json.dumps, queries)) + "\n", encoding="utf-8")
+    rows = [x.split("\t") for x in lines[1:]]
+    rows = [["90001", *r[1:]] if r[0].strip('"') == qid else r for r in rows]
+    qrels.write_text("\n".join([lines[0]] + ["\t".join(r) for r in rows]) + "\n", encoding="utf-8")
+    assert any(e.query == next(q.get("text") for q in queries if q["_id"] == 90001)
+               for e in load_examples(f"acord:{root}", "test"))
 
 
 def test_acord_answers_verbatim_among_k_distractors(acord):
@@ -244,6 +276,18 @@ def test_cuad_real_duplicates_share_a_split(cuad):
     assert allison and not any("COOPERATION" in a for a in allison)
 
 
+def test_cuad_csv_not_utf8_or_malformed_names_the_file_and_line(tmp_path):
+    _mini_cuad(tmp_path, [("A.pdf", "[]")], {"A.txt": "text"})
+    master = tmp_path / "master_clauses.csv"
+    master.write_bytes(master.read_bytes() + b"B.pdf,[],,caf\xe9,\n")
+    with pytest.raises(DataError, match=r"master_clauses.csv:3: CUAD master_clauses.csv is not UTF-8"):
+        load_source(f"cuad:{tmp_path}")
+    master.write_bytes(master.read_bytes().replace(b"caf\xe9", b'"unterminated\x00'))
+    with pytest.raises(DataError, match=r"master_clauses.csv:\d+: malformed CSV") as e:
+        load_source(f"cuad:{tmp_path}")
+    assert "\n" not in str(e.value)
+
+
 def test_cuad_bad_clause_cell_names_file_and_line(tmp_path):
     _mini_cuad(tmp_path, [("A.pdf", "['unterminated")], {"A.txt": "text"})
     with pytest.raises(DataError, match=r"master_clauses.csv:2: column 'Governing Law'"):
@@ -291,6 +335,20 @@ def test_jsonl_round_trip_with_defaults(tmp_path):
     assert [e.id for e in ex] == ["d:1", "b"] and ex[0].category == "Governing Law" and ex[1].split == "test"
     assert notes["origins"]["b"] == f"{p}:3"
     assert [e.id for e in load_examples(f"jsonl:{p}", "test")] == ["b"]
+
+
+def test_jsonl_none_in_any_spelling_is_none_and_an_empty_query_or_a_lone_surrogate_is_refused(tmp_path):
+    p = tmp_path / "d.jsonl"
+    ctx = "The parties shall nonetheless meet. None of the terms apply."
+    rows = [{"query": "Q", "context": ctx, "answer": a} for a in ("none", "None.", '"NONE"', "None of the terms")]
+    p.write_text("\n".join(map(json.dumps, rows)) + "\n")
+    assert [e.answer for e in load_examples(f"jsonl:{p}")] == [NONE, NONE, NONE, "None of the terms"]
+    for bad, needle in (({"query": " ", "context": ctx, "answer": "NONE"}, "d.jsonl:2: empty query"),
+                        ({"query": "Q", "context": "x \ud800 y", "answer": "NONE"}, "d.jsonl:2: holds an unpaired")):
+        p.write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(DataError, match=needle) as e:
+            load_examples(f"jsonl:{p}")
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("spec,match", [
