@@ -156,8 +156,8 @@ def _setup_data(cfg: TrainConfig, d: dist.Dist, out: Path, prec: Precision) -> _
     and before OUT is touched."""
     tok = load_tokenizer(cfg.model)
     train_ex, rep = load_validated(cfg.data, cfg.train_split, max_rejected=cfg.max_rejected)
-    if cfg.max_examples:
-        train_ex = train_ex[:cfg.max_examples]
+    if cfg.max_examples:  # a seeded subset over every category: CUAD lists all its NONE examples last
+        train_ex = eval_subset(train_ex, cfg.max_examples, salt=f"max-examples:{cfg.seed}")
     if not train_ex:
         raise ValueError(f"{cfg.data}: no training examples in split {cfg.train_split!r}")
     batching = dict(seq_len=cfg.seq_len, pack=cfg.pack, batch_size=cfg.batch_size, rank=d.rank,
@@ -172,7 +172,9 @@ def _setup_data(cfg: TrainConfig, d: dist.Dist, out: Path, prec: Precision) -> _
         eval_ex, _ = load_validated(cfg.data, cfg.eval_split, max_rejected=cfg.max_rejected)
         if not eval_ex:
             raise ValueError(f"{cfg.data}: no examples in eval split {cfg.eval_split!r} (set --eval-every 0)")
-        eval_batches = Batches(tok, eval_ex, shuffle=False, **batching).first(cfg.eval_batches)
+        # rows in a seeded order, the same at every evaluation: in packing order the first rows are the longest
+        # examples' (best fit decreasing), all clauses and no NONE
+        eval_batches = Batches(tok, eval_ex, shuffle=True, **batching).first(cfg.eval_batches)
         # task metrics, not just loss (loss does not predict extraction quality): a fixed subset, rank 0 only
         gen_subset = eval_subset(eval_ex, cfg.eval_generate) if cfg.eval_generate and d.is_main else []
     rows_per_step = cfg.batch_size * cfg.grad_accum * d.world_size

@@ -171,6 +171,32 @@ def test_init_adapter_starts_where_the_saved_adapter_ended(tmp_path):
     assert train(dataclasses.replace(cont, max_steps=2, resume=True))["step"] == 2
 
 
+def test_max_examples_and_the_eval_rows_are_seeded_samples_not_the_first_in_file_order(tmp_path):
+    """CUAD lists every NONE example after its clause examples, and the eval rows came longest first: a prefix
+    of either held no NONE example."""
+    from engine import dist
+    from engine.precision import Precision
+    from engine.train import _setup_data
+
+    rows = []
+    for i in range(40):  # clauses first, then NONE, as CUAD's loader emits them; the clause contexts are longer
+        cat, clause, filler = CONTRACTS[i % len(CONTRACTS)]
+        none = i >= 20
+        rows.append({"id": f"e{i}", "query": cat, "context": filler + ("" if none else clause + " " + filler * 3),
+                     "answer": "NONE" if none else clause, "split": "train" if i % 2 else "valid"})
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(map(json.dumps, rows)) + "\n")
+    cfg = tiny_cfg(tmp_path, max_examples=6, eval_every=1, eval_batches=3, batch_size=2)
+    run = _setup_data(cfg, dist.Dist(), tmp_path / "run", Precision("fp32", torch.device("cpu")))
+    answer = {r["id"]: r["answer"] for r in rows}
+    picked = [answer[ex.id] for unit in run.batcher.units for ex in unit]
+    assert len(picked) == 6 and 0 < picked.count("NONE") < 6
+    none = run.tok.encode("NONE")
+    targets = [[int(t) for t in row if t >= 0] for b in run.eval_batches for row in b["labels"]]
+    assert len(targets) == 6 and any(t[:len(none)] == none for t in targets)
+    assert not all(t[:len(none)] == none for t in targets)
+
+
 def test_lr_schedule_warmup_then_cosine_to_min():
     from engine.step import lr_at
 
