@@ -43,10 +43,10 @@ def encode_example(tok, ex: Example, seq_len: int, min_target: int = 16) -> Enco
     """Token ids and labels for one example, at most seq_len long; None when the answer alone cannot fit.
 
     A context too long for the row is cut by data.text.cut_context (whole paragraphs dropped at random, never
-    marking where the answer is). An answer too long to appear both in the context and, whole, as the target
-    keeps its whole text in the context and supervises only its first tokens (at least min_target, no end of
-    turn): the choice of the clause happens at its start, and long clauses are exactly the ones a model must not
-    learn to avoid.
+    marking where the answer is). The target takes at most half the room the answer in the context leaves, the
+    rest stays context: an answer too long for that keeps its whole text in the context and supervises only its
+    first tokens (at least min_target, no end of turn): the choice of the clause happens at its start, and long
+    clauses are exactly the ones a model must not learn to avoid.
     """
     answer_ids = tok.encode(tok.chat_answer(ex.answer))
     prompt_ids = tok.encode(tok.chat_prompt(render_prompt(ex)))
@@ -57,8 +57,11 @@ def encode_example(tok, ex: Example, seq_len: int, min_target: int = 16) -> Enco
         in_context = 0 if ex.answer == NONE else len(tok.encode(ex.answer)) + 2
         if overhead + in_context + min(min_target, len(answer_ids)) > seq_len:
             return None   # the answer cannot even appear whole in the context beside a few target tokens
-        # the target gets what is left once the context holds the answer, at most all of it
-        answer_ids = answer_ids[:max(min(min_target, len(answer_ids)), seq_len - overhead - in_context)]
+        # the room left once the context holds the answer is shared: the target takes at most half of it, so
+        # the other half keeps other clauses in the context (with none, the example would teach "copy the start
+        # of the context", not which clause to copy)
+        free = seq_len - overhead - in_context
+        answer_ids = answer_ids[:max(min(min_target, len(answer_ids)), (free + 1) // 2)]
         budget = seq_len - len(answer_ids)          # tokens left for the whole prompt
         chars_per_token = len(ex.context) / max(1, len(prompt_ids) - overhead)
         max_chars = int((budget - overhead) * chars_per_token)
