@@ -39,6 +39,11 @@ class Report:
         d["per_split"] = {k: dict(v) for k, v in self.per_split.items()}
         d["per_category"] = {k: dict(v) for k, v in self.per_category.items()}
         d["rejected_fraction"] = self.rejected_fraction()
+        if "clauses" not in self.source:  # sources without clause strings of their own (ACORD, JSONL, synthetic):
+            # each clause answer is one, so data.check --json has source.clauses for every spec (DESIGN.md)
+            d["source"] = {**self.source, "clauses": {
+                "total": self.examples - self.none, "aligned": self.aligned - self.none, "repaired": self.repaired,
+                "rejected": self.rejected, "rejected_list": list(self.rejected_list)}}
         return d
 
 

@@ -100,6 +100,10 @@ def test_check_cli_reports_rejected_and_fails_over_the_limit(tmp_path):
     r = _check(spec, "--json", "--max-rejected", "0.6", cwd=tmp_path)
     rep = json.loads(r.stdout)
     assert r.returncode == 0 and rep["rejected"] == 1 and rep["tokens"]["how"].startswith("estimated")
+    # DESIGN.md: the JSON keeps the clause-string counts under source.clauses, for every spec (a JSONL answer is
+    # its own clause string)
+    assert {k: rep["source"]["clauses"][k] for k in ("total", "aligned", "repaired", "rejected")} == \
+        {"total": 2, "aligned": 1, "repaired": 0, "rejected": 1}
 
 
 def test_check_cli_synthetic_report_with_tokenizer(llama3_tokenizer_json, tmp_path):
