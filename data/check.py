@@ -96,6 +96,9 @@ def format_report(rep: Report, tokens: dict, seconds: float) -> str:
         lines.append(f"clause strings: {cl['total']}  aligned {cl['aligned']}  repaired {cl['repaired']} "
                      f"(of which '<omitted>' split into pieces: {cl['omitted_split']})  rejected {cl['rejected']}"
                      f"  ({(cl['aligned'] + cl['repaired']) / max(1, cl['total']):.2%} usable)")
+        if "widened" in cl:
+            lines.append(f"  short pieces dropped (far from the rest of their string): {cl['short_dropped']}  "
+                         f"spans widened to whole words: {cl['widened']}")
         lines += [f"  rejected: {r}" for r in cl["rejected_list"]]
         for cat, info in src.get("left_out", {}).items():
             lines.append(f"left out of training: {cat!r} ({info['clause_strings']} clause strings, validated above): "

@@ -375,6 +375,8 @@ def test_cuad_left_out_category_is_validated_and_said_so(cuad, shared_datasets):
     r = subprocess.run([sys.executable, "-m", "data.check", f"cuad:{shared_datasets / 'cuad'}", "--split", "test"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "left out of training: 'Parties'" in r.stdout
+    assert re.search(r"short pieces dropped \(far from the rest of their string\): \d+  spans widened to whole "
+                     r"words: [1-9]", r.stdout)
 
 
 def test_cuad_category_list_is_the_datasets_own(shared_datasets):
