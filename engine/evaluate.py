@@ -229,9 +229,11 @@ def evaluate_for_training(model, tok, subset: list, *, max_new_tokens: int = 256
 
 # ---- the command -------------------------------------------------------------------------------------------
 def _base_of_adapter(adapter: str) -> str | None:
+    """The adapter's base_model_name_or_path; a relative path (older adapters) that is not there from the cwd is
+    taken relative to the adapter directory when it exists there."""
     cfg = Path(adapter) / "adapter_config.json"
     try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path") or None
+        base = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path") or None
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"{cfg} not found: --adapter must be a PEFT adapter directory "
                                 "(the adapter/ folder of a training run)") from None
@@ -239,6 +241,9 @@ def _base_of_adapter(adapter: str) -> str | None:
         raise ValueError(f"{cfg}: malformed JSON at line {e.lineno} ({e.msg})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg}: does not read ({e}); --adapter must be a PEFT adapter directory") from None
+    if isinstance(base, str) and not Path(base).exists() and (Path(adapter) / base).exists():
+        return str(Path(adapter) / base)
+    return base
 
 
 PRECISION_HELP = ("dtype the model answers in: auto = bf16 on a GPU with bf16 (fp16 below sm 80); on the CPU bf16 "

@@ -8,6 +8,7 @@ lora_state_dict key under PEFT's fixed prefix, with no remapping table.
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .config import EMBEDDED
 from .files import atomic_dir
 from .llama import Llama
 from .lora import TARGETS, apply_lora, lora_layers, lora_state_dict
@@ -27,7 +29,9 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "fan_in_fan_out": (False, None),
                "modules_to_save": (None, []), "layers_to_transform": (None,), "rank_pattern": ({}, None),
                "alpha_pattern": ({}, None), "lora_bias": (False, None), "target_parameters": (None, []),
-               "layer_replication": (None,), "exclude_modules": (None, [])}
+               "layer_replication": (None,), "exclude_modules": (None, []),
+               # pissa, olora, loftq, corda, eva... also rewrite the base weights: the adapter fits only that base
+               "init_lora_weights": (True, False, "gaussian", None)}
 
 
 def save_adapter(model: Llama, dir, base_model: str | None = None) -> Path:
@@ -39,7 +43,7 @@ def save_adapter(model: Llama, dir, base_model: str | None = None) -> Path:
     alpha = cfg["lora_alpha"]
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model if base_model is not None else model.source,
+        "base_model_name_or_path": _base_name(base_model if base_model is not None else model.source),
         "r": cfg["r"], "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": cfg["lora_dropout"], "target_modules": list(cfg["target_modules"]),
         "use_rslora": cfg["use_rslora"], "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
@@ -51,6 +55,14 @@ def save_adapter(model: Llama, dir, base_model: str | None = None) -> Path:
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(dir)
+
+
+def _base_name(source: str | None) -> str | None:
+    """A local model path made absolute: evaluate and extract, run from another directory, would take a relative
+    one for a hub id. Hub ids and the embedded name stay as they are."""
+    if source is None or source == EMBEDDED or not Path(source).expanduser().exists():
+        return source
+    return os.path.abspath(Path(source).expanduser())
 
 
 def load_adapter(model: Llama, dir) -> Llama:

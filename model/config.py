@@ -70,6 +70,10 @@ class LlamaConfig:
                            "original_max_position_embeddings"} - set(self.rope_scaling)
                 if missing:
                     raise ValueError(f"rope_scaling (llama3) is missing {sorted(missing)} in config.json")
+                for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                    v = self.rope_scaling[k]
+                    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                        raise ValueError(f"config.json: rope_scaling.{k} must be a positive number, got {v!r}")
             elif kind == "default":
                 self.rope_scaling = None
 
@@ -79,6 +83,8 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "LlamaConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json must hold a JSON object, got a {type(d).__name__}")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if k not in d]
         if missing:
@@ -86,6 +92,12 @@ class LlamaConfig:
         mt = d.get("model_type", "llama")
         if mt != "llama":
             raise ValueError(f"config.json model_type is {mt!r}; only 'llama' checkpoints are supported")
+        q = d.get("quantization_config")
+        if q is not None:  # the stored weights are packed (bnb, GPTQ, AWQ, FP8): their shapes match nothing we build
+            method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
+            raise ValueError(f"config.json has quantization_config (quant_method {method!r}): pre-quantized "
+                             "checkpoints are not supported; use the original bf16/fp16 checkpoint (this engine "
+                             "quantizes to NF4 itself)")
         # transformers >= 5 writes rope_parameters (rope_theta inside); released Llama 3.2 files use the
         # top-level rope_theta + rope_scaling. Read both (FACTS.md).
         rp = d.get("rope_parameters") or {}
@@ -126,29 +138,42 @@ class LlamaConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); re-download the "
                              "checkpoint") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: must hold a JSON object (a Llama config.json), got a {type(d).__name__}; "
+                             "re-download the checkpoint")
         return cls.from_hf_dict(d)
 
     @classmethod
-    def from_gguf_fields(cls, meta: dict) -> "LlamaConfig":
-        """From GGUF key/value metadata (already decoded to Python values)."""
+    def from_gguf_fields(cls, meta: dict, where: str = "GGUF file") -> "LlamaConfig":
+        """From GGUF key/value metadata (already decoded to Python values); errors name `where` (the file)."""
         arch = meta.get("general.architecture", "llama")
         if arch != "llama":
-            raise ValueError(f"GGUF architecture is {arch!r}; only 'llama' is supported")
+            raise ValueError(f"{where}: GGUF architecture is {arch!r}; only 'llama' is supported")
 
-        def g(key, default=None):
-            return meta.get(f"llama.{key}", default)
+        def g(key, typ=int, default=None):
+            v = meta.get(f"llama.{key}", default)
+            if v is None:
+                raise ValueError(f"{where}: GGUF metadata key 'llama.{key}' is missing; the file is not a complete "
+                                 "llama GGUF (convert it again with llama.cpp's convert_hf_to_gguf.py)")
+            try:
+                return typ(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: GGUF metadata key 'llama.{key}' must be a number, got {v!r}") from None
 
-        heads = int(g("attention.head_count"))
-        hidden = int(g("embedding_length"))
-        vocab = g("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+        scaling = meta.get("llama.rope.scaling.type", "none")
+        if scaling != "none":  # llama3 scaling comes as the rope_freqs tensor instead (model/load.py)
+            raise ValueError(f"{where}: GGUF rope scaling {scaling!r} is not supported (only llama3 scaling, "
+                             "stored as rope_freqs.weight); use the model's HF checkpoint")
+        heads, hidden = g("attention.head_count"), g("embedding_length")
+        vocab = len(meta.get("tokenizer.ggml.tokens", [])) or None  # older files: the vocabulary's length
         return cls(
-            vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(g("feed_forward_length")),
-            num_hidden_layers=int(g("block_count")), num_attention_heads=heads,
-            num_key_value_heads=int(g("attention.head_count_kv", heads)),
-            head_dim=int(g("attention.key_length", hidden // heads)),
-            rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(g("rope.freq_base", 10000.0)),
-            max_position_embeddings=int(g("context_length", 2048)),
+            vocab_size=g("vocab_size", default=vocab), hidden_size=hidden,
+            intermediate_size=g("feed_forward_length"), num_hidden_layers=g("block_count"),
+            num_attention_heads=heads, num_key_value_heads=g("attention.head_count_kv", default=heads),
+            head_dim=g("attention.key_length", default=hidden // heads if heads else None),
+            rms_norm_eps=g("attention.layer_norm_rms_epsilon", float, 1e-5),
+            rope_theta=g("rope.freq_base", float, 10000.0),
+            max_position_embeddings=g("context_length", default=2048),
             tie_word_embeddings=True,  # decided by the loader from whether output.weight exists
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),

