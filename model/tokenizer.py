@@ -84,7 +84,10 @@ class Tokenizer:
             # eos_token and some recipes pad with it; a model trained with pad = an end token never learns to stop.
             self.bos_id = self._require("<|begin_of_text|>")
             self.eos_id = self._require("<|end_of_text|>")
-            self.pad_id = self._require("<|finetune_right_pad_id|>")
+            # Llama 3.0 has no <|finetune_right_pad_id|> (its 128004 is <|reserved_special_token_2|>). Padding
+            # only fills positions the labels and the attention mask leave out, so any token but <|eot_id|> will do.
+            pads = ("<|finetune_right_pad_id|>", "<|reserved_special_token_2|>")
+            self.pad_id = next((i for i in map(tk.token_to_id, pads) if i is not None), self.eos_id)
             ends = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
             self.stop_ids = {i for i in map(tk.token_to_id, ends) if i is not None}
         else:

@@ -32,6 +32,29 @@ def test_llama3_stop_ids_are_end_tokens_and_never_pad(llama3_tok):
     assert llama3_tok.pad_id not in llama3_tok.stop_ids
 
 
+def llama3_0_tokenizer_json(llama3_tokenizer_json, path, reserved_name="<|reserved_special_token_{}|>"):
+    """The Llama 3.2 tokenizer.json with Llama 3.0's special tokens: 128000/128001 begin/end_of_text, the header
+    tokens 128006/128007, <|eot_id|> 128009, and every other id up to 128255 <|reserved_special_token_k|> in
+    order (so 128004 is <|reserved_special_token_2|>; 3.1 made it <|finetune_right_pad_id|>)."""
+    d = json.loads(llama3_tokenizer_json.read_text(encoding="utf-8"))
+    k = 0
+    for t in d["added_tokens"]:
+        if 128002 <= t["id"] <= 128255 and t["id"] not in (128006, 128007, 128009):
+            t["content"], k = reserved_name.format(k), k + 1
+    path.write_text(json.dumps(d), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("reserved_name,pad", [("<|reserved_special_token_{}|>", 128004), ("<|other_{}|>", 128001)])
+def test_llama3_0_tokenizer_pads_with_its_reserved_token_or_end_of_text(llama3_tokenizer_json, tmp_path,
+                                                                         reserved_name, pad):
+    tok = Tokenizer.from_file(llama3_0_tokenizer_json(llama3_tokenizer_json, tmp_path / "t.json", reserved_name))
+    assert tok.token_id("<|finetune_right_pad_id|>") is None
+    assert (tok.chat_format, tok.pad_id, tok.bos_id, tok.eos_id, tok.eot_id) == ("llama3", pad, 128000, 128001, 128009)
+    assert tok.stop_ids == {128001, 128009}  # 3.0 has no <|eom_id|>
+    assert tok.encode(tok.chat_prompt("Q"))[:2] == [128000, 128006]
+
+
 def test_llama3_chat_prompt_header_structure(llama3_tok):
     user = "Copy the exact Governing Law clause from this contract."
     ids = llama3_tok.encode(llama3_tok.chat_prompt(user))
