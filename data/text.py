@@ -24,9 +24,10 @@ _WS = re.compile(r"\s+")
 _WORD = re.compile(r"\S+")
 _SPACE_OR_NEWLINE = re.compile(r"[ \n]")
 _ANY_SPACE = re.compile(r"\s")
-# A blank line and the whitespace around it (model/generate.py's _PARAGRAPH_BREAK is the same pattern: model/
-# cannot import data/).
-PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
+# A blank line and the whitespace around it; a "blank" line may hold any whitespace but a newline, \r included, so
+# "\r\n\r\n" breaks too and no \r is left at a paragraph's end (model/generate.py's _PARAGRAPH_BREAK is the same
+# pattern: model/ cannot import data/).
+PARAGRAPH_BREAK = re.compile(r"\r?\n[^\S\n]*\n\s*")
 
 
 # ---- locating a quote -------------------------------------------------------------------------------------

@@ -6,14 +6,18 @@ A contract longer than the model's budget is read in overlapping windows (each o
 training); every window's answer that is not NONE is located in the contract. The quote is always a slice of
 the file: when the generation is not verbatim (changed whitespace, a dropped word) it is snapped to the
 best-matching span (rapidfuzz.fuzz.partial_ratio_alignment on whitespace-normalised text, then widened to word
-boundaries) and the match score (fuzz.ratio, 0-100) is reported. Offsets are Python character indices into
-the file decoded as UTF-8 (line endings kept as they are in the file). Several contracts (files, or directories
-standing for their *.txt files) are read with the model loaded once; --json then prints one object per line.
+boundaries) and the match score (fuzz.ratio, 0-100) is reported. The model reads the contract with CRLF and CR
+line endings made LF (the text it was trained on, which constrained decoding copies byte for byte); offsets are
+Python character indices into the file decoded as UTF-8, and the quote is the file's own slice, its line endings
+as in the file. A quote whose answer reached --max-new-tokens before the model ended it is flagged truncated.
+Several contracts (files, or directories standing for their *.txt files) are read with the model loaded once;
+--json then prints one object per line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,10 +33,9 @@ from engine.precision import INFERENCE_MODES
 from engine.rundir import adapter_run_config, trained_split
 from engine.metrics import is_none
 from model.channel import UNITS, ChannelRule, channel_answer, channel_answers
-from model.generate import decode_span, decode_spans, generate
+from model.generate import Answer, decode_span, decode_spans, generate
 
 ALL_CATEGORIES = tuple(c for c in CATEGORIES if c not in DEFAULT_EXCLUDE)
-
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,34 @@ class Quote(Match):
     generated: str      # what the model wrote
     window: int         # index of the window that produced it
     logprob: float | None = None  # the model's mean log-probability of its answer (its confidence)
+    truncated: bool = False  # the answer reached --max-new-tokens with no stop token: the clause may go on
 
     def as_dict(self, text: str) -> dict:
         return {"start": self.start, "end": self.end, "text": text[self.start:self.end], "score": self.score,
                 "copy_score": self.score, "verbatim": self.verbatim, "logprob": self.logprob,
-                "generated": self.generated, "window": self.window}
+                "truncated": self.truncated, "generated": self.generated, "window": self.window}
+
+
+_CR = re.compile(r"\r\n?")
+
+
+def to_lf(text: str) -> tuple[str, list[int]]:
+    """text with CRLF and lone CR line endings made LF, and the map back: for every offset 0..len of the result,
+    the file's offset of the same place (the LF of a CRLF maps to its CR, so a quote that ends before it ends
+    before the CR too)."""
+    out, where, last = [], [], 0
+    for m in _CR.finditer(text):
+        out.append(text[last:m.start()] + "\n")
+        where.extend(range(last, m.start() + 1))
+        last = m.end()
+    out.append(text[last:])
+    where.extend(range(last, len(text) + 1))
+    return "".join(out), where
+
+
+def in_file(q: Quote, where: list[int]) -> Quote:
+    """A quote found in to_lf's text, its offsets moved to the file's."""
+    return replace(q, start=where[q.start], end=where[q.end])
 
 
 def read_contract(path) -> str:
@@ -85,9 +111,10 @@ def find_clause(text: str, clause: str, answer_fn, count_tokens, max_context_tok
                 overlap: float = 0.25, min_score: float = 60.0, log: list | None = None) -> tuple[list[Quote], int]:
     """All distinct matches (best first) and the number of windows.
 
-    answer_fn(user messages, window texts) -> one answer per window: a string (free text, located in the window
-    by data.text.locate: exact, up to whitespace, else the closest run of whole words) or a model.generate.Answer
-    whose start/end already give its slice of the window (constrained decoding: copy score 100 by construction).
+    answer_fn(user messages, window texts) -> one answer per window: a model.generate.Answer whose start/end
+    already give its slice of the window (constrained decoding: copy score 100 by construction), or free text (a
+    string, or an Answer without start), located in the window by data.text.locate: exact, up to whitespace, else
+    the closest run of whole words. An Answer's truncated flag is the quote's.
     log, when given, receives one dict per window: its offsets and what the model answered there."""
     windows = make_windows(text, count_tokens, max_context_tokens, overlap)
     prompts = [render_prompt(replace(_asked(clause), context=text[a:b])) for a, b in windows]
@@ -99,13 +126,15 @@ def find_clause(text: str, clause: str, answer_fn, count_tokens, max_context_tok
         generated = getattr(ans, "text", ans)
         if is_none(generated):
             continue
+        cut = getattr(ans, "truncated", False)
         if getattr(ans, "start", None) is not None:
-            found.append(Quote(a + ans.start, a + ans.end, "exact", 100.0, generated, w, ans.logprob))
+            found.append(Quote(a + ans.start, a + ans.end, "exact", 100.0, generated, w, ans.logprob, cut))
             continue
         # no cutoff inside locate: min_score is judged here, on every kind of match alike
         m = locate(generated, text[a:b], 0.0, fold=False, words=True)
         if m is not None and m.score >= min_score:
-            found.append(Quote(a + m.start, a + m.end, m.how, m.score, generated, w, getattr(ans, "logprob", None)))
+            found.append(Quote(a + m.start, a + m.end, m.how, m.score, generated, w, getattr(ans, "logprob", None),
+                               cut))
     return distinct(found), len(windows)
 
 
@@ -137,7 +166,8 @@ def find_all(text: str, categories, answer_window, count_tokens, max_context_tok
         answers = answer_window(categories, text[a:b], (lambda i: progress(done + i)) if progress else None)
         for c, ans in zip(categories, answers, strict=True):
             if ans.start is not None and not is_none(ans.text):
-                found[c].append(Quote(a + ans.start, a + ans.end, "exact", 100.0, ans.text, w, ans.logprob))
+                found[c].append(Quote(a + ans.start, a + ans.end, "exact", 100.0, ans.text, w, ans.logprob,
+                                      ans.truncated))
     return {c: distinct(m) for c, m in found.items()}, len(windows)
 
 
@@ -170,20 +200,31 @@ def channel_all_answerer(model, tok, *, rule: ChannelRule | None = None, unit: s
 
 
 def window_budget(tok, clause: str, seq_len: int, max_new_tokens: int) -> int:
-    """Contract tokens per window: seq_len less the answer budget and the longest prompt around the context
-    (clause "all": the longest category's shared-contract prompt). ValueError when fewer than 64 remain."""
+    """Contract tokens per window: seq_len less the answer budget (0 where nothing is generated after the window's
+    prompt: answer_budget) and the longest prompt around the context (clause "all": the longest category's
+    shared-contract prompt). ValueError when fewer than 64 remain. tok None: the prompt is not counted, so a
+    --seq-len too short for the answer alone is refused before the model (and its tokenizer) loads."""
     every = clause.strip().lower() == "all"
     longest = max(ALL_CATEGORIES, key=len) if every else clause
     empty = render_prompt(Example(id=f"extract:{longest}", source="extract", category=longest,
                                   query=longest, context="", answer="", split="test"))
     if every:
         empty = ALL_TEMPLATE.format(query=longest, context="")
-    overhead = len(tok.encode(tok.chat_prompt(empty))) + 8  # + a margin for merges across the context's edges
+    # + a margin for merges across the context's edges
+    overhead = 0 if tok is None else len(tok.encode(tok.chat_prompt(empty))) + 8
     budget = seq_len - max_new_tokens - overhead
     if budget < 64:
-        raise ValueError(f"--seq-len {seq_len} leaves {budget} context tokens per window after the prompt "
-                         f"and --max-new-tokens {max_new_tokens}; raise --seq-len")
+        raise ValueError(f"--seq-len {seq_len} leaves {budget} context tokens per window after the prompt"
+                         + (f" and --max-new-tokens {max_new_tokens}" if max_new_tokens else "")
+                         + "; raise --seq-len" + (" or lower --max-new-tokens" if max_new_tokens else ""))
     return budget
+
+
+def answer_budget(decode: str, max_new_tokens: int) -> int:
+    """Tokens a window's prompt must leave for its answer: none for --decode channel, which generates nothing
+    there (it scores the query after each unit, in prompts of their own; a --focus-adapter copies from a unit,
+    not from the window), else --max-new-tokens."""
+    return 0 if decode == "channel" else max_new_tokens
 
 
 def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: int = 384, batch_size: int = 4,
@@ -203,8 +244,11 @@ def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: 
         with torch.inference_mode():
             if decode == "free":
                 for s in range(0, len(prompts), batch_size):
-                    out += generate(model, tok, prompts[s:s + batch_size], max_new_tokens=max_new_tokens,
-                                    temperature=0.0, batch_size=batch_size)
+                    stopped = []
+                    texts = generate(model, tok, prompts[s:s + batch_size], max_new_tokens=max_new_tokens,
+                                     temperature=0.0, batch_size=batch_size, stopped=stopped)
+                    out += [Answer(t, None, None, None, 0, 0, truncated=not e) for t, e in zip(texts, stopped,
+                                                                                               strict=True)]
                     bar.update(len(out))
                 return out
             for prompt, ctx in zip(prompts, contexts):
@@ -277,6 +321,8 @@ def run(args) -> dict:
     if every and args.decode == "free":
         raise ValueError("--clause all needs --decode constrained, rank or channel, not free (free text has no "
                          "one pass that serves every clause type)")
+    answer_room = answer_budget(args.decode, args.max_new_tokens)
+    window_budget(None, args.clause, args.seq_len, answer_room)  # minutes before the model would have loaded
     rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
     paths = contract_paths(args.contract)
     texts = [read_contract(p) for p in paths]  # before loading the model: a bad path fails in a second
@@ -288,7 +334,7 @@ def run(args) -> dict:
         for flag, path in (("adapter", args.adapter), ("focus adapter", args.focus_adapter)):
             if path:
                 print(f"{flag} {path}: {adapter_provenance(path)}", file=sys.stderr)
-    budget = window_budget(tok, args.clause, args.seq_len, args.max_new_tokens)
+    budget = window_budget(tok, args.clause, args.seq_len, answer_room)
     results = []
     for i, (path, text) in enumerate(zip(paths, texts)):
         if len(paths) > 1 and not args.json:
@@ -319,8 +365,12 @@ def _run_one(args, path: str, text: str, model, tok, budget: int, rule=None, ban
     answer_fn = window_answerer(model, tok, decode=args.decode, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size, quiet=args.quiet, query=args.clause, rule=rule,
                                 unit=args.channel_unit, focus=bank)
-    matches, n_windows = find_clause(text, args.clause, answer_fn, lambda s: len(tok.encode(s)), budget,
+    lf, where = to_lf(text)
+    matches, n_windows = find_clause(lf, args.clause, answer_fn, lambda s: len(tok.encode(s)), budget,
                                      overlap=args.overlap, min_score=args.min_score, log=per_window)
+    matches = [in_file(m, where) for m in matches]
+    for w in per_window:
+        w["start"], w["end"] = where[w["start"]], where[w["end"]]
     best = matches[0] if matches else None
     result = {"contract": path, "clause": args.clause, "found": best is not None,
               "windows": n_windows, **(best.as_dict(text) if best else {}),
@@ -337,6 +387,9 @@ def _run_one(args, path: str, text: str, model, tok, budget: int, rule=None, ban
               f"(copy score {best.score:.1f}, {how}; the copy score says how exactly the text was copied, not "
               "whether it is the right clause):")
         print(text[best.start:best.end])
+        if best.truncated:
+            print(f"warning: the answer was cut at --max-new-tokens {args.max_new_tokens}; raise it to quote the "
+                  "whole clause", file=sys.stderr)
         if len(matches) > 1:
             print(f"({len(matches) - 1} more match(es): --json lists them)", file=sys.stderr)
     return result
@@ -347,7 +400,8 @@ def _run_all(args, path: str, text: str, model, tok, budget: int, rule=None, ban
     Every category in one pass over the windows (find_all): constrained and rank decoding share each window's
     prefill across the categories' prompts, channel decoding each unit's prompt across the categories' queries."""
     count = lambda t: len(tok.encode(t))  # noqa: E731
-    n_windows = len(make_windows(text, count, budget, args.overlap))
+    lf, where = to_lf(text)
+    n_windows = len(make_windows(lf, count, budget, args.overlap))
     bar = Progress(n_windows * len(ALL_CATEGORIES), label="reading", enabled=not args.quiet,
                    unit="window x clause type answers")
     bar.update(0)
@@ -357,9 +411,9 @@ def _run_all(args, path: str, text: str, model, tok, budget: int, rule=None, ban
     else:
         answer_window = shared_prefill_answerer(model, tok, max_new_tokens=args.max_new_tokens,
                                                 rank=args.decode == "rank")
-    found, n_windows = find_all(text, ALL_CATEGORIES, answer_window, count, budget, overlap=args.overlap,
+    found, n_windows = find_all(lf, ALL_CATEGORIES, answer_window, count, budget, overlap=args.overlap,
                                 progress=bar.update)
-    clauses = {c: {"found": bool(m), **(m[0].as_dict(text) if m else {}), "matches": len(m)}
+    clauses = {c: {"found": bool(m), **(in_file(m[0], where).as_dict(text) if m else {}), "matches": len(m)}
                for c, m in found.items()}
     result = {"contract": path, "clause": "all", "windows": n_windows, "clauses": clauses}
     if args.json:
@@ -370,12 +424,17 @@ def _run_all(args, path: str, text: str, model, tok, budget: int, rule=None, ban
     for c, r in clauses.items():
         if r["found"]:
             words = " ".join(r["text"].split()[:10])
-            print(f"{c:{width}s}  yes    {r['start']:>7d}-{r['end']:<7d}  {words[:70]}")
+            print(f"{c:{width}s}  {'yes*' if r['truncated'] else 'yes':5s}  {r['start']:>7d}-{r['end']:<7d}  "
+                  f"{words[:70]}")
         else:
             print(f"{c:{width}s}  no")
     print(f"{sum(r['found'] for r in clauses.values())} of {len(clauses)} clause types found in {n_windows} "
           "window(s); quotes are verbatim slices of the file (--json for the full text and offsets)",
           file=sys.stderr)
+    cut = sum(r["found"] and r["truncated"] for r in clauses.values())
+    if cut:
+        print(f"warning: {cut} answer(s) (yes*) cut at --max-new-tokens {args.max_new_tokens}; raise it to quote "
+              "the whole clause", file=sys.stderr)
     return result
 
 

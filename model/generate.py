@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapter import check_adapter, load_adapter
 from .llama import KVCache
+from .load import load_model, load_tokenizer
 
 
 def _pick(logits, temperature, top_p, generator):
@@ -32,8 +34,10 @@ def _pick(logits, temperature, top_p, generator):
 
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids, pad_id: int,
-                 temperature=0.0, top_p=1.0, generator=None, use_cache=True) -> list[list[int]]:
-    """Token-level decoding of one batch. Returns the new ids of each prompt, without the stop token."""
+                 temperature=0.0, top_p=1.0, generator=None, use_cache=True, stopped: list | None = None
+                 ) -> list[list[int]]:
+    """Token-level decoding of one batch. Returns the new ids of each prompt, without the stop token. stopped,
+    when a list, receives for each prompt whether a stop token ended it (False: cut at max_new_tokens)."""
     assert prompts and all(prompts), "every prompt needs at least one token"
     device = model.lm_head.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -70,6 +74,8 @@ def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, stop_i
         n += 1
         step_ids = nxt[:, None]
         seq = torch.cat([seq, step_ids], dim=1)
+    if stopped is not None:
+        stopped.extend(done.tolist())
     return out
 
 
@@ -84,11 +90,12 @@ class Answer:
     text: str
     start: int | None
     end: int | None
-    logprob: float      # mean log-probability of the chosen tokens, the stop token included (model's own softmax)
+    logprob: float | None  # mean log-probability of the chosen tokens, the stop token included; None: not measured
     tokens: int         # tokens generated, the stop token excluded
     steps: int          # forward passes after the prompt (copy-ahead verifies several tokens per pass)
     prompt_tokens: int = 0  # the prompt's length in tokens, chat template included
     detail: dict | None = None  # what a decoder measured on the way (channel: every paragraph's score)
+    truncated: bool = False  # the answer reached max_new_tokens with no stop token: it may be cut short
 
 
 class SpanTracker:
@@ -115,9 +122,22 @@ class SpanTracker:
         self.pos: list[int] | None = None   # byte offsets where gen occurs; None = nothing generated yet
         self.none_alive = True
 
+    def _starts(self, b: bytes, first: bool = False) -> list[int]:
+        """Byte offsets where b occurs in the context at the start of a character (first: the first one only).
+        A token's bytes also occur inside a multi-byte character (the byte A9 ends "é" in UTF-8): a copy that
+        starts there is not a slice of the text."""
+        out, i = [], self.ctx.find(b) if b else -1
+        while i >= 0:
+            if self.char_at[i] >= 0:
+                out.append(i)
+                if first:
+                    break
+            i = self.ctx.find(b, i + 1)
+        return out
+
     def _continues(self, b: bytes) -> bool:
         if self.pos is None:
-            return b in self.ctx
+            return bool(self._starts(b, first=True))
         n = len(self.gen)
         return any(self.ctx.startswith(b, p + n) for p in self.pos)
 
@@ -155,10 +175,7 @@ class SpanTracker:
         b = self.tb[tid] if tid < len(self.tb) and self.tb[tid] is not None else b""
         self.none_alive = self.none_alive and NONE_BYTES.startswith(self.gen + b)
         if self.pos is None:
-            self.pos, i = [], self.ctx.find(b)
-            while i >= 0 and b:
-                self.pos.append(i)
-                i = self.ctx.find(b, i + 1)
+            self.pos = self._starts(b)
         else:
             n = len(self.gen)
             self.pos = [p for p in self.pos if self.ctx.startswith(b, p + n)]
@@ -201,7 +218,9 @@ def _draft(tracker: SpanTracker, ctx_tokens, tokenizer, n: int) -> list[int]:
     return tokenizer.encode(tracker.text[c:c + 8 * n])[:n]
 
 
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
+# A blank line and the whitespace around it; a "blank" line may hold any whitespace but a newline, \r included, so
+# "\r\n\r\n" breaks too. (data/text.py's PARAGRAPH_BREAK is the same pattern: model/ cannot import data/.)
+_PARAGRAPH_BREAK = re.compile(r"\r?\n[^\S\n]*\n\s*")
 
 
 def candidate_starts(context: str) -> list[int]:
@@ -218,7 +237,7 @@ def _rank_start(model, tokenizer, cache: KVCache, logits: torch.Tensor, context:
 
     Two decisions, as the model itself would weigh them. NONE or a quote: the probability of NONE's first token
     against the total probability of the first tokens that start a paragraph. Which paragraph: the one whose
-    first n_tokens tokens (running on into the next paragraph if it is shorter) have the highest summed
+    first n_tokens tokens (running on into the next paragraph if it is shorter) have the highest mean
     log-probability; greedy decoding would commit to the first token alone, and many clauses begin alike ("1.",
     "The", "Section"). The prompt's keys/values are shared by all candidates: one forward pass over
     candidates x n_tokens tokens."""
@@ -250,7 +269,11 @@ def _rank_start(model, tokenizer, cache: KVCache, logits: torch.Tensor, context:
         lp = torch.log_softmax(model.lm_head(model.hidden(ids, cache=shared)).float(), -1)  # (n, L, V)
         for i, c in enumerate(group):
             per = [float(lp0[c[0]])] + [float(lp[i, j - 1, c[j]]) for j in range(1, len(c))]
-            if best is None or sum(per) > sum(best[1]):
+            # the mean, not the sum: a candidate that the context's end cuts short (a paragraph a window edge cut
+            # off) would otherwise win by the log-probabilities it lacks, each <= 0. Candidates of n_tokens tokens
+            # (all but those) rank as by the sum. The mean weighs a short candidate's first tokens, where the start
+            # is decided, more than a long one's: a heading of a few tokens at the very end rarely wins, nor should
+            if best is None or sum(per) / len(per) > sum(best[1]) / len(best[1]):
                 best = (list(c), per)
         del shared, lp
     return best
@@ -267,7 +290,8 @@ def decode_span(model, tokenizer, prompt: str, context: str, *, max_new_tokens: 
     tokens are fed in one forward pass and kept as long as they are what greedy decoding picks anyway
     (prompt-lookup decoding: same output as one token per pass, several times fewer passes while copying).
     rank=True (constrained too): the start is not a greedy first token but the best of every paragraph's first
-    `rank_tokens` tokens and NONE, by summed log-probability (_rank_start); decoding goes on from there.
+    `rank_tokens` tokens and NONE, by mean log-probability (_rank_start); decoding goes on from there.
+    An answer that reaches max_new_tokens before a stop token is marked truncated: it may end mid-clause.
     """
     return decode_spans(model, tokenizer, [prompt], context, max_new_tokens=max_new_tokens, constrained=constrained,
                         lookahead=lookahead, rank=rank, rank_tokens=rank_tokens)[0]
@@ -310,7 +334,7 @@ def _answer(model, tokenizer, cache, logits, tracker, ctx_tokens, context, *, ma
             rank_tokens) -> Answer:
     """Decode one answer from the next-token logits of a prompt already in `cache`."""
     device = logits.device
-    logps, n_out, steps = [], 0, 0
+    logps, n_out, steps, stopped = [], 0, 0, False
     if rank:  # start where the ranking says, then decode on from there
         forced, forced_lp = _rank_start(model, tokenizer, cache, logits, context, rank_tokens)
         steps += 1
@@ -330,6 +354,7 @@ def _answer(model, tokenizer, cache, logits, tracker, ctx_tokens, context, *, ma
         tid = tracker.choose(logits)
         logps.append(float(torch.log_softmax(logits, -1)[tid]))
         if tid in tracker.stop_ids:
+            stopped = True
             break
         tracker.advance(tid)
         n_out += 1
@@ -354,26 +379,29 @@ def _answer(model, tokenizer, cache, logits, tracker, ctx_tokens, context, *, ma
         if n_out >= max_new_tokens:
             break
     text, start, end = tracker.answer()
-    return Answer(text, start, end, sum(logps) / len(logps), n_out, steps)
+    return Answer(text, start, end, sum(logps) / len(logps), n_out, steps, truncated=not stopped)
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens=256, temperature=0.0, top_p=1.0,
-             batch_size=8, seed=None) -> list[str]:
-    """User messages -> assistant answers (chat format of the tokenizer, no system prompt)."""
+             batch_size=8, seed=None, stopped: list | None = None) -> list[str]:
+    """User messages -> assistant answers (chat format of the tokenizer, no system prompt). stopped, when a list,
+    receives for each prompt whether its answer ended at a stop token (False: cut at max_new_tokens)."""
     encoded = [tokenizer.encode(tokenizer.chat_prompt(p)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
     gen = None
     if temperature > 0:
         gen = torch.Generator(device=model.lm_head.weight.device)
         gen.manual_seed(0 if seed is None else seed)
-    answers = [""] * len(prompts)
+    answers, ended = [""] * len(prompts), [False] * len(prompts)
     for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
+        chunk, done = order[s:s + batch_size], []
         new = generate_ids(model, [encoded[i] for i in chunk], max_new_tokens=max_new_tokens,
                            stop_ids=set(tokenizer.stop_ids), pad_id=tokenizer.pad_id,
-                           temperature=temperature, top_p=top_p, generator=gen)
-        for i, ids in zip(chunk, new):
-            answers[i] = tokenizer.decode(ids).strip()
+                           temperature=temperature, top_p=top_p, generator=gen, stopped=done)
+        for i, ids, d in zip(chunk, new, done):
+            answers[i], ended[i] = tokenizer.decode(ids).strip(), d
+    if stopped is not None:
+        stopped.extend(ended)
     return answers
 
 
@@ -390,29 +418,37 @@ def cpu_threads(requested: int | None = None) -> int:
     return requested
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every command's usage error (data.cli.CliParser; model/ cannot import it)
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="HF dir, hub id, .gguf or smollm2-135m (default)")
+    ap = _Parser(prog="python -m model.generate", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="HF dir, hub id, .gguf or smollm2-135m (default: the adapter's "
+                                                  "base, else smollm2-135m)")
     ap.add_argument("--adapter", default=None, help="a PEFT-layout LoRA adapter directory")
     ap.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per answer (default: 128)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: the cores this process may use minus the 1-minute load average)")
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or (args.threads is not None and args.threads < 1):
         ap.error("--max-new-tokens and --threads must be positive, --temperature >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device is visible; use --device cpu")
     cpu_threads(args.threads)
-    from . import load_model, load_tokenizer
-
     try:
-        model, tok = load_model(args.model), load_tokenizer(args.model)
+        source = args.model
+        if args.adapter and source is None:  # the base the adapter was trained on, as engine.evaluate/extract do
+            source = check_adapter(args.adapter).get("base_model_name_or_path")
+        model, tok = load_model(source, device=args.device), load_tokenizer(source)
         if args.adapter:
-            from .adapter import load_adapter
-
             load_adapter(model, args.adapter)
     except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {' '.join(str(e).split())}")
     for answer in generate(model, tok, args.prompt, args.max_new_tokens, args.temperature):
         print(answer)
 

@@ -86,13 +86,50 @@ def test_rank_candidates_are_paragraph_starts():
     ctx = CONTEXTS[0]
     assert [ctx[s:s + 3] for s in candidate_starts(ctx)] == ["1. ", "2. ", "3. "]
     assert candidate_starts("  lead\n \n\n  next") == [2, 12]
+    crlf = ctx.replace("\n", "\r\n")  # a blank line of Windows line endings breaks paragraphs too
+    assert [crlf[s:s + 3] for s in candidate_starts(crlf)] == ["1. ", "2. ", "3. "]
+    assert candidate_starts("a\r\n\t\r\nb\rc\nd") == [0, 6]
+
+
+def test_tracker_never_starts_a_copy_inside_a_multibyte_character(chatml_tok):
+    """The byte A9 is a token and occurs in the context (the second byte of "é"), but a copy that starts there is
+    no slice of the text: not allowed first, allowed once "caf" and the first byte of "é" are copied."""
+    tok, ctx = chatml_tok, "Le café est noir."
+    a9, est = tok.token_bytes.index(b"\xa9"), tok.token_bytes.index(b" est")
+    tr = SpanTracker(ctx, tok.token_bytes, tok.stop_ids, constrained=True)
+    assert not tr.allowed(a9) and tr.allowed(est)
+    for t in tok.encode("caf") + [tok.token_bytes.index(b"\xc3")]:
+        assert tr.allowed(t)
+        tr.advance(t)
+    assert tr.allowed(a9)
+    tr.advance(a9)
+    assert tr.answer() == ("café", 3, 7)
+    free = SpanTracker(ctx, tok.token_bytes, tok.stop_ids, constrained=False)  # free text: no offsets from there
+    free.advance(a9)
+    free.advance(est)
+    assert free.answer()[1:] == (None, None)
+
+
+def test_answers_cut_at_max_new_tokens_are_marked_truncated(smollm):
+    model, tok = smollm
+    ctx = CONTEXTS[0]
+    for rank in (False, True):
+        whole = decode_span(model, tok, _prompt(ctx), ctx, max_new_tokens=60, rank=rank)
+        assert whole.tokens < 60 and not whole.truncated  # ended by the model: a stop token
+        cut = decode_span(model, tok, _prompt(ctx), ctx, max_new_tokens=5, rank=rank)
+        assert cut.tokens == 5 and cut.truncated and whole.text.startswith(cut.text)
+    free = decode_span(model, tok, _prompt(ctx), ctx, max_new_tokens=3, constrained=False)
+    assert free.truncated
+    stopped = []
+    assert generate(model, tok, [_prompt(ctx)] * 2, max_new_tokens=3, stopped=stopped) == [free.text] * 2
+    assert stopped == [False, False]
 
 
 def test_rank_starts_where_the_model_finds_a_paragraph_likeliest(smollm):
     """SmolLM2 asked for a clause: greedy commits to a first token, ranking weighs each paragraph's first 16
     tokens. Reference, computed apart: one plain forward pass (no cache, no shared prefix) of the prompt and each
     paragraph's first 16 tokens; NONE when its first token outweighs all paragraph starts together, else the
-    answer starts at the paragraph with the highest summed log-probability."""
+    answer starts at the paragraph with the highest mean log-probability."""
     model, tok = smollm
     ctx, quoted = CONTEXTS[0], 0
     for query in ("Governing Law", "Notices", "Term"):
@@ -103,7 +140,7 @@ def test_rank_starts_where_the_model_finds_a_paragraph_likeliest(smollm):
         for start in candidate_starts(ctx):
             cand = tok.encode(ctx[start:start + 12 * 16])[:16]
             lp = torch.log_softmax(model(torch.tensor([prompt + cand]))[0].float(), -1)
-            scores[start] = (cand[0], float(sum(lp[len(prompt) - 1 + j, t] for j, t in enumerate(cand))))
+            scores[start] = (cand[0], float(sum(lp[len(prompt) - 1 + j, t] for j, t in enumerate(cand))) / len(cand))
         lp0 = torch.log_softmax(model(torch.tensor([prompt]))[0, -1].float(), -1)
         quote_mass = float(torch.logsumexp(lp0[sorted({c for c, _ in scores.values()} - {none_first})], 0))
         if float(lp0[none_first]) > quote_mass:
@@ -113,6 +150,18 @@ def test_rank_starts_where_the_model_finds_a_paragraph_likeliest(smollm):
             assert ans.start == best and ctx[ans.start:ans.end] == ans.text, (query, ans, scores)
             quoted += 1
     assert quoted  # the ranking itself was checked, not only NONE decisions
+
+
+def test_rank_choice_does_not_flip_when_a_short_paragraph_follows(smollm):
+    """A paragraph of a few tokens at the context's end (a heading a window edge cut off) must not win by the
+    log-probabilities it lacks: appending one leaves the chosen start where it was."""
+    model, tok = smollm
+    ctx = CONTEXTS[0]
+    for query in ("Governing Law", "Notices", "Term"):
+        before = decode_span(model, tok, _prompt(ctx, query), ctx, max_new_tokens=8, rank=True)
+        longer = ctx + "\n\n4. Notices"
+        after = decode_span(model, tok, _prompt(longer, query), longer, max_new_tokens=8, rank=True)
+        assert before.text != "NONE" and (after.start, after.text) == (before.start, before.text), query
 
 
 @pytest.mark.parametrize("rank", [False, True])

@@ -94,9 +94,14 @@ def contract_file(tmp_path):
     return p
 
 
-def _fake_generate(reply):
+def _fake_generate(reply, ended=True):
     finder = _finder(reply)
-    return lambda model, tok, prompts, max_new_tokens=256, temperature=0.0, batch_size=8, **kw: finder(prompts)
+
+    def generate(model, tok, prompts, max_new_tokens=256, temperature=0.0, batch_size=8, stopped=None, **kw):
+        if stopped is not None:
+            stopped.extend([ended] * len(prompts))
+        return finder(prompts)
+    return generate
 
 
 def test_cli_prints_clause_with_offsets_in_the_file(tiny_model_dir, contract_file, monkeypatch, capsys):
@@ -343,3 +348,134 @@ def test_several_contracts_are_all_checked_before_the_model_loads(tmp_path, cont
                      "--contract", str(contract_file), str(bad)]) == 1
         err = capsys.readouterr().err.strip()
         assert says in err and "no-such-model" not in err and "\n" not in err
+
+
+# ---- line endings, answers cut short, window budgets -----------------------------------------------------------
+def _paragraphed(newline: str) -> str:
+    """A contract of blank-line separated paragraphs, lines ending in `newline`."""
+    paras = [f"{i}. Section {i}. The parties agree to item number {i} as described\nin Exhibit {i}."
+             for i in range(1, 30)]
+    paras.insert(20, "21. Governing Law. " + CLAUSE.replace("\r\n", "\n"))
+    return ("MASTER SERVICES AGREEMENT\n\n" + "\n\n".join(paras) + "\n").replace("\n", newline)
+
+
+@pytest.mark.parametrize("decode", ["channel", "constrained"])
+def test_crlf_contract_reads_as_lf_and_quotes_the_files_own_text(tiny_model_dir, tmp_path, capsys, decode):
+    """Windows line endings: the model reads the contract as LF text (paragraphs found, the same answers as the
+    LF file's); the offsets are the CRLF file's and its slice, CRLF kept, is the quote."""
+    files = {}
+    for name, newline in (("lf", "\n"), ("crlf", "\r\n")):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_bytes(_paragraphed(newline).encode("utf-8"))
+    always = tmp_path / "always.json"
+    always.write_text(json.dumps({"weights": {"gain": 0.0}, "bias": 1.0}))
+    got = {}
+    for name, f in files.items():
+        args = ["--model", str(tiny_model_dir), "--contract", str(f), "--clause", "Governing Law", "--seq-len",
+                "900", "--max-new-tokens", "6", "--decode", decode, "--quiet", "--json"]
+        assert main(args + (["--channel-rule", str(always)] if decode == "channel" else [])) == 0
+        got[name] = json.loads(capsys.readouterr().out)
+    lf, crlf = got["lf"], got["crlf"]
+    raw = files["crlf"].read_bytes().decode("utf-8")
+    assert crlf["found"] and crlf["windows"] == lf["windows"] > 1
+    assert [m["text"].replace("\r\n", "\n") for m in crlf["matches"]] == [m["text"] for m in lf["matches"]]
+    for m in crlf["matches"]:
+        assert raw[m["start"]:m["end"]] == m["text"] and not m["text"].endswith("\r")
+        if decode == "channel":  # one paragraph, not the whole window
+            assert "\r\n\r\n" not in m["text"]
+    assert [(w["start"], w["end"]) for w in crlf["per_window"]] != [(w["start"], w["end"]) for w in lf["per_window"]]
+    assert crlf["per_window"][-1]["end"] == len(raw)
+
+
+def test_to_lf_maps_every_offset_back_to_the_file():
+    from engine.extract import to_lf
+
+    text = "a\r\nb\rc\n\r\nd"
+    lf, where = to_lf(text)
+    assert lf == "a\nb\nc\n\nd" and len(where) == len(lf) + 1 and where[-1] == len(text)
+    for i in range(len(lf)):
+        for j in range(i + 1, len(lf) + 1):
+            assert text[where[i]:where[j]].replace("\r\n", "\n").replace("\r", "\n") == lf[i:j]
+
+
+def _cut_decode_span(model, tok, prompt, ctx, max_new_tokens=384, **kw):
+    """A decode_span that copies the first 20 characters of the clause where its window holds it, as a model
+    cut off by max_new_tokens would, else answers NONE."""
+    from model.generate import Answer
+
+    i = ctx.find(CLAUSE[:20])
+    if i < 0:
+        return Answer("NONE", None, None, -0.1, 1, 1)
+    return Answer(ctx[i:i + 20], i, i + 20, -0.1, max_new_tokens, 1, truncated=True)
+
+
+def test_answers_cut_at_max_new_tokens_are_flagged(tiny_model_dir, contract_file, monkeypatch, capsys):
+    import engine.extract
+
+    monkeypatch.setattr(engine.extract, "decode_span", _cut_decode_span)
+    args = ["--model", str(tiny_model_dir), "--contract", str(contract_file), "--clause", "Governing Law",
+            "--seq-len", "900", "--max-new-tokens", "7", "--quiet"]
+    assert main(args + ["--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["found"] and res["truncated"] and all(m["truncated"] for m in res["matches"])
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    assert CLAUSE[:20] in cap.out
+    warning = [line for line in cap.err.splitlines() if "cut at --max-new-tokens 7" in line]
+    assert len(warning) == 1 and "raise it" in warning[0]
+    # free decoding: generate says whether a stop token ended each answer
+    monkeypatch.setattr(engine.extract, "generate", _fake_generate(lambda c: c, ended=False))
+    assert main(args + ["--decode", "free", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["truncated"] is True
+    monkeypatch.setattr(engine.extract, "generate", _fake_generate(lambda c: c, ended=True))
+    assert main(args + ["--decode", "free", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["truncated"] is False
+
+
+def test_clause_all_marks_answers_cut_at_max_new_tokens(tiny_model_dir, contract_file, monkeypatch, capsys):
+    import engine.extract
+
+    def decode_spans(model, tok, prompts, ctx, max_new_tokens=384, progress=None, **kw):
+        return [_cut_decode_span(model, tok, p, ctx, max_new_tokens) for p in prompts]
+    monkeypatch.setattr(engine.extract, "decode_spans", decode_spans)
+    args = ["--model", str(tiny_model_dir), "--contract", str(contract_file), "--clause", "all",
+            "--seq-len", "1400", "--max-new-tokens", "7", "--quiet"]
+    assert main(args + ["--json"]) == 0
+    clauses = json.loads(capsys.readouterr().out)["clauses"]
+    assert all(r["found"] and r["truncated"] for r in clauses.values())
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    assert all(" yes* " in line for line in cap.out.splitlines()[1:])
+    assert "40 answer(s) (yes*) cut at --max-new-tokens 7" in cap.err
+
+
+def test_seq_len_too_short_for_the_answer_is_refused_before_the_model_loads(tmp_path, contract_file, monkeypatch,
+                                                                           capsys):
+    import engine.extract
+
+    def load(*a, **kw):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(engine.extract, "load_for_eval", load)
+    assert main(["--model", str(tmp_path / "model"), "--contract", str(contract_file), "--clause", "Governing Law",
+                 "--seq-len", "300", "--max-new-tokens", "384"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --seq-len 300") and "--max-new-tokens 384" in err and "loaded" not in err
+
+
+def test_channel_windows_leave_no_room_for_an_answer_it_never_generates(tiny_model_dir, contract_file, tmp_path,
+                                                                       capsys):
+    """--decode channel generates nothing after a window's prompt: --max-new-tokens (for --focus-adapter's copy
+    out of one unit) does not shrink its windows, and a --seq-len below it is no error."""
+    from engine.extract import answer_budget, window_budget
+    from model import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    assert window_budget(tok, "Governing Law", 900, answer_budget("channel", 384)) == \
+        window_budget(tok, "Governing Law", 900, answer_budget("constrained", 0))
+    assert answer_budget("constrained", 384) == answer_budget("rank", 384) == 384
+    always = tmp_path / "always.json"
+    always.write_text(json.dumps({"weights": {"gain": 0.0}, "bias": 1.0}))
+    assert main(["--model", str(tiny_model_dir), "--contract", str(contract_file), "--clause", "Governing Law",
+                 "--seq-len", "400", "--max-new-tokens", "384", "--decode", "channel", "--channel-rule",
+                 str(always), "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["found"]

@@ -1,4 +1,5 @@
 """KV-cache decoding equals full recomputation token for token; batching with left padding changes nothing."""
+import pytest
 import torch
 
 from model import load_model
@@ -41,3 +42,44 @@ def test_sampling_is_seeded(tiny_hf_dir):
                             top_p=0.9, generator=g)
 
     assert run(1) == run(1) and run(1) != run(2)
+
+
+def test_stopped_says_which_answers_a_stop_token_ended(tiny_hf_dir):
+    m = load_model(tiny_hf_dir)
+    free = generate_ids(m, _prompts()[:1], max_new_tokens=10, stop_ids={-1}, pad_id=0)[0]
+    stopped = []
+    generate_ids(m, _prompts(), max_new_tokens=10, stop_ids={free[4]}, pad_id=0, stopped=stopped)
+    assert stopped[0] is True and len(stopped) == 3
+    stopped = []
+    generate_ids(m, _prompts(), max_new_tokens=10, stop_ids={-1}, pad_id=0, stopped=stopped)
+    assert stopped == [False, False, False]  # cut at max_new_tokens
+
+
+def test_cli_adapter_alone_runs_on_the_adapters_base(tmp_path, monkeypatch, capsys):
+    """--adapter without --model loads the base named in adapter_config.json (as engine.evaluate and
+    engine.extract do), not the embedded model the adapter does not fit."""
+    import model.generate
+    from model import apply_lora, save_adapter
+    from tests.test_evaluate import make_tiny_model_dir
+
+    base = make_tiny_model_dir(tmp_path / "base")
+    m = load_model(str(base))
+    apply_lora(m, r=2, alpha=4.0)
+    save_adapter(m, tmp_path / "adapter", base_model=str(base))
+    loaded = []
+    real = model.load_model
+    monkeypatch.setattr(model.generate, "load_model", lambda src, **kw: loaded.append(src) or real(src, **kw),
+                        raising=False)
+    model.generate.main(["--adapter", str(tmp_path / "adapter"), "--prompt", "Copy the clause.",
+                         "--max-new-tokens", "2", "--threads", "1"])
+    assert loaded == [str(base)] and capsys.readouterr().out.count("\n") == 1
+
+
+def test_cli_usage_errors_are_one_line(capsys):
+    from model.generate import main
+
+    for argv in (["--prompt", "x", "--max-new-tokens", "0"], []):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error:") and "\n" not in err

@@ -131,3 +131,10 @@ def test_cut_context_window_puts_a_long_answer_at_a_random_offset():
     assert len(offsets) >= 4  # the answer's place in the window varies (centring it told the model where to look)
     starts = {cut_context(ctx, NONE, 60, key=str(k)).split()[0] for k in range(20)}
     assert len(starts) > 5  # NONE windows come from anywhere, not only the beginning
+
+
+def test_paragraphs_split_at_windows_blank_lines_too():
+    text = "one\r\ntwo\r\n\r\n  three\r\n \t\r\n\r\nfour\r\n"
+    assert [text[s:e] for s, e in paragraphs(text)] == ["one\r\ntwo", "three", "four\r\n"]
+    lf = text.replace("\r\n", "\n")
+    assert [text[s:e].replace("\r\n", "\n") for s, e in paragraphs(text)] == [lf[s:e] for s, e in paragraphs(lf)]
