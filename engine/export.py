@@ -7,8 +7,11 @@ with a model card, optionally pushed to the Hugging Face Hub.
 Without --merge OUT holds adapter_config.json + adapter_model.safetensors (loadable by peft on top of the base),
 the tokenizer and README.md. With --merge OUT holds config.json, (sharded) model*.safetensors, tokenizer.json,
 tokenizer_config.json (with a chat template equal to the one we train with) and README.md: transformers'
-AutoModelForCausalLM / AutoTokenizer load it. OUT is built in a temporary sibling directory and renamed into
-place, so an interrupted export leaves nothing half-written. The Hub token comes from `hf auth login` /
+AutoModelForCausalLM / AutoTokenizer load it. Either way OUT also holds training_config.json, the config.json of
+the run the adapter came from (when one is found beside it): what it was trained on, and for an adapter trained
+by engine.channel_train that it answers by --decode channel. OUT is built in a temporary sibling directory and
+renamed into place, so an interrupted export leaves nothing half-written; an OUT that holds the adapter, a
+training run or the current directory is refused, --overwrite or not. The Hub token comes from `hf auth login` /
 `huggingface-cli login` or HF_TOKEN and is never printed.
 """
 from __future__ import annotations
@@ -23,11 +26,15 @@ from pathlib import Path
 
 import torch
 
+from data.example import TEMPLATES
+from data.text import PARAGRAPH_BREAK
 from engine.cli import CliParser, run_command
 from engine.metrics import AGGREGATE_KEYS
 from engine.report import LABELS, fmt
+from engine.rundir import EXPORTED_RUN_CONFIG, adapter_run_config, learned_decoding
 from model import load_adapter, load_model, load_tokenizer
 from model.adapter import check_adapter
+from model.channel import CHANNEL_NULL, CHANNEL_PROMPT, SENTENCE_END
 from model.files import atomic_dir
 from model.hf_checkpoint import save_hf_checkpoint
 from model.load import EMBEDDED
@@ -119,8 +126,46 @@ def _trained_how(run_cfg: dict | None, base_id: str) -> str:
     return how
 
 
+def _usage(merged: bool, where: str, channel_unit: str | None) -> list[str]:
+    """The card's Python snippet: load OUT with transformers (and peft), then answer for contract.txt as our
+    commands do: generate (the clause, or NONE) or, for a channel adapter, score the clause name after every
+    paragraph (or sentence) and quote the best, or NONE when it does not beat an empty clause."""
+    if merged:
+        code = ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                f'tok = AutoTokenizer.from_pretrained("{where}")',
+                f'model = AutoModelForCausalLM.from_pretrained("{where}")']
+    else:
+        code = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{where}")',
+                f'tok = AutoTokenizer.from_pretrained("{where}")']
+    code += ['contract = open("contract.txt", encoding="utf-8").read()  # text mode: CRLF read as LF, as trained']
+    if channel_unit is None:
+        return code + [f'prompt = {TEMPLATES[0]!r}.format(query="Governing Law", context=contract)',
+                       'msgs = [{"role": "user", "content": prompt}]',
+                       "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors='pt', "
+                       "return_dict=True)['input_ids']",
+                       "print(tok.decode(model.generate(ids, max_new_tokens=512, do_sample=False)[0, ids.shape[1]:], "
+                       "skip_special_tokens=True))"]
+    code = ["import re", "import torch", *code, 'query = "Governing Law"', "",
+            "def score(clause):  # log p(query | clause): how well the clause explains the clause type's name",
+            f"    msgs = [{{'role': 'user', 'content': {CHANNEL_PROMPT!r}.format(clause=clause)}}]",
+            "    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors='pt', "
+            "return_dict=True)['input_ids']",
+            "    q = tok(query, add_special_tokens=False, return_tensors='pt')['input_ids']",
+            "    with torch.no_grad():",
+            "        lp = model(torch.cat([ids, q], 1)).logits[0, ids.shape[1] - 1:-1].log_softmax(-1)",
+            "    return lp.gather(1, q[0][:, None]).sum().item()", "",
+            f"units = [u.strip() for u in re.split({PARAGRAPH_BREAK.pattern!r}, contract) if u.strip()]"]
+    if channel_unit == "sentence":
+        code += [f"units = [s for u in units for s in re.split({SENTENCE_END.pattern!r}, u)]"]
+    return code + ["best = max(units, key=score)",
+                   f"print(best if score(best) > score({CHANNEL_NULL!r}) else 'NONE')"]
+
+
 def model_card(*, base_id: str, merged: bool, adapter_cfg: dict, run_cfg: dict | None, evaluation: dict | None,
-               repo: str | None) -> str:
+               repo: str | None, channel_unit: str | None = None) -> str:
+    """README.md of the export. channel_unit: the unit ("paragraph" or "sentence") of an adapter trained by
+    engine.channel_train, which answers by scoring rather than by generating; None for any other."""
     data = str((run_cfg or {}).get("data", "")) or None
     kind = data.partition(":")[0] if data else None
     tags = ["lora", "qlora", "legal", "clause-extraction", "contracts", "text-generation"]
@@ -132,28 +177,28 @@ def model_card(*, base_id: str, merged: bool, adapter_cfg: dict, run_cfg: dict |
         yaml += ["datasets:", f"- {DATASETS[kind]}"]
     yaml += ["---", ""]
     title = repo or f"{base_id.split('/')[-1]} clause extractor"
-    body = [f"# {title}", "",
-            f"A LoRA {'merged into ' if merged else 'adapter for '}[{base_id}](https://huggingface.co/{base_id}) "
-            "that copies a requested clause **verbatim** from a contract, or answers `NONE` when the contract "
-            "has no such clause. " + _trained_how(run_cfg, base_id), "",
-            "## Prompt", "",
-            "One user turn, no system prompt; the answer is the clause text exactly as written, or `NONE`:", "",
-            "```", "Copy the exact clause from this contract that matches: Governing Law",
-            "If the contract has no such clause, answer NONE.", "", "Contract:", "<contract text>", "```", "",
-            "## Usage", "", "```python"]
-    if merged:
-        body += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
-                 f'tok = AutoTokenizer.from_pretrained("{repo or "OUT"}")',
-                 f'model = AutoModelForCausalLM.from_pretrained("{repo or "OUT"}")']
+    lora = f"A LoRA {'merged into ' if merged else 'adapter for '}[{base_id}](https://huggingface.co/{base_id})"
+    body = [f"# {title}", ""]
+    if channel_unit is None:
+        body += [f"{lora} that copies a requested clause **verbatim** from a contract, or answers `NONE` when the "
+                 "contract has no such clause. " + _trained_how(run_cfg, base_id), "",
+                 "## Prompt", "",
+                 "One user turn, no system prompt; the answer is the clause text exactly as written, or `NONE`:", "",
+                 "```", *TEMPLATES[0].format(query="Governing Law", context="<contract text>").split("\n"), "```"]
     else:
-        body += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
-                 f'model = AutoPeftModelForCausalLM.from_pretrained("{repo or "OUT"}")',
-                 f'tok = AutoTokenizer.from_pretrained("{repo or "OUT"}")']
-    body += ['msgs = [{"role": "user", "content": prompt}]',
-             "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors='pt', "
-             "return_dict=True)['input_ids']",
-             "print(tok.decode(model.generate(ids, max_new_tokens=512, do_sample=False)[0, ids.shape[1]:], "
-             "skip_special_tokens=True))", "```", "", "## Data", ""]
+        body += [f"{lora} that finds a requested clause in a contract by the **noisy channel**: it does not write "
+                 f"the clause, it scores how likely the clause type's name is after each {channel_unit} of the "
+                 f"contract and quotes the likeliest {channel_unit} verbatim, or answers `NONE` when none explains "
+                 "the name better than an empty clause. It was trained on that score (engine.channel_train), so "
+                 "free generation is not what it does. " + _trained_how(run_cfg, base_id), "",
+                 "## Prompt", "",
+                 f"One user turn per {channel_unit}, no system prompt; the score is the log-probability of the "
+                 "clause type's name as the answer:", "",
+                 "```", *CHANNEL_PROMPT.format(clause=f"<{channel_unit} of the contract>").split("\n"), "```", "",
+                 f"With this project: `python -m engine.extract {'--model' if merged else '--adapter'} "
+                 f"{repo or 'OUT'} --contract FILE --clause NAME --decode channel --channel-unit {channel_unit}`"
+                 + ("" if merged else f" (the default there: {EXPORTED_RUN_CONFIG} says how it was trained)") + "."]
+    body += ["", "## Usage", "", "```python", *_usage(merged, repo or "OUT", channel_unit), "```", "", "## Data", ""]
     if data:
         body.append(f"Training data: `{data}`.")
     if kind in ("acord", "cuad"):
@@ -167,7 +212,7 @@ def model_card(*, base_id: str, merged: bool, adapter_cfg: dict, run_cfg: dict |
               "rsLoRA": adapter_cfg.get("use_rslora"),
               "target modules": ", ".join(adapter_cfg.get("target_modules") or [])}
     for key in ("quantize", "seq_len", "batch_size", "grad_accum", "lr", "max_steps", "epochs", "warmup_steps",
-                "seed", "pack"):
+                "seed", "pack", "unit", "groups_per_step"):
         if run_cfg and run_cfg.get(key) is not None:
             recipe[key] = run_cfg[key]
     body += [f"| {k} | {v} |" for k, v in recipe.items() if v not in (None, "")]
@@ -182,6 +227,21 @@ def model_card(*, base_id: str, merged: bool, adapter_cfg: dict, run_cfg: dict |
     return "\n".join(yaml + body)
 
 
+def check_out(out: Path, adapter: Path) -> None:
+    """Refuse an OUT whose replacement (--overwrite swaps OUT whole) would lose more than an earlier export: the
+    adapter itself or a directory holding it (`--adapter runs/x/adapter --out runs/x`), the current directory or
+    one above it (`--out .`), or a training run (its metrics.jsonl or .lock). Checked with or without
+    --overwrite, before anything is written."""
+    o, a, here = out.resolve(), adapter.resolve(), Path.cwd().resolve()
+    if o == a or o in a.parents:
+        raise ExportError(f"--out {out} holds the adapter {adapter}; export to a directory outside it")
+    if o == here or o in here.parents:
+        raise ExportError(f"--out {out} is the current directory or holds it; export to a new directory")
+    found = [n for n in ("metrics.jsonl", ".lock") if (o / n).exists()]
+    if found:
+        raise ExportError(f"--out {out} holds a training run ({', '.join(found)}); export to another directory")
+
+
 def build(args) -> Path:
     """Write the export into a temporary sibling of OUT, then rename it into place; returns OUT."""
     adapter = Path(args.adapter)
@@ -190,10 +250,12 @@ def build(args) -> Path:
     adapter_cfg = check_adapter(adapter)  # what a consumer's loader would refuse is refused now, not published
     model_src = args.model or adapter_cfg.get("base_model_name_or_path") or EMBEDDED
     base_id = hub_id_of(model_src)
-    run_cfg_path = adapter.parent / "config.json"
-    run_cfg = read_json(run_cfg_path, "run config") if run_cfg_path.is_file() else None
+    found = adapter_run_config(adapter)  # beside OUT/adapter, or the run's of a checkpoint's adapter
+    run_cfg = found[1] if found else None
+    learned = learned_decoding(adapter)
     evaluation = read_json(Path(args.eval), "eval.json") if args.eval else None
     out = Path(args.out)
+    check_out(out, adapter)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ExportError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,9 +276,12 @@ def build(args) -> Path:
             else:
                 adapter_cfg = copy_adapter(adapter, tmp, base_id, adapter_cfg)
             write_tokenizer(tok, tmp)
+            if run_cfg is not None:  # engine.rundir.adapter_run_config finds it there: the decoding it learned
+                (tmp / EXPORTED_RUN_CONFIG).write_text(json.dumps(run_cfg, indent=1) + "\n")
             (tmp / "README.md").write_text(model_card(base_id=base_id, merged=args.merge, adapter_cfg=adapter_cfg,
                                                       run_cfg=run_cfg, evaluation=evaluation,
-                                                      repo=args.push_to_hub))
+                                                      repo=args.push_to_hub,
+                                                      channel_unit=learned[1] if learned else None))
     finally:
         signal.signal(signal.SIGTERM, previous)
     return out

@@ -34,13 +34,17 @@ RESUMABLE = {"max_steps", "epochs", "out", "resume", "overwrite", "save_every", 
              "precision"}
 
 
+EXPORTED_RUN_CONFIG = "training_config.json"  # engine.export copies the run's config.json into OUT under this name
+
+
 def adapter_run_config(adapter) -> tuple[Path, dict] | None:
-    """(path, contents) of the config.json of the run an adapter came from: beside OUT/adapter, or three levels
-    up from OUT/checkpoints/step-N/adapter (engine.train and engine.channel_train alike); None where neither
+    """(path, contents) of the config.json of the run an adapter came from: inside an engine.export OUT
+    (EXPORTED_RUN_CONFIG), beside OUT/adapter, or three levels up from OUT/checkpoints/step-N/adapter
+    (engine.train and engine.channel_train alike); None where none
     holds a readable config with a "data" key. Its training split is "train_split" (engine.train) or "split"
     (engine.channel_train): see trained_split."""
     p = Path(adapter).absolute()
-    places = [p.parent / "config.json"]
+    places = [p / EXPORTED_RUN_CONFIG, p.parent / "config.json"]
     if p.parent.parent.name == "checkpoints" and p.parent.name.startswith("step-"):
         places.append(p.parent.parent.parent / "config.json")
     for cfg in places:

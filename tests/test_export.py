@@ -167,3 +167,105 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("keep me")
     assert main(["--adapter", str(trained["adapter"]), "--out", str(tmp_path / "full")]) != 0
     assert "--overwrite" in capsys.readouterr().err and (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+def _run_like(trained, root, config: dict, checkpoint: bool = False):
+    """A copy of the trained adapter inside a run directory holding `config` as its config.json (as a trainer
+    writes it), at OUT/adapter or OUT/checkpoints/step-2/adapter."""
+    import shutil
+
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps(config))
+    (root / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    adapter = root / "checkpoints" / "step-2" / "adapter" if checkpoint else root / "adapter"
+    shutil.copytree(trained["adapter"], adapter)
+    return adapter
+
+
+CHANNEL_RUN = {"data": "cuad:../shared/datasets/cuad", "split": "fit", "unit": "sentence", "groups_per_step": 4,
+               "max_steps": 10, "lr": 1e-4}
+
+
+def test_channel_adapter_export_keeps_channel_decoding_and_its_card_says_so(trained, tmp_path):
+    """An engine.channel_train adapter answers by --decode channel: its export keeps the run's config, so
+    engine.extract/evaluate --adapter OUT still choose channel decoding with its unit, and the card describes
+    scoring paragraphs (here: sentences), not generation. An engine.train adapter's export stays generative."""
+    from argparse import Namespace
+
+    from engine.evaluate import choose_decoding
+
+    out = tmp_path / "channel-out"
+    assert main(["--adapter", str(_run_like(trained, tmp_path / "chan", CHANNEL_RUN)), "--out", str(out)]) == 0
+    assert json.loads((out / "training_config.json").read_text()) == CHANNEL_RUN
+    args = Namespace(adapter=str(out), decode=None, channel_unit=None, channel_rule=None, focus_adapter=None)
+    choose_decoding(args)
+    assert (args.decode, args.channel_unit) == ("channel", "sentence")
+    _, card = _card(out / "README.md")
+    assert "noisy channel" in card and "--decode channel --channel-unit sentence" in card
+    assert "model.generate(" not in card and "| unit | sentence |" in card
+
+    out = tmp_path / "generative-out"
+    assert main(["--adapter", str(trained["adapter"]), "--out", str(out)]) == 0
+    args = Namespace(adapter=str(out), decode=None, channel_unit=None, channel_rule=None, focus_adapter=None)
+    choose_decoding(args)
+    assert args.decode == "constrained" and (out / "training_config.json").is_file()
+    _, card = _card(out / "README.md")
+    assert "noisy channel" not in card and "model.generate(" in card
+
+
+def test_checkpoint_adapter_export_finds_its_runs_config(trained, tmp_path):
+    run_cfg = {"data": "acord:../shared/datasets/acord", "lr": 3e-4, "max_steps": 50, "quantize": "none"}
+    adapter = _run_like(trained, tmp_path / "run", run_cfg, checkpoint=True)
+    out = tmp_path / "out"
+    assert main(["--adapter", str(adapter), "--out", str(out)]) == 0
+    _, card = _card(out / "README.md")
+    assert "| lr | 0.0003 |" in card and "Training data: `acord:" in card and "Not recorded" not in card
+    assert json.loads((out / "training_config.json").read_text()) == run_cfg
+
+
+@pytest.mark.parametrize("channel", [False, True])
+def test_card_usage_snippet_runs_against_the_export(trained, tmp_path, monkeypatch, capsys, channel):
+    """The card's Python block, pointed at the export, runs as written (every name it uses defined) on a contract
+    file: it prints the model's answer, or for a channel adapter one of the contract's paragraphs or NONE."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    adapter = _run_like(trained, tmp_path / "run", CHANNEL_RUN if channel else {"data": "synthetic"})
+    out = tmp_path / "out"
+    assert main(["--adapter", str(adapter), "--out", str(out)]) == 0
+    capsys.readouterr()
+    _, card = _card(out / "README.md")
+    code = re.search(r"```python\n(.*?)\n```", card, re.S).group(1)
+    assert '"OUT"' in code
+    contract = "1. Term. Two years.\n\n2. Governing Law. This Agreement is governed by Ohio law.\n"
+    (tmp_path / "contract.txt").write_text(contract, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace('"OUT"', repr(str(out))), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.strip()
+    if channel:
+        assert printed in ("NONE", "1.", "Term.", "Two years.", "2.", "Governing Law.",
+                           "This Agreement is governed by Ohio law.")
+
+
+def test_out_that_would_lose_the_run_or_the_adapter_is_refused(trained, tmp_path, monkeypatch, capsys):
+    """--overwrite replaces OUT as a whole: an OUT holding the adapter, the current directory (or one above it),
+    or a training run is refused in one line, and nothing in it is touched."""
+    run = tmp_path / "runs" / "x"
+    adapter = _run_like(trained, run, {"data": "synthetic"})
+    other = tmp_path / "other-run"
+    other.mkdir()
+    (other / ".lock").write_text("123\n")
+    inner = tmp_path / "work" / "inner"
+    inner.mkdir(parents=True)
+
+    def files():
+        return {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    before = files()
+    monkeypatch.chdir(inner)
+    for out, says in ((run, "holds the adapter"), (adapter, "holds the adapter"), (tmp_path / "runs", "adapter"),
+                      (inner, "current directory"), (tmp_path / "work", "current directory"), (".", "current"),
+                      (other, "training run")):
+        assert main(["--adapter", str(adapter), "--out", str(out), "--overwrite"]) != 0, out
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and says in err, (out, err)
+        assert files() == before
