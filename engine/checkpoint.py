@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import dist
 from engine.rundir import RunDir
-from model.files import atomic_dir, atomic_write_text
+from model.files import atomic_dir, atomic_write_text, fsync_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -101,13 +101,19 @@ def latest(out) -> Path | None:
 
 def remove_partial(out):
     """Delete leftovers of interrupted saves (step-N.tmp, step-N.tmp.old, and the adapter's own .adapter.tmp-*
-    directories beside OUT/adapter). Rank 0 only."""
+    directories beside OUT/adapter), except a complete step-N.tmp.old whose step-N is missing, which is put back.
+    Rank 0 only."""
     for p in Path(out).glob(".adapter.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
     root = ckpt_root(out)
     if root.is_dir():
-        for p in root.iterdir():
-            if p.name.endswith((".tmp", ".old")):
+        for p in sorted(root.iterdir()):
+            final = root / p.name.removesuffix(".tmp.old")
+            if p.name.endswith(".tmp.old") and not final.exists() and (p / "state.json").is_file():
+                # a save of the same step again stopped between moving the old step-N aside and putting the new
+                # one in its place: the old one is complete, and may be the newest checkpoint there is
+                os.replace(p, final)
+            elif p.name.endswith((".tmp", ".old")):
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -170,6 +176,18 @@ def _write_json(path: Path, obj):
         os.fsync(fh.fileno())
 
 
+def _fsync_files(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            fsync_dir(p)
+
+
 def trainable_state(model: torch.nn.Module) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -200,6 +218,7 @@ def save(out, step: int, *, model, optimizer, precision, sampler_state, counters
             state = {"step": step, "world_size": d.world_size, "precision": precision.state_dict(),
                      "rng": [g["rng_j"] for g in gathered], "sampler": [g["sampler"] for g in gathered],
                      "counters": counters}
+            _fsync_files(tmp)  # on disk before state.json says they are: a power cut leaves no empty tensor file
             _write_json(tmp / "state.json", state)  # written last: its presence marks the content complete
         for _, p in complete_checkpoints(out)[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)
@@ -256,6 +275,15 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def logged_steps(path) -> int:
+    """The highest training step metrics.jsonl records (0: none, or no file); torn lines are not counted."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return 0
+    return max((s for s in map(_step_of, lines) if s != math.inf), default=0)
 
 
 def drop_metrics_after(path, step: int) -> None:

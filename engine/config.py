@@ -181,6 +181,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     for k in nonneg:
         if getattr(cfg, k) < 0:
             raise ConfigError(f"config: {k} must be >= 0, got {getattr(cfg, k)}")
+    if not 0 <= cfg.seed < 2**32:  # numpy's seeded generators take no negative seed, torch none >= 2**64
+        raise ConfigError(f"config: seed must be in [0, 2**32), got {cfg.seed}")
+    if not str(cfg.out).strip():
+        raise ConfigError("config: out must name a directory, got an empty string")
     if cfg.keep_last < 1:
         raise ConfigError(f"config: keep_last must be >= 1, got {cfg.keep_last}")
     if cfg.max_steps == 0 and cfg.epochs <= 0:

@@ -40,10 +40,16 @@ def resolve(mode: str, device: torch.device) -> str:
             # fp16 on the CPU gains nothing; bf16 autocast is slower than fp32 unless the CPU multiplies bf16 natively
             raise ValueError(f"precision {mode} needs a GPU (or, for bf16, a CPU with AMX / AVX-512 BF16); "
                              "use --precision fp32 (or auto) on this CPU")
-        if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if mode == "bf16" and device.type == "cuda" and not cuda_bf16_native(device):
             raise ValueError("precision bf16 needs sm >= 80 (this GPU has no bf16); use --precision fp16")
         return mode
     return auto_mode(device)
+
+
+def cuda_bf16_native(device: torch.device) -> bool:
+    """Whether the GPU has bf16 tensor cores (sm >= 80). torch.cuda.is_bf16_supported() also says yes on a T4
+    (sm 75), where bf16 is emulated: its including_emulation defaults to True."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def cpu_bf16_native() -> bool:
@@ -68,7 +74,7 @@ def inference_dtype(mode: str, device: torch.device | str) -> torch.dtype:
         return torch.bfloat16 if cpu_bf16_native() else torch.float32
     if mode == "fp16" and device.type == "cpu":
         raise ValueError("--precision fp16 needs a GPU; use auto, fp32 or bf16 on the CPU")
-    if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if mode == "bf16" and device.type == "cuda" and not cuda_bf16_native(device):
         raise ValueError("--precision bf16 needs sm >= 80 (this GPU has no bf16); use fp16")
     return DTYPES[mode]
 

@@ -280,6 +280,11 @@ def check_init_adapter(cfg: TrainConfig) -> None:
 def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: RunDir, resume: bool) -> dict:
     guard.check_start(cfg, resume)  # before anything is loaded or written: a refused start leaves OUT as it was
     resume_from = ckpt.latest(out) if resume else None
+    if cfg.resume and resume_from is None and (n := ckpt.logged_steps(out / "metrics.jsonl")):
+        # it would start over from step 0 and write a new metrics.jsonl over the run's record
+        raise ConfigError(f"--resume: {out} holds a run that logged {n} step(s) but has no checkpoint to continue "
+                          "from (it ran with --save-every 0); pass --overwrite to start it over, or train into a "
+                          "new --out (--save-every N makes a run resumable)")
     if resume_from is None:  # a resumed run's LoRA weights come from its checkpoint: the adapter may be gone
         check_init_adapter(cfg)
     prec = Precision(cfg.precision, d.device, cfg.nonfinite_patience)
@@ -323,6 +328,9 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == r.total):
             eval_loss, gen = r.evaluate()
             row.update(eval_loss=eval_loss, **gen)
+            if d.device.type == "cuda":  # generation's KV cache is the evaluation's peak, not the next steps'
+                row["eval_peak_mem_bytes"] = peak_memory_bytes(d.device)
+                torch.cuda.reset_peak_memory_stats(d.device)
         _write(metrics, row)
         guard.fresh_start = False  # a step is logged: from now on OUT holds a run, kept whatever happens
         print0(_log_line(row, r.total, r.counters["train_seconds"] / (step - start_step) * (r.total - step), prec))

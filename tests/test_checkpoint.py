@@ -97,6 +97,33 @@ def test_directory_without_state_json_is_not_complete(tmp_path):
     assert not (tmp_path / "checkpoints" / "step-3.tmp").exists()
 
 
+def test_every_file_is_on_disk_before_state_json_says_the_checkpoint_is_complete(tmp_path, monkeypatch):
+    model, opt = _setup()
+    seen, real = [], ckpt._fsync_files
+
+    def recording(root):
+        seen.append(sorted(p.name for p in root.rglob("*") if p.is_file()))
+        real(root)
+    monkeypatch.setattr(ckpt, "_fsync_files", recording)
+    path = _save(tmp_path, 2, model, opt)
+    assert len(seen) == 1 and "state.json" not in seen[0]
+    assert seen[0] == sorted(p.name for p in path.rglob("*") if p.is_file() and p.name != "state.json")
+
+
+def test_a_complete_checkpoint_moved_aside_by_an_interrupted_resave_is_put_back(tmp_path):
+    """Saving step N again moves the old step-N to step-N.tmp.old before the new one takes its name: a crash in
+    between must not lose the newest checkpoint there is."""
+    model, opt = _setup()
+    _save(tmp_path, 2, model, opt)
+    path = _save(tmp_path, 4, model, opt)
+    root = tmp_path / "checkpoints"
+    path.rename(root / "step-4.tmp.old")
+    (root / "step-4.tmp").mkdir()  # the new copy, half written
+    (root / "step-6.tmp.old").mkdir()  # an incomplete leftover: no state.json
+    ckpt.remove_partial(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-4"] and ckpt.latest(tmp_path).name == "step-4"
+
+
 def test_second_signal_raises_system_exit():
     flag = ckpt.StopFlag(repeat_s=0.0)
     flag._handle(15, None)

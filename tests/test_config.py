@@ -67,6 +67,13 @@ def test_bad_choice_and_bad_value_are_errors():
     with pytest.raises(ConfigError, match="mlp_tile must be >= 0"):
         parse_args(["--mlp-tile", "-1"])
     assert parse_args(["--mlp-tile", "4096"]).mlp_tile == 4096
+    # numpy's seeded generators refuse a negative seed only at the first batch, after the model has loaded
+    for seed in ("-1", str(2**32)):
+        with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32\)"):
+            parse_args(["--seed", seed])
+    assert parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1
+    with pytest.raises(ConfigError, match="out must name a directory"):
+        parse_args(["--out", ""])  # would train into the current directory
 
 
 def test_every_field_has_a_flag_and_help():

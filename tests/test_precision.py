@@ -27,6 +27,24 @@ def test_training_auto_stays_fp32_on_the_cpu_and_bf16_needs_native_support(monke
         P.resolve("bf16", cpu)
 
 
+def test_bf16_is_refused_on_a_t4_although_torch_says_it_is_supported(monkeypatch):
+    """torch.cuda.is_bf16_supported() counts emulation (its including_emulation defaults to True), so it says yes
+    on a T4 (sm 75): the sm >= 80 check must look at the compute capability itself."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = torch.device("cuda", 0)
+    for cap, ok in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=cap: c)
+        if ok:
+            assert P.resolve("bf16", gpu) == "bf16" and P.inference_dtype("bf16", gpu) == torch.bfloat16
+            continue
+        with pytest.raises(ValueError, match="sm >= 80"):
+            P.resolve("bf16", gpu)
+        with pytest.raises(ValueError, match="sm >= 80"):
+            P.inference_dtype("bf16", gpu)
+        assert P.resolve("auto", gpu) == "fp16"
+
+
 def test_cpu_feature_probe_answers_a_bool():
     assert type(P.cpu_bf16_native()) is bool
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import TrainConfig
+from engine.config import ConfigError, TrainConfig
 from tests.conftest import REPO, save_tiny_hf
 
 CONTRACTS = [
@@ -195,6 +195,20 @@ def test_max_examples_and_the_eval_rows_are_seeded_samples_not_the_first_in_file
     targets = [[int(t) for t in row if t >= 0] for b in run.eval_batches for row in b["labels"]]
     assert len(targets) == 6 and any(t[:len(none)] == none for t in targets)
     assert not all(t[:len(none)] == none for t in targets)
+
+
+def test_resume_of_a_run_without_checkpoints_is_refused_and_keeps_its_metrics(tmp_path):
+    """--save-every 0 leaves no checkpoint: a --resume used to start over from step 0 and write an empty
+    metrics.jsonl over the finished run's record."""
+    from engine.train import train
+
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=0)
+    train(cfg)
+    before = (Path(cfg.out) / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"--resume: .* logged 2 step\(s\) but has no checkpoint .*--overwrite"):
+        train(dataclasses.replace(cfg, max_steps=4, resume=True))
+    assert (Path(cfg.out) / "metrics.jsonl").read_text() == before
+    train(dataclasses.replace(cfg, max_steps=4, overwrite=True))  # what the error says to do
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():

@@ -171,3 +171,29 @@ def test_a_torchrun_worker_ends_without_the_interpreter_shutdown(tmp_path):
                        timeout=300)
     assert r.returncode == 3, r.stderr[-3000:]
     assert all(part in r.stdout for part in ("done 0", " from C 0", "atexit ran 0")), r.stdout
+
+
+def test_the_process_group_waits_an_hour_for_a_rank_that_evaluates_alone(monkeypatch):
+    """Evaluation with generation runs on rank 0 while the others wait in the next collective; at NCCL's default
+    10 minutes the watchdog would kill a T4 run whose step-0 evaluation takes longer. Both the group and the
+    per-attempt store get the longer timeout."""
+    import datetime
+
+    import torch.distributed as tdist
+
+    from engine import dist
+
+    got = {}
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "init_process_group", lambda **kw: got.update(kw))
+    monkeypatch.setattr(tdist, "TCPStore", lambda *a, **kw: got.setdefault("store_timeout", kw["timeout"]))
+    monkeypatch.setattr(tdist, "PrefixStore", lambda prefix, store: ("prefixed", prefix))
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "TORCHELASTIC_USE_AGENT_STORE": "True",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(k, v)
+    try:
+        dist.init("cpu")
+    finally:
+        monkeypatch.setattr(dist, "_STATE", dist.Dist())
+    assert got["timeout"] == got["store_timeout"] == dist.COLLECTIVE_TIMEOUT >= datetime.timedelta(minutes=60)
+    assert got["backend"] == "gloo" and got["store"] == ("prefixed", "clauselora/attempt_0")
