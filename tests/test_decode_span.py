@@ -216,12 +216,14 @@ def test_sentence_units_cut_paragraphs_at_sentence_ends_and_the_channel_quotes_o
 
     ctx = ("SECTION 12. Termination.  Either party may terminate this Agreement on 30 days' notice; Notice\n"
            "shall be in writing; the notice goes by mail. Sec. 2 applies to 1.5 days and to the U.S. Government.\n\n"
-           "Governing Law. This Agreement is governed by the laws of Ohio (\"Ohio Law\").")
+           "Governing Law. This Agreement is governed by the laws of Ohio (\"Ohio Law\"). ABC Holdings, Inc. "
+           "(\"Licensor\") and XYZ Corp. (\"Licensee\") agree. See Art. II.")
     got = [ctx[a:b] for a, b in sentences(ctx)]
     assert got == ["SECTION 12.", "Termination.", "Either party may terminate this Agreement on 30 days' notice;",
                    "Notice\nshall be in writing; the notice goes by mail.",
-                   "Sec. 2 applies to 1.5 days and to the U.S.", "Government.", "Governing Law.",
-                   'This Agreement is governed by the laws of Ohio ("Ohio Law").']
+                   "Sec. 2 applies to 1.5 days and to the U.S. Government.", "Governing Law.",
+                   'This Agreement is governed by the laws of Ohio ("Ohio Law").',
+                   'ABC Holdings, Inc. ("Licensor") and XYZ Corp. ("Licensee") agree.', "See Art. II."]
     assert units(ctx, "sentence") == sentences(ctx) and units(ctx) == units(ctx, "paragraph") != sentences(ctx)
     with pytest.raises(ValueError, match="channel unit 'clause'"):
         units(ctx, "clause")
