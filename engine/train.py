@@ -295,6 +295,10 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
     print0(f"setup {time.perf_counter() - t_setup:.1f}s | {d.world_size} process(es) on {d.device} | "
            f"precision {prec.mode} | checkpointing {'on' if cfg.checkpointing else 'off'}"
            + (" | blocks compiled (torch.compile; the first steps compile)" if cfg.compile else ""))
+    if _stop_requested(stop):  # a signal while data and model loaded (minutes for a 3B model): nothing written
+        guard.abandon()
+        print0("stopped by signal before training began; nothing was written")
+        return _stopped_before_training(stop, out)
     start_step, metrics = _start_out(r, guard, resume, resume_from)
 
     # ---- the loop
@@ -304,6 +308,13 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
         print0(f"eval loss before training: {eval_loss:.4f}"
                + (f" | similarity {gen['eval_avg_similarity']:.1f}" if gen else ""))
         _write(metrics, {"step": 0, "eval_loss": eval_loss, **gen})
+        if _stop_requested(stop):  # during that evaluation: no step ran, so the start leaves nothing behind
+            if metrics:
+                metrics.close()
+            guard.discard_unfinished_start()
+            guard.abandon()
+            print0("stopped by signal before the first step; the files of this start were removed")
+            return _stopped_before_training(stop, out)
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
     step, loss, stopped = start_step, float("nan"), False
@@ -353,6 +364,16 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
     dist.barrier()
     return {"step": step, "loss": loss, "eval_loss": eval_loss, "stopped": stopped, "signal": stop.signum,
             "out": str(out)}
+
+
+def _stopped_before_training(stop: ckpt.StopFlag, out: Path) -> dict:
+    return {"step": 0, "loss": float("nan"), "eval_loss": None, "stopped": True, "signal": stop.signum,
+            "out": str(out)}
+
+
+def _stop_requested(stop: ckpt.StopFlag) -> bool:
+    """Whether any rank got SIGTERM/SIGINT (a collective: every rank asks at the same point)."""
+    return bool(dist.all_reduce_sum(torch.tensor([float(stop.requested)], dtype=torch.float64))[0] > 0)
 
 
 def out_of_memory_advice(e: BaseException) -> str:

@@ -211,6 +211,32 @@ def test_resume_of_a_run_without_checkpoints_is_refused_and_keeps_its_metrics(tm
     train(dataclasses.replace(cfg, max_steps=4, overwrite=True))  # what the error says to do
 
 
+@pytest.mark.parametrize("when", ["loading", "step-0 evaluation"])
+def test_a_signal_before_the_first_step_stops_without_leaving_a_run(tmp_path, monkeypatch, when):
+    """SIGTERM while a 3B model loads (minutes), or during the evaluation before training: the run used to go on
+    through the evaluation and one step before it stopped, and left a run behind."""
+    from engine import checkpoint as ckpt
+    from engine import train as T
+
+    asked = {"now": when == "loading"}
+    monkeypatch.setattr(ckpt.StopFlag, "requested", property(lambda self: asked["now"]))
+    install = ckpt.StopFlag.install
+    monkeypatch.setattr(ckpt.StopFlag, "install", lambda self: setattr(self, "signum", 15) or install(self))
+    real = T._Run.evaluate
+
+    def evaluate(self):
+        asked["now"] = True
+        return real(self)
+    monkeypatch.setattr(T._Run, "evaluate", evaluate)
+    cfg = tiny_cfg(tmp_path, max_steps=3, eval_every=2)
+    res = T.train(cfg)
+    assert res["stopped"] and res["signal"] == 15 and res["step"] == 0
+    assert not Path(cfg.out).exists()  # nothing of this start is left; the same command starts it again
+    asked["now"] = False
+    monkeypatch.setattr(T._Run, "evaluate", real)
+    assert T.train(cfg)["step"] == 3
+
+
 def test_lr_schedule_warmup_then_cosine_to_min():
     from engine.step import lr_at
 
