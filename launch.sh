@@ -125,7 +125,8 @@ if [[ $signalled -ne 0 ]]; then
   if [[ $demo -eq 1 ]]; then  # ./launch.sh replaces an earlier demo: a stopped one starts over
     echo "== stopped by signal: the demo wrote a checkpoint in $out/checkpoints; ./launch.sh starts the demo over" >&2
   else
-    echo "== stopped by signal: the workers wrote a checkpoint in their --out/checkpoints; continue with --resume" >&2
+    echo "== stopped by signal: the workers wrote a checkpoint in their --out/checkpoints (continue with --resume), or" \
+      "nothing if they had not begun training (run the same command again)" >&2
   fi
   exit "$signalled"
 fi
