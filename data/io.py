@@ -2,6 +2,7 @@
 import csv
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from data.example import DataError
@@ -76,7 +77,7 @@ def read_tsv(path: Path, what: str, header: list[str] | None = None):
     """Yield (line_number, row) of a tab-separated file read with csv (ACORD quotes ids holding double quotes)."""
     with open_text(path, what) as f:
         rows = csv.reader(f, delimiter="\t")
-        try:
+        with _table_errors(path, what, "TSV", rows):
             first = next(rows, None)
             if first is None:
                 raise DataError(f"{path}: {what} is empty")
@@ -85,25 +86,26 @@ def read_tsv(path: Path, what: str, header: list[str] | None = None):
             for row in rows:
                 if row and any(c.strip() for c in row):
                     yield rows.line_num, row
-        except csv.Error as e:
-            raise DataError(f"{path}:{rows.line_num}: malformed TSV ({e})") from None
-        except UnicodeDecodeError:
-            raise not_utf8(path, what) from None
-        except OSError as e:
-            raise read_failed(path, what, e) from None
 
 
 def read_csv(path: Path, what: str):
     """Yield (line_number, row) of a CSV file, its header included; blank lines are skipped."""
     with open_text(path, what) as f:
         rows = csv.reader(f, strict=True)  # a quote left open is an error, not the rest of the file in one cell
-        try:
+        with _table_errors(path, what, "CSV", rows):
             for row in rows:
                 if row:
                     yield rows.line_num, row
-        except csv.Error as e:
-            raise DataError(f"{path}:{rows.line_num}: malformed CSV ({e})") from None
-        except UnicodeDecodeError:
-            raise not_utf8(path, what) from None
-        except OSError as e:
-            raise read_failed(path, what, e) from None
+
+
+@contextmanager
+def _table_errors(path: Path, what: str, kind: str, rows):
+    """A table reader's failures as one-line DataErrors naming the file and, where known, the line."""
+    try:
+        yield
+    except csv.Error as e:
+        raise DataError(f"{path}:{rows.line_num}: malformed {kind} ({e})") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path, what) from None
+    except OSError as e:
+        raise read_failed(path, what, e) from None
