@@ -288,9 +288,12 @@ class Batches:
                 self._it = iter(self.sampler)
 
     def first(self, n: int) -> list[dict]:
-        """This rank's first n batches in fixed order (evaluation); n = 0: all of them."""
-        batches = self.sampler.rank_batches(0)
-        return [self._collate(idx) for idx in (batches[:n] if n else batches)]
+        """This rank's share of the epoch's first n batches in fixed order (evaluation; n = 0: all of them): the
+        n batches are dealt out across ranks, none repeated, so the evaluated rows do not depend on the number of
+        processes (a rank may get one fewer; the callers sum over ranks)."""
+        batches = self.sampler.epoch_batches(0)
+        batches = batches[:n] if n else batches
+        return [self._collate(idx) for idx in batches[self.sampler.rank::self.sampler.world_size]]
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

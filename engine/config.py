@@ -106,7 +106,7 @@ class TrainConfig:
     loss_chunk: int = _f(LOSS_CHUNK, "supervised positions per lm_head/cross-entropy chunk (bounds the logits memory)")
     # evaluation / checkpoints / bookkeeping
     eval_every: int = _f(0, "evaluate the loss on eval_split every N steps and at the end (0 = never)")
-    eval_batches: int = _f(16, "at most this many micro-batches per evaluation (0 = whole split)")
+    eval_batches: int = _f(16, "at most this many micro-batches per evaluation, over all processes (0 = whole split)")
     eval_generate: int = _f(0, "at each evaluation also generate answers for a fixed, category-balanced subset of "
                             "N eval_split examples on rank 0 and log similarity/EM/F1 (0 = off)")
     save_every: int = _f(0, "save a resumable checkpoint every N steps (0 = only on SIGTERM/SIGINT)")

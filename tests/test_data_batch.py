@@ -253,3 +253,23 @@ def test_batches_padded_to_seq_len_have_one_shape_and_the_same_loss_and_gradient
         torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
         for ga, gb in zip(grads[0][1], grads[1][1]):
             torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_evaluation_batches_are_dealt_across_ranks_none_repeated(chatml_tok):
+    """Batches.first(n): the epoch's first n batches shared out among the ranks, so the evaluated rows are the
+    same with 1, 2 or 3 processes (each rank used to take its own n, and a rank short of one repeated batch 0)."""
+    from data.batch import Batches
+
+    examples = load_examples("synthetic", "valid")
+    kw = dict(seq_len=512, pack=True, batch_size=2, shuffle=True, seed=3)
+
+    def rows(n, world):
+        got = []
+        for rank in range(world):
+            for b in Batches(chatml_tok, examples, rank=rank, world_size=world, **kw).first(n):
+                got += [tuple(r.tolist()) for r in b["input_ids"]]
+        return sorted(got)
+    for n in (3, 0):
+        one = rows(n, 1)
+        assert len(one) == len(set(one)) and (n == 0 or len(one) == 2 * n)
+        assert rows(n, 2) == one and rows(n, 3) == one
