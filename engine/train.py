@@ -322,7 +322,9 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
         t0 = time.perf_counter()
         micro = [_to(r.batcher.next_batch(), d.device) for _ in range(cfg.grad_accum)]
         tokens = torch.tensor([float(sum(int(b["num_tokens"]) for b in micro))], dtype=torch.float64)
-        res = r.step(micro, step, lr_at(step, cfg, r.total))
+        # the schedule counts the optimizer steps that were taken: a step skipped for an inf/NaN gradient (fp16's
+        # loss scale finding its level in the first steps) neither warms up nor decays the rate, as in HF's Trainer
+        res = r.step(micro, step, lr_at(step - r.prec.overflows, cfg, r.total))
         del micro
         loss = res.loss
         step += 1

@@ -287,6 +287,28 @@ def test_nonfinite_gradient_skips_the_step_and_counts_an_overflow():
     assert overflow and prec.overflows == 1 and torch.equal(p.detach(), torch.ones(3))
 
 
+def test_a_skipped_step_does_not_advance_the_learning_rate_schedule(tmp_path, monkeypatch):
+    """Steps skipped for an inf/NaN gradient (fp16's first steps while the loss scale finds its level) used to
+    count in the schedule: each one used up a warmup step."""
+    from engine.precision import Precision
+    from engine.train import train
+
+    real, calls = Precision.clip_and_step, {"n": 0}
+
+    def skip_the_second(self, opt, params, clip):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            for p in params:
+                p.grad = torch.full_like(p, float("nan"))
+        return real(self, opt, params, clip)
+    monkeypatch.setattr(Precision, "clip_and_step", skip_the_second)
+    cfg = tiny_cfg(tmp_path, max_steps=4, warmup_steps=4, lr=4e-3)
+    train(cfg)
+    rows = [r for r in read_metrics(cfg.out) if "loss" in r]
+    assert [r["overflow"] for r in rows] == [False, True, False, False]
+    assert [round(r["lr"], 6) for r in rows] == [1e-3, 2e-3, 2e-3, 3e-3]
+
+
 def test_fp16_loss_scaler_overflow_is_detected_and_the_step_skipped():
     """The fp16 path's bookkeeping, exercised with a CPU GradScaler: an inf gradient halves the scale, the
     optimizer step is skipped and counted; a clean step then goes through. Both AdamW kinds: the per-parameter
