@@ -41,7 +41,7 @@ from engine import checkpoint as ckpt
 from engine import dist
 from engine.cli import THREADS_HELP, CliParser, parse_with_config, preflight_boundary, set_threads
 from engine.config import ConfigError, TrainConfig
-from engine.evaluate import DEFAULT_SEQ_LEN, evaluate_examples, read_eval_json
+from engine.evaluate import DEFAULT_SEQ_LEN, eval_subset, evaluate_examples, read_eval_json
 from engine.loss import LOSS_CHUNK, LinearCrossEntropy, matmul_dtype
 from engine.memory import log_ledger, out_of_memory_gist
 from engine.metrics import is_none
@@ -92,32 +92,59 @@ class ChannelLoss(torch.nn.Module):
 def choice_of(ex, unit: str = "paragraph") -> tuple[list[str], int] | None:
     """(candidate texts: the context's paragraphs, or sentences (model.channel.units), then CHANNEL_NULL; index
     of the gold one) or None when the answer spans two paragraphs (the decoder could not quote it). An answer
-    running over several sentences (24% of CUAD's) has the sentence it begins in as its gold one."""
+    running over several sentences (24% of CUAD's) has the sentence it begins in as its gold one; the others it
+    runs over are not wrong either (placed's right units)."""
+    found = placed(ex, unit)
+    return None if found is None else (found[0], found[1])
+
+
+def placed(ex, unit: str = "paragraph") -> tuple[list[str], int, frozenset[int]] | None:
+    """choice_of's (texts, gold) and the units that are no wrong answer though not the gold one, which
+    candidate_order never offers as negatives (training would teach that a right answer is wrong): every unit
+    that overlaps an occurrence of the answer (the sentences after the first of an answer running over several;
+    the answer again elsewhere in the contract, as on 145 CUAD examples) and every unit whose text is the gold
+    one's up to whitespace (a clause repeated word for word). Empty for NONE examples. None as for choice_of."""
     spans = units(ex.context, unit)
     texts = [ex.context[a:b] for a, b in spans] + [CHANNEL_NULL]
     if is_none(ex.answer):
-        return texts, len(spans)
-    at = ex.context.find(ex.answer.strip())
+        return texts, len(spans), frozenset()
+    answer = ex.answer.strip()
+    at = ex.context.find(answer)
     assert at >= 0, f"{ex.id}: validated answers are in their context"
-    inside = [i for i, (a, b) in enumerate(spans) if a <= at and at + len(ex.answer.strip()) <= b]
+    inside = [i for i, (a, b) in enumerate(spans) if a <= at and at + len(answer) <= b]
     if not inside and unit == "sentence":
         inside = [i for i, (a, b) in enumerate(spans) if a <= at < b]
-    return (texts, inside[0]) if inside else None
+    if not inside:
+        return None
+    gold = inside[0]
+    occurrences, o = [], at
+    while o >= 0:
+        occurrences.append(o)
+        o = ex.context.find(answer, o + 1)
+    same = texts[gold].split()
+    right = {i for i, (a, b) in enumerate(spans)
+             if any(a < o + len(answer) and o < b for o in occurrences) or texts[i].split() == same}
+    return texts, gold, frozenset(right - {gold})
 
 
 def candidate_order(n_texts: int, gold: int, max_candidates: int, rng: random.Random,
-                    hard: list[int] | None = None, share: float = 0.5) -> list[int]:
+                    hard: list[int] | None = None, share: float = 0.5,
+                    right: frozenset[int] = frozenset()) -> list[int]:
     """Indices into an example's texts: at most max_candidates paragraphs (the gold one kept, others sampled)
     in a shuffled order, then CHANNEL_NULL (the last text). hard: the example's paragraphs, likeliest first under
     an earlier adapter (hard_negatives); then a share of the others (rounded up; half by default) are the
     likeliest wrong ones, the rest sampled (all hard would also pick the contract's other passages of the same
-    clause type, right answers marked wrong). share 0 samples them all, as without hard."""
+    clause type, right answers marked wrong). share 0 samples them all, as without hard. right: units that are
+    no wrong answer (placed), never among the others, sampled or hard; they are left out of the list sampled
+    from, so an example without any draws exactly what it drew before they were (the same seed, the same
+    groups), and one with some draws from fewer."""
     assert 0.0 <= share <= 1.0, share
     paras, null = list(range(n_texts - 1)), n_texts - 1
-    others = [i for i in paras if i != gold]
+    others = [i for i in paras if i != gold and i not in right]
     n = min(len(others), max_candidates - (gold != null))
     if hard:
-        top = [i for i in hard if i != gold][:math.ceil(round(n * share, 9))]  # 25 x 0.28 is 7, not 7.000...1
+        hardest = [i for i in hard if i != gold and i not in right]
+        top = hardest[:math.ceil(round(n * share, 9))]  # 25 x 0.28 is 7, not 7.000...1
         keep = top + rng.sample([i for i in others if i not in top], n - len(top))
     else:
         keep = rng.sample(others, n)
@@ -137,10 +164,22 @@ def hard_negatives(path, examples, unit: str) -> dict[str, list[int]]:
                          f"--channel-unit {unit}; this one is decode {d.get('decode')!r}, unit "
                          f"{d.get('channel_unit')!r}")
     by_id = {ex.id: ex for ex in examples}
+    rows = d.get("rows", [])
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: 'rows' is not a list; pass an eval.json written by engine.evaluate --decode channel")
     out = {}
-    for row in d.get("rows", []):
+    for i, row in enumerate(rows):
+        windows = row.get("windows", 1) if isinstance(row, dict) else None
+        if not isinstance(row, dict) or not isinstance(row.get("channel") or {}, dict) \
+                or not isinstance(windows, int) or isinstance(windows, bool):
+            raise ValueError(f"{path}: rows[{i}] is not a row of engine.evaluate --decode channel (an object with "
+                             "'id', a 'channel' object and a 'windows' count); pass the eval.json it wrote")
         ex, scores = by_id.get(row.get("id")), (row.get("channel") or {}).get("scores")
-        if ex is None or not isinstance(scores, list) or int(row.get("windows", 1)) != 1:
+        if isinstance(scores, list) and not all(isinstance(x, int | float) and not isinstance(x, bool)
+                                                for x in scores):
+            raise ValueError(f"{path}: rows[{i}] holds channel scores that are not numbers; pass the eval.json "
+                             "engine.evaluate --decode channel wrote")
+        if ex is None or not isinstance(scores, list) or windows != 1:
             continue
         if len(scores) == len(units(ex.context, unit)):
             out[ex.id] = sorted(range(len(scores)), key=lambda i: -scores[i])
@@ -151,10 +190,10 @@ def hard_negatives(path, examples, unit: str) -> dict[str, list[int]]:
 
 
 def make_group(tok, ex, texts: list[str], gold: int, max_candidates: int, max_clause_tokens: int,
-               rng: random.Random) -> dict:
+               rng: random.Random, right: frozenset[int] = frozenset()) -> dict:
     """One micro-batch: candidate_order's paragraphs and CHANNEL_NULL as one packed channel_batch; choice is
-    where the gold one ended up."""
-    order = candidate_order(len(texts), gold, max_candidates, rng)
+    where the gold one ended up. right: placed's units that are no wrong answer, never among the others."""
+    order = candidate_order(len(texts), gold, max_candidates, rng, right=right)
     return _group(tok, ex, texts, gold, order, max_clause_tokens)
 
 
@@ -195,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: fp32 on the CPU, bf16/fp16 on a GPU; bf16 is fast on CPUs with AMX")
     ap.add_argument("--eval-every", type=int, default=0, help="channel evaluation on --eval-split every N steps "
                                                               "and at the end (0: never)")
+    ap.add_argument("--eval-limit", type=int, default=200,
+                    help="--eval-every evaluates N examples of --eval-split, a fixed category-balanced subset "
+                         "(engine.evaluate's --limit; 0: all). Rank 0 evaluates while the other processes wait "
+                         "(engine.dist.COLLECTIVE_TIMEOUT: an hour)")
     ap.add_argument("--save-every", type=int, default=0,
                     help="write OUT/checkpoints/step-N every N steps: step-N/adapter to evaluate, and the optimizer, "
                          "loss scale and data position for --resume (a SIGTERM or Ctrl-C writes one too)")
@@ -221,36 +264,70 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _groups(tok, examples, args, rank: int = 0, world_size: int = 1, hard: dict | None = None, skip: int = 0):
+def usable_examples(examples, unit: str, hard: dict | None = None) -> tuple[list[tuple], dict[str, int]]:
+    """(ex, texts, gold, right) of every example training can use (placed), in the given order, and how many of
+    the others were left out, by reason: an answer over two paragraphs (the decoder quotes one), or, with hard
+    (hard_negatives' ranking), an example the --hard-negatives file does not hold."""
+    usable, left = [], {}
+    for ex in examples:
+        found = placed(ex, unit)
+        if found is None:
+            why = f"answer not within one {unit}" + (" (the decoder quotes one)" if unit == "paragraph" else "")
+        elif hard is not None and ex.id not in hard:
+            why = "not in --hard-negatives"
+        else:
+            usable.append((ex, *found))
+            continue
+        left[why] = left.get(why, 0) + 1
+    return usable, left
+
+
+def _groups(tok, examples, args, rank: int = 0, world_size: int = 1, hard: dict | None = None, skip: int = 0,
+            usable: list | None = None):
     """The usable examples (texts, gold) in a seeded order, forever: one pass after another, reshuffled. Every
     rank draws the same global stream (same seed, same candidates); rank r builds and keeps the groups whose
     place in it is r modulo world_size, so the examples of a step do not depend on the number of processes.
     hard: hard_negatives' ranking (read from args.hard_negatives when not given). skip: groups of the stream
-    already trained on (a resumed run): drawn, so the generator is where it was, but not built."""
-    usable = [(ex, *c) for ex in examples if (c := choice_of(ex, args.unit)) is not None]
-    if not usable:
-        raise ValueError(f"{args.data}: no example whose answer lies within one {args.unit}")
+    already trained on (a resumed run): drawn, so the generator is where it was, but not built. usable:
+    usable_examples' list when the caller has it. The examples are placed (and an unusable set refused) now,
+    not at the first group: the returned generator only draws."""
     if args.hard_negatives:  # the examples the earlier adapter was run over, each with its hardest candidates
         hard = hard if hard is not None else hard_negatives(args.hard_negatives, examples, args.unit)
-        n = len(usable)
-        usable = [u for u in usable if u[0].id in hard]
-        if rank == 0:
-            print(f"hard negatives: training on the {len(usable)} of {n} usable examples that "
-                  f"{args.hard_negatives} holds", file=sys.stderr)
     else:
-        hard = {}
+        hard = None
+    if usable is None:
+        usable = usable_examples(examples, args.unit, hard)[0]
+    if not usable:
+        raise ValueError(f"{args.data}: no example whose answer lies within one {args.unit}"
+                         + (f" among those {args.hard_negatives} holds" if hard is not None else ""))
+    return _stream(tok, usable, args, rank, world_size, hard or {}, skip)
+
+
+def _stream(tok, usable: list, args, rank: int, world_size: int, hard: dict, skip: int):
+    """_groups' generator. Its random draws depend only on --seed and the usable examples (their right units
+    included, fixed before the first draw), never on the rank or on skip: a resumed run draws the same stream."""
     rng = random.Random(args.seed)
     k = 0
     while True:
         order = list(range(len(usable)))
         rng.shuffle(order)
         for i in order:
-            ex, texts, gold = usable[i]
+            ex, texts, gold, right = usable[i]
             cands = candidate_order(len(texts), gold, args.max_candidates, rng, hard.get(ex.id),
-                                    0.5 if args.hard_share is None else args.hard_share)
+                                    0.5 if args.hard_share is None else args.hard_share, right)
             if k >= skip and k % world_size == rank:
                 yield _group(tok, ex, texts, gold, cands, args.max_clause_tokens)
             k += 1
+
+
+def _left_out_note(left: dict[str, int], args) -> str:
+    """The banner's account of usable_examples' left-out examples: "none left out", or "2 left out: 1 answer not
+    within one paragraph (the decoder quotes one), 1 not in --hard-negatives FILE"."""
+    if not left:
+        return "none left out"
+    whys = [f"{n} {why}{' ' + str(args.hard_negatives) if why == 'not in --hard-negatives' else ''}"
+            for why, n in left.items()]
+    return f"{sum(left.values())} left out: {', '.join(whys)}"
 
 
 def _evaluate(model, tok, eval_ex, prec, unit: str = "paragraph") -> dict:
@@ -264,7 +341,7 @@ def _evaluate(model, tok, eval_ex, prec, unit: str = "paragraph") -> dict:
 
 # Flags a --resume may change: how long the run goes on and how it reports and saves, never what a step computes.
 RESUMABLE = {"max_steps", "out", "config", "resume", "overwrite", "save_every", "keep_last", "eval_every",
-             "eval_split", "threads", "device",
+             "eval_split", "eval_limit", "threads", "device",
              "precision",  # as written ("auto"); the mode it resolves to must be the checkpoint's (engine.checkpoint)
              "init_adapter"}  # the weights a run started from: a resumed run reads its own from the checkpoint
 
@@ -278,7 +355,7 @@ def check_args(args) -> TrainConfig:
     for name in ("max_steps", "groups_per_step", "lora_r", "max_candidates", "max_clause_tokens"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
-    for name in ("warmup_steps", "eval_every", "save_every", "keep_last"):
+    for name in ("warmup_steps", "eval_every", "eval_limit", "save_every", "keep_last"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -325,15 +402,17 @@ def preflight(argv: list[str]) -> int:
     return preflight_boundary(check)
 
 
-def _eval_examples(args) -> list:
-    """The --eval-split examples for --eval-every (none without it); an empty split is refused."""
+def _eval_examples(args) -> tuple[list, int]:
+    """(the --eval-split examples --eval-every evaluates: --eval-limit of them, chosen by engine.evaluate's
+    eval_subset, the same at every evaluation of the run; how many the split holds). None without --eval-every;
+    an empty split is refused."""
     if not args.eval_every:
-        return []
+        return [], 0
     found = load_validated(args.data, args.eval_split)[0]
     if not found:
         raise ValueError(f"{args.data}: split {args.eval_split!r} has no usable examples for --eval-every; pass "
                          "another --eval-split or --eval-every 0")
-    return found
+    return eval_subset(found, args.eval_limit or None), len(found)
 
 
 def _check_init_adapter(args) -> None:
@@ -373,9 +452,10 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
         device = d.device
         check_device_tools(cfg, device)  # now, not after the model has loaded and its first forward has failed
         train_ex, rep = load_validated(args.data, args.split)
-        eval_ex = _eval_examples(args)  # on every rank: a refusal on rank 0 alone would leave the others waiting
-        # read now, before the model loads: a wrong file is one line, not an error at the first step
+        eval_ex, eval_of = _eval_examples(args)  # on every rank: a refusal on rank 0 alone would leave the others
+        # waiting; read now, before the model loads: a wrong file is one line, not an error at the first step
         hard = hard_negatives(args.hard_negatives, train_ex, args.unit) if args.hard_negatives else None
+        usable, left_out = usable_examples(train_ex, args.unit, hard)
         if args.init_adapter and resume_from is None:
             _check_init_adapter(args)
         tok = load_tokenizer(args.model)
@@ -399,7 +479,8 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
             if args.max_steps < start:
                 raise ConfigError(f"--max-steps {args.max_steps} ends before {resume_from} (step {start}); resume "
                                   f"with --max-steps {start} or more")
-        groups = _groups(tok, train_ex, args, d.rank, d.world_size, hard, skip=start * args.groups_per_step)
+        groups = _groups(tok, train_ex, args, d.rank, d.world_size, hard, skip=start * args.groups_per_step,
+                         usable=usable)
         if d.is_main:
             _log_ledger(model, cfg, prec, tok, train_ex, args)
     except BaseException:
@@ -431,9 +512,13 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
                 ckpt.drop_metrics_after(metrics_path, start)
             else:
                 guard.fresh_start = not args.resume  # until a step is logged, OUT holds nothing a step produced
-            print(f"channel training on {len(train_ex)} {args.split} examples of {args.data} ({rep.rejected} "
-                  f"rejected), {args.max_steps} steps x {args.groups_per_step} examples ({d.world_size} processes), "
-                  f"precision {prec.mode}", file=sys.stderr)
+            print(f"channel training on {len(usable)} of {len(train_ex)} {args.split} examples of {args.data} "
+                  f"({_left_out_note(left_out, args)}; {rep.rejected} rejected by the validator), {args.max_steps} "
+                  f"steps x {args.groups_per_step} examples ({d.world_size} processes), precision {prec.mode}",
+                  file=sys.stderr)
+            if eval_ex:
+                print(f"--eval-every {args.eval_every}: evaluating {len(eval_ex)} of the {eval_of} {args.eval_split} "
+                      f"examples" + ("" if len(eval_ex) == eval_of else " (--eval-limit; 0: all)"), file=sys.stderr)
             if state:
                 print(f"resumed from {resume_from} at step {start}", file=sys.stderr)
             elif resume:

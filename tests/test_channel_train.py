@@ -355,7 +355,7 @@ def test_hard_negatives_from_an_eval_json_and_in_the_groups(tiny_model_dir, tmp_
     assert main(["--model", str(tiny_model_dir), "--data", spec, "--out", str(out), "--max-steps", "2",
                  "--groups-per-step", "2", "--quantize", "none", "--threads", "1", "--hard-negatives", str(mined)]) == 0
     assert json.loads((out / "config.json").read_text())["hard_negatives"] == str(mined)
-    assert "training on the 8 of 8 usable examples" in capsys.readouterr().err
+    assert "channel training on 8 of 8 train examples" in capsys.readouterr().err
     # only the examples the file holds are trained on
     rows = json.loads(mined.read_text())
     rows["rows"] = [r for r in rows["rows"] if r["id"] in ("train1", "train3")]
@@ -487,3 +487,133 @@ def test_channel_loss_scores_equal_the_decoders_under_bf16_autocast(tiny):
     with torch.no_grad():
         fp32 = query_logprobs(model, *args)
     assert not torch.equal(ref, fp32)  # bf16 really rounded something: the comparison above is in bf16
+
+
+# a contract whose Governing Law clause runs over three sentences, whose first sentence comes again word for word
+# further on, and whose last sentence's words ("thirty days") come again inside another sentence
+RUNS_OVER = ("Recitals come first. The parties agree as follows.\n\n"
+             "This Agreement is governed by Delaware law. Venue lies in Wilmington. Notice takes thirty days.\n\n"
+             "Payment is due monthly. This Agreement is governed by Delaware law. Audits are yearly.\n\n"
+             "Either party may end it on thirty days. Licensor owns the marks. The term is five years.")
+RUNS_OVER_ANSWER = "This Agreement is governed by Delaware law. Venue lies in Wilmington. Notice takes thirty days."
+
+
+def test_units_holding_the_answer_or_the_gold_text_are_never_negatives(tiny):
+    """An answer over three sentences: the gold is the first, and the two after it, the sentence repeating the
+    gold's text, and (for a short answer) the sentence holding the answer again are never offered as wrong
+    candidates, whether sampled or mined as hard negatives (a ranking that puts them first), in any group the
+    training stream draws; every other sentence still is, in some group."""
+    import engine.channel_train
+    from engine.channel_train import _groups, build_parser, candidate_order, choice_of, make_group, placed
+
+    _, tok = tiny
+    texts, gold, right = placed(_example(RUNS_OVER_ANSWER, RUNS_OVER), "sentence")
+    assert (texts, gold) == choice_of(_example(RUNS_OVER_ANSWER, RUNS_OVER), "sentence")
+    assert texts[gold] == "This Agreement is governed by Delaware law."
+    assert [texts[i] for i in sorted(right)] == ["Venue lies in Wilmington.", "Notice takes thirty days.",
+                                                  "This Agreement is governed by Delaware law."]
+    short = placed(_example("thirty days", RUNS_OVER), "sentence")  # the answer again in another sentence
+    assert [short[0][i] for i in sorted(short[2]) + [short[1]]] == ["Either party may end it on thirty days.",
+                                                                    "Notice takes thirty days."]
+    assert placed(_example("NONE", RUNS_OVER), "sentence")[2] == frozenset()
+    assert placed(_example("Beta clause here."))[2] == frozenset()  # nothing repeated: as before
+
+    n = len(texts) - 1
+    wrong = set(range(n)) - right - {gold}
+    hard = sorted(right) + [gold] + sorted(wrong)  # an earlier adapter that finds the right ones likeliest
+    for share in (0.0, 0.5, 1.0):
+        for seed in range(20):
+            for k in (3, 20):
+                order = candidate_order(len(texts), gold, k, random.Random(seed), hard, share, right)
+                assert gold in order and not right & set(order), (share, seed, k, order)
+                plain = candidate_order(len(texts), gold, k, random.Random(seed), None, share, right)
+                assert gold in plain and not right & set(plain)
+    assert set(candidate_order(len(texts), gold, 20, random.Random(0), right=right)[:-1]) == wrong | {gold}
+    g = make_group(tok, _example(RUNS_OVER_ANSWER, RUNS_OVER), texts, gold, 20, 64, random.Random(0), right)
+    assert int(g["segment_ids"].max()) == len(wrong) + 1  # the wrong ones, the gold one, the null
+
+    # the training stream (sampled, and with hard negatives ranking the right ones first)
+    seen = []
+    ex = _example(RUNS_OVER_ANSWER, RUNS_OVER)
+    for flags, ranking in (([], None), (["--hard-negatives", "x.json", "--hard-share", "1"], {ex.id: hard})):
+        args = build_parser().parse_args(["--data", "jsonl:x", "--out", "o", "--unit", "sentence",
+                                          "--max-candidates", "4", *flags])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(engine.channel_train, "_group", lambda tok, ex, texts, gold, order, n: seen.append(order))
+            stream = _groups(tok, [ex], args, hard=ranking)
+            for _ in range(30):
+                next(stream)
+    assert len(seen) == 60 and all(gold in o and not right & set(o) for o in seen)
+    assert set().union(*seen) == wrong | {gold, n}  # every wrong sentence is drawn, in some group
+
+
+def _spanning_data(path):
+    """_paragraph_data and one more train example whose answer runs over two paragraphs (no unit holds it)."""
+    spec = _paragraph_data(path)
+    first = json.loads(path.read_text().splitlines()[1])
+    a, b = first["context"].split("\n\n")[:2]
+    path.write_text(path.read_text() + json.dumps({**first, "id": "train_over", "answer": f"{a}\n\n{b}"}) + "\n")
+    return spec
+
+
+def test_the_banner_counts_the_examples_trained_on_and_those_left_out(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    """An example whose answer runs over two paragraphs cannot be a paragraph choice: the banner says how many
+    examples train and how many were left out, and why; --eval-every says how many examples it evaluates
+    (--eval-limit of the split, 0: all of them)."""
+    from engine.channel_train import main
+
+    spec = _spanning_data(tmp_path / "d.jsonl")
+    common = ["--model", str(tiny_model_dir), "--data", spec, "--max-steps", "1", "--groups-per-step", "1",
+              "--quantize", "none", "--threads", "1", "--eval-split", "test", "--eval-every", "1"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--eval-limit", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "channel training on 8 of 9 train examples" in err, err
+    assert "1 left out: 1 answer not within one paragraph (the decoder quotes one)" in err, err
+    assert "--eval-every 1: evaluating 3 of the 8 test examples (--eval-limit; 0: all)" in err, err
+    assert main([*common, "--out", str(tmp_path / "b"), "--eval-limit", "0", "--unit", "sentence"]) == 0
+    err = capsys.readouterr().err
+    # sentences: an answer over two paragraphs begins in a sentence, which is its gold one
+    assert "channel training on 9 of 9 train examples" in err and "none left out" in err, err
+    assert "--eval-every 1: evaluating 8 of the 8 test examples\n" in err, err
+
+
+def test_eval_limit_picks_a_fixed_subset_and_keeps_a_small_split_whole(tmp_path):
+    """--eval-limit N evaluates engine.evaluate's eval_subset of N (the same examples at every evaluation); the
+    default, 200, keeps a smaller split whole (the demo recipe's evaluation does not change); negative: refused."""
+    from data.validate import load_validated
+    from engine.channel_train import _eval_examples, build_parser, check_args
+    from engine.config import ConfigError
+    from engine.evaluate import eval_subset
+
+    spec = _paragraph_data(tmp_path / "d.jsonl")
+    parse = lambda *a: build_parser().parse_args(["--data", spec, "--out", "o", "--eval-split", "test", *a])  # noqa
+    every = load_validated(spec, "test")[0]
+    assert _eval_examples(parse("--eval-every", "5")) == (every, 8)  # default 200 > 8: all of them
+    assert _eval_examples(parse("--eval-every", "5", "--eval-limit", "0")) == (every, 8)
+    assert _eval_examples(parse("--eval-every", "5", "--eval-limit", "3")) == (eval_subset(every, 3), 8)
+    assert _eval_examples(parse()) == ([], 0)
+    with pytest.raises(ConfigError, match="--eval-limit must be >= 0"):
+        check_args(parse("--eval-limit", "-1"))
+
+
+@pytest.mark.parametrize("rows, what", [
+    (["just a string"], "rows[0]"),
+    ([{"id": "train1", "channel": {"scores": [1.0, 2.0, 3.0]}, "windows": None}], "rows[0]"),
+    ([{"id": "train1", "channel": "scores", "windows": 1}], "rows[0]"),
+    ([{"id": "train1", "channel": {"scores": [1.0, "x", 3.0]}, "windows": 1}], "rows[0]"),
+    ({"not": "a list"}, "'rows' is not a list"),
+])
+def test_malformed_hard_negatives_rows_are_one_line_naming_the_file(tiny_model_dir, tmp_path, capsys,  # noqa: F811
+                                                                    monkeypatch, rows, what):
+    import engine.channel_train
+    from engine.channel_train import main
+
+    monkeypatch.setattr(engine.channel_train, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    spec = _paragraph_data(tmp_path / "d.jsonl")
+    bad = tmp_path / "mined.json"
+    bad.write_text(json.dumps({"decode": "channel", "channel_unit": "paragraph", "overall": {}, "rows": rows}))
+    assert main(["--model", str(tiny_model_dir), "--data", spec, "--out", str(tmp_path / "o"),
+                 "--hard-negatives", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}: ") and "\n" not in err and what in err and "engine.evaluate" in err, err
+    assert not (tmp_path / "o").exists()
