@@ -14,10 +14,14 @@ are answered NONE (the issue's bound), and writes the rule with its provenance.
 
 --check re-decides the rows of another channel eval.json with the fitted rule from their stored scores (no model
 is loaded: the decision reads only the features, and the best paragraph's offsets are stored even where the run
-answered NONE) and prints the headline that evaluate would. Calibrate on a training or validation split; a rule
-fitted on the split it is checked on measures nothing. A rule is best fitted on queries the adapter never trained
-on: train it with `--split fit` and calibrate on `--split calib` (data.example.holdout); calibrate warns when the
-adapter's run (its config.json) trained on the rows' split, and records what it trained on.
+answered NONE; a --focus-adapter run's trims are replayed, and a row it answered NONE, which has none, is
+quoted whole) and prints the headline that evaluate would. The rule records the model, adapter and
+--channel-unit of its rows: evaluate, extract and demo refuse it for another unit (its feature scales are the
+unit's) and warn for another adapter or model; --check refuses an eval.json of another unit. Calibrate on a
+training or validation split; a rule fitted on the split it is checked on measures nothing. A rule is best fitted
+on queries the adapter never trained on: train it with `--split fit` and calibrate on `--split calib`
+(data.example.holdout); calibrate warns when the adapter's run (its config.json) trained on the rows' split, and
+records what it trained on.
 """
 from __future__ import annotations
 
@@ -80,6 +84,25 @@ def adapter_training(adapter: str | None) -> dict | None:
     return {"config": str(cfg), "data": c.get("data"), "split": trained_split(c)}
 
 
+def check_features(rows: list[dict], features, path) -> None:
+    """Every row holds every feature the rule weighs, as a number; else a one-line error naming the file, the
+    row and the feature (an eval.json of an older engine.evaluate, or one edited by hand)."""
+    for i, r in enumerate(rows):
+        got = r["channel"]["features"]
+        for f in features:
+            if not isinstance(got.get(f), int | float) or isinstance(got.get(f), bool):
+                raise ValueError(f"{path}: rows[{i}] (id {r.get('id')!r}) has no number for channel feature {f!r} "
+                                 f"(it holds {', '.join(sorted(got)) or 'none'}); re-run engine.evaluate --decode "
+                                 "channel with this version and pass its eval.json, or leave "
+                                 f"{f} out of --features")
+
+
+def unit_of(d: dict) -> str:
+    """The --channel-unit a channel eval.json was decoded with (one written before the flag existed: paragraph,
+    as engine.channel_train's hard_negatives reads it)."""
+    return d.get("channel_unit") or "paragraph"
+
+
 def design(rows: list[dict], features: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     """X (n, k): each row's features; y (n,): 1 where the gold answer is a clause, 0 where it is NONE."""
     X = np.array([[r["channel"]["features"][f] for f in features] for r in rows], dtype=np.float64)
@@ -126,18 +149,27 @@ def fit_rule(rows: list[dict], features: tuple[str, ...], max_wrongly_none: floa
     return rule, fit
 
 
-def redecide(d: dict, rows: list[dict], rule: ChannelRule, path) -> list[dict]:
-    """The rows as evaluate would have written them under `rule`: NONE or the stored best paragraph, rescored."""
+def redecide(d: dict, rows: list[dict], rule: ChannelRule, path, untrimmed: list | None = None) -> list[dict]:
+    """The rows as evaluate would have written them under `rule`: NONE, or the stored best unit, rescored. A run
+    with a --focus-adapter stored what its focus stage kept of each unit it quoted (channel "focus": the trim's
+    offsets, or null for the unit whole): that is quoted again. A row that run answered NONE has no trim to
+    replay (the focus stage never ran); quoted under `rule`, it is quoted whole, and its id goes to untrimmed
+    when a list is given."""
+    check_features(rows, tuple(rule.weights), path)
     examples, _ = load_validated(d["data"], d["split"], max_rejected=1.0)  # as evaluate kept them
     by_id = {ex.id: ex for ex in examples}
+    focused = bool(d.get("focus_adapter"))
     out = []
     for r in rows:
         ex = by_id.get(r["id"])
         if ex is None:
             raise ValueError(f"{path}: row {r['id']!r} is not in {d['data']} split {d['split']}; was the data "
                              "changed since the run?")
-        if rule.value(r["channel"]["features"]) > 0:
-            a, b = r["channel"]["best"]
+        ch = r["channel"]
+        if rule.value(ch["features"]) > 0:
+            a, b = ch["focus"] if focused and ch.get("focus") is not None else ch["best"]
+            if focused and "focus" not in ch and untrimmed is not None:
+                untrimmed.append(r["id"])
             pred, start, end = ex.context[a:b], a, b
         else:
             pred, start, end = NONE, None, None
@@ -168,6 +200,7 @@ def run(args) -> dict:
         raise ValueError(f"--max-wrongly-none must be a percent in [0, 100), got {args.max_wrongly_none}")
     d = read_eval_json(args.rows)
     rows = channel_rows(d, args.rows)
+    check_features(rows, features, args.rows)
     if d.get("split") == "test":
         print(f"warning: {args.rows} is a test split; a rule fitted on test data cannot be evaluated on it",
               file=sys.stderr)
@@ -183,16 +216,20 @@ def run(args) -> dict:
     rule, fit = fit_rule(rows, features, args.max_wrongly_none)
     doc = {**rule.to_dict(), "features": list(features), "max_wrongly_none": args.max_wrongly_none,
            "calibration": {"eval_json": str(args.rows), "data": d.get("data"), "split": d.get("split"),
-                           "model": d.get("model"), "adapter": d.get("adapter"),
+                           "model": d.get("model"), "adapter": d.get("adapter"), "channel_unit": unit_of(d),
                            "adapter_trained_on": trained, **fit},
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    result = None
+    result, untrimmed = None, []
     if args.check:  # read and re-decided before the rule is written: a check that fails leaves no rule behind
         c = read_eval_json(args.check)
+        if unit_of(c) != unit_of(d):
+            raise ValueError(f"{args.check}: decoded with --channel-unit {unit_of(c)} and the calibration rows "
+                             f"{args.rows} with {unit_of(d)}; a rule's feature scales are its unit's: check on an "
+                             f"eval.json of --channel-unit {unit_of(d)}")
         if same_data(c.get("data"), d.get("data")) and splits_overlap(c.get("split"), d.get("split")):
             print(f"warning: {args.check} (split {c.get('split')!r}) shares rows with the calibration rows (split "
                   f"{d.get('split')!r}): the check measures the fit, not the rule", file=sys.stderr)
-        checked = redecide(c, channel_rows(c, args.check, redecided=True), rule, args.check)
+        checked = redecide(c, channel_rows(c, args.check, redecided=True), rule, args.check, untrimmed)
         result = {**summarize(checked), "decode": "channel"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # runs/calib/ need not exist yet
     atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
@@ -202,8 +239,14 @@ def run(args) -> dict:
           f"wrongly NONE {fit['wrongly_none']}%, NONE answered NONE {fit['none_answered_none']}%")
     print(f"wrote {args.out}")
     if result is not None:
+        if c.get("focus_adapter"):
+            print(f"{args.check} was read with --focus-adapter {c['focus_adapter']}: its quotes are replayed as that "
+                  f"run trimmed them; {len(untrimmed)} row(s) it answered NONE and the rule quotes have no focus "
+                  f"trim to replay and are scored with the whole {unit_of(c)}"
+                  + (f" (first: {untrimmed[0]!r})" if untrimmed else ""))
         print(f"{args.check} under the rule:\n{headline(result)}")
-        doc["check"] = {"eval_json": str(args.check), "clause": result["clause"], "none": result["none"]}
+        doc["check"] = {"eval_json": str(args.check), "clause": result["clause"], "none": result["none"],
+                        "untrimmed": len(untrimmed)}
     return doc
 
 

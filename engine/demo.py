@@ -9,7 +9,8 @@ verbatim quote highlighted in the contract with its character offsets, or NONE.
 The page runs what `python -m engine.extract` runs (window_budget, window_answerer + find_clause, find_all),
 decoding as it does (an engine.channel_train adapter: --decode channel): every quote is a slice of the
 contract. Offsets are character indices into the contract as the page received it (an upload decoded as UTF-8
-with its line endings kept; pasted text as the browser sends it). gradio is imported only by build_app: the
+with its line endings kept; pasted text as the browser sends it, with CRLF line endings); the model reads it
+with LF line endings, as engine.extract reads a file. gradio is imported only by build_app: the
 handler, `answer`, is plain Python.
 """
 from __future__ import annotations
@@ -25,9 +26,9 @@ from pathlib import Path
 
 from data.cuad import CATEGORIES
 from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
-from engine.evaluate import choose_decoding, load_for_eval
-from engine.extract import (ALL_CATEGORIES, channel_all_answerer, find_all, find_clause, read_contract,
-                            shared_prefill_answerer, window_answerer, window_budget)
+from engine.evaluate import answer_budget, choose_decoding, load_for_eval, read_rule, run_model_source
+from engine.extract import (ALL_CATEGORIES, channel_all_answerer, find_all, find_clause, in_file, read_contract,
+                            shared_prefill_answerer, to_lf, window_answerer, window_budget)
 from model.channel import UNITS, ChannelRule
 
 INSTALL_HINT = "the demo needs gradio: pip install -e '.[demo]'"
@@ -49,22 +50,31 @@ class Reader:
     unit: str = "paragraph"
     rule: ChannelRule | None = None
 
+    def budget(self, clause: str) -> int:
+        """Contract tokens per window, as engine.extract counts them (channel decoding keeps no room for an
+        answer: engine.evaluate.answer_budget)."""
+        return window_budget(self.tok, clause, self.seq_len, answer_budget(self.decode, self.max_new_tokens))
+
     def one(self, text: str, clause: str):
-        """([Match], windows) for one clause type, as engine.extract --clause NAME finds them."""
-        budget = window_budget(self.tok, clause, self.seq_len, self.max_new_tokens)
+        """([Match], windows) for one clause type, as engine.extract --clause NAME finds them: the model reads the
+        text with its line endings made LF (engine.extract.to_lf: a browser sends pasted text with CRLF), the
+        offsets are the text's own."""
         answer_fn = window_answerer(self.model, self.tok, decode=self.decode, max_new_tokens=self.max_new_tokens,
                                     query=clause, rule=self.rule, unit=self.unit)
-        return find_clause(text, clause, answer_fn, lambda s: len(self.tok.encode(s)), budget)
+        lf, where = to_lf(text)
+        found, n = find_clause(lf, clause, answer_fn, lambda s: len(self.tok.encode(s)), self.budget(clause))
+        return [in_file(m, where) for m in found], n
 
     def all(self, text: str):
-        """({category: [Match]}, windows), as engine.extract --clause all finds them."""
-        budget = window_budget(self.tok, "all", self.seq_len, self.max_new_tokens)
+        """({category: [Match]}, windows), as engine.extract --clause all finds them (LF text, as one)."""
         if self.decode == "channel":
             answer_window = channel_all_answerer(self.model, self.tok, rule=self.rule, unit=self.unit)
         else:
             answer_window = shared_prefill_answerer(self.model, self.tok, max_new_tokens=self.max_new_tokens,
                                                     rank=self.decode == "rank")
-        return find_all(text, ALL_CATEGORIES, answer_window, lambda s: len(self.tok.encode(s)), budget)
+        lf, where = to_lf(text)
+        found, n = find_all(lf, ALL_CATEGORIES, answer_window, lambda s: len(self.tok.encode(s)), self.budget("all"))
+        return {c: [in_file(m, where) for m in ms] for c, ms in found.items()}, n
 
 
 @dataclass
@@ -238,11 +248,13 @@ def run(args) -> None:
         raise ValueError(f"--port {args.port}: use a TCP port in 1-65535")
     _gradio()  # gradio missing: say so before minutes of model loading
     choose_decoding(args)  # as engine.extract: the decision an engine.channel_train adapter learned, with a note
-    rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
+    rule = read_rule(args.channel_rule, args.channel_unit, args.adapter, run_model_source(args.model, args.adapter)) \
+        if args.channel_rule else None
+    window_budget(None, "all", args.seq_len, answer_budget(args.decode, args.max_new_tokens))  # before the model
     set_threads(args.threads)
     model, tok, source = load_for_eval(args.model, args.adapter)
     reader = Reader(model, tok, args.seq_len, args.max_new_tokens, args.decode, args.channel_unit, rule)
-    window_budget(tok, "all", args.seq_len, args.max_new_tokens)  # too short a --seq-len fails here, not per query
+    reader.budget("all")  # too short a --seq-len for the prompt fails here, not per query
     how = f"channel decoding of {args.channel_unit}s" if args.decode == "channel" else f"{args.decode} decoding"
     title = f"clauselora ({source}{' + ' + Path(args.adapter).name if args.adapter else ''}, {how})"
     print(f"demo: {title} on http://{args.host}:{args.port}/ (Ctrl-C stops it)", file=sys.stderr, flush=True)

@@ -34,7 +34,7 @@ from model import load_adapter, load_model, load_tokenizer
 from model.adapter import AdapterBank
 from model.files import check_writable, staged_files
 from model.channel import UNITS, ChannelRule, channel_answer
-from model.generate import decode_span
+from model.generate import Answer, decode_span
 from model.load import EMBEDDED
 
 DECODES = ("constrained", "rank", "free", "channel")
@@ -99,13 +99,76 @@ def focuser(model, tok, bank: AdapterBank, ex, max_new_tokens: int):
     """channel_answer's focus stage for example ex: bank's "focus" adapter copies, constrained, the part of the
     chosen unit that answers ex's query, prompted as ex itself is (its template and query, the unit as the
     context: what data.focus trains on); None (quote the unit whole) when it answers NONE. The channel adapter is
-    back in place when it returns."""
+    back in place when it returns. Its attribute truncated says whether its last copy reached max_new_tokens
+    with no stop token (channel_focused carries that onto the answer)."""
     def focus(text: str):
         with bank.using("focus"):
             ans = decode_span(model, tok, render_prompt(replace(ex, context=text)), text,
                               max_new_tokens=max_new_tokens)
+        focus.truncated = ans.truncated
         return None if ans.start is None else (ans.start, ans.end)
+    focus.truncated = False
     return focus
+
+
+def channel_focused(model, tok, query: str, context: str, rule: ChannelRule | None, unit: str, trim) -> Answer:
+    """model.channel.channel_answer, marked truncated when its focus stage (trim, a focuser) cut the quote at
+    --max-new-tokens: the unit itself is quoted whole, so only a trim can be cut short."""
+    if trim is not None:
+        trim.truncated = False
+    ans = channel_answer(model, tok, query, context, rule, unit, trim)
+    return mark_focus_cut(ans, trim)
+
+
+def mark_focus_cut(ans: Answer, trim) -> Answer:
+    """ans with truncated set when its quote is trim's copy (detail "focus") and that copy was cut short."""
+    if trim is not None and (ans.detail or {}).get("focus") is not None and getattr(trim, "truncated", False):
+        ans.truncated = True
+    return ans
+
+
+def answer_budget(decode: str, max_new_tokens: int) -> int:
+    """Tokens a window's prompt must leave for its answer: none for --decode channel, which generates nothing
+    there (it scores the query after each unit, in prompts of their own; a --focus-adapter copies from a unit,
+    not from the window), else --max-new-tokens."""
+    return 0 if decode == "channel" else max_new_tokens
+
+
+def read_rule(path, unit: str, adapter: str | None, model: str | None) -> ChannelRule:
+    """--channel-rule's ChannelRule, checked against the run it is used in: a rule calibrated on another
+    --channel-unit is refused (its features' scales, per query token over sentences or over paragraphs, are the
+    unit's); one calibrated on another adapter or model is used with a warning on stderr (the adapter may have
+    moved; calibrate again if it is another). A rule file written before engine.calibrate recorded the unit
+    is accepted as it is."""
+    rule = ChannelRule.from_file(path)  # a missing or malformed file: its own one-line error
+    cal = json.loads(Path(path).read_text(encoding="utf-8")).get("calibration")
+    if not isinstance(cal, dict):
+        return rule
+    if cal.get("channel_unit") not in (None, unit):
+        raise ValueError(f"{path}: the rule was calibrated on --channel-unit {cal['channel_unit']} rows and this run "
+                         f"quotes {unit}s; its feature scales are the unit's: pass --channel-unit "
+                         f"{cal['channel_unit']}, or calibrate a rule on an eval.json of --channel-unit {unit}")
+    for what, theirs, mine in (("adapter", cal.get("adapter"), adapter), ("model", cal.get("model"), model)):
+        if what in cal and not _same_source(theirs, mine):
+            print(f"warning: {path} was calibrated with {what} {theirs or 'none'} and this run reads "
+                  f"{mine or 'none'}: its NONE threshold may not fit this {what}'s scores (calibrate again on an "
+                  "eval.json of this run if it is another)", file=sys.stderr)
+    return rule
+
+
+def _same_source(a, b) -> bool:
+    """Whether two --model/--adapter values name the same thing: equal, or paths to the same directory."""
+    if a == b:
+        return True
+    if not a or not b:
+        return False
+    pa, pb = Path(str(a)), Path(str(b))
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def run_model_source(model: str | None, adapter: str | None) -> str:
+    """The model a run reads, as load_for_eval resolves it (and eval.json records it) without loading it."""
+    return model or (_base_of_adapter(adapter) if adapter else None) or EMBEDDED
 
 
 def load_focus(model, focus_adapter: str, main_adapter: str | None) -> AdapterBank:
@@ -127,13 +190,13 @@ def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, decode:
     channel: the winning window's paragraph (or, unit "sentence", sentence) scores and NONE features (rule decides
     NONE; engine.calibrate). focus (decode "channel"): an AdapterBank with a "focus" adapter that trims the chosen
     unit to the clause (focuser; the row's channel detail then says what it kept)."""
-    windows = prompt_windows(tok, ex, seq_len - max_new_tokens)
+    windows = prompt_windows(tok, ex, seq_len - answer_budget(decode, max_new_tokens))
     best, n_prompt, n_tokens = None, None, 0
     trim = focuser(model, tok, focus, ex, max_new_tokens) if focus is not None else None
     for a, b in windows:
         prompt = render_prompt(replace(ex, context=ex.context[a:b]))
         if decode == "channel":  # the paragraph that best explains the query, whole (model.generate.channel_answer)
-            ans = channel_answer(model, tok, ex.query, ex.context[a:b], rule, unit, trim)
+            ans = channel_focused(model, tok, ex.query, ex.context[a:b], rule, unit, trim)
             ans.prompt_tokens = len(tok.encode(tok.chat_prompt(prompt)))
         else:
             ans = decode_span(model, tok, prompt, ex.context[a:b], max_new_tokens=max_new_tokens,
@@ -148,7 +211,8 @@ def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, decode:
     start = None if ans.start is None else a + ans.start
     end = None if ans.end is None else a + ans.end
     row = {"prediction": ans.text, "start": start, "end": end, "logprob": round(ans.logprob, 4),
-           "windows": len(windows), "prompt_tokens": n_prompt, "tokens": n_tokens}
+           "windows": len(windows), "prompt_tokens": n_prompt, "tokens": n_tokens,
+           "truncated": bool(ans.truncated)}  # cut at max_new_tokens with no stop token (a focus copy, for channel)
     if ans.detail is not None:  # channel: offsets made relative to the whole context, like start/end
         row["channel"] = {**ans.detail, "best": [a + x for x in ans.detail["best"]]}
         if ans.detail.get("focus") is not None:
@@ -205,7 +269,7 @@ def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 1024,
                 bar.update(i + 1)
     finally:
         model.train(was_training)
-    return {**summarize(rows), "rows": rows}
+    return {**summarize(rows), "truncated": sum(r["truncated"] for r in rows), "rows": rows}
 
 
 def evaluate_for_training(model, tok, subset: list, *, max_new_tokens: int = 256, seq_len: int = 8192,
@@ -389,11 +453,14 @@ def run(args) -> dict:
     if args.metrics:
         read_metrics_jsonl(args.metrics)  # now, not after the evaluation: a file that does not read is one line
     set_threads(args.threads)
-    if args.seq_len is not None and args.seq_len <= args.max_new_tokens + 64:
-        raise ValueError(f"--seq-len {args.seq_len} leaves no room for a prompt beside --max-new-tokens "
-                         f"{args.max_new_tokens}; raise --seq-len or lower --max-new-tokens")
     choose_decoding(args)
-    rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
+    room = answer_budget(args.decode, args.max_new_tokens)  # channel decoding generates nothing after a window
+    if args.seq_len is not None and args.seq_len <= room + 64:
+        raise ValueError(f"--seq-len {args.seq_len} leaves no room for a prompt"
+                         + (f" beside --max-new-tokens {args.max_new_tokens}; raise --seq-len or lower "
+                            "--max-new-tokens" if room else "; raise --seq-len"))
+    rule = read_rule(args.channel_rule, args.channel_unit, args.adapter, run_model_source(args.model, args.adapter)) \
+        if args.channel_rule else None
     baseline = read_baseline(args.compare) if args.compare else None
     if args.adapter:
         _base_of_adapter(args.adapter)  # a wrong --adapter is one line now, before the data and the model load
@@ -455,6 +522,9 @@ def run(args) -> dict:
         print("note: report.md has tables only: matplotlib is not installed (pip install -e '.[plot]')",
               file=sys.stderr)
     print_results(result, baseline)
+    if res["truncated"]:  # said once the files are written: a run that fails says only why
+        print(f"warning: {res['truncated']} answer(s) cut at --max-new-tokens {args.max_new_tokens} (rows' "
+              "\"truncated\"); raise it to score whole clauses", file=sys.stderr)
     print(f"wrote {out / 'eval.json'} and {out / 'report.md'}")
     return result
 

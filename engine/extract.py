@@ -28,11 +28,12 @@ from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from data.cuad import CATEGORIES, DEFAULT_EXCLUDE
 from data.example import TEMPLATES, Example, render_prompt
 from data.text import Match, locate, make_windows
-from engine.evaluate import PRECISION_HELP, Progress, choose_decoding, focuser, load_focus, load_for_eval
+from engine.evaluate import (PRECISION_HELP, Progress, answer_budget, channel_focused, choose_decoding, focuser,
+                             load_focus, load_for_eval, mark_focus_cut, read_rule, run_model_source)
 from engine.precision import INFERENCE_MODES
 from engine.rundir import adapter_run_config, trained_split
 from engine.metrics import is_none
-from model.channel import UNITS, ChannelRule, channel_answer, channel_answers
+from model.channel import UNITS, ChannelRule, channel_answers
 from model.generate import Answer, decode_span, decode_spans, generate
 
 ALL_CATEGORIES = tuple(c for c in CATEGORIES if c not in DEFAULT_EXCLUDE)
@@ -193,6 +194,8 @@ def channel_all_answerer(model, tok, *, rule: ChannelRule | None = None, unit: s
             trims = [focuser(model, tok, focus, _asked(c), max_new_tokens) for c in categories]
         with torch.inference_mode():
             answers = channel_answers(model, tok, list(categories), window, rule, unit, trims)
+        if trims is not None:  # a focus copy cut at max_new_tokens: each trim is asked at most once per window
+            answers = [mark_focus_cut(a, t) for a, t in zip(answers, trims, strict=True)]
         if progress:
             progress(len(categories))
         return answers
@@ -218,13 +221,6 @@ def window_budget(tok, clause: str, seq_len: int, max_new_tokens: int) -> int:
                          + (f" and --max-new-tokens {max_new_tokens}" if max_new_tokens else "")
                          + "; raise --seq-len" + (" or lower --max-new-tokens" if max_new_tokens else ""))
     return budget
-
-
-def answer_budget(decode: str, max_new_tokens: int) -> int:
-    """Tokens a window's prompt must leave for its answer: none for --decode channel, which generates nothing
-    there (it scores the query after each unit, in prompts of their own; a --focus-adapter copies from a unit,
-    not from the window), else --max-new-tokens."""
-    return 0 if decode == "channel" else max_new_tokens
 
 
 def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: int = 384, batch_size: int = 4,
@@ -253,7 +249,7 @@ def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: 
                 return out
             for prompt, ctx in zip(prompts, contexts):
                 if decode == "channel":
-                    out.append(channel_answer(model, tok, query, ctx, rule, unit, trim))
+                    out.append(channel_focused(model, tok, query, ctx, rule, unit, trim))
                 else:
                     out.append(decode_span(model, tok, prompt, ctx, max_new_tokens=max_new_tokens,
                                            rank=decode == "rank"))
@@ -323,7 +319,8 @@ def run(args) -> dict:
                          "one pass that serves every clause type)")
     answer_room = answer_budget(args.decode, args.max_new_tokens)
     window_budget(None, args.clause, args.seq_len, answer_room)  # minutes before the model would have loaded
-    rule = ChannelRule.from_file(args.channel_rule) if args.channel_rule else None
+    rule = read_rule(args.channel_rule, args.channel_unit, args.adapter, run_model_source(args.model, args.adapter)) \
+        if args.channel_rule else None
     paths = contract_paths(args.contract)
     texts = [read_contract(p) for p in paths]  # before loading the model: a bad path fails in a second
     set_threads(args.threads)

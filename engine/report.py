@@ -280,6 +280,9 @@ def write_report(result: dict, out_dir: Path, metrics_jsonl: Path | None = None,
         md.append("- **base weights**: " + ("NF4 (4-bit, as QLoRA trains)" if result["quantize"] == "nf4"
                                             else "full precision (the checkpoint's weights, dequantized to fp32/bf16)")
                   + (f", answering in {result['dtype']}" if result.get("dtype") else ""))
+    if result.get("truncated"):  # engine.evaluate counts them; an answer cut short scores low for that alone
+        md.append(f"- **{result['truncated']} answers cut at --max-new-tokens** (no stop token within "
+                  f"{result.get('max_new_tokens', '?')} tokens; their rows say `\"truncated\": true`)")
     md += ["", "Similarity is `rapidfuzz.fuzz.ratio` (0-100) on whitespace-normalised text; exact match is on the "
            "same normalised text; F1 is SQuAD token F1; NONE precision/recall treat the abstention answer `NONE` "
            "as the positive class (- = undefined, nothing to count).", "", "## Overall", "",

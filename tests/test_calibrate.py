@@ -165,3 +165,154 @@ def test_calibrate_warns_when_the_adapter_trained_on_the_calibration_rows(tmp_pa
     assert ("trained on split" in err) == warned, err
     doc = json.loads(rule.read_text())
     assert doc["calibration"]["adapter_trained_on"]["split"] == trained_on
+
+
+def _feature_rows(n=40, seed=0, drop=None):
+    """Rows as engine.evaluate --decode channel writes them (features only); drop: a feature left out of the
+    first row (an older eval.json, or one edited by hand)."""
+    rng = np.random.default_rng(seed)
+    rows = [{"id": f"r{i}", "answer": "NONE" if i % 4 == 0 else "a clause",
+             "channel": {"features": {"gain": float(rng.normal(1.0 if i % 4 else -1.0)), "gap": 0.1, "lead": 0.2}}}
+            for i in range(n)]
+    if drop:
+        del rows[0]["channel"]["features"][drop]
+    return rows
+
+
+def _eval_json(path, rows, **facts):
+    d = {"decode": "channel", "data": "synthetic", "split": "calib", "model": "m", "adapter": None, "overall": {},
+         "channel_unit": "paragraph", "rows": rows, **facts}
+    path.write_text(json.dumps(d))
+    return path
+
+
+def test_the_rule_records_its_unit_and_another_unit_is_refused_before_the_model_loads(tmp_path, capsys,
+                                                                                    monkeypatch):
+    """The rule file says which --channel-unit (and model and adapter) its rows were decoded with; evaluate,
+    extract and demo refuse it in one line for another unit, before the model loads; calibrate --check refuses
+    an eval.json of another unit."""
+    import engine.demo
+    import engine.evaluate
+    import engine.extract
+    from engine.calibrate import main as calibrate
+    from engine.demo import main as demo
+    from engine.evaluate import main as evaluate
+    from engine.extract import main as extract
+
+    ev = _eval_json(tmp_path / "eval.json", _feature_rows(), channel_unit="sentence", adapter="runs/a/adapter")
+    rule = tmp_path / "rule.json"
+    assert calibrate(["--rows", str(ev), "--out", str(rule)]) == 0
+    cal = json.loads(rule.read_text())["calibration"]
+    assert (cal["channel_unit"], cal["model"], cal["adapter"]) == ("sentence", "m", "runs/a/adapter")
+
+    for mod in (engine.evaluate, engine.extract, engine.demo):
+        monkeypatch.setattr(mod, "load_for_eval", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(engine.demo, "_gradio", lambda: None)
+    contract = tmp_path / "c.txt"
+    contract.write_text("Governed by Delaware law.\n")
+    spec = _paragraph_data(tmp_path / "d.jsonl")
+    capsys.readouterr()
+    for command, argv in ((evaluate, ["--data", spec, "--out", str(tmp_path / "o")]),
+                          (extract, ["--contract", str(contract), "--clause", "Governing Law"]),
+                          (demo, [])):
+        assert command([*argv, "--decode", "channel", "--channel-rule", str(rule)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {rule}: ") and "\n" not in err, err
+        assert "--channel-unit sentence" in err and "paragraph" in err, err
+    assert not (tmp_path / "o").exists()
+    # --check on an eval.json of another unit: refused, and no rule written
+    check = _eval_json(tmp_path / "check.json", _feature_rows(seed=1), split="test")
+    assert calibrate(["--rows", str(ev), "--out", str(tmp_path / "rule2.json"), "--check", str(check)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {check}: ") and "--channel-unit paragraph" in err and "sentence" in err, err
+    assert "\n" not in err and not (tmp_path / "rule2.json").exists()
+
+
+def test_a_rule_from_another_adapter_warns_and_an_old_rule_is_accepted(tmp_path, capsys):
+    from engine.evaluate import read_rule
+
+    rule = tmp_path / "rule.json"
+    doc = {"weights": {"gain": 1.0}, "bias": 0.5, "calibration": {"model": "m", "adapter": "runs/a/adapter",
+                                                                   "channel_unit": "paragraph"}}
+    rule.write_text(json.dumps(doc))
+    assert read_rule(rule, "paragraph", "runs/a/adapter", "m").bias == 0.5
+    assert capsys.readouterr().err == ""  # the same unit, adapter and model: nothing to say
+    (tmp_path / "a").mkdir()
+    doc["calibration"]["adapter"] = str(tmp_path / "a" / ".." / "a")  # the same directory, spelled otherwise
+    rule.write_text(json.dumps(doc))
+    assert read_rule(rule, "paragraph", str(tmp_path / "a"), "m").bias == 0.5 and capsys.readouterr().err == ""
+    assert read_rule(rule, "paragraph", "runs/b/adapter", "m").bias == 0.5  # used, with a warning
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"warning: {rule} was calibrated with adapter ") and "runs/b/adapter" in err, err
+    assert "\n" not in err
+    assert read_rule(rule, "paragraph", None, "other").bias == 0.5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "this run reads none" in err[0] and "model m and this run reads other" in err[1], err
+    with pytest.raises(ValueError, match="--channel-unit paragraph"):
+        read_rule(rule, "sentence", None, "m")
+    old = tmp_path / "old.json"  # written before the unit was recorded (or by hand): accepted as it is
+    old.write_text(json.dumps({"weights": {"gain": 1.0}, "bias": 0.0}))
+    assert read_rule(old, "sentence", "x", "y").bias == 0.0
+    old.write_text(json.dumps({"weights": {"gain": 1.0}, "bias": 0.0, "calibration": {"data": "synthetic"}}))
+    assert read_rule(old, "sentence", "x", "y").bias == 0.0 and capsys.readouterr().err == ""
+
+
+def test_rows_missing_a_feature_are_one_line_naming_the_file_and_the_key(tmp_path, capsys):
+    from engine.calibrate import main as calibrate
+
+    ev = _eval_json(tmp_path / "eval.json", _feature_rows(drop="lead"))
+    assert calibrate(["--rows", str(ev), "--out", str(tmp_path / "rule.json")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {ev}: rows[0] (id 'r0')") and "'lead'" in err and "\n" not in err, err
+    assert "engine.evaluate --decode channel" in err and not (tmp_path / "rule.json").exists()
+    assert calibrate(["--rows", str(ev), "--features", "gain,gap", "--out", str(tmp_path / "rule.json")]) == 0
+    capsys.readouterr()
+    good = _eval_json(tmp_path / "good.json", _feature_rows())
+    rows = _feature_rows(seed=1, drop="lead")
+    for r in rows:
+        r["channel"]["best"] = [0, 5]
+    check = _eval_json(tmp_path / "check.json", rows, split="test")  # the rule weighs lead: rule.value needs it
+    assert calibrate(["--rows", str(good), "--out", str(tmp_path / "rule3.json"), "--check", str(check)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {check}: rows[0]") and "'lead'" in err and "\n" not in err, err
+    assert not (tmp_path / "rule3.json").exists()
+
+
+def test_check_replays_the_focus_stages_trims(tmp_path, capsys):
+    """--check on a --focus-adapter run quotes what its focus stage kept of each unit (channel "focus"), the
+    unit whole where the trim kept it whole (null), and, for a row that run answered NONE (no trim stored), the
+    unit whole, which the output says."""
+    from data.validate import load_validated
+    from engine.calibrate import main as calibrate, redecide
+    from model.channel import ChannelRule, paragraphs
+
+    spec = _paragraph_data(tmp_path / "d.jsonl")
+    examples = load_validated(spec, "test")[0]
+    rows = []
+    for i, ex in enumerate(examples):
+        a, b = paragraphs(ex.context)[1]
+        ch = {"features": {"gain": 1.0, "gap": 0.5, "lead": 0.5}, "best": [a, b]}
+        if i % 3 == 0:
+            ch["focus"] = [a + 4, b - 1]  # the focus stage kept a part
+        elif i % 3 == 1:
+            ch["focus"] = None  # it kept the unit whole
+        # i % 3 == 2: the run answered NONE, the focus stage never ran
+        rows.append({"id": ex.id, "answer": ex.answer, "channel": ch})
+    d = {"decode": "channel", "data": spec, "split": "test", "channel_unit": "paragraph", "overall": {},
+         "focus_adapter": "runs/focus/adapter", "rows": rows}
+    untrimmed = []
+    out = redecide(d, rows, ChannelRule(), "check.json", untrimmed)  # gain 1 > 0: every row quoted
+    for i, (ex, r) in enumerate(zip(examples, out)):
+        a, b = paragraphs(ex.context)[1]
+        want = (a + 4, b - 1) if i % 3 == 0 else (a, b)
+        assert (r["start"], r["end"]) == want and r["prediction"] == ex.context[want[0]:want[1]], i
+    assert untrimmed == [ex.id for i, ex in enumerate(examples) if i % 3 == 2]
+    check = tmp_path / "check.json"
+    check.write_text(json.dumps(d))
+    ev = _eval_json(tmp_path / "eval.json", _feature_rows())
+    assert calibrate(["--rows", str(ev), "--out", str(tmp_path / "rule.json"), "--check", str(check)]) == 0
+    said = capsys.readouterr().out
+    assert "replayed as that run trimmed them" in said
+    n = len(untrimmed)
+    assert f"{n} row(s) it answered NONE and the rule quotes have no focus trim to replay and are scored with " \
+           "the whole paragraph" in said, said

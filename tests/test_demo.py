@@ -238,3 +238,60 @@ def test_the_page_in_headless_chromium(tmp_path, request):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok: Governing Law: characters") and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# a clause over two lines: pasted into the page, its line ends arrive as CRLF
+TWO_LINES = "This Agreement is governed by the laws of Delaware,\nwithout regard to conflict of laws."
+LF_CONTRACT = f"SUPPLY AGREEMENT\n\n1. Term. Five years.\n\n2. Governing Law. {TWO_LINES}\n\n3. Notices. In writing.\n"
+
+
+def test_pasted_crlf_text_is_read_as_lf_with_offsets_into_the_pasted_text(reader, monkeypatch):
+    """The page reads a contract as engine.extract reads a file: the model sees LF line endings (what it was
+    trained on, and what a constrained copy must match), the offsets shown are the pasted text's own, CRs
+    counted; for one clause type and for all."""
+    import engine.extract
+
+    def reads_lf(ctx):
+        assert "\r" not in ctx, "the model was shown CR characters"
+        i = ctx.find(TWO_LINES)
+        return (i, i + len(TWO_LINES)) if i >= 0 else None
+
+    def decode_span(model, tok, prompt, ctx, **kw):
+        at = reads_lf(ctx)
+        return Answer(TWO_LINES, *at, -0.1, 9, 9) if at else Answer("NONE", None, None, -0.1, 1, 1)
+
+    def decode_spans(model, tok, prompts, ctx, progress=None, **kw):
+        return [decode_span(model, tok, p, ctx) for p in prompts]
+    monkeypatch.setattr(engine.extract, "decode_span", decode_span)
+    monkeypatch.setattr(engine.extract, "decode_spans", decode_spans)
+    pasted = LF_CONTRACT.replace("\n", "\r\n")
+    start = pasted.index(TWO_LINES.replace("\n", "\r\n"))
+    end = start + len(TWO_LINES) + 1  # one CR inside
+    res = answer(reader, pasted, None, "Governing Law")
+    assert res.ok and res.spans == [(start, end, "Governing Law")], res.summary
+    assert pasted[start:end] == TWO_LINES.replace("\n", "\r\n") and _plain(res.html) == pasted
+    res = answer(reader, pasted, None, "all")
+    assert res.ok and res.spans and all((a, b) == (start, end) for a, b, _ in res.spans)
+
+
+def test_channel_windows_keep_no_room_for_an_answer(reader, monkeypatch, capsys):
+    """--decode channel generates nothing after a window's prompt: the page's windows are extract's
+    (engine.evaluate.answer_budget), and a --seq-len below --max-new-tokens is no error for it."""
+    import engine.demo
+    from model.channel import ChannelRule
+
+    quote = ChannelRule(weights={"gain": 0.0}, bias=1.0)
+    ch = Reader(reader.model, reader.tok, 400, 384, decode="channel", rule=quote)
+    assert ch.budget("Governing Law") == window_budget(reader.tok, "Governing Law", 400, 0)
+    res = answer(ch, LF_CONTRACT, None, "Governing Law")
+    assert res.ok and res.spans and "1 window(s)" in res.summary
+    assert answer(ch, LF_CONTRACT, None, "all").ok
+    with pytest.raises(ValueError, match="--seq-len 400"):
+        Reader(reader.model, reader.tok, 400, 384).budget("Governing Law")  # constrained: the answer needs room
+    built = []
+    monkeypatch.setattr(engine.demo, "load_for_eval", lambda *a, **k: (reader.model, reader.tok, "tiny"))
+    monkeypatch.setattr(engine.demo, "build_app", lambda r, title: built.append(r) or _NoLaunch())
+    monkeypatch.setattr(engine.demo, "_gradio", lambda: None)
+    assert main(["--decode", "channel", "--seq-len", "400"]) == 0 and built[-1].decode == "channel"
+    assert main(["--seq-len", "400"]) == 1  # constrained: refused before the model loads
+    assert "--seq-len 400" in capsys.readouterr().err and len(built) == 1

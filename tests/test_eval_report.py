@@ -85,3 +85,11 @@ def test_metrics_jsonl_skips_only_the_line_a_live_run_is_writing(tmp_path):
         path.write_text(bad)
         with pytest.raises(ValueError, match=rf"metrics.jsonl:{line}: not a JSON"):
             report.read_metrics_jsonl(path)
+
+
+def test_report_counts_answers_cut_at_max_new_tokens(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "_pyplot", lambda: None)
+    md = report.write_report({**_result(), "truncated": 2, "max_new_tokens": 64}, tmp_path / "cut").read_text()
+    assert "**2 answers cut at --max-new-tokens** (no stop token within 64 tokens" in md
+    md = report.write_report({**_result(), "truncated": 0}, tmp_path / "whole").read_text()
+    assert "cut at --max-new-tokens" not in md

@@ -209,3 +209,82 @@ def test_evaluate_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "nope.json" in err
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def _cut_after(n: int):
+    """A decode_span that copies its window's first n characters and says it stopped at max_new_tokens (answers
+    to odd-numbered examples end properly instead)."""
+    from model.generate import Answer
+
+    def decode_span(model, tok, prompt, ctx, max_new_tokens=1024, **kw):
+        cut = "Preamble 1." not in ctx and "Preamble 3." not in ctx and "Preamble 5." not in ctx
+        return Answer(ctx[:n], 0, n, -0.5, max_new_tokens, 1, truncated=cut)
+    return decode_span
+
+
+def test_answers_cut_at_max_new_tokens_are_counted_in_rows_summary_and_report(tiny_model_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    import engine.evaluate
+    from engine.evaluate import main
+    from model.generate import Answer
+
+    monkeypatch.setattr(engine.evaluate, "decode_span", _cut_after(8))
+    spec = _write_jsonl(tmp_path / "tiny.jsonl")
+    assert main(["--model", str(tiny_model_dir), "--data", spec, "--split", "test", "--max-new-tokens", "3",
+                 "--seq-len", "512", "--quiet", "--out", str(tmp_path / "o")]) == 0
+    ev = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert [r["truncated"] for r in ev["rows"]] == [True, False, True, False, True, False]
+    assert ev["truncated"] == 3
+    assert "3 answers cut at --max-new-tokens" in (tmp_path / "o" / "report.md").read_text()
+    assert "3 answer(s) cut at --max-new-tokens 3" in capsys.readouterr().err
+    monkeypatch.setattr(engine.evaluate, "decode_span", lambda *a, **k: Answer("NONE", None, None, -0.1, 1, 1))
+    assert main(["--model", str(tiny_model_dir), "--data", spec, "--split", "test", "--quiet", "--out",
+                 str(tmp_path / "none")]) == 0
+    assert json.loads((tmp_path / "none" / "eval.json").read_text())["truncated"] == 0
+    assert "cut at --max-new-tokens" not in (tmp_path / "none" / "report.md").read_text()
+    assert "cut at" not in capsys.readouterr().err
+
+
+def test_a_focus_copy_cut_at_max_new_tokens_marks_the_channel_answer(tiny_model_dir, monkeypatch):
+    """--decode channel quotes a unit whole, never cut; with a focus stage, the trim is a copy that can reach
+    max_new_tokens, and then the row says so."""
+    import engine.evaluate
+    from engine.evaluate import evaluate_examples
+    from model import load_model, load_tokenizer
+    from model.channel import ChannelRule
+
+    def focuser(model, tok, bank, ex, max_new_tokens):
+        def focus(text):
+            focus.truncated = ex.id == "t0"  # the first example's copy ran out of tokens
+            return 0, 4
+        focus.truncated = False
+        return focus
+    monkeypatch.setattr(engine.evaluate, "focuser", focuser)
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    quote = ChannelRule(weights={"gain": 0.0}, bias=1.0)  # always quotes: the focus stage always runs
+    res = evaluate_examples(model, tok, _examples()[:3], max_new_tokens=4, seq_len=512, decode="channel",
+                            rule=quote, focus=object())
+    assert [r["truncated"] for r in res["rows"]] == [True, False, False] and res["truncated"] == 1
+    assert all(r["end"] - r["start"] == 4 for r in res["rows"])  # the trims' quotes
+    res = evaluate_examples(model, tok, _examples()[:3], max_new_tokens=4, seq_len=512, decode="channel",
+                            rule=ChannelRule(weights={"gain": 0.0}, bias=-1.0), focus=object())
+    assert res["truncated"] == 0  # NONE everywhere: no trim, nothing cut
+
+
+def test_channel_windows_keep_no_room_for_an_answer_it_never_generates(tiny_model_dir, tmp_path):
+    """--decode channel generates nothing after a window's prompt: --max-new-tokens does not shrink its windows
+    (engine.extract.answer_budget) and a --seq-len below it is no error; other decoders still need the room."""
+    from engine.evaluate import evaluate_examples, main
+    from model import load_model, load_tokenizer
+
+    model, tok = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    ex = _long_example()
+    wide = evaluate_examples(model, tok, [ex], max_new_tokens=400, seq_len=608, decode="channel")["rows"][0]
+    assert wide["windows"] == evaluate_examples(model, tok, [ex], max_new_tokens=1, seq_len=608,
+                                                decode="channel")["rows"][0]["windows"]
+    spec = _write_jsonl(tmp_path / "tiny.jsonl")
+    common = ["--model", str(tiny_model_dir), "--data", spec, "--split", "test", "--limit", "2", "--quiet",
+              "--seq-len", "400", "--max-new-tokens", "384"]
+    assert main([*common, "--decode", "channel", "--out", str(tmp_path / "ch")]) == 0
+    assert main([*common, "--decode", "constrained", "--out", str(tmp_path / "co")]) == 1
+    assert not (tmp_path / "co").exists()

@@ -479,3 +479,29 @@ def test_channel_windows_leave_no_room_for_an_answer_it_never_generates(tiny_mod
                  "--seq-len", "400", "--max-new-tokens", "384", "--decode", "channel", "--channel-rule",
                  str(always), "--quiet", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["found"]
+
+
+def test_a_focus_copy_cut_at_max_new_tokens_flags_the_channel_quote(tiny_model_dir, monkeypatch):
+    """--decode channel quotes a unit whole, never cut; a --focus-adapter's trim is a copy that can reach
+    --max-new-tokens, and then the quote is flagged truncated, for one clause type and for all."""
+    import engine.extract
+    from engine.evaluate import load_for_eval
+    from engine.extract import channel_all_answerer, find_all, window_answerer
+    from model.channel import ChannelRule
+
+    def fake_focuser(model, tok, bank, ex, max_new_tokens):  # Audit Rights' copy runs out of tokens
+        def focus(text):
+            focus.truncated = ex.query == "Audit Rights"
+            return 0, 5
+        return focus
+    monkeypatch.setattr(engine.extract, "focuser", fake_focuser)
+    model, tok, _ = load_for_eval(str(tiny_model_dir), None, device="cpu", precision="fp32")
+    text, count = _contract(), (lambda s: len(tok.encode(s)))
+    rule = ChannelRule(weights={"gain": 0.0}, bias=1.0)
+    categories = ["Governing Law", "Audit Rights"]
+    together, _ = find_all(text, categories, channel_all_answerer(model, tok, rule=rule, focus=object()), count, 700)
+    for c in categories:
+        alone, _ = find_clause(text, c, window_answerer(model, tok, decode="channel", query=c, rule=rule,
+                                                        focus=object()), count, 700)
+        assert alone and together[c]
+        assert {q.truncated for q in alone} == {q.truncated for q in together[c]} == {c == "Audit Rights"}
