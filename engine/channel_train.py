@@ -448,6 +448,11 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
         # every rank reads OUT; nobody writes before the barrier below
         _check_start(guard, cfg, args, resume)
         resume_from = ckpt.latest(out) if resume else None
+        if args.resume and resume_from is None and (n := ckpt.logged_steps(out / "metrics.jsonl")):
+            # it would start over from step 0 and write a new metrics.jsonl over the run's record
+            raise ConfigError(f"--resume: {out} holds a run that logged {n} step(s) but has no checkpoint to "
+                              "continue from (it ran with --save-every 0); pass --overwrite to start it over, or "
+                              "train into a new --out (--save-every N makes a run resumable)")
         set_threads(args.threads)
         device = d.device
         check_device_tools(cfg, device)  # now, not after the model has loaded and its first forward has failed
@@ -528,11 +533,12 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
         for s in range(start, args.max_steps):
             batch = [{k: v.to(device) for k, v in next(groups).items()} for _ in range(local)]
             loss_model.hits = loss_model.calls = 0
-            r = step(batch, s, lr=lr_at(s, cfg, args.max_steps))
+            lr = lr_at(s - prec.overflows, cfg, args.max_steps)  # steps taken: a skipped one moves no schedule
+            r = step(batch, s, lr=lr)
             # one small all-reduce: the choices right, and whether any rank got SIGTERM/SIGINT (all stop together)
             hits, calls, stops = dist.all_reduce_sum(torch.tensor(
                 [loss_model.hits, loss_model.calls, float(stop.requested)], dtype=torch.float64)).tolist()
-            row = {"step": s + 1, "loss": r.loss, "train_acc": hits / calls, "lr": lr_at(s, cfg, args.max_steps),
+            row = {"step": s + 1, "loss": r.loss, "train_acc": hits / calls, "lr": lr,
                    "grad_norm": r.grad_norm, "seconds": round(time.perf_counter() - t0, 1),
                    "peak_mem_bytes": peak_memory_bytes(device)}
             if prec.mode == "fp16":

@@ -197,6 +197,12 @@ def test_channel_train_run_writes_adapter_and_learns_the_choice(tiny_model_dir, 
     assert err.startswith("error: out of GPU memory") and "--max-candidates" in err and "data.check" in err, err
     assert not missing.exists()
     assert step_mod.TrainStep.__call__ is real and main([*common, "--out", str(missing)]) == 0
+    # that run kept no checkpoint (--save-every 0): a --resume would start over and write over its metrics
+    before = (missing / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main([*common, "--out", str(missing), "--resume", "--max-steps", "2"]) != 0
+    assert "has no checkpoint to continue from" in capsys.readouterr().err
+    assert (missing / "metrics.jsonl").read_bytes() == before
 
 
 def test_two_process_channel_training_matches_one_process(tiny_model_dir, tmp_path):  # noqa: F811
@@ -617,3 +623,26 @@ def test_malformed_hard_negatives_rows_are_one_line_naming_the_file(tiny_model_d
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {bad}: ") and "\n" not in err and what in err and "engine.evaluate" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_skipped_step_does_not_advance_the_channel_learning_rate(tiny_model_dir, tmp_path):  # noqa: F811
+    """As in engine.train: a step skipped for an inf/NaN gradient moves no warmup or decay."""
+    from engine.channel_train import main
+    from engine.precision import Precision
+
+    real, calls = Precision.clip_and_step, {"n": 0}
+
+    def skip_the_second(self, opt, params, clip):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            for p in params:
+                p.grad = torch.full_like(p, float("nan"))
+        return real(self, opt, params, clip)
+    spec = _paragraph_data(tmp_path / "d.jsonl")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Precision, "clip_and_step", skip_the_second)
+        assert main(["--model", str(tiny_model_dir), "--data", spec, "--out", str(tmp_path / "o"), "--max-steps",
+                     "4", "--groups-per-step", "2", "--lr", "4e-3", "--warmup-steps", "4", "--quantize", "none",
+                     "--threads", "1"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [round(r["lr"], 6) for r in rows if "loss" in r] == [1e-3, 2e-3, 2e-3, 3e-3]
