@@ -99,6 +99,8 @@ def save_random_hf_checkpoint(cfg, path: Path, dtype: torch.dtype, device: str =
     model = load_model(cfg, init="random", dtype=dtype, device=device)
     path = save_hf_checkpoint(model, path)
     del model
+    if device == "cuda":  # the parent's cached ~6 GiB (3B in fp16) would crowd the children on a 15 GiB T4
+        torch.cuda.empty_cache()
     return path
 
 
