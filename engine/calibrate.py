@@ -74,14 +74,24 @@ def same_data(a: str | None, b: str | None) -> bool:
     return ka == kb and (pa == pb or (bool(pa) and bool(pb) and Path(pa).resolve() == Path(pb).resolve()))
 
 
-def adapter_training(adapter: str | None) -> dict | None:
+def adapter_training(adapter: str | None, depth: int = 0) -> dict | None:
     """{config, data, split} of the run an adapter came from (engine.rundir.adapter_run_config), or None where
-    there is no adapter or no config."""
+    there is no adapter or no config; with "before": the same for the adapter that run started from
+    (--init-adapter), and so on back: a continued adapter has seen what every run before it trained on."""
     found = adapter_run_config(adapter) if adapter else None
     if found is None:
         return None
     cfg, c = found
-    return {"config": str(cfg), "data": c.get("data"), "split": trained_split(c)}
+    out = {"config": str(cfg), "data": c.get("data"), "split": trained_split(c)}
+    before = adapter_training(c["init_adapter"], depth + 1) if c.get("init_adapter") and depth < 16 else None
+    return {**out, "before": before} if before else out
+
+
+def trainings(trained: dict | None):
+    """The runs of an adapter_training chain, newest first."""
+    while trained:
+        yield trained
+        trained = trained.get("before")
 
 
 def check_features(rows: list[dict], features, path) -> None:
@@ -205,10 +215,12 @@ def run(args) -> dict:
         print(f"warning: {args.rows} is a test split; a rule fitted on test data cannot be evaluated on it",
               file=sys.stderr)
     trained = adapter_training(d.get("adapter"))
-    if trained and same_data(trained["data"], d.get("data")) and splits_overlap(trained["split"], d.get("split")):
-        print(f"warning: the adapter trained on split {trained['split']!r} ({trained['config']}), which holds the "
-              f"{d.get('split')!r} rows of {args.rows}: a rule fitted on rows the model has seen is set too "
-              "confidently; train with --split fit and calibrate on --split calib", file=sys.stderr)
+    for t in trainings(trained):
+        if same_data(t["data"], d.get("data")) and splits_overlap(t["split"], d.get("split")):
+            print(f"warning: the adapter trained on split {t['split']!r} ({t['config']}), which holds the "
+                  f"{d.get('split')!r} rows of {args.rows}: a rule fitted on rows the model has seen is set too "
+                  "confidently; train with --split fit and calibrate on --split calib", file=sys.stderr)
+            break
     n_none = sum(is_none(r["answer"]) for r in rows)
     if n_none == 0 or n_none == len(rows):
         raise ValueError(f"{args.rows}: rows of one kind only ({n_none} NONE of {len(rows)}); calibration needs "

@@ -143,15 +143,29 @@ def test_split_overlap_and_the_adapters_training_split(tmp_path):
     (run / "config.json").write_text(json.dumps({"data": "acord:/d", "train_split": "train"}))  # engine.train's
     assert adapter_training(str(run / "adapter"))["split"] == "train"
     assert adapter_training(None) is None and adapter_training(str(tmp_path / "elsewhere" / "adapter")) is None
+    # a run continued from another adapter (--init-adapter) has seen what that one trained on too
+    cont = tmp_path / "cont"
+    (cont / "adapter").mkdir(parents=True)
+    (cont / "config.json").write_text(json.dumps({"data": "acord:/d", "split": "fit",
+                                                  "init_adapter": str(run / "adapter")}))
+    chain = adapter_training(str(cont / "adapter"))
+    assert chain["split"] == "fit" and chain["before"]["split"] == "train"
 
 
-@pytest.mark.parametrize("trained_on, warned", [("train", True), ("fit", False)])
+@pytest.mark.parametrize("trained_on, warned", [("train", True), ("fit", False), ("train>fit", True)])
 def test_calibrate_warns_when_the_adapter_trained_on_the_calibration_rows(tmp_path, capsys, trained_on, warned):
+    """train>fit: an adapter trained on train (which holds calib), then continued on fit with --init-adapter."""
     from engine.calibrate import main as calibrate
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"data": "synthetic", "split": trained_on}))
+    first, _, then = trained_on.partition(">")
+    (run / "config.json").write_text(json.dumps({"data": "synthetic", "split": first}))
+    if then:
+        (tmp_path / "cont" / "adapter").mkdir(parents=True)
+        (tmp_path / "cont" / "config.json").write_text(json.dumps({"data": "synthetic", "split": then,
+                                                                   "init_adapter": str(run / "adapter")}))
+        run = tmp_path / "cont"
     rng = np.random.default_rng(0)
     rows = [{"id": f"r{i}", "answer": "NONE" if i % 4 == 0 else "a clause",
              "channel": {"features": {"gain": float(rng.normal(1.0 if i % 4 else -1.0)), "gap": 0.0, "lead": 0.0}}}
@@ -164,7 +178,7 @@ def test_calibrate_warns_when_the_adapter_trained_on_the_calibration_rows(tmp_pa
     err = capsys.readouterr().err
     assert ("trained on split" in err) == warned, err
     doc = json.loads(rule.read_text())
-    assert doc["calibration"]["adapter_trained_on"]["split"] == trained_on
+    assert doc["calibration"]["adapter_trained_on"]["split"] == (then or first)
 
 
 def _feature_rows(n=40, seed=0, drop=None):
