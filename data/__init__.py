@@ -9,7 +9,7 @@ def load_source(spec: str, split: str | None = None, **opts) -> tuple[list[Examp
     and "calib" are the two parts of the train split (data.example.holdout)."""
     if split in HOLDOUT_SPLITS:
         examples, notes = load_source(spec, "train", **opts)
-        part = holdout(examples, split)
+        part = holdout(examples, split, notes.get("holdout_units"))
         if not part:
             raise DataError(f"{spec}: the train split has no examples for its {split!r} part")
         return part, {**notes, "holdout": {"part": split, "examples": len(part), "of_train": len(examples)}}

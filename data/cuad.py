@@ -58,10 +58,16 @@ def contract_split(filename: str, fractions=(0.8, 0.1, 0.1)) -> str:
 
 
 def split_by_contract(files: dict, fractions=(0.8, 0.1, 0.1), threshold: float = 0.5) -> dict:
-    """{file key: split}. Contracts whose texts share at least `threshold` of their 8-word shingles (estimated
-    from 256-value bottom-k sketches) take the split of the group's first key: CUAD holds the same filing twice
-    ('...AGREEMENT.txt' and '...AGREEMENT(1).txt') and versions of one agreement (0.5-0.9 alike), which would
-    otherwise put a test contract's clauses in training."""
+    """{file key: split}: the split of each contract's group of alike contracts (alike_groups), drawn from the
+    group's first key."""
+    return {key: contract_split(root, fractions) for key, root in alike_groups(files, threshold).items()}
+
+
+def alike_groups(files: dict, threshold: float = 0.5) -> dict:
+    """{file key: its group's first key}. Contracts whose texts share at least `threshold` of their 8-word
+    shingles (estimated from 256-value bottom-k sketches) form one group: CUAD holds the same filing twice
+    ('...AGREEMENT.txt' and '...AGREEMENT(1).txt') and versions of one agreement (0.5-0.9 alike), which split
+    apart would put a test contract's clauses in training (and a calib contract's in fit)."""
     import numpy as np
 
     sketch, word_hash = {}, {}
@@ -91,7 +97,7 @@ def split_by_contract(files: dict, fractions=(0.8, 0.1, 0.1), threshold: float =
         if (np.isin(both, sketch[a]) & np.isin(both, sketch[b])).mean() >= threshold:
             ra, rb = sorted((root(a), root(b)))
             group[rb] = ra
-    return {key: contract_split(root(key), fractions) for key in sketch}
+    return {key: root(key) for key in sketch}
 
 
 def read_categories(path: Path) -> dict[str, str]:
@@ -290,14 +296,17 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
     descriptions = read_categories(root / "category_descriptions.csv")
     txt_dir = root / "full_contract_txt"
     files = _contract_files(txt_dir)
-    split_of = split_by_contract(files)
+    group = alike_groups(files)
+    split_of = {key: contract_split(first) for key, first in group.items()}
     master = root / "master_clauses.csv"
     clauses = {"total": 0, "aligned": 0, "repaired": 0, "rejected": 0, "omitted_split": 0, "pieces": 0,
                "short_dropped": 0, "widened": 0, "rejected_list": []}
     notes = {"unresolved_files": [], "resolved_files": 0, "contracts": {s: 0 for s in SPLITS}, "clauses": clauses,
              "too_long": 0, "counts": {}, "left_out": {},
              "split_rule": "stable hash of the contract file name (for alike contracts, their group's first "
-                           "name): 80/10/10 train/valid/test"}
+                           "name): 80/10/10 train/valid/test",
+             # data.example.holdout's unit for the fit / calib cut: an alike contract goes with its group's first
+             "holdout_units": {files[k].stem: files[first].stem for k, first in group.items() if k != first}}
     positives = {s: [] for s in splits}
     none_candidates = {s: [] for s in splits}
     rows = read_csv(master, "CUAD master_clauses.csv")

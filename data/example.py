@@ -47,13 +47,19 @@ def holdout_unit(ex: "Example") -> str:
     return ex.id
 
 
-def holdout(examples: list["Example"], part: str) -> list["Example"]:
+def holdout(examples: list["Example"], part: str, same_unit: dict | None = None) -> list["Example"]:
     """The "calib" or "fit" part of train-split examples: the CALIB_SHARE of units (holdout_unit) that hash lowest
-    go to calib, the rest to fit; each example keeps its order. The cut depends only on the units present."""
+    go to calib, the rest to fit; each example keeps its order. The cut depends only on the units present.
+    same_unit: {unit: the unit it goes with} from the loader (CUAD's alike contracts, data.cuad.alike_groups)."""
     assert part in HOLDOUT_SPLITS, part
-    units = sorted({holdout_unit(ex) for ex in examples}, key=lambda u: (stable_hash("holdout", u), u))
+    same_unit = same_unit or {}
+
+    def unit(ex):
+        u = holdout_unit(ex)
+        return same_unit.get(u, u)
+    units = sorted({unit(ex) for ex in examples}, key=lambda u: (stable_hash("holdout", u), u))
     calib = set(units[:max(1, round(CALIB_SHARE * len(units)))]) if units else set()
-    return [ex for ex in examples if (holdout_unit(ex) in calib) == (part == "calib")]
+    return [ex for ex in examples if (unit(ex) in calib) == (part == "calib")]
 
 
 def stable_hash(*parts: str) -> int:

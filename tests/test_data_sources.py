@@ -266,11 +266,15 @@ def test_cuad_alike_contracts_share_a_split(tmp_path):
     assert got[key[a]] == got[key[b]] and got[key[c]] == contract_split(c)
 
 
-def test_cuad_real_duplicates_share_a_split(cuad):
+def test_cuad_real_duplicates_share_a_split(cuad, shared_datasets):
     examples, _ = cuad
     split = {e.id.split(":")[1]: e.split for e in examples}
     aduro = sorted(k for k in split if k.startswith("ADUROBIOTECH"))
     assert len(aduro) == 2 and split[aduro[0]] == split[aduro[1]]
+    # and the fit / calib cut of train keeps them together too (calibration on a contract fit trained on)
+    fit, calib = (load_examples(f"cuad:{shared_datasets / 'cuad'}", part) for part in ("fit", "calib"))
+    in_fit, in_calib = ({e.id.split(":")[1] for e in part} for part in (fit, calib))
+    assert not in_fit & in_calib and len({aduro[0] in in_fit, aduro[1] in in_fit}) == 1
     allison = [e.answer for e in examples if e.id.startswith("cuad:ALLISONTRANSMISSION")
                and e.category == "Effective Date"]
     assert allison and not any("COOPERATION" in a for a in allison)
