@@ -10,7 +10,10 @@ it is asked in the other direction). This trains exactly the decision the decode
 scores s_i = log p(query | paragraph i) of its paragraphs and of CHANNEL_NULL go through a softmax, and the loss
 is the cross-entropy of the gold choice (the paragraph holding the answer, or CHANNEL_NULL for NONE). One
 example weighs one, whatever its lengths. After training, the default rule (quote iff the best paragraph beats
-CHANNEL_NULL) is the decision trained; no threshold is fitted.
+CHANNEL_NULL) is the decision trained, with one difference: training scores at most --max-candidates units of a
+context (8 by default) against CHANNEL_NULL, while the decoder weighs every unit of a window (a median 21 CUAD
+sentences), so on NONE contexts the best of more units beats CHANNEL_NULL more often than training saw. Where
+that matters, engine.calibrate fits the NONE rule on held-out rows (the README's calib recipes).
 
 The step is engine.step's TrainStep (optimizer, schedule, loss scaling, clipping) on the same NF4 + LoRA model
 engine.train builds; only the loss (ChannelLoss) and the batches (one example's candidates per micro-batch)
