@@ -479,6 +479,10 @@ def _rows_for(args, cfg, tmp: Path) -> tuple[Path, dict]:
     if args.data.startswith("rows:"):
         path = Path(args.data[len("rows:"):])
         rows = load_rows(path)
+        most = max(int(r["input_ids"].shape[0]) for r in rows)  # (an epoch's last micro-batch may hold fewer)
+        if most != args.batch_size:  # the report and the fill are per --batch-size rows
+            raise ValueError(f"{path}: its micro-batches hold up to {most} rows; pass --batch-size {most} (they "
+                             "were saved with it)")
         if len(rows) < n:
             print(f"note: {path} holds {len(rows)} micro-batches for {n} steps; they are reused in turn", flush=True)
         meta = {"kind": "packed rows from " + path.name, "micro_batches": len(rows)}

@@ -98,6 +98,10 @@ def test_packed_rows_from_data_are_the_same_for_both_sides_and_survive_save_rows
     assert bench.main([*common, "--data", f"rows:{rows}", "--vs", "none", "--json", str(tmp_path / "b.json")]) == 0
     again = json.loads((tmp_path / "b.json").read_text())["raw"]["ours"][0]
     assert again["step_tokens"] == ours["step_tokens"] and again["losses"] == pytest.approx(ours["losses"], abs=1e-6)
+    bs = common[common.index("--batch-size") + 1] if "--batch-size" in common else "2"
+    other = ["--batch-size", str(int(bs) + 1)]
+    assert bench.main([*common, *other, "--data", f"rows:{rows}", "--vs", "none"]) != 0  # rows of another batch size
+    assert f"pass --batch-size {bs}" in capsys.readouterr().err
 
 
 def test_a_bad_rows_file_is_a_one_line_error(tmp_path, capsys):
