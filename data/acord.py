@@ -63,8 +63,8 @@ def load(root, split=None, *, k: int = 4, min_score: int = 3, abstain_ratio: flo
             raise DataError(f"{where}: field 'metadata' must be an object with 'split' (and 'category')")
         if "_id" not in d or "split" not in meta:
             raise DataError(f"{where}: missing field '_id' or 'metadata.split'")
-        fields = {"text": d.get("text", ""), "metadata.split": meta["split"],
-                  "metadata.category": meta.get("category", ""),
+        fields = {"text": d.get("text") or "", "metadata.split": meta["split"],  # null: as if absent
+                  "metadata.category": meta.get("category") or "",
                   "_id": str(d["_id"]) if type(d["_id"]) is int else d["_id"]}  # qrels name queries as text
         bad = [k for k, v in fields.items() if not isinstance(v, str)]
         if bad:

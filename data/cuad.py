@@ -57,10 +57,10 @@ def contract_split(filename: str, fractions=(0.8, 0.1, 0.1)) -> str:
     return "train" if u < fractions[0] else "valid" if u < fractions[0] + fractions[1] else "test"
 
 
-def split_by_contract(files: dict, fractions=(0.8, 0.1, 0.1), threshold: float = 0.5) -> dict:
-    """{file key: split}: the split of each contract's group of alike contracts (alike_groups), drawn from the
-    group's first key."""
-    return {key: contract_split(root, fractions) for key, root in alike_groups(files, threshold).items()}
+def split_by_contract(files: dict, fractions=(0.8, 0.1, 0.1), group: dict | None = None) -> dict:
+    """{file key: split}: the split of each contract's group of alike contracts (alike_groups, or `group` when
+    the caller has it), drawn from the group's first key."""
+    return {key: contract_split(first, fractions) for key, first in (group or alike_groups(files)).items()}
 
 
 def alike_groups(files: dict, threshold: float = 0.5) -> dict:
@@ -174,6 +174,8 @@ def _spans(strings: list[str], text: str, norm: dict, clauses: dict, where: str,
                 kept = [p for p, n in zip(placed, near) if p[1] - p[0] >= MIN_ANCHOR or n <= gap]
                 clauses["short_dropped"] += len(placed) - len(kept)
                 placed = kept
+                if not kept:  # only short pieces, each far from the next: where the clause is, nobody can say
+                    status = "rejected"
             for a, b, _ in placed:
                 a2, b2 = _whole_words(text, a, b)
                 clauses["widened"] += (a2, b2) != (a, b)
@@ -297,7 +299,7 @@ def load(root, split=None, *, max_context_chars: int = 4000, none_ratio: float =
     txt_dir = root / "full_contract_txt"
     files = _contract_files(txt_dir)
     group = alike_groups(files)
-    split_of = {key: contract_split(first) for key, first in group.items()}
+    split_of = split_by_contract(files, group=group)
     master = root / "master_clauses.csv"
     clauses = {"total": 0, "aligned": 0, "repaired": 0, "rejected": 0, "omitted_split": 0, "pieces": 0,
                "short_dropped": 0, "widened": 0, "rejected_list": []}

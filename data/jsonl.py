@@ -7,7 +7,7 @@ Whether the answer is really in its context is the validator's job (it repairs o
 """
 from pathlib import Path
 
-from data.example import NONE, SPLITS, DataError, Example
+from data.example import NONE, SPLITS, DataError, Example, is_none
 from data.io import read_jsonl
 
 REQUIRED = ("query", "context", "answer")
@@ -32,7 +32,7 @@ def load(path, split=None):
             raise DataError(f"{path}:{n}: empty query; give the clause type or the attorney's question")
         # 'none', 'None.', '"NONE"': what the metrics and the channel decoder read as NONE is NONE here too, never
         # a one-word clause that happens to be in a context holding 'nonetheless'
-        answer = NONE if d["answer"].strip(" .\"'`\t\n").upper() == NONE else d["answer"].strip()
+        answer = NONE if is_none(d["answer"]) else d["answer"].strip()
         if not d["context"].strip():
             raise DataError(f"{path}:{n}: empty context; give the contract text the answer is copied from")
         s = d.get("split", "train")

@@ -243,6 +243,8 @@ def run(args) -> dict:
                   f"{d.get('split')!r}): the check measures the fit, not the rule", file=sys.stderr)
         checked = redecide(c, channel_rows(c, args.check, redecided=True), rule, args.check, untrimmed)
         result = {**summarize(checked), "decode": "channel"}
+        doc["check"] = {"eval_json": str(args.check), "clause": result["clause"], "none": result["none"],
+                        "untrimmed": len(untrimmed)}  # in RULE.json too: what the rule did on held-out rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # runs/calib/ need not exist yet
     atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
     print(f"rule: NONE unless {rule.bias:+.3f} " + " ".join(f"{w:+.3f}*{f}" for f, w in rule.weights.items())
@@ -257,8 +259,6 @@ def run(args) -> dict:
                   f"trim to replay and are scored with the whole {unit_of(c)}"
                   + (f" (first: {untrimmed[0]!r})" if untrimmed else ""))
         print(f"{args.check} under the rule:\n{headline(result)}")
-        doc["check"] = {"eval_json": str(args.check), "clause": result["clause"], "none": result["none"],
-                        "untrimmed": len(untrimmed)}
     return doc
 
 

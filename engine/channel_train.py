@@ -277,7 +277,7 @@ def usable_examples(examples, unit: str, hard: dict | None = None) -> tuple[list
         if found is None:
             why = f"answer not within one {unit}" + (" (the decoder quotes one)" if unit == "paragraph" else "")
         elif hard is not None and ex.id not in hard:
-            why = "not in --hard-negatives"
+            why = "not ranked in --hard-negatives"  # not there, read in several windows, or other units
         else:
             usable.append((ex, *found))
             continue
@@ -325,10 +325,10 @@ def _stream(tok, usable: list, args, rank: int, world_size: int, hard: dict, ski
 
 def _left_out_note(left: dict[str, int], args) -> str:
     """The banner's account of usable_examples' left-out examples: "none left out", or "2 left out: 1 answer not
-    within one paragraph (the decoder quotes one), 1 not in --hard-negatives FILE"."""
+    within one paragraph (the decoder quotes one), 1 not ranked in --hard-negatives FILE"."""
     if not left:
         return "none left out"
-    whys = [f"{n} {why}{' ' + str(args.hard_negatives) if why == 'not in --hard-negatives' else ''}"
+    whys = [f"{n} {why}{' ' + str(args.hard_negatives) if why == 'not ranked in --hard-negatives' else ''}"
             for why, n in left.items()]
     return f"{sum(left.values())} left out: {', '.join(whys)}"
 
@@ -394,6 +394,8 @@ def preflight(argv: list[str]) -> int:
     def check():
         cfg = check_args(args)
         _check_start(RunDir(args.out), cfg, args, args.resume)
+        if args.resume:
+            ckpt.check_resumable(args.out)
         check_device_tools(cfg, "cuda" if dist.uses_cuda(args.device) else "cpu")  # NF4 needs bitsandbytes' CUDA
         examples = load_validated(args.data, args.split)[0]
         _eval_examples(args)
@@ -451,11 +453,8 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
         # every rank reads OUT; nobody writes before the barrier below
         _check_start(guard, cfg, args, resume)
         resume_from = ckpt.latest(out) if resume else None
-        if args.resume and resume_from is None and (n := ckpt.logged_steps(out / "metrics.jsonl")):
-            # it would start over from step 0 and write a new metrics.jsonl over the run's record
-            raise ConfigError(f"--resume: {out} holds a run that logged {n} step(s) but has no checkpoint to "
-                              "continue from (it ran with --save-every 0); pass --overwrite to start it over, or "
-                              "train into a new --out (--save-every N makes a run resumable)")
+        if args.resume:
+            ckpt.check_resumable(out)
         set_threads(args.threads)
         device = d.device
         check_device_tools(cfg, device)  # now, not after the model has loaded and its first forward has failed

@@ -28,10 +28,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engine import dist
+from engine.config import ConfigError
 from engine.rundir import RunDir
 from model.files import atomic_dir, atomic_write_text, fsync_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_MOVED_ASIDE = re.compile(r"^step-(\d+)\.tmp\.old$")
 
 
 class StopFlag:
@@ -86,12 +88,16 @@ def complete_checkpoints(out) -> list[tuple[int, Path]]:
     root = ckpt_root(out)
     if not root.is_dir():
         return []
-    found = []
+    found = {}
     for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
+        m = _STEP_DIR.match(p.name) or _MOVED_ASIDE.match(p.name)
         if m and p.is_dir() and (p / "state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+            # a step-N.tmp.old counts only without its step-N: a save of that step again stopped between moving
+            # the old copy aside and putting the new one in place (remove_partial puts it back)
+            n = int(m.group(1))
+            if n not in found or not p.name.endswith(".old"):
+                found[n] = p
+    return sorted(found.items())
 
 
 def latest(out) -> Path | None:
@@ -275,6 +281,17 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def check_resumable(out) -> None:
+    """Refuse a --resume of a run that logged steps but holds no complete checkpoint: it would start over from
+    step 0 and write a new metrics.jsonl over the run's record. Both trainers and their preflights call it."""
+    n = logged_steps(Path(out) / "metrics.jsonl")
+    if n and latest(out) is None:
+        raise ConfigError(f"--resume: {out} holds a run that logged {n} step(s) but no complete checkpoint to "
+                          "continue from (none was written: --save-every 0, or the run ended before its first "
+                          "save); pass --overwrite to start it over, or train into a new --out (--save-every N "
+                          "makes a run resumable)")
 
 
 def logged_steps(path) -> int:

@@ -127,11 +127,12 @@ def mark_focus_cut(ans: Answer, trim) -> Answer:
     return ans
 
 
-def answer_budget(decode: str, max_new_tokens: int) -> int:
+def answer_budget(decode: str, max_new_tokens: int, focus: bool = False) -> int:
     """Tokens a window's prompt must leave for its answer: none for --decode channel, which generates nothing
-    there (it scores the query after each unit, in prompts of their own; a --focus-adapter copies from a unit,
-    not from the window), else --max-new-tokens."""
-    return 0 if decode == "channel" else max_new_tokens
+    there (it scores the query after each unit, in prompts of their own), else --max-new-tokens. With a
+    --focus-adapter the chosen unit (up to a whole window) is copied from in a prompt of its own, which then needs
+    that room too."""
+    return 0 if decode == "channel" and not focus else max_new_tokens
 
 
 def read_rule(path, unit: str, adapter: str | None, model: str | None) -> ChannelRule:
@@ -190,7 +191,7 @@ def answer_example(model, tok, ex, *, seq_len: int, max_new_tokens: int, decode:
     channel: the winning window's paragraph (or, unit "sentence", sentence) scores and NONE features (rule decides
     NONE; engine.calibrate). focus (decode "channel"): an AdapterBank with a "focus" adapter that trims the chosen
     unit to the clause (focuser; the row's channel detail then says what it kept)."""
-    windows = prompt_windows(tok, ex, seq_len - answer_budget(decode, max_new_tokens))
+    windows = prompt_windows(tok, ex, seq_len - answer_budget(decode, max_new_tokens, focus is not None))
     best, n_prompt, n_tokens = None, None, 0
     trim = focuser(model, tok, focus, ex, max_new_tokens) if focus is not None else None
     for a, b in windows:
@@ -247,7 +248,8 @@ def evaluate_examples(model, tok, examples: list, *, max_new_tokens: int = 1024,
     """Answer every example (answer_example) and score it -> {"overall", "clause", "none", "by_category",
     "by_source", "rows"}.
 
-    seq_len: tokens the model reads per window, prompt + answer; a prompt gets seq_len - max_new_tokens.
+    seq_len: tokens the model reads per window, prompt + answer; a prompt gets seq_len - answer_budget (the
+    whole seq_len for channel decoding without a focus stage, else seq_len - max_new_tokens).
     decode: "constrained" (every answer a verbatim slice of its context, or NONE), "rank" (constrained, the start
     chosen among paragraph starts and NONE by the log-probability of their first tokens) or "free" (plain greedy).
     The model is put in eval mode for the call and restored after (the trainer calls this mid-run).
@@ -454,7 +456,8 @@ def run(args) -> dict:
         read_metrics_jsonl(args.metrics)  # now, not after the evaluation: a file that does not read is one line
     set_threads(args.threads)
     choose_decoding(args)
-    room = answer_budget(args.decode, args.max_new_tokens)  # channel decoding generates nothing after a window
+    # channel decoding generates nothing after a window (a focus stage does, from the unit it chose)
+    room = answer_budget(args.decode, args.max_new_tokens, bool(getattr(args, "focus_adapter", None)))
     if args.seq_len is not None and args.seq_len <= room + 64:
         raise ValueError(f"--seq-len {args.seq_len} leaves no room for a prompt"
                          + (f" beside --max-new-tokens {args.max_new_tokens}; raise --seq-len or lower "

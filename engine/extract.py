@@ -317,7 +317,7 @@ def run(args) -> dict:
     if every and args.decode == "free":
         raise ValueError("--clause all needs --decode constrained, rank or channel, not free (free text has no "
                          "one pass that serves every clause type)")
-    answer_room = answer_budget(args.decode, args.max_new_tokens)
+    answer_room = answer_budget(args.decode, args.max_new_tokens, bool(args.focus_adapter))
     window_budget(None, args.clause, args.seq_len, answer_room)  # minutes before the model would have loaded
     rule = read_rule(args.channel_rule, args.channel_unit, args.adapter, run_model_source(args.model, args.adapter)) \
         if args.channel_rule else None

@@ -27,7 +27,7 @@ from collections import Counter
 
 from rapidfuzz import fuzz
 
-NONE = "NONE"  # the abstention answer; equals data.NONE (kept local so metrics import nothing heavy)
+from data.example import NONE, is_none  # noqa: F401  (is_none: re-exported, one rule for data and metrics)
 
 _WS = re.compile(r"\s+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -46,9 +46,6 @@ def normalize_ws(text: str) -> str:
     return _WS.sub(" ", text or "").strip()
 
 
-def is_none(text: str) -> bool:
-    """True when a prediction (or answer) is the abstention NONE; tolerates case, quotes and a final period."""
-    return normalize_ws(text).strip(" .\"'`").upper() == NONE
 
 
 def similarity(prediction: str, answer: str) -> float:

@@ -437,8 +437,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or (args.threads is not None and args.threads < 1):
         ap.error("--max-new-tokens and --threads must be positive, --temperature >= 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: no CUDA device is visible; use --device cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        ap.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA device(s); use --device cpu"
+                 + (" or cuda:0" if torch.cuda.device_count() else ""))
     cpu_threads(args.threads)
     try:
         source = args.model

@@ -98,6 +98,9 @@ def test_calibrate_then_evaluate_with_the_rule_agrees_with_check(tiny_model_dir,
     assert out.splitlines()[1:3] == checked
     ev1 = json.loads((tmp_path / "test1" / "eval.json").read_text())
     assert ev1["channel_rule"]["file"] == str(rule) and ev1["channel_rule"]["bias"] == doc["bias"]
+    # the check's outcome is kept in the rule file too, and it is what evaluating with the rule gives
+    assert doc["check"]["eval_json"] == str(tmp_path / "test0" / "eval.json")
+    assert doc["check"]["clause"] == ev1["clause"] and doc["check"]["none"] == ev1["none"]
 
 
 def test_calibrate_errors_are_one_line(tiny_model_dir, tmp_path, capsys):  # noqa: F811

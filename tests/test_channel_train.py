@@ -201,7 +201,7 @@ def test_channel_train_run_writes_adapter_and_learns_the_choice(tiny_model_dir, 
     before = (missing / "metrics.jsonl").read_bytes()
     capsys.readouterr()
     assert main([*common, "--out", str(missing), "--resume", "--max-steps", "2"]) != 0
-    assert "has no checkpoint to continue from" in capsys.readouterr().err
+    assert "no complete checkpoint to continue from" in capsys.readouterr().err
     assert (missing / "metrics.jsonl").read_bytes() == before
 
 

@@ -95,6 +95,14 @@ def test_acord_query_fields_of_the_wrong_type_name_the_line(tmp_path, query, nee
     assert "\n" not in str(e.value)
 
 
+def test_acord_null_query_text_or_category_falls_back_to_the_id(tmp_path):
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "a", "text": "x"}\n')
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q0", "text": null, "metadata": {"split": "train", '
+                                            '"category": null}}\n')
+    with pytest.raises(DataError, match="qrels"):  # the queries read; the qrels are what is missing here
+        load_examples(f"acord:{tmp_path}")
+
+
 def test_acord_numeric_query_ids_match_their_qrels(shared_datasets, tmp_path):
     root = tmp_path / "acord"
     shutil.copytree(shared_datasets / "acord", root)
@@ -219,6 +227,13 @@ def test_cuad_pieces_are_placed_in_order_and_short_ones_only_beside_their_neighb
     assert answers == ["Dated as of May 1, 2020, the parties agree.",
                        "The laws of Delaware govern this Agreement, without regard to conflicts of law"]
     assert notes["clauses"]["short_dropped"] == 1 and notes["clauses"]["repaired"] == 2
+    # a string of short pieces only, each far from the next: rejected, not a clause nowhere (and not counted as
+    # repaired), so the category gets no NONE window in this contract
+    cell = repr(["Dated as of May 1, 2020<omitted>the parties agree<omitted>.", "Section 3<omitted>Section 50"])
+    _mini_cuad(tmp_path / "b", [("A.pdf", cell)], {"A.txt": body})
+    examples, notes = load_source(f"cuad:{tmp_path / 'b'}", max_context_chars=600)
+    assert (notes["clauses"]["rejected"], notes["clauses"]["short_dropped"]) == (1, 2)
+    assert not any(e.answer == NONE for e in examples)
 
 
 def test_cuad_answers_are_whole_words_and_none_windows_hold_no_clause_string(tmp_path):
@@ -344,9 +359,10 @@ def test_jsonl_round_trip_with_defaults(tmp_path):
 def test_jsonl_none_in_any_spelling_is_none_and_an_empty_query_or_a_lone_surrogate_is_refused(tmp_path):
     p = tmp_path / "d.jsonl"
     ctx = "The parties shall nonetheless meet. None of the terms apply."
-    rows = [{"query": "Q", "context": ctx, "answer": a} for a in ("none", "None.", '"NONE"', "None of the terms")]
+    rows = [{"query": "Q", "context": ctx, "answer": a}
+            for a in ("none", "None.", '"NONE"', "none\r\n", "None of the terms")]
     p.write_text("\n".join(map(json.dumps, rows)) + "\n")
-    assert [e.answer for e in load_examples(f"jsonl:{p}")] == [NONE, NONE, NONE, "None of the terms"]
+    assert [e.answer for e in load_examples(f"jsonl:{p}")] == [NONE, NONE, NONE, NONE, "None of the terms"]
     for bad, needle in (({"query": " ", "context": ctx, "answer": "NONE"}, "d.jsonl:2: empty query"),
                         ({"query": "Q", "context": "x \ud800 y", "answer": "NONE"}, "d.jsonl:2: holds an unpaired")):
         p.write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")

@@ -288,3 +288,13 @@ def test_channel_windows_keep_no_room_for_an_answer_it_never_generates(tiny_mode
     assert main([*common, "--decode", "channel", "--out", str(tmp_path / "ch")]) == 0
     assert main([*common, "--decode", "constrained", "--out", str(tmp_path / "co")]) == 1
     assert not (tmp_path / "co").exists()
+
+
+def test_channel_windows_keep_room_for_a_focus_stage_only():
+    """Channel decoding generates nothing after a window, but a --focus-adapter copies from the unit it chose
+    (up to a whole window) in a prompt of its own, which needs --max-new-tokens of room as other decoders do."""
+    from engine.evaluate import answer_budget
+
+    assert answer_budget("channel", 300) == 0
+    assert answer_budget("channel", 300, focus=True) == answer_budget("constrained", 300) == 300
+

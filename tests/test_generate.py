@@ -78,8 +78,10 @@ def test_cli_adapter_alone_runs_on_the_adapters_base(tmp_path, monkeypatch, caps
 def test_cli_usage_errors_are_one_line(capsys):
     from model.generate import main
 
-    for argv in (["--prompt", "x", "--max-new-tokens", "0"], []):
+    n_gpus = torch.cuda.device_count()
+    for argv in (["--prompt", "x", "--max-new-tokens", "0"], [], ["--prompt", "x", "--device", "xyz"],
+                 ["--prompt", "x", "--device", "mps"], ["--prompt", "x", "--device", f"cuda:{n_gpus}"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and err.startswith("error:") and "\n" not in err
+        assert e.value.code == 2 and err.startswith("error:") and "\n" not in err, err
