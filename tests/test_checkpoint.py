@@ -120,6 +120,11 @@ def test_a_complete_checkpoint_moved_aside_by_an_interrupted_resave_is_put_back(
     path.rename(root / "step-4.tmp.old")
     (root / "step-4.tmp").mkdir()  # the new copy, half written
     (root / "step-6.tmp.old").mkdir()  # an incomplete leftover: no state.json
+    # a --resume looks before anything tidies OUT: the moved-aside step is already the newest it finds
+    assert ckpt.latest(tmp_path).name == "step-4.tmp.old"
+    model2, opt2 = _setup(seed=1)
+    assert ckpt.load(ckpt.latest(tmp_path), model=model2, optimizer=opt2,
+                     precision=Precision("fp32", torch.device("cpu")))["step"] == 4
     ckpt.remove_partial(tmp_path)
     assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-4"] and ckpt.latest(tmp_path).name == "step-4"
 
