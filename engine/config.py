@@ -44,7 +44,7 @@ class TrainConfig:
     data: str = _f("synthetic", "data spec: acord:DIR, cuad:DIR, jsonl:FILE or synthetic")
     train_split: str = _f("train", "split used for training")
     eval_split: str = _f("valid", "split used for the periodic evaluation loss")
-    max_examples: int = _f(0, "use at most this many training examples, a seeded sample over every category (0 = all)")
+    max_examples: int = _f(0, "use at most this many training examples, a seeded category-balanced sample (0 = all)")
     max_rejected: float = _f(0.01, "refuse to train when more than this fraction of examples fails validation")
     out: str = _f("runs/train", "output directory (config.json, metrics.jsonl, checkpoints/, adapter/)")
     # sequence / batch

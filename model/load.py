@@ -224,7 +224,8 @@ def _hf_tensors(path: Path):
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights (pickled .bin/.pth are not loaded, by design)")
+        raise FileNotFoundError(f"{path}: no *.safetensors weights (pickled .bin/.pth are not loaded, by design; "
+                                "a hub id downloads the top-level model*.safetensors)")
     came_from = {}
     for name in files:
         f = path / name
