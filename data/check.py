@@ -76,9 +76,9 @@ def format_channel(ch: dict) -> str:
     return (f"channel rows (engine.channel_train --unit {ch['unit']} --max-candidates {ch['max_candidates']} "
             f"--max-clause-tokens {ch['max_clause_tokens']}; the longest each example can make): {ch['examples']} "
             f"examples, p50 {ch['p50']}  p99 {ch['p99']}  max {ch['max']} tokens; at most {ch['max_supervised']} "
-            f"query tokens in a row\n  a bound on the step's peak: python -m engine.memory --model MODEL --seq-len "
-            f"{ch['max']} --batch-size 1 --pack --supervised {ch['max_supervised']} [--precision fp16 --capability "
-            "7.5 for a T4]")
+            f"query tokens in a row\n  a bound on the step's peak: python -m engine.memory --config RECIPE.toml "
+            f"--seq-len {ch['max']} --batch-size 1 --pack --supervised {ch['max_supervised']} [--capability 7.5 for "
+            "a T4] (RECIPE: the channel recipe you train with; or --model MODEL and its flags instead)")
 
 
 def format_report(rep: Report, tokens: dict, seconds: float) -> str:

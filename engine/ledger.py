@@ -50,6 +50,7 @@ class Setup:
     batch_size: int
     lora_r: int = 16
     lora_targets: tuple = TARGETS
+    lora_dropout: float = 0.0  # > 0: each adapter keeps its own dropped copy of its input and a mask (block_saved)
     checkpointing: bool = True
     offload: bool = False
     mlp_tile: int = 0  # tokens per MLP tile (model.llama.token_tiles); 0 = the whole micro-batch at once
@@ -76,7 +77,8 @@ class Setup:
         built `model`, quantization and LoRA settings are read off it, so the ledger describes what was built.
         kw: supervised, sdpa."""
         s = cls(seq_len=cfg.seq_len, batch_size=cfg.batch_size, lora_r=cfg.lora_r,
-                lora_targets=tuple(cfg.lora_targets), checkpointing=cfg.checkpointing, offload=cfg.offload,
+                lora_targets=tuple(cfg.lora_targets), lora_dropout=cfg.lora_dropout,
+                checkpointing=cfg.checkpointing, offload=cfg.offload,
                 mlp_tile=cfg.mlp_tile, compile=cfg.compile, precision=precision, optimizer=cfg.optimizer,
                 quantize=cfg.quantize, double_quant=cfg.double_quant, loss_chunk=cfg.loss_chunk, pack=cfg.pack,
                 device=device, **kw)
@@ -84,9 +86,10 @@ class Setup:
 
     def to_config(self) -> TrainConfig:
         """A TrainConfig with these knobs, for building and stepping the model the trainer would (LoRA alpha
-        2r, no dropout: neither changes a byte)."""
+        2r: the scaling changes no byte; the dropout does, so it is passed on)."""
         return TrainConfig(seq_len=self.seq_len, batch_size=self.batch_size, lora_r=self.lora_r,
                            lora_alpha=2.0 * self.lora_r, lora_targets=list(self.lora_targets),
+                           lora_dropout=self.lora_dropout,
                            checkpointing=self.checkpointing, offload=self.offload, mlp_tile=self.mlp_tile,
                            trim_cpu_heap=self.trim_cpu_heap, compile=self.compile, precision=self.precision,
                            optimizer=self.optimizer, quantize=self.quantize, double_quant=self.double_quant,
@@ -112,8 +115,20 @@ class Setup:
 
     @property
     def rows(self) -> int:
-        n = self.batch_size * (self.seq_len - 1) if self.supervised is None else self.supervised
-        return max(0, n)
+        """Supervised positions per micro-batch: at most B*(T-1) (the last position of a row predicts nothing)."""
+        most = self.batch_size * (self.seq_len - 1)
+        return most if self.supervised is None else max(0, min(self.supervised, most))
+
+    @property
+    def dropout(self) -> bool:
+        """Whether the adapters run dropout on their input (model.lora.LoRALinear: nn.Dropout only when p > 0)."""
+        return self.lora_dropout > 0 and self.lora_r > 0
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether the checkpointed block inputs really leave the device: on the CPU, Llama.hidden's x.to("cpu") is
+        the tensor itself (no copy), so --offload there changes no byte."""
+        return self.offload and self.checkpointing and self.device != "cpu"
 
 
 @dataclass
@@ -230,7 +245,9 @@ def attention(cfg, s: Setup) -> AttentionPath:
 def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
     """What autograd keeps for one decoder block (model/llama.py Block) without checkpointing, tensor by tensor.
     n = B*T tokens, c = compute dtype bytes. Frozen Linear4bit/nn.Linear save no input (no weight gradient);
-    LoRA's A saves its input, B its rank-r input; SwiGLU (_SiluMul) keeps gate and up.
+    LoRA's A saves its input, B its rank-r input; SwiGLU (_SiluMul) keeps gate and up. With LoRA dropout each
+    adapter's A saves its own dropped copy of the input, and the dropout its mask (lora_dropout_rows), instead of
+    the one input the adapters of q/k/v (or gate/up) share.
     (The first block's input_layernorm saves nothing: its input, the frozen embedding, needs no gradient.)"""
     n, c, H = s.tokens, s.cbytes, cfg.hidden_size
     nh, nkv, hd, r = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, s.lora_r
@@ -261,9 +278,12 @@ def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
         out.append((f"post_attention_layernorm: input (MLP tiles of {s.mlp_tile} tokens keep only it)", n * H * c))
     else:
         out += mlp_saved(cfg, s, n)
-    if T & {"q_proj", "k_proj", "v_proj"}:
+    if s.dropout:  # the adapters' inputs are their dropped copies; the norm and attention outputs are not kept
+        out += lora_dropout_rows(s, T & QKV, "q/k/v", "attention norm output", n * H)
+        out += lora_dropout_rows(s, T & {"o_proj"}, "o_proj", "attention output", n * nh * hd)
+    elif T & QKV:
         out.append(("LoRA input: attention norm output", n * H * c))
-    if "o_proj" in T and (kernel == "math" or path.segmented):
+    if "o_proj" in T and not s.dropout and (kernel == "math" or path.segmented):
         # fused kernels return (B, T, heads, hd)-contiguous output: the transpose+reshape is then a view of it;
         # the segment path concatenates its per-segment outputs, a new tensor
         out.append(("LoRA input: attention output", n * nh * hd * c))
@@ -275,8 +295,27 @@ def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
     return out
 
 
-ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
+QKV = {"q_proj", "k_proj", "v_proj"}
+ATTENTION = QKV | {"o_proj"}
 MLP = {"gate_proj", "up_proj", "down_proj"}
+
+
+def dropout_mask_bytes(s: Setup) -> int:
+    """Bytes per element of the mask LoRA's dropout (nn.Dropout, training) keeps for backward: CUDA's fused
+    kernel (aten.native_dropout) keeps a bool mask, and so do compiled blocks (inductor's dropout, measured on the
+    CPU); the CPU's eager dropout multiplies by a noise tensor in the input's dtype and keeps that (checked with
+    saved-tensor hooks in tests/test_ledger_dropout.py)."""
+    return 1 if s.device == "cuda" or s.compile else s.cbytes
+
+
+def lora_dropout_rows(s: Setup, targets, which: str, what: str, elems: int) -> list[tuple[str, int]]:
+    """The saved rows of adapters with dropout on the same input of `elems` elements: each keeps a dropped copy
+    (lora_A's matmul saves it for its weight gradient) and the dropout's mask."""
+    if not targets:
+        return []
+    k = len(targets)
+    return [(f"LoRA dropout {which}: dropped {what}" + (f" ×{k}" if k > 1 else ""), k * elems * s.cbytes),
+            (f"LoRA dropout {which}: mask" + (f" ×{k}" if k > 1 else ""), k * elems * dropout_mask_bytes(s))]
 
 
 def lora_cast_bytes(cfg, s: Setup, targets) -> int:
@@ -293,10 +332,14 @@ def mlp_saved(cfg, s: Setup, n: int) -> list[tuple[str, int]]:
            ("post_attention_layernorm: rsqrt", n * 4),
            ("gate_proj output", n * I * c),
            ("up_proj output", n * I * c)]  # _SiluMul keeps gate and up only, not silu(gate)
-    if T & {"gate_proj", "up_proj"}:
-        out.append(("LoRA input: MLP norm output", n * H * c))
-    if "down_proj" in T:
-        out.append(("LoRA input: silu(gate)*up", n * I * c))
+    if s.dropout:  # each adapter's own dropped input and mask; the norm output and silu(gate)*up are not kept
+        out += lora_dropout_rows(s, T & {"gate_proj", "up_proj"}, "gate/up", "MLP norm output", n * H)
+        out += lora_dropout_rows(s, T & {"down_proj"}, "down_proj", "silu(gate)*up", n * I)
+    else:
+        if T & {"gate_proj", "up_proj"}:
+            out.append(("LoRA input: MLP norm output", n * H * c))
+        if "down_proj" in T:
+            out.append(("LoRA input: silu(gate)*up", n * I * c))
     if T:
         out.append((f"MLP LoRA rank-{r} intermediates ×{len(T)}", len(T) * n * r * c))
         if c != 4:
@@ -306,10 +349,12 @@ def mlp_saved(cfg, s: Setup, n: int) -> list[tuple[str, int]]:
 
 def first_block_discount(cfg, s: Setup) -> int:
     """Bytes the first block saves less than the others: its input (the frozen embedding) needs no gradient, so
-    input_layernorm saves nothing, and neither do the q/k/v adapters' A matmuls their weight copies."""
+    input_layernorm saves nothing, and neither do the q/k/v adapters' A matmuls their weight copies, nor their
+    dropouts a mask (their dropped copies are kept: A's weight gradient needs them)."""
     qkv = [t for t in ("q_proj", "k_proj", "v_proj") if t in s.lora_targets] if s.lora_r > 0 else []
     casts = len(qkv) * s.lora_r * cfg.hidden_size * s.cbytes if s.cbytes != 4 else 0
-    return s.tokens * cfg.hidden_size * s.cbytes + s.tokens * 4 + casts
+    masks = len(qkv) * s.tokens * cfg.hidden_size * dropout_mask_bytes(s) if s.dropout else 0
+    return s.tokens * cfg.hidden_size * s.cbytes + s.tokens * 4 + casts + masks
 
 
 def model_saved(cfg, s: Setup) -> list[tuple[str, int]]:
@@ -352,12 +397,15 @@ def block_backward_working(cfg, s: Setup) -> int:
     SwiGLU backward: the gradient coming in and the two going out (3 × t·I over the t tokens the MLP works on),
     the fp32 temporaries of swiglu_backward_temporaries, and the block output's gradient (n·H), in compute
     dtype; by then down_proj's backward has freed its LoRA input (silu(gate)·up, t·I), which the recompute
-    counted. The other candidate is down_proj's backward itself: its dequantised weight beside its input
-    gradient (t·I) and the block output's gradient. Tiled (token_tiles), the tile's own recompute comes on top,
-    and the input gradients of the tiles done so far (up to n·H). Checked against the CPU allocator at small
-    shapes by tests/test_memory.py (engine.memory.peak_allocated_bytes)."""
+    counted (with LoRA dropout: its dropped copy and mask). The other candidate is down_proj's backward itself:
+    its dequantised weight beside its input gradient (t·I) and the block output's gradient. Tiled (token_tiles),
+    the tile's own recompute comes on top, and the input gradients of the tiles done so far (up to n·H). Checked
+    against the CPU allocator at small shapes by tests/test_memory.py (engine.memory.peak_allocated_bytes)."""
     n, t, c, H, I = s.tokens, s.mlp_tokens, s.cbytes, cfg.hidden_size, cfg.intermediate_size
-    freed = t * I * c if "down_proj" in s.lora_targets and s.lora_r > 0 else 0
+    # with dropout, down_proj's adapter keeps its dropped copy and mask instead (mlp_saved): both freed by then in
+    # eager blocks; a compiled block's backward still holds the mask (measured on the CPU, tests/test_ledger_dropout)
+    mask = dropout_mask_bytes(s) if s.dropout and not s.compile else 0
+    freed = t * I * (c + mask) if "down_proj" in s.lora_targets and s.lora_r > 0 else 0
     swiglu = 3 * t * I * c + swiglu_backward_temporaries(cfg, s) - freed
     down = t * I * c + dequant_transient(cfg, s)
     work = max(swiglu, down) + n * H * c
@@ -385,7 +433,9 @@ def attention_backward_working(cfg, s: Setup) -> int:
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     kv = nh if attention(cfg, s).expand_kv else nkv
     mlp = n * H * c if s.tiled else sum(b for _, b in mlp_saved(cfg, s, n))
-    return -mlp + 2 * n * H * c + n * (nh + 2 * kv) * hd * c + n * nh * hd * sdpa_dq_buffer_bytes(s)
+    # with LoRA dropout o_proj's adapter kept its own dropped input and mask: its backward, done by then, freed them
+    o_drop = n * nh * hd * (c + dropout_mask_bytes(s)) if s.dropout and "o_proj" in s.lora_targets else 0
+    return -mlp - o_drop + 2 * n * H * c + n * (nh + 2 * kv) * hd * c + n * nh * hd * sdpa_dq_buffer_bytes(s)
 
 
 def sdpa_dq_buffer_bytes(s: Setup) -> int:
@@ -434,9 +484,11 @@ def predict(cfg, s: Setup) -> Ledger:
         led.add("saved", name, b)
     ckpt_in = L * n * H * c
     if s.checkpointing:
-        led.add("saved", "block inputs (checkpointing)", 0 if s.offload else ckpt_in,
-                f"{L}×[{s.batch_size},{s.seq_len},{H}] {s.precision}" + (" → host (offload)" if s.offload else ""))
-        if s.offload:
+        where = (" → host (offload)" if s.offloaded else
+                 " (offload on the CPU: the host is the device, nothing moves)" if s.offload else "")
+        led.add("saved", "block inputs (checkpointing)", 0 if s.offloaded else ckpt_in,
+                f"{L}×[{s.batch_size},{s.seq_len},{H}] {s.precision}" + where)
+        if s.offloaded:
             led.add("saved", "block inputs on host (offload)", ckpt_in, "CPU RAM, not GPU", where="host")
         led.add("saved", "(without checkpointing it would be)", L * full_block - first, f"{L}×{fmt(full_block)}, "
                 "first block less", where="none")
@@ -446,7 +498,7 @@ def predict(cfg, s: Setup) -> Ledger:
         led.add("saved", "(with checkpointing it would be)", ckpt_in, "block inputs", where="none")
     # transients: the largest one bounds the peak (they do not overlap: loss backward finishes before blocks)
     recompute = (full_block - n * H * c) if s.checkpointing else 0  # the norm's saved input is the block input
-    offload_back = n * H * c if s.offload else 0  # the block input brought back for its recompute
+    offload_back = n * H * c if s.offloaded else 0  # the block input brought back for its recompute
     working, freed = block_backward_working(cfg, s), freed_before_blocks(cfg, s)
     block_t = recompute + offload_back + working - freed
     loss_t = loss_transient(cfg, s) + s.rows * H * c  # plus the gradient of the supervised hidden rows
@@ -468,7 +520,7 @@ def predict(cfg, s: Setup) -> Ledger:
     led.peak = static + saved + transients[led.transient_name]
     # the other checkpointing choice, for the comparison line
     if s.checkpointing:
-        other_saved = saved - (0 if s.offload else ckpt_in) + L * full_block - first
+        other_saved = saved - (0 if s.offloaded else ckpt_in) + L * full_block - first
         led.peak_other = static + other_saved + max(working - freed, loss_t, norm_t)
     else:
         other_saved = saved - (L * full_block - first) + ckpt_in
@@ -498,6 +550,7 @@ def describe(cfg, s: Setup) -> str:
             f"/{cfg.num_key_value_heads} V={cfg.vocab_size} | B={s.batch_size} T={s.seq_len} {s.precision} "
             f"{s.quantize}{'+dq' if s.double_quant else ''} LoRA r={s.lora_r} on {len(s.lora_targets)} projections, "
             f"{'checkpointing' if s.checkpointing else 'no checkpointing'}{' + offload' if s.offload else ''}, "
+            f"{f'LoRA dropout {s.lora_dropout:g}, ' if s.dropout else ''}"
             f"{'compiled blocks, ' if s.compile else ''}"
             f"{s.optimizer}, loss chunk {s.loss_chunk}, {s.rows} supervised rows, "
             f"{attention_name(cfg, s)} attention, device {s.device}"
@@ -560,11 +613,12 @@ def predicted_module_bytes(led: Ledger) -> dict:
 def built_settings(model) -> dict:
     """Quantization and LoRA settings as built into `model` (Setup field -> value)."""
     quant = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    targets, r = set(), 0
+    targets, r, p = set(), 0, 0.0
     for name, mod in model.named_modules():
         a = getattr(mod, "lora_A", None)
         if a is not None and hasattr(a, "weight"):
             targets.add(name.split(".")[-1])
             r = a.weight.shape[0]
-    return dict(lora_r=r, lora_targets=tuple(sorted(targets)), quantize="nf4" if quant else "none",
+            p = getattr(mod.lora_dropout, "p", 0.0)  # nn.Dropout(p), or nn.Identity when p is 0
+    return dict(lora_r=r, lora_targets=tuple(sorted(targets)), lora_dropout=p, quantize="nf4" if quant else "none",
                 double_quant=bool(quant and quant[0].double_quant), blocksize=quant[0].blocksize if quant else 64)

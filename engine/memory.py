@@ -4,9 +4,11 @@
     python -m engine.memory --model path/to/config.json --seq-len 32768 --batch-size 1 --offload
     python -m engine.memory --model smollm2-135m --seq-len 256 --batch-size 2 --measure   # runs real steps
     python -m engine.memory --model llama-3.2-3b --seq-len 2048 --batch-size 1 --budget 15GiB   # what fits
+    python -m engine.memory --config configs/llama3_2_3b_acord_t4x2.toml --model llama-3.2-3b --capability 7.5
 
-The flags are engine.train's for the same knobs. `--measure` builds the model the trainer would train
-(model.load.load_model with init="random", then engine.step.prepare_model) and runs the trainer's own step
+The flags are engine.train's for the same knobs; --config takes them from a training recipe (flags override it).
+`--measure` builds the model the trainer would train (model.load.load_model with init="random", then
+engine.step.prepare_model) and runs the trainer's own step
 (engine.step.TrainStep): on a GPU it reports peak allocated/reserved memory, on the CPU the resident and
 saved-tensor bytes. The arithmetic behind the predicted column is engine/ledger.py.
 """
@@ -21,6 +23,7 @@ import re
 import sys
 import tempfile
 import time
+import typing
 from dataclasses import asdict, replace
 from fractions import Fraction
 
@@ -28,7 +31,7 @@ import torch
 
 from engine.budget import fit, fit_grid, on_card
 from engine.cli import CliParser
-from engine.config import FIELDS, TrainConfig
+from engine.config import FIELDS, ConfigError, TrainConfig, read_toml, typed_value
 from engine.ledger import ALLOCATOR_SLACK, HIGH_PRECISION_ROWS, Ledger, Setup, describe, fmt, format_table, predict
 from engine.loss import CausalLMLoss, chunked_ce_sum
 from engine.precision import MODES, Precision, auto_mode, dtype_of
@@ -541,8 +544,16 @@ def add_run_flags(p: argparse.ArgumentParser, *, seq_len=None, batch_size=None):
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog="python -m engine.memory",
                   description="Predict (and optionally measure) the memory of a QLoRA training step.")
+    p.add_argument("--config", metavar="RECIPE.toml",
+                   help="a training recipe (engine.train's TOML, or engine.channel_train's): the knobs below that it "
+                        "sets become this command's defaults, the ones it leaves out take engine.train's defaults "
+                        "(checkpointing off, pack on, dropout 0), so the prediction is that run's; flags given "
+                        "here override the file, as with engine.train --config")
     add_run_flags(p)
     p.add_argument("--lora-targets", default=",".join(TARGETS), help="comma-separated projections")
+    p.add_argument("--lora-dropout", type=float, default=FIELDS["lora_dropout"].default, metavar="P",
+                   help="dropout on the LoRA inputs (engine.train --lora-dropout): with P > 0 each adapter keeps its "
+                        "own dropped copy of its input and a mask for backward")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="per-block activation checkpointing (default on)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=False,
@@ -583,10 +594,77 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# TrainConfig fields a recipe sets that are engine.memory flags too (same names): the knobs that change bytes
+RECIPE_KNOBS = ("model", "seq_len", "batch_size", "lora_r", "lora_targets", "lora_dropout", "loss_chunk", "precision",
+                "checkpointing", "offload", "mlp_tile", "compile", "optimizer", "quantize", "double_quant", "pack",
+                "device")
+
+
+def recipe_defaults(path) -> dict:
+    """engine.memory's flag defaults from a training recipe: each RECIPE_KNOBS key as the file sets it, else as
+    engine.train would run it (TrainConfig's default: a recipe that says nothing of checkpointing trains without
+    it). Other keys of engine.train's recipes (lr, data, ...) or of engine.channel_train's (unit, ...) change no
+    byte and are passed over; any other key, a wrong type or choice is ConfigError naming the file and the key
+    (engine.config's reader and checks)."""
+    hints = typing.get_type_hints(TrainConfig)
+    run = TrainConfig()
+    out = {k: getattr(run, k) for k in RECIPE_KNOBS}
+    channel_keys = None
+    for key, value in read_toml(path).items():
+        if key in FIELDS:
+            value = typed_value(str(path), key, value, hints[key], FIELDS[key].metadata.get("choices"))
+            if key in out:
+                out[key] = value
+            continue
+        if channel_keys is None:
+            from engine.channel_train import build_parser as channel_parser  # it imports this module: not at the top
+
+            channel_keys = {a.dest for a in channel_parser()._actions if a.option_strings}
+        if key not in channel_keys:
+            raise ConfigError(f"{path}: unknown key {key!r} (a recipe holds engine.train's keys, or "
+                              "engine.channel_train's; see python -m engine.train --help)")
+    out["lora_targets"] = ",".join(out["lora_targets"])
+    if out["device"] == "auto":  # where the run trains when it finds a GPU: predict for the GPU (the default)
+        del out["device"]
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with a --config recipe's knobs as the defaults it overrides. ConfigError for a bad
+    recipe."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        defaults = recipe_defaults(known.config)
+        parser.set_defaults(**defaults)
+        for action in parser._actions:  # --seq-len / --batch-size: required unless the recipe gives them
+            if action.dest in defaults:
+                action.required = False
+    return parser.parse_args(argv)
+
+
+def resolve_precision(mode: str, device: str, capability: tuple | None) -> str:
+    """--precision auto as the trainer resolves it on the device predicted for: with --capability, that GPU's
+    (fp16 below sm 80: a T4), else engine.precision.auto_mode's."""
+    if mode != "auto":
+        return mode
+    if device == "cuda" and capability is not None:
+        return "bf16" if capability[0] >= 8 else "fp16"
+    return auto_mode(device)
+
+
 def _setup(args) -> tuple[object, Setup]:
     """(model config, Setup) from the command line; ValueError/OSError for a bad value."""
     if args.seq_len < 2 or args.batch_size < 1:
         raise ValueError("--seq-len must be >= 2 and --batch-size >= 1")
+    if args.supervised is not None and args.supervised > args.batch_size * (args.seq_len - 1):
+        raise ValueError(f"--supervised {args.supervised} is more than the {args.batch_size * (args.seq_len - 1)} "
+                         f"positions a micro-batch can supervise (--batch-size × (--seq-len − 1): the last token of "
+                         "a row predicts nothing)")
+    if not 0 <= args.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     for flag, v in (("--lora-r", args.lora_r), ("--loss-chunk", args.loss_chunk), ("--steps", args.steps),
                     ("--supervised", 1 if args.supervised is None else args.supervised)):
         if v < 1:
@@ -602,12 +680,13 @@ def _setup(args) -> tuple[object, Setup]:
     device = args.device
     if args.measure and device == "cuda" and not torch.cuda.is_available():
         device = "cpu"  # --measure on a machine without a GPU measures what it can on the CPU
-    precision = auto_mode(device) if args.precision == "auto" else args.precision
+    capability = parse_capability(args.capability)
+    precision = resolve_precision(args.precision, device, capability)
     run = TrainConfig(model=args.model, seq_len=args.seq_len, batch_size=args.batch_size, lora_r=args.lora_r,
-                      lora_targets=targets, checkpointing=args.checkpointing, offload=args.offload,
+                      lora_targets=targets, lora_dropout=args.lora_dropout, checkpointing=args.checkpointing,
+                      offload=args.offload,
                       mlp_tile=args.mlp_tile, compile=args.compile, optimizer=args.optimizer, quantize=args.quantize,
                       double_quant=args.double_quant, loss_chunk=args.loss_chunk, pack=args.pack, precision=precision)
-    capability = parse_capability(args.capability)
     if capability and args.measure and device == "cuda" and capability != torch.cuda.get_device_capability():
         raise ValueError(f"--capability {args.capability} predicts for another GPU than the one --measure runs on "
                          f"(sm {'.'.join(map(str, torch.cuda.get_device_capability()))}); drop one of them")
@@ -643,7 +722,11 @@ def print_budget(args, cfg, s: Setup) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ConfigError as e:
+        print(f"engine.memory: error: {e}", file=sys.stderr)
+        return 2
     try:
         cfg, s = _setup(args)
         if args.budget is not None:

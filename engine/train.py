@@ -215,6 +215,7 @@ def _start_out(r: _Run, guard: RunDir, resume: bool, resume_from: Path | None):
     start_step, metrics_path = 0, out / "metrics.jsonl"
     # the checkpoint is read before anything is written: one that does not read leaves OUT as it was
     state = ckpt.load(resume_from, model=r.model, optimizer=r.opt, precision=r.prec) if resume_from else None
+    dist.barrier()  # every rank has read it before rank 0 tidies OUT (remove_partial may move it back into place)
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite and resume_from is None:  # (a restarted --overwrite run resumes its own checkpoint)
@@ -280,11 +281,8 @@ def check_init_adapter(cfg: TrainConfig) -> None:
 def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: RunDir, resume: bool) -> dict:
     guard.check_start(cfg, resume)  # before anything is loaded or written: a refused start leaves OUT as it was
     resume_from = ckpt.latest(out) if resume else None
-    if cfg.resume and resume_from is None and (n := ckpt.logged_steps(out / "metrics.jsonl")):
-        # it would start over from step 0 and write a new metrics.jsonl over the run's record
-        raise ConfigError(f"--resume: {out} holds a run that logged {n} step(s) but has no checkpoint to continue "
-                          "from (it ran with --save-every 0); pass --overwrite to start it over, or train into a "
-                          "new --out (--save-every N makes a run resumable)")
+    if cfg.resume:
+        ckpt.check_resumable(out)
     if resume_from is None:  # a resumed run's LoRA weights come from its checkpoint: the adapter may be gone
         check_init_adapter(cfg)
     prec = Precision(cfg.precision, d.device, cfg.nonfinite_patience)
@@ -383,8 +381,8 @@ def out_of_memory_advice(e: BaseException) -> str:
     that lower the peak, with the command that says what fits."""
     return (f"out of GPU memory ({out_of_memory_gist(e)}); the memory ledger printed at the start predicts "
             "this run's peak: lower it with --offload, --mlp-tile 4096, --double-quant or a smaller "
-            "--batch-size / --seq-len (python -m engine.memory with this run's flags and --budget 15GiB says "
-            "what fits)")
+            "--batch-size / --seq-len (python -m engine.memory --config RECIPE.toml with this run's other flags "
+            "and --budget 15GiB says what fits: the recipe's knobs, engine.train's defaults for the rest)")
 
 
 def preflight(argv: list[str]) -> int:
@@ -394,6 +392,8 @@ def preflight(argv: list[str]) -> int:
     def check():
         cfg = config_mod.parse_args(argv)
         RunDir(cfg.out).check_start(cfg, cfg.resume)
+        if cfg.resume:
+            ckpt.check_resumable(cfg.out)
         if not (cfg.resume and ckpt.latest(Path(cfg.out))):
             check_init_adapter(cfg)
         check_device_tools(cfg, "cuda" if dist.uses_cuda(cfg.device) else "cpu")

@@ -563,3 +563,30 @@ def test_a_measured_step_out_of_memory_is_a_result_with_the_prediction(monkeypat
     rep = json.loads(capsys.readouterr().out)
     assert rep["measured"] is None and rep["out_of_memory"].endswith("2.10 GiB is free.")
     assert rep["ledger"]
+
+
+def test_offload_on_the_cpu_moves_nothing_and_the_ledger_says_so(tiny):
+    """Llama.hidden's x.to("cpu") on a CPU tensor is the tensor itself: the block inputs stay where they are and
+    no copy comes back for the recompute. The ledger predicted them on the host (missing from the saved bytes)
+    and a phantom "block input back" in the block backward."""
+    s = Setup(seq_len=48, batch_size=2, lora_r=8, precision="fp32", device="cpu", loss_chunk=16, supervised=40,
+              offload=True)
+    led, plain = predict(tiny, s), predict(tiny, replace(s, offload=False))
+    assert led.total("saved") == measure_cpu(tiny, s)["total saved"] == plain.total("saved")
+    assert led.total("saved", where="host") == 0 and led.peak == plain.peak
+    row = next(r for r in led.rows if r.name == "block inputs (checkpointing)")
+    assert "offload on the CPU" in row.note and "nothing moves" in row.note
+    gpu = predict(tiny, replace(s, device="cuda"))  # on a GPU the inputs do go to the host
+    assert gpu.total("saved", where="host") > 0
+
+
+def test_supervised_rows_are_at_most_what_a_micro_batch_can_supervise(capsys):
+    assert Setup(seq_len=64, batch_size=2, supervised=10 ** 6).rows == 2 * 63
+    assert Setup(seq_len=64, batch_size=2, supervised=100).rows == 100
+    args = ["--model", "smollm2-135m", "--seq-len", "64", "--batch-size", "2"]
+    assert memory.main(args + ["--supervised", "126"]) == 0
+    capsys.readouterr()
+    assert memory.main(args + ["--supervised", "127"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("engine.memory: error: --supervised 127 is more than the 126 positions") and \
+        len(err.splitlines()) == 1
