@@ -233,7 +233,7 @@ def test_a_resume_of_a_run_without_checkpoints_is_refused_and_leaves_the_earlier
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     capsys.readouterr()
     assert main(cfg_args(cfg) + ["--resume"]) == 2
-    assert "has no checkpoint to continue from" in capsys.readouterr().err
+    assert "no complete checkpoint to continue from" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == files
 
 

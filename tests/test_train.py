@@ -205,7 +205,7 @@ def test_resume_of_a_run_without_checkpoints_is_refused_and_keeps_its_metrics(tm
     cfg = tiny_cfg(tmp_path, max_steps=2, save_every=0)
     train(cfg)
     before = (Path(cfg.out) / "metrics.jsonl").read_text()
-    with pytest.raises(ConfigError, match=r"--resume: .* logged 2 step\(s\) but has no checkpoint .*--overwrite"):
+    with pytest.raises(ConfigError, match=r"--resume: .* logged 2 step\(s\) but no complete checkpoint .*--overwrite"):
         train(dataclasses.replace(cfg, max_steps=4, resume=True))
     assert (Path(cfg.out) / "metrics.jsonl").read_text() == before
     train(dataclasses.replace(cfg, max_steps=4, overwrite=True))  # what the error says to do
