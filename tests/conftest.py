@@ -112,3 +112,19 @@ def smollm(smollm_gguf):
     from model import load_model, load_tokenizer
 
     return load_model(smollm_gguf), load_tokenizer(smollm_gguf)
+
+
+def nan_gradient_at_step(monkeypatch, n: int) -> None:
+    """Give the n-th optimizer step (1-based) NaN gradients, so the step is skipped and counted as an overflow (the
+    fp16 loss scale's first steps)."""
+    from engine.precision import Precision
+
+    real, calls = Precision.clip_and_step, {"n": 0}
+
+    def clip_and_step(self, opt, params, clip):
+        calls["n"] += 1
+        if calls["n"] == n:
+            for p in params:
+                p.grad = torch.full_like(p, float("nan"))
+        return real(self, opt, params, clip)
+    monkeypatch.setattr(Precision, "clip_and_step", clip_and_step)

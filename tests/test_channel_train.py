@@ -628,19 +628,11 @@ def test_malformed_hard_negatives_rows_are_one_line_naming_the_file(tiny_model_d
 def test_a_skipped_step_does_not_advance_the_channel_learning_rate(tiny_model_dir, tmp_path):  # noqa: F811
     """As in engine.train: a step skipped for an inf/NaN gradient moves no warmup or decay."""
     from engine.channel_train import main
-    from engine.precision import Precision
+    from tests.conftest import nan_gradient_at_step
 
-    real, calls = Precision.clip_and_step, {"n": 0}
-
-    def skip_the_second(self, opt, params, clip):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            for p in params:
-                p.grad = torch.full_like(p, float("nan"))
-        return real(self, opt, params, clip)
     spec = _paragraph_data(tmp_path / "d.jsonl")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Precision, "clip_and_step", skip_the_second)
+        nan_gradient_at_step(mp, 2)
         assert main(["--model", str(tiny_model_dir), "--data", spec, "--out", str(tmp_path / "o"), "--max-steps",
                      "4", "--groups-per-step", "2", "--lr", "4e-3", "--warmup-steps", "4", "--quantize", "none",
                      "--threads", "1"]) == 0

@@ -290,18 +290,10 @@ def test_nonfinite_gradient_skips_the_step_and_counts_an_overflow():
 def test_a_skipped_step_does_not_advance_the_learning_rate_schedule(tmp_path, monkeypatch):
     """Steps skipped for an inf/NaN gradient (fp16's first steps while the loss scale finds its level) used to
     count in the schedule: each one used up a warmup step."""
-    from engine.precision import Precision
     from engine.train import train
+    from tests.conftest import nan_gradient_at_step
 
-    real, calls = Precision.clip_and_step, {"n": 0}
-
-    def skip_the_second(self, opt, params, clip):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            for p in params:
-                p.grad = torch.full_like(p, float("nan"))
-        return real(self, opt, params, clip)
-    monkeypatch.setattr(Precision, "clip_and_step", skip_the_second)
+    nan_gradient_at_step(monkeypatch, 2)
     cfg = tiny_cfg(tmp_path, max_steps=4, warmup_steps=4, lr=4e-3)
     train(cfg)
     rows = [r for r in read_metrics(cfg.out) if "loss" in r]
