@@ -42,6 +42,10 @@ def _read_formats(path: Path) -> dict[str, tuple[str, str, str]]:
     return out
 
 
+def _or_empty(value):
+    return "" if value is None else value
+
+
 def load(root, split=None, *, k: int = 4, min_score: int = 3, abstain_ratio: float = 0.25,
          augment: bool = True, seed: int = 0):
     root = Path(root)
@@ -63,8 +67,8 @@ def load(root, split=None, *, k: int = 4, min_score: int = 3, abstain_ratio: flo
             raise DataError(f"{where}: field 'metadata' must be an object with 'split' (and 'category')")
         if "_id" not in d or "split" not in meta:
             raise DataError(f"{where}: missing field '_id' or 'metadata.split'")
-        fields = {"text": d.get("text") or "", "metadata.split": meta["split"],  # null: as if absent
-                  "metadata.category": meta.get("category") or "",
+        fields = {"text": _or_empty(d.get("text")), "metadata.split": meta["split"],  # null: as if absent
+                  "metadata.category": _or_empty(meta.get("category")),
                   "_id": str(d["_id"]) if type(d["_id"]) is int else d["_id"]}  # qrels name queries as text
         bad = [k for k, v in fields.items() if not isinstance(v, str)]
         if bad:

@@ -184,7 +184,8 @@ def _spans(strings: list[str], text: str, norm: dict, clauses: dict, where: str,
         if status == "rejected":
             uncertain = True
             if len(clauses["rejected_list"]) < show:
-                clauses["rejected_list"].append(f"{where}: not found in the contract: {cl[:80]!r}")
+                why = "only short pieces, far apart" if placed == [] else "not found in the contract"
+                clauses["rejected_list"].append(f"{where}: {why}: {cl[:80]!r}")
     return spans, uncertain
 
 

@@ -9,6 +9,8 @@ def is_none(text: str) -> bool:
     """True when an answer (or a prediction) is the abstention NONE, in any case, quoted or with a final period,
     whatever whitespace surrounds it: one rule for the data loaders, the metrics and the channel decoder."""
     return " ".join((text or "").split()).strip(" .\"'`").upper() == NONE
+
+
 SPLITS = ("train", "valid", "test")
 # The train split cut in two by whole units (ACORD queries, CUAD contracts, synthetic documents, JSONL rows), so
 # that what decides NONE can be fitted on queries the model never trained on: train on "fit", calibrate on

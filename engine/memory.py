@@ -606,23 +606,26 @@ def recipe_defaults(path) -> dict:
     it). Other keys of engine.train's recipes (lr, data, ...) or of engine.channel_train's (unit, ...) change no
     byte and are passed over; any other key, a wrong type or choice is ConfigError naming the file and the key
     (engine.config's reader and checks)."""
+    from engine.channel_train import build_parser as channel_parser  # it imports this module: not at the top
+
     hints = typing.get_type_hints(TrainConfig)
     run = TrainConfig()
     out = {k: getattr(run, k) for k in RECIPE_KNOBS}
-    channel_keys = None
+    channel = {a.dest: a.default for a in channel_parser()._actions if a.option_strings}
+    given, channel_only = set(), False
     for key, value in read_toml(path).items():
         if key in FIELDS:
             value = typed_value(str(path), key, value, hints[key], FIELDS[key].metadata.get("choices"))
             if key in out:
                 out[key] = value
+                given.add(key)
             continue
-        if channel_keys is None:
-            from engine.channel_train import build_parser as channel_parser  # it imports this module: not at the top
-
-            channel_keys = {a.dest for a in channel_parser()._actions if a.option_strings}
-        if key not in channel_keys:
+        if key not in channel:
             raise ConfigError(f"{path}: unknown key {key!r} (a recipe holds engine.train's keys, or "
                               "engine.channel_train's; see python -m engine.train --help)")
+        channel_only = True
+    if channel_only:  # an engine.channel_train recipe: what it leaves out, that command's defaults decide
+        out.update({k: channel[k] for k in RECIPE_KNOBS if k in channel and k not in given})
     out["lora_targets"] = ",".join(out["lora_targets"])
     if out["device"] == "auto":  # where the run trains when it finds a GPU: predict for the GPU (the default)
         del out["device"]
@@ -633,7 +636,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line, with a --config recipe's knobs as the defaults it overrides. ConfigError for a bad
     recipe."""
     parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = CliParser(prog="python -m engine.memory", add_help=False)  # errors in one line, as the full parser's
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config:

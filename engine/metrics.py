@@ -46,8 +46,6 @@ def normalize_ws(text: str) -> str:
     return _WS.sub(" ", text or "").strip()
 
 
-
-
 def similarity(prediction: str, answer: str) -> float:
     a, b = normalize_ws(prediction), normalize_ws(answer)
     if not a and not b:

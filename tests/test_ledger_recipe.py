@@ -82,3 +82,21 @@ def test_auto_precision_follows_the_capability_predicted_for(capsys):
     args = ["--model", "llama-3.2-3b", "--seq-len", "512", "--batch-size", "1"]
     assert _ledger(capsys, args + ["--capability", "7.5"])["setup"]["precision"] == "fp16"  # a T4: no bf16
     assert _ledger(capsys, args + ["--capability", "9.0"])["setup"]["precision"] == "bf16"
+
+
+def test_a_channel_recipe_that_leaves_a_knob_out_takes_channel_trains_default(tmp_path):
+    """engine.channel_train checkpoints by default (engine.train does not): a channel recipe without the key
+    trains with checkpointing, and its prediction must too (11.78 GiB without it against 3.71 GiB with)."""
+    text = (REPO / "configs" / "llama3_2_3b_acord_channel_t4x2.toml").read_text()
+    recipe = tmp_path / "channel.toml"
+    recipe.write_text("\n".join(x for x in text.splitlines() if not x.startswith("checkpointing")) + "\n")
+    assert "checkpointing" not in recipe.read_text()
+    assert memory.recipe_defaults(recipe)["checkpointing"] is True
+    assert memory.recipe_defaults(REPO / "configs" / "llama3_2_3b_acord_t4x2.toml")["checkpointing"] is True
+
+
+def test_config_without_a_value_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        memory.main(["--config"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error:") and "--config" in err and "\n" not in err
