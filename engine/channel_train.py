@@ -527,7 +527,7 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
                 print(f"--eval-every {args.eval_every}: evaluating {len(eval_ex)} of the {eval_of} {args.eval_split} "
                       f"examples" + ("" if len(eval_ex) == eval_of else " (--eval-limit; 0: all)"), file=sys.stderr)
             if state:
-                print(f"resumed from {resume_from} at step {start}", file=sys.stderr)
+                print(f"resumed from {ckpt.ckpt_root(out) / f'step-{start}'} at step {start}", file=sys.stderr)
             elif resume:
                 print(f"{'--resume' if args.resume else 'restart'}: no checkpoint in {out}/checkpoints, starting from "
                       "step 0", file=sys.stderr)

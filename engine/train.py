@@ -227,7 +227,8 @@ def _start_out(r: _Run, guard: RunDir, resume: bool, resume_from: Path | None):
     if resume_from is not None:
         start_step, r.counters = state["step"], state["counters"]
         r.batcher.load_state_dict(state["sampler"])
-        print0(f"resumed from {resume_from} at step {start_step}")
+        # by its name now: a moved-aside step-N.tmp.old has been put back as step-N
+        print0(f"resumed from {ckpt.ckpt_root(out) / f'step-{start_step}'} at step {start_step}")
         if d.is_main:  # drop lines of steps after the checkpoint: they are redone
             ckpt.drop_metrics_after(metrics_path, start_step)
     elif resume:
