@@ -111,6 +111,9 @@ def lora_layer(base: nn.Linear | Linear4bit, r: int = 16, alpha: float = 32.0, d
     if not hasattr(layer, "bias"):
         layer.register_parameter("bias", None)
     layer.init_lora(r, alpha, dropout, use_rslora)
+    # the new children (lora_A, lora_B, lora_dropout) are built in training mode; take the base's mode, or an
+    # adapter loaded into an eval-mode model (extract, the demo, generate) would keep its dropout on
+    layer.train(base.training)
     return layer
 
 

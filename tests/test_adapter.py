@@ -55,6 +55,23 @@ def test_peft_adapter_loads_into_ours_with_equal_logits(hf_dir, tmp_path):
     torch.testing.assert_close(our_logits(ours, x), hf_logits(peft_model.eval(), x), rtol=0, atol=1e-4)
 
 
+def test_an_adapter_with_dropout_loads_into_an_eval_model_in_eval_mode(hf_dir, tmp_path):
+    """load_model returns an eval-mode model; the LoRA layers load_adapter adds (with the recipe's dropout) must
+    not switch dropout on in it: extract, the demo and generate never call eval() again."""
+    trained = apply_lora(load_model(hf_dir), r=4, alpha=8, dropout=0.1)
+    randomize_adapters(trained)
+    save_adapter(trained, tmp_path / "a")
+    model = load_adapter(load_model(hf_dir), tmp_path / "a")
+    assert not model.training and not any(m.training for m in model.modules())
+    x = ids(seed=5)
+    first, second = our_logits(model, x), our_logits(model, x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    # and it is the trained adapter, dropout off: the logits of the model it was saved from, in eval mode
+    torch.testing.assert_close(first, our_logits(trained.eval(), x), rtol=0, atol=0)
+    # a model in training mode gets its LoRA layers in training mode (dropout on), as before
+    assert all(m.training for m in apply_lora(load_model(hf_dir).train(), r=4, dropout=0.1).modules())
+
+
 def test_adapter_files_hold_only_lora_weights_in_peft_layout(hf_dir, tmp_path):
     model = apply_lora(load_model(hf_dir), r=4, alpha=8, dropout=0.05)
     save_adapter(model, tmp_path / "a", base_model="org/base")
