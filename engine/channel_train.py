@@ -49,7 +49,7 @@ from engine.loss import LOSS_CHUNK, LinearCrossEntropy, matmul_dtype
 from engine.memory import log_ledger, out_of_memory_gist
 from engine.metrics import is_none
 from engine.precision import Precision
-from engine.rundir import RunDir
+from engine.rundir import RunDir, json_line
 from engine.step import TrainStep, check_device_tools, lr_at, make_optimizer, peak_memory_bytes, prepare_model
 from model import load_model, load_tokenizer
 from model.adapter import check_adapter, load_adapter, save_adapter
@@ -542,15 +542,13 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
                 [loss_model.hits, loss_model.calls, float(stop.requested)], dtype=torch.float64)).tolist()
             row = {"step": s + 1, "loss": r.loss, "train_acc": hits / calls, "lr": lr,
                    "grad_norm": r.grad_norm, "seconds": round(time.perf_counter() - t0, 1),
-                   "peak_mem_bytes": peak_memory_bytes(device)}
-            if prec.mode == "fp16":
-                row["overflow"] = r.overflow
+                   "peak_mem_bytes": peak_memory_bytes(device), "overflow": r.overflow}  # a skipped step, any mode
             if args.eval_every and ((s + 1) % args.eval_every == 0 or s + 1 == args.max_steps):
                 if d.is_main:  # the others wait at the barrier
                     row.update(_evaluate(model, tok, eval_ex, prec, args.unit))
                 dist.barrier()
             if d.is_main:
-                metrics.write(json.dumps(row) + "\n")
+                metrics.write(json_line(row))  # strict JSON: an overflow step's inf norm is null
                 metrics.flush()
                 guard.fresh_start = False
                 print(" | ".join(f"peak {v / 2**30:.2f} GiB" if k == "peak_mem_bytes" else

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -35,6 +36,13 @@ RESUMABLE = {"max_steps", "epochs", "out", "resume", "overwrite", "save_every", 
 
 
 EXPORTED_RUN_CONFIG = "training_config.json"  # engine.export copies the run's config.json into OUT under this name
+
+
+def json_line(row: dict) -> str:
+    """One strict-JSON line for metrics.jsonl: a non-finite number (a diverged loss) is written as null, never
+    as the NaN/Infinity that json.dumps allows and other JSON readers reject."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 def adapter_run_config(adapter) -> tuple[Path, dict] | None:

@@ -7,7 +7,6 @@ engine/loss.py, checkpoints in engine/checkpoint.py.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -31,7 +30,7 @@ from engine.loss import CausalLMLoss, supervised_weight
 from engine.memory import log_ledger, out_of_memory_gist
 from engine.precision import NonFiniteLoss, Precision
 from engine.report import lora_report
-from engine.rundir import RunDir
+from engine.rundir import RunDir, json_line
 from engine.step import TrainStep, check_device_tools, lr_at, make_optimizer, peak_memory_bytes, prepare_model
 from model import load_adapter, load_model, load_tokenizer, save_adapter
 from model.adapter import check_adapter
@@ -66,13 +65,6 @@ def evaluate_loss(loss_model, batches, prec: Precision) -> float:
     dist.all_reduce_sum(acc)
     loss_model.train(was_training)
     return float(acc[0] / acc[1]) if acc[1] > 0 else float("nan")
-
-
-def json_line(row: dict) -> str:
-    """One strict-JSON line for metrics.jsonl: a non-finite number (a diverged loss) is written as null, never
-    as the NaN/Infinity that json.dumps allows and other JSON readers reject."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 def _to(batch: dict, device: torch.device) -> dict:

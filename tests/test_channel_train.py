@@ -638,3 +638,25 @@ def test_a_skipped_step_does_not_advance_the_channel_learning_rate(tiny_model_di
                      "--threads", "1"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert [round(r["lr"], 6) for r in rows if "loss" in r] == [1e-3, 2e-3, 2e-3, 3e-3]
+
+
+def test_channel_train_writes_strict_json_when_an_fp16_step_overflows(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """A T4's first steps overflow while the loss scale settles: the skipped step's non-finite gradient norm is
+    written as null (strict JSON, as engine.train writes it), and the row says the step was skipped. fp16 runs
+    here on the CPU by letting resolve() accept it, with a loss scale so large that the first step overflows."""
+    import engine.precision as precision
+    from engine.channel_train import main
+
+    resolve = precision.resolve
+    monkeypatch.setattr(precision, "resolve", lambda mode, device: "fp16" if mode == "fp16" else resolve(mode, device))
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: scaler(*a, **{**k, "init_scale": 2.0 ** 100}))
+    out = tmp_path / "run"
+    argv = ["--model", str(tiny_model_dir), "--data", _paragraph_data(tmp_path / "d.jsonl"), "--out", str(out),
+            "--max-steps", "2", "--groups-per-step", "2", "--quantize", "none", "--precision", "fp16",
+            "--eval-every", "0", "--save-every", "0", "--threads", "1"]
+    assert main(argv) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(x, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in {x}")) for x in lines]
+    assert rows[0]["overflow"] is True and rows[0]["grad_norm"] is None, rows[0]
+    assert all("overflow" in r for r in rows)
