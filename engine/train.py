@@ -166,7 +166,11 @@ def _setup_data(cfg: TrainConfig, d: dist.Dist, out: Path, prec: Precision) -> _
             raise ValueError(f"{cfg.data}: no examples in eval split {cfg.eval_split!r} (set --eval-every 0)")
         # rows in a seeded order, the same at every evaluation: in packing order the first rows are the longest
         # examples' (best fit decreasing), all clauses and no NONE
-        eval_batches = Batches(tok, eval_ex, shuffle=True, **batching).first(cfg.eval_batches)
+        try:
+            eval_batches = Batches(tok, eval_ex, shuffle=True, **batching).first(cfg.eval_batches)
+        except ValueError as e:  # e.g. fewer rows than processes x batch size
+            raise ValueError(f"{cfg.data}: eval split {cfg.eval_split!r}: {e} (set --eval-every 0, or use fewer "
+                             "processes or a smaller --batch-size)") from None
         # task metrics, not just loss (loss does not predict extraction quality): a fixed subset, rank 0 only
         gen_subset = eval_subset(eval_ex, cfg.eval_generate) if cfg.eval_generate and d.is_main else []
     rows_per_step = cfg.batch_size * cfg.grad_accum * d.world_size

@@ -197,6 +197,24 @@ def test_max_examples_and_the_eval_rows_are_seeded_samples_not_the_first_in_file
     assert not all(t[:len(none)] == none for t in targets)
 
 
+def test_an_eval_split_too_small_for_the_processes_names_the_split_and_the_way_out(tmp_path):
+    """Two processes need at least two eval rows: the error said only '1 samples cannot feed 2 ranks', naming
+    neither the data, nor the split, nor what to change."""
+    from engine import dist
+    from engine.precision import Precision
+    from engine.train import _setup_data
+
+    rows = [{"id": f"e{i}", "query": cat, "context": filler + clause + " " + filler, "answer": clause,
+             "split": "train" if i else "valid"} for i, (cat, clause, filler) in enumerate(CONTRACTS[:5])]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(map(json.dumps, rows)) + "\n")
+    cfg = tiny_cfg(tmp_path, eval_every=1, batch_size=1)
+    with pytest.raises(ValueError, match=r"data.jsonl: eval split 'valid': 1 samples cannot feed 2 ranks .*"
+                                         r"--eval-every 0") as e:
+        _setup_data(cfg, dist.Dist(rank=0, world_size=2), tmp_path / "run", Precision("fp32", torch.device("cpu")))
+    assert "\n" not in str(e.value)
+
+
 def test_resume_of_a_run_without_checkpoints_is_refused_and_keeps_its_metrics(tmp_path):
     """--save-every 0 leaves no checkpoint: a --resume used to start over from step 0 and write an empty
     metrics.jsonl over the finished run's record."""
