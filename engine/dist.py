@@ -18,6 +18,8 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from engine.config import ConfigError
+
 
 @dataclass
 class Dist:
@@ -62,7 +64,11 @@ def init(device: str = "auto") -> Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = uses_cuda(device)
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device cuda requested but torch sees no GPU (use --device cpu)")
+        raise ConfigError("device cuda requested but torch sees no GPU (use --device cpu)")
+    if use_cuda and local >= torch.cuda.device_count():  # else set_device fails with 'invalid device ordinal'
+        raise ConfigError(f"process {local} of this machine needs GPU {local}, but torch sees "
+                           f"{torch.cuda.device_count()} GPU(s): start one process per GPU (./launch.sh --nproc "
+                           f"{torch.cuda.device_count()}, or torchrun --nproc_per_node {torch.cuda.device_count()})")
     if use_cuda:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)

@@ -197,3 +197,23 @@ def test_the_process_group_waits_an_hour_for_a_rank_that_evaluates_alone(monkeyp
         monkeypatch.setattr(dist, "_STATE", dist.Dist())
     assert got["timeout"] == got["store_timeout"] == dist.COLLECTIVE_TIMEOUT >= datetime.timedelta(minutes=60)
     assert got["backend"] == "gloo" and got["store"] == ("prefixed", "clauselora/attempt_0")
+
+
+def test_more_processes_than_gpus_is_one_line_naming_the_gpu_count(monkeypatch):
+    """./launch.sh --nproc 2 on a one-GPU machine: process 1 failed in torch.cuda.set_device with 'invalid device
+    ordinal' while process 0 waited for it. Now each process checks its LOCAL_RANK against the GPUs torch sees."""
+    import torch
+
+    from engine import dist
+    from engine.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"process 1 of this machine needs GPU 1, but torch sees 1 GPU\(s\): .*"
+                                          r"--nproc 1") as e:
+        dist.init("cuda")
+    assert "\n" not in str(e.value)
