@@ -22,7 +22,7 @@ from pathlib import Path
 
 from data import load_source
 from data.cli import CliParser, run_command
-from data.example import NONE, Example
+from data.example import NONE, Example, splits_overlap
 from data.validate import validate
 from model.channel import UNITS, units
 
@@ -93,9 +93,16 @@ def main(argv=None) -> int:
 
     def go():
         lines, report = [], {}
-        for split in dict.fromkeys(args.split or ["fit", "calib"]):  # each split once (ids must stay unique)
+        splits = list(dict.fromkeys(args.split or ["fit", "calib"]))  # each split once (ids must stay unique)
+        for split in splits:
             if split not in SPLIT_AS:
                 raise ValueError(f"--split {split!r}: choose from {', '.join(SPLIT_AS)}")
+        for i, a in enumerate(splits):  # "train" holds "fit" and "calib": both would write its examples twice
+            for b in splits[i + 1:]:
+                if splits_overlap(a, b):
+                    raise ValueError(f"--split {a} and --split {b} share examples (train is fit and calib "
+                                     "together), so each would be written twice; pass one of them")
+        for split in splits:
             loaded, notes = load_source(args.data, split)
             examples, _ = validate(loaded, args.data, notes)
             focus, counts = focus_examples(examples, args.unit)

@@ -36,10 +36,9 @@ import numpy as np
 from data.example import NONE, splits_overlap
 from data.validate import load_validated
 from engine.cli import CliParser, run_command
-from engine.evaluate import read_eval_json
-from engine.report import headline
+from engine.evaluate import adapter_training, read_eval_json, trainings
+from engine.report import headline, same_data
 from engine.metrics import is_none, score, summarize
-from engine.rundir import adapter_run_config, trained_split
 from model.channel import FEATURES, ChannelRule
 from model.files import atomic_write_text
 
@@ -64,34 +63,6 @@ def _has_channel(row, redecided: bool) -> bool:
     ch = row.get("channel") if isinstance(row, dict) else None
     return (isinstance(row.get("answer") if isinstance(row, dict) else None, str) and isinstance(ch, dict)
             and isinstance(ch.get("features"), dict) and (not redecided or "best" in ch))
-
-
-def same_data(a: str | None, b: str | None) -> bool:
-    """Whether two data specs name the same source (kind and resolved path)."""
-    if not a or not b:
-        return False
-    (ka, _, pa), (kb, _, pb) = a.partition(":"), b.partition(":")
-    return ka == kb and (pa == pb or (bool(pa) and bool(pb) and Path(pa).resolve() == Path(pb).resolve()))
-
-
-def adapter_training(adapter: str | None, depth: int = 0) -> dict | None:
-    """{config, data, split} of the run an adapter came from (engine.rundir.adapter_run_config), or None where
-    there is no adapter or no config; with "before": the same for the adapter that run started from
-    (--init-adapter), and so on back: a continued adapter has seen what every run before it trained on."""
-    found = adapter_run_config(adapter) if adapter else None
-    if found is None:
-        return None
-    cfg, c = found
-    out = {"config": str(cfg), "data": c.get("data"), "split": trained_split(c)}
-    before = adapter_training(c["init_adapter"], depth + 1) if c.get("init_adapter") and depth < 16 else None
-    return {**out, "before": before} if before else out
-
-
-def trainings(trained: dict | None):
-    """The runs of an adapter_training chain, newest first."""
-    while trained:
-        yield trained
-        trained = trained.get("before")
 
 
 def check_features(rows: list[dict], features, path) -> None:

@@ -2,8 +2,9 @@
 
     python -m engine.evaluate --model SRC [--adapter DIR] --data SPEC [--split test] [--limit N] --out DIR
 
-Writes OUT/eval.json (run facts, aggregates overall / per category / per source, one row per example) and
-OUT/report.md (+ PNG plots when matplotlib is installed). `--compare BEFORE/eval.json` prints the
+Writes OUT/eval.json (run facts, aggregates overall / per category / per source, clause and NONE examples apart,
+one row per example) and OUT/report.md (+ PNG plots when matplotlib is installed); says so, and records it, when
+the adapter trained on the split it scores (not held out). `--compare BEFORE/eval.json` prints the
 metric | before | after | change table. Loss does not predict extraction quality; this does.
 
 For the trainer: `eval_subset(examples, n)` picks a fixed, category-balanced subset once, and
@@ -22,14 +23,15 @@ from pathlib import Path
 import torch
 
 from data import load_source
-from data.example import render_prompt, stable_hash
+from data.example import render_prompt, splits_overlap, stable_hash
 from data.text import make_windows
 from data.validate import validate
 from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from engine.metrics import KINDS, is_none, score, summarize
 from engine.precision import INFERENCE_MODES, inference_dtype
-from engine.report import _pyplot, decoding_note, print_results, read_metrics_jsonl, same_examples_note, write_report
-from engine.rundir import adapter_run_config, learned_decoding
+from engine.report import (_pyplot, decoding_note, print_results, read_metrics_jsonl, same_data, same_examples_note,
+                           setting_notes, write_report)
+from engine.rundir import adapter_run_config, learned_decoding, trained_split
 from model import load_adapter, load_model, load_tokenizer
 from model.adapter import AdapterBank
 from model.files import check_writable, staged_files
@@ -46,6 +48,8 @@ METRIC_NOTES = {
     "f1": "SQuAD v1.1 token F1 (lowercase, no punctuation/articles), percent",
     "excellent": "percent of examples with similarity > 90",
     "good": "percent of examples with similarity > 70",
+    "right_start": "percent of clause examples whose quote begins where the gold clause begins, or before it by a "
+                   "list number only ('2. ', '(a) ')",
     "abstention": "NONE is the positive class: precision tp/(tp+fp), recall tp/(tp+fn), percent; null = undefined",
 }
 
@@ -175,7 +179,8 @@ def run_model_source(model: str | None, adapter: str | None) -> str:
 def load_focus(model, focus_adapter: str, main_adapter: str | None) -> AdapterBank:
     """An AdapterBank holding the loaded model's adapter (or none) as "main" and focus_adapter as "focus"; both
     must be for the same base model."""
-    base, main_base = _base_of_adapter(focus_adapter), _base_of_adapter(main_adapter) if main_adapter else None
+    base = _base_of_adapter(focus_adapter, "--focus-adapter")
+    main_base = _base_of_adapter(main_adapter) if main_adapter else None
     if main_base and base and base != main_base:
         raise ValueError(f"--focus-adapter {focus_adapter} was trained on {base}, --adapter {main_adapter} on "
                          f"{main_base}; train the focus adapter on the same base model")
@@ -294,19 +299,20 @@ def evaluate_for_training(model, tok, subset: list, *, max_new_tokens: int = 256
 
 
 # ---- the command -------------------------------------------------------------------------------------------
-def _base_of_adapter(adapter: str) -> str | None:
+def _base_of_adapter(adapter: str, flag: str = "--adapter") -> str | None:
     """The adapter's base_model_name_or_path; a relative path (older adapters) that is not there from the cwd is
-    taken relative to the adapter directory when it exists there."""
+    taken relative to the adapter directory when it exists there. flag: the option that named it, for errors."""
     cfg = Path(adapter) / "adapter_config.json"
     try:
         base = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path") or None
     except (FileNotFoundError, NotADirectoryError):
-        raise FileNotFoundError(f"{cfg} not found: --adapter must be a PEFT adapter directory "
+        raise FileNotFoundError(f"{cfg} not found: {flag} must be a PEFT adapter directory "
                                 "(the adapter/ folder of a training run)") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg}: malformed JSON at line {e.lineno} ({e.msg})") from None
+        raise ValueError(f"{cfg}: malformed JSON at line {e.lineno} ({e.msg}); {flag} must be a PEFT adapter "
+                         "directory") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg}: does not read ({e}); --adapter must be a PEFT adapter directory") from None
+        raise ValueError(f"{cfg}: does not read ({e}); {flag} must be a PEFT adapter directory") from None
     if isinstance(base, str) and not Path(base).exists() and (Path(adapter) / base).exists():
         return str(Path(adapter) / base)
     return base
@@ -336,6 +342,36 @@ def load_for_eval(model_src: str | None, adapter: str | None, *, device: str = "
         _base_of_adapter(adapter)  # a clear error for a wrong directory before load_adapter's own
         load_adapter(model, adapter)
     return model, tok, model_src or EMBEDDED
+
+
+def adapter_training(adapter: str | None, depth: int = 0) -> dict | None:
+    """{config, data, split} of the run an adapter came from (engine.rundir.adapter_run_config), or None where
+    there is no adapter or no config; with "before": the same for the adapter that run started from
+    (--init-adapter), and so on back: a continued adapter has seen what every run before it trained on."""
+    found = adapter_run_config(adapter) if adapter else None
+    if found is None:
+        return None
+    cfg, c = found
+    out = {"config": str(cfg), "data": c.get("data"), "split": trained_split(c)}
+    before = adapter_training(c["init_adapter"], depth + 1) if c.get("init_adapter") and depth < 16 else None
+    return {**out, "before": before} if before else out
+
+
+def trainings(trained: dict | None):
+    """The runs of an adapter_training chain, newest first."""
+    while trained:
+        yield trained
+        trained = trained.get("before")
+
+
+def not_held_out_note(trained: dict | None, flag: str, adapter: str, data: str, split: str) -> str | None:
+    """A line when a run of adapter_training's chain trained on data's split (or a split holding it, or one it
+    holds: splits_overlap), so that the evaluation scores examples the adapter has seen; else None."""
+    for t in trainings(trained):
+        if same_data(t["data"], data) and splits_overlap(t["split"], split):
+            return (f"{flag} {adapter} trained on split {t['split']!r} of {t['data']} ({t['config']}), which shares "
+                    f"examples with the {split!r} split scored here")
+    return None
 
 
 def read_eval_json(path, role: str = "baseline") -> dict:
@@ -465,8 +501,18 @@ def run(args) -> dict:
     rule = read_rule(args.channel_rule, args.channel_unit, args.adapter, run_model_source(args.model, args.adapter)) \
         if args.channel_rule else None
     baseline = read_baseline(args.compare) if args.compare else None
-    if args.adapter:
-        _base_of_adapter(args.adapter)  # a wrong --adapter is one line now, before the data and the model load
+    # a wrong --adapter or --focus-adapter is one line now, before the data and the model load
+    adapters = {flag: a for flag, a in (("--adapter", args.adapter), ("--focus-adapter", args.focus_adapter)) if a}
+    for flag, a in adapters.items():
+        _base_of_adapter(a, flag)
+    # an adapter that trained on the examples scored here: said, not refused (hard-negative mining scores the
+    # training split on purpose), and recorded in eval.json and report.md
+    trained = {flag: adapter_training(a) for flag, a in adapters.items()}
+    not_held_out = [n for flag, a in adapters.items()
+                    if (n := not_held_out_note(trained[flag], flag, a, args.data, args.split))]
+    for note in not_held_out:
+        print(f"warning: {note}: the figures are not held out (evaluate a split it never trained on, e.g. "
+              "--split test, for ones that are)", file=sys.stderr)
     out = Path(args.out)
     check_writable(out)  # before the evaluation, not after it
 
@@ -479,11 +525,13 @@ def run(args) -> dict:
         print(f"note: {rep.rejected} of {rep.examples} examples dropped (answer not found in its context; "
               f"python -m data.check {args.data} lists them)", file=sys.stderr)
     subset = eval_subset(examples, args.limit)
-    if baseline is not None and (note := same_examples_note(baseline, [ex.id for ex in subset], args.data,
-                                                            args.split)):
-        print(f"note: {note}", file=sys.stderr)  # now, before the model loads: the user may want to stop here
-    if baseline is not None and (note := decoding_note(baseline, args.decode, args.channel_unit)):
-        print(f"note: {note}", file=sys.stderr)
+    if baseline is not None:  # now, before the model loads: the user may want to stop here
+        budgets = {"max_new_tokens": args.max_new_tokens, "decode": args.decode,
+                   "focus_adapter": args.focus_adapter}
+        for note in (same_examples_note(baseline, {ex.id: ex.answer for ex in subset}, args.data, args.split),
+                     decoding_note(baseline, args.decode, args.channel_unit), *setting_notes(baseline, budgets)):
+            if note:
+                print(f"note: {note}", file=sys.stderr)
     t0 = time.perf_counter()
     model, tok, model_src = load_for_eval(args.model, args.adapter, device=args.device, precision=args.precision,
                                           quantize=None if args.quantize == "none" else args.quantize)
@@ -491,9 +539,8 @@ def run(args) -> dict:
     load_s = time.perf_counter() - t0
     if args.seq_len is None:
         args.seq_len = min(model.config.max_position_embeddings, DEFAULT_SEQ_LEN)
-    if baseline is not None and baseline.get("seq_len") not in (None, args.seq_len):
-        print(f"note: the baseline read windows of {baseline['seq_len']} tokens, this run {args.seq_len}; "
-              "pass the same --seq-len to both for a like-for-like comparison", file=sys.stderr)
+    for note in setting_notes(baseline, {"seq_len": args.seq_len}) if baseline is not None else []:
+        print(f"note: {note}", file=sys.stderr)
     if not args.quiet:
         print(f"evaluating {len(subset)} of {len(examples)} {args.split} examples from {args.data} "
               f"with {model_src}{' + ' + args.adapter if args.adapter else ''} (loaded in {load_s:.1f}s)",
@@ -511,6 +558,10 @@ def run(args) -> dict:
                                                                **(rule or ChannelRule()).to_dict()},
         "channel_unit": args.channel_unit if args.decode == "channel" else None,
         "focus_adapter": args.focus_adapter,
+        # what the adapters trained on (adapter_training: data, split, config, and the runs before), and where
+        # that is the split scored here, the lines report.md shows
+        "adapter_trained_on": trained.get("--adapter"), "focus_adapter_trained_on": trained.get("--focus-adapter"),
+        "not_held_out": not_held_out,
         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
         "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
         "seconds": round(seconds, 2),

@@ -17,7 +17,15 @@ Aggregates (`aggregate`): similarity averages 0-100; excellent / good / exact_ma
 tp / (tp + fn) as percentages, None when the denominator is 0 (nothing to measure, not a perfect score);
 predicted_none = share of examples answered NONE (on clause examples: wrongly; on NONE examples: rightly);
 verbatim = share of quoted (non-NONE) predictions that are exact substrings of their context; right_start = share
-of clause examples whose prediction starts at the gold clause (the choice, apart from where the copy stopped).
+of clause examples whose quote starts at the gold clause (the choice, apart from where the copy stopped): at its
+first character, or earlier by no more than a list number the lawyer left out of the clause ("2. ", "(a) ", "12.3 ",
+"iv. ": digits, one letter or a roman numeral, with punctuation and whitespace), so that the channel and rank
+decoders, which quote a whole paragraph or sentence, are measured by the same rule as a copy starting mid-text.
+
+A prediction that is_none ("None.", "none") is scored as NONE everywhere, not only in the abstention outcome.
+
+By category and by source (`summarize`): the same aggregates per kind (KINDS), never over both kinds together:
+{"clause": {name: aggregate}, "none": {name: aggregate}}, a name under a kind only when it has examples of it.
 """
 from __future__ import annotations
 
@@ -32,6 +40,11 @@ from data.example import NONE, is_none  # noqa: F401  (is_none: re-exported, one
 _WS = re.compile(r"\s+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
+# What may stand in a quote before the gold clause's first character for it still to start "right": list numbers
+# ("2.", "12.3", "(a)", "iv)"), each followed by punctuation or whitespace, and nothing else. A single letter is
+# [A-Za-z]'s alone and a number's dots are the \W+ between its parts: one way to match, so no backtracking blows up
+# over a long prefix.
+_LIST_NUMBER = re.compile(r"\W*(?:(?:\d+|[A-Za-z]|[ivx]{2,5}|[IVX]{2,5})\W+)*")
 
 # Keys of `aggregate`, in the order tables show them (higher is better for every one but n).
 AGGREGATE_KEYS = ("n", "avg_similarity", "excellent", "good", "exact_match", "f1", "right_start", "predicted_none",
@@ -81,15 +94,15 @@ def abstention(prediction: str, answer: str) -> str:
 def score(prediction: str, answer: str, context: str | None = None, start: int | None = None) -> dict:
     """All per-example scores for one prediction. With the context, "verbatim" says whether a quoted (non-NONE)
     prediction is an exact substring of it (None for a NONE prediction, or without context), and "right_start"
-    whether a clause example's prediction starts where the gold clause starts: the model chose the right clause,
-    however well it then stopped (start: the prediction's offset in the context when the decoder knows it)."""
+    whether a clause example's quote starts at the gold clause (right_start_of): the model chose the right clause,
+    however well it then stopped (start: the prediction's offset in the context when the decoder knows it).
+    A prediction or answer that is_none is compared as NONE itself ("None." for NONE is a right abstention, and an
+    exact one)."""
     quoted = not is_none(prediction)
+    prediction, answer = (prediction if quoted else NONE), (NONE if is_none(answer) else answer)
     right = None
-    if context is not None and not is_none(answer):
-        gold = context.find(answer.strip())
-        if start is None and quoted and prediction.strip():
-            start = context.find(prediction.strip())
-        right = quoted and start is not None and start >= 0 and start == gold
+    if context is not None and answer != NONE:
+        right = quoted and right_start_of(prediction, answer, context, start)
     return {
         "right_start": right,
         "similarity": similarity(prediction, answer),
@@ -98,6 +111,20 @@ def score(prediction: str, answer: str, context: str | None = None, start: int |
         "abstention": abstention(prediction, answer),
         "verbatim": (bool(prediction.strip()) and prediction in context) if quoted and context is not None else None,
     }
+
+
+def right_start_of(quote: str, answer: str, context: str, start: int | None = None) -> bool:
+    """Whether a quote (at offset start of context, else where it is first found) starts at the gold answer's first
+    occurrence: there exactly, or before it by a list number only (_LIST_NUMBER) with the gold start inside the
+    quote. The channel decoder quotes "2. The liability ..." for the lawyer's "The liability ...": the right
+    clause."""
+    gold = context.find(answer.strip())
+    if start is None:
+        quote = quote.strip()
+        start = context.find(quote) if quote else -1
+    if start < 0 or gold < 0 or not start <= gold < start + len(quote):
+        return False
+    return _LIST_NUMBER.fullmatch(context[start:gold]) is not None
 
 
 def kind(answer: str) -> str:
@@ -133,13 +160,24 @@ def aggregate(scores: list[dict]) -> dict:
 
 def summarize(rows: list[dict]) -> dict:
     """rows carry "answer", "category", "source" and "scores" -> {"overall", "clause", "none", "by_category",
-    "by_source"} aggregates; "clause" and "none" split the rows by their gold answer (see KINDS)."""
-    out = {"overall": aggregate([r["scores"] for r in rows]), "by_category": {}, "by_source": {}}
+    "by_source"} aggregates; "clause" and "none" split the rows by their gold answer (see KINDS), and so do
+    by_category and by_source (by_kind)."""
+    out = {"overall": aggregate([r["scores"] for r in rows])}
     for k in KINDS:
         out[k] = aggregate([r["scores"] for r in rows if kind(r["answer"]) == k])
-    for key, field in (("by_category", "category"), ("by_source", "source")):
+    out["by_category"], out["by_source"] = by_kind(rows, "category"), by_kind(rows, "source")
+    return out
+
+
+def by_kind(rows: list[dict], field: str) -> dict[str, dict[str, dict]]:
+    """{kind: {value of row[field]: aggregate of that kind's rows}} for each of KINDS: clause examples and NONE
+    examples of one category apart, as everywhere (a category's NONE examples answered NONE would otherwise lift
+    its similarity, and its clause examples' quotes lower its answered NONE rate)."""
+    out: dict[str, dict[str, dict]] = {}
+    for k in KINDS:
         groups: dict[str, list[dict]] = {}
         for r in rows:
-            groups.setdefault(str(r.get(field)), []).append(r["scores"])
-        out[key] = {g: aggregate(groups[g]) for g in sorted(groups)}
+            if kind(r["answer"]) == k:
+                groups.setdefault(str(r.get(field)), []).append(r["scores"])
+        out[k] = {g: aggregate(groups[g]) for g in sorted(groups)}
     return out

@@ -1,8 +1,10 @@
 """The human side of an evaluation: report.md with tables, and PNG plots when matplotlib is installed.
 
-Plots (optional extra `plot`): the similarity histogram with the 70 ("good") and 90 ("excellent") lines, average
-similarity per category, and the training loss curve from a run's metrics.jsonl. Without matplotlib the report is
-tables only and says so. Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+Plots (optional extra `plot`): the similarity histogram of clause examples with the 70 ("good") and 90 ("excellent")
+lines (bins hold their upper edge: an exact 90 is not "> 90"), per category the clause examples' average similarity
+and the NONE examples' share answered NONE, and the training loss curve from a run's metrics.jsonl. Without
+matplotlib the report is tables only and says so. Every file is written to a temporary name and renamed, so a
+crash never leaves half a file.
 
 Also the parameter summary training prints at setup (lora_report): trainable / frozen / quantized counts and bytes.
 
@@ -17,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.metrics import AGGREGATE_KEYS, KINDS, is_none
+from engine.metrics import AGGREGATE_KEYS, KINDS, by_kind, is_none, normalize_ws
 from model.files import atomic_file, atomic_write_text
 from model.llama import Llama
 from model.lora import lora_layers
@@ -38,6 +40,13 @@ LABELS = {
     "abstention_precision": "NONE precision %",
     "abstention_recall": "NONE recall %",
 }
+# Abstention precision and recall count both kinds (tp and fn on NONE examples, fp on clause examples): within one
+# kind they mean nothing (0 or undefined on clause examples, 100 on NONE examples), so only "all" rows show them.
+ALL_ONLY = ("abstention_precision", "abstention_recall")
+# What a per-category or per-source table shows of each kind: a NONE example has one right answer, so its figure is
+# the share answered NONE.
+KIND_KEYS = {"clause": tuple(k for k in AGGREGATE_KEYS if k not in ALL_ONLY), "none": ("n", "predicted_none")}
+KIND_TITLES = {"clause": "Clause examples", "none": "NONE examples"}
 
 
 def fmt(value, key: str = "") -> str:
@@ -48,21 +57,54 @@ def fmt(value, key: str = "") -> str:
     return f"{value:.1f}"
 
 
-def same_examples_note(before: dict, after_ids, data=None, split=None) -> str | None:
-    """None when the baseline's rows are the same examples as after_ids (ids, in any order) of the same data and
-    split (where both name them); else a line saying what differs: a change column over different examples
-    compares nothing."""
+def same_data(a: str | None, b: str | None) -> bool:
+    """Whether two data specs name the same source (kind and resolved path)."""
+    if not a or not b:
+        return False
+    (ka, _, pa), (kb, _, pb) = a.partition(":"), b.partition(":")
+    return ka == kb and (pa == pb or (bool(pa) and bool(pb) and Path(pa).resolve() == Path(pb).resolve()))
+
+
+def same_examples_note(before: dict, after: dict[str, str], data=None, split=None) -> str | None:
+    """None when the baseline's rows are the same examples as `after` ({id: gold answer}; ids in any order) with
+    the same gold answers, of the same data (same_data: two spellings of one path are one) and split (where both
+    name them); else a line saying what differs: a change column over different examples compares nothing."""
     fix = "(pass the same --data, --split and --limit to both)"
-    for key, mine in (("data", data), ("split", split)):
-        if mine is not None and before.get(key) not in (None, mine):
-            return f"the baseline ran on {key} {before[key]!r} and this run on {mine!r}: the change column compares " \
-                   f"different examples {fix}"
-    b = [str(r.get("id")) for r in before.get("rows", []) if isinstance(r, dict)]
-    a = [str(i) for i in after_ids]
-    if sorted(b) == sorted(a):
-        return None
-    return (f"the baseline scored {len(b)} examples and this run {len(a)}, {len(set(a) & set(b))} of them the same: "
-            f"the change column compares different examples {fix}")
+    if data is not None and before.get("data") is not None and not same_data(before["data"], data):
+        return f"the baseline ran on data {before['data']!r} and this run on {data!r}: the change column compares " \
+               f"different examples {fix}"
+    if split is not None and before.get("split") not in (None, split):
+        return f"the baseline ran on split {before['split']!r} and this run on {split!r}: the change column " \
+               f"compares different examples {fix}"
+    rows = [r for r in before.get("rows", []) if isinstance(r, dict)]
+    b, a = [str(r.get("id")) for r in rows], [str(i) for i in after]
+    if sorted(b) != sorted(a):
+        return (f"the baseline scored {len(b)} examples and this run {len(a)}, {len(set(a) & set(b))} of them the "
+                f"same: the change column compares different examples {fix}")
+    mine = {str(i): normalize_ws(ans) for i, ans in after.items()}
+    moved = [str(r.get("id")) for r in rows if normalize_ws(r.get("answer")) != mine[str(r.get("id"))]]
+    if moved:
+        return (f"{len(moved)} of the {len(a)} examples have another gold answer in the baseline (first: "
+                f"{moved[0]!r}): the data changed between the runs; evaluate both on the data as it is now")
+    return None
+
+
+def setting_notes(before: dict, after: dict) -> list[str]:
+    """Lines for the reading budgets where the baseline's differ from `after`'s (run facts as eval.json names
+    them; a key after lacks is not compared): --seq-len (the windows a context is read in) and --max-new-tokens
+    (an answer cut short scores low for that alone; channel decoding without a --focus-adapter generates nothing,
+    so there it is not compared)."""
+    notes = []
+    if after.get("seq_len") is not None and before.get("seq_len") not in (None, after["seq_len"]):
+        notes.append(f"the baseline read windows of {before['seq_len']} tokens, this run {after['seq_len']}: pass "
+                     "the same --seq-len to both for a like-for-like comparison")
+    generates = [d.get("decode") != "channel" or bool(d.get("focus_adapter")) for d in (before, after)]
+    if after.get("max_new_tokens") is not None and before.get("max_new_tokens") not in (None, after["max_new_tokens"]) \
+            and any(generates):
+        notes.append(f"the baseline's answers had --max-new-tokens {before['max_new_tokens']}, this run's "
+                     f"{after['max_new_tokens']}: an answer cut short scores low for that alone; pass the same "
+                     "--max-new-tokens to both")
+    return notes
 
 
 def decoding_note(before: dict, decode: str | None, unit: str | None) -> str | None:
@@ -79,7 +121,8 @@ def decoding_note(before: dict, decode: str | None, unit: str | None) -> str | N
 
 def compare_table(before: dict, after: dict) -> str:
     """Markdown table `examples | metric | before | after | change` of two eval.json dicts: clause examples and
-    NONE examples apart (KINDS), then all together; an aggregate dict alone counts as "all"."""
+    NONE examples apart (KINDS), then all together; an aggregate dict alone counts as "all". NONE precision and
+    recall only in the "all" rows (ALL_ONLY)."""
     lines = ["| examples | metric | before | after | change |", "|---|---|---:|---:|---:|"]
     for group in (*KINDS, "overall"):
         if group != "overall" and (group not in before or group not in after):
@@ -92,6 +135,8 @@ def compare_table(before: dict, after: dict) -> str:
 def _compare_rows(b: dict, a: dict, label: str) -> list[str]:
     lines = []
     for k in AGGREGATE_KEYS:
+        if k in ALL_ONLY and label != "all":
+            continue
         x, y = b.get(k), a.get(k)
         if k == "n":
             change = ""
@@ -103,12 +148,23 @@ def _compare_rows(b: dict, a: dict, label: str) -> list[str]:
     return lines
 
 
-def aggregate_table(groups: dict[str, dict], first: str) -> str:
-    keys = list(AGGREGATE_KEYS)
+def aggregate_table(groups: dict[str, dict], first: str, keys=AGGREGATE_KEYS) -> str:
+    """One row per group, one column per key; a row named "clause" or "none" (a kind) leaves ALL_ONLY blank."""
     head = f"| {first} | " + " | ".join(LABELS[k] for k in keys) + " |"
     rule = "|---|" + "---:|" * len(keys)
-    rows = [f"| {name} | " + " | ".join(fmt(agg.get(k), k) for k in keys) + " |" for name, agg in groups.items()]
+    rows = [f"| {name} | " + " | ".join("" if k in ALL_ONLY and name in KINDS else fmt(agg.get(k), k) for k in keys)
+            + " |" for name, agg in groups.items()]
     return "\n".join([head, rule, *rows]) + "\n"
+
+
+def kind_tables(groups: dict[str, dict[str, dict]], first: str) -> list[str]:
+    """report.md lines for by_kind's groups: a table of clause examples (KIND_KEYS["clause"]) and one of NONE
+    examples (their share answered NONE), each where that kind has examples."""
+    md = []
+    for k in KINDS:
+        if groups.get(k):
+            md += [f"{KIND_TITLES[k]}:", "", aggregate_table(groups[k], first, KIND_KEYS[k])]
+    return md or ["_(no examples)_", ""]
 
 
 def read_metrics_jsonl(path: Path) -> list[dict]:
@@ -159,37 +215,51 @@ def clause_similarities(result: dict) -> list[float]:
     return [r["scores"]["similarity"] for r in result.get("rows", []) if not is_none(r["answer"])]
 
 
-def text_histogram(sims: list[float], before: list[float] | None = None, step: int = 10, width: int = 24) -> str:
-    """The similarity histogram in plain text, for a terminal or a README: one line per `step`-wide bin, a bar
-    of full blocks scaled to the largest count, and the count; the baseline's column beside it when given."""
-    def counts(xs):
-        c = [0] * (100 // step)
-        for x in xs:
-            c[min(int(x // step), len(c) - 1)] += 1  # 100 falls in the last bin
-        return c
+def bin_counts(xs: list[float], step: int) -> list[int]:
+    """Counts of xs in right-closed bins of width step: [0, step], (step, 2 step], ..., (100 - step, 100]. A bin
+    holds its upper edge, so a similarity of exactly 90 is below the 90 line, as "excellent" (> 90) counts it."""
+    assert 100 % step == 0, step
+    edges = range(step, 100, step)
+    c = [0] * (100 // step)
+    for x in xs:
+        c[sum(x > e for e in edges)] += 1
+    return c
 
-    cols = [("before", counts(before)), ("after", counts(sims))] if before is not None else [("clause", counts(sims))]
+
+def bin_label(i: int, step: int) -> str:
+    """Bin i of bin_counts as an interval: "[0,10]" for the first (it holds 0), "(90,100]" for the others."""
+    return f"{'[' if i == 0 else '('}{i * step},{(i + 1) * step}]"
+
+
+def text_histogram(sims: list[float], before: list[float] | None = None, step: int = 10, width: int = 24) -> str:
+    """The similarity histogram in plain text, for a terminal or a README: one line per `step`-wide bin that holds
+    anything (bin_counts' right-closed bins, labelled as intervals; empty bins left out), a bar of full blocks
+    scaled to the largest count, and the count; the baseline's column beside it when given."""
+    cols = [("before", bin_counts(before, step)), ("after", bin_counts(sims, step))] if before is not None \
+        else [("clause", bin_counts(sims, step))]
     top = max(max(c) for _, c in cols) or 1
     bar = lambda n: ("█" * round(width * n / top) or ("▏" if n else "")) + f" {n}"  # noqa: E731
     lines = ["similarity  " + "".join(f"{name:<{width + 6}}" for name, _ in cols).rstrip()]
     for i in range(100 // step):
-        label = f"{i * step:>3}-{(i + 1) * step:<3}"
-        lines.append(f"{label}     " + "".join(f"{bar(c[i]):<{width + 6}}" for _, c in cols).rstrip())
+        if any(c[i] for _, c in cols):
+            lines.append(f"{bin_label(i, step):>10}  " + "".join(f"{bar(c[i]):<{width + 6}}" for _, c in cols).rstrip())
     return "\n".join(lines) + "\n"
 
 
-def plot_similarity_hist(plt, sims: list[float], path: Path, before: list[float] | None = None) -> None:
-    """Similarity of the clause examples (NONE examples are reported apart), with the baseline's beside it."""
+def plot_similarity_hist(plt, sims: list[float], path: Path, before: list[float] | None = None, step: int = 5) -> None:
+    """Similarity of the clause examples (NONE examples are reported apart), with the baseline's beside it; bins as
+    bin_counts' (right-closed: a bar just left of the 90 line holds an exact 90, which is not > 90)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = list(range(0, 105, 5))
+    lefts = list(range(0, 100, step))
     if before:
-        ax.hist(before, bins=bins, color="#c44e52", alpha=0.45, edgecolor="white", label=f"before (n={len(before)})")
-    ax.hist(sims, bins=bins, color="#4c72b0", alpha=0.75 if before else 1.0, edgecolor="white",
-            label=f"{'after' if before else 'this run'} (n={len(sims)})")
+        ax.bar(lefts, bin_counts(before, step), width=step, align="edge", color="#c44e52", alpha=0.45,
+               edgecolor="white", label=f"before (n={len(before)})")
+    ax.bar(lefts, bin_counts(sims, step), width=step, align="edge", color="#4c72b0", alpha=0.75 if before else 1.0,
+           edgecolor="white", label=f"{'after' if before else 'this run'} (n={len(sims)})")
     for x, label, color in ((70, "good > 70", "#dd8452"), (90, "excellent > 90", "#55a868")):
         ax.axvline(x, color=color, linestyle="--", label=label)
     ax.set_xlim(0, 100)
-    ax.set_xlabel("similarity to the reference clause (rapidfuzz ratio, 0-100)")
+    ax.set_xlabel(f"similarity to the reference clause (rapidfuzz ratio, 0-100; bins (a, a+{step}])")
     ax.set_ylabel("clause examples")
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title("Similarity on clause examples")
@@ -197,27 +267,38 @@ def plot_similarity_hist(plt, sims: list[float], path: Path, before: list[float]
     _save(fig, plt, path)
 
 
-def plot_categories(plt, by_category: dict[str, dict], path: Path, before: dict | None = None) -> None:
-    """Average similarity per category; with a baseline, its bars beside this run's."""
-    items = sorted(((c, a) for c, a in by_category.items() if a.get("avg_similarity") is not None),
-                   key=lambda ca: ca[1]["avg_similarity"])
-    fig, ax = plt.subplots(figsize=(7, max(2.5, (0.42 if before else 0.28) * len(items) + 1)))
-    ys = list(range(len(items)))
+# what each kind's panel of categories.png draws: (aggregate key, axis label)
+CATEGORY_PANELS = {"clause": ("avg_similarity", "clause examples: average similarity"),
+                   "none": ("predicted_none", "NONE examples: answered NONE %")}
+
+
+def plot_categories(plt, groups: dict[str, dict[str, dict]], path: Path, before: dict | None = None) -> None:
+    """Per category, clause examples and NONE examples apart (by_kind's groups): clause examples' average
+    similarity, NONE examples' share answered NONE, a panel each; with a baseline, its bars beside this run's."""
+    panels = [k for k in KINDS if groups.get(k)]
+    rows = max(len(groups[k]) for k in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), max(2.5, (0.42 if before else 0.28) * rows + 1)),
+                             squeeze=False)
     h = 0.4 if before else 0.8
-    if before:
-        ax.barh([y - h / 2 for y in ys], [(before.get(c) or {}).get("avg_similarity") or 0 for c, _ in items],
-                height=h, color="#c44e52", alpha=0.6, label="before")
-    ax.barh([y + (h / 2 if before else 0) for y in ys], [a["avg_similarity"] for _, a in items], height=h,
-            color="#4c72b0", label="after" if before else None)
-    ax.set_yticks(ys, [f"{c[:40]} (n={a['n']})" for c, a in items])
-    for x in (70, 90):
-        ax.axvline(x, color="grey", linestyle=":")
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("average similarity")
-    ax.tick_params(axis="y", labelsize=7)
-    ax.set_title("Average similarity per category")
-    if before:
-        ax.legend(loc="lower right", fontsize=8)
+    for ax, k in zip(axes[0], panels):
+        key, xlabel = CATEGORY_PANELS[k]
+        items = sorted(((c, a) for c, a in groups[k].items() if a.get(key) is not None), key=lambda ca: ca[1][key])
+        ys = list(range(len(items)))
+        if before:
+            ax.barh([y - h / 2 for y in ys], [((before.get(k) or {}).get(c) or {}).get(key) or 0 for c, _ in items],
+                    height=h, color="#c44e52", alpha=0.6, label="before")
+        ax.barh([y + (h / 2 if before else 0) for y in ys], [a[key] for _, a in items], height=h, color="#4c72b0",
+                label="after" if before else None)
+        ax.set_yticks(ys, [f"{c[:40]} (n={a['n']})" for c, a in items])
+        for x in ((70, 90) if k == "clause" else ()):
+            ax.axvline(x, color="grey", linestyle=":")
+        ax.set_xlim(0, 100)
+        ax.set_xlabel(xlabel)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(f"{KIND_TITLES[k]} per category")
+        if before:
+            ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()  # else the second panel's category names run over the first panel
     _save(fig, plt, path)
 
 
@@ -257,6 +338,9 @@ def write_report(result: dict, out_dir: Path, metrics_jsonl: Path | None = None,
     plt = _pyplot()
     images: list[tuple[str, str]] = []
     rows = result.get("rows", [])
+    # per category and per source from the rows (what summarize stores in eval.json), so that a baseline written
+    # before the two kinds were split there reads the same
+    categories = by_kind(rows, "category")
     if plt is not None:
         clause_sims = clause_similarities
         if clause_sims(result):
@@ -264,10 +348,11 @@ def write_report(result: dict, out_dir: Path, metrics_jsonl: Path | None = None,
                                  before=clause_sims(baseline) if baseline else None)
             images.append(("Similarity on clause examples" + (", before and after" if baseline else ""),
                            "similarity_hist.png"))
-        if result.get("by_category"):
-            plot_categories(plt, result["by_category"], out_dir / "categories.png",
-                            before=baseline.get("by_category") if baseline else None)
-            images.append(("Average similarity per category", "categories.png"))
+        if any(categories.values()):
+            plot_categories(plt, categories, out_dir / "categories.png",
+                            before=by_kind(baseline.get("rows", []), "category") if baseline else None)
+            images.append(("Per category: clause examples' average similarity, NONE examples answered NONE",
+                           "categories.png"))
         if metrics_jsonl is not None and plot_loss(plt, read_metrics_jsonl(metrics_jsonl), out_dir / "loss.png"):
             images.append(("Training and validation loss", "loss.png"))
 
@@ -280,28 +365,35 @@ def write_report(result: dict, out_dir: Path, metrics_jsonl: Path | None = None,
         md.append("- **base weights**: " + ("NF4 (4-bit, as QLoRA trains)" if result["quantize"] == "nf4"
                                             else "full precision (the checkpoint's weights, dequantized to fp32/bf16)")
                   + (f", answering in {result['dtype']}" if result.get("dtype") else ""))
+    for note in result.get("not_held_out") or []:  # engine.evaluate's: an adapter trained on these examples
+        md.append(f"- **not held out**: {note}")
     if result.get("truncated"):  # engine.evaluate counts them; an answer cut short scores low for that alone
         md.append(f"- **{result['truncated']} answers cut at --max-new-tokens** (no stop token within "
                   f"{result.get('max_new_tokens', '?')} tokens; their rows say `\"truncated\": true`)")
     md += ["", "Similarity is `rapidfuzz.fuzz.ratio` (0-100) on whitespace-normalised text; exact match is on the "
-           "same normalised text; F1 is SQuAD token F1; NONE precision/recall treat the abstention answer `NONE` "
-           "as the positive class (- = undefined, nothing to count).", "", "## Overall", "",
+           "same normalised text; F1 is SQuAD token F1; a right clause start is a quote that begins where the gold "
+           "clause begins, or before it by a list number only (`2. `, `(a) `); NONE precision/recall treat the "
+           "abstention answer `NONE` as the positive class and count both kinds of example, so only the `all` row "
+           "shows them (- = undefined, nothing to count).", "", "## Overall", "",
            "Clause examples (the gold answer is a clause) and NONE examples (the gold answer is NONE) are "
            "reported apart: on clause examples `answered NONE` is a miss, on NONE examples it is the right answer.",
            "", aggregate_table({**{k: result[k] for k in KINDS if k in result}, "all": result["overall"]}, "")]
     if baseline is not None:
-        note = same_examples_note(baseline, [r.get("id") for r in rows], result.get("data"), result.get("split"))
+        notes = [n for n in (same_examples_note(baseline, {r.get("id"): r.get("answer") for r in rows},
+                                                result.get("data"), result.get("split")),
+                             decoding_note(baseline, result.get("decode"), result.get("channel_unit")),
+                             *setting_notes(baseline, result)) if n]
         md += ["## Before / after", "", f"Baseline: {baseline.get('model', '?')}"
                f"{' + ' + str(baseline['adapter']) if baseline.get('adapter') else ''}", "",
-               *([f"**Not like for like**: {note}.", ""] if note else []),
+               *[line for n in notes for line in (f"**Not like for like**: {n}.", "")],
                compare_table(baseline, result), "Similarity on clause examples, before and after:", "",
                "```", text_histogram(clause_similarities(result), clause_similarities(baseline)) + "```", ""]
     if images:
         md += ["## Plots", ""] + [f"![{title}]({name})\n" for title, name in images]
     elif plt is None:
         md += [PLOTS_SKIPPED, ""]
-    md += ["## By category", "", aggregate_table(result.get("by_category", {}), "category"),
-           "## By source", "", aggregate_table(result.get("by_source", {}), "source")]
+    md += ["## By category", "", *kind_tables(categories, "category"),
+           "## By source", "", *kind_tables(by_kind(rows, "source"), "source")]
     worst = sorted((r for r in rows if r["scores"]["similarity"] < 100), key=lambda r: r["scores"]["similarity"])[:5]
     if worst:
         md += ["## Lowest-similarity examples", ""]
@@ -376,8 +468,9 @@ def print_results(result: dict, baseline: dict | None) -> None:
     if baseline is not None:
         print(compare_table(baseline, result), end="")
         if result["clause"]["n"]:
-            print("\nsimilarity on clause examples, before and after\n"
-                  + text_histogram(clause_similarities(result), clause_similarities(baseline)), end="")
+            print(f"\nsimilarity on clause examples, before and after ({result['clause']['n']} clause examples; "
+                  "empty bins left out)\n" + text_histogram(clause_similarities(result), clause_similarities(baseline)),
+                  end="")
 
 
 def _command(args) -> None:
@@ -399,14 +492,13 @@ def _command(args) -> None:
     if args.metrics:
         read_metrics_jsonl(args.metrics)  # before anything is written: a file that does not read is one line
     if baseline is not None:
-        ids = [r.get("id") for r in result.get("rows", [])]
-        if note := same_examples_note(baseline, ids, result.get("data"), result.get("split")):
+        answers = {r.get("id"): r.get("answer") for r in result.get("rows", [])}
+        if note := same_examples_note(baseline, answers, result.get("data"), result.get("split")):
             print(f"note: {note}", file=sys.stderr)
         if note := decoding_note(baseline, result.get("decode"), result.get("channel_unit")):
             print(f"note: {note}", file=sys.stderr)
-        if baseline.get("seq_len") not in (None, result.get("seq_len")):
-            print(f"note: the baseline read windows of {baseline['seq_len']} tokens, this run "
-                  f"{result.get('seq_len')}: not a like-for-like comparison", file=sys.stderr)
+        for note in setting_notes(baseline, result):
+            print(f"note: {note}", file=sys.stderr)
     if args.out:
         with staged_files(args.out) as tmp:
             write_report(result, tmp, metrics_jsonl=Path(args.metrics) if args.metrics else None, baseline=baseline)

@@ -79,12 +79,28 @@ def test_aggregate_by_hand():
     assert clause["n"] == 3 and clause["predicted_none"] == pytest.approx(100 / 3)
     assert clause["avg_similarity"] == pytest.approx((100 + 100 * 44 / 52 + 0) / 3)
     assert none["n"] == 2 and none["predicted_none"] == pytest.approx(50.0) and none["abstention_recall"] == 50.0
-    assert set(summary["by_category"]) == {"Term", "Law"} and set(summary["by_source"]) == {"acord", "cuad"}
-    term = summary["by_category"]["Term"]
+    # per category and per source, the two kinds apart too
+    cats, sources = summary["by_category"], summary["by_source"]
+    assert set(cats["clause"]) == {"Term", "Law"} and set(cats["none"]) == {"Law"}
+    assert set(sources["clause"]) == {"acord", "cuad"} and set(sources["none"]) == {"cuad"}
+    term = cats["clause"]["Term"]
     assert term["n"] == 2 and term["avg_similarity"] == pytest.approx((100 + 100 * 44 / 52) / 2)
     # no NONE anywhere in "Term": precision and recall are undefined, not 0 or 100
     assert term["abstention_precision"] is None and term["abstention_recall"] is None
-    assert summary["by_source"]["cuad"]["exact_match"] == pytest.approx(100 / 3)
+    assert sources["clause"]["cuad"]["exact_match"] == 0.0 and sources["none"]["cuad"]["exact_match"] == 50.0
+
+
+def test_by_category_keeps_clause_and_none_examples_apart():
+    """A category's NONE examples answered NONE (similarity 100) must not lift its clause examples' similarity, nor
+    its clause examples' quotes lower its NONE examples' answered-NONE rate."""
+    pairs = [("Law", "Delaware.", "New York law governs."),  # a clause example quoted wrong: similarity low
+             ("Law", "NONE", "NONE"), ("Law", "NONE", "NONE"), ("Law", "NONE", "NONE")]  # NONE examples, right
+    rows = [{"category": c, "source": "acord", "answer": a, "scores": score(p, a)} for c, p, a in pairs]
+    summary = summarize(rows)
+    for key in ("by_category", "by_source"):
+        clause, none = (summary[key][k][next(iter(summary[key][k]))] for k in ("clause", "none"))
+        assert clause["n"] == 1 and clause["avg_similarity"] == score(*pairs[0][1:])["similarity"] < 50
+        assert none["n"] == 3 and none["predicted_none"] == 100.0
 
 
 def test_aggregate_of_nothing():
@@ -112,3 +128,32 @@ def test_right_start_separates_the_choice_from_the_stop():
     assert score("Law.", gold, ctx, start=ctx.index("2. Law") + 3)["right_start"] is False  # offset from decoder
     agg = aggregate([score("2. Law.", gold, ctx), score(ctx, gold, ctx), score("NONE", "NONE", ctx)])
     assert agg["right_start"] == pytest.approx(50.0)
+
+
+def test_right_start_forgives_a_list_number_the_lawyer_left_out():
+    """The channel and rank decoders quote a whole paragraph ("2. The liability ...") where the lawyer marked the
+    clause without its number ("The liability ..."): the right clause, so a right start; a heading or another
+    clause before the gold start is not."""
+    ctx = ("1. Term. The term is two years.\n\n2. The liability of either party is capped at the fees paid.\n\n"
+           "(a) Notices go to the addresses above.\n\n12.3 iv. Disputes go to arbitration.")
+    liability = "The liability of either party is capped at the fees paid."
+    para = "2. The liability of either party is capped at the fees paid."
+    assert score(para, liability, ctx)["right_start"] is True
+    assert score(para, liability, ctx, start=ctx.index(para))["right_start"] is True  # offset from the decoder
+    assert score(para, liability, ctx)["similarity"] > 90
+    notices = "Notices go to the addresses above."
+    assert score("(a) Notices go to", notices, ctx)["right_start"] is True  # right clause, stopped early
+    assert score("12.3 iv. Disputes go to arbitration.", "Disputes go to arbitration.", ctx)["right_start"] is True
+    assert score("1. Term. The term is two years.", "The term is two years.", ctx)["right_start"] is False  # heading
+    assert score(ctx, notices, ctx)["right_start"] is False                       # began at another clause
+    assert score("2.", liability, ctx)["right_start"] is False                    # the number alone
+    assert score("he liability of", liability, ctx)["right_start"] is False       # began after it
+
+
+def test_a_none_prediction_in_any_spelling_scores_as_none():
+    """Free decoding may answer "None." or "none": an abstention (is_none) for every score, not a 22-point miss."""
+    ctx = "1. Term. The term is two years."
+    for said in ("None.", "none", ' "NONE" '):
+        assert score(said, "NONE", ctx) == {"similarity": 100.0, "exact_match": 1.0, "f1": 1.0, "abstention": "tp",
+                                            "verbatim": None, "right_start": None}
+    assert score("None.", "The term is two years.", ctx) == score("NONE", "The term is two years.", ctx)

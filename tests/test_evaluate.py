@@ -73,7 +73,9 @@ def test_evaluate_examples_rows_and_training_numbers(tiny_model_dir):
     exs = _examples()
     res = evaluate_examples(model, tok, exs, max_new_tokens=4, seq_len=512)
     assert model.training  # restored for the trainer
-    assert len(res["rows"]) == 6 and set(res["by_category"]) == {"Governing Law", "Term", "Audit Rights"}
+    assert len(res["rows"]) == 6 and set(res["by_category"]) == {"clause", "none"}  # the two kinds apart here too
+    assert set(res["by_category"]["clause"]) | set(res["by_category"]["none"]) == {"Governing Law", "Term",
+                                                                                    "Audit Rights"}
     assert res["clause"]["n"] == 3 and res["none"]["n"] == 3  # the two kinds apart
     for r, ex in zip(res["rows"], exs):
         assert set(r) >= {"id", "category", "source", "prediction", "answer", "scores", "start", "end", "windows"}
@@ -148,14 +150,14 @@ def test_evaluate_cli_writes_eval_json_report_and_compare(tiny_model_dir, tmp_pa
     # 4 examples against 6: said before the model loads, and in the report
     assert "the baseline scored 4 examples and this run 6, 4 of them the same" in printed.err
     assert "clause examples (3)" in out and "NONE examples (3)" in out  # the headline, two kinds apart
-    assert "similarity on clause examples, before and after" in out and "90-100" in out  # the text histogram
+    assert "similarity on clause examples, before and after" in out and "similarity  before" in out  # histogram
 
     ev = json.loads((tmp_path / "after" / "eval.json").read_text())
     for key in ("model", "adapter", "data", "split", "limit", "seconds", "created", "definitions",
                 "overall", "clause", "none", "by_category", "by_source", "rows"):
         assert key in ev, key
     assert set(ev["overall"]) == set(AGGREGATE_KEYS) and ev["overall"]["n"] == 6
-    assert set(ev["by_source"]) == {"jsonl"}
+    assert set(ev["by_source"]["clause"]) == set(ev["by_source"]["none"]) == {"jsonl"}
     before = json.loads((tmp_path / "before" / "eval.json").read_text())
     assert before["overall"]["n"] == 4 and before["dtype"] == "float32"  # --precision fp32 honoured and recorded
     assert "answering in float32" in (tmp_path / "before" / "report.md").read_text()
@@ -298,3 +300,52 @@ def test_channel_windows_keep_room_for_a_focus_stage_only():
     assert answer_budget("channel", 300) == 0
     assert answer_budget("channel", 300, focus=True) == answer_budget("constrained", 300) == 300
 
+
+
+def test_a_wrong_focus_adapter_is_one_line_naming_it_before_the_data_loads(tmp_path, capsys):
+    from engine.evaluate import main
+
+    assert main(["--data", "jsonl:" + str(tmp_path / "missing.jsonl"), "--decode", "channel", "--focus-adapter",
+                 str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    assert "--focus-adapter must be a PEFT adapter directory" in err and str(tmp_path / "nope") in err
+    assert "missing.jsonl" not in err and not (tmp_path / "o").exists()  # the data was not read yet
+
+
+def test_evaluate_says_and_records_when_the_adapter_trained_on_the_split_it_scores(tiny_model_dir, tmp_path, capsys):
+    """An adapter whose run (its config.json) trained on the data and a split holding the one scored: a warning
+    line (not a refusal: hard-negative mining scores the training split on purpose), eval.json's not_held_out and
+    adapter_trained_on, and a line in report.md. The data spelled two ways is one data."""
+    import dataclasses
+
+    from engine.evaluate import main
+    from model import apply_lora, load_model, save_adapter
+
+    rows = [dataclasses.asdict(e) for e in _examples()]
+    rows += [{**r, "id": "r" + r["id"], "split": "train"} for r in rows]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "x").mkdir()
+    adapter = save_adapter(apply_lora(load_model(str(tiny_model_dir)), r=2), tmp_path / "run" / "adapter",
+                           base_model=str(tiny_model_dir))
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"data": f"jsonl:{tmp_path}/x/../d.jsonl",
+                                                              "train_split": "train"}))
+    common = ["--adapter", str(adapter), "--data", f"jsonl:{data}", "--max-new-tokens", "3", "--seq-len", "512",
+              "--quiet"]
+    assert main(common + ["--split", "calib", "--out", str(tmp_path / "calib")]) == 0  # calib is part of train
+    err = capsys.readouterr().err
+    warnings = [ln for ln in err.splitlines() if "not held out" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ")
+    assert f"--adapter {adapter} trained on split 'train'" in warnings[0] and "'calib' split" in warnings[0]
+    ev = json.loads((tmp_path / "calib" / "eval.json").read_text())
+    assert ev["adapter_trained_on"] == {"config": str(tmp_path / "run" / "config.json"),
+                                        "data": f"jsonl:{tmp_path}/x/../d.jsonl", "split": "train"}
+    assert len(ev["not_held_out"]) == 1 and ev["not_held_out"][0] in warnings[0]
+    assert f"- **not held out**: {ev['not_held_out'][0]}" in (tmp_path / "calib" / "report.md").read_text()
+
+    assert main(common + ["--split", "test", "--out", str(tmp_path / "test")]) == 0  # held out: nothing said
+    assert "not held out" not in capsys.readouterr().err
+    ev = json.loads((tmp_path / "test" / "eval.json").read_text())
+    assert ev["not_held_out"] == [] and ev["adapter_trained_on"]["split"] == "train"
+    assert "not held out" not in (tmp_path / "test" / "report.md").read_text()

@@ -76,6 +76,24 @@ def test_data_focus_writes_loadable_jsonl_train_and_valid_and_refuses_bad_input(
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_data_focus_refuses_splits_that_share_examples(tmp_path, capsys):
+    """train is fit and calib together: asked for both, every example would be written twice (and the jsonl
+    loader then refuses the file). One line naming the two, exit 1, nothing written."""
+    from data.focus import main
+
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"id": f"e{i}", "query": "Agreement Date", "context": CTX,
+                                       "answer": "March 21, 2005"}) + "\n" for i in range(8)))
+    out = tmp_path / "focus.jsonl"
+    for a, b in (("train", "calib"), ("fit", "train")):
+        assert main([f"jsonl:{src}", "--split", a, "--split", b, "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"--split {a} and --split {b} share examples" in err and "pass one" in err
+        assert not out.exists()
+    assert main([f"jsonl:{src}", "--split", "fit", "--split", "calib", "--split", "fit", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 8  # disjoint splits (a repeated one read once): each example once
+
+
 @pytest.fixture(scope="module")
 def two_adapters(tiny_model_dir, tmp_path_factory):  # noqa: F811
     """Two random adapters (r 4) for the tiny model, saved in PEFT's layout, and one of another rank."""
