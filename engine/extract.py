@@ -28,8 +28,9 @@ from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from data.cuad import CATEGORIES, DEFAULT_EXCLUDE
 from data.example import TEMPLATES, Example, render_prompt
 from data.text import Match, locate, make_windows
-from engine.evaluate import (PRECISION_HELP, Progress, answer_budget, channel_focused, choose_decoding, focuser,
-                             load_focus, load_for_eval, mark_focus_cut, read_rule, run_model_source)
+from engine.evaluate import (PRECISION_HELP, Progress, _base_of_adapter, answer_budget, channel_focused,
+                             choose_decoding, focuser, load_focus, load_for_eval, mark_focus_cut, read_rule,
+                             run_model_source)
 from engine.precision import INFERENCE_MODES
 from engine.rundir import adapter_run_config, trained_split
 from engine.metrics import is_none
@@ -321,6 +322,9 @@ def run(args) -> dict:
     window_budget(None, args.clause, args.seq_len, answer_room)  # minutes before the model would have loaded
     rule = read_rule(args.channel_rule, args.channel_unit, args.adapter, run_model_source(args.model, args.adapter)) \
         if args.channel_rule else None
+    for flag, path in (("--adapter", args.adapter), ("--focus-adapter", args.focus_adapter)):
+        if path:  # a wrong adapter directory is one line now, not after the model has loaded
+            _base_of_adapter(path, flag)
     paths = contract_paths(args.contract)
     texts = [read_contract(p) for p in paths]  # before loading the model: a bad path fails in a second
     set_threads(args.threads)
