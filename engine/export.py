@@ -1,11 +1,13 @@
-"""Package a trained adapter for others: as is (PEFT layout) or merged into a full-precision HF checkpoint,
+"""Package a trained adapter for others: as is (PEFT layout) or merged into an HF checkpoint in the base's dtype,
 with a model card, optionally pushed to the Hugging Face Hub.
 
-    python -m engine.export --model SRC --adapter DIR --out DIR [--merge] [--eval EVAL_JSON]
-                            [--push-to-hub REPO] [--private]
+    python -m engine.export --model SRC --adapter DIR --out DIR [--merge [--dtype auto|fp32|bf16|fp16]]
+                            [--base-id ORG/NAME] [--eval EVAL_JSON] [--push-to-hub REPO] [--private]
 
 Without --merge OUT holds adapter_config.json + adapter_model.safetensors (loadable by peft on top of the base),
-the tokenizer and README.md. With --merge OUT holds config.json, (sharded) model*.safetensors, tokenizer.json,
+the tokenizer and README.md. The base is named by its Hub id (--base-id, the --model hub id, or the repo of a
+huggingface_hub cache snapshot); a local base without one is named by its absolute path, with a warning, and is
+refused for --push-to-hub. With --merge OUT holds config.json, (sharded) model*.safetensors, tokenizer.json,
 tokenizer_config.json (with a chat template equal to the one we train with) and README.md: transformers'
 AutoModelForCausalLM / AutoTokenizer load it. Either way OUT also holds training_config.json, the config.json of
 the run the adapter came from (when one is found beside it): what it was trained on, and for an adapter trained
@@ -19,12 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from data.example import TEMPLATES
 from data.text import PARAGRAPH_BREAK
@@ -37,12 +41,15 @@ from model.adapter import check_adapter
 from model.channel import CHANNEL_NULL, CHANNEL_PROMPT, SENTENCE_END
 from model.files import atomic_dir
 from model.hf_checkpoint import save_hf_checkpoint
-from model.load import EMBEDDED
-from model.lora import merge_lora
+from model.load import EMBEDDED, QUANTIZED, resolve
+from model.lora import fold_lora
 
 # The embedded default is a GGUF of this hub model; cards and exported adapter configs name the hub id.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DATASETS = {"acord": "theatticusproject/acord", "cuad": "theatticusproject/cuad"}
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # ORG/NAME, as model.load tells a hub id from a path
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 # Jinja chat templates for transformers' apply_chat_template, equal to model.tokenizer.CHAT_FORMATS: no system
 # header or line (the official templates add one, which turns extraction into chat).
@@ -59,8 +66,41 @@ class ExportError(Exception):
     """A user-fixable problem; the message is the whole one-line error."""
 
 
-def hub_id_of(source: str | None) -> str:
-    return EMBEDDED_HUB_ID if source in (None, EMBEDDED) else str(source)
+def hub_id_of(source: str | None, base_id: str | None = None) -> str | None:
+    """The Hub id that names the base in the export: --base-id when given, the embedded model's, the source itself
+    when it is a hub id (not a local path), or the repo of a snapshot in huggingface_hub's cache
+    (.../models--ORG--NAME/snapshots/REV). None for any other local checkpoint: nothing in it names its repo
+    reliably (config.json's _name_or_path, where transformers 4.x wrote it, is what the model was loaded from
+    before it was saved: often a local path, or the model it was fine-tuned from)."""
+    if base_id:
+        return base_id
+    if source in (None, EMBEDDED):
+        return EMBEDDED_HUB_ID
+    path = Path(source).expanduser()
+    if not path.exists():
+        return str(source)  # a hub id: build's load_tokenizer refuses anything else
+    parts = Path(os.path.abspath(path)).parts
+    if len(parts) >= 3 and parts[-3].startswith("models--") and parts[-2] == "snapshots":
+        return parts[-3].removeprefix("models--").replace("--", "/")
+    return None
+
+
+def stored_dtype(source: str) -> torch.dtype:
+    """The dtype the base checkpoint stores its block projections in (bf16 for Llama 3.2), from a safetensors
+    header; float32 for a GGUF, whose quantized blocks the loader dequantizes to float32 (the model the adapter
+    was trained on)."""
+    kind, where = resolve(source)
+    if kind == "gguf":
+        return torch.float32
+    for f in sorted(Path(where).glob("*.safetensors")):
+        try:
+            with safe_open(f, framework="pt") as st:
+                key = next((k for k in st.keys() if QUANTIZED.fullmatch(k)), None)
+                if key is not None:
+                    return SAFETENSORS_DTYPES.get(st.get_slice(key).get_dtype(), torch.float32)
+        except Exception:  # an unreadable file: load_model names it in one line right after
+            break
+    return torch.float32
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -98,21 +138,24 @@ def write_generation_config(tok, out: Path) -> None:
          "pad_token_id": tok.pad_id, "do_sample": False}, indent=2))
 
 
-def copy_adapter(adapter: Path, out: Path, base_id: str, cfg: dict) -> dict:
-    """The adapter's two files into out, its config (check_adapter's, read by build) pointing at base_id."""
-    cfg = dict(cfg)
+def copy_adapter(adapter: Path, out: Path, base_id: str) -> None:
+    """The adapter's two files into out, its config as written (check_adapter has read it: target_modules in the
+    file's own form, which peft reads as we did) pointing at base_id."""
+    cfg = read_json(adapter / "adapter_config.json", "adapter_config.json")
     cfg["base_model_name_or_path"] = base_id  # peft resolves the base from this; our alias means nothing there
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     shutil.copyfile(adapter / "adapter_model.safetensors", out / "adapter_model.safetensors")
-    return cfg
 
 
-def merge_to(model_src: str, adapter: Path, out: Path, max_shard_bytes: int) -> None:
-    """Full-precision base + adapter folded in -> HF checkpoint files in out."""
-    model = load_model(model_src, dtype=torch.float32, device="cpu")  # never NF4: the export is full precision
+def merge_to(model_src: str, adapter: Path, out: Path, max_shard_bytes: int, dtype: torch.dtype | None = None) -> None:
+    """Base + adapter folded in -> HF checkpoint files in out, in `dtype` (None: the base's stored dtype). The
+    base is read as it is stored (never NF4, never widened: one copy of the checkpoint in RAM, 6.4 GB for Llama
+    3.2 3B in bf16) and folded layer by layer, each layer's W + B @ A computed in float32. (Read in float32 and
+    copied by merge_lora, the same export needed 2-3 float32 models of host RAM, 26-37 GB for that 3B.)"""
+    stored = stored_dtype(model_src)
+    model = load_model(model_src, dtype=stored, device="cpu")
     load_adapter(model, str(adapter))
-    merged = merge_lora(model)
-    save_hf_checkpoint(merged, str(out), max_shard_bytes=max_shard_bytes)
+    save_hf_checkpoint(fold_lora(model, dtype or stored), str(out), max_shard_bytes=max_shard_bytes)
 
 
 def _trained_how(run_cfg: dict | None, base_id: str) -> str:
@@ -163,21 +206,23 @@ def _usage(merged: bool, where: str, channel_unit: str | None) -> list[str]:
 
 
 def model_card(*, base_id: str, merged: bool, adapter_cfg: dict, run_cfg: dict | None, evaluation: dict | None,
-               repo: str | None, channel_unit: str | None = None) -> str:
+               repo: str | None, channel_unit: str | None = None, on_hub: bool = True) -> str:
     """README.md of the export. channel_unit: the unit ("paragraph" or "sentence") of an adapter trained by
-    engine.channel_train, which answers by scoring rather than by generating; None for any other."""
+    engine.channel_train, which answers by scoring rather than by generating; None for any other. on_hub=False:
+    base_id is a local path, which the card names without a Hub link or base_model metadata."""
     data = str((run_cfg or {}).get("data", "")) or None
     kind = data.partition(":")[0] if data else None
     tags = ["lora", "qlora", "legal", "clause-extraction", "contracts", "text-generation"]
     # peft for an adapter (the Hub shows peft's loading snippet); a merged checkpoint is plain transformers
-    yaml = ["---", f"library_name: {'transformers' if merged else 'peft'}", f"base_model: {base_id}",
-            "pipeline_tag: text-generation", "tags:"]
+    yaml = ["---", f"library_name: {'transformers' if merged else 'peft'}",
+            *([f"base_model: {base_id}"] if on_hub else []), "pipeline_tag: text-generation", "tags:"]
     yaml += [f"- {t}" for t in tags]
     if kind in DATASETS:
         yaml += ["datasets:", f"- {DATASETS[kind]}"]
     yaml += ["---", ""]
     title = repo or f"{base_id.split('/')[-1]} clause extractor"
-    lora = f"A LoRA {'merged into ' if merged else 'adapter for '}[{base_id}](https://huggingface.co/{base_id})"
+    base = f"[{base_id}](https://huggingface.co/{base_id})" if on_hub else f"the local checkpoint `{base_id}`"
+    lora = f"A LoRA {'merged into ' if merged else 'adapter for '}{base}"
     body = [f"# {title}", ""]
     if channel_unit is None:
         body += [f"{lora} that copies a requested clause **verbatim** from a contract, or answers `NONE` when the "
@@ -249,7 +294,11 @@ def build(args) -> Path:
         raise ExportError(f"{adapter}: adapter directory not found (a training run writes OUT/adapter/)")
     adapter_cfg = check_adapter(adapter)  # what a consumer's loader would refuse is refused now, not published
     model_src = args.model or adapter_cfg.get("base_model_name_or_path") or EMBEDDED
-    base_id = hub_id_of(model_src)
+    hub_id = hub_id_of(model_src, args.base_id)
+    base_id = hub_id or os.path.abspath(Path(model_src).expanduser())  # a relative path means nothing elsewhere
+    if hub_id is None and args.push_to_hub:
+        raise ExportError(f"--push-to-hub: the base model {model_src} is a local checkpoint, which no one pulling "
+                          f"{args.push_to_hub} can load; pass --base-id ORG/NAME, its Hub id")
     found = adapter_run_config(adapter)  # beside OUT/adapter, or the run's of a checkpoint's adapter
     run_cfg = found[1] if found else None
     learned = learned_decoding(adapter)
@@ -265,25 +314,30 @@ def build(args) -> Path:
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     # SIGTERM's default action ends the process without unwinding: turn it into SystemExit so the temporary
-    # export (a full-size checkpoint with --merge: ~12 GB for a 3B model) is removed on the way out
+    # export (a full-size checkpoint with --merge: 6.4 GB for a 3B model in bf16) is removed on the way out
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         # --overwrite: the finished export is swapped in, then the old one dropped (model/files.atomic_dir)
         with atomic_dir(out) as tmp:
             if args.merge:
-                merge_to(model_src, adapter, tmp, int(args.max_shard_gb * 1e9))
+                merge_to(model_src, adapter, tmp, int(args.max_shard_gb * 1e9), DTYPES.get(args.dtype))
                 write_generation_config(tok, tmp)
             else:
-                adapter_cfg = copy_adapter(adapter, tmp, base_id, adapter_cfg)
+                copy_adapter(adapter, tmp, base_id)
             write_tokenizer(tok, tmp)
             if run_cfg is not None:  # engine.rundir.adapter_run_config finds it there: the decoding it learned
                 (tmp / EXPORTED_RUN_CONFIG).write_text(json.dumps(run_cfg, indent=1) + "\n")
             (tmp / "README.md").write_text(model_card(base_id=base_id, merged=args.merge, adapter_cfg=adapter_cfg,
                                                       run_cfg=run_cfg, evaluation=evaluation,
                                                       repo=args.push_to_hub,
-                                                      channel_unit=learned[1] if learned else None))
+                                                      channel_unit=learned[1] if learned else None,
+                                                      on_hub=hub_id is not None))
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if hub_id is None:
+        print(f"warning: the base model {base_id} is a local checkpoint: the export names it by this path, which "
+              "only this machine resolves; pass --base-id ORG/NAME (its Hub id) before sharing the export",
+              file=sys.stderr)
     return out
 
 
@@ -321,7 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = CliParser(prog="python -m engine.export", description=__doc__.split("\n\n")[0])
     ap.add_model_args(adapter_required=True)
     ap.add_argument("--out", required=True, help="output directory (must be new or empty, see --overwrite)")
-    ap.add_argument("--merge", action="store_true", help="fold the adapter in: a full-precision HF checkpoint")
+    ap.add_argument("--merge", action="store_true", help="fold the adapter in: an HF checkpoint")
+    ap.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                    help="dtype of the --merge checkpoint (auto: the base's stored one, bf16 for Llama 3.2; fp32 "
+                         "for a GGUF base, which loads dequantized to fp32)")
+    ap.add_argument("--base-id", default=None, metavar="ORG/NAME",
+                    help="the base model's Hub id, named in the export instead of a local --model path")
     ap.add_argument("--eval", default=None, metavar="EVAL_JSON", help="engine.evaluate output for the card's table")
     ap.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload OUT to this Hub repo (org/name)")
     ap.add_argument("--private", action="store_true", help="create the Hub repo private")
@@ -335,6 +394,10 @@ def run(args) -> None:
         raise ExportError(f"--push-to-hub {args.push_to_hub!r}: give the repo as owner/name")
     if args.max_shard_gb <= 0:
         raise ExportError("--max-shard-gb must be positive")
+    if args.dtype != "auto" and not args.merge:
+        raise ExportError(f"--dtype {args.dtype} applies to --merge only (an adapter keeps its float32 weights)")
+    if args.base_id is not None and (not HUB_ID.fullmatch(args.base_id) or args.base_id.startswith(".")):
+        raise ExportError(f"--base-id {args.base_id!r}: give the base model's Hub id as ORG/NAME")
     out = build(args)
     print(f"wrote {'merged checkpoint' if args.merge else 'adapter'} to {out}")
     if args.push_to_hub:

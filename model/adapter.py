@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,14 +25,37 @@ from .lora import TARGETS, apply_lora, lora_layers, lora_state_dict
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model (the LM)
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
-# adapter_config.json fields that change what the weights mean; we load plain LoRA only, so any value other
-# than these (PEFT's "off" values) is refused rather than silently ignored
+OFF = (None, False, {}, [], "")  # PEFT's "off" values: a field left so does not change what the weights mean
+# adapter_config.json fields that change what the weights mean, with the values that leave plain LoRA; we load
+# plain LoRA only, so any other value is refused rather than silently ignored
 UNSUPPORTED = {"use_dora": (False, None), "bias": ("none", None), "fan_in_fan_out": (False, None),
                "modules_to_save": (None, []), "layers_to_transform": (None,), "rank_pattern": ({}, None),
                "alpha_pattern": ({}, None), "lora_bias": (False, None), "target_parameters": (None, []),
                "layer_replication": (None,), "exclude_modules": (None, []),
-               # pissa, olora, loftq, corda, eva... also rewrite the base weights: the adapter fits only that base
-               "init_lora_weights": (True, False, "gaussian", None)}
+               # LoRA variants: the same lora_A / lora_B keys under another computation (aLoRA: only from the
+               # invocation tokens on; QALoRA: pooled inputs; BD-LoRA: block-diagonal factors, lora_B [out, r/n];
+               # VeLoRA, MonteCLoRA, Arrow, KaSA), new trainable token rows, Megatron's parallel layers
+               "alora_invocation_tokens": OFF, "use_qalora": OFF, "use_bdlora": OFF, "trainable_token_indices": OFF,
+               "velora_config": OFF, "monteclora_config": OFF, "arrow_config": OFF, "kasa_config": OFF,
+               "megatron_config": OFF,
+               # how A and B started, on the unchanged base: orthogonal and MiCA set A and B only, EVA sets A from
+               # activations (B zero); PEFT's source writes no base weight for them (tuners/lora/layer.py), and
+               # MiCA's frozen B matters only to training in PEFT. pissa, olora, loftq, corda and lora_ga rewrite
+               # the base weights as they start: such an adapter fits only that modified base, and is refused
+               "init_lora_weights": (True, False, "gaussian", "orthogonal", "eva", "mica", None)}
+# Fields that do not change what the weights mean: the ones read below, PEFT's bookkeeping, the base's revision,
+# and sub-configs that act only together with a setting refused above (loftq_config with init "loftq",
+# layers_pattern with layers_to_transform, qalora_group_size with use_qalora, ensure_weight_tying with tied
+# embeddings as targets...). Any other field (a future variant) must hold an OFF value.
+KNOWN = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora",
+         "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "layers_pattern",
+         "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
+         "runtime_config", "ensure_weight_tying"}
+# Where each target sits in decoder layer i (model/llama.py's names, the HF module paths PEFT matches against)
+PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+assert set(PARENT) == set(TARGETS)
+MAX_LAYERS = 512  # a regex target is tried on layers 0..511 (Llama 3.1 405B has 126)
 
 
 def save_adapter(model: Llama, dir, base_model: str | None = None) -> Path:
@@ -83,8 +107,11 @@ def load_adapter(model: Llama, dir) -> Llama:
     loaded = _read_weights(weights_path, ours, model.lora_config["target_modules"])
     missing = sorted(set(ours) - set(loaded))
     if missing:
-        raise ValueError(f"{weights_path}: missing key {PEFT_PREFIX + missing[0]!r} ({len(missing)} missing); "
-                         "the adapter does not cover this model's LoRA layers")
+        targets = ", ".join(model.lora_config["target_modules"])
+        raise ValueError(f"{weights_path}: missing key {PEFT_PREFIX + missing[0]!r} ({len(missing)} of {len(ours)} "
+                         f"missing); the adapter covers only some layers of {targets} (or was made for another "
+                         "model), and we load an adapter on every layer of its targets: use one trained on all of "
+                         "them")
     with torch.no_grad():
         for name, t in loaded.items():
             ours[name].copy_(t)
@@ -130,7 +157,8 @@ def _adapter_files(dir) -> tuple[Path, Path]:
 
 def _read_config(cfg_path: Path) -> dict:
     """adapter_config.json, checked: a plain LoRA with target_modules, a positive integer r and a positive
-    lora_alpha (PEFT's default 8 when absent)."""
+    lora_alpha (PEFT's default 8 when absent). target_modules comes back as our attribute names (TARGETS), whatever
+    form of PEFT's the file uses."""
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -141,16 +169,8 @@ def _read_config(cfg_path: Path) -> dict:
         raise ValueError(f"{cfg_path}: must hold a JSON object, got a {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
-    for key, allowed in UNSUPPORTED.items():
-        if key in cfg and cfg[key] not in allowed:
-            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported (plain LoRA only)")
-    targets = cfg.get("target_modules")
-    if not isinstance(targets, list) or not targets:
-        raise ValueError(f"{cfg_path}: target_modules must be a list of module names, got {targets!r}")
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        raise ValueError(f"{cfg_path}: target_modules {unknown!r} are not linear layers of this Llama; they are "
-                         f"among {list(TARGETS)}")
+    _check_plain_lora(cfg_path, cfg)
+    cfg["target_modules"] = _targets(cfg_path, cfg.get("target_modules"))
     r = cfg.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"{cfg_path}: r must be a positive integer (the LoRA rank), got {r!r}")
@@ -158,6 +178,63 @@ def _read_config(cfg_path: Path) -> dict:
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
         raise ValueError(f"{cfg_path}: lora_alpha must be a positive number, got {alpha!r}")
     return cfg
+
+
+def _check_plain_lora(cfg_path: Path, cfg: dict) -> None:
+    """Every field that would make the weights mean something else than plain LoRA is off."""
+    for key, allowed in UNSUPPORTED.items():
+        if key in cfg and cfg[key] not in allowed:
+            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported (only plain LoRA loads)")
+    for key in cfg.keys() - UNSUPPORTED.keys() - KNOWN:
+        if cfg[key] not in OFF:
+            raise ValueError(f"{cfg_path}: unknown field {key}={cfg[key]!r}; only plain LoRA loads, and this may be "
+                             f"a PEFT variant (if {key} does not change what the weights mean, remove it from the "
+                             "file)")
+
+
+def _targets(cfg_path: Path, targets) -> list[str]:
+    """PEFT's target_modules as our attribute names. PEFT selects module k for a list entry t when k == t or k
+    ends with "." + t (so "q_proj", "self_attn.q_proj" and a full path "model.layers.0.self_attn.q_proj", which
+    PEFT saves for "all-linear" on small models), and for a string by re.fullmatch(string, k)."""
+    if isinstance(targets, str):
+        return list(TARGETS) if targets.lower() == "all-linear" else _regex_targets(cfg_path, targets)
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{cfg_path}: target_modules must be a list of module names or a regex, got {targets!r}")
+    names = {t: _entry_target(t) for t in targets}
+    unknown = [t for t, name in names.items() if name is None]
+    if unknown:
+        raise ValueError(f"{cfg_path}: target_modules {unknown!r} are not linear layers of this Llama; they are "
+                         f"among {list(TARGETS)} (or their paths, e.g. self_attn.q_proj)")
+    return list(dict.fromkeys(names.values()))
+
+
+def _entry_target(entry: str) -> str | None:
+    """The target a target_modules list entry selects in a Llama, or None: it must be a dotted suffix of the
+    target's path in some layer (the layer number is the entry's own when it names one)."""
+    name = entry.rpartition(".")[2]
+    if name not in PARENT:
+        return None
+    layer = re.search(r"(?:^|\.)(\d+)\.", entry)
+    path = f"model.layers.{layer.group(1) if layer else 0}.{PARENT[name]}.{name}"
+    return name if path == entry or path.endswith("." + entry) else None
+
+
+def _regex_targets(cfg_path: Path, pattern: str) -> list[str]:
+    """The targets whose path in some decoder layer the regex fullmatches. One that covers only some layers
+    is reported by load_adapter's missing-key error (we adapt every layer of a target)."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{cfg_path}: target_modules {pattern!r} is not a valid regex ({e})") from None
+    others = [m for m in ("lm_head", "model.embed_tokens") if rx.fullmatch(m)]
+    if others:
+        raise ValueError(f"{cfg_path}: target_modules regex {pattern!r} also selects {others[0]}; only the linear "
+                         f"layers of the decoder layers load ({list(TARGETS)})")
+    names = [t for t in TARGETS if any(rx.fullmatch(f"model.layers.{i}.{PARENT[t]}.{t}") for i in range(MAX_LAYERS))]
+    if not names:
+        raise ValueError(f"{cfg_path}: target_modules regex {pattern!r} selects no linear layer of a Llama "
+                         f"(model.layers.<i>.self_attn.q_proj, ...; the targets are {list(TARGETS)})")
+    return names
 
 
 def _check_rank_against_weights(weights_path: Path, r: int) -> None:

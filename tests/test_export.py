@@ -74,6 +74,76 @@ def test_merge_loads_in_transformers_with_equal_logits(trained, tmp_path):
     assert "library_name: transformers" in yaml and "pipeline_tag: text-generation" in yaml
 
 
+def _bf16_copy(base, path):
+    """The base checkpoint stored in bf16, as Llama 3.2's is."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, path)
+    for f in path.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    return path
+
+
+def _stored_dtypes(out):
+    from safetensors import safe_open
+
+    dtypes = set()
+    for f in out.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as st:
+            dtypes |= {st.get_slice(k).get_dtype() for k in st.keys()}
+    return dtypes
+
+
+def test_merge_writes_the_base_checkpoints_dtype(trained, tmp_path):
+    """A bf16 base merges into a bf16 checkpoint (half a float32 one), each weight W + B @ A * scaling computed
+    in float32 and rounded once, exactly what merge_lora(..., bfloat16) gives; --dtype chooses another."""
+    from safetensors.torch import load_file
+
+    from model import load_adapter, load_model
+    from model.lora import merge_lora
+
+    base = _bf16_copy(trained["base"], tmp_path / "bf16-base")
+    out = tmp_path / "merged"
+    assert main(["--model", str(base), "--adapter", str(trained["adapter"]), "--out", str(out), "--merge"]) == 0
+    assert _stored_dtypes(out) == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    ref = merge_lora(load_adapter(load_model(str(base)), str(trained["adapter"])), torch.bfloat16).state_dict()
+    got = load_file(out / "model.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+    assert main(["--model", str(base), "--adapter", str(trained["adapter"]), "--out", str(tmp_path / "f32"),
+                 "--merge", "--dtype", "fp32"]) == 0
+    assert _stored_dtypes(tmp_path / "f32") == {"F32"}
+
+
+def test_dtype_without_merge_is_a_one_line_error(trained, tmp_path, capsys):
+    assert main(["--adapter", str(trained["adapter"]), "--out", str(tmp_path / "o"), "--dtype", "bf16"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --dtype") and "--merge" in err and not (tmp_path / "o").exists()
+
+
+def test_merge_folds_each_layer_in_place(trained):
+    """export --merge folds the adapters into the loaded model itself, layer by layer (model.lora.fold_lora):
+    no second model, every tensor in its own memory (the merged weights too), the weights those of merge_lora."""
+    import torch.nn as nn
+
+    from model import load_adapter, load_model
+    from model.lora import LoRALinear, fold_lora, merge_lora
+
+    model = load_adapter(load_model(str(trained["base"])), str(trained["adapter"]))
+    want = merge_lora(model).state_dict()
+    kept = {k: p.data_ptr() for k, p in model.named_parameters() if "lora_" not in k}
+    folded = fold_lora(model, torch.float32)
+    assert folded is model and model.lora_config is None
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
+    assert {k: p.data_ptr() for k, p in model.named_parameters()} == kept
+    got = model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_adapter_export_loads_in_peft_and_has_a_card(trained, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
@@ -91,7 +161,8 @@ def test_adapter_export_loads_in_peft_and_has_a_card(trained, tmp_path):
         torch.testing.assert_close(pm(trained["ids"]).logits, trained["logits"], atol=1e-4, rtol=1e-4)
 
     yaml, text = _card(out / "README.md")
-    assert "library_name: peft" in yaml and f"base_model: {trained['base']}" in yaml
+    # a local base: named by its path (peft above read it from adapter_config.json), not as Hub metadata
+    assert "library_name: peft" in yaml and "base_model:" not in yaml and f"`{trained['base']}`" in text
     assert "pipeline_tag: text-generation" in yaml and "tags:" in yaml and "- theatticusproject/acord" in yaml
     assert "| avg similarity (0-100) | 71.2 |" in text or "| avg similarity (0-100) | 71.3 |" in text
     assert "| lr | 0.0002 |" in text and "| LoRA r | 4 |" in text and "CC BY 4.0" in text
@@ -115,6 +186,70 @@ class FakeHfApi:
         FakeHfApi.calls.append(("upload_folder", repo_id, files))
 
 
+def test_a_local_base_is_named_by_its_absolute_path_with_a_warning(trained, tmp_path, monkeypatch, capsys):
+    """A base given as a local directory (here relative) has no Hub id in it: the export names it by its absolute
+    path (peft on this machine still finds it), the card makes no Hub link of it, and stderr says so in one line
+    with what to pass."""
+    monkeypatch.chdir(trained["base"].parent)
+    out = tmp_path / "out"
+    assert main(["--model", trained["base"].name, "--adapter", str(trained["adapter"]), "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning:") and "\n" not in err and "--base-id ORG/NAME" in err and "local" in err
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(trained["base"])
+    yaml, card = _card(out / "README.md")
+    assert "base_model:" not in yaml and "huggingface.co/" + str(trained["base"]) not in card
+    assert f"the local checkpoint `{trained['base']}`" in card
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_base_id_names_the_base_in_the_config_and_the_card(trained, tmp_path, capsys, merge):
+    out = tmp_path / "out"
+    assert main(["--model", str(trained["base"]), "--adapter", str(trained["adapter"]), "--out", str(out),
+                 "--base-id", "org/tiny-base", *(["--merge"] if merge else [])]) == 0
+    assert "warning" not in capsys.readouterr().err
+    if not merge:
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert cfg["base_model_name_or_path"] == "org/tiny-base"
+        # the rest of the config as the adapter's file has it (target_modules in the file's own form)
+        assert cfg["target_modules"] == json.loads((trained["adapter"] / "adapter_config.json").read_text())[
+            "target_modules"]
+    yaml, card = _card(out / "README.md")
+    assert "base_model: org/tiny-base" in yaml and "(https://huggingface.co/org/tiny-base)" in card
+
+
+def test_a_base_in_the_hub_cache_is_named_by_its_repo(trained, tmp_path, capsys):
+    """huggingface_hub's cache keeps a snapshot at .../models--ORG--NAME/snapshots/REV: the repo is known."""
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / "0123abcd"
+    shutil.copytree(trained["base"], snapshot)
+    out = tmp_path / "out"
+    assert main(["--model", str(snapshot), "--adapter", str(trained["adapter"]), "--out", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-llama"
+    assert "base_model: org/tiny-llama" in _card(out / "README.md")[0]
+
+
+def test_push_with_a_local_base_and_no_base_id_is_refused_before_anything_is_written(trained, tmp_path,
+                                                                                      monkeypatch, capsys):
+    import huggingface_hub
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: SECRET)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    out = tmp_path / "push"
+    for merge in ([], ["--merge"]):
+        assert main(["--adapter", str(trained["adapter"]), "--out", str(out), "--push-to-hub", "me/x", *merge]) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --push-to-hub") and "\n" not in err and "--base-id ORG/NAME" in err
+        assert FakeHfApi.calls == [] and not out.exists()
+    for bad in ("tiny-base", "./org/x", "org/x y"):
+        assert main(["--adapter", str(trained["adapter"]), "--out", str(out), "--base-id", bad]) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --base-id") and "ORG/NAME" in err and not out.exists()
+
+
 def test_push_to_hub_uploads_files_and_card_without_printing_the_token(trained, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
@@ -124,7 +259,7 @@ def test_push_to_hub_uploads_files_and_card_without_printing_the_token(trained, 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     out = tmp_path / "push"
     assert main(["--adapter", str(trained["adapter"]), "--out", str(out), "--push-to-hub", "me/clause-lora",
-                 "--private"]) == 0
+                 "--private", "--base-id", "org/tiny-base"]) == 0
     (c1, repo, private, token), (c2, repo2, files) = FakeHfApi.calls
     assert (c1, repo, private, token, c2, repo2) == ("create_repo", "me/clause-lora", True, SECRET,
                                                      "upload_folder", "me/clause-lora")
@@ -142,7 +277,7 @@ def test_push_offline_or_unreachable_is_a_one_line_error(trained, tmp_path, monk
 
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: SECRET)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    args = ["--adapter", str(trained["adapter"]), "--push-to-hub", "me/x"]
+    args = ["--adapter", str(trained["adapter"]), "--push-to-hub", "me/x", "--base-id", "org/tiny-base"]
     assert main(args + ["--out", str(tmp_path / "a")]) != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "HF_HUB_OFFLINE" in err
