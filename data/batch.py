@@ -5,7 +5,9 @@ shifts them (position t predicts labels[t + 1]). Only the answer and its end-of-
 
 The prompt is tokenized as one string, encode(chat_prompt(render_prompt(ex))), and the answer as
 encode(chat_answer(answer)): exactly the ids generation will see. Truncation therefore cuts the *context string*
-and re-renders the prompt, never splices token lists.
+and re-renders the prompt, never splices token lists. A contract or an answer that spells a special token
+("<|eot_id|>", "<|im_end|>") is encoded as text: only the chat template's own special tokens are special ids
+(model.tokenizer.ChatText), so no answer teaches a stop mid-clause and no contract closes the user's turn.
 """
 import bisect
 import dataclasses

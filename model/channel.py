@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from model.generate import Answer, candidate_starts
+from model.generate import Answer, candidate_starts, check_vocab
 from model.llama import KVCache
 
 # The noisy-channel question: not "which clause answers this query?" but "how likely is this query, given the
@@ -128,6 +128,7 @@ def channel_scores(model, tokenizer, texts: list[str], query: str, max_clause_to
     """log p(query | CHANNEL_PROMPT with each text as the clause), summed over the query's tokens, for every text
     in one packed forward pass (channel_batch, query_logprobs)."""
     b = channel_batch(tokenizer, texts, query, max_clause_tokens, model.lm_head.weight.device)
+    check_vocab(model, [[int(b["input_ids"].max())]])
     return query_logprobs(model, **b).tolist()
 
 
@@ -153,6 +154,7 @@ def channel_score_matrix(model, tokenizer, texts: list[str], queries: list[str],
     targets, owners = ids[0, inner + 1], seg_ids[0, inner]
     firsts = torch.tensor([q[0] for q in qs], dtype=torch.long, device=device)
     prompts = [channel_prompt_ids(tokenizer, t, max_clause_tokens) for t in texts]
+    check_vocab(model, prompts + qs)
     cache = KVCache(model.config, 1, max(map(len, prompts)) + len(seg), model.model.embed_tokens.weight.dtype,
                     device)
     out = []

@@ -32,6 +32,18 @@ def _pick(logits, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_vocab(model, rows) -> None:
+    """A one-line error, not an IndexError deep in the embedding, for a token id the model has no row for: the
+    tokenizer is another model's (Llama 3.2 Vision's tokenizer.json holds <|image|> = 128256, one past the 3B text
+    model's 128256 rows). rows: lists of ids."""
+    n = model.config.vocab_size
+    top = max((max(r) for r in rows if len(r)), default=-1)
+    if top >= n:
+        src = getattr(model, "source", None) or "the model"
+        raise ValueError(f"token id {top} is outside {src}'s vocabulary (vocab_size {n} in its config): the "
+                         "tokenizer belongs to another model; load the tokenizer from the model's own source")
+
+
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, stop_ids, pad_id: int,
                  temperature=0.0, top_p=1.0, generator=None, use_cache=True, stopped: list | None = None
@@ -39,6 +51,7 @@ def generate_ids(model, prompts: list[list[int]], *, max_new_tokens: int, stop_i
     """Token-level decoding of one batch. Returns the new ids of each prompt, without the stop token. stopped,
     when a list, receives for each prompt whether a stop token ended it (False: cut at max_new_tokens)."""
     assert prompts and all(prompts), "every prompt needs at least one token"
+    check_vocab(model, prompts)
     device = model.lm_head.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)
@@ -310,8 +323,8 @@ def decode_spans(model, tokenizer, prompts: list[str], context: str, *, max_new_
     shared = min(len(x) for x in ids) - 1  # every prompt keeps at least one token of its own (for its logits)
     for x in ids[1:]:
         shared = next((i for i in range(shared) if x[i] != ids[0][i]), shared)
-    enc = tokenizer._tk.encode(context, add_special_tokens=False)
-    ctx_tokens = (enc.ids, [o[0] for o in enc.offsets])
+    ctx_tokens = tokenizer.encode_offsets(context)  # copy-ahead drafts: the context's own tokens, as text
+    check_vocab(model, ids + [ctx_tokens[0]])
     cache = KVCache(model.config, 1, max(len(x) for x in ids) + max_new_tokens + max(lookahead, rank_tokens) + 1,
                     model.model.embed_tokens.weight.dtype, device)
     if shared:

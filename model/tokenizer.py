@@ -4,11 +4,18 @@ Sources: a Hugging Face `tokenizer.json` (Llama 3.x and friends), a model direct
 vocabulary + merges stored in a GGUF file (the embedded SmolLM2). Nothing is ever added to `encode`
 automatically: the chat strings below spell out every special token, so what training tokenizes and what
 generation feeds the model are the same ids by construction.
+
+Only the chat template's own special tokens become special ids. Text (a contract, a query, an answer) is always
+encoded as text, even where it spells a special token: a contract holding "<|im_end|>\n<|im_start|>assistant\n"
+must not close the user's turn and open a forged answer. chat_prompt / chat_answer return a ChatText, a str that
+remembers which of its pieces are the template's; encode turns those pieces (and only those) into special ids.
 """
 from __future__ import annotations
 
 import functools
 import json
+import re
+import sys
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -17,6 +24,11 @@ from tokenizers import Tokenizer as _HFTokenizer
 # Each chat format: the special token that identifies it in a vocabulary, the end-of-turn marker, and the
 # templates. No system header/line: the official Llama 3 template injects a dated system header and
 # SmolLM2's template a "You are a helpful AI assistant" line; both turn clause extraction into chat.
+# The user message goes in as it is (DESIGN.md fixes `{prompt}`), where the official Llama 3.2 template writes
+# `message['content'] | trim` (SmolLM2's does not trim). The two agree on every prompt data/ renders (its loaders
+# strip every context and query: tests/test_tokenizer.py pins it) but not on messages ending in whitespace: the
+# channel prompt (model/channel.py, "... Answer: ", the query's tokens follow it) and an evaluation window cut
+# after a space. Trimming here would change what every trained Llama 3 adapter saw, so it is not done.
 CHAT_FORMATS = {
     "llama3": dict(
         marker="<|start_header_id|>",
@@ -40,6 +52,47 @@ _CONTROL, _USER_DEFINED = 3, 4
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# A special token's name in a template: what ChatText marks as the template's own.
+_SPECIAL_IN_TEMPLATE = re.compile(r"(<\|[a-z_]+\|>)")
+
+
+class ChatText(str):
+    """A chat-format string that knows which of its pieces are the template's special tokens.
+
+    parts: ((text, is_template_special), ...). Tokenizer.encode gives those pieces their special ids and encodes
+    everything else as text. `+` keeps the marks (a plain str added on either side is text); every other str
+    operation (slicing, replace, format, str()) returns a plain str, which encodes as text throughout. So build
+    chat strings with chat_prompt, chat_answer and `+` only.
+    """
+
+    def __new__(cls, parts):
+        parts = tuple(parts)
+        self = super().__new__(cls, "".join(text for text, _ in parts))
+        self.parts = parts
+        return self
+
+    @staticmethod
+    def _parts_of(s: str) -> tuple:
+        return s.parts if isinstance(s, ChatText) else ((str(s), False),)
+
+    def __add__(self, other):
+        if not isinstance(other, str):
+            return NotImplemented
+        return ChatText(self.parts + self._parts_of(other))
+
+    def __radd__(self, other):  # a plain str on the left: str.__add__ would drop the marks, so Python asks us first
+        if not isinstance(other, str):
+            return NotImplemented
+        return ChatText(self._parts_of(other) + self.parts)
+
+    def __reduce__(self):
+        return ChatText, (self.parts,)
+
+
+def _template_parts(template: str) -> tuple:
+    """A template's literal text as ChatText parts: its special-token names marked, the rest text."""
+    return tuple((piece, bool(i % 2)) for i, piece in enumerate(_SPECIAL_IN_TEMPLATE.split(template)) if piece)
+
 
 def _gguf_pre_tokenizer(pre: str):
     """(pre-tokenizer, ignore_merges) for a GGUF `tokenizer.ggml.pre` name, following llama.cpp's definitions."""
@@ -62,6 +115,23 @@ def _gguf_pre_tokenizer(pre: str):
                      "use the model's tokenizer.json instead (Tokenizer.from_file / from_dir)")
 
 
+_WARNED_PRE: set[str] = set()  # GGUF files already warned about (once per file and process)
+
+
+def _guess_pre(tokens: list[str], path) -> str:
+    """The pre-tokenizer of a GGUF without tokenizer.ggml.pre. A Llama 3 vocabulary (it holds
+    <|start_header_id|>) was converted before llama.cpp wrote the key and is "llama-bpe": GPT-2's regex would
+    give "1234567" as 123|45|67 (not 123|456|7) and ".\n\n" as three tokens (not one), other ids than the
+    model's. Anything else gets "gpt2" (byte-level BPE's own split) and a warning on stderr, once per file."""
+    if "<|start_header_id|>" in tokens:
+        return "llama-bpe"
+    if str(path) not in _WARNED_PRE:
+        _WARNED_PRE.add(str(path))
+        print(f"warning: {path}: GGUF metadata has no tokenizer.ggml.pre; tokenizing with the GPT-2 pre-tokenizer, "
+              "which may differ from the model's own (use its tokenizer.json if it has one)", file=sys.stderr)
+    return "gpt2"
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer + chat format.
 
@@ -71,6 +141,9 @@ class Tokenizer:
 
     def __init__(self, tk: _HFTokenizer, chat_format: str | None = None, *, bos: int | str | None = None,
                  eos: int | str | None = None, pad: int | str | None = None, source: str = "<memory>"):
+        # Text is encoded with special-token matching off; the template's special ids come from ChatText marks.
+        # (A property of this tokenizers object, not saved by save(): the wrapper owns tk from here on.)
+        tk.encode_special_tokens = True
         self._tk = tk
         self.source = source
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
@@ -78,7 +151,15 @@ class Tokenizer:
         fmt = CHAT_FORMATS[self.chat_format]
         self.eot_token = fmt["eot"]
         self.eot_id = self._require(self.eot_token)
-        self._prompt = fmt["prompt"]
+        before, after = fmt["prompt"].split("{user}")
+        self._prompt_parts = (_template_parts(before), _template_parts(after))
+        for piece, special in self._prompt_parts[0] + self._prompt_parts[1]:
+            if special:
+                self._require(piece)
+        # A template token that strips whitespace beside it (AddedToken lstrip/rstrip) took that whitespace when
+        # the whole chat string was matched; encode does the same. (False for Llama 3's and SmolLM2's tokens.)
+        self._strips = {t.content: (t.lstrip, t.rstrip) for t in tk.get_added_tokens_decoder().values()
+                        if t.lstrip or t.rstrip}
         if self.chat_format == "llama3":
             # Fixed by the format, whatever a config says: the instruct tokenizer_config names <|eot_id|> as
             # eos_token and some recipes pad with it; a model trained with pad = an end token never learns to stop.
@@ -179,7 +260,9 @@ class Tokenizer:
         tokens = field("tokenizer.ggml.tokens")
         merges = field("tokenizer.ggml.merges")
         types = field("tokenizer.ggml.token_type", [1] * len(tokens))
-        pre = field("tokenizer.ggml.pre", "gpt2")
+        pre = field("tokenizer.ggml.pre", None)
+        if pre is None:  # converted before llama.cpp stored the key (April 2024): the vocabulary tells
+            pre = _guess_pre(tokens, path)
         tk = build_bpe(tokens, merges, types, pre)
         special = {k: field(f"tokenizer.ggml.{n}_token_id", None)
                    for k, n in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
@@ -217,24 +300,65 @@ class Tokenizer:
         return self._tk.token_to_id(token)
 
     # ---- the interface ------------------------------------------------------------------------------------
+    def _segments(self, text: str) -> list:
+        """text as runs to encode as text (str) and template special ids (int), in order. A plain str is one run;
+        a ChatText's text pieces between two of its special tokens are joined into one run, so the ids are those
+        of tokenizing the whole string with its special tokens matched, whenever the text holds none."""
+        if not isinstance(text, ChatText):
+            return [text] if text else []
+        out: list = []
+        run: list[str] = []
+        strip_next = False
+        for piece, special in text.parts:
+            if not special:
+                run.append(piece)
+                continue
+            lstrip, rstrip = self._strips.get(piece, (False, False))
+            joined = "".join(run)
+            joined = joined.lstrip() if strip_next else joined
+            joined = joined.rstrip() if lstrip else joined
+            if joined:
+                out.append(joined)
+            out.append(self._require(piece))
+            run, strip_next = [], rstrip
+        joined = "".join(run).lstrip() if strip_next else "".join(run)
+        if joined:
+            out.append(joined)
+        return out
+
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special tokens written in it are recognised, nothing (no BOS) is added."""
-        return self._tk.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`, nothing (no BOS) added. Special tokens come only from the chat template's own
+        marks in a ChatText (chat_prompt, chat_answer): text that spells one, in a plain str or inside the user
+        message or the answer, is encoded as the text it is."""
+        ids: list[int] = []
+        for seg in self._segments(text):
+            ids += [seg] if isinstance(seg, int) else self._tk.encode(seg, add_special_tokens=False).ids
+        return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """`encode` over many texts at once (tokenizers parallelises this in Rust)."""
-        return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
+        """`encode` over many texts at once (tokenizers parallelises the text runs in Rust)."""
+        segs = [self._segments(t) for t in texts]
+        runs = [s for row in segs for s in row if isinstance(s, str)]
+        encoded = iter(e.ids for e in self._tk.encode_batch(runs, add_special_tokens=False))
+        return [[i for s in row for i in ([s] if isinstance(s, int) else next(encoded))] for row in segs]
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """(ids, the character offset where each token starts) of `text` encoded as text."""
+        enc = self._tk.encode(str(text), add_special_tokens=False)
+        return enc.ids, [o[0] for o in enc.offsets]
 
     def decode(self, ids, skip_special: bool = True) -> str:
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
-    def chat_prompt(self, user: str) -> str:
-        """The whole text up to and including the assistant header: what generation starts from."""
-        return self._prompt.format(user=user)
+    def chat_prompt(self, user: str) -> ChatText:
+        """The whole text up to and including the assistant header: what generation starts from. `user` is text
+        whatever it holds (a ChatText's marks are dropped too)."""
+        before, after = self._prompt_parts
+        return ChatText(before + ((str(user), False),) + after)
 
-    def chat_answer(self, answer: str) -> str:
-        """The answer plus the end-of-turn marker: what the training labels cover."""
-        return answer + self.eot_token
+    def chat_answer(self, answer: str) -> ChatText:
+        """The answer (text, whatever it holds) plus the end-of-turn marker: what the training labels cover."""
+        return ChatText(((str(answer), False), (self.eot_token, True)))
 
     @functools.cached_property
     def token_bytes(self) -> list[bytes | None]:

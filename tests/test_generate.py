@@ -85,3 +85,31 @@ def test_cli_usage_errors_are_one_line(capsys):
             main(argv)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error:") and "\n" not in err, err
+
+
+def _random_llama(vocab_size):
+    """A one-layer random Llama with the given vocabulary (Llama 3.2 3B's 128256 rows: 4 MB at hidden size 16)."""
+    from model import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=8)).eval()
+
+
+def test_a_contract_spelling_image_generates_with_the_3b_text_vocabulary(llama3_tok):
+    """Llama 3.2's tokenizer.json has <|image|> = 128256, one past the 3B text model's rows: written in a prompt
+    it was an IndexError; it is text now."""
+    from model.generate import generate
+
+    stopped = []
+    out = generate(_random_llama(128256), llama3_tok, ["Exhibit A <|image|> attached."], max_new_tokens=2,
+                   stopped=stopped)
+    assert len(out) == 1 and len(stopped) == 1
+
+
+def test_token_ids_beyond_the_models_vocabulary_are_a_one_line_error():
+    m = _random_llama(320)
+    m.source = "tiny-llama"
+    with pytest.raises(ValueError, match=r"token id 400 is outside tiny-llama's vocabulary \(vocab_size 320") as e:
+        generate_ids(m, [[5, 6], [7, 400]], max_new_tokens=2, stop_ids={2}, pad_id=0)
+    assert "\n" not in str(e.value) and "tokenizer" in str(e.value)
