@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 
 ROPE_TYPES = ("default", "llama3")
+# The MLP's activation: llama.py computes SiLU (transformers spells it "silu", or "swish", the same function).
+HIDDEN_ACTS = ("silu", "swish")
 EMBEDDED = "smollm2-135m"  # the default model: SmolLM2-135M-Instruct, shipped as a GGUF file (model/load.py)
 
 # Shapes known without a download, as HF config.json dicts (FACTS.md: Llama 3.2 3B Instruct config.json;
@@ -23,6 +25,18 @@ PRESETS = {
         num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
         max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2),
 }
+
+
+def _unsupported_rope_advice(kind: str, cfg: "LlamaConfig", where: str) -> str:
+    """What to do about a rope_scaling type llama.py does not compute. Only dynamic NTK scaling may be dropped: it
+    recomputes the frequencies only for sequences longer than the original context (transformers'
+    _compute_dynamic_ntk_parameters), so without it the model is the same up to that length. Linear, yarn and
+    the others rescale every position: without them the model would load and compute wrong."""
+    if kind == "dynamic":
+        n = cfg.max_position_embeddings  # the length transformers scales beyond
+        return (f"dynamic scaling changes only positions beyond {n} tokens, so with rope_scaling deleted from "
+                f"{where} the model is the same for sequences up to {n} tokens (keep --seq-len at most that)")
+    return "use a checkpoint with llama3 or no rope scaling"
 
 
 @dataclass
@@ -43,37 +57,38 @@ class LlamaConfig:
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
     extra: dict = field(default_factory=dict, repr=False)  # unrecognised HF keys, written back unchanged
+    where: InitVar[str] = "config.json"  # what the values were read from, for the errors (e.g. the file's path)
 
-    def __post_init__(self):
+    def __post_init__(self, where: str):
         # user input (a config.json): checked with errors, not asserts, which python -O would remove
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "max_position_embeddings"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"config.json: {k} must be a positive integer, got {v!r}")
+                raise ValueError(f"{where}: {k} must be a positive integer, got {v!r}")
         for k in ("rms_norm_eps", "rope_theta"):
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-                raise ValueError(f"config.json: {k} must be a positive number, got {v!r}")
+                raise ValueError(f"{where}: {k} must be a positive number, got {v!r}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"config.json: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+            raise ValueError(f"{where}: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
-            raise ValueError(f"config.json: rope_scaling must be an object, got {self.rope_scaling!r}")
+            raise ValueError(f"{where}: rope_scaling must be an object, got {self.rope_scaling!r}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ROPE_TYPES:
-                raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)}); "
-                                 "use a Llama 3.x checkpoint or remove rope_scaling from config.json")
+                raise ValueError(f"{where}: rope_scaling type {kind!r} is not supported (supported: "
+                                 f"{', '.join(ROPE_TYPES)}); {_unsupported_rope_advice(kind, self, where)}")
             if kind == "llama3":
                 missing = {"factor", "low_freq_factor", "high_freq_factor",
                            "original_max_position_embeddings"} - set(self.rope_scaling)
                 if missing:
-                    raise ValueError(f"rope_scaling (llama3) is missing {sorted(missing)} in config.json")
+                    raise ValueError(f"{where}: rope_scaling (llama3) is missing {sorted(missing)}")
                 for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
                     v = self.rope_scaling[k]
                     if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-                        raise ValueError(f"config.json: rope_scaling.{k} must be a positive number, got {v!r}")
+                        raise ValueError(f"{where}: rope_scaling.{k} must be a positive number, got {v!r}")
             elif kind == "default":
                 self.rope_scaling = None
 
@@ -82,22 +97,34 @@ class LlamaConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "LlamaConfig":
+    def from_hf_dict(cls, d: dict, where: str = "config.json") -> "LlamaConfig":
+        """From a config.json's dict; errors name `where` (from_json passes the file's path)."""
         if not isinstance(d, dict):
-            raise ValueError(f"config.json must hold a JSON object, got a {type(d).__name__}")
+            raise ValueError(f"{where} must hold a JSON object, got a {type(d).__name__}")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if k not in d]
         if missing:
-            raise ValueError(f"config.json is missing key {missing[0]!r}: is this a Llama checkpoint?")
+            raise ValueError(f"{where} is missing key {missing[0]!r}: is this a Llama checkpoint?")
         mt = d.get("model_type", "llama")
         if mt != "llama":
-            raise ValueError(f"config.json model_type is {mt!r}; only 'llama' checkpoints are supported")
+            raise ValueError(f"{where}: model_type is {mt!r}; only 'llama' checkpoints are supported")
         q = d.get("quantization_config")
         if q is not None:  # the stored weights are packed (bnb, GPTQ, AWQ, FP8): their shapes match nothing we build
             method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
-            raise ValueError(f"config.json has quantization_config (quant_method {method!r}): pre-quantized "
+            raise ValueError(f"{where} has quantization_config (quant_method {method!r}): pre-quantized "
                              "checkpoints are not supported; use the original bf16/fp16 checkpoint (this engine "
                              "quantizes to NF4 itself)")
+        # What llama.py computes: SiLU, no biases. Anything else would load and run, silently wrong (the bias
+        # weights would only fail later, as "unexpected key"; a random-init model, engine.memory and the
+        # benchmark, would never notice).
+        act = d.get("hidden_act", "silu")
+        if act not in HIDDEN_ACTS:
+            raise ValueError(f"{where}: hidden_act {act!r} is not supported (this Llama computes SiLU, 'silu'); "
+                             "use a checkpoint whose config.json says hidden_act 'silu'")
+        for k in ("attention_bias", "mlp_bias"):
+            if d.get(k):
+                raise ValueError(f"{where}: {k} {d[k]!r} is not supported (this Llama's projections have no bias); "
+                                 f"use a checkpoint whose config.json says {k} false")
         # transformers >= 5 writes rope_parameters (rope_theta inside); released Llama 3.2 files use the
         # top-level rope_theta + rope_scaling. Read both (FACTS.md).
         rp = d.get("rope_parameters") or {}
@@ -111,10 +138,10 @@ class LlamaConfig:
                 scaling["rope_type"] = scaling["type"]
         heads = d["num_attention_heads"]
         if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
-            raise ValueError(f"config.json: num_attention_heads must be a positive integer, got {heads!r}")
+            raise ValueError(f"{where}: num_attention_heads must be a positive integer, got {heads!r}")
         if not isinstance(d["hidden_size"], int) or isinstance(d["hidden_size"], bool):
-            raise ValueError(f"config.json: hidden_size must be a positive integer, got {d['hidden_size']!r}")
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+            raise ValueError(f"{where}: hidden_size must be a positive integer, got {d['hidden_size']!r}")
+        known = {f.name for f in fields(cls)} - {"extra"}
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
@@ -126,6 +153,7 @@ class LlamaConfig:
             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
             extra={k: v for k, v in d.items() if k not in known and k not in ("rope_parameters",)},
+            where=where,
         )
 
     @classmethod
@@ -141,7 +169,7 @@ class LlamaConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{path}: must hold a JSON object (a Llama config.json), got a {type(d).__name__}; "
                              "re-download the checkpoint")
-        return cls.from_hf_dict(d)
+        return cls.from_hf_dict(d, where=str(path))
 
     @classmethod
     def from_gguf_fields(cls, meta: dict, where: str = "GGUF file") -> "LlamaConfig":
@@ -178,6 +206,7 @@ class LlamaConfig:
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
             pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+            where=where,
         )
 
     def to_hf_dict(self) -> dict:

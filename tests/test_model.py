@@ -93,6 +93,87 @@ def test_unknown_rope_type_is_rejected():
         LlamaConfig.from_hf_dict(tiny_config_dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
 
 
+def _config_file(tmp_path, **over):
+    path = tmp_path / "ckpt" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(tiny_config_dict(**over)))
+    return path
+
+
+def _one_line_naming(excinfo, path, *needles):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and str(path) in msg, msg
+    for n in needles:
+        assert n in msg, msg
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "gelu_pytorch_tanh"])
+def test_hidden_act_other_than_silu_is_refused_naming_config_json(tmp_path, act):
+    """llama.py computes SiLU whatever config.json says: another activation would load and run, silently wrong."""
+    from model.load import load_config
+
+    path = _config_file(tmp_path, hidden_act=act)
+    for load in (LlamaConfig.from_json, load_config, lambda p: load_model(p, init="random")):
+        with pytest.raises(ValueError, match=f"hidden_act '{act}' is not supported") as e:
+            load(path)
+        _one_line_naming(e, path, "silu")
+
+
+@pytest.mark.parametrize("act", ["silu", "swish", None])
+def test_silu_spellings_and_a_missing_hidden_act_load(tmp_path, act):
+    over = {"hidden_act": act} if act else {}
+    d = tiny_config_dict(**over)
+    if act is None:
+        d.pop("hidden_act")
+    assert LlamaConfig.from_hf_dict(d).hidden_size == 64
+
+
+@pytest.mark.parametrize("key", ["attention_bias", "mlp_bias"])
+def test_projection_biases_are_refused_up_front_not_at_weight_loading(tmp_path, key):
+    """Before, only a checkpoint's bias weights failed ("unexpected key"); a random-init model (engine.memory, the
+    benchmark) built the biasless model silently."""
+    from model.load import load_config
+
+    path = _config_file(tmp_path, **{key: True})
+    for load in (LlamaConfig.from_json, load_config, lambda p: load_model(p, init="random"),
+                 lambda p: load_model(save_tiny_hf(tmp_path / "m", **{key: True}))):
+        with pytest.raises(ValueError, match=f"{key} True is not supported") as e:
+            load(path)
+        assert "\n" not in str(e.value) and "config.json" in str(e.value)
+    assert LlamaConfig.from_hf_dict(tiny_config_dict(**{key: False})).hidden_size == 64
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0},
+                                     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+                                     {"type": "linear", "factor": 2.0}])
+def test_rescaling_rope_types_are_refused_naming_the_file_without_advising_to_drop_them(tmp_path, scaling):
+    """Linear and yarn scaling change every position: deleting rope_scaling would load a different model."""
+    path = _config_file(tmp_path, rope_scaling=scaling)
+    with pytest.raises(ValueError, match="rope_scaling type '(linear|yarn)' is not supported") as e:
+        LlamaConfig.from_json(path)
+    _one_line_naming(e, path)
+    assert "remove" not in str(e.value) and "delete" not in str(e.value)
+
+
+def test_dynamic_rope_is_refused_saying_up_to_which_length_it_can_be_dropped(tmp_path):
+    """Dynamic NTK scaling recomputes the frequencies only beyond max_position_embeddings (transformers checks
+    this: the same logits with and without it up to that length), so deleting it is safe up to there."""
+    path = _config_file(tmp_path, rope_scaling={"rope_type": "dynamic", "factor": 4.0}, max_position_embeddings=96)
+    with pytest.raises(ValueError, match="rope_scaling type 'dynamic' is not supported") as e:
+        LlamaConfig.from_json(path)
+    _one_line_naming(e, path, "beyond 96 tokens", "rope_scaling deleted from", "up to 96 tokens")
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_config_dict(
+        rope_scaling={"rope_type": "dynamic", "factor": 4.0}, max_position_embeddings=96))).eval()
+    plain = save_tiny_hf(tmp_path / "plain", rope_scaling=None, max_position_embeddings=96)
+    ours = load_model(plain)
+    ours.load_state_dict(hf.state_dict())
+    ids = torch.randint(0, 320, (1, 96))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
 def test_gradient_checkpointing_keeps_outputs_and_grads(tiny_hf_dir):
     m = load_model(tiny_hf_dir).train()
     ids = torch.randint(0, 320, (2, 16))
