@@ -1,29 +1,69 @@
 """engine/bench.py runs end to end on the CPU (tiny shapes, one step each side); no speed or memory ratio is
-asserted here: those are benchmark results, recorded in BENCHMARKS.md."""
+asserted here: those are benchmark results, recorded in BENCHMARKS.md. Two real runs are shared by the tests that
+read their report (module fixtures); the parent's handling of what a child reports (out of memory, losses that
+differ) is tested with stand-in children."""
+import contextlib
+import io
 import json
+import math
+import os
+import subprocess
+import time
 
 import pytest
+import torch
 
 from engine import bench
 
 from .conftest import tiny_config_dict
 
 
+def _tiny_json(path):
+    path.write_text(json.dumps(tiny_config_dict()))
+    return path
+
+
 @pytest.fixture
 def tiny_json(tmp_path):
-    p = tmp_path / "tiny.json"
-    p.write_text(json.dumps(tiny_config_dict()))
-    return p
+    return _tiny_json(tmp_path / "tiny.json")
 
 
-def test_bench_against_hf_runs_end_to_end_on_cpu(tiny_json, tmp_path, capsys):
+def _main(argv) -> tuple[int, str]:
+    """bench.main(argv) -> (exit code, what the parent printed)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = bench.main(argv)
+    return rc, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory):
+    """One run against the HF stack at tiny shapes: (report, printed text)."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    out = tmp_path / "bench.json"
-    rc = bench.main(["--model", str(tiny_json), "--seq-len", "32", "--batch-size", "2", "--steps", "1",
-                     "--warmup", "0", "--rounds", "1", "--device", "cpu", "--vs", "hf", "--json", str(out)])
+    tmp = tmp_path_factory.mktemp("hf_run")
+    out = tmp / "bench.json"
+    rc, text = _main(["--model", str(_tiny_json(tmp / "tiny.json")), "--seq-len", "32", "--batch-size", "2",
+                      "--steps", "1", "--warmup", "0", "--rounds", "1", "--device", "cpu", "--vs", "hf",
+                      "--json", str(out)])
     assert rc == 0
-    rep = json.loads(out.read_text())
+    return json.loads(out.read_text()), text
+
+
+@pytest.fixture(scope="module")
+def alone_run(tmp_path_factory):
+    """One run of our side alone, with the flags that change it: (report, printed text)."""
+    tmp = tmp_path_factory.mktemp("alone_run")
+    out = tmp / "bench.json"
+    rc, text = _main(["--model", str(_tiny_json(tmp / "tiny.json")), "--seq-len", "32", "--batch-size", "1",
+                      "--steps", "1", "--warmup", "0", "--rounds", "1", "--device", "cpu", "--vs", "none",
+                      "--no-trim-cpu-heap", "--mlp-tile", "16", "--json", str(out)])
+    assert rc == 0
+    return json.loads(out.read_text()), text
+
+
+def test_bench_against_hf_runs_end_to_end_on_cpu(hf_run):
+    rep, text = hf_run
     for side in ("ours", "hf"):
         r = rep["results"][side]
         assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
@@ -32,23 +72,98 @@ def test_bench_against_hf_runs_end_to_end_on_cpu(tiny_json, tmp_path, capsys):
         assert r["tokens_per_s"] == pytest.approx(32 * 2 / r["median_step_seconds"])
         assert rep["raw"][side][0]["step_tokens"] == [64]
     assert set(rep["ratios"]) >= {"tokens_per_s", "peak_rss"}
-    # the same model on the same rows: both first losses agree (measured 5.7691422 vs 5.7691417), so both sides
+    # the same model on the same rows: both first losses agree (measured 5.7692722 vs 5.7692732), so both sides
     # time the same work
     ours, hf = rep["raw"]["ours"][0]["losses"][0], rep["raw"]["hf"][0]["losses"][0]
     assert ours == pytest.approx(hf, rel=1e-5)
-    text = capsys.readouterr().out
     assert "ours/hf tokens_per_s" in text
 
 
-def test_bench_alone_runs_without_the_hf_stack(tiny_json, tmp_path):
+def test_both_sides_read_the_same_bf16_checkpoint_through_their_own_loaders(hf_run):
+    """Review finding: the HF side read a checkpoint file (its pages counted in its peak RSS) while ours built
+    random weights in place. Now both read the one file the parent wrote, in bf16 as Llama 3.2 and SmolLM2 are
+    published, each through its own loader, and compute in the precision they did before (fp32 on the CPU)."""
+    rep, text = hf_run
+    ck = rep["checkpoint"]
+    assert ck["dtype"] == "bfloat16" and ck["loaded_as"] == "fp32" and ck["bytes"] > 0
+    ours, hf = rep["raw"]["ours"][0]["weights"], rep["raw"]["hf"][0]["weights"]
+    assert ours == f"{ck['path']} via model.load.load_model"
+    assert hf == f"{ck['path']} via transformers.LlamaForCausalLM.from_pretrained"
+    assert rep["raw"]["ours"][0]["setup"]["precision"] == "fp32"
+    assert "weights: one random checkpoint (bfloat16 safetensors" in text
+
+
+def test_peak_anonymous_memory_is_reported_beside_peak_rss_with_a_ratio_each(hf_run):
+    rep, text = hf_run
+    for side in ("ours", "hf"):
+        r = rep["results"][side]
+        assert 0 < r["peak_anon_bytes"] <= r["peak_rss_bytes"]
+        assert rep["raw"][side][0]["anon_samples"] >= 1
+    o, h = rep["results"]["ours"], rep["results"]["hf"]
+    assert rep["ratios"]["peak_anon"] == pytest.approx(o["peak_anon_bytes"] / h["peak_anon_bytes"])
+    assert rep["ratios"]["peak_rss"] == pytest.approx(o["peak_rss_bytes"] / h["peak_rss_bytes"])
+    assert "ours/hf peak_rss: " in text and "[peak RSS (VmHWM: whole resident set" in text
+    assert "ours/hf peak_anon: " in text and "[peak anon (RssAnon high-water" in text
+
+
+def test_the_hf_side_steps_the_same_adamw_as_ours_fused_on_cuda(hf_run):
+    """HF Trainer's default for torch >= 2.8 is the fused AdamW, ours is fused on CUDA too; on the CPU both run
+    the per-parameter loop engine.step.make_optimizer runs there. Each side's optimizer is in the report."""
+    rep, text = hf_run
+    assert bench.hf_adamw_kwargs(torch.device("cuda")) == {"fused": True}
+    assert bench.hf_adamw_kwargs(torch.device("cpu")) == {"foreach": False}
+    ours, hf = rep["results"]["ours"]["optimizer"], rep["results"]["hf"]["optimizer"]
+    assert ours == hf and ours.startswith("AdamW per-parameter loop (foreach=False), lr 0.0002")
+    assert "ours: compile off" in text and f"optimizer {ours}" in text and "hf:   transformers" in text
+
+
+def test_report_records_the_stack_versions_the_commit_and_the_first_loss_check(hf_run):
+    import bitsandbytes
+    import peft
+    import transformers
+
+    rep, text = hf_run
+    v = rep["versions"]
+    assert (v["transformers"], v["peft"], v["bitsandbytes"]) == (transformers.__version__, peft.__version__,
+                                                                  bitsandbytes.__version__)
+    assert f"transformers {transformers.__version__}, peft {peft.__version__}" in text
+    assert "commit" in rep  # None outside a git checkout
+    check = rep["first_loss_check"]
+    assert check["ok"] and check["tolerance"] == bench.LOSS_RTOL["fp32"] and check["max_relative_difference"] < 1e-5
+    assert "first-step loss: ours " in text and "the same computation" in text
+
+
+def test_utilisation_is_labelled_model_4p_and_hardware_6p(hf_run):
+    """Review finding: 'MFU' counted 6P per token (the checkpointed recompute included): hardware FLOPs. Now MFU
+    counts the model's 4P, HFU the 6P, the formula is printed; the old keys keep their old (6P) meaning."""
+    rep, text = hf_run
+    fl, peak = rep["flops_per_token"], rep["matmul_peak_tflops"]
+    assert fl["hardware_6p"] * 2 == fl["model_4p"] * 3 == 12 * fl["projection_params"]
+    for side in ("ours", "hf"):
+        r = rep["results"][side]
+        assert r["mfu_4p"] == pytest.approx(r["tokens_per_s"] * fl["model_4p"] / 1e12 / peak)
+        assert r["hfu_6p"] == pytest.approx(1.5 * r["mfu_4p"])
+        assert (r["mfu"], r["model_tflops"]) == (r["hfu_6p"], r["hardware_tflops_6p"])
+    assert rep["model_flops_per_token"] == fl["hardware_6p"]
+    assert "MFU counts model FLOPs 4P" in text and "HFU hardware FLOPs 6P" in text
+    assert f"matmul peak {peak:.3g} TFLOP/s" in text and "MFU 4P" in text and "HFU 6P" in text
+
+
+def test_bench_alone_runs_without_the_hf_stack(alone_run):
     """--vs none: our side only (no transformers needed); random init, so the first loss is near ln(vocab)."""
-    out = tmp_path / "bench.json"
-    assert bench.main(["--model", str(tiny_json), "--seq-len", "32", "--batch-size", "1", "--steps", "1",
-                       "--warmup", "0", "--rounds", "1", "--device", "cpu", "--vs", "none", "--json", str(out)]) == 0
-    rep = json.loads(out.read_text())
-    assert "hf" not in rep["results"]
+    rep, _ = alone_run
+    assert "hf" not in rep["results"] and "first_loss_check" not in rep
     loss = rep["raw"]["ours"][0]["losses"][0]
-    assert abs(loss - __import__("math").log(320)) < 0.5
+    assert abs(loss - math.log(320)) < 0.5
+    assert rep["raw"]["ours"][0]["weights"].endswith("via model.load.load_model")  # the same file as with --vs hf
+
+
+def test_the_report_prints_the_command_and_the_settings_that_change_ours(alone_run):
+    rep, text = alone_run
+    assert rep["trim_cpu_heap"] is False and rep["mlp_tile"] == 16
+    assert "command: python -m engine.bench --model " in text and "--no-trim-cpu-heap --mlp-tile 16" in text
+    assert "ours: compile off, CPU heap trim off (--no-trim-cpu-heap), MLP tile 16, loss chunk " in text
+    assert rep["raw"]["ours"][0]["setup"]["mlp_tile"] == 16 and not rep["raw"]["ours"][0]["setup"]["trim_cpu_heap"]
 
 
 @pytest.mark.parametrize("args", [["--device", "cuda"], ["--answer-frac", "0"], ["--model", "/nope.json"]])
@@ -95,6 +210,7 @@ def test_packed_rows_from_data_are_the_same_for_both_sides_and_survive_save_rows
     rows = tmp_path / "rows.safetensors"
     assert bench.main([*common, "--data", spec, "--save-rows", str(rows)]) == 0
     assert f"--data rows:{rows}" in capsys.readouterr().out
+    assert bench.rows_metadata(rows)["seq_len"] == "1024"  # what --data rows:FILE later holds --seq-len to
     assert bench.main([*common, "--data", f"rows:{rows}", "--vs", "none", "--json", str(tmp_path / "b.json")]) == 0
     again = json.loads((tmp_path / "b.json").read_text())["raw"]["ours"][0]
     assert again["step_tokens"] == ours["step_tokens"] and again["losses"] == pytest.approx(ours["losses"], abs=1e-6)
@@ -160,3 +276,169 @@ def test_model_flops_count_the_seven_projections_of_llama_3_2_3b():
     assert bench.model_flops_per_token(cfg) == 6 * 28 * per_block
     assert bench.model_flops_per_token(cfg, checkpointing=False) == 4 * 28 * per_block
     assert 2.81e9 < 28 * per_block < 2.83e9
+
+
+# ------------------------------------------------------------------------------ review findings, without a real run
+def _rows(width: int, n: int = 2, batch: int = 2) -> list[dict]:
+    ids = torch.arange(batch * width).reshape(batch, width) % 300
+    return [{"input_ids": ids.clone(), "labels": ids.clone(),
+             "position_ids": torch.arange(width).expand(batch, width).contiguous(),
+             "segment_ids": torch.zeros(batch, width, dtype=torch.long)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("meta, says", [({"kind": "older file, no seq_len"}, "rows are 32 tokens wide, not --seq-len "
+                                         "64; pass --seq-len 32"),
+                                        ({"kind": "k", "seq_len": "48"}, "built for --seq-len 48 (up to 32 tokens "
+                                         "wide), not 64; pass --seq-len 48")])
+def test_rows_not_built_for_seq_len_are_refused(meta, says, tiny_json, tmp_path, capsys):
+    """Review finding: a rows file narrower than --seq-len ran, and the report stated --seq-len and a fill
+    computed over it. Its width (or the seq_len it records) must now equal --seq-len."""
+    f = bench.save_rows(_rows(32), tmp_path / "rows.safetensors", meta)
+    assert bench.main(["--model", str(tiny_json), "--seq-len", "64", "--batch-size", "2", "--steps", "1",
+                       "--warmup", "0", "--rounds", "1", "--device", "cpu", "--vs", "none",
+                       "--data", f"rows:{f}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("engine.bench: error:") and str(f) in err and says in err and "\n" not in err
+
+
+def test_rows_file_metadata_is_carried_into_the_report(tiny_json, tmp_path):
+    f = bench.save_rows(_rows(32), tmp_path / "rows.safetensors", {"kind": "k", "seq_len": 32, "fill": 0.5})
+    args = bench.build_parser().parse_args(["--model", str(tiny_json), "--seq-len", "32", "--batch-size", "2",
+                                            "--steps", "1", "--warmup", "0", "--data", f"rows:{f}"])
+    path, meta = bench._rows_for(args, bench.load_config(str(tiny_json)), tmp_path)
+    assert meta["file_metadata"] == {"kind": "k", "seq_len": "32", "fill": "0.5"} and meta["width"] == 32
+    assert meta["fill"] == 1.0  # every position of these rows is a real token
+
+
+def _fake_child(loss: float = 5.0) -> dict:
+    """A child's result as _time_steps writes it, for the parent's own logic."""
+    return {"step_seconds": [1.0], "step_cpu_seconds": [1.0], "losses": [loss], "profile": None,
+            "step_tokens": [64], "peak_rss_bytes": 1 << 30, "train_peak_rss_bytes": 1 << 30,
+            "peak_anon_bytes": 1 << 29, "train_peak_anon_bytes": 1 << 29, "optimizer": "AdamW (stand-in)"}
+
+
+def _parent_args(tiny_json, tmp_path, rounds: int = 1):
+    return ["--model", str(tiny_json), "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+            "--rounds", str(rounds), "--device", "cpu", "--vs", "hf", "--json", str(tmp_path / "r.json")]
+
+
+def test_first_step_losses_that_differ_fail_the_run(tiny_json, tmp_path, monkeypatch, capsys):
+    """Review finding: nothing checked that both sides compute the same thing. Their first-step losses (same
+    weights, same rows) may differ by rounding only; beyond LOSS_RTOL the run prints its report, flags it and
+    fails."""
+    monkeypatch.setattr(bench, "missing_hf_packages", lambda: [])
+    monkeypatch.setattr(bench, "_run_child", lambda args, which, out, ckpt: _fake_child(5.0 if which == "ours"
+                                                                                       else 5.01))
+    assert bench.main(_parent_args(tiny_json, tmp_path)) == 1
+    cap = capsys.readouterr()
+    assert "MISMATCH, the two sides do not compute the same thing" in cap.out
+    assert cap.err.startswith("engine.bench: error: first-step losses differ beyond fp32 rounding")
+    check = json.loads((tmp_path / "r.json").read_text())["first_loss_check"]
+    assert not check["ok"] and check["max_relative_difference"] == pytest.approx(0.01 / 5.01)
+    assert bench.LOSS_RTOL["fp32"] < bench.LOSS_RTOL["bf16"] == bench.LOSS_RTOL["fp16"] < 0.01
+
+
+def test_an_hf_out_of_memory_still_reports_ours_and_marks_hf(tiny_json, tmp_path, monkeypatch, capsys):
+    """Review finding: an HF run that ran out of memory discarded everything. Ours is reported, HF marked OOM,
+    no ratio, the run succeeds (that HF does not fit is a result), and HF is not run again."""
+    calls = []
+
+    def child(args, which, out, ckpt):
+        calls.append(which)
+        return _fake_child() if which == "ours" else {"oom": True, "error": "OutOfMemoryError: CUDA out of memory"}
+
+    monkeypatch.setattr(bench, "missing_hf_packages", lambda: [])
+    monkeypatch.setattr(bench, "_run_child", child)
+    assert bench.main(_parent_args(tiny_json, tmp_path, rounds=2)) == 0
+    assert calls == ["ours", "hf", "ours"]
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert set(rep["results"]) == {"ours"} and rep["oom"] == {"hf": "OutOfMemoryError: CUDA out of memory"}
+    assert "ratios" not in rep and "first_loss_check" not in rep
+    out = capsys.readouterr().out
+    assert "hf     out of memory: OutOfMemoryError" in out and "no ours/hf ratios: hf ran out of memory" in out
+
+
+def test_a_child_that_runs_out_of_memory_says_so_instead_of_failing(tiny_json, tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench, "run_hf", oom)
+    out = tmp_path / "child.json"
+    assert bench.main(["--child", "hf", "--child-out", str(out), "--checkpoint", str(tmp_path), "--model",
+                       str(tiny_json), "--seq-len", "32", "--batch-size", "1", "--device", "cpu"]) == 3
+    assert json.loads(out.read_text()) == {"oom": True, "error": "OutOfMemoryError: CUDA out of memory. Tried to "
+                                                                 "allocate 2.00 GiB"}
+
+
+def test_a_child_killed_by_the_oom_killer_counts_as_out_of_memory(tiny_json, tmp_path, monkeypatch):
+    args = bench.build_parser().parse_args(["--model", str(tiny_json), "--seq-len", "32"])
+    args.rows_file = None
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, -9))
+    res = bench._run_child(args, "hf", tmp_path / "none.json", None)
+    assert res["oom"] and "SIGKILL" in res["error"]
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(RuntimeError, match="the hf run failed"):
+        bench._run_child(args, "hf", tmp_path / "none.json", None)
+
+
+def test_a_missing_hf_package_is_named_before_any_run(tiny_json, monkeypatch, capsys):
+    """Review finding: without peft, ours ran first and the hf child then died with a traceback."""
+    real = bench.find_spec
+    monkeypatch.setattr(bench, "find_spec", lambda name: None if name == "peft" else real(name))
+    monkeypatch.setattr(bench, "parent", lambda args: pytest.fail("a run started"))
+    assert bench.main(["--model", str(tiny_json), "--seq-len", "16", "--device", "cpu", "--vs", "hf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("engine.bench: error: --vs hf needs peft (the HF stack it compares against): "
+                   "pip install -e '.[bench]', or pass --vs none")
+
+
+def test_a_transformers_older_than_the_bench_pin_is_named_before_any_run(tiny_json, monkeypatch, capsys):
+    """transformers < 4.56 has no from_pretrained(dtype=): the hf side would load the bf16 checkpoint in bf16."""
+    monkeypatch.setattr(bench, "find_spec", lambda name: object())
+    monkeypatch.setattr(bench, "_installed_version", lambda pkg: "4.45.0" if pkg == "transformers" else "0.21.2")
+    monkeypatch.setattr(bench, "parent", lambda args: pytest.fail("a run started"))
+    assert bench.main(["--model", str(tiny_json), "--seq-len", "16", "--device", "cpu", "--vs", "hf"]) == 2
+    assert "--vs hf needs transformers >= 4.56 (found 4.45.0)" in capsys.readouterr().err
+
+
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(field)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc")
+def test_peak_rss_covers_training_when_the_high_water_mark_cannot_be_reset(monkeypatch):
+    """Review finding: where /proc/self/clear_refs refuses the reset, the training steps dropped out of 'peak RSS'
+    (only the mark read before them was kept). The mark is now read again at the end, whatever the reset did."""
+    monkeypatch.setattr(bench, "_reset_hwm", lambda: False)
+    seen = {}
+
+    def step(i):
+        # resident above this process's earlier high-water mark, so only a mark read after the step covers it
+        n = _status_kib("VmHWM") - _status_kib("VmRSS") + (64 << 20)
+        x = torch.ones(n // 4)
+        seen["rss"] = _status_kib("VmRSS")
+        return float(x[0]) * 0
+
+    r = bench._time_steps(step, torch.device("cpu"), 1, 0, lambda msg: None)
+    # (the kernel's RSS counters lag by up to a few hundred KiB: the step put 64 MiB above the earlier mark)
+    assert r["peak_rss_bytes"] >= seen["rss"] - (8 << 20) and r["train_peak_rss_bytes"] is None and not r["hwm_reset"]
+
+
+def _anon_now() -> int:
+    fields = open("/proc/self/statm").read().split()  # pages: size resident shared ...
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux /proc")
+def test_anon_peak_keeps_memory_freed_before_it_is_read():
+    anon = bench.AnonPeak.start(period=0.001)
+    base = _anon_now()
+    x = torch.ones(48 << 18)  # 48 MiB of anonymous memory, touched
+    time.sleep(0.05)  # the sampler (another process) reads it
+    del x  # freed (a block this large is its own mapping) before the peak is read
+    assert _anon_now() < base + (40 << 20)
+    assert anon.restart() >= base + (40 << 20)  # the peak so far
+    assert anon.stop() < base + (40 << 20) and anon.samples > 2  # and since the restart
