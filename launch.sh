@@ -6,13 +6,21 @@
 # ./launch.sh            (no arguments) the embedded demo: SmolLM2-135M in NF4 + LoRA on synthetic contracts,
 #                        2 processes, trained on the clause choice (engine.channel_train --config
 #                        configs/demo_channel.toml), then the evaluation of the base vs the fine-tuned model.
+#                        It writes runs/demo inside this repository, wherever it is run from.
+# Paths given on the command line (--config, --data jsonl:FILE, --out, --model, --init-adapter) are relative to
+# the directory ./launch.sh is run from, as for any command.
 set -euo pipefail
-cd "$(dirname "$0")"
+here=$(cd "$(dirname "$0")" && pwd -P)  # the repository: the demo's recipe and output; never the user's paths
 # $PYTHON, else python, else python3 (systems that ship only python3)
 PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
+# Python imports this project from $here whatever the current directory, and never a data/ or model/ folder of
+# the user's (the layout's names are common ones): PYTHONSAFEPATH=1 is Python 3.11's -P, the current directory is
+# not put first on sys.path; torchrun's workers inherit both.
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONSAFEPATH=1
 
 usage() {
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
   echo "launch options: --nproc N (processes on this machine), --max-restarts K (start the workers again after a"
   echo "  failure, up to K times; they continue from the newest checkpoint; default 0),"
   echo "  --channel (engine.channel_train instead of engine.train)"
@@ -26,41 +34,75 @@ restarts=0
 module=engine.train
 help=0
 args=()
+needs_value() {  # FLAG "$@": a launcher flag at the end of the command line, without its value
+  [[ $# -ge 3 ]] || { echo "error: $1 needs a number (e.g. $1 2); see ./launch.sh --help" >&2; exit 2; }
+}
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --nproc) nproc="${2:?--nproc needs a number}"; shift 2 ;;
+    --nproc) needs_value "$@"; nproc=$2; shift 2 ;;
     --nproc=*) nproc="${1#*=}"; shift ;;
-    --max-restarts) restarts="${2:?--max-restarts needs a number}"; shift 2 ;;
+    --max-restarts) needs_value "$@"; restarts=$2; shift 2 ;;
     --max-restarts=*) restarts="${1#*=}"; shift ;;
     --channel) module=engine.channel_train; shift ;;
     -h|--help) help=1; shift ;;
     *) args+=("$1"); shift ;;
   esac
 done
+
+# The interpreter, once, before anything else: Python 3.11+, torch and this project's code importable (else a
+# traceback from deep inside torchrun), then the GPUs and the cores this process may use (--nproc's and
+# OMP_NUM_THREADS' defaults; os.sched_getaffinity is Linux's, macOS has only os.cpu_count).
+if ! command -v "$PY" >/dev/null 2>&1; then
+  echo "error: no Python interpreter '$PY'; install Python 3.11 or newer, or set PYTHON=/path/to/python" >&2
+  exit 2
+fi
+probe=$("$PY" -c '
+import os, sys
+py, repo = sys.argv[1:3]
+where = py if py == sys.executable else f"{py} ({sys.executable})"
+def fail(what):
+    print(f"error: {where} {what}", file=sys.stderr)
+    sys.exit(2)
+if sys.version_info < (3, 11):
+    fail(f"is Python {sys.version.split()[0]}; clauselora needs 3.11 or newer: set PYTHON to one, e.g. PYTHON=python3.11")
+try:
+    import torch
+except Exception as e:
+    fail(f"cannot import torch ({type(e).__name__}: {e}); install it there (README.md: pip install torch==2.13.0 "
+         "--index-url https://download.pytorch.org/whl/cpu) or set PYTHON to the Python of your virtual environment, "
+         "e.g. PYTHON=.venv/bin/python ./launch.sh")
+try:
+    import data, model, engine.cli
+except Exception as e:
+    fail(f"cannot import clauselora from {repo} ({type(e).__name__}: {e}); install its dependencies there: pip "
+         f"install -e {repo}")
+cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+print(torch.cuda.device_count(), cpus)
+' "$PY" "$here") || exit 2
+read -r gpus cpus <<< "$probe"
+
 if [[ $help -eq 1 ]]; then usage; exec "$PY" -m "$module" --help; fi
 if ! [[ -z "$nproc" || "$nproc" =~ ^[1-9][0-9]*$ ]]; then echo "error: --nproc must be a positive integer, got '$nproc'" >&2; exit 2; fi
 if ! [[ "$restarts" =~ ^[0-9]+$ ]]; then echo "error: --max-restarts must be a non-negative integer, got '$restarts'" >&2; exit 2; fi
 restarts=$((10#$restarts))  # decimal: bash reads 08 as a bad octal number and 010 as 8
 if [[ -z "$nproc" ]]; then
-  nproc=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
+  nproc=$(( gpus > 0 ? gpus : 2 ))
 fi
 
 if [[ $demo -eq 1 ]]; then
-  out=runs/demo
+  out=$here/runs/demo  # the repository's, as README.md shows it, wherever ./launch.sh is run from
   module=engine.channel_train
   echo "== demo: train SmolLM2-135M (NF4 + LoRA r16) to choose the clause on synthetic contracts, $nproc processes -> $out"
-  args=(--config configs/demo_channel.toml --out "$out")
-  if [[ -e "$out" ]]; then
-    # the demo replaces only an earlier demo (its config.json says so); anything else there is the user's
-    if "$PY" -c "import json, sys; c = json.load(open(sys.argv[1])); sys.exit(0 if c.get('data') == 'synthetic' \
-        and c.get('out') == sys.argv[2] else 1)" "$out/config.json" "$out" 2>/dev/null; then
-      echo "== replacing the previous demo run in $out"
-      args+=(--overwrite)
-    else
-      echo "error: $out exists and is not an earlier demo run; move it away or delete it, then run ./launch.sh again" >&2
-      exit 2
-    fi
-  fi
+  args=(--config "$here/configs/demo_channel.toml" --out "$out")
+  # the demo replaces only an earlier demo (its config.json says so); anything else there is the user's
+  case $("$PY" -c "import sys; from engine.rundir import demo_dir_state; print(demo_dir_state(*sys.argv[1:]))" \
+         "$out" "$here") in
+    new) ;;
+    demo) echo "== replacing the previous demo run in $out"; args+=(--overwrite) ;;
+    *) echo "error: $out exists and is not an earlier demo run; move it away or delete it, then run ./launch.sh" \
+         "again" >&2
+       exit 2 ;;
+  esac
 fi
 
 # Check the configuration, the run directory and the training data once, in one process, before torchrun starts
@@ -71,7 +113,7 @@ fi
 # --standalone: a private rendezvous on a free local port (several runs can share a machine).
 # OMP_NUM_THREADS: torchrun would set 1 per process; on the CPU give each process its share of the cores.
 if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
-  export OMP_NUM_THREADS=$(( $("$PY" -c "import os; print(len(os.sched_getaffinity(0)))") / nproc ))
+  export OMP_NUM_THREADS=$(( cpus / nproc ))
   [[ $OMP_NUM_THREADS -lt 1 ]] && export OMP_NUM_THREADS=1
 fi
 # Signals (Kaggle/Colab/Slurm end a job with SIGTERM; Ctrl-C is SIGINT) go to the training processes
@@ -99,12 +141,16 @@ forward() {
 }
 trap 'forward 143 TERM' TERM
 trap 'forward 130 INT' INT
+# torch.distributed.run as engine.cli.torchrun runs it: workers that stop on a signal exit 128+signal on purpose,
+# and torchrun's traceback and 40-line failure report for that are left out (a real failure keeps them). (The
+# command line names torch.distributed.run, as `python -m torch.distributed.run` did: ps and tests find it so.)
+torchrun='import sys, torch.distributed.run; from engine.cli import torchrun; sys.exit(torchrun(sys.argv[1:]))'
 attempt=0
 rc=0
 launch="$$.$(date +%s%N)"  # what a restarted worker checks before it continues the run it finds (engine/rundir.py)
 while [[ $signalled -eq 0 ]]; do
   CLAUSELORA_LAUNCH=$launch CLAUSELORA_RESTART=$attempt \
-    $setsid "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m "$module" "${args[@]}" &
+    $setsid "$PY" -c "$torchrun" --standalone --nproc_per_node "$nproc" -m "$module" "${args[@]}" &
   runner=$!
   while true; do
     if [[ $signalled -ne 0 && $delivered -eq 0 ]]; then  # a signal came before the workers existed: try again
@@ -116,18 +162,17 @@ while [[ $signalled -eq 0 ]]; do
     kill -0 "$runner" 2>/dev/null || break
   done
   runner=""
+  # workers that stopped on a signal sent to them, not through this script (a job scheduler's SIGTERM to every
+  # process of the job): a stop, not a failure to restart from
+  [[ $signalled -eq 0 && ( $rc -eq 130 || $rc -eq 143 ) ]] && signalled=$rc
   [[ $signalled -ne 0 || $rc -eq 0 || $attempt -ge $restarts ]] && break
   attempt=$((attempt + 1))
   echo "== the workers failed (status $rc); restart $attempt of $restarts: they continue from the newest checkpoint" >&2
 done
 trap - TERM INT
-if [[ $signalled -ne 0 ]]; then
-  if [[ $demo -eq 1 ]]; then  # ./launch.sh replaces an earlier demo: a stopped one starts over
-    echo "== stopped by signal: the demo wrote a checkpoint in $out/checkpoints; ./launch.sh starts the demo over" >&2
-  else
-    echo "== stopped by signal: the workers wrote a checkpoint in their --out/checkpoints (continue with --resume), or" \
-      "nothing if they had not begun training (run the same command again)" >&2
-  fi
+if [[ $signalled -ne 0 ]]; then  # one line: what the run's OUT holds now (a checkpoint only where there is one)
+  "$PY" -c 'import sys; from engine.cli import stop_note; print(stop_note(sys.argv[1], sys.argv[3:], sys.argv[2] == "1"))' \
+    "$module" "$demo" "${args[@]}" >&2 || true
   exit "$signalled"
 fi
 [[ $rc -eq 0 ]] || exit "$rc"

@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "first (rounded up); 0 samples them all, the control for the same examples and steps "
                          "(default: 0.5)")
     ap.add_argument("--seed", type=int, default=0, help="LoRA init and data order")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto (cuda when available), cpu or cuda")  # engine.train's choices
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier run's adapter in OUT")
     return ap

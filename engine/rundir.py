@@ -20,8 +20,11 @@ from engine import dist
 from engine.config import ConfigError, TrainConfig
 from model.files import atomic_write_text
 
-# What marks a directory as holding a run (written by engine.train).
+# What marks a directory as holding a run (written by engine.train and engine.channel_train).
 RUN_FILES = ("config.json", "metrics.jsonl", "adapter", "checkpoints")
+# Ours too, but no run by themselves: the lock (RunDir.lock) and the launch id (RunDir.mark_started). A directory
+# holding nothing else is what a start that stopped before writing anything leaves: free to use again.
+MARKER_FILES = (".lock", ".launch")
 # Settings a resumed run may change: how long it runs and how it reports and saves, never what it computes.
 RESUMABLE = {"max_steps", "epochs", "out", "resume", "overwrite", "save_every", "keep_last", "eval_every",
              "eval_batches", "eval_generate", "nonfinite_patience", "device",
@@ -144,13 +147,17 @@ class RunDir:
             atomic_write_text(self.out / ".launch", launch + "\n")
 
     def abandon(self) -> None:
-        """A run that failed before writing anything: remove OUT again if this run created it and it holds only the
-        lock, so a refused start leaves no trace."""
-        if self._fd is None or not getattr(self, "created", False):
+        """A run that failed or stopped before writing anything (its unfinished start already discarded): remove
+        the launch id it left, and OUT itself if this run created it and it now holds nothing but our marker files,
+        so a refused or stopped start leaves no trace. Rank 0 (the lock holder) only."""
+        if self._fd is None:
             return
         try:
-            if {p.name for p in self.out.iterdir()} == {".lock"}:
-                (self.out / ".lock").unlink()
+            if not only_markers(self.out):
+                return
+            (self.out / ".launch").unlink(missing_ok=True)
+            if getattr(self, "created", False):
+                (self.out / ".lock").unlink(missing_ok=True)
                 self.out.rmdir()
         except OSError:
             pass
@@ -161,7 +168,7 @@ class RunDir:
         cause is fixed, without --overwrite. A run with a logged step, or a --resume, keeps every file."""
         if self._fd is None or not self.fresh_start:
             return
-        for name in ("config.json", "metrics.jsonl"):
+        for name in ("config.json", "metrics.jsonl", ".launch"):  # .launch: a restart finds no run of its own here
             try:
                 (self.out / name).unlink(missing_ok=True)
             except OSError:
@@ -169,8 +176,31 @@ class RunDir:
         self.fresh_start = False
 
     def holds_run(self) -> list[str]:
-        """Names of the run files present in OUT (empty: nothing of a run there)."""
-        return [n for n in RUN_FILES if (self.out / n).exists()]
+        """Names of the run files present in OUT (empty: nothing of a run there). An unfinished start, config.json
+        and a metrics.jsonl without a step's row (what discard_unfinished_start removes, and what a process killed
+        in its first step leaves behind), is nothing of a run: every rank of a stopped start says the same of OUT
+        whether or not rank 0 has tidied it yet, and the same command runs again."""
+        found = [n for n in RUN_FILES if (self.out / n).exists()]
+        if set(found) == {"config.json", "metrics.jsonl"} and not _logs_a_step(self.out / "metrics.jsonl"):
+            return []
+        return found
+
+    def check_not_in_use(self) -> None:
+        """ConfigError when another process holds OUT's lock (a run starting or training there). For a check made
+        without holding the lock, as ./launch.sh's preflight does: the refusal is then one line before torchrun
+        starts, not rank 0's line among the other ranks' failures."""
+        try:
+            fd = os.open(self.out / ".lock", os.O_RDONLY)
+        except OSError:
+            return  # no lock file: nobody has started there
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
+            raise ConfigError(f"{self.out} is in use by another run (pid {holder}, lock {self.out / '.lock'}); wait "
+                              "for it to finish or pick another --out") from None
+        finally:
+            os.close(fd)
 
     def check_start(self, cfg: TrainConfig, resume: bool, settings: dict | None = None,
                     may_differ: frozenset | set = frozenset(RESUMABLE)) -> None:
@@ -178,6 +208,8 @@ class RunDir:
         refuse a resume whose settings differ from the saved run in anything but the may_differ keys (engine.train's
         RESUMABLE). settings: what this run saves as its config.json, when that is not cfg.to_dict()
         (engine.channel_train saves its own flags)."""
+        if self._fd is None and dist.get().world_size == 1:  # not the lock holder nor one of its ranks: a preflight
+            self.check_not_in_use()
         found = self.holds_run()
         if found and not (resume or cfg.overwrite):
             raise ConfigError(f"{self.out} holds an earlier run ({', '.join(found)}); pass --resume to continue it, "
@@ -205,3 +237,41 @@ class RunDir:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+
+
+def only_markers(out) -> bool:
+    """Whether OUT is a directory holding nothing but our MARKER_FILES (or nothing at all)."""
+    return Path(out).is_dir() and all(p.name in MARKER_FILES for p in Path(out).iterdir())
+
+
+def _logs_a_step(metrics: Path) -> bool:
+    """Whether metrics.jsonl has the row of a step (step >= 1; engine.train's step 0 is the evaluation before
+    training). An unreadable file or line counts as one: never take a run for nothing."""
+    try:
+        with open(metrics, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int) or row["step"] >= 1:
+                    return True
+    except (OSError, ValueError):
+        return True
+    return False
+
+
+def demo_dir_state(out, repo) -> str:
+    """What ./launch.sh's demo finds at its output directory OUT: "new" (none, or nothing but our marker files:
+    a start that stopped before writing anything), "demo" (an earlier demo, which it replaces: its config.json
+    says synthetic data written to OUT; demos launched before ./launch.sh passed OUT as an absolute path said
+    runs/demo, relative to the repository REPO), or "other" (anything else is the user's: refused)."""
+    out = Path(out)
+    if not out.exists() or only_markers(out):
+        return "new"
+    try:
+        c = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        saved = Path(repo, c["out"])  # an absolute "out" stays itself
+    except (OSError, ValueError, TypeError, KeyError):
+        return "other"
+    same = os.path.realpath(saved) == os.path.realpath(out)
+    return "demo" if isinstance(c, dict) and c.get("data") == "synthetic" and same else "other"

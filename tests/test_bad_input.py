@@ -160,7 +160,9 @@ def test_a_second_signal_says_what_is_left(tmp_path):
     assert "nothing was written" in interrupted_message(out)
     out.mkdir()
     (out / "config.json").write_text("{}")
-    (out / "metrics.jsonl").write_text("")
+    (out / "metrics.jsonl").write_text("")  # a start without a logged step: discarded, nothing of a run
+    assert "nothing was written" in interrupted_message(out)
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     msg = interrupted_message(out)
     assert "before the first checkpoint" in msg and "--overwrite" in msg and "intact" not in msg
     (out / "checkpoints" / "step-4").mkdir(parents=True)
@@ -319,3 +321,17 @@ def test_focus_writes_into_a_new_directory_and_its_usage_errors_are_one_line(tmp
         main([spec, "--unit", "word", "--out", str(out)])
     assert e.value.code == 2
     one_line(capsys, "--unit", "word")
+
+
+# ---- engine.channel_train --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["cuda:0", "gpu", "CUDA"])
+def test_channel_train_refuses_a_device_it_would_not_use(tmp_path, capsys, device):
+    """--device takes engine.train's choices (auto, cpu, cuda); anything else used to train on the CPU silently."""
+    from engine.channel_train import main, preflight
+
+    for command in (preflight, main):  # (preflight first: the old code then fails before training)
+        with pytest.raises(SystemExit) as e:
+            command(["--data", "synthetic", "--out", str(tmp_path / "o"), "--device", device])
+        assert e.value.code == 2
+        one_line(capsys, "--device", repr(device), "auto", "cuda")
+    assert not (tmp_path / "o").exists()

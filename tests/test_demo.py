@@ -240,7 +240,7 @@ def test_the_page_in_headless_chromium(tmp_path, request):
     assert proc.stdout.startswith("ok: Governing Law: characters") and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# a clause over two lines: pasted into the page, its line ends arrive as CRLF
+# a clause over two lines: pasted into the page, its line ends may arrive as CRLF (browsers differ)
 TWO_LINES = "This Agreement is governed by the laws of Delaware,\nwithout regard to conflict of laws."
 LF_CONTRACT = f"SUPPLY AGREEMENT\n\n1. Term. Five years.\n\n2. Governing Law. {TWO_LINES}\n\n3. Notices. In writing.\n"
 
@@ -295,3 +295,23 @@ def test_channel_windows_keep_no_room_for_an_answer(reader, monkeypatch, capsys)
     assert main(["--decode", "channel", "--seq-len", "400"]) == 0 and built[-1].decode == "channel"
     assert main(["--seq-len", "400"]) == 1  # constrained: refused before the model loads
     assert "--seq-len 400" in capsys.readouterr().err and len(built) == 1
+
+
+def test_a_busy_port_is_one_line_before_the_model_loads(monkeypatch, capsys):
+    """--port in use was found by gradio after the model had loaded, in its words (server_port in launch())."""
+    import socket
+
+    import engine.demo
+
+    monkeypatch.setattr(engine.demo, "_gradio", lambda: None)
+    monkeypatch.setattr(engine.demo, "load_for_eval", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --port {port} on 127.0.0.1: already in use") and "\n" not in err
+    assert f"--port {port + 1}" in err and "server_port" not in err
+    assert main(["--host", "no-such-host.invalid"]) == 1
+    assert capsys.readouterr().err.startswith("error: --host no-such-host.invalid: not an address to serve on")

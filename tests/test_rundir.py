@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.config import ConfigError, parse_args
+from engine.config import ConfigError, TrainConfig, parse_args
 from engine.rundir import RunDir
 from engine.train import json_line
 from tests.conftest import REPO
@@ -163,8 +163,6 @@ def test_adapters_get_the_umask_permissions_not_private_ones(finished):
 def test_a_resume_may_add_mlp_tiles_or_drop_the_heap_trim_but_not_change_the_model(tmp_path):
     """Settings that change how a step runs, not what it learns, may differ on --resume; a run saved before they
     existed (no such keys in its config.json) resumes too."""
-    from engine.config import TrainConfig
-
     saved = TrainConfig(out=str(tmp_path), seq_len=64).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(saved))
     RunDir(tmp_path).check_start(TrainConfig(out=str(tmp_path), seq_len=64, mlp_tile=32, trim_cpu_heap=False),
@@ -254,3 +252,102 @@ def test_launcher_finds_python3_where_there_is_no_python(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "launch options" in r.stdout and "--max-steps" in r.stdout  # engine.train's own help, run by python3
+
+
+# ---- a start that stopped before writing anything ---------------------------------------------------------------
+def _unfinished_start(out: Path, monkeypatch) -> RunDir:
+    """What rank 0 of a run has written when its first step has not been logged yet: the lock, config.json, an
+    empty metrics.jsonl and ./launch.sh's launch id."""
+    monkeypatch.setenv("CLAUSELORA_LAUNCH", "launch-1")
+    guard = RunDir(out).lock()
+    (out / "config.json").write_text(json.dumps({"data": "synthetic", "out": str(out)}))
+    (out / "metrics.jsonl").write_text("")
+    guard.mark_started()
+    guard.fresh_start = True
+    return guard
+
+
+@pytest.mark.parametrize("created", [True, False])
+def test_a_start_stopped_in_its_first_step_leaves_nothing_in_the_way(tmp_path, monkeypatch, created):
+    """A double Ctrl-C (or any error) in the first step: the trainers discard the start and abandon OUT. The
+    launch id went too (it used to stay, with the lock, and the demo's next ./launch.sh refused runs/demo); an
+    OUT this run created is removed, one that was there before keeps only its lock file."""
+    out = tmp_path / "run"
+    if not created:
+        out.mkdir()
+    guard = _unfinished_start(out, monkeypatch)
+    guard.discard_unfinished_start()
+    guard.abandon()
+    guard.release()
+    assert not out.exists() if created else {p.name for p in out.iterdir()} == {".lock"}
+
+
+def test_an_unfinished_start_is_no_run_for_any_rank(tmp_path, monkeypatch):
+    """Every rank of a stopped start says what OUT holds (engine.checkpoint.interrupted_message); rank 1 may look
+    before or after rank 0 has discarded the start's config.json and empty metrics.jsonl, and used to advise
+    --overwrite where rank 0 said nothing was written. Both files, without a step's row, are nothing of a run
+    (a process killed in its first step leaves them too): the same command runs again. A logged step, an
+    adapter, or a config.json or metrics.jsonl alone still make a run."""
+    from engine.checkpoint import interrupted_message
+
+    out = tmp_path / "run"
+    guard = _unfinished_start(out, monkeypatch)
+    cfg = TrainConfig(out=str(out))
+    assert guard.holds_run() == [] and "nothing was written" in interrupted_message(out)
+    guard.check_start(cfg, resume=False)
+    (out / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 2.5}\n')  # engine.train's evaluation before step 1
+    assert guard.holds_run() == []
+    (out / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 2.5}\n{"step": 1, "loss": 2.4}\n')
+    assert guard.holds_run() == ["config.json", "metrics.jsonl"] and "--overwrite" in interrupted_message(out)
+    (out / "metrics.jsonl").write_text("not json\n")  # never take a run for nothing
+    assert guard.holds_run() == ["config.json", "metrics.jsonl"]
+    (out / "metrics.jsonl").write_text("")
+    (out / "adapter").mkdir()
+    assert guard.holds_run() == ["config.json", "metrics.jsonl", "adapter"]
+    guard.release()
+    for alone in ("config.json", "metrics.jsonl"):  # (a model directory's config.json is no start of ours)
+        d = tmp_path / alone
+        d.mkdir()
+        (d / alone).write_text("{}" if alone == "config.json" else "")
+        with pytest.raises(ConfigError, match="holds an earlier run"):
+            RunDir(d).check_start(TrainConfig(out=str(d)), resume=False)
+
+
+def test_a_preflight_refuses_an_out_another_run_holds(tmp_path):
+    """./launch.sh's preflight checks OUT without taking its lock: an OUT whose run is still loading (only the
+    lock there) or in its first step is refused in one line before torchrun starts, naming the holder, instead
+    of rank 0's refusal among the other ranks' failures."""
+    out = tmp_path / "run"
+    holder = RunDir(out).lock()  # another run (this process, through another open file)
+    with pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()}"):
+        RunDir(out).check_start(TrainConfig(out=str(out)), resume=False)
+    holder.check_start(TrainConfig(out=str(out)), resume=False)  # the holder itself goes on
+    holder.release()
+    RunDir(out).check_start(TrainConfig(out=str(out)), resume=False)  # released: free
+
+
+def test_the_demo_replaces_only_an_earlier_demo(tmp_path):
+    """./launch.sh's demo in REPO/runs/demo: none there or only our marker files -> a new start; an earlier
+    demo (its config.json: synthetic data, this OUT; written as runs/demo, relative to the repository, before
+    the launcher passed an absolute path) -> replaced; anything else -> refused."""
+    from engine.rundir import demo_dir_state
+
+    repo = tmp_path / "repo"
+    out = repo / "runs" / "demo"
+    assert demo_dir_state(out, repo) == "new"
+    out.mkdir(parents=True)
+    assert demo_dir_state(out, repo) == "new"
+    (out / ".lock").write_text("1\n")
+    (out / ".launch").write_text("1.2\n")
+    assert demo_dir_state(out, repo) == "new"
+    for saved, state in ((str(out), "demo"), ("runs/demo", "demo"), ("runs/other", "other"),
+                         (str(tmp_path / "elsewhere"), "other")):
+        (out / "config.json").write_text(json.dumps({"data": "synthetic", "out": saved}))
+        assert demo_dir_state(out, repo) == state, saved
+    (out / "config.json").write_text(json.dumps({"data": "acord:/d", "out": str(out)}))
+    assert demo_dir_state(out, repo) == "other"
+    (out / "config.json").write_text("[1, 2]")
+    assert demo_dir_state(out, repo) == "other"
+    (out / "config.json").unlink()
+    (out / "notes.txt").write_text("mine")
+    assert demo_dir_state(out, repo) == "other"
