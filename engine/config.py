@@ -203,15 +203,26 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
 
 
 def load_toml(path: str | os.PathLike) -> dict:
-    return {k: _check(k, v, str(path)) for k, v in read_toml(path).items()}
+    raw = read_toml(path)
+    unknown = [k for k in raw if k not in FIELDS]
+    if unknown and _is_channel_recipe(raw):
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}: this is an engine.channel_train recipe; add "
+                          f"--channel to ./launch.sh, or run python -m engine.channel_train --config {path}")
+    return {k: _check(k, v, str(path)) for k, v in raw.items()}
+
+
+def _is_channel_recipe(raw: dict) -> bool:
+    """Whether every key of a recipe is an engine.channel_train flag (its --config keys)."""
+    from engine.channel_train import build_parser  # it imports this module; asked only to word an error
+    return set(raw) <= {a.dest for a in build_parser()._actions if a.option_strings}
 
 
 def read_toml(path: str | os.PathLike) -> dict:
     """The TOML file's table, or ConfigError naming the file and what is wrong with it (keys not yet checked)."""
     p = Path(path)
     try:
-        with open(p, "rb") as fh:
-            raw = tomllib.load(fh)
+        # a byte order mark (Windows editors write one) is no TOML: read past it
+        raw = tomllib.loads(p.read_bytes().decode("utf-8").removeprefix("\ufeff"))
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
     except IsADirectoryError:

@@ -9,15 +9,17 @@ verbatim quote highlighted in the contract with its character offsets, or NONE.
 The page runs what `python -m engine.extract` runs (window_budget, window_answerer + find_clause, find_all),
 decoding as it does (an engine.channel_train adapter: --decode channel): every quote is a slice of the
 contract. Offsets are character indices into the contract as the page received it (an upload decoded as UTF-8
-with its line endings kept; pasted text as the browser sends it, with CRLF line endings); the model reads it
-with LF line endings, as engine.extract reads a file. gradio is imported only by build_app: the
-handler, `answer`, is plain Python.
+with its line endings kept; pasted text as the browser sends it, with LF or CRLF line endings: browsers differ,
+the Chromium of tests/browser_demo.py sends LF); the model reads either with LF line endings, as engine.extract
+reads a file. gradio is imported only by build_app: the handler, `answer`, is plain Python.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import html
 import os
+import socket
 import sys
 import time
 import traceback
@@ -57,7 +59,7 @@ class Reader:
 
     def one(self, text: str, clause: str):
         """([Match], windows) for one clause type, as engine.extract --clause NAME finds them: the model reads the
-        text with its line endings made LF (engine.extract.to_lf: a browser sends pasted text with CRLF), the
+        text with its line endings made LF (engine.extract.to_lf: a browser may send pasted text with CRLF), the
         offsets are the text's own."""
         answer_fn = window_answerer(self.model, self.tok, decode=self.decode, max_new_tokens=self.max_new_tokens,
                                     query=clause, rule=self.rule, unit=self.unit)
@@ -246,6 +248,7 @@ def run(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port}: use a TCP port in 1-65535")
+    check_port(args.host, args.port)  # before minutes of model loading, in our words, not gradio's server_port
     _gradio()  # gradio missing: say so before minutes of model loading
     choose_decoding(args)  # as engine.extract: the decision an engine.channel_train adapter learned, with a note
     rule = read_rule(args.channel_rule, args.channel_unit, args.adapter, run_model_source(args.model, args.adapter)) \
@@ -259,6 +262,25 @@ def run(args) -> None:
     title = f"clauselora ({source}{' + ' + Path(args.adapter).name if args.adapter else ''}, {how})"
     print(f"demo: {title} on http://{args.host}:{args.port}/ (Ctrl-C stops it)", file=sys.stderr, flush=True)
     build_app(reader, title).launch(server_name=args.host, server_port=args.port, ssr_mode=False, quiet=True)
+
+
+def check_port(host: str, port: int) -> None:
+    """ValueError naming --port (or --host) unless this process could serve on host:port now: bound as the web
+    server binds (SO_REUSEADDR: a port a closed server left in TIME_WAIT is free), then let go."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host}: not an address to serve on ({e}); use 127.0.0.1, or 0.0.0.0 for every "
+                         "interface") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            why = ("already in use (another demo or server?)" if e.errno == errno.EADDRINUSE else
+                   f"cannot serve there ({e.strerror or e})")
+            other = port + 1 if port < 65535 else 7860
+            raise ValueError(f"--port {port} on {host}: {why}; pass another --port, e.g. --port {other}") from None
 
 
 def main(argv=None) -> int:

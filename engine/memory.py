@@ -548,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training recipe (engine.train's TOML, or engine.channel_train's): the knobs below that it "
                         "sets become this command's defaults, the ones it leaves out take engine.train's defaults "
                         "(checkpointing off, pack on, dropout 0), so the prediction is that run's; flags given "
-                        "here override the file, as with engine.train --config")
+                        "here override the file, as with engine.train --config. A channel recipe's micro-batch is one "
+                        "packed row as long as its data makes it: give its --seq-len")
     add_run_flags(p)
     p.add_argument("--lora-targets", default=",".join(TARGETS), help="comma-separated projections")
     p.add_argument("--lora-dropout", type=float, default=FIELDS["lora_dropout"].default, metavar="P",
@@ -603,9 +604,10 @@ RECIPE_KNOBS = ("model", "seq_len", "batch_size", "lora_r", "lora_targets", "lor
 def recipe_defaults(path) -> dict:
     """engine.memory's flag defaults from a training recipe: each RECIPE_KNOBS key as the file sets it, else as
     engine.train would run it (TrainConfig's default: a recipe that says nothing of checkpointing trains without
-    it). Other keys of engine.train's recipes (lr, data, ...) or of engine.channel_train's (unit, ...) change no
-    byte and are passed over; any other key, a wrong type or choice is ConfigError naming the file and the key
-    (engine.config's reader and checks)."""
+    it), or for an engine.channel_train recipe as that command runs it: one packed row per micro-batch, seq_len
+    None (the data decides it: the command line must give it). Other keys of engine.train's recipes (lr, data,
+    ...) or of engine.channel_train's (unit, ...) change no byte and are passed over; any other key, a wrong type
+    or choice is ConfigError naming the file and the key (engine.config's reader and checks)."""
     from engine.channel_train import build_parser as channel_parser  # it imports this module: not at the top
 
     hints = typing.get_type_hints(TrainConfig)
@@ -626,6 +628,9 @@ def recipe_defaults(path) -> dict:
         channel_only = True
     if channel_only:  # an engine.channel_train recipe: what it leaves out, that command's defaults decide
         out.update({k: channel[k] for k in RECIPE_KNOBS if k in channel and k not in given})
+        # and its micro-batch is one packed row, one example's units and query, as long as the data makes it:
+        # --seq-len is that length (parse_args requires it), not engine.train's 512
+        out.update(batch_size=1, pack=True, seq_len=None)
     out["lora_targets"] = ",".join(out["lora_targets"])
     if out["device"] == "auto":  # where the run trains when it finds a GPU: predict for the GPU (the default)
         del out["device"]
@@ -645,7 +650,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         for action in parser._actions:  # --seq-len / --batch-size: required unless the recipe gives them
             if action.dest in defaults:
                 action.required = False
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.seq_len is None:  # an engine.channel_train recipe (recipe_defaults)
+        raise ConfigError(f"{known.config} is an engine.channel_train recipe, whose rows are as long as the data "
+                          "makes them: pass --seq-len N, the longest row (and --supervised M, the most query tokens "
+                          "in a row, else every position counts); python -m data.check SPEC --split SPLIT "
+                          "--tokenizer MODEL --channel UNIT prints both")
+    return args
 
 
 def resolve_precision(mode: str, device: str, capability: tuple | None) -> str:

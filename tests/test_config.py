@@ -113,3 +113,46 @@ def test_every_command_prints_its_help():
 
     for parser in (build_parser(), memory.build_parser(), bench.build_parser()):
         assert "--" in parser.format_help()
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path, capsys):
+    """Windows editors save UTF-8 with a BOM; tomllib read it as 'Invalid statement (at line 1, column 1)'. Both
+    trainers' --config read past it (engine.config.read_toml)."""
+    from engine.channel_train import build_parser as channel_parser
+    from engine.cli import parse_with_config
+
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbflr = 0.001\nmax_steps = 7\n")
+    cfg = parse_args(["--config", str(path)])
+    assert (cfg.lr, cfg.max_steps) == (0.001, 7)
+    args = parse_with_config(channel_parser(), ["--config", str(path)])
+    assert (args.lr, args.max_steps) == (0.001, 7)
+
+
+def test_a_channel_recipe_given_to_engine_train_says_to_add_channel():
+    """./launch.sh --config configs/*_channel_*.toml without --channel ran engine.train, which said only
+    "unknown key 'split'"."""
+    recipe = str(REPO / "configs" / "llama3_2_3b_acord_channel_t4x2.toml")
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--config", recipe])
+    msg = str(e.value)
+    assert msg.startswith(f"{recipe}: unknown key ") and "\n" not in msg
+    assert "engine.channel_train recipe" in msg and "add --channel to ./launch.sh" in msg
+    assert f"python -m engine.channel_train --config {recipe}" in msg
+
+
+def test_an_engine_train_recipe_given_to_channel_train_says_to_drop_channel(tmp_path, capsys):
+    """The reverse, and the usage line's "(see ... --help)" once (it was there twice)."""
+    from engine.channel_train import main
+
+    recipe = str(REPO / "configs" / "llama3_2_3b_acord_t4x2.toml")
+    with pytest.raises(SystemExit) as e:
+        main(["--config", recipe])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {recipe}: unknown key ")
+    assert "engine.train recipe" in err and "drop --channel" in err and err.count("--help") == 1, err
+    typo = _toml(tmp_path, 'data = "synthetic"\ngroups_per_stpe = 4\n')  # a typo in a channel recipe
+    with pytest.raises(SystemExit):
+        main(["--config", typo])
+    err = capsys.readouterr().err
+    assert "unknown key 'groups_per_stpe'" in err and "engine.train recipe" not in err and err.count("--help") == 1, err

@@ -590,3 +590,19 @@ def test_supervised_rows_are_at_most_what_a_micro_batch_can_supervise(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("engine.memory: error: --supervised 127 is more than the 126 positions") and \
         len(err.splitlines()) == 1
+
+
+def test_a_channel_recipe_needs_its_row_length(capsys):
+    """engine.channel_train's micro-batch is one packed row as long as its data makes it: --config with a channel
+    recipe and no --seq-len used to predict engine.train's 2 rows of 512 tokens, no shape that trainer runs. It
+    asks for --seq-len in one line (and where to read it); given, the row is one packed row."""
+    from pathlib import Path
+
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "llama3_2_3b_acord_channel_t4x2.toml")
+    assert memory.main(["--config", recipe, "--model", "llama-3.2-3b"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"engine.memory: error: {recipe} is an engine.channel_train recipe") and "\n" not in err
+    assert "--seq-len" in err and "data.check" in err and "--channel" in err
+    assert memory.main(["--config", recipe, "--model", "llama-3.2-3b", "--seq-len", "3161", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["setup"]
+    assert (s["seq_len"], s["batch_size"], s["pack"]) == (3161, 1, True)
