@@ -10,7 +10,7 @@
 # Paths given on the command line (--config, --data jsonl:FILE, --out, --model, --init-adapter) are relative to
 # the directory ./launch.sh is run from, as for any command.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd -P)  # the repository: the demo's recipe and output; never the user's paths
+here=$(CDPATH= cd -- "$(dirname -- "$0")" >/dev/null && pwd -P)  # the repository: the demo's recipe and output; never the user's paths
 # $PYTHON, else python, else python3 (systems that ship only python3)
 PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 # Python imports this project from $here whatever the current directory, and never a data/ or model/ folder of
@@ -35,7 +35,7 @@ module=engine.train
 help=0
 args=()
 needs_value() {  # FLAG "$@": a launcher flag at the end of the command line, without its value
-  [[ $# -ge 3 ]] || { echo "error: $1 needs a number (e.g. $1 2); see ./launch.sh --help" >&2; exit 2; }
+  [[ $# -ge 2 ]] || { echo "error: $1 needs a number (e.g. $1 2); see ./launch.sh --help" >&2; exit 2; }
 }
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -98,7 +98,10 @@ if [[ $demo -eq 1 ]]; then
   case $("$PY" -c "import sys; from engine.rundir import demo_dir_state; print(demo_dir_state(*sys.argv[1:]))" \
          "$out" "$here") in
     new) ;;
-    demo) echo "== replacing the previous demo run in $out"; args+=(--overwrite) ;;
+    demo) echo "== replacing the previous demo run in $out"; args+=(--overwrite)
+          # its evaluations too: they belong to the run replaced, and left beside a new demo stopped in its first
+          # step they would make the directory look like someone else's to the next ./launch.sh
+          rm -rf -- "$out/eval" "$out/eval-before" ;;
     *) echo "error: $out exists and is not an earlier demo run; move it away or delete it, then run ./launch.sh" \
          "again" >&2
        exit 2 ;;

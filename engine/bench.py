@@ -536,8 +536,12 @@ def _run_child(args, which: str, out: Path, ckpt: Path | None) -> dict:
     or host allocation that failed, reported by the child; or the kernel's OOM killer, seen as SIGKILL)."""
     proc = subprocess.run(_child_cmd(args, which, out, ckpt), cwd=REPO,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if out.exists() and (proc.returncode == 0 or json.loads(out.read_text()).get("oom")):
-        return json.loads(out.read_text())
+    try:
+        result = json.loads(out.read_text()) if out.exists() else None
+    except ValueError:  # a child that died while writing it: the failure below, not a JSON traceback
+        result = None
+    if isinstance(result, dict) and (proc.returncode == 0 or result.get("oom")):
+        return result
     if proc.returncode == -signal.SIGKILL:
         return {"oom": True, "error": "killed by SIGKILL (most likely the kernel's out-of-memory killer)"}
     raise RuntimeError(f"the {which} run failed (exit {proc.returncode}); see its output above")

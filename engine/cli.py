@@ -87,8 +87,8 @@ class _SignalStopFilter(logging.Filter):
     """Drops torchrun's "failed (exitcode: 130) local_rank: 0 ..." line when the exit code is a signal stop."""
 
     def filter(self, record):
-        return not (str(record.msg).startswith("failed (exitcode") and record.args
-                    and record.args[0] in SIGNAL_EXITS)
+        return not (str(record.msg).startswith("failed (exitcode") and isinstance(record.args, tuple)
+                    and record.args and record.args[0] in SIGNAL_EXITS)
 
 
 def torchrun(argv: list[str]) -> int:

@@ -52,7 +52,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 # Jinja chat templates for transformers' apply_chat_template, equal to model.tokenizer.CHAT_FORMATS: no system
-# header or line (the official templates add one, which turns extraction into chat).
+# header or line (the official templates add one, which turns extraction into chat). One difference stays: our
+# tokenizer encodes a contract that spells a special token ("<|eot_id|>") as text, while transformers' tokenizer
+# matches it as the special id inside the rendered message (its split_special_tokens would split the template's
+# own tokens too); such contracts read differently through the export.
 CHAT_TEMPLATES = {
     "llama3": "{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
               "'<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"

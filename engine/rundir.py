@@ -264,10 +264,14 @@ def demo_dir_state(out, repo) -> str:
     """What ./launch.sh's demo finds at its output directory OUT: "new" (none, or nothing but our marker files:
     a start that stopped before writing anything), "demo" (an earlier demo, which it replaces: its config.json
     says synthetic data written to OUT; demos launched before ./launch.sh passed OUT as an absolute path said
-    runs/demo, relative to the repository REPO), or "other" (anything else is the user's: refused)."""
+    runs/demo, relative to the repository REPO; or that demo's eval/ and eval-before/ left, with our marker files,
+    by a replacing start that stopped in its first step), or "other" (anything else is the user's: refused)."""
     out = Path(out)
     if not out.exists() or only_markers(out):
         return "new"
+    evals = {"eval", "eval-before"}  # the demo's own evaluations (./launch.sh writes them after training)
+    if all(p.name in MARKER_FILES or (p.name in evals and p.is_dir()) for p in out.iterdir()):
+        return "demo"  # an earlier demo's evaluations beside a replacing start that stopped in its first step
     try:
         c = json.loads((out / "config.json").read_text(encoding="utf-8"))
         saved = Path(repo, c["out"])  # an absolute "out" stays itself

@@ -168,9 +168,12 @@ def _setup_data(cfg: TrainConfig, d: dist.Dist, out: Path, prec: Precision) -> _
         # examples' (best fit decreasing), all clauses and no NONE
         try:
             eval_batches = Batches(tok, eval_ex, shuffle=True, **batching).first(cfg.eval_batches)
-        except ValueError as e:  # e.g. fewer rows than processes x batch size
-            raise ValueError(f"{cfg.data}: eval split {cfg.eval_split!r}: {e} (set --eval-every 0, or use fewer "
-                             "processes or a smaller --batch-size)") from None
+        except ValueError as e:
+            # fewer rows than processes x batch size: say how to get by; other errors (no example fits --seq-len)
+            # carry their own remedy
+            fix = (" (set --eval-every 0, or use fewer processes or a smaller --batch-size)"
+                   if "cannot feed" in str(e) else "")
+            raise ValueError(f"{cfg.data}: eval split {cfg.eval_split!r}: {e}{fix}") from None
         # task metrics, not just loss (loss does not predict extraction quality): a fixed subset, rank 0 only
         gen_subset = eval_subset(eval_ex, cfg.eval_generate) if cfg.eval_generate and d.is_main else []
     rows_per_step = cfg.batch_size * cfg.grad_accum * d.world_size

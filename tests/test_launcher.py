@@ -104,6 +104,8 @@ def test_a_python_without_torch_is_one_line_naming_it(tmp_path):
 def test_a_launcher_flag_without_its_value_is_a_usage_error(tmp_path, flag):
     r = _launch([flag], tmp_path, timeout=60)
     assert r.returncode == 2 and r.stderr == f"error: {flag} needs a number (e.g. {flag} 2); see ./launch.sh --help\n"
+    r = _launch(["--help", flag, "2"], tmp_path, timeout=120)  # with its value, last on the line: fine
+    assert r.returncode == 0 and "launch options" in r.stdout, r.stderr
 
 
 # ---- signals ---------------------------------------------------------------------------------------------------

@@ -349,5 +349,11 @@ def test_the_demo_replaces_only_an_earlier_demo(tmp_path):
     (out / "config.json").write_text("[1, 2]")
     assert demo_dir_state(out, repo) == "other"
     (out / "config.json").unlink()
+    # a demo that replaced an earlier one and stopped in its first step: that run's files went, its evaluations
+    # stayed (./launch.sh now removes them when it replaces a demo; a directory left so before is a demo's too)
+    for name in ("eval", "eval-before"):
+        (out / name).mkdir()
+        (out / name / "eval.json").write_text("{}")
+    assert demo_dir_state(out, repo) == "demo"
     (out / "notes.txt").write_text("mine")
     assert demo_dir_state(out, repo) == "other"
