@@ -93,14 +93,9 @@ def test_llama_bpe_builder_matches_tokenizer_json(llama3_tokenizer_json, llama3_
     """The GGUF builder's 'llama-bpe' path, fed Llama 3's own vocab and merges, tokenizes like tokenizer.json.
 
     (Going through a written GGUF file costs ~13 s of GGUFReader string parsing, so the builder is fed directly.)"""
-    d = json.loads(llama3_tokenizer_json.read_text(encoding="utf-8"))
-    n = 1 + max(a["id"] for a in d["added_tokens"])
-    tokens, types = [None] * n, [1] * n
-    for t, i in d["model"]["vocab"].items():
-        tokens[i] = t
-    for a in d["added_tokens"]:
-        tokens[a["id"]], types[a["id"]] = a["content"], 3 if a["special"] else 4
-    built = Tokenizer(build_bpe(tokens, d["model"]["merges"], types, "llama-bpe"))
+    f = _gguf_fields_of(llama3_tokenizer_json)  # what a GGUF holds: tokens, merges, token types
+    built = Tokenizer(build_bpe(f["tokenizer__ggml__tokens"], f["tokenizer__ggml__merges"],
+                                f["tokenizer__ggml__token_type"], "llama-bpe"))
     text = llama3_tok.chat_prompt(LEGAL) + llama3_tok.chat_answer("12345678 don't  DON'T\r\n x")
     assert built.encode(text) == llama3_tok.encode(text)
     assert (built.bos_id, built.pad_id, built.stop_ids) == (128000, 128004, {128009, 128001, 128008})
