@@ -57,6 +57,7 @@ from engine.memory import add_run_flags, deprecated_alias, random_batch, trainer
 from engine.precision import auto_mode, dtype_of
 from engine.config import TrainConfig
 from engine.step import check_device_tools, prepare_model
+from model.files import atomic_write_text, check_writable
 from model.hf_checkpoint import save_hf_checkpoint
 from model.load import EMBEDDED, load_config, load_model
 from model.lora import TARGETS
@@ -966,6 +967,10 @@ def main(argv=None) -> int:
             raise ValueError("--answer-frac must be in (0, 1]")
         if args.mlp_tile < 0:
             raise ValueError(f"--mlp-tile must be >= 0 (0 = no tiles), got {args.mlp_tile}")
+        if args.json and not args.child:  # the report file: writable before minutes of runs, not after them
+            if Path(args.json).is_dir():
+                raise ValueError(f"--json {args.json} is a directory; name a file, e.g. {args.json}/bench.json")
+            check_writable(Path(args.json).parent, "--json")
         missing = missing_hf_packages() if args.vs == "hf" and not args.child and not args.save_rows else []
         if missing:  # before any run: else ours runs first and the hf child dies on its import
             raise ValueError(f"--vs hf needs {' and '.join(missing)} (the HF stack it compares against): "
@@ -985,7 +990,11 @@ def main(argv=None) -> int:
         return 0
     print(format_report(rep))
     if args.json:
-        Path(args.json).write_text(json.dumps(rep, indent=1))
+        try:  # whole or not at all: a full disk leaves no truncated report (nor an earlier one cut to nothing)
+            atomic_write_text(args.json, json.dumps(rep, indent=1))
+        except OSError as e:  # the report is printed above: the runs' figures are not lost
+            print(f"engine.bench: error: {e}", file=sys.stderr)
+            return 2
     check = rep.get("first_loss_check")
     if check and not check["ok"]:
         print(f"engine.bench: error: first-step losses differ beyond {rep['precision']} rounding (ours "

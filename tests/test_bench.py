@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -442,3 +443,37 @@ def test_anon_peak_keeps_memory_freed_before_it_is_read():
     assert _anon_now() < base + (40 << 20)
     assert anon.restart() >= base + (40 << 20)  # the peak so far
     assert anon.stop() < base + (40 << 20) and anon.samples > 2  # and since the restart
+
+
+def test_a_json_report_that_cannot_be_written_is_named_before_any_run(tiny_json, tmp_path, monkeypatch, capsys):
+    """--json into a missing or unwritable place was found only after the whole benchmark, with a traceback."""
+    monkeypatch.setattr(bench, "parent", lambda args: pytest.fail("a run started"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for where in (blocker / "b.json", tmp_path):  # a file in the way of its directory; a directory, not a file
+        assert bench.main(["--model", str(tiny_json), "--seq-len", "16", "--device", "cpu", "--vs", "none",
+                           "--json", str(where)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("engine.bench: error: ") and "--json" in err and "\n" not in err, err
+
+
+def test_a_json_report_that_fails_to_write_keeps_the_printed_report_and_no_torn_file(tiny_json, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """A full disk at the end: the figures are printed, the error is one line, and no half-written file (nor an
+    earlier report cut to nothing) is left under the name."""
+    out = tmp_path / "b.json"
+    out.write_text('{"earlier": "report"}')
+    monkeypatch.setattr(bench, "parent", lambda args: {"report": "stub"})
+    monkeypatch.setattr(bench, "format_report", lambda rep: "REPORT")
+
+    real = Path.write_bytes
+
+    def full(self, data):  # half the bytes land, then the disk is full
+        real(self, data[:len(data) // 2])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_bytes", full)
+    assert bench.main(["--model", str(tiny_json), "--seq-len", "16", "--device", "cpu", "--vs", "none",
+                       "--json", str(out)]) == 2
+    cap = capsys.readouterr()
+    assert cap.out.strip() == "REPORT" and "No space left on device" in cap.err and str(out) in cap.err
+    assert out.read_text() == '{"earlier": "report"}'
