@@ -49,7 +49,7 @@ from engine.loss import LOSS_CHUNK, LinearCrossEntropy, matmul_dtype
 from engine.memory import log_ledger, out_of_memory_gist
 from engine.metrics import is_none
 from engine.precision import Precision
-from engine.rundir import RunDir, json_line
+from engine.rundir import RunDir, append_metrics
 from engine.step import TrainStep, check_device_tools, lr_at, make_optimizer, peak_memory_bytes, prepare_model
 from model import load_model, load_tokenizer
 from model.adapter import check_adapter, load_adapter, save_adapter
@@ -549,8 +549,7 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
                     row.update(_evaluate(model, tok, eval_ex, prec, args.unit))
                 dist.barrier()
             if d.is_main:
-                metrics.write(json_line(row))  # strict JSON: an overflow step's inf norm is null
-                metrics.flush()
+                append_metrics(metrics, row, out)  # strict JSON: an overflow step's inf norm is null
                 guard.fresh_start = False
                 print(" | ".join(f"peak {v / 2**30:.2f} GiB" if k == "peak_mem_bytes" else
                                  f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
@@ -573,7 +572,10 @@ def _train(args, cfg: TrainConfig, out: Path, guard: RunDir, d: dist.Dist, stop:
             metrics.close()
     if not stopped:
         if d.is_main:  # the adapters are the same on every rank (DDP averages the gradients)
-            save_adapter(model, out / "adapter", base_model=args.model)
+            try:
+                save_adapter(model, out / "adapter", base_model=args.model)
+            except OSError as e:
+                raise ckpt.write_failed(out, e, "the trained adapter was not saved") from None
             print(f"wrote {out / 'adapter'}")
         if args.save_every and args.max_steps % args.save_every:
             save_checkpoint(args.max_steps)  # the final state, so a --resume with a larger --max-steps continues

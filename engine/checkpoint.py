@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from engine import dist
 from engine.config import ConfigError
 from engine.rundir import RunDir
-from model.files import atomic_dir, atomic_write_text, fsync_dir
+from model.files import WriteError, atomic_dir, atomic_write_text, fsync_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _MOVED_ASIDE = re.compile(r"^step-(\d+)\.tmp\.old$")
@@ -103,6 +103,18 @@ def complete_checkpoints(out) -> list[tuple[int, Path]]:
 def latest(out) -> Path | None:
     found = complete_checkpoints(out)
     return found[-1][1] if found else None
+
+
+def write_failed(out, e: OSError, what: str = "") -> WriteError:
+    """A write into run directory OUT that failed (a full disk, mostly), as one line that says what survived and
+    how to go on: the newest complete checkpoint, which --resume continues from, or none (--overwrite starts
+    again). what: what was lost, said first (e.g. "the trained adapter was not saved")."""
+    prev = latest(out)
+    head = str(e) if isinstance(e, WriteError) else f"{getattr(e, 'filename', None) or out}: cannot write it " \
+                                                     f"({e.strerror or e})"
+    go_on = (f"{prev} is intact: once there is room, the same command with --resume continues from it" if prev
+             else "there is no checkpoint to continue from: once there is room, run the same command with --overwrite")
+    return WriteError(f"{head}; {what + '; ' if what else ''}{go_on}")
 
 
 def remove_partial(out):
@@ -209,27 +221,37 @@ def save(out, step: int, *, model, optimizer, precision, sampler_state, counters
     final = None
     if d.is_main:
         final = ckpt_root(out) / f"step-{step}"
-        # a fixed temporary name (remove_partial finds it), fsync'd before and after the rename; saving the same
-        # step again (resumed then stopped at once) moves the old step-N aside, swaps, then drops it
-        with atomic_dir(final, tmp_name=f"step-{step}.tmp", fsync=True) as tmp:
-            save_file(trainable_state(model), tmp / "trainable.safetensors")
-            if save_adapter is not None:
-                save_adapter(model, tmp / "adapter", base_model=base_model)
-            opt_t, opt_j = optimizer_to_files(optimizer.state_dict())
-            save_file(opt_t, tmp / "optimizer.safetensors")
-            _write_json(tmp / "optimizer.json", opt_j)
-            rng_tensors = {f"rank{r}.{k}": torch.tensor(v, dtype=torch.uint8)
-                           for r, g in enumerate(gathered) for k, v in g["rng_t"].items()}
-            save_file(rng_tensors, tmp / "rng.safetensors")
-            state = {"step": step, "world_size": d.world_size, "precision": precision.state_dict(),
-                     "rng": [g["rng_j"] for g in gathered], "sampler": [g["sampler"] for g in gathered],
-                     "counters": counters}
-            _fsync_files(tmp)  # on disk before state.json says they are: a power cut leaves no empty tensor file
-            _write_json(tmp / "state.json", state)  # written last: its presence marks the content complete
+        try:
+            _write_checkpoint(final, step, model, optimizer, precision, gathered, counters, base_model, save_adapter,
+                              d.world_size)
+        except OSError as e:  # a full disk: the earlier checkpoints are untouched (atomic_dir), say so
+            raise write_failed(out, e) from None
         for _, p in complete_checkpoints(out)[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _write_checkpoint(final: Path, step: int, model, optimizer, precision, gathered, counters, base_model,
+                      save_adapter, world_size: int) -> None:
+    """OUT/checkpoints/step-N, whole or not at all: a fixed temporary name (remove_partial finds it), fsync'd
+    before and after the rename; saving the same step again (resumed then stopped at once) moves the old step-N
+    aside, swaps, then drops it."""
+    with atomic_dir(final, tmp_name=f"step-{step}.tmp", fsync=True) as tmp:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        if save_adapter is not None:
+            save_adapter(model, tmp / "adapter", base_model=base_model)
+        opt_t, opt_j = optimizer_to_files(optimizer.state_dict())
+        save_file(opt_t, tmp / "optimizer.safetensors")
+        _write_json(tmp / "optimizer.json", opt_j)
+        rng_tensors = {f"rank{r}.{k}": torch.tensor(v, dtype=torch.uint8)
+                       for r, g in enumerate(gathered) for k, v in g["rng_t"].items()}
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        state = {"step": step, "world_size": world_size, "precision": precision.state_dict(),
+                 "rng": [g["rng_j"] for g in gathered], "sampler": [g["sampler"] for g in gathered],
+                 "counters": counters}
+        _fsync_files(tmp)  # on disk before state.json says they are: a power cut leaves no empty tensor file
+        _write_json(tmp / "state.json", state)  # written last: its presence marks the content complete
 
 
 def load(path: Path, *, model, optimizer, precision) -> dict:

@@ -48,6 +48,18 @@ def json_line(row: dict) -> str:
     return json.dumps(clean, allow_nan=False) + "\n"
 
 
+def append_metrics(metrics, row: dict, out) -> None:
+    """One row onto the open OUT/metrics.jsonl, flushed. A full disk stops the run with one line: a torn last
+    line is skipped by every reader and dropped by --resume, which continues from the newest checkpoint."""
+    try:
+        metrics.write(json_line(row))
+        metrics.flush()
+    except OSError as e:
+        from engine.checkpoint import write_failed  # (engine.checkpoint imports this module)
+        raise write_failed(out, OSError(e.errno, e.strerror, metrics.name),
+                           f"step {row.get('step')}'s metrics line was not written") from None
+
+
 def adapter_run_config(adapter) -> tuple[Path, dict] | None:
     """(path, contents) of the config.json of the run an adapter came from: inside an engine.export OUT
     (EXPORTED_RUN_CONFIG), beside OUT/adapter, or three levels up from OUT/checkpoints/step-N/adapter
@@ -112,8 +124,11 @@ class RunDir:
             os.close(fd)
             raise ConfigError(f"{self.out} is in use by another run (pid {holder}, lock {path}); wait for it to "
                               "finish or pick another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:  # the pid only names the holder in another run's refusal: a full disk must not stop a run here
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass
         self._fd = fd
         return self
 

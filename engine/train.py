@@ -30,7 +30,7 @@ from engine.loss import CausalLMLoss, supervised_weight
 from engine.memory import log_ledger, out_of_memory_gist
 from engine.precision import NonFiniteLoss, Precision
 from engine.report import lora_report
-from engine.rundir import RunDir, json_line
+from engine.rundir import RunDir, append_metrics
 from engine.step import TrainStep, check_device_tools, lr_at, make_optimizer, peak_memory_bytes, prepare_model
 from model import load_adapter, load_model, load_tokenizer, save_adapter
 from model.adapter import check_adapter
@@ -251,10 +251,9 @@ def _log_line(row: dict, total: int, eta: float, prec: Precision) -> str:
             + (f" | overflow (skipped, {prec.overflows} so far)" if row["overflow"] else ""))
 
 
-def _write(metrics, row: dict):
+def _write(metrics, row: dict, out: Path):
     if metrics:
-        metrics.write(json_line(row))
-        metrics.flush()
+        append_metrics(metrics, row, out)
 
 
 def check_init_adapter(cfg: TrainConfig) -> None:
@@ -305,7 +304,7 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
         eval_loss, gen = r.evaluate()
         print0(f"eval loss before training: {eval_loss:.4f}"
                + (f" | similarity {gen['eval_avg_similarity']:.1f}" if gen else ""))
-        _write(metrics, {"step": 0, "eval_loss": eval_loss, **gen})
+        _write(metrics, {"step": 0, "eval_loss": eval_loss, **gen}, out)
         if _stop_requested(stop):  # during that evaluation: no step ran, so the start leaves nothing behind
             if metrics:
                 metrics.close()
@@ -342,7 +341,7 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
             if d.device.type == "cuda":  # generation's KV cache is the evaluation's peak, not the next steps'
                 row["eval_peak_mem_bytes"] = peak_memory_bytes(d.device)
                 torch.cuda.reset_peak_memory_stats(d.device)
-        _write(metrics, row)
+        _write(metrics, row, out)
         guard.fresh_start = False  # a step is logged: from now on OUT holds a run, kept whatever happens
         print0(_log_line(row, r.total, r.counters["train_seconds"] / (step - start_step) * (r.total - step), prec))
         if stop_now and step < r.total:  # (a signal during the last step just lets the run finish)
@@ -357,7 +356,10 @@ def _run(cfg: TrainConfig, stop: ckpt.StopFlag, d: dist.Dist, out: Path, guard: 
 
     # ---- the adapter (PEFT layout), only after a complete run
     if not stopped and d.is_main:
-        save_adapter(r.model, out / "adapter", base_model=cfg.model)  # atomic: written aside, then renamed
+        try:
+            save_adapter(r.model, out / "adapter", base_model=cfg.model)  # atomic: written aside, then renamed
+        except OSError as e:
+            raise ckpt.write_failed(out, e, "the trained adapter was not saved") from None
         print0(f"wrote {out / 'adapter'} | {step} steps in {_fmt_time(r.counters['train_seconds'])}")
     if not stopped and cfg.save_every:
         r.save_checkpoint(step)  # the final state, so a later --resume with a larger --max-steps continues

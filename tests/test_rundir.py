@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from engine.config import ConfigError, TrainConfig, parse_args
 from engine.rundir import RunDir
-from engine.train import json_line
+from engine.rundir import json_line
 from tests.conftest import REPO
 from tests.test_train import cfg_args, read_metrics, run_train, tiny_cfg
 

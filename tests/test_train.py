@@ -368,3 +368,62 @@ def test_generation_eval_needs_eval_every():
 
     with pytest.raises(ConfigError, match="eval_generate needs eval_every"):
         parse_args(["--eval-generate", "2", "--eval-every", "0"])
+
+
+# ---- a full disk: one line that says what survived and how to go on -------------------------------------------
+def _enospc(*a, **k):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_full_disk_at_a_checkpoint_names_the_intact_one_and_resume_continues(tmp_path, monkeypatch):
+    import engine.checkpoint as ckpt
+    from engine.train import train
+
+    cfg = tiny_cfg(tmp_path, max_steps=4, save_every=2)
+    real = ckpt.save_file
+    monkeypatch.setattr(ckpt, "save_file", lambda t, path, *a, **k: _enospc() if "step-4" in str(path)
+                        else real(t, path, *a, **k))
+    with pytest.raises(OSError, match=r"No space left on device.*; .*step-2 is intact: once there is room, the "
+                                      r"same command with --resume continues from it") as e:
+        train(cfg)
+    assert "\n" not in str(e.value) and "step-4" not in str(e.value).split(";")[-1]
+    assert ckpt.latest(cfg.out).name == "step-2" and not (Path(cfg.out) / "checkpoints" / "step-4.tmp").exists()
+    monkeypatch.setattr(ckpt, "save_file", real)
+    train(dataclasses.replace(cfg, resume=True))  # what the line says to do
+    assert ckpt.latest(cfg.out).name == "step-4"
+
+
+def test_a_full_disk_at_the_adapter_says_the_weights_were_not_saved(tmp_path, monkeypatch):
+    import engine.train
+    from engine.train import train
+
+    monkeypatch.setattr(engine.train, "save_adapter", _enospc)
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=0)
+    with pytest.raises(OSError, match=r"No space left on device.*; the trained adapter was not saved; there is no "
+                                      r"checkpoint to continue from: .*--overwrite") as e:
+        train(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_a_full_disk_at_a_metrics_line_names_metrics_jsonl(tmp_path, monkeypatch):
+    import engine.rundir
+    from engine.train import train
+
+    real = engine.rundir.json_line
+    monkeypatch.setattr(engine.rundir, "json_line", lambda row: _enospc() if row.get("step") == 2 else real(row))
+    cfg = tiny_cfg(tmp_path, max_steps=3, save_every=0)
+    with pytest.raises(OSError, match=r"metrics\.jsonl: cannot write it \(No space left on device\); step 2's "
+                                      r"metrics line was not written; there is no checkpoint") as e:
+        train(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_a_full_disk_does_not_stop_a_run_at_its_lock(tmp_path, monkeypatch):
+    """The lock file's pid only names the holder in another run's refusal."""
+    import engine.rundir
+
+    real = engine.rundir.os.write
+    monkeypatch.setattr(engine.rundir.os, "write", lambda fd, data: _enospc())
+    guard = engine.rundir.RunDir(tmp_path / "run").lock()
+    monkeypatch.setattr(engine.rundir.os, "write", real)
+    guard.release()
