@@ -569,9 +569,14 @@ def run(args) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "baseline": args.compare, "metrics_jsonl": args.metrics, "definitions": METRIC_NOTES, **res,
     }
-    with staged_files(out) as tmp:  # report.md, the PNGs and eval.json land together or not at all
-        write_report(result, tmp, metrics_jsonl=args.metrics, baseline=baseline)
-        (tmp / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        with staged_files(out) as tmp:  # report.md, the PNGs and eval.json land together or not at all
+            write_report(result, tmp, metrics_jsonl=args.metrics, baseline=baseline)
+            (tmp / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
+    except OSError:  # a disk that filled during the run: the results are still shown before the one-line error
+        print_results(result, baseline)
+        raise
     if _pyplot() is None:
         print("note: report.md has tables only: matplotlib is not installed (pip install -e '.[plot]')",
               file=sys.stderr)

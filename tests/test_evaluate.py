@@ -349,3 +349,17 @@ def test_evaluate_says_and_records_when_the_adapter_trained_on_the_split_it_scor
     ev = json.loads((tmp_path / "test" / "eval.json").read_text())
     assert ev["not_held_out"] == [] and ev["adapter_trained_on"]["split"] == "train"
     assert "not held out" not in (tmp_path / "test" / "report.md").read_text()
+
+
+def test_a_full_disk_at_the_end_still_shows_the_results(tiny_model_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """The files could not be written after the whole evaluation (hours for a 3B): the figures are printed before
+    the one-line error instead of being lost with them."""
+    import engine.evaluate
+    from engine.evaluate import main
+    from tests.test_bad_input import _eval_args, enospc
+
+    monkeypatch.setattr(engine.evaluate, "write_report", enospc)
+    assert main(_eval_args(tiny_model_dir, tmp_path)) != 0
+    cap = capsys.readouterr()
+    assert "clause examples" in cap.out and cap.err.startswith("error:") and "No space left on device" in cap.err
+    assert not (tmp_path / "o").exists()
