@@ -16,8 +16,11 @@ Several contracts (files, or directories standing for their *.txt files) are rea
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import re
+import signal
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +37,7 @@ from engine.evaluate import (PRECISION_HELP, Progress, _base_of_adapter, answer_
 from engine.precision import INFERENCE_MODES
 from engine.rundir import adapter_run_config, trained_split
 from engine.metrics import is_none
+from model.files import WriteError
 from model.channel import UNITS, ChannelRule, channel_answers
 from model.generate import Answer, decode_span, decode_spans, generate
 
@@ -339,7 +343,7 @@ def run(args) -> dict:
     results = []
     for i, (path, text) in enumerate(zip(paths, texts)):
         if len(paths) > 1 and not args.json:
-            print(f"== {path} ({i + 1} of {len(paths)})")
+            _say(f"== {path} ({i + 1} of {len(paths)})")
         results.append((_run_all if every else _run_one)(args, path, text, model, tok, budget, rule, bank))
     return results[0] if len(results) == 1 else {"contracts": results}
 
@@ -377,17 +381,17 @@ def _run_one(args, path: str, text: str, model, tok, budget: int, rule=None, ban
               "windows": n_windows, **(best.as_dict(text) if best else {}),
               "matches": [m.as_dict(text) for m in matches], "per_window": per_window}
     if args.json:
-        print(json.dumps(result, ensure_ascii=False))
+        _say(json.dumps(result, ensure_ascii=False))
     elif best is None:
-        print(f"No {args.clause} clause found.")
+        _say(f"No {args.clause} clause found.")
     else:
         how = "verbatim" if best.verbatim else (
             "verbatim up to whitespace" if best.score == 100 else
             "not verbatim: showing the closest span of the contract")
-        print(f"{args.clause} clause, characters {best.start}-{best.end} of {path} "
+        _say(f"{args.clause} clause, characters {best.start}-{best.end} of {path} "
               f"(copy score {best.score:.1f}, {how}; the copy score says how exactly the text was copied, not "
               "whether it is the right clause):")
-        print(text[best.start:best.end])
+        _say(text[best.start:best.end])
         if best.truncated:
             print(f"warning: the answer was cut at --max-new-tokens {args.max_new_tokens}; raise it to quote the "
                   "whole clause", file=sys.stderr)
@@ -418,17 +422,17 @@ def _run_all(args, path: str, text: str, model, tok, budget: int, rule=None, ban
                for c, m in found.items()}
     result = {"contract": path, "clause": "all", "windows": n_windows, "clauses": clauses}
     if args.json:
-        print(json.dumps(result, ensure_ascii=False))
+        _say(json.dumps(result, ensure_ascii=False))
         return result
     width = max(len(c) for c in ALL_CATEGORIES)
-    print(f"{'category':{width}s}  found  characters       first words")
+    _say(f"{'category':{width}s}  found  characters       first words")
     for c, r in clauses.items():
         if r["found"]:
             words = " ".join(r["text"].split()[:10])
-            print(f"{c:{width}s}  {'yes*' if r['truncated'] else 'yes':5s}  {r['start']:>7d}-{r['end']:<7d}  "
+            _say(f"{c:{width}s}  {'yes*' if r['truncated'] else 'yes':5s}  {r['start']:>7d}-{r['end']:<7d}  "
                   f"{words[:70]}")
         else:
-            print(f"{c:{width}s}  no")
+            _say(f"{c:{width}s}  no")
     print(f"{sum(r['found'] for r in clauses.values())} of {len(clauses)} clause types found in {n_windows} "
           "window(s); quotes are verbatim slices of the file (--json for the full text and offsets)",
           file=sys.stderr)
@@ -452,6 +456,27 @@ def adapter_provenance(adapter) -> str:
         steps = f"{p.parent.name.replace('-', ' ')} of a run of {steps}"
     return (f"trained on {c['data']} (split {trained_split(c)}), {steps}"
             + (f", seq_len {c['seq_len']}" if "seq_len" in c else ""))
+
+
+def _say(*parts) -> None:
+    """print() to standard output, flushed: a reader that has gone (`| head`) ends the command quietly, as it
+    would a Unix tool (exit status 141, 128 + SIGPIPE; stdout pointed at /dev/null so that the interpreter's own
+    flush at exit does not complain), and any other failure (`> /dev/full`) is the one-line error that says it
+    was standard output."""
+    try:
+        print(*parts)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout with no descriptor (a test's capture)
+            pass
+        raise SystemExit(128 + signal.SIGPIPE) from None
+    except OSError as e:
+        raise WriteError(f"standard output: cannot write to it ({e.strerror or e}); "
+                         + ("free disk space or redirect it elsewhere" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                            else "redirect it elsewhere")) from None
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .files import atomic_file
+
 # Each chat format: the special token that identifies it in a vocabulary, the end-of-turn marker, and the
 # templates. No system header/line: the official Llama 3 template injects a dated system header and
 # SmolLM2's template a "You are a helpful AI assistant" line; both turn clause extraction into chat.
@@ -384,8 +386,11 @@ class Tokenizer:
         return out
 
     def save(self, path) -> None:
-        """Write a Hugging Face tokenizer.json (e.g. beside an exported checkpoint of the GGUF model)."""
-        self._tk.save(str(path))
+        """Write a Hugging Face tokenizer.json (e.g. beside an exported checkpoint of the GGUF model), atomically
+        (model/files.atomic_file): tokenizers reports a full disk as a bare Exception("... (os error 28)"),
+        which this turns into the one-line WriteError naming `path`."""
+        with atomic_file(path) as tmp:
+            self._tk.save(str(tmp))
 
     def __len__(self) -> int:
         return self.vocab_size

@@ -113,6 +113,25 @@ def test_a_write_into_a_missing_directory_names_the_destination(tmp_path):
         atomic_write_text(tmp_path / "nowhere" / "x.json", "{}")
 
 
+def test_tokenizer_save_on_a_full_disk_names_tokenizer_json(tmp_path):
+    """tokenizers reports ENOSPC as a plain Exception("No space left on device (os error 28)"), no file named."""
+    from types import SimpleNamespace
+
+    from model.files import WriteError
+    from model.tokenizer import Tokenizer
+
+    def full(_path):
+        raise Exception("No space left on device (os error 28)")
+
+    path = tmp_path / "export" / "tokenizer.json"
+    path.parent.mkdir()
+    path.write_text("old")
+    with pytest.raises(WriteError) as e:
+        Tokenizer.save(SimpleNamespace(_tk=SimpleNamespace(save=full)), path)
+    assert str(e.value) == f"{path}: cannot write it (No space left on device (os error 28)); free disk space"
+    assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == ["tokenizer.json"]
+
+
 def test_check_writable_fails_before_the_work_and_creates_nothing(tmp_path):
     from model.files import WriteError, check_writable
 

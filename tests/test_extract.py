@@ -122,6 +122,41 @@ def test_cli_prints_clause_with_offsets_in_the_file(tiny_model_dir, contract_fil
     assert m and raw[int(m[1]):int(m[2])] == CLAUSE and CLAUSE in out
 
 
+class _Stdout:
+    """A standard output whose writes fail: a reader that has gone (`| head -c 0`) or a full disk (`> /dev/full`)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def write(self, _s):
+        raise self.error
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("json_flag", [["--json"], []])
+def test_stdout_that_fails_is_quiet_for_a_closed_pipe_and_named_otherwise(tiny_model_dir, contract_file,
+                                                                          monkeypatch, capsys, json_flag):
+    import errno
+    import sys
+
+    import engine.extract
+
+    monkeypatch.setattr(engine.extract, "generate", _fake_generate(lambda c: c))
+    args = ["--model", str(tiny_model_dir), "--contract", str(contract_file), "--clause", "Governing Law",
+            "--seq-len", "900", "--max-new-tokens", "200", "--decode", "free", "--quiet", *json_flag]
+    monkeypatch.setattr(sys, "stdout", _Stdout(BrokenPipeError(errno.EPIPE, "Broken pipe")))
+    with pytest.raises(SystemExit) as e:  # as a Unix tool killed by SIGPIPE: 128 + 13, nothing on stderr
+        main(args)
+    assert e.value.code == 141 and capsys.readouterr().err == ""
+    monkeypatch.setattr(sys, "stdout", _Stdout(OSError(errno.ENOSPC, "No space left on device")))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: standard output: cannot write to it (No space left on device); free disk space or "
+                   "redirect it elsewhere\n"), err
+
+
 def test_cli_absent_clause_prints_not_found(tiny_model_dir, contract_file, capsys):
     # the real (random, untrained) tiny model: whatever it writes does not match the contract
     assert main(["--model", str(tiny_model_dir), "--contract", str(contract_file), "--clause", "Non-Compete",
