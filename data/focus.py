@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from model.files import atomic_write_text
+    from model.files import atomic_write_text, make_dirs
 
     args = build_parser().parse_args(argv)
 
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
             report[split] = counts
         if not lines:
             raise ValueError(f"{args.data}: no example with an answer in split(s) {', '.join(report)}")
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(Path(args.out).parent)
         atomic_write_text(args.out, "\n".join(lines) + "\n")
         for split, c in report.items():
             print(f"{split} -> {SPLIT_AS[split]}: {c.whole + c.inside + c.clipped} of {c.examples} examples "

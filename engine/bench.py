@@ -57,7 +57,7 @@ from engine.memory import add_run_flags, deprecated_alias, random_batch, trainer
 from engine.precision import auto_mode, dtype_of
 from engine.config import TrainConfig
 from engine.step import check_device_tools, prepare_model
-from model.files import atomic_write_text, check_writable
+from model.files import atomic_write_text, check_writable, make_dirs
 from model.hf_checkpoint import save_hf_checkpoint
 from model.load import EMBEDDED, load_config, load_model
 from model.lora import TARGETS
@@ -471,7 +471,7 @@ def save_rows(rows: list[dict], path: Path, meta: dict) -> Path:
 
     from model.files import atomic_file
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(Path(path).parent)
     with atomic_file(path) as tmp:
         save_file({f"{k}.{i}": r[k].contiguous() for i, r in enumerate(rows) for k in ROW_KEYS}, tmp,
                   metadata={k: str(v) for k, v in meta.items()})

@@ -40,7 +40,7 @@ from engine.evaluate import adapter_training, read_eval_json, trainings
 from engine.report import headline, same_data
 from engine.metrics import is_none, score, summarize
 from model.channel import FEATURES, ChannelRule
-from model.files import atomic_write_text
+from model.files import atomic_write_text, make_dirs
 
 
 def channel_rows(d: dict, path, redecided: bool = False) -> list[dict]:
@@ -216,7 +216,7 @@ def run(args) -> dict:
         result = {**summarize(checked), "decode": "channel"}
         doc["check"] = {"eval_json": str(args.check), "clause": result["clause"], "none": result["none"],
                         "untrimmed": len(untrimmed)}  # in RULE.json too: what the rule did on held-out rows
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # runs/calib/ need not exist yet
+    make_dirs(Path(args.out).parent)  # runs/calib/ need not exist yet
     atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
     print(f"rule: NONE unless {rule.bias:+.3f} " + " ".join(f"{w:+.3f}*{f}" for f, w in rule.weights.items())
           + " > 0")

@@ -39,7 +39,7 @@ from engine.rundir import EXPORTED_RUN_CONFIG, adapter_run_config, learned_decod
 from model import load_adapter, load_model, load_tokenizer
 from model.adapter import check_adapter
 from model.channel import CHANNEL_NULL, CHANNEL_PROMPT, SENTENCE_END
-from model.files import atomic_dir
+from model.files import atomic_dir, make_dirs
 from model.hf_checkpoint import save_hf_checkpoint
 from model.load import EMBEDDED, QUANTIZED, resolve
 from model.lora import fold_lora
@@ -310,7 +310,7 @@ def build(args) -> Path:
     check_out(out, adapter)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ExportError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
 
     tok = load_tokenizer(model_src)
     # left by an export killed with SIGKILL: atomic_dir's temporaries and the old OUT it was swapping out

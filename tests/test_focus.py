@@ -289,3 +289,16 @@ def test_focus_examples_of_real_cuad_are_sentences_holding_their_answers(shared_
         ex = by_id[f.id]
         assert f.context in {ex.context[a:b] for a, b in sentences(ex.context)}
         assert f.answer in f.context and ex.answer.strip().startswith(f.answer)
+
+
+def test_data_focus_names_a_file_in_the_way_of_its_out_directory(tmp_path, capsys):
+    """--out under a path whose parent is a file: one line naming it, not '[Errno 17] File exists'."""
+    from data.focus import main
+
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"id": f"e{i}", "query": "Agreement Date", "context": CTX,
+                                       "answer": "March 21, 2005", "split": "train"}) + "\n" for i in range(4)))
+    (tmp_path / "blocker").write_text("x")
+    assert main([f"jsonl:{src}", "--split", "train", "--out", str(tmp_path / "blocker" / "f.jsonl")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "blocker" in err and "Errno" not in err, err
