@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from engine import dist
 from engine.config import ConfigError
 from engine.rundir import RunDir
-from model.files import WriteError, atomic_dir, atomic_write_text, fsync_dir
+from model.files import WriteError, atomic_dir, atomic_write_text, fsync_dir, fsync_file
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _MOVED_ASIDE = re.compile(r"^step-(\d+)\.tmp\.old$")
@@ -195,13 +195,10 @@ def _write_json(path: Path, obj):
 
 
 def _fsync_files(root: Path) -> None:
+    """Every file under root, and its subdirectories' entries, on disk."""
     for p in sorted(root.rglob("*")):
         if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(p)
         else:
             fsync_dir(p)
 
