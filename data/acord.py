@@ -94,7 +94,10 @@ def load(root, split=None, *, k: int = 4, min_score: int = 3, abstain_ratio: flo
             try:
                 score = int(score)
             except ValueError:
-                raise DataError(f"{qrels_path}:{n}: score {score!r} is not an integer 0-4") from None
+                score = None
+            if score not in range(5):  # a 7 would pass as a positive and a -2 vanish, silently
+                raise DataError(f"{qrels_path}:{n}: score {row[2]!r} is not an integer 0-4 (the lawyers' 1-5 stars "
+                                "less one); fix the line")
             if score >= min_score:
                 pos.setdefault(qid, []).append(cid)
             elif score == 0:

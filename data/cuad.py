@@ -258,23 +258,34 @@ def _none_examples(candidates: list, n: int, query: dict, split: str, seed: int,
     """n NONE examples: consecutive max_context_chars chunks of contracts that overlap no clause of the category
     and hold none of its clause strings elsewhere either (a date or a title repeated in a page header), picked by
     a seeded hash. candidates: (stem, category, text, merged clause spans, clause strings) per contract and
-    category."""
+    category. A string counts in any case and spacing: a footer's 'Sponsorship Agreement - July 16, 2012' names
+    the document its title 'SPONSORSHIP AGREEMENT' does."""
     chunks = []  # (hash, stem, cat, chunk start, chunk end)
+    cut = {}  # stem -> [(chunk start, end, its text folded)]: the chunks depend on the text only, not the category
     for stem, cat, text, merged, strings in candidates:
-        needles = {p.strip() for cl in strings for p in cl.split(OMITTED)
+        if stem not in cut:
+            cut[stem], start = [], 0
+            while start < len(text):
+                end = snap_end(text, min(len(text), start + max_context_chars), start + 1, line_reach=LINE_REACH)
+                cut[stem].append((start, end, _fold(text[start:end])))
+                start = end
+        needles = {_fold(p) for cl in strings for p in cl.split(OMITTED)
                    if len(p.strip()) >= MIN_ANCHOR or p.strip() == cl.strip()} - {""}
-        start = 0
-        while start < len(text):
-            end = snap_end(text, min(len(text), start + max_context_chars), start + 1, line_reach=LINE_REACH)
-            if (not any(a < end and b > start for a, b in merged) and text[start:end].strip()
-                    and not any(n in text[start:end] for n in needles)):
+        for start, end, folded in cut[stem]:
+            if (not any(a < end and b > start for a, b in merged) and folded
+                    and not any(x in folded for x in needles)):
                 chunks.append((stable_hash("cuad-none", str(seed), stem, cat, str(start)), stem, cat, start, end))
-            start = end
     chunks.sort()
     texts = {stem: text for stem, _, text, _, _ in candidates}
     return [Example(id=f"cuad:{stem}:{cat}:none@{a}", source="cuad", category=cat, query=query[cat],
                     context=texts[stem][a:b].strip(), answer=NONE, split=split)
             for _, stem, cat, a, b in chunks[:n]]
+
+
+def _fold(text: str) -> str:
+    """text in one case with its whitespace runs as one space and its ends stripped: for "does this chunk hold
+    that string" asked loosely."""
+    return " ".join(text.casefold().split())
 
 
 def _contract_files(txt_dir: Path) -> dict:

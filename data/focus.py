@@ -10,12 +10,16 @@ run it on the unit the channel decoder chose (--focus-adapter).
 
 Each line is a jsonl:FILE example (data.jsonl): the unit the answer begins in as its context, the part of the answer
 inside that unit as its answer (an answer running on past its unit is clipped where the unit ends: the stage never
-sees the next unit). NONE examples are left out: the channel decoder has already decided there is a clause.
+sees the next unit). A unit of fewer than MIN_UNIT_WORDS words ('B.' before a list item, ', 2006', 'TABLE 1') is
+joined with the units after it until it has that many: alone, it would make a row whose context and answer are a
+list marker, the clause that follows it lost. NONE examples are left out: the channel decoder has already decided
+there is a clause.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,8 @@ from data.example import NONE, Example, splits_overlap
 from data.validate import validate
 from model.channel import UNITS, units
 
+MIN_UNIT_WORDS = 3  # fewer words than this, and the unit the answer begins in is joined with the next
+_WORDS = re.compile(r"\w+")
 SPLIT_AS = {"fit": "train", "train": "train", "calib": "valid", "valid": "valid", "test": "test"}  # jsonl splits
 
 
@@ -37,25 +43,31 @@ class FocusCounts:
     inside: int = 0  # answer is a strict part of its unit
     clipped: int = 0  # answer runs past its unit: clipped at the unit's end
     unplaced: int = 0  # answer does not begin inside any unit (between paragraphs): left out
+    joined: int = 0  # of whole / inside / clipped: answer began in a unit of < MIN_UNIT_WORDS words, joined on
 
 
-def focus_example(ex: Example, unit: str = "sentence") -> tuple[Example, str] | None:
-    """(the focus example for ex, how its answer relates to its unit: whole / inside / clipped), or None for a
-    NONE answer or one that begins outside every unit. The id is ex.id: the prompt template (chosen by id) is the
-    one ex itself would get."""
+def focus_example(ex: Example, unit: str = "sentence") -> tuple[Example, str, bool] | None:
+    """(the focus example for ex, how its answer relates to its unit: whole / inside / clipped, whether the unit was
+    joined with the next to reach MIN_UNIT_WORDS words), or None for a NONE answer or one that begins outside every
+    unit. The id is ex.id: the prompt template (chosen by id) is the one ex itself would get."""
     answer = ex.answer.strip()
     if answer == NONE:
         return None
     at = ex.context.find(answer)
     assert at >= 0, f"{ex.id}: validated answers are in their context"
     end = at + len(answer)
-    for a, b in units(ex.context, unit):
+    spans = units(ex.context, unit)
+    for k, (a, b) in enumerate(spans):
         if a <= at < b:
+            j = k
+            while len(_WORDS.findall(ex.context, a, b)) < MIN_UNIT_WORDS and j + 1 < len(spans):
+                j += 1
+                b = spans[j][1]  # the text between (whitespace, a paragraph break) comes along: still a slice
             clip = ex.context[at:min(end, b)].strip()
             assert clip, f"{ex.id}: a stripped answer begins with a character a unit holds"
             kind = "whole" if (at, min(end, b)) == (a, b) else "clipped" if end > b else "inside"
             return Example(id=ex.id, source=ex.source, category=ex.category, query=ex.query,
-                           context=ex.context[a:b], answer=clip, split=ex.split), kind
+                           context=ex.context[a:b], answer=clip, split=ex.split), kind, j > k
     return None
 
 
@@ -70,8 +82,10 @@ def focus_examples(examples: list[Example], unit: str = "sentence") -> tuple[lis
         if got is None:
             counts.unplaced += 1
             continue
-        out.append(got[0])
-        setattr(counts, got[1], getattr(counts, got[1]) + 1)
+        focus, kind, joined = got
+        out.append(focus)
+        setattr(counts, kind, getattr(counts, kind) + 1)
+        counts.joined += joined
     return out, counts
 
 
@@ -118,6 +132,7 @@ def main(argv=None) -> int:
         for split, c in report.items():
             print(f"{split} -> {SPLIT_AS[split]}: {c.whole + c.inside + c.clipped} of {c.examples} examples "
                   f"({c.whole} whole {args.unit}, {c.inside} inside one, {c.clipped} clipped at its end; "
+                  f"{c.joined} of them begin in one of < {MIN_UNIT_WORDS} words, joined with the next; "
                   f"{c.none} NONE and {c.unplaced} outside every {args.unit} left out)", file=sys.stderr)
         print(args.out)
 

@@ -1,10 +1,12 @@
 """User data: one JSON object per line with the Example fields. Errors name the file and line.
 
 Required: query, context, answer (a clause copied from context, or "NONE", in any case, quoted or with a final
-period). Optional: id (default
-"<file stem>:<line>"), category (default: query), split (default "train"), source (default "jsonl").
+period). Optional: id (default "<file stem>:<line>"), category (default: query), split (default "train"), source
+(default "jsonl"). Any other key is an error: a misspelt "spilt": "test" would otherwise put a test row in
+training. So is a file without one example: an empty export would pass data.check with nothing checked.
 Whether the answer is really in its context is the validator's job (it repairs or rejects, and names the line).
 """
+import difflib
 from pathlib import Path
 
 from data.example import NONE, SPLITS, DataError, Example, is_none
@@ -20,6 +22,11 @@ def load(path, split=None):
         raise DataError(f"{path}: is a directory; jsonl:FILE needs a .jsonl file")
     examples, origins, seen = [], {}, {}
     for n, d in read_jsonl(path, "JSONL data"):
+        for k in d:  # before the required fields, so {"Answer": ...} is named as the slip it is, not as missing
+            if k not in REQUIRED + OPTIONAL:
+                close = difflib.get_close_matches(k.lower(), REQUIRED + OPTIONAL, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise DataError(f"{path}:{n}: unknown field {k!r}{hint}; allowed: {', '.join(REQUIRED + OPTIONAL)}")
         for k in REQUIRED:
             if k not in d:
                 raise DataError(f"{path}:{n}: missing field {k!r}; each line needs {', '.join(REQUIRED)}")
@@ -47,4 +54,6 @@ def load(path, split=None):
         examples.append(Example(id=ex_id, source=d.get("source", "jsonl"), category=d.get("category") or d["query"],
                                 query=d["query"], context=d["context"], answer=answer, split=s))
         origins[ex_id] = f"{path}:{n}"
+    if not seen:
+        raise DataError(f"{path}: no examples (empty or blank lines only); write one JSON object per line")
     return examples, {"origins": origins}

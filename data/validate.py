@@ -2,11 +2,19 @@
 
 data.text.locate tries, cheapest first: exact substring; the same after normalising whitespace runs, curly
 quotes and dashes; then rapidfuzz's partial alignment. Anything found by the last two is a repair: the answer
-becomes the context's own span, so the model never learns text it cannot copy.
+becomes the context's own span, so the model never learns text it cannot copy. A fuzzy span has the needle's
+length, so one typo can cost it a letter or the final period: its ends are moved to word boundaries, and over the
+punctuation beside them, wherever it then reads most like the answer.
+
+An answer found only inside words ('at' in 'the cat sat') is kept, since it is the context's own text, but counted
+and named (Report.midword): a clause is copied in whole words, so such a row is most likely a slip.
 """
 import dataclasses
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+
+from rapidfuzz import fuzz
 
 from data.example import NONE, DataError, Example
 from data.text import MIN_SCORE, locate
@@ -21,7 +29,9 @@ class Report:
     repaired: int = 0
     rejected: int = 0
     none: int = 0
+    midword: int = 0       # kept answers that begin or end inside a word of the context wherever they occur
     rejected_list: list = field(default_factory=list)   # "where: why" for the first few
+    midword_list: list = field(default_factory=list)    # "where: which end, and the text around it" for the first few
     per_split: dict = field(default_factory=lambda: defaultdict(Counter))
     per_category: dict = field(default_factory=lambda: defaultdict(Counter))
     source: dict = field(default_factory=dict)          # loader notes (counts, unresolved files, clause alignment)
@@ -56,6 +66,7 @@ def validate(examples: list[Example], spec: str = "", notes: dict | None = None,
     kept = []
     for ex in examples:
         rep.examples += 1
+        span = None
         if ex.answer == NONE:
             status = "none"
         else:
@@ -63,10 +74,12 @@ def validate(examples: list[Example], spec: str = "", notes: dict | None = None,
             if m is None:
                 status = "rejected"
             elif m.how == "exact" and m.end - m.start == len(ex.answer):
-                status = "aligned"
+                status, span = "aligned", _whole_word_occurrence(ex.answer, ex.context, m.start)
             else:
                 status = "repaired"
-                ex = dataclasses.replace(ex, answer=ex.context[m.start:m.end])
+                span = (_snap_to_words(ex.context, m.start, m.end, ex.answer.strip()) if m.how == "fuzzy"
+                        else (m.start, m.end))
+                ex = dataclasses.replace(ex, answer=ex.context[span[0]:span[1]])
         if status == "rejected":
             rep.rejected += 1
             if len(rep.rejected_list) < show:
@@ -79,9 +92,64 @@ def validate(examples: list[Example], spec: str = "", notes: dict | None = None,
             else:
                 rep.aligned += 1
                 rep.none += status == "none"
+            cut = span and _inside_word(ex.context, *span)
+            if cut:
+                rep.midword += 1
+                if len(rep.midword_list) < show:
+                    a, b = span
+                    rep.midword_list.append(f"{origins.get(ex.id, ex.id)}: answer {cut} inside a word: "
+                                            f"{ex.context[max(0, a - 15):a]!r} + {ex.answer[:60]!r} + "
+                                            f"{ex.context[b:b + 15]!r}")
         rep.per_split[ex.split][status] += 1
         rep.per_category[ex.category][status] += 1
     return kept, rep
+
+
+def _inside_word(text: str, a: int, b: int) -> str:
+    """Which end of text[a:b] cuts a word ("begins", "ends", "begins and ends"), or "" when neither does."""
+    begins = 0 < a < len(text) and text[a - 1].isalnum() and text[a].isalnum()
+    ends = 0 < b < len(text) and text[b - 1].isalnum() and text[b].isalnum()
+    return " and ".join(w for w, cut in (("begins", begins), ("ends", ends)) if cut)
+
+
+def _whole_word_occurrence(answer: str, text: str, first: int) -> tuple[int, int]:
+    """The first occurrence of answer in text (from `first`, the first one) that cuts no word, else the first:
+    'the' in 'bathe the dog' is a whole word, just not at its first occurrence."""
+    i = first
+    while i >= 0:
+        if not _inside_word(text, i, i + len(answer)):
+            return i, i + len(answer)
+        i = text.find(answer, i + 1)
+    return first, first + len(answer)
+
+
+def _snap_to_words(text: str, a: int, b: int, answer: str, reach: int = 40) -> tuple[int, int]:
+    """A fuzzy span [a, b) moved to word boundaries: each end cut inside a word goes to that word's far side or
+    its near side, and may take the punctuation next to it, whichever candidate reads most like the answer
+    (fuzz.ratio). rapidfuzz's span has the answer's length, so a typo early on costs it the final period
+    ('Software' for 'Software.'), and quote marks the context lacks make it run on into the next line's number."""
+    def marks(i: int, step: int) -> int:  # from i, over the punctuation (not letters, digits or spaces) in step's way
+        while 0 < i < len(text) and not (text[i - (step < 0)].isalnum() or text[i - (step < 0)].isspace()):
+            i += step
+        return i
+
+    def cut(i: int) -> bool:
+        return 0 < i < len(text) and text[i - 1].isalnum() and text[i].isalnum()
+    lo, hi = a, b
+    while lo > max(0, a - reach) and cut(lo):  # the start's word, whole
+        lo -= 1
+    while hi < min(len(text), b + reach) and cut(hi):  # the end's word, whole
+        hi += 1
+    inner_a, inner_b = a, b
+    while inner_a < b and cut(inner_a):  # or the near side, the cut word left out
+        inner_a += 1
+    while inner_b > a and cut(inner_b):
+        inner_b -= 1
+    starts = {inner_a + (len(text[inner_a:b]) - len(text[inner_a:b].lstrip()))} | set(range(marks(lo, -1), lo + 1))
+    ends = {inner_b - (len(text[a:inner_b]) - len(text[a:inner_b].rstrip()))} | set(range(hi, marks(hi, 1) + 1))
+    best = max(((fuzz.ratio(answer, text[s:e]), -abs(s - a) - abs(e - b), s, e) for s in starts for e in ends
+                if e > s), default=None)
+    return (best[2], best[3]) if best else (a, b)
 
 
 class RejectedError(DataError):
@@ -105,4 +173,7 @@ def load_validated(spec: str, split: str | None = None, *, max_rejected: float =
     examples, notes = load_source(spec, split, **opts)
     kept, rep = validate(examples, spec, notes, min_score)
     check_rejected(rep, max_rejected)
+    if rep.midword:  # kept (the text is the context's own), but the trainer's user should hear of it
+        print(f"warning: {spec}: {rep.midword} answer(s) begin or end inside a word, first: {rep.midword_list[0]}; "
+              "check them (python -m data.check --json names the first few)", file=sys.stderr)
     return kept, rep

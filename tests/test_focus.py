@@ -26,15 +26,15 @@ CTX = ("This Agreement is made as of March 21, 2005 by and between Acme and Beta
 def test_focus_example_is_the_sentence_the_answer_begins_in_with_the_answer_clipped_to_it():
     from data.focus import focus_example
 
-    ex, kind = focus_example(_ex("March 21, 2005", CTX))
+    ex, kind, _ = focus_example(_ex("March 21, 2005", CTX))
     assert (ex.context, ex.answer, kind) == ("This Agreement is made as of March 21, 2005 by and between Acme and "
                                              "Beta.", "March 21, 2005", "inside")
     assert ex.id == "x" and ex.query == "Agreement Date"  # same id: the same prompt template as the full example
-    ex, kind = focus_example(_ex("Governing law is Delaware.", CTX))
+    ex, kind, _ = focus_example(_ex("Governing law is Delaware.", CTX))
     assert (ex.context, ex.answer, kind) == ("Governing law is Delaware.", "Governing law is Delaware.", "whole")
-    ex, kind = focus_example(_ex("Delaware. Venue is", CTX))  # runs into the next sentence: clipped at its end
+    ex, kind, _ = focus_example(_ex("Delaware. Venue is", CTX))  # runs into the next sentence: clipped at its end
     assert (ex.context, ex.answer, kind) == ("Governing law is Delaware.", "Delaware.", "clipped")
-    ex, kind = focus_example(_ex("Delaware. Venue is", CTX), "paragraph")  # a paragraph holds it whole
+    ex, kind, _ = focus_example(_ex("Delaware. Venue is", CTX), "paragraph")  # a paragraph holds it whole
     assert (ex.context, ex.answer, kind) == ("Governing law is Delaware. Venue is Wilmington.", "Delaware. Venue is",
                                              "inside")
     assert focus_example(_ex("NONE", CTX)) is None
@@ -270,10 +270,13 @@ def test_extract_focus_adapter_trims_the_channel_quote(tiny_model_dir, two_adapt
 
 def test_focus_examples_of_real_cuad_are_sentences_holding_their_answers(shared_datasets):
     """On CUAD's validated valid split: each focus example's context is one sentence of the original context
-    (model.channel.sentences), it holds its answer, the answer is the original one or a prefix of it (clipped),
-    and every example is counted once; most CUAD spans are a whole sentence or inside one."""
+    (model.channel.sentences), or a run of them after one of fewer than MIN_UNIT_WORDS words, it holds its answer,
+    the answer is the original one or a prefix of it (clipped), and every example is counted once; most CUAD spans
+    are a whole sentence or inside one."""
+    import re
+
     from data import load_source
-    from data.focus import focus_examples
+    from data.focus import MIN_UNIT_WORDS, focus_examples
     from data.validate import validate
     from model.channel import sentences
 
@@ -285,10 +288,20 @@ def test_focus_examples_of_real_cuad_are_sentences_holding_their_answers(shared_
     assert len(focus) == c.whole + c.inside + c.clipped and c.none > 0 and c.unplaced == 0
     assert (c.whole + c.inside) / len(focus) > 0.8
     by_id = {e.id: e for e in examples}
+    joined = 0
     for f in focus:
         ex = by_id[f.id]
-        assert f.context in {ex.context[a:b] for a, b in sentences(ex.context)}
+        spans = sentences(ex.context)
+        ends = {b: j for j, (_, b) in enumerate(spans)}
+        runs = [(i, ends[a + len(f.context)]) for i, (a, _) in enumerate(spans)
+                if ex.context.startswith(f.context, a) and a + len(f.context) in ends]
+        assert runs, f.id  # sentences i..j of the original context
+        i, j = runs[0]
+        start = spans[i][0]  # each sentence joined on was needed: the text before it had too few words
+        assert all(len(re.findall(r"\w+", ex.context[start:spans[k][1]])) < MIN_UNIT_WORDS for k in range(i, j))
+        joined += j > i
         assert f.answer in f.context and ex.answer.strip().startswith(f.answer)
+    assert joined == c.joined
 
 
 def test_data_focus_names_a_file_in_the_way_of_its_out_directory(tmp_path, capsys):
