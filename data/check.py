@@ -2,14 +2,18 @@
                      [--tokenizer SRC [--channel UNIT [--max-candidates N] [--max-clause-tokens N]]]
 
 Loads a dataset, checks that every answer is its context's own text (repairing near-matches, rejecting the
-rest), and prints counts per split and category, token lengths and how many examples --seq-len would truncate.
-Without --tokenizer, token counts are estimated as characters / 4 (said so in the report). With --channel, also
-the longest row engine.channel_train can build from each example (its candidates and the empty clause, each
-followed by the query, packed in one row), to size its memory with engine.memory.
+rest), and prints counts per split and category, token lengths and what rows of --seq-len tokens do to the
+examples: with --tokenizer, counted by data.batch.encode_example, which builds training's rows (contexts
+shortened, long clauses supervised on their first tokens, skipped); without, estimated as characters / 4 (said
+so). With --channel, also the longest row engine.channel_train can build from each example (its candidates and
+the empty clause, each followed by the query, packed in one row), to size its memory with engine.memory.
 Exit status: 0 ok, 1 more than --max-rejected rejected, 2 bad input (one line on stderr, no traceback).
 """
 import argparse
+import dataclasses
 import json
+import os
+import signal
 import sys
 import time
 
@@ -33,28 +37,41 @@ def _load_tokenizer(src: str):
 
 
 def token_stats(examples: list[Example], seq_len: int, tok=None) -> dict:
-    """Length of prompt + answer in tokens (or chars / 4), and how many exceed seq_len."""
+    """Length of prompt + answer in tokens (or chars / 4), and what a row of seq_len does to the examples: with a
+    tokenizer, counted by data.batch.encode_example itself, the function training builds its rows with (context
+    shortened, target cut to the clause's first tokens, skipped); without one, its rule applied to the estimate."""
     if tok is None:
-        full = np.array([len(render_prompt(e)) + len(e.answer) + 20 for e in examples]) / 4  # +20: chat markup
-        ans = np.array([len(e.answer) for e in examples]) / 4
+        prompt = np.array([len(render_prompt(e)) + 16 for e in examples]) / 4   # +16: chat markup, +4: end of turn
+        target = np.array([len(e.answer) + 4 for e in examples]) / 4
         how = "estimated as characters / 4 (pass --tokenizer SRC to count)"
     else:
-        texts = [tok.chat_prompt(render_prompt(e)) + tok.chat_answer(e.answer) for e in examples]
         enc = getattr(tok, "encode_batch", None) or (lambda ts: [tok.encode(t) for t in ts])
-        full = np.array([len(x) for x in enc(texts)])
-        ans = np.array([len(x) for x in enc([e.answer for e in examples])])
+        prompt = np.array([len(x) for x in enc([tok.chat_prompt(render_prompt(e)) for e in examples])])
+        target = np.array([len(x) for x in enc([tok.chat_answer(e.answer) for e in examples])])
         how = f"counted with {getattr(tok, 'source', 'the tokenizer')}"
+    full = prompt + target   # as encode_example tokenizes them: apart
+    out = {"how": how, "seq_len": seq_len, "p50": 0, "p90": 0, "max": 0, "over_seq_len": 0, "answer_too_long": 0,
+           "answer_target_cut": 0}
     if not len(full):
-        return {"how": how, "seq_len": seq_len, "p50": 0, "p90": 0, "max": 0, "over_seq_len": 0, "answer_too_long": 0,
-                "answer_target_cut": 0}
-    is_clause = np.array([e.answer != NONE for e in examples])
-    # data.batch.encode_example: the answer must fit whole in the context plus >= 16 target tokens and ~60 tokens
-    # of template, else the example is skipped; if it fits in the context but not twice, only its start is the target
-    skipped = int(((ans + 16 + 60 > seq_len) & is_clause).sum())
-    partial = int(((2 * ans + 60 > seq_len) & (ans + 16 + 60 <= seq_len) & is_clause).sum())
-    return {"how": how, "seq_len": seq_len, "p50": int(np.percentile(full, 50)), "p90": int(np.percentile(full, 90)),
-            "max": int(full.max()), "over_seq_len": int((full > seq_len).sum()), "answer_too_long": skipped,
-            "answer_target_cut": partial}
+        return out
+    over = [e for e, n in zip(examples, full) if n > seq_len]
+    if tok is not None:
+        from data.batch import encode_example   # torch: only with --tokenizer (which loads it anyway)
+
+        rows = [encode_example(tok, e, seq_len) for e in over]
+        skipped = sum(r is None for r in rows)
+        cut = sum(r.target_cut for r in rows if r is not None)
+    else:   # encode_example's rule on the estimate: skipped when the clause cannot be whole in the context (+2
+        # tokens around it) beside min(16, target) target tokens; cut when half the room its copy leaves is less
+        # than the target (the context's budget keeps the other half for other text)
+        t = target[full > seq_len]
+        empty = np.array([len(render_prompt(dataclasses.replace(e, context=""))) + 16 for e in over]) / 4
+        in_ctx = np.array([0 if e.answer == NONE else len(e.answer) / 4 + 2 for e in over])
+        fits = empty + in_ctx + np.minimum(16, t) <= seq_len
+        skipped = int((~fits).sum())
+        cut = int((fits & ((seq_len - empty - in_ctx + 1) / 2 < t)).sum())
+    return {**out, "p50": int(np.percentile(full, 50)), "p90": int(np.percentile(full, 90)), "max": int(full.max()),
+            "over_seq_len": len(over) - skipped, "answer_too_long": skipped, "answer_target_cut": cut}
 
 
 def channel_stats(examples: list[Example], tok, unit: str, max_candidates: int, max_clause_tokens: int) -> dict:
@@ -84,6 +101,13 @@ def format_channel(ch: dict) -> str:
 def format_report(rep: Report, tokens: dict, seconds: float) -> str:
     lines = [f"data.check {rep.spec}  ({seconds:.1f} s)"]
     src = rep.source
+    part = src.get("holdout")
+    if part:   # fit / calib: the loader's lines below count the whole train split the part is cut from
+        unit = {"acord": "queries", "cuad": "contracts", "synthetic": "documents"}.get(rep.spec.split(":")[0],
+                                                                                      "examples")
+        lines.append(f"split {part['part']}: {part['examples']} of the train split's {part['of_train']} examples "
+                     f"({part['examples'] / max(1, part['of_train']):.1%}, cut by whole {unit}); the loader's lines "
+                     f"count all of train, those from 'examples:' on the {part['part']} part only")
     if "counts" in src:
         lines.append("source counts: " + "; ".join(f"{s}: " + ", ".join(f"{k} {v}" for k, v in c.items())
                                                    for s, c in src["counts"].items()))
@@ -112,7 +136,8 @@ def format_report(rep: Report, tokens: dict, seconds: float) -> str:
     lines += [f"  rejected: {r}" for r in rep.rejected_list]
     lines.append("per split:")
     for s, c in rep.per_split.items():
-        lines.append(f"  {s:6s} " + "  ".join(f"{k} {v}" for k, v in sorted(c.items())))
+        name = f"{part['part']} (part of train)" if part and s == "train" else s
+        lines.append(f"  {name:6s} " + "  ".join(f"{k} {v}" for k, v in sorted(c.items())))
     lines.append(f"per category ({len(rep.per_category)}):  examples / clause / NONE / repaired / rejected")
     width = max((len(k) for k in rep.per_category), default=10)
     for cat, c in sorted(rep.per_category.items()):
@@ -120,14 +145,33 @@ def format_report(rep: Report, tokens: dict, seconds: float) -> str:
                      f"{c['repaired']:6d} {c['rejected']:6d}")
     lines.append(f"tokens (prompt + answer, {tokens['how']}): p50 {tokens['p50']}  p90 {tokens['p90']}  "
                  f"max {tokens['max']}")
-    lines.append(f"at --seq-len {tokens['seq_len']}: {tokens['over_seq_len']} examples would have their context "
-                 "shortened (whole paragraphs dropped at random, never the answer), "
-                 f"{tokens['answer_target_cut']} long clauses supervised on their first tokens only (the clause fits "
-                 "in the context but not twice), "
-                 f"{tokens['answer_too_long']} skipped (the clause plus 16 target tokens and the template exceed "
-                 "--seq-len)")
+    how = "counted by data.batch.encode_example, which builds training's rows" if tokens["how"].startswith(
+        "counted") else "estimated with data.batch.encode_example's rule"
+    lines.append(f"at --seq-len {tokens['seq_len']}: {tokens['over_seq_len']} examples have their context shortened "
+                 f"(paragraphs dropped at random, never the answer), {tokens['answer_target_cut']} of them long "
+                 "clauses supervised on their first tokens only (the clause stays whole in the context, which keeps "
+                 "half the room beside it for other text; the target gets what is left), "
+                 f"{tokens['answer_too_long']} skipped (the clause whole in the context, 16 target tokens and the "
+                 f"template exceed --seq-len); {how}")
     lines.append(f"rejected fraction {rep.rejected_fraction():.2%}")
     return "\n".join(lines)
+
+
+def _say(text: str) -> None:
+    """print() to standard output, flushed: a reader that has gone (`| head`) ends the command quietly, as it would
+    a Unix tool (exit status 141, 128 + SIGPIPE; stdout pointed at /dev/null so that the interpreter's own flush
+    at exit does not complain), as engine.extract's does; any other failure names standard output."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout with no descriptor (a test's capture)
+            pass
+        raise SystemExit(128 + signal.SIGPIPE) from None
+    except OSError as e:
+        raise DataError(f"standard output: cannot write to it ({e.strerror or e}); redirect it elsewhere") from None
 
 
 def main(argv=None) -> int:
@@ -164,10 +208,10 @@ def main(argv=None) -> int:
             if args.channel else None
         seconds = time.perf_counter() - t0
         if args.json:
-            print(json.dumps({**rep.to_dict(), "tokens": tokens, **({"channel": channel} if channel else {}),
-                              "seconds": round(seconds, 2)}, indent=1))
+            _say(json.dumps({**rep.to_dict(), "tokens": tokens, **({"channel": channel} if channel else {}),
+                             "seconds": round(seconds, 2)}, indent=1))
         else:
-            print(format_report(rep, tokens, seconds) + (f"\n{format_channel(channel)}" if channel else ""))
+            _say(format_report(rep, tokens, seconds) + (f"\n{format_channel(channel)}" if channel else ""))
         check_rejected(rep, args.max_rejected)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,9 +6,11 @@
   must be their context's own text), the CUAD loader (clause strings in contracts) and extraction (a free-text
   generation snapped onto the contract).
 - snap_start / snap_end: move a cut so it does not split a word (or, with line_reach, falls at a line end).
-- paragraphs / cut_context: a context shortened to a budget by dropping whole paragraphs, the answer kept.
+- paragraphs / cut_context: a context shortened to a budget by dropping whole paragraphs, the answer kept (a
+  word-cut window of one left out fills a budget otherwise left mostly empty).
 - make_windows: overlapping windows over a text too long for one prompt.
 """
+import bisect
 import random
 import re
 from dataclasses import dataclass
@@ -175,12 +177,16 @@ def paragraphs(text: str) -> list[tuple[int, int]]:
 def cut_context(context: str, answer: str, max_chars: int, key: str = "") -> str:
     """At most max_chars of context, holding the whole answer, cut so that nothing marks where the answer is.
 
-    Whole paragraphs first: the answer's paragraph(s) stay, the others are dropped in a random order (seeded by
-    `key`, the example id) until the rest fits; the order of what stays is kept. For ACORD this drops whole
-    distractor clauses and leaves the clause at a random place among the others. Only when the answer's own
-    paragraph(s) are still too long is a character window taken, with the answer at a uniformly random offset in
-    it (not centred: a model must not learn "the answer is in the middle"), cut at word boundaries. NONE: the same
-    with no paragraph protected. Answers must be validated (verbatim in context) first.
+    Whole paragraphs first: the answer's paragraph(s) stay, the others are taken in a random order (seeded by
+    `key`, the example id), each kept if it still fits; what stays keeps the context's order. For ACORD this keeps
+    whole distractor clauses and leaves the clause at a random place among them. If more than half the room
+    beside the answer is still empty (the paragraphs left out are longer than it, as ACORD's clauses often are), a
+    window of the first paragraph left out, at a random offset and cut at words, fills it in that paragraph's
+    place: else a long clause's context was often the clause alone (a fifth of ACORD's train clauses at seq_len
+    1024, teaching "copy the start of the context") and a NONE context could be a page number. Only when
+    the answer's own paragraph(s) are too long is a character window taken, with the answer at a uniformly random
+    offset in it (not centred: a model must not learn "the answer is in the middle"), cut at word boundaries.
+    NONE: the same with no paragraph protected. Answers must be validated (verbatim in context) first.
     """
     if len(context) <= max_chars:
         return context
@@ -194,28 +200,46 @@ def cut_context(context: str, answer: str, max_chars: int, key: str = "") -> str
     keep = [i for i, (s, e) in enumerate(blocks) if s < b and e > a]
     others = [i for i in range(len(blocks)) if i not in keep]
     rng.shuffle(others)
-    chosen = set(range(len(blocks)))
-    size = sum(e - s for s, e in blocks) + 2 * (len(blocks) - 1)
-    while size > max_chars and others and len(chosen) > 1:
-        i = others.pop()
-        chosen.discard(i)
-        size -= blocks[i][1] - blocks[i][0] + 2
-    parts, prev = [], None
-    for i in sorted(chosen):   # neighbours keep the text between them (an answer may span paragraphs)
-        s, e = blocks[i]
+
+    def gap(i: int, j: int) -> int:   # characters between kept paragraphs i < j: their own text when neighbours
+        return blocks[j][0] - blocks[i][1] if j == i + 1 else 2
+
+    chosen = list(keep)   # sorted; keep is a run of neighbours
+    size = blocks[keep[-1]][1] - blocks[keep[0]][0] if keep else 0   # len of the joined text, exactly
+    spare, dropped = max_chars - size, []
+    for i in others:
+        k = bisect.bisect(chosen, i)
+        p, q = (chosen[k - 1] if k else None), (chosen[k] if k < len(chosen) else None)
+        grow = blocks[i][1] - blocks[i][0] + (p is not None and gap(p, i)) + (q is not None and gap(i, q)) \
+            - (p is not None and q is not None and gap(p, q))
+        if size + grow <= max_chars:
+            chosen.insert(k, i)
+            size += grow
+        else:
+            dropped.append(i)
+    pieces = {i: context[blocks[i][0]:blocks[i][1]] for i in chosen}
+    if size <= max_chars and dropped and max_chars - size > spare / 2:
+        i = dropped[0]   # the first paragraph left out, in the seeded order: a random one, not the answer's neighbour
+        width = max_chars - size - (2 if chosen else 0)   # a blank line beside what is kept
+        para = context[blocks[i][0]:blocks[i][1]]
+        if width > 0:
+            s = rng.randint(0, max(0, len(para) - width))
+            e = s + width
+            piece = para[snap_start(para, s, e):snap_end(para, e, s)].strip()
+            if piece:
+                pieces[i] = piece
+    whole, parts, prev = set(chosen), [], None
+    for i in sorted(pieces):   # neighbours keep the text between them (an answer may span paragraphs)
         if prev is not None:
-            parts.append(context[blocks[prev][1]:s] if prev == i - 1 else "\n\n")
-        parts.append(context[s:e])
+            own = prev == i - 1 and i in whole and prev in whole   # not beside the window of one left out
+            parts.append(context[blocks[prev][1]:blocks[i][0]] if own else "\n\n")
+        parts.append(pieces[i])
         prev = i
     text = "".join(parts)
     if len(text) <= max_chars:
         return text
-    # one paragraph (or the answer's own) is longer than the budget: a window with the answer at a random offset
-    if answer == NONE:
-        s = rng.randint(0, len(text) - max_chars)
-        e = s + max_chars
-        s, e = snap_start(text, s, e), snap_end(text, e, s)
-        return text[s:e].strip()
+    # the answer's own paragraph(s) are longer than the budget: a window with the answer at a random offset
+    assert answer != NONE and chosen == keep, "a cut over budget without an answer too long for it"
     a = text.find(answer)
     b = a + len(answer)
     room = max(0, max_chars - len(answer))

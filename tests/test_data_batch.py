@@ -54,11 +54,12 @@ def _assert_whole(tok, ex, enc, seq_len):
     n = _split(enc)
     target = tok.encode(tok.chat_answer(ex.answer))
     assert enc.input_ids[n:] == target[:len(enc) - n]  # the target is the answer's first tokens, or all of it
-    if len(enc) - n < len(target):  # a long clause: its start is supervised, never less than 16 tokens, at
-        # most half the room the clause in the context leaves (the other half holds other clauses)
+    if len(enc) - n < len(target):  # a long clause: its start is supervised, never less than 16 tokens nor half
+        # the room the clause in the context leaves (the context's budget, the other half, holds other clauses),
+        # and the row is full: the target takes what the cut context left
         overhead = len(tok.encode(tok.chat_prompt(render_prompt(dataclasses.replace(ex, context="")))))
         free = seq_len - overhead - len(tok.encode(ex.answer)) - 2
-        assert len(enc) - n == max(16, (free + 1) // 2) < len(target)
+        assert max(16, (free + 1) // 2) <= len(enc) - n < len(target) and len(enc) == seq_len
     prompt = tok.decode(enc.input_ids[:n], skip_special=False)
     if ex.answer != NONE:
         assert ex.answer in prompt  # the whole clause survives in the cut context
@@ -108,7 +109,7 @@ def test_a_long_answer_leaves_half_the_free_room_to_other_clauses(llama3_tok):
     prompt = tok.decode(enc.input_ids[:n], skip_special=False)
     overhead = len(tok.encode(tok.chat_prompt(render_prompt(dataclasses.replace(ex, context="")))))
     free = seq_len - overhead - len(tok.encode(ex.answer)) - 2
-    assert enc.target_cut and len(enc) - n <= (free + 1) // 2 + 1
+    assert enc.target_cut and len(enc) == seq_len and len(enc) - n >= (free + 1) // 2
     other = prompt.replace(ex.answer, "")
     assert sum(f"para{p}word" in other for p in range(40) if p != 5) >= 2
     head, tail = tok.chat_prompt("\x00").split("\x00")  # the user message, re-encoded as one (no specials in it)
