@@ -279,8 +279,8 @@ def block_saved(cfg, s: Setup) -> list[tuple[str, int]]:
     else:
         out += mlp_saved(cfg, s, n)
     if s.dropout:  # the adapters' inputs are their dropped copies; the norm and attention outputs are not kept
-        out += lora_dropout_rows(s, T & QKV, "q/k/v", "attention norm output", n * H)
-        out += lora_dropout_rows(s, T & {"o_proj"}, "o_proj", "attention output", n * nh * hd)
+        out += lora_dropout_rows(s, T & QKV, "q/k/v", "attention norm output", n * H, "attention")
+        out += lora_dropout_rows(s, T & {"o_proj"}, "o_proj", "attention output", n * nh * hd, "attention")
     elif T & QKV:
         out.append(("LoRA input: attention norm output", n * H * c))
     if "o_proj" in T and not s.dropout and (kernel == "math" or path.segmented):
@@ -300,22 +300,26 @@ ATTENTION = QKV | {"o_proj"}
 MLP = {"gate_proj", "up_proj", "down_proj"}
 
 
-def dropout_mask_bytes(s: Setup) -> int:
-    """Bytes per element of the mask LoRA's dropout (nn.Dropout, training) keeps for backward: CUDA's fused
-    kernel (aten.native_dropout) keeps a bool mask, and so do compiled blocks (inductor's dropout, measured on the
-    CPU); the CPU's eager dropout multiplies by a noise tensor in the input's dtype and keeps that (checked with
-    saved-tensor hooks in tests/test_ledger_dropout.py)."""
-    return 1 if s.device == "cuda" or s.compile else s.cbytes
+def dropout_mask_bytes(s: Setup, part: str) -> int:
+    """Bytes per element of the mask LoRA's dropout (nn.Dropout, training) keeps for backward, for the adapters of
+    `part` ("attention": q/k/v and o_proj; "mlp": gate/up/down): CUDA's fused kernel (aten.native_dropout) keeps a
+    bool mask, and so does compiled code (inductor's dropout, measured on the CPU); the CPU's eager dropout
+    multiplies by a noise tensor in the input's dtype and keeps that (checked with saved-tensor hooks in
+    tests/test_ledger_dropout.py). What runs compiled is model.llama.Block's rule: the whole block, or with MLP
+    tiles only the tiles' norm + MLP (qkv and o_proj then run eagerly)."""
+    assert part in ("attention", "mlp"), part
+    compiled = s.compile and (part == "mlp" or not s.tiled)
+    return 1 if s.device == "cuda" or compiled else s.cbytes
 
 
-def lora_dropout_rows(s: Setup, targets, which: str, what: str, elems: int) -> list[tuple[str, int]]:
+def lora_dropout_rows(s: Setup, targets, which: str, what: str, elems: int, part: str) -> list[tuple[str, int]]:
     """The saved rows of adapters with dropout on the same input of `elems` elements: each keeps a dropped copy
-    (lora_A's matmul saves it for its weight gradient) and the dropout's mask."""
+    (lora_A's matmul saves it for its weight gradient) and the dropout's mask (dropout_mask_bytes for `part`)."""
     if not targets:
         return []
     k = len(targets)
     return [(f"LoRA dropout {which}: dropped {what}" + (f" ×{k}" if k > 1 else ""), k * elems * s.cbytes),
-            (f"LoRA dropout {which}: mask" + (f" ×{k}" if k > 1 else ""), k * elems * dropout_mask_bytes(s))]
+            (f"LoRA dropout {which}: mask" + (f" ×{k}" if k > 1 else ""), k * elems * dropout_mask_bytes(s, part))]
 
 
 def lora_cast_bytes(cfg, s: Setup, targets) -> int:
@@ -333,8 +337,8 @@ def mlp_saved(cfg, s: Setup, n: int) -> list[tuple[str, int]]:
            ("gate_proj output", n * I * c),
            ("up_proj output", n * I * c)]  # _SiluMul keeps gate and up only, not silu(gate)
     if s.dropout:  # each adapter's own dropped input and mask; the norm output and silu(gate)*up are not kept
-        out += lora_dropout_rows(s, T & {"gate_proj", "up_proj"}, "gate/up", "MLP norm output", n * H)
-        out += lora_dropout_rows(s, T & {"down_proj"}, "down_proj", "silu(gate)*up", n * I)
+        out += lora_dropout_rows(s, T & {"gate_proj", "up_proj"}, "gate/up", "MLP norm output", n * H, "mlp")
+        out += lora_dropout_rows(s, T & {"down_proj"}, "down_proj", "silu(gate)*up", n * I, "mlp")
     else:
         if T & {"gate_proj", "up_proj"}:
             out.append(("LoRA input: MLP norm output", n * H * c))
@@ -353,7 +357,7 @@ def first_block_discount(cfg, s: Setup) -> int:
     dropouts a mask (their dropped copies are kept: A's weight gradient needs them)."""
     qkv = [t for t in ("q_proj", "k_proj", "v_proj") if t in s.lora_targets] if s.lora_r > 0 else []
     casts = len(qkv) * s.lora_r * cfg.hidden_size * s.cbytes if s.cbytes != 4 else 0
-    masks = len(qkv) * s.tokens * cfg.hidden_size * dropout_mask_bytes(s) if s.dropout else 0
+    masks = len(qkv) * s.tokens * cfg.hidden_size * dropout_mask_bytes(s, "attention") if s.dropout else 0
     return s.tokens * cfg.hidden_size * s.cbytes + s.tokens * 4 + casts + masks
 
 
@@ -404,7 +408,7 @@ def block_backward_working(cfg, s: Setup) -> int:
     n, t, c, H, I = s.tokens, s.mlp_tokens, s.cbytes, cfg.hidden_size, cfg.intermediate_size
     # with dropout, down_proj's adapter keeps its dropped copy and mask instead (mlp_saved): both freed by then in
     # eager blocks; a compiled block's backward still holds the mask (measured on the CPU, tests/test_ledger_dropout)
-    mask = dropout_mask_bytes(s) if s.dropout and not s.compile else 0
+    mask = dropout_mask_bytes(s, "mlp") if s.dropout and not s.compile else 0
     freed = t * I * (c + mask) if "down_proj" in s.lora_targets and s.lora_r > 0 else 0
     swiglu = 3 * t * I * c + swiglu_backward_temporaries(cfg, s) - freed
     down = t * I * c + dequant_transient(cfg, s)
@@ -434,7 +438,7 @@ def attention_backward_working(cfg, s: Setup) -> int:
     kv = nh if attention(cfg, s).expand_kv else nkv
     mlp = n * H * c if s.tiled else sum(b for _, b in mlp_saved(cfg, s, n))
     # with LoRA dropout o_proj's adapter kept its own dropped input and mask: its backward, done by then, freed them
-    o_drop = n * nh * hd * (c + dropout_mask_bytes(s)) if s.dropout and "o_proj" in s.lora_targets else 0
+    o_drop = n * nh * hd * (c + dropout_mask_bytes(s, "attention")) if s.dropout and "o_proj" in s.lora_targets else 0
     return -mlp - o_drop + 2 * n * H * c + n * (nh + 2 * kv) * hd * c + n * nh * hd * sdpa_dq_buffer_bytes(s)
 
 
@@ -474,6 +478,23 @@ def loss_transient(cfg, s: Setup) -> int:
 
 
 def predict(cfg, s: Setup) -> Ledger:
+    """The ledger for s, with the two comparison peaks: the other checkpointing choice, predicted as that setup
+    itself (so the line says what `--checkpointing`/`--no-checkpointing` would print), and MLP tiles of
+    TILE_HINT tokens when the run has none and is longer."""
+    led = _predict(cfg, s)
+    led.peak_other = _predict(cfg, other_checkpointing(s)).peak
+    if not s.tiled and s.tokens > TILE_HINT:
+        led.peak_tiled = _predict(cfg, dataclasses.replace(s, mlp_tile=TILE_HINT)).peak
+    return led
+
+
+def other_checkpointing(s: Setup) -> Setup:
+    """s with the other checkpointing choice (offload needs checkpointing: off with it)."""
+    return dataclasses.replace(s, checkpointing=not s.checkpointing, offload=s.offload and not s.checkpointing)
+
+
+def _predict(cfg, s: Setup) -> Ledger:
+    """predict's rows and peak, without its comparison peaks."""
     led = Ledger()
     static_rows(cfg, s, led)
     L, n, c, H = cfg.num_hidden_layers, s.tokens, s.cbytes, cfg.hidden_size
@@ -507,7 +528,7 @@ def predict(cfg, s: Setup) -> Ledger:
             f"{'block input back ' + fmt(offload_back) + ' + ' if offload_back else ''}working set {fmt(working)}"
             f"{' (MLP tiles of ' + str(s.mlp_tile) + ' tokens)' if s.tiled else ''} − {fmt(freed)} of saved "
             "loss/final-norm tensors freed by then")
-    led.add("transient", f"loss chunk ({min(s.loss_chunk, s.rows)} rows × {cfg.vocab_size} vocab)", loss_t,
+    led.add("transient", f"loss chunk ({min(s.loss_chunk, s.rows)} tokens × {cfg.vocab_size} vocab)", loss_t,
             "fp32 logits, turned into their gradient in place" + ("" if s.cbytes == 4 else f" + a {s.precision} copy"))
     final_tmp = norm_backward_temporaries(cfg, s, n, block=False)
     norm_t = 2 * n * H * c + final_tmp - saved_bytes(cfg, s, LOSS_SAVED)
@@ -518,16 +539,6 @@ def predict(cfg, s: Setup) -> Ledger:
     transients = {"block backward": block_t, "loss chunk": loss_t, "final norm backward": norm_t}
     led.transient_name = max(transients, key=transients.get)
     led.peak = static + saved + transients[led.transient_name]
-    # the other checkpointing choice, for the comparison line
-    if s.checkpointing:
-        other_saved = saved - (0 if s.offloaded else ckpt_in) + L * full_block - first
-        led.peak_other = static + other_saved + max(working - freed, loss_t, norm_t)
-    else:
-        other_saved = saved - (L * full_block - first) + ckpt_in
-        led.peak_other = static + other_saved + max(block_t + full_block - (n * H * 4 if c == 4 else 0), loss_t,
-                                                    norm_t)
-    if not s.tiled and s.tokens > TILE_HINT:
-        led.peak_tiled = predict(cfg, dataclasses.replace(s, mlp_tile=TILE_HINT)).peak
     if s.device == "cuda":
         led.add("outside", "CUDA context (not in max_memory_allocated)", CUDA_CONTEXT_BYTES, "assumption")
         led.add("outside", "allocator slack (reserved − allocated)", int(ALLOCATOR_SLACK * led.peak),
@@ -552,7 +563,7 @@ def describe(cfg, s: Setup) -> str:
             f"{'checkpointing' if s.checkpointing else 'no checkpointing'}{' + offload' if s.offload else ''}, "
             f"{f'LoRA dropout {s.lora_dropout:g}, ' if s.dropout else ''}"
             f"{'compiled blocks, ' if s.compile else ''}"
-            f"{s.optimizer}, loss chunk {s.loss_chunk}, {s.rows} supervised rows, "
+            f"{s.optimizer}, loss chunk {s.loss_chunk}, {s.rows} supervised tokens, "
             f"{attention_name(cfg, s)} attention, device {s.device}"
             + (f" sm {s.capability[0]}.{s.capability[1]}" if s.capability and s.device == "cuda" else ""))
 
@@ -576,7 +587,8 @@ def format_table(led: Ledger, measured: dict | None = None, title: str = "") -> 
                                           "transient": " (largest one counts)",
                                           "outside": " (nvidia-smi only)"}[group])
         m = measured.get(r.name, measured.get(r.name.split(" (")[0]))  # "embeddings (tied lm_head)" -> "embeddings"
-        where = " [host]" if r.where == "host" else ""
+        # host RAM and the other checkpointing choice are shown beside the saved rows but never added up
+        where = {"host": " [host] (not in total)", "none": " (not in total)"}.get(r.where, "")
         lines.append(f"{r.name:<{w}} {fmt(r.bytes):>11} {fmt(m) if m is not None else '':>11}  {r.note}{where}")
     lines.append("-" * (w + 40))
     for key, val in (("static", led.total("static")), ("saved", led.total("saved"))):

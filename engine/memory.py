@@ -4,6 +4,8 @@
     python -m engine.memory --model path/to/config.json --seq-len 32768 --batch-size 1 --offload
     python -m engine.memory --model smollm2-135m --seq-len 256 --batch-size 2 --measure   # runs real steps
     python -m engine.memory --model llama-3.2-3b --seq-len 2048 --batch-size 1 --budget 15GiB   # what fits
+    python -m engine.memory --model llama-3.2-3b --seq-len 2048 --batch-size 1 --offload --budget 15GiB \
+        --host-budget 24GiB --nproc 2   # what fits the card and, for two processes' offloaded inputs, the RAM
     python -m engine.memory --config configs/llama3_2_3b_acord_t4x2.toml --model llama-3.2-3b --capability 7.5
 
 The flags are engine.train's for the same knobs; --config takes them from a training recipe (flags override it).
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -28,8 +32,9 @@ from dataclasses import asdict, replace
 from fractions import Fraction
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.budget import fit, fit_grid, on_card
+from engine.budget import fit, fit_grid, fits, on_card, on_host
 from engine.cli import CliParser
 from engine.config import FIELDS, ConfigError, TrainConfig, read_toml, typed_value
 from engine.ledger import ALLOCATOR_SLACK, HIGH_PRECISION_ROWS, Ledger, Setup, describe, fmt, format_table, predict
@@ -242,8 +247,9 @@ def attribute_step(cfg, s: Setup, device) -> tuple[int, list]:
     """attribute_peak for one trainer step at s's shapes, after one step run before it (warm_step)."""
     model = training_model(cfg, s, device)
     ids, labels = random_batch(cfg, s, device)
-    _, next_step = warm_step(model, s, device, ids, labels, packed_segments(s).to(device) if s.pack else None)
-    return attribute_peak(next_step, device)
+    with sdpa_kernels(s):
+        _, next_step = warm_step(model, s, device, ids, labels, packed_segments(s).to(device) if s.pack else None)
+        return attribute_peak(next_step, device)
 
 
 def format_attribution(peak: int, groups: list, top: int = 20) -> str:
@@ -341,8 +347,13 @@ def random_batch(cfg, s: Setup, device="cpu", seed: int = 0, answer_frac: float 
 
 def measure_cpu(cfg, s: Setup) -> dict:
     """Resident parameter/buffer bytes and saved-activation bytes of one real forward (through engine/loss.py,
-    under autocast when the precision is not fp32) on the CPU, in the ledger's row names. Builds the model: for
-    small models."""
+    under autocast when the precision is not fp32) on the CPU, in the ledger's row names, and the peak of a
+    trainer step; the SDPA kernel s.sdpa names (sdpa_kernels). Builds the model: for small models."""
+    with sdpa_kernels(s):
+        return _measure_cpu(cfg, s)
+
+
+def _measure_cpu(cfg, s: Setup) -> dict:
     s_cpu = replace(s, device="cpu")
     model = training_model(cfg, s_cpu, "cpu")
     ids, labels = random_batch(cfg, s_cpu)
@@ -412,15 +423,16 @@ def measure_cuda(cfg, s: Setup, steps: int = 3, log=print) -> dict:
         batch["segment_ids"] = packed_segments(s).to(dev)
     step = trainer_step(model, s, dev)
     times, peaks, reserved = [], [], []
-    for i in range(steps):
-        torch.cuda.reset_peak_memory_stats()  # each step's own peak: the first also builds the optimizer state
-        t0 = time.perf_counter()  # and, with --compile, compiles (inductor's autotuning allocates too)
-        loss = step([batch], i).loss
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        peaks.append(torch.cuda.max_memory_allocated())
-        reserved.append(torch.cuda.max_memory_reserved())
-        log(f"step {i}: loss {loss:.3f}, {times[-1] * 1000:.0f} ms, peak allocated {fmt(peaks[-1])}")
+    with sdpa_kernels(s):
+        for i in range(steps):
+            torch.cuda.reset_peak_memory_stats()  # each step's own peak: the first also builds the optimizer state
+            t0 = time.perf_counter()  # and, with --compile, compiles (inductor's autotuning allocates too)
+            loss = step([batch], i).loss
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            peaks.append(torch.cuda.max_memory_allocated())
+            reserved.append(torch.cuda.max_memory_reserved())
+            log(f"step {i}: loss {loss:.3f}, {times[-1] * 1000:.0f} ms, peak allocated {fmt(peaks[-1])}")
     steady = slice(1, None) if steps > 1 else slice(None)  # the ledger predicts a steady step: after the first
     rows = resident_rows(model, step.optimizer)  # weights, adapters and optimizer state, by ledger row
     rows["LoRA gradients"] = step.grad_bytes  # as they were between backward and the optimizer step
@@ -454,53 +466,80 @@ SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb":
               "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--budget") -> int:
     """Bytes from '15GiB' (powers of 1024), '16GB' (powers of 1000: what card vendors print), '15.5GiB', '800MiB'
-    or a plain count; units case-insensitive. ValueError naming --budget otherwise."""
+    or a plain count; units case-insensitive. ValueError naming `flag` otherwise."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text)
     unit = SIZE_UNITS.get(m.group(2).lower()) if m else None
     size = int(Fraction(m.group(1)) * unit) if unit else 0  # Fraction: 15.5GiB is exact, no float rounding
     if size < 1:
-        raise ValueError(f"--budget: {text!r} is not a memory size ({SIZE_FORMS})")
+        raise ValueError(f"{flag}: {text!r} is not a memory size ({SIZE_FORMS})")
     return size
 
 
-def budget_answers(cfg, s: Setup, budget: int) -> dict:
+def budget_answers(cfg, s: Setup, budget: int, host_budget: int | None = None, nproc: int = 1) -> dict:
     """--budget's answers: for seq_len (at s's batch size) and batch_size (at s's sequence length), the largest
-    value that fits (None when none does) with the bytes at it and at the next step up, so the margin shows."""
+    value that fits the card (and `host_budget`, for `nproc` processes, when given; None when nothing fits) with
+    the bytes at it and at the next step up, so the margin shows."""
     out = {}
     for what in ("seq_len", "batch_size"):
         step, top = fit_grid(cfg, what)
-        value = fit(cfg, s, budget, what)
+        value = fit(cfg, s, budget, what, host_budget=host_budget, nproc=nproc)
         first = value or step  # nothing fits: show what the smallest step needs
         nxt = first + step if value is not None and first + step <= top else None
-        at = [budget_point(cfg, replace(s, **{what: v}), budget, what) if v else None for v in (first, nxt)]
+        at = [budget_point(cfg, replace(s, **{what: v}), budget, what, host_budget, nproc) if v else None
+              for v in (first, nxt)]
         out[what] = {"value": value, "step": step, "limit": top, "at": at[0], "next": at[1]}
     return out
 
 
-def budget_point(cfg, s: Setup, budget: int, what: str) -> dict:
+def budget_point(cfg, s: Setup, budget: int, what: str, host_budget: int | None = None, nproc: int = 1) -> dict:
     led = predict(cfg, s)
     return {what: getattr(s, what), "peak_allocated_bytes": led.peak, "on_card_bytes": on_card(led),
-            "fits": on_card(led) <= budget}
+            "host_bytes_per_process": on_host(led), "host_bytes": nproc * on_host(led),
+            "fits": fits(led, budget, host_budget, nproc)}
 
 
-def format_budget(answers: dict, s: Setup, budget: int, title: str) -> str:
+def _margin(budget: int, used: int) -> str:
+    return f"{fmt(budget - used)} to spare" if used <= budget else f"over by {fmt(used - budget)}"
+
+
+def format_budget(answers: dict, s: Setup, budget: int, title: str, host_budget: int | None = None,
+                  nproc: int = 1) -> str:
+    cuda = s.device == "cuda"
     compared = (f"peak allocated + CUDA context + {ALLOCATOR_SLACK:.0%} allocator slack (what nvidia-smi would show)"
-                if s.device == "cuda" else "peak allocated (no CUDA context or allocator slack off CUDA)")
+                if cuda else "peak allocated (no CUDA context or allocator slack off CUDA)")
+    where = "on the card" if cuda else "in memory"
+    procs = f"{nproc} process{'es' if nproc > 1 else ''}"
     lines = [title, f"budget {fmt(budget)} ({budget:,} bytes), compared with the predicted {compared}"]
+    if host_budget is not None:
+        lines.append(f"host budget {fmt(host_budget)} ({host_budget:,} bytes) for {procs}, compared with the "
+                     "offloaded block inputs kept in host RAM (not the processes themselves, their libraries "
+                     "or the data)" + ("" if answers["seq_len"]["at"]["host_bytes"] else
+                                      ": nothing is offloaded without --offload on a GPU, so it limits nothing"))
     for what, label, fixed in (("seq_len", "longest sequence at batch", s.batch_size),
                                ("batch_size", "largest batch at sequence", s.seq_len)):
         a = answers[what]
         unit = "tokens" if what == "seq_len" else "rows"
         head = f"{label} {fixed}: " + (f"{a['value']} {unit}" if a["value"] else "none fits")
-        lines.append(head + (f" (steps of {a['step']}, model limit {a['limit']})" if what == "seq_len" else ""))
+        head += f" (steps of {a['step']}, model limit {a['limit']})" if what == "seq_len" else ""
+        host = a["at"]["host_bytes_per_process"]
+        if a["value"] and host and host_budget is None:  # offload: the answer's other cost, said beside it
+            head += (f"; its offloaded block inputs need {fmt(host)} of host RAM per process"
+                     + (f", {fmt(nproc * host)} for {procs}" if nproc > 1 else "")
+                     + " (--host-budget SIZE limits the answer to the RAM you have)")
+        lines.append(head)
         for p in (a["at"], a["next"]):
             if p is not None:
-                margin = budget - p["on_card_bytes"]
-                lines.append(f"  {what.split('_')[0]} {p[what]:>6}: peak allocated {fmt(p['peak_allocated_bytes'])}"
-                             f", on the card {fmt(p['on_card_bytes'])} "
-                             + (f"({fmt(margin)} to spare)" if margin >= 0 else f"(over by {fmt(-margin)})"))
+                line = (f"  {what.split('_')[0]} {p[what]:>6}: peak allocated {fmt(p['peak_allocated_bytes'])}, "
+                        f"{where} {fmt(p['on_card_bytes'])} ({_margin(budget, p['on_card_bytes'])})")
+                if p["host_bytes_per_process"]:
+                    line += f"; host RAM {fmt(p['host_bytes_per_process'])} per process"
+                    if nproc > 1 or host_budget is not None:
+                        line += f", {fmt(p['host_bytes'])} for {procs}"
+                    if host_budget is not None:
+                        line += f" ({_margin(host_budget, p['host_bytes'])})"
+                lines.append(line)
         if a["value"] and a["next"] is None:
             lines.append(f"  (the next step would pass the {'model' if what == 'seq_len' else 'search'} limit)")
     return "\n".join(lines)
@@ -535,7 +574,7 @@ def add_run_flags(p: argparse.ArgumentParser, *, seq_len=None, batch_size=None):
                    help="rows per micro-batch")
     p.add_argument("--lora-r", type=int, default=FIELDS["lora_r"].default, help="LoRA rank")
     p.add_argument("--loss-chunk", type=int, default=FIELDS["loss_chunk"].default,
-                   help="supervised rows per lm_head/cross-entropy chunk")
+                   help="supervised tokens per lm_head/cross-entropy chunk")
     p.add_argument("--precision", choices=MODES, default="auto",
                    help="compute dtype (auto: bf16 on sm >= 80, fp16 below, fp32 on the CPU)")
     deprecated_alias(p, "--dtype", "--precision", "precision", choices=MODES)
@@ -576,8 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="packed rows (one causal SDPA call per example, no (T, T) mask: model.llama.attention_path)")
     deprecated_alias(p, "--packed", "--pack", "pack", nargs=0, const=True)
     p.add_argument("--sdpa", choices=["auto", "flash", "efficient", "math"], default="auto",
-                   help="SDPA kernel to assume (auto: model.llama.attention_path's choice: GPUs before sm 80 and "
-                        "masked rows get k/v copied to every head and the memory-efficient kernel, never math)")
+                   help="SDPA kernel to predict for, and --measure runs it (torch.nn.attention.sdpa_kernel); auto: "
+                        "model.llama.attention_path's choice (GPUs before sm 80 and masked rows get k/v copied to "
+                        "every head and the memory-efficient kernel, never math). flash needs sm 80 on CUDA; the CPU "
+                        "has flash and math. math: the ledger counts its saved (B, heads, T, T) probabilities, not "
+                        "its backward's working set (on the CPU --measure found up to 2.5× the prediction)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="device the prediction is for")
     p.add_argument("--capability", metavar="MAJOR.MINOR", help="CUDA compute capability to predict for, e.g. 7.5 "
                    "for a T4 (no flash attention: k/v copied to every head); default: the visible GPU's, else 8.0")
@@ -590,7 +632,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "allocated it (CPU: the profiler; CUDA: the allocator's history)")
     p.add_argument("--budget", metavar="SIZE",
                    help=f"GPU memory to fit in ({SIZE_FORMS}): prints the longest sequence at --batch-size and the "
-                        "largest batch at --seq-len whose predicted peak + CUDA context + allocator slack fits")
+                        "largest batch at --seq-len whose predicted peak + CUDA context + allocator slack fits, and "
+                        "with --offload the host RAM each answer's offloaded block inputs take")
+    p.add_argument("--host-budget", metavar="SIZE",
+                   help="with --budget and --offload: host RAM the offloaded block inputs of --nproc processes may "
+                        "take (same forms as --budget); the answers then fit both. Counts those inputs only, not "
+                        "the processes themselves")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes on the machine (./launch.sh --nproc N: one per GPU), each with its own block "
+                        "inputs in host RAM under --offload: --budget's host figures and --host-budget count all N")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p
 
@@ -680,7 +730,7 @@ def _setup(args) -> tuple[object, Setup]:
     if not 0 <= args.lora_dropout < 1:
         raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     for flag, v in (("--lora-r", args.lora_r), ("--loss-chunk", args.loss_chunk), ("--steps", args.steps),
-                    ("--supervised", 1 if args.supervised is None else args.supervised)):
+                    ("--supervised", 1 if args.supervised is None else args.supervised), ("--nproc", args.nproc)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
@@ -706,7 +756,36 @@ def _setup(args) -> tuple[object, Setup]:
                          f"(sm {'.'.join(map(str, torch.cuda.get_device_capability()))}); drop one of them")
     s = Setup.from_config(run, precision=precision, device=device, supervised=args.supervised, sdpa=args.sdpa,
                           capability=capability)
-    return load_config(args.model), s
+    check_sdpa(s)
+    cfg = load_config(args.model)
+    if s.seq_len > cfg.max_position_embeddings:  # --budget's search stops there too (engine.budget.fit_grid)
+        raise ValueError(f"--seq-len {s.seq_len} is above {args.model}'s max_position_embeddings "
+                         f"{cfg.max_position_embeddings}: the model has no positions past it (its RoPE, scaling "
+                         f"included, ends there); give --seq-len {cfg.max_position_embeddings} or less")
+    return cfg, s
+
+
+def check_sdpa(s: Setup) -> None:
+    """ValueError (one line) for an --sdpa kernel the device predicted for does not have: PyTorch's CPU SDPA has
+    flash and math only; CUDA's flash kernel needs sm 80 (a T4, sm 75, has the memory-efficient one)."""
+    if s.sdpa == "efficient" and s.device == "cpu":
+        raise ValueError("--sdpa efficient: PyTorch has no memory-efficient SDPA kernel on the CPU (flash and math "
+                         "only); use --sdpa flash, math or auto, or predict for --device cuda")
+    if s.sdpa == "flash" and s.device == "cuda":
+        cap = s.capability or (torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0))
+        if cap[0] < 8:
+            raise ValueError(f"--sdpa flash: CUDA's flash attention needs sm 8.0 or newer, not sm {cap[0]}.{cap[1]} "
+                             "(a T4 is 7.5); use --sdpa efficient, math or auto")
+
+
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "math": SDPBackend.MATH}
+
+
+def sdpa_kernels(s: Setup):
+    """What a measured step runs under: the SDPA kernel --sdpa names (torch.nn.attention.sdpa_kernel), so the
+    measured column is the predicted one's; auto: PyTorch's own choice, as the trainer runs."""
+    return contextlib.nullcontext() if s.sdpa == "auto" else sdpa_kernel(SDPA_BACKENDS[s.sdpa])
 
 
 def parse_capability(text: str | None) -> tuple[int, int] | None:
@@ -725,13 +804,17 @@ def print_budget(args, cfg, s: Setup) -> int:
         raise ValueError("--budget predicts only; to confirm its answer, run --measure at that --seq-len and "
                          "--batch-size")
     budget = parse_size(args.budget)
-    answers = budget_answers(cfg, s, budget)
+    host_budget = None if args.host_budget is None else parse_size(args.host_budget, "--host-budget")
+    answers = budget_answers(cfg, s, budget, host_budget, args.nproc)
     if args.json:
-        print(json.dumps({"model": args.model, "setup": asdict(s), "budget_bytes": budget,
-                          "compared": "on_card_bytes: predicted peak allocated + CUDA context + slack (cuda)",
-                          **answers}, indent=1))
+        _say(json.dumps({"model": args.model, "setup": asdict(s), "budget_bytes": budget,
+                         "host_budget_bytes": host_budget, "nproc": args.nproc,
+                         "compared": "on_card_bytes: predicted peak allocated + CUDA context + slack (cuda); "
+                                     "host_bytes: the offloaded block inputs of nproc processes",
+                         **answers}, indent=1))
     else:
-        print(format_budget(answers, s, budget, f"memory budget for {args.model}: {describe(cfg, s)}"))
+        _say(format_budget(answers, s, budget, f"memory budget for {args.model}: {describe(cfg, s)}", host_budget,
+                           args.nproc))
     return 0
 
 
@@ -743,13 +826,15 @@ def main(argv=None) -> int:
         return 2
     try:
         cfg, s = _setup(args)
+        if args.host_budget is not None and args.budget is None:
+            raise ValueError("--host-budget needs --budget (it limits --budget's answers to the host RAM)")
         if args.budget is not None:
             return print_budget(args, cfg, s)
         led = predict(cfg, s)
         measured, oom = None, None
         if args.measure:
             check_device_tools(s.to_config(), s.device)  # before the model is built at real shapes
-            log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+            log = (lambda *a: print(*a, file=sys.stderr)) if args.json else (lambda *a: _say(" ".join(map(str, a))))
             try:
                 if s.device == "cuda":
                     measured = measure_cuda(cfg, s, steps=args.steps, log=log)
@@ -763,22 +848,54 @@ def main(argv=None) -> int:
                     log(format_attribution(peak, groups))
             except torch.OutOfMemoryError as e:  # a result too: these shapes do not fit this device
                 oom = out_of_memory_gist(e)
+            except RuntimeError as e:  # a forced --sdpa kernel that refuses these inputs (check_sdpa passed)
+                if s.sdpa == "auto" or "No viable backend" not in str(e) and "No available kernel" not in str(e):
+                    raise
+                raise ValueError(f"--sdpa {s.sdpa}: PyTorch has no such kernel for these inputs on {s.device} "
+                                 f"({str(e).splitlines()[0]}); try --sdpa auto") from None
         elif args.attribute:
             raise ValueError("--attribute needs --measure (it runs a real step)")
     except (OSError, ValueError) as e:
         print(f"engine.memory: error: {e}", file=sys.stderr)
         return 2
+    host = on_host(led)
     if args.json:
-        print(json.dumps({"model": args.model, "setup": asdict(s), "ledger": led.to_dict(),
-                          "measured": measured, **({"out_of_memory": oom} if oom else {})}, indent=1))
+        _say(json.dumps({"model": args.model, "setup": asdict(s), "ledger": led.to_dict(), "nproc": args.nproc,
+                         "host_bytes": args.nproc * host, "measured": measured,
+                         **({"out_of_memory": oom} if oom else {})}, indent=1))
     else:
-        print(format_table(led, measured, title=f"memory ledger for {args.model}: {describe(cfg, s)}"))
+        _say(format_table(led, measured, title=f"memory ledger for {args.model}: {describe(cfg, s)}"))
+        if host and args.nproc > 1:
+            _say(f"host RAM for {args.nproc} processes' offloaded block inputs: {fmt(args.nproc * host)} "
+                 f"({fmt(host)} each)")
     if oom:
         print(f"engine.memory: error: the measured step ran out of memory ({oom}); the ledger predicted "
               f"{fmt(led.peak)} peak allocated{'' if measured else ', the table shows the prediction alone'}",
               file=sys.stderr)
         return 1
     return 0
+
+
+def _say(text: str) -> None:
+    """print() to standard output, flushed: a reader that has gone (`| head -1`) ends the command quietly, as it
+    would a Unix tool (exit status 141, 128 + SIGPIPE; stdout pointed at /dev/null so that the interpreter's own
+    flush at exit does not complain), and any other failure (`> /dev/full`) is one line naming standard output
+    (exit 2). engine.extract's _say does the same for its answers."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout with no descriptor (a test's capture)
+            pass
+        raise SystemExit(128 + signal.SIGPIPE) from None
+    except OSError as e:
+        print(f"engine.memory: error: standard output: cannot write to it ({e.strerror or e}); "
+              + ("free disk space or redirect it elsewhere" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                 else "redirect it elsewhere"), file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def out_of_memory_gist(e: BaseException) -> str:

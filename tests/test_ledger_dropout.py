@@ -40,10 +40,11 @@ def test_dropout_keeps_a_mask_of_the_bytes_the_ledger_counts(dtype):
     x = torch.randn(64, 32, dtype=dtype, requires_grad=True)
     cpu, cuda = Setup(seq_len=2, batch_size=1, device="cpu", precision="fp32" if dtype == torch.float32 else "bf16"), \
         Setup(seq_len=2, batch_size=1, device="cuda")
-    assert _saved_bytes(lambda: F.dropout(x, 0.05, training=True)) == [(dtype, x.numel() *
-                                                                        ledger.dropout_mask_bytes(cpu))]
-    assert _saved_bytes(lambda: torch.native_dropout(x, 0.05, True)) == [(torch.bool, x.numel() *
-                                                                          ledger.dropout_mask_bytes(cuda))]
+    for part in ("attention", "mlp"):
+        assert _saved_bytes(lambda: F.dropout(x, 0.05, training=True)) == [(dtype, x.numel() *
+                                                                            ledger.dropout_mask_bytes(cpu, part))]
+        assert _saved_bytes(lambda: torch.native_dropout(x, 0.05, True)) == [(torch.bool, x.numel() *
+                                                                              ledger.dropout_mask_bytes(cuda, part))]
 
 
 @pytest.mark.parametrize("tile", [0, 96], ids=["whole", "tiles"])
@@ -70,13 +71,16 @@ def _mid_config():
 
 
 @pytest.mark.parametrize("precision,checkpointing,tile,compiled", [
-    ("bf16", True, 0, False), ("bf16", False, 0, False), ("fp32", True, 256, False), ("fp32", True, 0, True)],
-    ids=["bf16-ckpt", "bf16-no-ckpt", "fp32-ckpt-tiles", "fp32-ckpt-compiled"])
+    ("bf16", True, 0, False), ("bf16", False, 0, False), ("fp32", True, 256, False), ("fp32", True, 0, True),
+    ("fp32", True, 256, True)],
+    ids=["bf16-ckpt", "bf16-no-ckpt", "fp32-ckpt-tiles", "fp32-ckpt-compiled", "fp32-ckpt-tiles-compiled"])
 def test_predicted_peak_with_lora_dropout_matches_the_cpu_allocator(precision, checkpointing, tile, compiled):
     """The trainer step's peak with dropout 0.05, and what the dropout adds to it, as the ledger predicts: the
     recomputed block holds every adapter's dropped input and mask, and down_proj's backward has freed its own
     before the SwiGLU backward (measured +10.5 MB at bf16 with checkpointing, predicted +13.4 MB before that).
-    Compiled blocks keep bool masks (inductor's dropout), and their backward frees down_proj's later."""
+    Compiled blocks keep bool masks (inductor's dropout), and their backward frees down_proj's later; with MLP
+    tiles only the tiles are compiled, so the attention adapters keep the eager dropout's fp32 masks (the ledger
+    counted bool masks for them too, and was 14% low here)."""
     if compiled and not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("inductor on the CPU compiles C++: no c++/g++ on this machine (apt install g++)")
     cfg = _mid_config()
@@ -87,7 +91,10 @@ def test_predicted_peak_with_lora_dropout_matches_the_cpu_allocator(precision, c
     got0, got = measure_cpu(cfg, s)["peak allocated"], measure_cpu(cfg, dropped)["peak allocated"]
     want0, want = predict(cfg, s).peak, predict(cfg, dropped).peak
     assert abs(want - got) <= 0.03 * got, (ledger.fmt(want), ledger.fmt(got))
-    assert abs((want - want0) - (got - got0)) <= 0.02 * (got - got0), (want - want0, got - got0)
+    # compiled tiles: the peak without dropout is itself predicted 4% high (25.8 vs 24.8 MiB, 1.0 of the 15.2 MiB
+    # the dropout adds), so the difference carries that
+    tol = 0.05 if compiled and tile else 0.02
+    assert abs((want - want0) - (got - got0)) <= tol * (got - got0), (want - want0, got - got0)
 
 
 def test_attention_backward_no_longer_holds_o_projs_dropped_input():
@@ -139,16 +146,23 @@ def test_cli_lora_dropout_reaches_the_ledger_and_the_measured_model(tmp_path, ca
     assert "--lora-dropout must be in [0, 1)" in err and len(err.splitlines()) == 1
 
 
-def test_compiled_blocks_keep_bool_dropout_masks():
+@pytest.mark.parametrize("tile", [0, 64], ids=["whole", "tiles"])
+def test_compiled_blocks_keep_bool_dropout_masks(tile):
     """inductor's dropout (--compile) keeps a bool mask where the CPU's eager one keeps a noise tensor in the
-    input's dtype: the saved bytes, measured with hooks, are what the ledger counts for compiled blocks."""
+    input's dtype: the saved bytes, measured with hooks, are what the ledger counts for compiled blocks. With MLP
+    tiles only the tiles are compiled (model.llama.Block.forward): q/k/v and o_proj's adapters run eagerly and
+    keep fp32 masks (the ledger counted bool ones: 16% of the saved bytes low without checkpointing)."""
     if not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("inductor on the CPU compiles C++: no c++/g++ on this machine (apt install g++)")
     cfg = LlamaConfig.from_hf_dict(tiny_config_dict(hidden_size=256, intermediate_size=512, num_attention_heads=8,
                                                     num_key_value_heads=2, head_dim=32))
     s = Setup(seq_len=128, batch_size=2, lora_r=8, precision="fp32", device="cpu", checkpointing=False,
-              lora_dropout=0.05, supervised=64, loss_chunk=32, compile=True)
+              lora_dropout=0.05, supervised=64, loss_chunk=32, compile=True, mlp_tile=tile)
     torch._dynamo.reset()
     got = measure_cpu(cfg, s)["total saved"]
     assert predict(cfg, s).total("saved") == got
-    assert predict(cfg, replace(s, compile=False)).total("saved") > got  # the eager rule (fp32 masks) is not it
+    eager = predict(cfg, replace(s, compile=False)).total("saved")
+    if tile:  # the tiles keep only their input: what is saved is the eager attention's, fp32 masks included
+        assert eager == got
+    else:
+        assert eager > got  # the eager rule (fp32 masks) is not it
