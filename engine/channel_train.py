@@ -55,7 +55,7 @@ from model import load_model, load_tokenizer
 from model.adapter import check_adapter, load_adapter, save_adapter
 from model.channel import CHANNEL_NULL, IGNORE, UNITS, channel_batch, longest_channel_row, units
 from model.files import atomic_write_text
-from model.load import EMBEDDED
+from model.load import EMBEDDED, check_model
 
 
 class ChannelLoss(torch.nn.Module):
@@ -388,8 +388,8 @@ def _check_start(guard: RunDir, cfg: TrainConfig, args, resume: bool) -> None:
 
 def preflight(argv: list[str]) -> int:
     """What ./launch.sh --channel runs once, in one process, before torchrun starts N of them: the flags, the run
-    directory, the data, --hard-negatives and --init-adapter are checked here, so a mistake is one line of error
-    instead of N copies inside torchrun's report. 0 when all is well, else 2 (usage) or 1, after one line."""
+    directory, --model, the data, --hard-negatives and --init-adapter are checked here, so a mistake is one line of
+    error instead of N copies inside torchrun's report. 0 when all is well, else 2 (usage) or 1, after one line."""
     args = parse_with_config(build_parser(), argv)
 
     def check():
@@ -398,6 +398,7 @@ def preflight(argv: list[str]) -> int:
         if args.resume:
             ckpt.check_resumable(args.out)
         check_device_tools(cfg, "cuda" if dist.uses_cuda(args.device) else "cpu")  # NF4 needs bitsandbytes' CUDA
+        check_model(args.model)  # config.json and the weights' file names (a hub id: its config.json), no weights
         examples = load_validated(args.data, args.split)[0]
         _eval_examples(args)
         if args.hard_negatives:

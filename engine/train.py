@@ -34,6 +34,7 @@ from engine.rundir import RunDir, append_metrics
 from engine.step import TrainStep, check_device_tools, lr_at, make_optimizer, peak_memory_bytes, prepare_model
 from model import load_adapter, load_model, load_tokenizer, save_adapter
 from model.adapter import check_adapter
+from model.load import check_model
 
 
 # ---------------------------------------------------------------- small pieces the loop uses
@@ -179,7 +180,8 @@ def _setup_data(cfg: TrainConfig, d: dist.Dist, out: Path, prec: Precision) -> _
     rows_per_step = cfg.batch_size * cfg.grad_accum * d.world_size
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * batcher.num_rows / rows_per_step))
     print0(f"data: {len(train_ex)} train examples from {cfg.data} ({rep.rejected} rejected, {rep.repaired} repaired, "
-           f"{batcher.stats.truncated} truncated, {len(batcher.stats.skipped)} too long for --seq-len) -> "
+           f"{batcher.stats.truncated} truncated, {batcher.stats.target_cut} of them trained on the answer's first "
+           f"tokens only, {len(batcher.stats.skipped)} too long for --seq-len) -> "
            f"{batcher.num_rows} rows of <= {cfg.seq_len} tokens; {total} steps x {rows_per_step} rows")
     return _Run(cfg, d, out, prec, tok, batcher, eval_batches, gen_subset, total)
 
@@ -390,7 +392,7 @@ def out_of_memory_advice(e: BaseException) -> str:
 def preflight(argv: list[str]) -> int:
     """What ./launch.sh runs once, in one process, before torchrun starts N of them: the config, the run
     directory and the training data are checked here, so a mistake is one line of error instead of N copies
-    inside torchrun's failure report. 0 when all is well, else 2 (usage) or 1 (data), after one line."""
+    inside torchrun's failure report. 0 when all is well, else 2 (usage) or 1 (data, model), after one line."""
     def check():
         cfg = config_mod.parse_args(argv)
         RunDir(cfg.out).check_start(cfg, cfg.resume)
@@ -399,6 +401,7 @@ def preflight(argv: list[str]) -> int:
         if not (cfg.resume and ckpt.latest(Path(cfg.out))):
             check_init_adapter(cfg)
         check_device_tools(cfg, "cuda" if dist.uses_cuda(cfg.device) else "cpu")
+        check_model(cfg.model)  # config.json and the weights' file names (a hub id: its config.json), no weights
         load_validated(cfg.data, cfg.train_split, max_rejected=cfg.max_rejected)
 
     return preflight_boundary(check)

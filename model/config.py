@@ -39,6 +39,18 @@ def _unsupported_rope_advice(kind: str, cfg: "LlamaConfig", where: str) -> str:
     return "use a checkpoint with llama3 or no rope scaling"
 
 
+def read_json(path: Path):
+    """A checkpoint's JSON file (config.json, the safetensors index), read as UTF-8 as transformers reads it;
+    malformed JSON or another encoding (Windows editors save UTF-16) is one line naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); re-download the checkpoint") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}; an editor may have saved it as "
+                         "UTF-16); save it as UTF-8 or re-download the checkpoint") from None
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int = 49152
@@ -70,6 +82,9 @@ class LlamaConfig:
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise ValueError(f"{where}: {k} must be a positive number, got {v!r}")
+        if not isinstance(self.tie_word_embeddings, bool):  # bool("false") is True: a quoted value would tie
+            raise ValueError(f"{where}: tie_word_embeddings must be true or false (a JSON boolean), got "
+                             f"{self.tie_word_embeddings!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"{where}: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -149,7 +164,7 @@ class LlamaConfig:
             head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope_theta, rope_scaling=scaling,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),  # transformers' LlamaConfig default
             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
             extra={k: v for k, v in d.items() if k not in known and k not in ("rope_parameters",)},
@@ -161,11 +176,7 @@ class LlamaConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config.json not found; point --model at an HF-format Llama directory")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); re-download the "
-                             "checkpoint") from None
+        d = read_json(path)
         if not isinstance(d, dict):
             raise ValueError(f"{path}: must hold a JSON object (a Llama config.json), got a {type(d).__name__}; "
                              "re-download the checkpoint")

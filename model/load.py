@@ -5,9 +5,7 @@ stays about one copy of the weights; with quantize="nf4" each block projection i
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
-import json
 import os
 import re
 from pathlib import Path
@@ -16,7 +14,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from .config import EMBEDDED, PRESETS, LlamaConfig
+from .config import EMBEDDED, PRESETS, LlamaConfig, read_json
+from .files import _write_error
 from .llama import Llama, rope_inv_freq
 from .quant import Linear4bit
 
@@ -58,11 +57,21 @@ def _locate(source: str | os.PathLike | None) -> tuple[str, Path | str]:
             raise FileNotFoundError(f"{p}: GGUF file not found")
         return "gguf", p
     if p.is_dir():
+        if not (p / "config.json").exists():  # two directories people pass as --model by mistake
+            if (p / "adapter_config.json").is_file():
+                raise ValueError(f"{p}: a LoRA adapter (adapter_config.json), not a model; pass it as --adapter "
+                                 "(--init-adapter to train on from it) and its base model as --model")
+            gguf = next(iter(sorted(p.glob("*.gguf"))), None)
+            if gguf is not None:
+                raise ValueError(f"{p}: no config.json but a GGUF file; pass the file itself: {gguf}")
         return "hf", p
     if p.suffix == ".json" and p.is_file():
         return "json", p
     if p.exists():
         raise ValueError(f"{p}: not a model directory, config.json or .gguf file")
+    if source in PRESETS:  # load_config's shape presets (engine.memory, engine.bench): no weights behind them
+        raise ValueError(f"{source}: a shape preset for engine.memory and engine.bench, with no weights; pass a "
+                         "local HF directory, a hub id (e.g. meta-llama/Llama-3.2-3B-Instruct) or a .gguf file")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/")):
         return "hub", source
     raise FileNotFoundError(f"{source}: no such model directory, config.json, .gguf file or hub id "
@@ -75,8 +84,27 @@ def resolve(source: str | os.PathLike | None, weights: bool = True) -> tuple[str
     kind, where = _locate(source)
     if kind == "json":
         raise ValueError(f"{where}: a config.json holds no weights; pass its model directory")
-    return ("hf", _download(where, HUB_PATTERNS if weights else TOKENIZER_PATTERNS)) if kind == "hub" \
-        else (kind, where)
+    if kind != "hub":
+        return kind, where
+    path = _download(where, HUB_PATTERNS if weights else TOKENIZER_PATTERNS)
+    if weights:
+        check_weights(path, repo_id=where)
+    return "hf", path
+
+
+def check_model(source: str | os.PathLike | None) -> None:
+    """Fail now, with the one-line error load_model would give, where source names no loadable model: what
+    ./launch.sh's preflight runs once before torchrun starts N processes. Cheap, reading no weights: a local
+    directory's config.json and the names of its safetensors files, that a .gguf file exists, or a hub id's
+    config.json (downloaded, or from the cache when offline; the weights are fetched when the run loads them)."""
+    kind, where = _locate(source)
+    if kind == "json":
+        resolve(source)  # its one-line refusal
+    elif kind == "hub":
+        _hub_config(where)
+    elif kind == "hf":
+        LlamaConfig.from_json(where / "config.json")
+        check_weights(where)
 
 
 def load_config(source: str | os.PathLike | LlamaConfig | None = None) -> LlamaConfig:
@@ -94,13 +122,19 @@ def load_config(source: str | os.PathLike | LlamaConfig | None = None) -> LlamaC
         return LlamaConfig.from_json(where / "config.json")
     if kind == "gguf":
         return _gguf_config(gguf_reader(where), where)
+    return _hub_config(where, instead=f"a local config.json or one of {', '.join(PRESETS)}")
+
+
+def _hub_config(repo_id: str, instead: str = "a local directory") -> LlamaConfig:
+    """A hub id's config.json, downloaded (or from the cache when offline); instead: what the error offers in
+    place of the hub id."""
     from huggingface_hub import hf_hub_download  # a hub id only: local sources never need huggingface_hub
 
     try:
-        return LlamaConfig.from_json(hf_hub_download(where, "config.json"))
-    except Exception as e:  # offline, gated, missing: huggingface_hub raises many types
-        raise OSError(f"{where}: could not download config.json from the Hugging Face Hub ({type(e).__name__}); "
-                      f"pass a local config.json or one of {', '.join(PRESETS)}") from None
+        path = hf_hub_download(repo_id, "config.json")
+    except Exception as e:
+        raise _hub_error(repo_id, e, instead) from None
+    return LlamaConfig.from_json(path)
 
 
 def _download(repo_id: str, patterns: list[str]) -> Path:
@@ -108,10 +142,104 @@ def _download(repo_id: str, patterns: list[str]) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=HUB_IGNORE))
-    except Exception as e:  # offline, gated, missing: huggingface_hub raises many types
-        raise OSError(f"{repo_id}: could not download from the Hugging Face Hub ({type(e).__name__}); "
-                      "check the id, your network and `hf auth login` (or HF_TOKEN) for gated models, "
-                      "or pass a local directory") from None
+    except Exception as e:
+        raise _hub_error(repo_id, e) from None
+
+
+def _hub_error(repo_id: str, e: Exception, instead: str = "a local directory") -> Exception:
+    """The one-line error, saying what to do, for what huggingface_hub raised fetching repo_id: gated, not
+    found, not cached while offline or unreachable, a full or read-only cache; `e` itself for anything else (a
+    bug is not a network problem). instead: what else to pass. None of these quote the token: a message repeats
+    at most the first line of e's own, which huggingface_hub writes without it."""
+    from huggingface_hub import constants, errors
+
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    either = f"there is no local directory {repo_id} either"
+    if isinstance(e, errors.GatedRepoError):  # (a RepositoryNotFoundError: first)
+        return OSError(f"{repo_id} is gated: request access at {constants.ENDPOINT}/{repo_id} and log in "
+                       "(hf auth login or HF_TOKEN)")
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return OSError(f"{repo_id}: no such model on the Hugging Face Hub, or a private one (check the id; log in "
+                       f"with hf auth login or HF_TOKEN for a private repo); {either}")
+    if isinstance(e, getattr(errors, "IncompleteSnapshotError", ())):  # huggingface_hub >= 2.x: a partial cache
+        return OSError(f"{repo_id}: some of the files it needs are not in the Hugging Face cache "
+                       f"({constants.HF_HUB_CACHE}) and {_why_offline()}; run this again online to download them")
+    if isinstance(e, errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
+        return OSError(f"{repo_id}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                       f"{_why_offline()}; download it once online, or pass {instead} ({either})")
+    if isinstance(e, errors.EntryNotFoundError):  # hf_hub_download's config.json: a repo of GGUF files, say
+        return OSError(f"{repo_id}: the repo has no config.json, so it is no HF-format checkpoint; pass {instead}, "
+                       "or a .gguf file downloaded from it")
+    if isinstance(e, errors.HFValidationError):
+        return ValueError(f"{repo_id}: not a valid hub id ({first}); pass ORG/NAME or {instead}")
+    if isinstance(e, errors.HfHubHTTPError):  # the Hub answered with an error (5xx, rate limit, bad token)
+        return OSError(f"{repo_id}: the Hugging Face Hub answered with an error ({first}); try again later, or "
+                       f"pass {instead}")
+    if isinstance(e, OSError) and e.errno is not None:  # writing the cache: a full or read-only disk
+        err = _write_error(Path(constants.HF_HUB_CACHE), e, f"cannot download {repo_id} into this Hugging Face cache")
+        return OSError(f"{err}, or set HF_HUB_CACHE to a cache elsewhere")
+    return e
+
+
+def _why_offline() -> str:
+    from huggingface_hub import constants
+
+    return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else \
+        "the Hub could not be reached (the network, or HF_ENDPOINT)"
+
+
+def _weights_not_cached(repo_id: str, what: str, path: Path) -> OSError:
+    """A hub snapshot without (all of) its weights. Offline, the cache held only what an earlier fetch took (the
+    tokenizer files for data.check --tokenizer, or part of an interrupted download). Online, snapshot_download
+    fetched every top-level model*.safetensors the repo has, unless the Hub was unreachable and it fell back on
+    the cache: it does not say which. One --include pattern: older huggingface-cli kept only the last of several."""
+    from huggingface_hub import constants
+
+    fetch = f"hf download {repo_id} --include 'model*.safetensors*'"
+    if constants.HF_HUB_OFFLINE:
+        return OSError(f"{repo_id}: {what} not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                       f"HF_HUB_OFFLINE is set; download them online: {fetch}")
+    return OSError(f"{repo_id}: {what} not in its snapshot {path}: the Hub could not be reached (then: {fetch}, "
+                   "once it can), or the repo stores no top-level model*.safetensors (pickled .bin/.pth are not "
+                   "loaded, by design)")
+
+
+def _shards(path: Path) -> list[str]:
+    """The names of the safetensors files a model directory's weights are in: the index's weight_map, else
+    every *.safetensors. The index is checked (readable, every name inside the directory); the files are not."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(p.name for p in path.glob("*.safetensors"))
+    d = read_json(index)
+    weight_map = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to shard file names; re-download the "
+                         "checkpoint")
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        # Checked on the name, not on where it resolves: in the hub cache every shard is a link into
+        # ../../blobs/, and a link the user made is theirs to make.
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"{index}: shard {name!r} is outside the model directory; refusing to read it")
+    return files
+
+
+def check_weights(path: Path, repo_id: str | None = None) -> None:
+    """Fail in one line unless the directory holds every safetensors file its weights are in (by name: none is
+    opened), before any is read. repo_id: the hub id the directory is the snapshot of, whose files the error
+    then says how to download."""
+    files = _shards(path)
+    missing = [name for name in files if not (path / name).is_file()]
+    if files and not missing:
+        return
+    if repo_id is not None:
+        raise _weights_not_cached(repo_id, "its weights (model*.safetensors) are" if not files else
+                                  f"its weight shard {missing[0]} is" if len(missing) == 1 else
+                                  f"{len(missing)} of its {len(files)} weight shards are", path)
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights (pickled .bin/.pth are not loaded, by design; "
+                                "a hub id downloads the top-level model*.safetensors)")
+    raise FileNotFoundError(f"{path / missing[0]}: shard listed in model.safetensors.index.json is missing")
 
 
 def load_model(source=None, *, dtype=torch.float32, device="cpu", quantize=None, double_quant=False,
@@ -148,10 +276,11 @@ def build(cfg: LlamaConfig, tensors, where, *, dtype, device, quantize, double_q
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    seen = set()
+    seen, stored_head = set(), None
     for key, t, at in tensors:
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # some tied checkpoints also store the copy; the embedding is the one we use
+            stored_head = t, at  # some tied checkpoints also store the copy: compared with the embedding below
+            continue
         if key not in expected:
             raise ValueError(f"{at}: unexpected key {key!r} (not a Llama weight for this {described})")
         if tuple(t.shape) != tuple(expected[key]):
@@ -165,6 +294,15 @@ def build(cfg: LlamaConfig, tensors, where, *, dtype, device, quantize, double_q
                          "the checkpoint is incomplete")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # re-tie: assignment replaced the Parameter
+    if stored_head is not None:
+        # A stored lm_head that is not the embedding's copy is a model that tying would silently change
+        # (transformers computes with it). Compared after the same cast as the embedding's, so an equal copy
+        # passes; it was held since it was read: one embedding's size, only when a tied checkpoint stores it.
+        t, at = stored_head
+        if not torch.equal(t.to(device=device, dtype=dtype), model.model.embed_tokens.weight):
+            raise ValueError(f"{at}: lm_head.weight differs from model.embed_tokens.weight, but the {described} "
+                             "beside it says tie_word_embeddings true, which would drop it; set tie_word_embeddings "
+                             "to false there")
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         assert p.device.type != "meta", f"{name} left on the meta device"
     return model
@@ -207,30 +345,10 @@ def _hf_tensors(path: Path):
 
     cfg = LlamaConfig.from_json(path / "config.json")
     yield cfg
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e}); re-download the checkpoint") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError(f"{index}: weight_map must map tensor names to shard file names")
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            # Checked on the name, not on where it resolves: in the hub cache every shard is a link into
-            # ../../blobs/, and a link the user made is theirs to make.
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise ValueError(f"{index}: shard {name!r} is outside the model directory; refusing to read it")
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights (pickled .bin/.pth are not loaded, by design; "
-                                "a hub id downloads the top-level model*.safetensors)")
+    check_weights(path)  # every shard there before the first is read
     came_from = {}
-    for name in files:
+    for name in _shards(path):
         f = path / name
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: shard listed in model.safetensors.index.json is missing")
         try:
             with safe_open(f, framework="pt") as st:
                 for key in st.keys():
@@ -256,6 +374,32 @@ GGUF_NAMES = {
 }
 
 
+# The last GGUF file's metadata decoded to Python values, keyed by (path, mtime, size): ~8 MiB for SmolLM2 (its
+# vocabulary and merges as str), so load_tokenizer after load_model (engine.evaluate's order) reads the file's
+# tokenizer without parsing it again. One file: a process loads one model.
+_GGUF_FIELDS: dict[tuple, dict] = {}
+
+
+def gguf_fields(path: Path, reader=None) -> dict:
+    """gguf_metadata of the file at path, from `reader` when one is open (load_model's), else from a reader
+    parsed here and dropped; cached for the next caller (_GGUF_FIELDS)."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _GGUF_FIELDS:
+        meta = gguf_metadata(reader if reader is not None else gguf_reader(path))
+        _GGUF_FIELDS.clear()
+        _GGUF_FIELDS[key] = meta
+    return _GGUF_FIELDS[key]
+
+
+class _DecodedReader:
+    """The part of a GGUFReader Tokenizer.from_gguf reads (reader.fields[key].contents()), over gguf_fields'
+    already decoded metadata, so the tokenizer needs no reader of its own."""
+
+    def __init__(self, meta: dict):
+        self.fields = {k: SimpleNamespace(contents=lambda v=v: v) for k, v in meta.items()}
+
+
 def gguf_metadata(reader) -> dict:
     meta = {}
     for name, field in reader.fields.items():
@@ -268,10 +412,11 @@ def gguf_metadata(reader) -> dict:
     return meta
 
 
-@functools.lru_cache(maxsize=2)
 def gguf_reader(path: Path):
-    """One parse per file and process: load_tokenizer and load_model both need it, and GGUFReader spends
-    seconds decoding the vocabulary arrays. The reader only memory-maps the file, so keeping it costs no RAM."""
+    """A parsed GGUFReader, not kept: parsing takes seconds (~3 s for SmolLM2, ~13 s for Llama 3's vocabulary)
+    and the reader holds ~150 MiB of numpy views of the vocabulary arrays (SmolLM2; more for Llama 3) for as long
+    as it is referenced, on top of the memory-mapped file. load_model drops it once the weights are in;
+    load_tokenizer reads the decoded metadata (gguf_fields) instead."""
     from gguf import GGUFReader
 
     try:
@@ -291,7 +436,7 @@ LLAMA3_BANDS = [(8192, 1.0, 4.0), *((2**k, lo, hi) for k, lo, hi in itertools.pr
 
 
 def _gguf_config(reader, path: Path) -> LlamaConfig:
-    cfg = LlamaConfig.from_gguf_fields(gguf_metadata(reader), where=str(path))
+    cfg = LlamaConfig.from_gguf_fields(gguf_fields(path, reader), where=str(path))
     tensors = {t.name: t for t in reader.tensors}
     cfg.tie_word_embeddings = "output.weight" not in tensors
     if ROPE_FREQS in tensors:
@@ -335,8 +480,8 @@ def _gguf_array(t, path: Path):
 def _gguf_tensors(path: Path):
     import numpy as np
 
-    reader = gguf_reader(path)
-    cfg = _gguf_config(reader, path)
+    reader = gguf_reader(path)  # dropped when this generator finishes: the model holds copies of every tensor
+    cfg = _gguf_config(reader, path)  # (which keeps the decoded metadata for a load_tokenizer of this file)
     yield cfg
     for t in reader.tensors:
         if t.name == ROPE_FREQS:  # read into cfg.rope_scaling above
@@ -363,5 +508,5 @@ def load_tokenizer(source=None):
 
     kind, path = resolve(source, weights=False)  # a hub id: its tokenizer files, not the weights
     if kind == "gguf":
-        return Tokenizer.from_gguf(path, reader=gguf_reader(path))
+        return Tokenizer.from_gguf(path, reader=_DecodedReader(gguf_fields(path)))
     return Tokenizer.from_dir(path)
