@@ -134,6 +134,9 @@ def format_report(rep: Report, tokens: dict, seconds: float) -> str:
     lines.append(f"examples: {rep.examples}  aligned {rep.aligned} (NONE {rep.none})  repaired {rep.repaired}  "
                  f"rejected {rep.rejected}")
     lines += [f"  rejected: {r}" for r in rep.rejected_list]
+    if rep.midword:  # kept, but a clause is copied in whole words: most likely a slip in the data
+        lines.append(f"answers beginning or ending inside a word (kept): {rep.midword}")
+        lines += [f"  inside a word: {r}" for r in rep.midword_list]
     lines.append("per split:")
     for s, c in rep.per_split.items():
         name = f"{part['part']} (part of train)" if part and s == "train" else s

@@ -10,6 +10,7 @@ An answer found only inside words ('at' in 'the cat sat') is kept, since it is t
 and named (Report.midword): a clause is copied in whole words, so such a row is most likely a slip.
 """
 import dataclasses
+import os
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -173,7 +174,8 @@ def load_validated(spec: str, split: str | None = None, *, max_rejected: float =
     examples, notes = load_source(spec, split, **opts)
     kept, rep = validate(examples, spec, notes, min_score)
     check_rejected(rep, max_rejected)
-    if rep.midword:  # kept (the text is the context's own), but the trainer's user should hear of it
+    if rep.midword and os.environ.get("RANK", "0") == "0":  # kept (the text is the context's own), but the
+        # trainer's user should hear of it, once: under torchrun every rank loads the data
         print(f"warning: {spec}: {rep.midword} answer(s) begin or end inside a word, first: {rep.midword_list[0]}; "
-              "check them (python -m data.check --json names the first few)", file=sys.stderr)
+              "check them (python -m data.check names the first few)", file=sys.stderr)
     return kept, rep

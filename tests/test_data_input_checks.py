@@ -116,6 +116,23 @@ def test_answers_found_only_inside_words_are_kept_counted_and_named(tmp_path, ca
     assert rep.to_dict()["midword"] == 3
 
 
+def test_answers_inside_words_are_listed_by_data_check_and_warned_of_once_under_torchrun(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """data.check's plain report names them (the warning sends the user there); under torchrun every rank loads
+    the data, and only rank 0 warns."""
+    from data import check
+    spec = _jsonl(tmp_path / "d.jsonl", [{"query": "q", "context": "the cat sat on the mat", "answer": "at"}])
+    assert check.main([spec]) == 0
+    out = capsys.readouterr().out
+    assert "inside a word (kept): 1" in out and f"{tmp_path / 'd.jsonl'}:1: answer begins inside a word" in out
+    monkeypatch.setenv("RANK", "1")
+    load_validated(spec)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    load_validated(spec)
+    assert "inside a word" in capsys.readouterr().err
+
+
 CONTRACT = ("1. Definitions. Terms used herein have the meanings given.\n12. Indemnification. The Licensee shall "
             "indemnify and hold harmless the Licensor from any and all claims, losses and damages arising out of the "
             "Licensee's use of the Software.\n13. Notices. All notices shall be in writing.")
