@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +40,7 @@ from engine.cli import CliParser, run_command
 from engine.evaluate import adapter_training, read_eval_json, trainings
 from engine.report import headline, same_data
 from engine.metrics import is_none, score, summarize
-from model.channel import FEATURES, ChannelRule
+from model.channel import FEATURE_DECIMALS, FEATURES, ChannelRule
 from model.files import atomic_write_text, make_dirs
 
 
@@ -66,8 +67,9 @@ def _has_channel(row, redecided: bool) -> bool:
 
 
 def check_features(rows: list[dict], features, path) -> None:
-    """Every row holds every feature the rule weighs, as a number; else a one-line error naming the file, the
-    row and the feature (an eval.json of an older engine.evaluate, or one edited by hand)."""
+    """Every row holds every feature the rule weighs, as a finite number; else a one-line error naming the file,
+    the row and the feature (an eval.json of an older engine.evaluate, or one edited by hand: json reads NaN and
+    Infinity, which would make the fitted bias NaN)."""
     for i, r in enumerate(rows):
         got = r["channel"]["features"]
         for f in features:
@@ -76,6 +78,10 @@ def check_features(rows: list[dict], features, path) -> None:
                                  f"(it holds {', '.join(sorted(got)) or 'none'}); re-run engine.evaluate --decode "
                                  "channel with this version and pass its eval.json, or leave "
                                  f"{f} out of --features")
+            if not math.isfinite(got[f]):
+                raise ValueError(f"{path}: rows[{i}] (id {r.get('id')!r}) channel feature {f!r} is {got[f]}, not a "
+                                 "finite number; re-run engine.evaluate --decode channel and pass its eval.json, "
+                                 f"or leave {f} out of --features")
 
 
 def unit_of(d: dict) -> str:
@@ -114,14 +120,25 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 50
 
 def fit_rule(rows: list[dict], features: tuple[str, ...], max_wrongly_none: float) -> tuple[ChannelRule, dict]:
     """The logistic direction, then the bias moved so that at most max_wrongly_none % of clause rows fall at or
-    below 0 (answered NONE). Returns the rule and what it does on the calibration rows."""
+    below 0 (answered NONE). Returns the rule and what it does on the calibration rows.
+    The rows hold their features rounded (FEATURE_DECIMALS) while a decoder applies the rule to the unrounded
+    ones, which can lie 0.5e-4 * sum|w| lower: the threshold stays that far below the lowest clause row kept, or
+    a row reported kept here would be answered NONE at decode time."""
     X, y = design(rows, features)
     w, _ = fit_logistic(X, y)
+    if not np.isfinite(w).all():
+        raise ValueError(f"the fit on {features} did not converge (weights {w.tolist()}); leave out a feature "
+                         "whose values are all alike, or calibrate on more rows")
     v = X @ w
     clause_v = np.sort(v[y == 1])
     k = int(np.floor(max_wrongly_none / 100 * len(clause_v)))  # clause rows allowed at or below the threshold
-    # threshold between the k-th and (k+1)-th lowest clause values: exactly k of them answered NONE
-    t = (clause_v[k - 1] + clause_v[k]) / 2 if k > 0 else clause_v[0] - 1e-6
+    # + 1% and 1e-9: the float error of summing the weighted features in another order (and a margin at w = 0)
+    margin = 1.01 * 0.5 * 10.0 ** -FEATURE_DECIMALS * float(np.abs(w).sum()) + 1e-9
+    # midway between the (k+1)-th lowest clause value and the row value below it (the k-th clause value, or for
+    # k = 0 any row's), so that exactly k clause rows are answered NONE, unless that is within the margin
+    lower = v[v < clause_v[0]]
+    below = clause_v[k - 1] if k > 0 else lower.max() if lower.size else clause_v[0] - 2 * margin
+    t = min((below + clause_v[k]) / 2, clause_v[k] - margin)
     rule = ChannelRule(weights={f: float(x) for f, x in zip(features, w)}, bias=float(-t))
     vals = X @ w - t
     fit = {"rows": int(len(y)), "clause_rows": int(y.sum()), "none_rows": int(len(y) - y.sum()),
@@ -179,7 +196,7 @@ def run(args) -> dict:
         raise ValueError(f"--features: unknown {bad or 'none given'}; choose from {', '.join(FEATURES)}")
     if not 0 <= args.max_wrongly_none < 100:
         raise ValueError(f"--max-wrongly-none must be a percent in [0, 100), got {args.max_wrongly_none}")
-    d = read_eval_json(args.rows)
+    d = read_eval_json(args.rows, "calibration")
     rows = channel_rows(d, args.rows)
     check_features(rows, features, args.rows)
     if d.get("split") == "test":
@@ -204,7 +221,7 @@ def run(args) -> dict:
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     result, untrimmed = None, []
     if args.check:  # read and re-decided before the rule is written: a check that fails leaves no rule behind
-        c = read_eval_json(args.check)
+        c = read_eval_json(args.check, "--check")
         if unit_of(c) != unit_of(d):
             raise ValueError(f"{args.check}: decoded with --channel-unit {unit_of(c)} and the calibration rows "
                              f"{args.rows} with {unit_of(d)}; a rule's feature scales are its unit's: check on an "

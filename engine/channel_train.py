@@ -161,7 +161,7 @@ def hard_negatives(path, examples, unit: str) -> dict[str, list[int]]:
     training split (the adapter being continued, run over the examples it will train on): the candidates it
     finds hardest. Rows read in more than one window, or whose scores do not match the example's units, are
     left out (their examples keep sampled candidates)."""
-    d = read_eval_json(path)
+    d = read_eval_json(path, "hard negatives")
     if d.get("decode") != "channel" or (d.get("channel_unit") or "paragraph") != unit:
         raise ValueError(f"{path}: --hard-negatives needs an eval.json of engine.evaluate --decode channel "
                          f"--channel-unit {unit}; this one is decode {d.get('decode')!r}, unit "

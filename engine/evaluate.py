@@ -374,15 +374,26 @@ def not_held_out_note(trained: dict | None, flag: str, adapter: str, data: str, 
     return None
 
 
+# How to make the eval.json a command lacks, by what it is to that command (read_eval_json's role)
+MAKE_EVAL_JSON = {
+    "baseline": "run engine.evaluate without the adapter first, e.g. --out runs/before",
+    "calibration": "run engine.evaluate --adapter ADAPTER --data DATA --split calib --decode channel --out DIR "
+                   "first: it writes DIR/eval.json",
+    "--check": "engine.evaluate --adapter ADAPTER --data DATA --split test --decode channel --out DIR writes "
+             "DIR/eval.json",
+    "hard negatives": "run engine.evaluate --adapter ADAPTER --data DATA --split fit --decode channel --out DIR "
+                      "first: it writes DIR/eval.json",
+}
+
+
 def read_eval_json(path, role: str = "baseline") -> dict:
     """An eval.json engine.evaluate wrote, checked for its 'overall' aggregates. role: what the file is to the
-    command ("baseline": --compare's, whose not-found error says how to make one)."""
+    command ("baseline": --compare's; MAKE_EVAL_JSON says how to make each kind when it is missing)."""
     p = Path(path)
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        how = "run engine.evaluate without the adapter first, e.g. --out runs/before" if role == "baseline" else \
-            "engine.evaluate --out DIR writes DIR/eval.json"
+        how = MAKE_EVAL_JSON.get(role, "engine.evaluate --out DIR writes DIR/eval.json")
         raise FileNotFoundError(f"{p}: {role} eval.json not found ({how})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: malformed JSON at line {e.lineno} ({e.msg}); pass an eval.json written by "

@@ -10,12 +10,18 @@ boundaries) and the match score (fuzz.ratio, 0-100) is reported. The model reads
 line endings made LF (the text it was trained on, which constrained decoding copies byte for byte); offsets are
 Python character indices into the file decoded as UTF-8, and the quote is the file's own slice, its line endings
 as in the file. A quote whose answer reached --max-new-tokens before the model ended it is flagged truncated.
-Several contracts (files, or directories standing for their *.txt files) are read with the model loaded once;
---json then prints one object per line.
+Several contracts (files, or directories standing for their *.txt files; "-" for standard input) are read with
+the model loaded once; --json then prints one object per line.
+
+--decode channel quotes whole units of the contract (model.channel.units: the paragraphs or sentences
+engine.evaluate measured with): each window is widened to the units its edges cut, and a window that touches a
+single unit reads instead the lines (else sentences) of it that it touches (channel_windows). A unit is scored on
+its first MAX_CLAUSE_TOKENS tokens only: a quote of a longer one is warned about on stderr.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import errno
 import json
 import os
@@ -31,14 +37,14 @@ from engine.cli import THREADS_HELP, CliParser, run_command, set_threads
 from data.cuad import CATEGORIES, DEFAULT_EXCLUDE
 from data.example import TEMPLATES, Example, render_prompt
 from data.text import Match, locate, make_windows
-from engine.evaluate import (PRECISION_HELP, Progress, _base_of_adapter, answer_budget, channel_focused,
-                             choose_decoding, focuser, load_focus, load_for_eval, mark_focus_cut, read_rule,
-                             run_model_source)
+from engine.evaluate import (PRECISION_HELP, Progress, _base_of_adapter, answer_budget, choose_decoding, focuser,
+                             load_focus, load_for_eval, mark_focus_cut, read_rule, run_model_source)
 from engine.precision import INFERENCE_MODES
-from engine.rundir import adapter_run_config, trained_split
+from engine.rundir import adapter_run_config, learned_decoding, trained_split
 from engine.metrics import is_none
 from model.files import WriteError
-from model.channel import UNITS, ChannelRule, channel_answers
+from model.channel import (MAX_CLAUSE_TOKENS, UNITS, ChannelRule, channel_answer, channel_answers, finer,
+                           units)
 from model.generate import Answer, decode_span, decode_spans, generate
 
 ALL_CATEGORIES = tuple(c for c in CATEGORIES if c not in DEFAULT_EXCLUDE)
@@ -52,13 +58,22 @@ class Quote(Match):
     score says how exactly the model copied text, not whether that text is the right clause."""
     generated: str      # what the model wrote
     window: int         # index of the window that produced it
-    logprob: float | None = None  # the model's mean log-probability of its answer (its confidence)
+    # the model's confidence: the mean log-probability of its answer; for a channel quote its unit's gain per
+    # query token (model.channel.channel_features), which --json calls "gain" (its "logprob" is then null)
+    logprob: float | None = None
     truncated: bool = False  # the answer reached --max-new-tokens with no stop token: the clause may go on
+    channel: bool = False  # chosen by the channel decoder
 
     def as_dict(self, text: str) -> dict:
+        confidence = {"logprob": None, "gain": self.logprob} if self.channel else {"logprob": self.logprob}
         return {"start": self.start, "end": self.end, "text": text[self.start:self.end], "score": self.score,
-                "copy_score": self.score, "verbatim": self.verbatim, "logprob": self.logprob,
+                "copy_score": self.score, "verbatim": self.verbatim, **confidence,
                 "truncated": self.truncated, "generated": self.generated, "window": self.window}
+
+
+def _chosen_by_channel(ans) -> bool:
+    """Whether an answer is model.channel's (its detail holds the NONE decision's features)."""
+    return isinstance(getattr(ans, "detail", None), dict) and "features" in ans.detail
 
 
 _CR = re.compile(r"\r\n?")
@@ -84,10 +99,13 @@ def in_file(q: Quote, where: list[int]) -> Quote:
 
 
 def read_contract(path) -> str:
-    """The file as text, or a one-line OSError/ValueError naming the file and what to do."""
+    """The file ("-": standard input) as text, or a one-line OSError/ValueError naming the file and what to do."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        if str(path) == "-":
+            p, data = "standard input", sys.stdin.buffer.read()
+        else:
+            data = p.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{p}: contract file not found") from None
     except IsADirectoryError:
@@ -121,10 +139,16 @@ def find_clause(text: str, clause: str, answer_fn, count_tokens, max_context_tok
     already give its slice of the window (constrained decoding: copy score 100 by construction), or free text (a
     string, or an Answer without start), located in the window by data.text.locate: exact, up to whitespace, else
     the closest run of whole words. An Answer's truncated flag is the quote's.
+    An answer_fn with a channel_unit attribute (window_answerer's for --decode channel) quotes whole units: its
+    windows are channel_windows', and it is called with each window's units as a third argument.
     log, when given, receives one dict per window: its offsets and what the model answered there."""
     windows = make_windows(text, count_tokens, max_context_tokens, overlap)
+    unit = getattr(answer_fn, "channel_unit", None)
+    if unit is not None:
+        windows, spans = channel_windows(text, windows, unit)
     prompts = [render_prompt(replace(_asked(clause), context=text[a:b])) for a, b in windows]
-    answers = answer_fn(prompts, [text[a:b] for a, b in windows])
+    contexts = [text[a:b] for a, b in windows]
+    answers = answer_fn(prompts, contexts) if unit is None else answer_fn(prompts, contexts, spans)
     if log is not None:
         log.extend({"start": a, "end": b, "answer": getattr(ans, "text", ans)} for (a, b), ans in zip(windows, answers))
     found: list[Quote] = []
@@ -134,7 +158,8 @@ def find_clause(text: str, clause: str, answer_fn, count_tokens, max_context_tok
             continue
         cut = getattr(ans, "truncated", False)
         if getattr(ans, "start", None) is not None:
-            found.append(Quote(a + ans.start, a + ans.end, "exact", 100.0, generated, w, ans.logprob, cut))
+            found.append(Quote(a + ans.start, a + ans.end, "exact", 100.0, generated, w, ans.logprob, cut,
+                               _chosen_by_channel(ans)))
             continue
         # no cutoff inside locate: min_score is judged here, on every kind of match alike
         m = locate(generated, text[a:b], 0.0, fold=False, words=True)
@@ -142,6 +167,35 @@ def find_clause(text: str, clause: str, answer_fn, count_tokens, max_context_tok
             found.append(Quote(a + m.start, a + m.end, m.how, m.score, generated, w, getattr(ans, "logprob", None),
                                cut))
     return distinct(found), len(windows)
+
+
+def channel_windows(text: str, windows: list, unit: str) -> tuple[list, list]:
+    """(windows, each one's units as [start, end) offsets relative to it) for the channel decoder. The units are
+    the whole text's units(text, unit), exactly those engine.evaluate scored (its figures describe them), and
+    each of make_windows' windows is widened to the whole units its edges cut: no window edge starts or ends a
+    quote. Widening costs at most a unit at each end (a channel window's length bounds only how many units one
+    forward pass scores: each is read in a prompt of its own). A window that touches a single unit (a contract
+    with no blank line, a window inside a long paragraph) would leave the choice of that unit or NONE: it reads
+    instead the parts of that unit it touches (model.channel.finer: its lines, else sentences), widened to them."""
+    spans = units(text, unit)
+    out_windows, out_spans = [], []
+    for a, b in windows:
+        inside = _touched(spans, a, b)
+        if len(inside) == 1:
+            inside = _touched(finer(text, *inside[0]), a, b)
+        if inside:
+            a, b = min(a, inside[0][0]), max(b, inside[-1][1])
+        out_windows.append((a, b))
+        out_spans.append([(s - a, e - a) for s, e in inside])
+    return out_windows, out_spans
+
+
+def _touched(spans: list, a: int, b: int) -> list:
+    """The spans (sorted, disjoint) that a..b holds any character of."""
+    starts = [s for s, _ in spans]
+    i = bisect.bisect_right(starts, a) - 1  # the last span starting at or before a: is a inside it?
+    i = i + 1 if i < 0 or spans[i][1] <= a else i
+    return spans[i:bisect.bisect_left(starts, b)]
 
 
 def distinct(found: list[Quote]) -> list[Quote]:
@@ -163,17 +217,23 @@ def find_all(text: str, categories, answer_window, count_tokens, max_context_tok
              progress=None) -> tuple[dict[str, list[Quote]], int]:
     """Every category over one contract in one pass over its windows. answer_window(categories, window text,
     progress) -> one model.generate.Answer per category, a slice of the window or NONE (shared_prefill_answerer,
-    channel_all_answerer); progress(answers done in this window) may be passed None. Returns ({category: distinct
-    matches, best first}, number of windows)."""
+    channel_all_answerer); progress(answers done in this window) may be passed None. An answer_window with a
+    channel_unit attribute (channel_all_answerer's) reads channel_windows' windows and is given each one's units
+    as a fourth argument. Returns ({category: distinct matches, best first}, number of windows)."""
     windows = make_windows(text, count_tokens, max_context_tokens, overlap)
+    unit = getattr(answer_window, "channel_unit", None)
+    if unit is not None:
+        windows, spans = channel_windows(text, windows, unit)
     found: dict[str, list[Quote]] = {c: [] for c in categories}
     for w, (a, b) in enumerate(windows):
         done = w * len(categories)
-        answers = answer_window(categories, text[a:b], (lambda i: progress(done + i)) if progress else None)
+        step = (lambda i: progress(done + i)) if progress else None
+        answers = answer_window(categories, text[a:b], step) if unit is None else \
+            answer_window(categories, text[a:b], step, spans[w])
         for c, ans in zip(categories, answers, strict=True):
             if ans.start is not None and not is_none(ans.text):
                 found[c].append(Quote(a + ans.start, a + ans.end, "exact", 100.0, ans.text, w, ans.logprob,
-                                      ans.truncated))
+                                      ans.truncated, _chosen_by_channel(ans)))
     return {c: distinct(m) for c, m in found.items()}, len(windows)
 
 
@@ -192,18 +252,20 @@ def channel_all_answerer(model, tok, *, rule: ChannelRule | None = None, unit: s
                          max_new_tokens: int = 384):
     """find_all's answer_window for channel decoding: each category's name is the query, as window_answerer asks
     it for one clause type, and each of the window's units is read once for all of them
-    (model.channel.channel_answers). focus: as for window_answerer, prompted per category."""
-    def answer_window(categories, window: str, progress):
+    (model.channel.channel_answers). focus: as for window_answerer, prompted per category. Its channel_unit
+    attribute asks find_all for channel_windows' windows and units."""
+    def answer_window(categories, window: str, progress, spans=None):
         trims = None
         if focus is not None:
             trims = [focuser(model, tok, focus, _asked(c), max_new_tokens) for c in categories]
         with torch.inference_mode():
-            answers = channel_answers(model, tok, list(categories), window, rule, unit, trims)
+            answers = channel_answers(model, tok, list(categories), window, rule, unit, trims, spans)
         if trims is not None:  # a focus copy cut at max_new_tokens: each trim is asked at most once per window
             answers = [mark_focus_cut(a, t) for a, t in zip(answers, trims, strict=True)]
         if progress:
             progress(len(categories))
         return answers
+    answer_window.channel_unit = unit
     return answer_window
 
 
@@ -235,10 +297,11 @@ def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: 
     one window at a time; free answers are greedy text, batch_size windows at a time; channel answers are the
     window's paragraph (or sentence: `unit`) under which `query` is likeliest, or NONE as `rule` decides
     (model.channel); focus (an AdapterBank with a "focus" adapter) then trims that unit to the clause
-    (engine.evaluate.focuser), prompted as the window was."""
+    (engine.evaluate.focuser), prompted as the window was. For channel decoding the answer_fn has a channel_unit
+    attribute: find_clause then gives it channel_windows' windows and each one's units (spans)."""
     assert decode != "channel" or query, "the channel decoder scores the query itself"
     trim = focuser(model, tok, focus, _asked(query), max_new_tokens) if focus is not None else None
-    def answer_fn(prompts, contexts):
+    def answer_fn(prompts, contexts, spans=None):
         bar = Progress(len(prompts), label="reading", enabled=not quiet, unit="windows")
         bar.update(0)
         out = []
@@ -252,14 +315,19 @@ def window_answerer(model, tok, *, decode: str = "constrained", max_new_tokens: 
                                                                                                strict=True)]
                     bar.update(len(out))
                 return out
-            for prompt, ctx in zip(prompts, contexts):
-                if decode == "channel":
-                    out.append(channel_focused(model, tok, query, ctx, rule, unit, trim))
+            for k, (prompt, ctx) in enumerate(zip(prompts, contexts)):
+                if decode == "channel":  # engine.evaluate.channel_focused, over the units find_clause chose
+                    if trim is not None:
+                        trim.truncated = False
+                    ans = channel_answer(model, tok, query, ctx, rule, unit, trim, None if spans is None else spans[k])
+                    out.append(mark_focus_cut(ans, trim))
                 else:
                     out.append(decode_span(model, tok, prompt, ctx, max_new_tokens=max_new_tokens,
                                            rank=decode == "rank"))
                 bar.update(len(out))
         return out
+    if decode == "channel":
+        answer_fn.channel_unit = unit
     return answer_fn
 
 
@@ -268,8 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = CliParser(prog="python -m engine.extract", description=__doc__.split("\n\n")[0])
     ap.add_model_args(adapter_required=False)
     ap.add_argument("--contract", required=True, nargs="+", metavar="FILE_OR_DIR",
-                    help="plain-text (UTF-8) contract file(s), or a directory: its *.txt files, in name order; with "
-                         "several, the model is loaded once and each contract answered in turn (--json: one line each)")
+                    help='plain-text (UTF-8) contract file(s), "-" for standard input, or a directory: its *.txt '
+                         "files, in name order; with several, the model is loaded once and each contract answered "
+                         "in turn (--json: one line each)")
     ap.add_argument("--clause", required=True,
                     help='clause type or query, e.g. "Governing Law"; "all": every CUAD category but Parties, '
                          "one pass over the contract's windows (each window's prefill, or with --decode channel "
@@ -318,7 +387,13 @@ def run(args) -> dict:
     if not 0 <= args.min_score <= 100:
         raise ValueError(f"--min-score must be within 0-100, got {args.min_score}")
     every = args.clause.strip().lower() == "all"
+    chosen_unit = args.channel_unit
     choose_decoding(args)
+    learned = learned_decoding(args.adapter)
+    if chosen_unit and learned and args.decode == "channel" and learned[1] != chosen_unit:
+        print(f"warning: {args.adapter} was trained to choose {learned[1]}s (engine.channel_train --unit "
+              f"{learned[1]}) and --channel-unit {chosen_unit} asks it to choose among {chosen_unit}s, which it "
+              "was not trained on; drop --channel-unit to read with the unit it learned", file=sys.stderr)
     if every and args.decode == "free":
         raise ValueError("--clause all needs --decode constrained, rank or channel, not free (free text has no "
                          "one pass that serves every clause type)")
@@ -350,11 +425,11 @@ def run(args) -> dict:
 
 def contract_paths(given: list[str]) -> list[str]:
     """The contract files named on the command line, in order, each once: a directory stands for its *.txt files
-    in name order (ValueError when it holds none). Files are checked by read_contract."""
+    in name order (ValueError when it holds none); "-" is standard input. Files are checked by read_contract."""
     out = []
     for g in given:
         p = Path(g)
-        if p.is_dir():
+        if g != "-" and p.is_dir():
             found = sorted(str(f) for f in p.glob("*.txt") if f.is_file())
             if not found:
                 raise ValueError(f"{p}: no .txt contract files in this directory")
@@ -371,9 +446,9 @@ def _run_one(args, path: str, text: str, model, tok, budget: int, rule=None, ban
                                 batch_size=args.batch_size, quiet=args.quiet, query=args.clause, rule=rule,
                                 unit=args.channel_unit, focus=bank)
     lf, where = to_lf(text)
-    matches, n_windows = find_clause(lf, args.clause, answer_fn, lambda s: len(tok.encode(s)), budget,
-                                     overlap=args.overlap, min_score=args.min_score, log=per_window)
-    matches = [in_file(m, where) for m in matches]
+    read, n_windows = find_clause(lf, args.clause, answer_fn, lambda s: len(tok.encode(s)), budget,
+                                  overlap=args.overlap, min_score=args.min_score, log=per_window)
+    matches = [in_file(m, where) for m in read]
     for w in per_window:
         w["start"], w["end"] = where[w["start"]], where[w["end"]]
     best = matches[0] if matches else None
@@ -397,7 +472,26 @@ def _run_one(args, path: str, text: str, model, tok, budget: int, rule=None, ban
                   "whole clause", file=sys.stderr)
         if len(matches) > 1:
             print(f"({len(matches) - 1} more match(es): --json lists them)", file=sys.stderr)
+    n = _unread_tail(read[0], lf, tok, args) if read else 0
+    if n:
+        print(f"warning: the quote is {n:,} tokens long and --decode channel chose it on its first "
+              f"{MAX_CLAUSE_TOKENS} only: it may hold several clauses; check where the clause begins and ends"
+              f"{_shorter(args)}", file=sys.stderr)
     return result
+
+
+def _unread_tail(q: Quote, lf: str, tok, args) -> int:
+    """The tokens of q when it is a channel quote (a unit quoted whole: no --focus-adapter trims it) longer than
+    the MAX_CLAUSE_TOKENS its prompt read (model.channel.channel_prompt_ids cuts it there), else 0."""
+    if not q.channel or args.focus_adapter:
+        return 0
+    n = len(tok.encode(lf[q.start:q.end]))
+    return n if n > MAX_CLAUSE_TOKENS else 0
+
+
+def _shorter(args) -> str:
+    """What makes --decode channel's quotes shorter, for a long-quote warning."""
+    return "; --channel-unit sentence quotes sentences" if args.channel_unit == "paragraph" else ""
 
 
 def _run_all(args, path: str, text: str, model, tok, budget: int, rule=None, bank=None) -> dict:
@@ -421,6 +515,11 @@ def _run_all(args, path: str, text: str, model, tok, budget: int, rule=None, ban
     clauses = {c: {"found": bool(m), **(in_file(m[0], where).as_dict(text) if m else {}), "matches": len(m)}
                for c, m in found.items()}
     result = {"contract": path, "clause": "all", "windows": n_windows, "clauses": clauses}
+    long = [c for c, m in found.items() if m and _unread_tail(m[0], lf, tok, args)]
+    if long:
+        print(f"warning: {len(long)} quote(s) longer than {MAX_CLAUSE_TOKENS} tokens, which --decode channel chose "
+              f"on their first {MAX_CLAUSE_TOKENS} only (first: {long[0]}): they may hold several clauses; check "
+              f"where those clauses begin and end{_shorter(args)}", file=sys.stderr)
     if args.json:
         _say(json.dumps(result, ensure_ascii=False))
         return result

@@ -5,6 +5,7 @@ With unit "sentence" the candidates are the paragraphs' sentences instead: CUAD 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +40,16 @@ SENTENCE_END = re.compile("".join(rf"(?<!\b{re.escape(a)}\.)" for a in ABBREVIAT
 
 def sentences(context: str) -> list[tuple[int, int]]:
     """[start, end) of every sentence of every paragraph of context, without the whitespace between them."""
-    out = []
-    for a, b in paragraphs(context):
-        i = a
-        for m in SENTENCE_END.finditer(context, a, b):
-            out.append((i, m.start()))
-            i = m.end()
-        out.append((i, b))
+    return [s for a, b in paragraphs(context) for s in _sentences_in(context, a, b)]
+
+
+def _sentences_in(context: str, a: int, b: int) -> list[tuple[int, int]]:
+    """The sentences of context[a:b], a stripped span."""
+    out, i = [], a
+    for m in SENTENCE_END.finditer(context, a, b):
+        out.append((i, m.start()))
+        i = m.end()
+    out.append((i, b))
     return out
 
 
@@ -53,16 +57,60 @@ UNITS = {"paragraph": paragraphs, "sentence": sentences}  # what the channel dec
 
 
 def units(context: str, unit: str = "paragraph") -> list[tuple[int, int]]:
-    """The candidate quotes of context: its paragraphs or its sentences, as [start, end) offsets."""
+    """The candidate quotes of context: its paragraphs or its sentences, as [start, end) offsets. What the channel
+    adapters were trained on and every published figure measured with (engine.channel_train, engine.evaluate), and
+    what engine.extract quotes (a window holding a single unit aside: finer)."""
     if unit not in UNITS:
         raise ValueError(f"channel unit {unit!r}: choose {' or '.join(UNITS)}")
     return UNITS[unit](context)
 
 
+# ---- a window that holds a single unit (engine.extract) -----------------------------------------------------
+# A contract is not a benchmark context: its "paragraph" may be the whole file (sections on single lines, no blank
+# line between). engine.extract reads it in windows of units(), each widened to the units its edges cut; a window
+# left holding a single unit would leave the decoder no choice but that unit or NONE, so finer splits it. Every
+# other window's units are units()' own: engine.evaluate measured the published figures with them.
+# A part of fewer words than this is joined with the next, as data.focus joins units; here a number is no word,
+# so that a heading ("2.", "2. Governing Law.", "- 17 -") joins the clause it heads rather than stand as the part
+# that names the query best
+MIN_UNIT_WORDS = 3
+_WORDS = re.compile(r"[^\W\d_]+")  # a run of letters
+_LINE = re.compile(r"\S(?:[^\n]*\S)?")  # one line of text, without its surrounding whitespace
+
+
+def _lines(context: str, a: int, b: int) -> list[tuple[int, int]]:
+    return [m.span() for m in _LINE.finditer(context, a, b)]
+
+
+def join_short(context: str, spans: list) -> list[tuple[int, int]]:
+    """spans with each one of fewer than MIN_UNIT_WORDS words joined with those after it until it has that many
+    (the text between comes along: the result is still a slice of context)."""
+    out, i = [], 0
+    while i < len(spans):
+        (a, b), j = spans[i], i
+        while len(_WORDS.findall(context, a, b)) < MIN_UNIT_WORDS and j + 1 < len(spans):
+            j += 1
+            b = spans[j][1]
+        out.append((a, b))
+        i = j + 1
+    return out
+
+
+def finer(context: str, a: int, b: int) -> list[tuple[int, int]]:
+    """One unit as several: its lines, else its sentences (fragments joined); itself when it has neither. For a
+    window that holds a single unit, where the decoder would have no choice but the whole unit or NONE."""
+    for cut in (_lines, _sentences_in):
+        parts = join_short(context, cut(context, a, b))
+        if len(parts) > 1:
+            return parts
+    return [(a, b)]
+
+
 IGNORE = -100  # labels that are not the query's tokens (engine.loss's convention)
+MAX_CLAUSE_TOKENS = 768  # what a unit's prompt reads of it: what a clause is about shows early
 
 
-def channel_batch(tokenizer, texts: list[str], query: str, max_clause_tokens: int = 768,
+def channel_batch(tokenizer, texts: list[str], query: str, max_clause_tokens: int = MAX_CLAUSE_TOKENS,
                   device=None) -> dict[str, torch.Tensor]:
     """One packed row (1, T) holding, for each text, CHANNEL_PROMPT around it followed by the query's tokens:
     input_ids; position_ids restarting at 0 for each text; segment_ids (the text's index: attention stays within
@@ -82,7 +130,7 @@ def channel_batch(tokenizer, texts: list[str], query: str, max_clause_tokens: in
     return {"input_ids": row(ids), "position_ids": row(pos), "segment_ids": row(seg), "labels": row(labels)}
 
 
-def channel_prompt_ids(tokenizer, text: str, max_clause_tokens: int = 768) -> list[int]:
+def channel_prompt_ids(tokenizer, text: str, max_clause_tokens: int = MAX_CLAUSE_TOKENS) -> list[int]:
     """Token ids of CHANNEL_PROMPT around text (cut to its first max_clause_tokens tokens), in the chat format:
     what precedes the query's tokens in each segment of a channel_batch row."""
     body = tokenizer.decode(tokenizer.encode(text)[:max_clause_tokens])
@@ -90,7 +138,7 @@ def channel_prompt_ids(tokenizer, text: str, max_clause_tokens: int = 768) -> li
 
 
 def longest_channel_row(tokenizer, context: str, query: str, unit: str = "paragraph", max_candidates: int = 8,
-                        max_clause_tokens: int = 768, cache: dict | None = None) -> tuple[int, int]:
+                        max_clause_tokens: int = MAX_CLAUSE_TOKENS, cache: dict | None = None) -> tuple[int, int]:
     """(tokens, query tokens) of the longest row engine.channel_train can build for this example: its
     max_candidates longest units (the gold one is always among the candidates, the others are drawn; at most
     this many) and CHANNEL_NULL, each followed by the query. An upper bound on what a training step holds per
@@ -124,7 +172,8 @@ def query_logprobs(model, input_ids, labels, position_ids, segment_ids) -> torch
 
 
 @torch.no_grad()
-def channel_scores(model, tokenizer, texts: list[str], query: str, max_clause_tokens: int = 768) -> list[float]:
+def channel_scores(model, tokenizer, texts: list[str], query: str,
+                   max_clause_tokens: int = MAX_CLAUSE_TOKENS) -> list[float]:
     """log p(query | CHANNEL_PROMPT with each text as the clause), summed over the query's tokens, for every text
     in one packed forward pass (channel_batch, query_logprobs)."""
     b = channel_batch(tokenizer, texts, query, max_clause_tokens, model.lm_head.weight.device)
@@ -134,7 +183,7 @@ def channel_scores(model, tokenizer, texts: list[str], query: str, max_clause_to
 
 @torch.no_grad()
 def channel_score_matrix(model, tokenizer, texts: list[str], queries: list[str],
-                         max_clause_tokens: int = 768) -> list[list[float]]:
+                         max_clause_tokens: int = MAX_CLAUSE_TOKENS) -> list[list[float]]:
     """channel_scores for many queries over the same texts: [text][query] log p(query | CHANNEL_PROMPT with the
     text as the clause). Each text's prompt is read once into a KV cache; all queries then follow it packed in one
     row (each sees the whole prompt and its own earlier tokens: model.llama.build_mask with segments after a
@@ -169,6 +218,7 @@ def channel_score_matrix(model, tokenizer, texts: list[str], queries: list[str],
 
 
 FEATURES = ("gain", "gap", "lead")  # what a ChannelRule may weigh, each per query token (see channel_features)
+FEATURE_DECIMALS = 4  # an answer's detail (eval.json's rows) holds its features rounded to this many decimals
 
 
 def channel_features(scores: list[float], null: float, query_tokens: int) -> dict[str, float]:
@@ -205,7 +255,7 @@ class ChannelRule:
         """The rule engine.calibrate wrote (JSON: {"weights": {...}, "bias": b, ...provenance})."""
         try:
             d = json.loads(Path(path).read_text())
-            return cls(weights={str(k): float(v) for k, v in d["weights"].items()}, bias=float(d["bias"]))
+            rule = cls(weights={str(k): float(v) for k, v in d["weights"].items()}, bias=float(d["bias"]))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: channel rule not found; python -m engine.calibrate writes one") from None
         except OSError as e:
@@ -213,13 +263,19 @@ class ChannelRule:
                              "engine.calibrate wrote") from None
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{path}: not a channel rule written by engine.calibrate ({e})") from None
+        # json reads NaN and Infinity: such a rule would answer NONE (or quote) everywhere without a word
+        for key, v in [*((f"weights.{k}", w) for k, w in rule.weights.items()), ("bias", rule.bias)]:
+            if not math.isfinite(v):
+                raise ValueError(f"{path}: {key} is {v}, not a finite number; calibrate the rule again "
+                                 "(python -m engine.calibrate)")
+        return rule
 
     def to_dict(self) -> dict:
         return {"weights": dict(self.weights), "bias": self.bias}
 
 
 def channel_answer(model, tokenizer, query: str, context: str, rule: ChannelRule | None = None,
-                   unit: str = "paragraph", focus=None) -> Answer:
+                   unit: str = "paragraph", focus=None, spans: list | None = None) -> Answer:
     """The paragraph (unit "sentence": the sentence) of `context` that makes `query` likeliest (channel_scores),
     quoted whole with its offsets, or NONE when `rule` (default: the best must beat CHANNEL_NULL) says none
     answers the query.
@@ -228,8 +284,10 @@ def channel_answer(model, tokenizer, query: str, context: str, rule: ChannelRule
     even when the answer is NONE.
     focus, when given, is the second stage: focus(unit text) -> [start, end) of the part to quote, relative to the
     unit, or None to quote it whole (engine.evaluate's focuser: a focus adapter trained on data.focus copies the
-    clause out of the sentence). detail then also holds "focus": the quoted [start, end), or None for whole."""
-    spans = units(context, unit)
+    clause out of the sentence). detail then also holds "focus": the quoted [start, end), or None for whole.
+    spans: the candidate [start, end) offsets in context when the caller chose them (engine.extract: the window's
+    share of units() over the whole contract, engine.extract.channel_windows); default units(context, unit)."""
+    spans = units(context, unit) if spans is None else spans
     if not spans:
         return Answer("NONE", None, None, 0.0, 0, 1)
     scores = channel_scores(model, tokenizer, [context[a:b] for a, b in spans] + [CHANNEL_NULL], query)
@@ -237,13 +295,13 @@ def channel_answer(model, tokenizer, query: str, context: str, rule: ChannelRule
 
 
 def channel_answers(model, tokenizer, queries: list[str], context: str, rule: ChannelRule | None = None,
-                    unit: str = "paragraph", focus: list | None = None) -> list[Answer]:
+                    unit: str = "paragraph", focus: list | None = None, spans: list | None = None) -> list[Answer]:
     """channel_answer for each of `queries` over one context, each unit's prompt read once for all of them
     (channel_score_matrix): what engine.extract --clause all asks of every window. focus: None, or one focus
-    function (or None) per query."""
+    function (or None) per query; spans: as for channel_answer."""
     focus = [None] * len(queries) if focus is None else focus
     assert len(focus) == len(queries), (len(focus), len(queries))
-    spans = units(context, unit)
+    spans = units(context, unit) if spans is None else spans
     if not spans:
         return [Answer("NONE", None, None, 0.0, 0, 1) for _ in queries]
     m = channel_score_matrix(model, tokenizer, [context[a:b] for a, b in spans] + [CHANNEL_NULL], list(queries))
@@ -257,7 +315,7 @@ def _decide(context: str, spans: list, scores: list[float], n_q: int, rule: Chan
     best = max(range(len(spans)), key=lambda i: scores[i])
     feats = channel_features(scores, null, n_q)
     detail = {"scores": [round(x, 4) for x in scores], "null": round(null, 4), "query_tokens": n_q,
-              "features": {k: round(v, 4) for k, v in feats.items()}, "best": list(spans[best])}
+              "features": {k: round(v, FEATURE_DECIMALS) for k, v in feats.items()}, "best": list(spans[best])}
     if rule.value(feats) <= 0:
         return Answer("NONE", None, None, feats["gain"], 0, 1, detail=detail)
     a, b = spans[best]

@@ -301,7 +301,9 @@ def decode_span(model, tokenizer, prompt: str, context: str, *, max_new_tokens: 
     SpanTracker), so the result is always an exact slice with its offsets, or NONE. constrained=False: plain
     greedy decoding. Both copy ahead: when the answer so far sits in the context, the next `lookahead` context
     tokens are fed in one forward pass and kept as long as they are what greedy decoding picks anyway
-    (prompt-lookup decoding: same output as one token per pass, several times fewer passes while copying).
+    (prompt-lookup decoding: several times fewer passes while copying; in fp32 the same output as one token per
+    pass, in bf16 or fp16 the same up to rounding: a pass over several tokens rounds differently, and a near tie
+    between two tokens may then go the other way).
     rank=True (constrained too): the start is not a greedy first token but the best of every paragraph's first
     `rank_tokens` tokens and NONE, by mean log-probability (_rank_start); decoding goes on from there.
     An answer that reaches max_new_tokens before a stop token is marked truncated: it may end mid-clause.
@@ -467,9 +469,11 @@ def main(argv=None):
         model, tok = load_model(source, device=args.device), load_tokenizer(source)
         if args.adapter:
             load_adapter(model, args.adapter)
+        # inside the try: a tokenizer of another model is refused here (check_vocab), in one line
+        answers = generate(model, tok, args.prompt, args.max_new_tokens, args.temperature)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {' '.join(str(e).split())}")
-    for answer in generate(model, tok, args.prompt, args.max_new_tokens, args.temperature):
+    for answer in answers:
         print(answer)
 
 

@@ -336,6 +336,8 @@ def test_hard_negatives_from_an_eval_json_and_in_the_groups(tiny_model_dir, tmp_
         hard_negatives(mined, examples, "sentence")
     with pytest.raises(ValueError, match="no row matches"):
         hard_negatives(tmp_path / "other" / "eval.json", examples, "paragraph")
+    with pytest.raises(FileNotFoundError, match="hard negatives eval.json not found .*--decode channel"):
+        hard_negatives(tmp_path / "missing" / "eval.json", examples, "paragraph")  # not the baseline's advice
 
     # with two candidates per clause example, the other one is always its likeliest wrong paragraph
     import engine.channel_train
