@@ -236,7 +236,9 @@ def optimizer_note(s: Setup) -> str:
 
 def attention(cfg, s: Setup) -> AttentionPath:
     """The SDPA path model/llama.py's Attention takes for these shapes (packed rows: per segment, or the mask
-    when forced), with the kernel replaced by --sdpa when one is forced."""
+    when forced), with the kernel replaced by --sdpa when one is forced. On the CPU k/v stay on their n_kv heads
+    with the mask too where this torch's flash kernel takes them so (model.llama.cpu_flash_takes_grouped_kv,
+    probed in this process; torch 2.13: tests/test_cpu_gqa_mask.py measures the backward it predicts)."""
     path = attention_path(cfg.num_attention_heads, cfg.num_key_value_heads, s.device, packed=s.pack,
                           masked=s.pack and s.pack_mask, capability=s.capability if s.device == "cuda" else None)
     return path if s.sdpa == "auto" else dataclasses.replace(path, kernel=s.sdpa)

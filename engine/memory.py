@@ -616,10 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
     deprecated_alias(p, "--packed", "--pack", "pack", nargs=0, const=True)
     p.add_argument("--sdpa", choices=["auto", "flash", "efficient", "math"], default="auto",
                    help="SDPA kernel to predict for, and --measure runs it (torch.nn.attention.sdpa_kernel); auto: "
-                        "model.llama.attention_path's choice (GPUs before sm 80 and masked rows get k/v copied to "
-                        "every head and the memory-efficient kernel, never math). flash needs sm 80 on CUDA; the CPU "
-                        "has flash and math. math: the ledger counts its saved (B, heads, T, T) probabilities, not "
-                        "its backward's working set (on the CPU --measure found up to 2.5× the prediction)")
+                        "model.llama.attention_path's choice (GPUs before sm 80, and masked rows on CUDA, get k/v "
+                        "copied to every head and the memory-efficient kernel, never math; on the CPU masked rows "
+                        "keep grouped k/v where torch's flash kernel takes them, as torch 2.13's does). flash needs "
+                        "sm 80 on CUDA; the CPU has flash and math. math: the ledger counts its saved (B, heads, T, "
+                        "T) probabilities, not its backward's working set (on the CPU --measure found up to 2.5x "
+                        "the prediction)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="device the prediction is for")
     p.add_argument("--capability", metavar="MAJOR.MINOR", help="CUDA compute capability to predict for, e.g. 7.5 "
                    "for a T4 (no flash attention: k/v copied to every head); default: the visible GPU's, else 8.0")

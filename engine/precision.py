@@ -2,8 +2,14 @@
 
 The T4 (sm 75) has no bf16, and fp16 gradients of small adapters underflow without loss scaling, so on such
 GPUs the loss is multiplied by a scale that halves whenever a step overflows (that step is skipped) and grows
-back after a run of clean steps (torch.amp.GradScaler). LoRA master weights and the optimizer state stay fp32
-in every mode; autocast only changes the dtype the matmuls run in.
+back after a run of clean steps (torch.amp.GradScaler). What is stored in which dtype, in every mode: the LoRA
+master weights and AdamW's moments in fp32 (paged AdamW 8-bit: uint8 moments, fp32 block scales); the frozen base
+in the compute dtype (Precision.param_dtype: fp32, bf16, or fp16 on a T4), that is the embeddings, norm weights,
+lm_head and any projection left unquantized, while NF4 projections keep uint8 codes and fp32 scales
+(model/quant.py). Nothing frozen is upcast to fp32, unlike peft's prepare_model_for_kbit_training (0.21), which
+casts every bf16/fp16 parameter but the 4-bit weights to fp32. Autocast then runs the matmuls in the compute
+dtype, LoRA's on a compute-dtype copy of its fp32 weights; RMSNorm's statistics and the loss's softmax are
+computed in fp32 by their own code (model/llama.py, engine/loss.py).
 """
 from __future__ import annotations
 
@@ -53,9 +59,10 @@ def cuda_bf16_native(device: torch.device) -> bool:
 
 
 def cpu_bf16_native() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX-512 BF16). There, answering in bf16 is
-    several times faster than fp32: SmolLM2-135M reads a 1,600-token prompt in 1.89 s instead of 5.29 s on one
-    thread of this machine's Xeon (AMX), 2026-11-30. Elsewhere bf16 is emulated and slower than fp32."""
+    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX-512 BF16). There, answering in bf16 is about
+    twice as fast as fp32 or more: SmolLM2-135M read a 1,600-token prompt on one thread in 1.89 s instead of
+    5.29 s on an Intel Xeon with AMX (2026-11-30), and in 2.2-2.4 s instead of 4.5-4.75 s on an AMD EPYC with
+    AVX-512 BF16 and no AMX (2026-12-08, separate runs). Elsewhere bf16 is emulated and slower than fp32."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's own feature probes
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
@@ -100,7 +107,9 @@ class Precision:
 
     @property
     def param_dtype(self) -> torch.dtype:
-        """dtype for the frozen high-precision parts of the base (embeddings, norms, lm_head)."""
+        """The dtype the frozen base is loaded in (model.load.load_model): the compute dtype, so the embeddings,
+        norm weights, lm_head and unquantized projections are stored in fp32, bf16, or fp16 on a T4 (not upcast
+        to fp32 as peft's prepare_model_for_kbit_training would); NF4 layers take it as their compute dtype."""
         return self.dtype
 
     def autocast(self):

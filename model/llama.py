@@ -3,12 +3,15 @@ SwiGLU MLP, decoder blocks. Attribute names equal the Hugging Face checkpoint ke
 by a checked dict copy (model/load.py) and LoRA/NF4 layers are module swaps (model/lora.py, model/quant.py)."""
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
@@ -89,8 +92,10 @@ class RMSNorm(nn.Module):
 
 
 def _inv_rms(x, eps: float):
-    """1 / sqrt(mean(x^2) + eps) over the last dim, (..., 1) in fp32 whatever x's dtype: one reduction over x
-    (vector_norm upcasts as it reads), where x.float().pow(2).mean() made an fp32 copy and its square."""
+    """1 / sqrt(mean(x^2) + eps) over the last dim, (..., 1) in fp32 whatever x's dtype. x.float().pow(2).mean()
+    made two fp32 temporaries of x's size (the copy and its square); vector_norm makes one: on the CPU (torch 2.13,
+    measured) it still copies a bf16/fp16 x to fp32 before reducing (256 MiB above the 128 MiB bf16 input, against
+    513 MiB for the plain form), and an fp32 x not at all. Its CUDA behaviour was not measured."""
     n = torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True, dtype=torch.float32)
     return torch.rsqrt(n.square() / x.shape[-1] + eps)
 
@@ -102,8 +107,8 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     s = cfg.rope_scaling
     if not s:
         return inv
-    # llama3 (DESIGN.md): wavelengths longer than orig/low are divided by `factor`, shorter than orig/high
-    # are kept, and the band in between is interpolated smoothly.
+    # llama3 (DESIGN.md): frequencies whose wavelength is longer than orig/low are divided by `factor` (those
+    # wavelengths grow `factor` times), shorter than orig/high are kept, and the band in between is interpolated.
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     orig = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
@@ -199,19 +204,48 @@ def attention_path(n_heads: int, n_kv: int, device, *, packed: bool = False, mas
     Packed rows without such a reason take the segment path: one is_causal SDPA call per run of equal segment
     id (padding is a run of its own), so no (B, 1, T, T) mask exists and SDPA keeps its fused kernels; it is
     exact, the same attention as the mask. Otherwise packed rows pass the mask.
-    Only the flash kernels take grouped k/v: on the CPU (its flash kernel also accepts a mask, but then not
-    grouped k/v) and on CUDA from sm 80, in both cases without a mask. Elsewhere, with a mask or on GPUs
-    without flash attention (T4, sm 75), SDPA would fall back to its math kernel, which stores the whole
-    (B, n, T, T) attention matrix, so k/v are copied to every head and SDPA takes the memory-efficient kernel
-    (on CUDA) or stays on flash (CPU). `capability` defaults to the device's own, or sm 80 for a CUDA device
-    this process cannot see (a prediction for another machine)."""
+    Only the flash kernels take grouped k/v: on CUDA from sm 80 without a mask, and on the CPU with or without
+    one where this torch's CPU flash kernel takes them (cpu_flash_takes_grouped_kv; torch 2.13's does). Elsewhere,
+    with a mask on CUDA or on GPUs without flash attention (T4, sm 75), SDPA would fall back to its math kernel,
+    which stores the whole (B, n, T, T) attention matrix, so k/v are copied to every head and SDPA takes the
+    memory-efficient kernel (on CUDA) or stays on flash (CPU). `capability` defaults to the device's own, or
+    sm 80 for a CUDA device this process cannot see (a prediction for another machine)."""
     dev = torch.device(device)
     if dev.type == "cuda" and capability is None:
         capability = torch.cuda.get_device_capability(dev) if torch.cuda.is_available() else (8, 0)
     flash = dev.type != "cuda" or capability[0] >= 8
     kernel = "flash" if dev.type != "cuda" or (flash and not masked) else "efficient"
-    return AttentionPath(kernel=kernel, expand_kv=n_kv != n_heads and (masked or not flash), masked=masked,
+    grouped = cpu_flash_takes_grouped_kv(masked) if dev.type == "cpu" else flash and not masked
+    return AttentionPath(kernel=kernel, expand_kv=n_kv != n_heads and not grouped, masked=masked,
                          segmented=packed and not masked)
+
+
+@functools.cache
+def cpu_flash_takes_grouped_kv(masked: bool) -> bool:
+    """Whether this torch's CPU flash kernel takes grouped k/v (enable_gqa=True), with a boolean mask when
+    `masked`: probed once per process on tiny tensors, the flash kernel alone, against k/v copied to every head.
+    Forward only and without autograd, so the probe saves no tensor into whatever saved-tensor hooks are active
+    at the first call (a checkpoint, the ledger's measurement); tests/test_cpu_gqa_mask.py checks the gradients.
+    torch 2.13's takes them with and without a mask: the same output and gradients as the copies, k/v kept at
+    n_kv heads instead of n (a third for SmolLM2), and faster where the copy is most of the work (2026-12-08,
+    one thread): a SmolLM2-135M decode step after 1,600 cached tokens took 35.5-36.8 ms against 40.9-41.7 ms
+    copied in fp32, 57-58 ms against 59-61 ms in bf16; a masked training step at B=2, T=1024 (fp32, 8 blocks)
+    was the same within noise. Where a build refuses them (some torch builds' CPU dispatch took grouped k/v
+    nowhere), SDPA would fall back to its math kernel: k/v are then copied."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 8, 16, generator=g, device="cpu")  # the CPU's, whatever default device is set
+    k, v = torch.randn(2, 1, 2, 8, 16, generator=g, device="cpu")
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool, device="cpu").tril() if masked else None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a refusal's "Flash attention kernel not used because" notes
+        try:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not masked, enable_gqa=True)
+        except RuntimeError:  # "No available kernel": this build's flash kernel refused grouped k/v
+            return False
+        ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                             attn_mask=mask, is_causal=not masked)
+    return torch.allclose(y, ref, atol=1e-5)
 
 
 @dataclass(frozen=True)

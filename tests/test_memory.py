@@ -230,7 +230,9 @@ def test_packed_saved_activations_match_hooks_on_either_attention_path(tiny, mon
     from model.llama import Llama
 
     monkeypatch.setattr(Llama, "segment_attention", not pack_mask)
-    s = Setup(seq_len=48, batch_size=2, lora_r=8, checkpointing=checkpointing, precision="fp32", device="cpu",
+    # 128 tokens: with grouped k/v on the CPU's mask path too, the two paths differ by the (T, T) mask against the
+    # segment outputs' copy, which at 48 tokens was within the tolerance (1.6%); here 6.5% (no checkpointing)
+    s = Setup(seq_len=128, batch_size=2, lora_r=8, checkpointing=checkpointing, precision="fp32", device="cpu",
               loss_chunk=16, pack=True, pack_mask=pack_mask, supervised=40)
     got = measure_cpu(tiny, s)["total saved"]
     want = predict(tiny, s).total("saved")

@@ -333,16 +333,33 @@ def test_norm_and_swiglu_save_less_than_autograd_would():
     assert ours["cpu"] == 2 * 4 * 96 * 2 and plain["cpu"] == 3 * 4 * 96 * 2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_inv_rms_makes_at_most_one_fp32_temporary_of_its_input_on_the_cpu(dtype):
+    # what _inv_rms's docstring states: vector_norm copies a bf16/fp16 x to fp32 once (torch 2.13 on the CPU) and
+    # an fp32 x not at all, where x.float().pow(2).mean() held two fp32 tensors of x's size
+    from engine.memory import peak_allocated_bytes
+    from model.llama import _inv_rms
+
+    x = torch.randn(4096, 256).to(dtype)
+    fp32 = x.numel() * 4
+    _, ours = peak_allocated_bytes(lambda: _inv_rms(x, 1e-5))
+    _, plain = peak_allocated_bytes(lambda: torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5))
+    copies = 0 if dtype == torch.float32 else 1
+    assert copies * fp32 <= ours < (copies + 0.05) * fp32 and ours <= plain - fp32 + 0.05 * fp32
+
+
 @pytest.mark.parametrize("device,capability,masked,kernel,expand", [
     ("cpu", None, False, "flash", False),  # the CPU flash kernel takes grouped k/v
-    ("cpu", None, True, "flash", True),  # ... but not with a mask
+    ("cpu", None, True, "flash", "probe"),  # with a mask too, where this torch's does (2.13: tests/test_cpu_gqa_mask)
     ("cuda", (8, 0), False, "flash", False),
     ("cuda", (8, 0), True, "efficient", True),
     ("cuda", (7, 5), False, "efficient", True),  # T4: no flash attention, so never math: k/v copied
 ])
 def test_attention_path_states_the_sdpa_dispatch(device, capability, masked, kernel, expand):
-    from model.llama import attention_path
+    from model.llama import attention_path, cpu_flash_takes_grouped_kv
 
+    if expand == "probe":
+        expand = not cpu_flash_takes_grouped_kv(masked)
     path = attention_path(24, 8, device, masked=masked, capability=capability)
     assert (path.kernel, path.expand_kv, path.masked) == (kernel, expand, masked)
     assert not attention_path(8, 8, device, masked=masked, capability=capability).expand_kv  # no GQA, no copy
@@ -361,8 +378,9 @@ def test_attention_forward_copies_kv_exactly_when_attention_path_says_so(tiny_co
         model.hidden(ids)
         model.hidden(ids, segment_ids=seg)  # the segment path: grouped k/v stay grouped
         model.segment_attention = False
-        model.hidden(ids, segment_ids=seg)  # the mask: k/v copied to every head
+        model.hidden(ids, segment_ids=seg)  # the mask: k/v grouped where the CPU flash kernel takes them with it
     n = tiny_config.num_hidden_layers
+    copied = not llama.cpu_flash_takes_grouped_kv(True)  # False on torch 2.13
     # one call per forward (Llama.attention_input chooses what the blocks get), then one per layer
-    assert [c.expand_kv for c in calls] == [False] * (n + 1) + [False] * (n + 1) + [True] * (n + 1)
+    assert [c.expand_kv for c in calls] == [False] * (n + 1) + [False] * (n + 1) + [copied] * (n + 1)
     assert [c.segmented for c in calls] == [False] * (n + 1) + [True] * (n + 1) + [False] * (n + 1)

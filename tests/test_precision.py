@@ -77,3 +77,20 @@ def test_bf16_training_step_on_the_cpu_tracks_fp32(tiny_config):
     (l32, loss32, g32), (l16, loss16, g16) = got["fp32"], got["bf16"]
     assert rel(l16, l32) < 2e-2 and rel(g16, g32) < 3e-2
     assert loss16 == pytest.approx(loss32, rel=2e-3)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "fp16"])
+def test_the_frozen_base_is_stored_in_the_compute_dtype_and_only_the_adapters_in_fp32(tiny_config, mode):
+    """What the module docstring says is stored in which dtype: embeddings, norm weights and lm_head in
+    param_dtype (nothing frozen upcast to fp32, as peft's prepare_model_for_kbit_training would), NF4 codes in
+    uint8 with fp32 scales, the LoRA weights in fp32."""
+    from model.load import load_model
+    from model.lora import apply_lora
+
+    dtype = P.dtype_of(mode)  # Precision.param_dtype, which train.py loads the base in
+    model = apply_lora(load_model(tiny_config, dtype=dtype, quantize="nf4", double_quant=True, init="random"), r=4)
+    stored = {name: t.dtype for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+    assert {d for n, d in stored.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in stored.items() if "norm" in n or "embed" in n or "lm_head" in n} == {dtype}
+    assert {d for n, d in stored.items() if n.endswith(("proj.weight", "absmax_q"))} == {torch.uint8}
+    assert {d for n, d in stored.items() if n.endswith(("absmax_scale", "absmax_offset"))} == {torch.float32}
